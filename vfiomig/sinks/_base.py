@@ -1,0 +1,71 @@
+"""The sink and config-target interfaces: where one device's reassembled state goes.
+
+A loader task (see ``vfiomig._loader``) is the only caller of a device's sink. It calls,
+in this order and never concurrently:
+
+1. ``start()`` once, before the first byte (a VFIO sink enters RESUMING here);
+2. ``write(chunks)`` any number of times with the stream in order (precopy bytes first,
+   then multifd data in idx order); each call must consume every byte, looping on short
+   writes, before it returns;
+3. ``finish()`` once, after the config blob went to the config target (a VFIO sink leaves
+   RESUMING here, which is where the driver validates the stream);
+4. ``abort()`` instead of ``finish()`` when the device failed (a VFIO sink resets the
+   device); it must not raise;
+5. ``aclose()`` always, last; it releases every fd the sink holds and is idempotent.
+
+Errors: raise `SinkError` (or let an ``OSError`` escape); the loader adds the device and
+the idx being written to the message, and keeps the ``OSError`` as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeAlias
+
+#: What a sink's ``write`` receives: bytes-like objects (bytes, bytearray, memoryview).
+Chunk: TypeAlias = "bytes | bytearray | memoryview"
+
+
+class Sink(abc.ABC):
+    """One device's destination for its in-order state stream."""
+
+    #: A short description for messages, e.g. ``"file:/tmp/x"``.
+    description: str = "sink"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare to receive the stream (default: nothing).
+
+        Cancellation: may be cancelled; ``aclose`` still runs afterwards.
+        """
+
+    @abc.abstractmethod
+    async def write(self, chunks: Sequence[Chunk]) -> None:
+        """Write every byte of ``chunks``, in order, before returning.
+
+        Cancellation: a cancel may leave a prefix of ``chunks`` written; the loader then
+        fails the device, so a partial write is never reported as success.
+        """
+
+    async def finish(self) -> None:  # noqa: B027 - optional hook
+        """Complete the stream after the config blob was loaded (default: nothing)."""
+
+    async def abort(self) -> None:  # noqa: B027 - optional hook
+        """Undo what can be undone after a failure (default: nothing). Must not raise."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release every resource; idempotent (default: nothing)."""
+
+
+class ConfigTarget(abc.ABC):
+    """Where a device's config-state blob is replayed in the finish step."""
+
+    description: str = "config target"
+
+    @abc.abstractmethod
+    async def load_config(self, data: bytes) -> None:
+        """Load the whole config blob (markers included); raise `SinkError` on failure."""
+
+
+WriteCallback: TypeAlias = Callable[[memoryview], "Awaitable[None] | None"]
+ConfigCallback: TypeAlias = Callable[[bytes], "Awaitable[None] | None"]
