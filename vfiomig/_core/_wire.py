@@ -65,9 +65,13 @@ def decode_handshake(data: bytes | bytearray | memoryview, *, uuid: bytes, chann
     """
     magic, version, peer_uuid, channel_id = _HANDSHAKE.unpack(data)
     if magic != MULTIFD_MAGIC:
-        raise HandshakeError(f"channel handshake has magic {magic:#x} (expected {MULTIFD_MAGIC:#x})")
+        raise HandshakeError(
+            f"channel handshake has magic {magic:#x} (expected {MULTIFD_MAGIC:#x})"
+        )
     if version != MULTIFD_VERSION:
-        raise HandshakeError(f"channel handshake has version {version} (expected {MULTIFD_VERSION})")
+        raise HandshakeError(
+            f"channel handshake has version {version} (expected {MULTIFD_VERSION})"
+        )
     if peer_uuid != uuid:
         raise HandshakeError(
             f"channel {channel_id} has uuid {format_uuid(peer_uuid)} (expected {format_uuid(uuid)})"
@@ -103,7 +107,9 @@ def encode_device_header(idstr: str, instance: int, size: int) -> bytes:
     )
 
 
-def encode_vfio_header(idx: int, flags: int = 0, *, version: int = 0, endian: Endian = "be") -> bytes:
+def encode_vfio_header(
+    idx: int, flags: int = 0, *, version: int = 0, endian: Endian = "be"
+) -> bytes:
     """Build the 12-byte VFIO device-state packet header."""
     return _VFIO[endian].pack(version, idx, flags)
 

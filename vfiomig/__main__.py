@@ -1,0 +1,5 @@
+import sys
+
+from vfiomig._cli import main
+
+sys.exit(main())

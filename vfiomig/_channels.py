@@ -1,0 +1,172 @@
+"""One task per data channel: handshake, framing, routing, backpressure.
+
+A channel task promises, when it returns, that its stream is closed and that everything
+it read was either handed to a reorder buffer or reported as an error. Handshake
+failures refuse only this channel; any error after the handshake fails the session.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from vfiomig._core import (
+    NEED_DATA,
+    ChannelEnd,
+    ChannelHello,
+    Framer,
+    HandshakeError,
+    PacketHeader,
+    RamSkipped,
+    StreamIncompleteError,
+    VfioMigError,
+)
+from vfiomig._session import Session
+
+log = logging.getLogger("vfiomig")
+
+#: Bytes asked of the socket per receive. Small packets come many to a receive; the data of
+#: a large packet bypasses this buffer and is received straight into its own buffer.
+RECEIVE_SIZE = 256 * 1024
+
+
+async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> None:
+    """Serve one accepted data channel until it ends or the session is cancelled.
+
+    Cancellation: the stream is closed on the way out; a packet being read is dropped
+    (the session has failed or finished when a channel is cancelled).
+    """
+    cfg = session.config
+    framer = Framer(
+        uuid=cfg.uuid,
+        channels=cfg.channels,
+        packet_cap=cfg.packet_cap,
+        ram_page_count=cfg.ram_page_count,
+        endian=cfg.endian,
+        label=label,
+    )
+    sock = getattr(stream, "socket", None)
+    recv_into = sock.recv_into if isinstance(stream, trio.SocketStream) and sock else None
+    registered = False
+
+    async def fill() -> None:
+        if recv_into is not None:
+            framer.commit(await recv_into(framer.get_buffer(RECEIVE_SIZE)))
+        else:
+            framer.feed(await stream.receive_some(RECEIVE_SIZE))
+
+    try:
+        async with stream:
+            # Handshake: bounded in time, and a refusal closes only this channel.
+            try:
+                with trio.fail_after(cfg.handshake_timeout):
+                    while (ev := framer.next_event()) is NEED_DATA:
+                        await fill()
+            except trio.TooSlowError:
+                session.channels_refused += 1
+                log.warning("%s: refused: no handshake within %s s", label, cfg.handshake_timeout)
+                return
+            except (HandshakeError, StreamIncompleteError) as exc:
+                session.channels_refused += 1
+                log.warning("%s: refused: %s", label, exc)
+                return
+            assert isinstance(ev, ChannelHello)
+            if ev.channel_id in session.channel_ids:
+                session.channels_refused += 1
+                log.warning("%s: refused: channel id %d already set up", label, ev.channel_id)
+                return
+            session.channel_ids.add(ev.channel_id)
+            session.channels_accepted += 1
+            session.channels_open += 1
+            registered = True
+            log.info("channel %d: accepted from %s", ev.channel_id, label)
+            await _read_packets(session, framer, fill, recv_into)
+    except VfioMigError as exc:
+        session.fail(exc)
+    except (OSError, trio.BrokenResourceError) as exc:
+        cur = framer.current
+        if cur is not None:
+            name = f"{cur.idstr}/{cur.instance}"
+            session.fail(
+                StreamIncompleteError(
+                    f"{name}: channel {framer.channel_id} broke inside packet idx {cur.idx}: {exc}",
+                    device=name,
+                    idx=cur.idx,
+                )
+            )
+        else:
+            log.warning("%s: connection lost between packets: %s", label, exc)
+    finally:
+        if registered:
+            session.channels_open -= 1
+            channel_closed(session)
+
+
+async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> None:  # type: ignore[no-untyped-def]
+    room = session.room
+    while True:
+        ev = framer.next_event()
+        if ev is NEED_DATA:
+            await fill()
+            continue
+        if type(ev) is PacketHeader:
+            device = session.route(ev.idstr, ev.instance)
+            buf = device.buf
+            # Backpressure: read the data only once the buffer accepts it. While parked this
+            # task does not read its socket, so TCP flow control slows the sender.
+            while not buf.offer(ev.version, ev.idx, ev.flags, ev.size):
+                await room.park()
+            if device.first_packet is None:
+                device.first_packet = trio.current_time()
+                session.mark_started()
+            size = ev.size
+            if size == 0:
+                data: bytes | bytearray = b""
+            else:
+                taken = framer.take_payload()
+                if taken is not None:
+                    data = taken
+                else:
+                    data = await _read_payload(framer, size, fill, recv_into)
+            buf.deliver(ev.idx, data)
+            session.progress += 1
+            if buf.has_ready():
+                device.lot.unpark_all()
+        elif type(ev) is RamSkipped:
+            session.progress += 1
+        elif type(ev) is ChannelEnd:
+            return
+
+
+async def _read_payload(framer: Framer, size: int, fill, recv_into) -> bytearray:  # type: ignore[no-untyped-def]
+    payload = bytearray(size)
+    view = memoryview(payload)
+    got = framer.read_payload_into(view)
+    while got < size:
+        if recv_into is not None and framer.buffered == 0:
+            # Receive the rest of a large packet straight into its own buffer: no copy.
+            n = await recv_into(view[got:])
+            if n == 0:
+                raise framer.fail_truncated()
+            framer.consume_external(n)
+            got += n
+        else:
+            await fill()
+            got += framer.read_payload_into(view[got:])
+    view.release()
+    return payload
+
+
+def channel_closed(session: Session) -> None:
+    """A data channel ended: when none is left, fail the devices still missing packets."""
+    if session.channels_open or session.done.is_set():
+        return
+    if session.channels_accepted >= session.config.channels:
+        check_missing(session, "every channel ended")
+
+
+def check_missing(session: Session, why: str) -> None:
+    for device in session.devices.values():
+        if device.loaded_at is None and device.error is None and not device.buf.complete:
+            session.fail(device.buf.incomplete_error(why), device)

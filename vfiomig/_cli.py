@@ -1,0 +1,257 @@
+"""The command line: ``vfiomig receive | send | demo``. The only place trio.run() is called.
+
+Exit status: 0 when every device was loaded (or, for ``send``, every packet was sent),
+1 when the migration failed (one line on stderr per failed device), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from vfiomig._core import VfioMigError
+from vfiomig._core._errors import UsageError
+from vfiomig._core._wire import parse_uuid
+from vfiomig._session import DeviceSetup, MigrationFailed, ReceiverConfig, Session, SessionReport
+from vfiomig._specs import open_sink, open_source, parse_device, parse_size
+from vfiomig.sinks._fd import ConfigDir
+
+log = logging.getLogger("vfiomig")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"vfiomig: error: {message}\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _uuid(text: str) -> bytes:
+    try:
+        return parse_uuid(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vfiomig", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log trace points")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    rx = sub.add_parser("receive", help="receive device state from multifd channels")
+    rx.add_argument("--listen", action="append", required=True, metavar="ADDR")
+    rx.add_argument("--channels", type=int, required=True, metavar="N")
+    rx.add_argument("--uuid", type=_uuid, required=True)
+    rx.add_argument("--device", action="append", required=True, metavar="IDSTR[/INSTANCE]=SINK")
+    rx.add_argument("--control", metavar="ADDR", help="msgpack control channel")
+    rx.add_argument("--gate", choices=("control", "open"), help="default: control with --control")
+    rx.add_argument("--config-out", metavar="DIR")
+    rx.add_argument("--max-queued", type=_size, default=256 * 1024 * 1024, metavar="BYTES")
+    rx.add_argument("--packet-cap", type=_size, default=64 * 1024 * 1024, metavar="BYTES")
+    rx.add_argument("--stall-timeout", type=float, default=30.0, metavar="S")
+    rx.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S")
+    rx.add_argument("--endian", choices=("be", "host"), default="be")
+    rx.add_argument("--ram-page-count", type=int, metavar="N")
+    rx.add_argument("--ready-file", metavar="PATH")
+    rx.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    tx = sub.add_parser("send", help="send device state over multifd channels")
+    tx.add_argument("--connect", action="append", required=True, metavar="ADDR")
+    tx.add_argument("--channels", type=int, required=True, metavar="N")
+    tx.add_argument("--uuid", type=_uuid, required=True)
+    tx.add_argument("--device", action="append", required=True, metavar="IDSTR[/INSTANCE]=SOURCE")
+    tx.add_argument("--control", metavar="ADDR")
+    tx.add_argument("--packet-size", type=_size, default=1024 * 1024, metavar="BYTES")
+    tx.add_argument(
+        "--order", choices=("roundrobin", "random", "shuffle", "idx0-last"), default="roundrobin"
+    )
+    tx.add_argument("--seed", type=int, default=0)
+    tx.add_argument("--window", type=int, default=16, help="shuffle window in packets")
+    tx.add_argument("--endian", choices=("be", "host"), default="be")
+    tx.add_argument("--channel-rate", type=_size, metavar="BYTES_PER_S")
+    tx.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="a verified migration of synthetic state on loopback")
+    demo.add_argument("--size", type=_size, default=384 * 1024 * 1024, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
+        format="vfiomig: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "receive":
+            return _receive(args)
+        if args.command == "send":
+            return _send(args)
+        if args.command == "demo":
+            from vfiomig._demo import run_demo
+
+            return run_demo(args.size)
+    except UsageError as exc:
+        print(f"vfiomig: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vfiomig: interrupted", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _receive(args: argparse.Namespace) -> int:
+    if args.channels < 1 or args.channels > 255:
+        raise UsageError(f"--channels {args.channels} is out of range (1 to 255)")
+    specs = [parse_device(d) for d in args.device]
+    if args.config_out is None and args.control is None:
+        raise UsageError("no config target: pass --config-out DIR or --control ADDR")
+    if args.config_out is not None and not os.path.isdir(args.config_out):
+        raise UsageError(f"--config-out {args.config_out} is not a directory")
+    gate = args.gate or ("control" if args.control else "open")
+    if gate == "control" and args.control is None:
+        raise UsageError("--gate control needs --control ADDR")
+    devices: list[DeviceSetup] = []
+    try:
+        for spec in specs:
+            config = (
+                ConfigDir(args.config_out, spec.idstr, spec.instance) if args.config_out else None
+            )
+            devices.append(DeviceSetup(spec.idstr, spec.instance, open_sink(spec.spec), config))
+    except VfioMigError as exc:
+        _close_sinks(devices)
+        raise UsageError(str(exc)) from exc
+    config = ReceiverConfig(
+        uuid=args.uuid,
+        channels=args.channels,
+        devices=devices,
+        listen=args.listen,
+        gate=gate,
+        max_queued=args.max_queued,
+        packet_cap=args.packet_cap,
+        stall_timeout=args.stall_timeout,
+        handshake_timeout=args.handshake_timeout,
+        endian=args.endian,
+        ram_page_count=args.ram_page_count,
+    )
+    report = trio.run(_run_receiver, config, args)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=None))
+    if report.ok:
+        return 0
+    for device in report.devices:
+        if device.error:
+            print(f"vfiomig: {device.error}", file=sys.stderr)
+    for error in report.errors:
+        print(f"vfiomig: {error}", file=sys.stderr)
+    return 1
+
+
+def _close_sinks(devices: list[DeviceSetup]) -> None:
+    async def close() -> None:
+        for d in devices:
+            await d.sink.aclose()
+
+    trio.run(close)
+
+
+async def _run_receiver(config: ReceiverConfig, args: argparse.Namespace) -> SessionReport:
+    from vfiomig._service import ExtraTask, serve_receiver
+
+    extra: list[ExtraTask] = []
+    if args.control is not None:
+        from vfiomig._control import control_task
+
+        extra.append(control_task(args.control))
+    extra.append(_signal_task)
+    reports: list[SessionReport] = []
+
+    async def serve(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            reports.append(await serve_receiver(config, task_status=task_status, extra_tasks=extra))
+        except MigrationFailed as exc:
+            reports.append(exc.report)
+
+    async with trio.open_nursery() as nursery:
+        session: Session = await nursery.start(serve)
+        if args.ready_file:
+            _write_ready_file(args.ready_file, session)
+    return reports[0]
+
+
+async def _signal_task(
+    session: Session, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            session.abort(f"received {signal.Signals(signum).name}")
+
+
+def _write_ready_file(path: str, session: Session) -> None:
+    control = session.control_address
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"data": session.bound, "control": control}, f)
+    os.replace(tmp, path)
+
+
+def _send(args: argparse.Namespace) -> int:
+    from vfiomig._send import SendDevice, send_migration
+
+    devices: list[SendDevice] = []
+    for text in args.device:
+        spec = parse_device(text)
+        devices.append(SendDevice(spec.idstr, spec.instance, open_source(spec.spec)))
+
+    async def run() -> object:
+        return await send_migration(
+            connect_to=args.connect,
+            channels=args.channels,
+            uuid=args.uuid,
+            devices=devices,
+            packet_size=args.packet_size,
+            order=args.order,
+            seed=args.seed,
+            window=args.window,
+            endian=args.endian,
+            channel_rate=args.channel_rate,
+        )
+
+    try:
+        report = trio.run(run)
+    except (OSError, trio.BrokenResourceError) as exc:
+        print(f"vfiomig: send failed: {exc}", file=sys.stderr)
+        return 1
+    except VfioMigError as exc:
+        if isinstance(exc, UsageError):
+            raise
+        print(f"vfiomig: send failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(
+            json.dumps(
+                {"ok": True, **{k: getattr(report, k) for k in ("bytes", "packets", "seconds")}}
+            )
+        )
+    return 0

@@ -1,0 +1,453 @@
+"""A fake kernel VFIO device with migration v2 support, for tests without hardware.
+
+`FakeVfioDevice` plugs in where the real kernel would answer: its `~FakeVfioDevice.ioctl`
+has the signature of `vfiomig.sinks._vfio_uapi.IoctlFn` and its `~FakeVfioDevice.write`
+the signature of ``os.write``. It models what a migration driver plus the VFIO core do
+(``drivers/vfio/vfio_main.c``, ``reference/vfio-user-and-uapi.md`` §1):
+
+- the feature ioctl's checks in the core's order: argsz < 8 and unknown flag bits ->
+  EINVAL; GET|SET without PROBE -> EINVAL; migration features on a device without
+  migration -> ENOTTY; an op the feature lacks, or a short payload -> EINVAL; PROBE -> 0;
+- the FSM with the kernel's own next-state table (`next_state`), so a SET to a distant
+  state walks the same arcs as ``vfio_mig_get_next_state``; ERROR cannot be requested or
+  left except by VFIO_DEVICE_RESET, which returns to RUNNING and ends any session;
+- entering RESUMING creates a new data fd: the write end of a real pipe, O_CLOEXEC,
+  blocking like the kernel's. The caller owns it. Bytes written are drained into
+  `received` after every write (so the pipe never fills) and before RESUMING -> STOP,
+  which validates them against ``expected`` (EINVAL, optionally going to ERROR);
+- writes to a session that ended fail with ENODEV (the driver disables the file).
+
+The device itself is a real file (a temporary file unless ``path`` is given): `path` can
+be opened like a cdev and `open` returns a fresh fd; the ioctl answers ENOTTY for an fd
+that is not open on that file, as the kernel does for any non-VFIO file.
+
+Faults: ``max_write`` (short writes), ``write_errno_at`` (an errno from the write that
+would reach a byte offset), ``would_block`` (EAGAIN from the next N writes),
+``stop_errno`` (RESUMING -> STOP fails regardless of the data), ``fail_arcs`` (any arc
+fails with an errno), ``error_on_failure`` (a failed arc leaves the device in ERROR
+instead of the state it was in).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from vfiomig.sinks._vfio_uapi import (
+    VFIO_DEVICE_FEATURE,
+    VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_RESET,
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+    MigState,
+)
+
+S = MigState
+E, STOP, RUN, SC, RES, P2P, PC, PCP = (
+    S.ERROR,
+    S.STOP,
+    S.RUNNING,
+    S.STOP_COPY,
+    S.RESUMING,
+    S.RUNNING_P2P,
+    S.PRE_COPY,
+    S.PRE_COPY_P2P,
+)
+
+#: ``vfio_from_fsm_table`` of drivers/vfio/vfio_main.c: [current][target] -> next step.
+_FSM_TABLE: dict[MigState, dict[MigState, MigState]] = {
+    STOP: {STOP: STOP, RUN: P2P, PC: P2P, PCP: P2P, SC: SC, RES: RES, P2P: P2P, E: E},
+    RUN: {STOP: P2P, RUN: RUN, PC: PC, PCP: P2P, SC: P2P, RES: P2P, P2P: P2P, E: E},
+    PC: {STOP: RUN, RUN: RUN, PC: PC, PCP: PCP, SC: PCP, RES: RUN, P2P: RUN, E: E},
+    PCP: {STOP: P2P, RUN: P2P, PC: PC, PCP: PCP, SC: SC, RES: P2P, P2P: P2P, E: E},
+    SC: {STOP: STOP, RUN: STOP, PC: E, PCP: E, SC: SC, RES: STOP, P2P: STOP, E: E},
+    RES: {STOP: STOP, RUN: STOP, PC: STOP, PCP: STOP, SC: STOP, RES: RES, P2P: STOP, E: E},
+    P2P: {STOP: STOP, RUN: RUN, PC: RUN, PCP: PCP, SC: STOP, RES: STOP, P2P: P2P, E: E},
+    E: dict.fromkeys(S, E),
+}
+
+#: ``state_flags_table``: the VFIO_MIGRATION_* bits a state needs (ERROR: never allowed).
+_STATE_FLAGS: dict[MigState, int] = {
+    STOP: VFIO_MIGRATION_STOP_COPY,
+    RUN: VFIO_MIGRATION_STOP_COPY,
+    PC: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY,
+    PCP: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY,
+    SC: VFIO_MIGRATION_STOP_COPY,
+    RES: VFIO_MIGRATION_STOP_COPY,
+    P2P: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P,
+    E: 0xFFFFFFFF,
+}
+
+_SAVING = frozenset({SC, PC, PCP})
+_HEADER = struct.Struct("=II")
+_MIG_STATE = struct.Struct("=Ii")
+_U64 = struct.Struct("=Q")
+
+
+def _supported(state: MigState, flags: int) -> bool:
+    return _STATE_FLAGS[state] & flags == _STATE_FLAGS[state]
+
+
+def next_state(cur: int, new: int, flags: int) -> MigState | None:
+    """The next arc of the kernel's path from ``cur`` to ``new`` (``vfio_mig_get_next_state``).
+
+    ``None`` where the kernel answers EINVAL: a state outside the enum, a state the device
+    does not support (``flags``: VFIO_MIGRATION_* bits), ERROR, or a blocked transition.
+    """
+    try:
+        cur_s, new_s = S(cur), S(new)
+    except ValueError:
+        return None
+    if not _supported(cur_s, flags) or not _supported(new_s, flags):
+        return None
+    step = _FSM_TABLE[cur_s][new_s]
+    while not _supported(step, flags):
+        step = _FSM_TABLE[step][new_s]
+    return None if step is E else step
+
+
+def path(cur: int, new: int, flags: int) -> list[MigState] | None:
+    """Every state the kernel passes through from ``cur`` to ``new`` (``new`` included)."""
+    out: list[MigState] = []
+    while cur != new:
+        step = next_state(cur, new, flags)
+        if step is None:
+            return None
+        out.append(step)
+        cur = step
+    return out
+
+
+def _oserror(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class _Session:
+    """One RESUMING session: the pipe behind the data fd the caller received."""
+
+    write_fd: int  # owned by the caller from the moment SET returns it
+    read_fd: int  # owned by the fake
+    pipe: tuple[int, int]  # (st_dev, st_ino) of the pipe, to recognise the fd or a dup
+    live: bool = True
+    received: bytearray = field(default_factory=bytearray)
+
+
+class FakeVfioDevice:
+    """A VFIO device with migration v2 support, answering at the ioctl-function level.
+
+    Thread-safe: ``write`` may run in a worker thread while the event loop thread calls
+    ``ioctl`` (one lock around the whole model). Use as a context manager, or call
+    `close` to release the fake's own fds and its temporary file.
+    """
+
+    def __init__(
+        self,
+        *,
+        migration: bool = True,
+        flags: int = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P,
+        state: MigState = MigState.RUNNING,
+        expected: bytes | None = None,
+        max_write: int | None = None,
+        write_errno_at: tuple[int, int] | None = None,
+        would_block: int = 0,
+        stop_errno: int | None = None,
+        fail_arcs: Mapping[tuple[MigState, MigState], int] | None = None,
+        error_on_failure: bool = False,
+        nonblocking_data_fd: bool = False,
+        path: str | None = None,
+    ) -> None:
+        self.migration = migration
+        self.flags = flags
+        self.state = state
+        self.expected = expected
+        self.max_write = max_write
+        self.write_errno_at = write_errno_at
+        self.would_block = would_block
+        self.stop_errno = stop_errno
+        self.fail_arcs = dict(fail_arcs or {})
+        self.error_on_failure = error_on_failure
+        self.nonblocking_data_fd = nonblocking_data_fd
+        #: Every FSM arc the driver took, as (from, to); a reset is not an arc.
+        self.arcs: list[tuple[MigState, MigState]] = []
+        #: Every ioctl, as (request, flags or None); for assertions.
+        self.calls: list[tuple[int, int | None]] = []
+        self.resets = 0
+        #: The size each successful write accepted.
+        self.write_sizes: list[int] = []
+        #: The stream of the last session that left RESUMING successfully.
+        self.loaded: bytes | None = None
+        #: Whether the data fd was still open when RESUMING -> STOP ran (last attempt).
+        self.data_fd_open_at_stop: bool | None = None
+        self._lock = threading.Lock()
+        self._session: _Session | None = None
+        self._dead_pipes: set[tuple[int, int]] = set()
+        self._own_file = path is None
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="fake-vfio-")
+            os.close(fd)
+        self.path = path
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> int:
+        """A new fd on the device, as a VMM would get from the cdev (caller owns it)."""
+        return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        """Release the fake's fds (not the data fd: the caller owns that) and its file."""
+        with self._lock:
+            self._end_session()
+        if self._own_file:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> FakeVfioDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- what tests look at --------------------------------------------------------------
+
+    @property
+    def received(self) -> bytes:
+        """What the current (or last) session received so far."""
+        with self._lock:
+            if self._session is None:
+                return b""
+            self._drain(self._session)
+            return bytes(self._session.received)
+
+    @property
+    def session_open(self) -> bool:
+        with self._lock:
+            return self._session is not None and self._session.live
+
+    # -- the ioctl function ----------------------------------------------------------------
+
+    def ioctl(self, fd: int, request: int, buf: bytearray | None) -> int:
+        """`vfiomig.sinks._vfio_uapi.IoctlFn`: answers as the kernel would, or raises OSError."""
+        with self._lock:
+            self._check_fd(fd)
+            if request == VFIO_DEVICE_RESET:
+                self.calls.append((request, None))
+                self._reset()
+                return 0
+            if request != VFIO_DEVICE_FEATURE:
+                raise _oserror(errno.ENOTTY)
+            if buf is None or len(buf) < _HEADER.size:
+                raise _oserror(errno.EFAULT)
+            argsz, flags = _HEADER.unpack_from(buf)
+            self.calls.append((request, flags))
+            return self._feature(buf, argsz, flags)
+
+    def _check_fd(self, fd: int) -> None:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            raise _oserror(errno.EBADF) from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise _oserror(errno.ENOTTY)
+
+    def _feature(self, buf: bytearray, argsz: int, flags: int) -> int:
+        known = VFIO_DEVICE_FEATURE_MASK | VFIO_DEVICE_FEATURE_GET
+        known |= VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PROBE
+        if argsz < _HEADER.size or flags & ~known:
+            raise _oserror(errno.EINVAL)
+        get, set_ = flags & VFIO_DEVICE_FEATURE_GET, flags & VFIO_DEVICE_FEATURE_SET
+        probe = flags & VFIO_DEVICE_FEATURE_PROBE
+        if get and set_ and not probe:
+            raise _oserror(errno.EINVAL)
+        if argsz > len(buf):
+            raise _oserror(errno.EFAULT)  # the kernel would read past the user's buffer
+        feature = flags & VFIO_DEVICE_FEATURE_MASK
+        payload = argsz - _HEADER.size
+        if feature == VFIO_DEVICE_FEATURE_MIGRATION:
+            if not self._check_feature(flags, payload, VFIO_DEVICE_FEATURE_GET, _U64.size):
+                return 0
+            _U64.pack_into(buf, 8, self.flags)
+            return 0
+        if feature == VFIO_DEVICE_FEATURE_MIG_DATA_SIZE:
+            if not self._check_feature(flags, payload, VFIO_DEVICE_FEATURE_GET, _U64.size):
+                return 0
+            _U64.pack_into(buf, 8, len(self.expected or b""))
+            return 0
+        if feature == VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE:
+            ops = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET
+            if not self._check_feature(flags, payload, ops, _MIG_STATE.size):
+                return 0
+            requested, _ = _MIG_STATE.unpack_from(buf, 8)
+            if get:
+                _MIG_STATE.pack_into(buf, 8, self.state, -1)
+                return 0
+            try:
+                data_fd = self._set_state(requested)
+            except OSError:
+                # vfio_ioctl_device_feature_mig_device_state copies mig back (data_fd -1)
+                # before it returns the error.
+                _MIG_STATE.pack_into(buf, 8, requested, -1)
+                raise
+            _MIG_STATE.pack_into(buf, 8, requested, data_fd)
+            return 0
+        raise _oserror(errno.EINVAL)  # unknown feature: the core's default branch
+
+    def _check_feature(self, flags: int, payload: int, ops: int, minsz: int) -> bool:
+        """``vfio_check_feature`` after the mig_ops check; False for a PROBE that passed."""
+        if not self.migration:
+            raise _oserror(errno.ENOTTY)
+        if flags & (VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET) & ~ops:
+            raise _oserror(errno.EINVAL)
+        if flags & VFIO_DEVICE_FEATURE_PROBE:
+            return False
+        if not flags & (VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET):
+            raise _oserror(errno.EINVAL)
+        if payload < minsz:
+            raise _oserror(errno.EINVAL)
+        return True
+
+    # -- the FSM ----------------------------------------------------------------------------
+
+    def _set_state(self, new: int) -> int:
+        data_fd = -1
+        while self.state != new:
+            step = next_state(self.state, new, self.flags)
+            if step is None:
+                raise _oserror(errno.EINVAL)
+            if data_fd >= 0:  # the kernel's WARN_ON: an fd from an interior arc
+                raise _oserror(errno.EINVAL)
+            data_fd = self._arc(self.state, step)
+        return data_fd
+
+    def _arc(self, cur: MigState, nxt: MigState) -> int:
+        code = self.fail_arcs.get((cur, nxt))
+        if cur is RES and nxt is STOP:
+            code = code or self._validate()
+        if code is not None:
+            if self.error_on_failure:
+                self.state = E
+            raise _oserror(code)
+        self.arcs.append((cur, nxt))
+        self.state = nxt
+        if nxt is RES:
+            return self._start_session()
+        if cur is RES:
+            assert self._session is not None
+            self.loaded = bytes(self._session.received)
+            self._end_session()
+        if nxt in _SAVING and cur not in _SAVING:
+            # A saving session starts; this fake has no state to save: an empty stream.
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
+            return r
+        return -1
+
+    def _validate(self) -> int | None:
+        session = self._session
+        assert session is not None
+        self._drain(session)
+        self.data_fd_open_at_stop = self._writer_open(session)
+        if self.stop_errno is not None:
+            return self.stop_errno
+        if self.expected is not None and bytes(session.received) != self.expected:
+            return errno.EINVAL
+        return None
+
+    def _reset(self) -> None:
+        self.resets += 1
+        self.state = RUN
+        self._end_session()
+
+    def _start_session(self) -> int:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(r, False)
+        if self.nonblocking_data_fd:
+            os.set_blocking(w, False)
+        st = os.fstat(w)
+        self._session = _Session(write_fd=w, read_fd=r, pipe=(st.st_dev, st.st_ino))
+        return w
+
+    def _end_session(self) -> None:
+        session = self._session
+        if session is None or not session.live:
+            return
+        self._drain(session)
+        session.live = False
+        os.close(session.read_fd)
+        self._dead_pipes.add(session.pipe)
+
+    # -- the data fd ----------------------------------------------------------------------
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        """``os.write`` for the data fd, with the configured faults; other fds pass through."""
+        with self._lock:
+            st = os.fstat(fd)  # EBADF for a closed fd, as write(2) would say
+            pipe = (st.st_dev, st.st_ino)
+            session = self._session
+            if pipe in self._dead_pipes:
+                raise _oserror(errno.ENODEV)
+            if session is None or pipe != session.pipe:
+                return os.write(fd, data)
+            if self.would_block > 0:
+                self.would_block -= 1
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            view = memoryview(data)
+            n = min(len(view), fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+            if self.max_write is not None:
+                n = min(n, self.max_write)
+            if self.write_errno_at is not None:
+                offset, code = self.write_errno_at
+                pos = len(session.received)
+                if pos >= offset:
+                    raise _oserror(code)
+                n = min(n, offset - pos)
+            written = os.write(fd, view[:n])  # the real write; the pipe is empty here
+            self._drain(session)
+            self.write_sizes.append(written)
+            return written
+
+    @staticmethod
+    def _drain(session: _Session) -> None:
+        if not session.live:
+            return
+        while True:
+            try:
+                chunk = os.read(session.read_fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            session.received += chunk
+
+    @staticmethod
+    def _writer_open(session: _Session) -> bool:
+        """True while some fd still holds the pipe's write end (read gives EAGAIN, not EOF)."""
+        try:
+            chunk = os.read(session.read_fd, 1)
+        except BlockingIOError:
+            return True
+        session.received += chunk
+        return bool(chunk)

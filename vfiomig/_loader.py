@@ -1,0 +1,101 @@
+"""One loader task per device: writes its stream in order, then the finish step.
+
+The loader is the only task that takes data out of its device's reorder buffer and the
+only caller of its sink. It promises, when it returns or is cancelled, that the sink was
+finished (device loaded) or aborted, and closed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from vfiomig._core import SinkError, VfioMigError
+from vfiomig._session import Device, Session, SessionEvent
+from vfiomig.sinks._base import ConfigTarget
+
+log = logging.getLogger("vfiomig")
+
+#: How long an abort or close of a sink may take once the session failed.
+CLEANUP_TIMEOUT = 10.0
+
+
+def _sink_error(device: Device, what: str, exc: BaseException) -> SinkError:
+    if isinstance(exc, SinkError):
+        errno = exc.errno
+        cause = exc.message
+    else:
+        errno = getattr(exc, "errno", None)
+        cause = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:
+            cause = f"{exc.strerror} (errno {exc.errno})"
+    return SinkError(f"{device.name}: {what}: {cause}", device=device.name, errno=errno)
+
+
+async def run_loader(session: Session, device: Device, config: ConfigTarget) -> None:
+    """Write ``device``'s stream to its sink in idx order, then replay the config.
+
+    Cancellation: on cancel (session failed) the sink is aborted and closed under a
+    shield bounded by `CLEANUP_TIMEOUT`.
+    """
+    sink = device.setup.sink
+    buf = device.buf
+    loaded = False
+    try:
+        try:
+            await sink.start()
+        except (OSError, SinkError) as exc:
+            raise _sink_error(device, f"starting sink {sink.description} failed", exc) from exc
+        while True:
+            ready = buf.take_ready()
+            if ready is not None:
+                if ready.chunks:
+                    try:
+                        await sink.write(ready.chunks)
+                    except (OSError, SinkError) as exc:
+                        what = (
+                            "writing precopy data"
+                            if ready.precopy
+                            else f"writing idx {ready.first_idx}..{ready.end_idx - 1}"
+                        )
+                        err = _sink_error(device, f"sink {sink.description} failed {what}", exc)
+                        err.idx = ready.first_idx
+                        raise err from exc
+                buf.written(ready.nbytes)
+                session.progress += 1
+                session.room.unpark_all()
+                continue
+            if buf.finishable:
+                break
+            starved = buf.gate_open
+            t0 = trio.current_time()
+            await device.lot.park()
+            if starved:
+                buf.starved_seconds += trio.current_time() - t0
+        # The finish step: config first, then the sink leaves its loading state.
+        assert buf.config is not None
+        log.info("%s: config load start (%d bytes)", device.name, len(buf.config))
+        try:
+            await config.load_config(buf.config)
+        except (OSError, SinkError) as exc:
+            err = _sink_error(device, f"loading config to {config.description} failed", exc)
+            err.idx = buf.config_idx
+            raise err from exc
+        try:
+            await sink.finish()
+        except (OSError, SinkError) as exc:
+            raise _sink_error(device, f"finishing sink {sink.description} failed", exc) from exc
+        buf.mark_loaded()
+        loaded = True
+        session.device_loaded(device)
+        log.info("%s: loaded", device.name)
+        session.emit(SessionEvent("loaded", device))
+    except VfioMigError as exc:
+        session.fail(exc, device)
+    finally:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
+            if not loaded:
+                await sink.abort()
+            await sink.aclose()

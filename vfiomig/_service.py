@@ -1,0 +1,175 @@
+"""The receive service: listeners, channel tasks, loaders and the stall watchdog in one
+nursery. `serve_receiver` is the entry point for the command line and for libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeAlias
+
+import trio
+
+from vfiomig._channels import channel_closed, check_missing, run_channel
+from vfiomig._core import StallError, UsageError
+from vfiomig._loader import run_loader
+from vfiomig._net import open_listener, parse_address, tune_socket
+from vfiomig._session import (
+    Device,
+    MigrationFailed,
+    ReceiverConfig,
+    Session,
+    SessionReport,
+)
+from vfiomig.sinks._base import ConfigTarget
+
+log = logging.getLogger("vfiomig")
+
+#: A task run beside the session (the control channel, a signal handler): called as
+#: ``await nursery.start(task, session)``; it must call ``task_status.started()``.
+ExtraTask: TypeAlias = Callable[..., Awaitable[None]]
+
+#: When every channel ended before all ``--channels`` had come, wait this long for the
+#: rest before declaring the packets still missing lost.
+LATE_CHANNEL_GRACE = 2.0
+
+
+async def serve_receiver(
+    config: ReceiverConfig,
+    *,
+    task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
+    extra_tasks: Sequence[ExtraTask] = (),
+) -> SessionReport:
+    """Receive one migration; return its report once every device is loaded.
+
+    ``extra_tasks`` run in the session's nursery (see `ExtraTask`).
+    ``task_status.started`` gets the `Session` (its ``bound`` attribute lists the real
+    listening addresses) once every listener is up.
+
+    Raises:
+        MigrationFailed: a device failed; ``.report`` has every device's outcome.
+        UsageError: a listener could not be opened, or the configuration is incomplete.
+
+    Cancellation: cancelling aborts every sink not yet finished and closes every fd.
+    """
+    if config.channels < 1 or config.channels > 255:
+        raise UsageError(f"channels {config.channels} is out of range (1 to 255)")
+    session = Session(config)
+    targets: dict[str, ConfigTarget] = {}
+    for setup in config.devices:
+        target = setup.config
+        if target is None and config.config_target is not None:
+            target = config.config_target(setup)
+        if target is None:
+            raise UsageError(f"{setup.name}: no config target (the config blob is never dropped)")
+        targets[setup.name] = target
+    listeners = []
+    try:
+        for text in config.listen:
+            listener, bound = await open_listener(parse_address(text))
+            listeners.append(listener)
+            session.bound.append(str(bound))
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        for setup in config.devices:
+            await setup.sink.aclose()
+        raise
+    if config.gate == "open":
+        session.open_all_gates()
+    with session.cancel_scope:
+        async with trio.open_nursery() as nursery:
+            for device in session.devices.values():
+                nursery.start_soon(run_loader, session, device, targets[device.name])
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, session, listener, nursery)
+            nursery.start_soon(_watchdog, session)
+            for task in extra_tasks:
+                await nursery.start(task, session)
+            task_status.started(session)
+            await session.done.wait()
+            nursery.cancel_scope.cancel()
+    report = session.report()
+    if not report.ok:
+        raise MigrationFailed(report)
+    return report
+
+
+async def _accept_loop(
+    session: Session, listener: trio.SocketListener, nursery: trio.Nursery
+) -> None:
+    async with listener:
+        while True:
+            stream = await listener.accept()
+            tune_socket(stream)
+            label = _peer_label(stream)
+            if session.channels_accepted >= session.config.channels:
+                # Every channel id is taken: nothing more can be accepted.
+                session.channels_refused += 1
+                log.warning(
+                    "%s: refused: all %d channels are set up", label, session.config.channels
+                )
+                await stream.aclose()
+                continue
+            nursery.start_soon(run_channel, session, stream, label)
+
+
+def _peer_label(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "channel (peer unknown)"
+    if isinstance(peer, tuple):
+        return f"channel from {peer[0]}:{peer[1]}"
+    return f"channel from {peer or 'unix socket'}"
+
+
+async def _watchdog(session: Session) -> None:
+    """Fail the session when nothing moved for ``stall_timeout`` seconds, and check for
+    missing packets once every channel ended before all of them had come."""
+    timeout = session.config.stall_timeout
+    tick = min(0.25, timeout / 4)
+    last = session.progress
+    since = trio.current_time()
+    quiet_since: float | None = None
+    while True:
+        await trio.sleep(tick)
+        now = trio.current_time()
+        if session.progress != last or not session.started:
+            last = session.progress
+            since = now
+        elif now - since >= timeout:
+            for device in list(session.devices.values()):
+                if device.loaded_at is None and device.error is None:
+                    message = (
+                        f"{device.name}: no progress for {timeout:g} s: {_stall_reason(device)}"
+                    )
+                    session.fail(StallError(message, device=device.name), device)
+            return
+        # Every channel that came has gone, but not all came: wait a grace period.
+        if session.channels_accepted and not session.channels_open:
+            quiet_since = quiet_since if quiet_since is not None else now
+            if now - quiet_since >= min(LATE_CHANNEL_GRACE, timeout):
+                check_missing(session, "every channel ended")
+        else:
+            quiet_since = None
+
+
+def _stall_reason(device: Device) -> str:
+    buf = device.buf
+    if buf.complete and not buf.gate_open:
+        return "every packet received, waiting for its gate (data-complete or switchover-start)"
+    first, count, no_config = buf.missing()
+    what = f"next idx {buf.next_idx}"
+    if first:
+        what += f", missing idx {', '.join(map(str, first))}"
+        if count > len(first):
+            what += f" and {count - len(first)} more"
+    if no_config:
+        what += ", config packet not received"
+    if not buf.gate_open:
+        what += ", gate closed"
+    return what
+
+
+__all__ = ["MigrationFailed", "ReceiverConfig", "channel_closed", "serve_receiver"]

@@ -1,0 +1,164 @@
+"""Sinks on file descriptors: ``file:PATH``, ``fd:N``, ``null:``; config files.
+
+`FdSink` writes with ``writev`` and loops on short writes. A non-blocking fd (a pipe or a
+socket set O_NONBLOCK by its owner) is written from the event loop, waiting for
+writability on EAGAIN; any other fd is written from a worker thread so that a full pipe or
+slow disk never stalls the channel readers. EPIPE and every other ``OSError`` propagate;
+the loader turns them into a `SinkError` naming the device and idx.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from collections.abc import Sequence
+
+import trio
+
+from vfiomig._core._errors import SinkError, UsageError
+from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
+
+_IOV_MAX = 1024
+
+
+def write_all(fd: int, chunks: Sequence[Chunk]) -> int:
+    """Write every chunk to a blocking ``fd`` with ``writev``, looping on short writes."""
+    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    total = 0
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        total += n
+        views = _drop(views, n)
+    return total
+
+
+def _drop(views: list[memoryview], n: int) -> list[memoryview]:
+    """Remove the first ``n`` bytes from a list of views (after a short write)."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+class FdSink(Sink):
+    """Writes the stream to a file descriptor.
+
+    Args:
+        fd: the descriptor; a pipe, socket, regular file or character device.
+        owned: close ``fd`` in `aclose` (True when the sink opened it).
+        description: how messages name this sink.
+    """
+
+    def __init__(self, fd: int, *, owned: bool, description: str | None = None) -> None:
+        self.fd = fd
+        self.owned = owned
+        self.description = description or f"fd:{fd}"
+        self.bytes_written = 0
+        self._nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+        self._closed = False
+
+    async def write(self, chunks: Sequence[Chunk]) -> None:
+        """Write all of ``chunks``.
+
+        Cancellation: a blocking fd is written in a worker thread that is not abandoned,
+        so a cancel waits for the write in flight; a non-blocking fd stops between writes.
+        """
+        if self._nonblocking:
+            views = [memoryview(c).cast("B") for c in chunks if len(c)]
+            while views:
+                try:
+                    n = os.writev(self.fd, views[:_IOV_MAX])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.fd)
+                    continue
+                self.bytes_written += n
+                views = _drop(views, n)
+            await trio.lowlevel.checkpoint()
+        else:
+            self.bytes_written += await trio.to_thread.run_sync(write_all, self.fd, chunks)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.owned:
+                os.close(self.fd)
+
+
+class NullSink(Sink):
+    """Discards the stream, counting its bytes (``null:``)."""
+
+    description = "null:"
+
+    def __init__(self) -> None:
+        self.bytes_written = 0
+
+    async def write(self, chunks: Sequence[Chunk]) -> None:
+        self.bytes_written += sum(len(c) for c in chunks)
+        await trio.lowlevel.checkpoint()
+
+
+def open_file_sink(path: str) -> FdSink:
+    """``file:PATH``: create or truncate PATH (a FIFO is opened for writing as it is)."""
+    if not path:
+        raise UsageError("sink file: needs a path")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SinkError(f"cannot open sink file {path!r}: {exc.strerror}", errno=exc.errno) from exc
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)
+    return FdSink(fd, owned=True, description=f"file:{path}")
+
+
+def open_fd_sink(arg: str) -> FdSink:
+    """``fd:N``: an inherited descriptor, e.g. a pipe to a vhost-user back-end's state fd."""
+    try:
+        fd = int(arg)
+        os.fstat(fd)
+    except ValueError:
+        raise UsageError(f"sink fd:{arg} needs a descriptor number") from None
+    except OSError as exc:
+        raise UsageError(f"sink fd:{arg} is not an open descriptor ({exc.strerror})") from exc
+    return FdSink(fd, owned=True, description=f"fd:{fd}")
+
+
+def open_null_sink(arg: str) -> NullSink:
+    """``null:``: discard the stream."""
+    if arg:
+        raise UsageError(f"sink null: takes no argument (got {arg!r})")
+    return NullSink()
+
+
+def config_file_name(idstr: str, instance: int) -> str:
+    """The config file's name under ``--config-out``: ``<idstr with / as _>.<instance>.config``."""
+    return f"{idstr.replace('/', '_')}.{instance}.config"
+
+
+class ConfigDir(ConfigTarget):
+    """Writes the config blob to ``DIR/<idstr with / as _>.<instance>.config``.
+
+    The file appears whole or not at all: it is written under a temporary name, synced and
+    renamed, so a reader never sees half a blob.
+    """
+
+    def __init__(self, directory: str, idstr: str, instance: int) -> None:
+        self.path = os.path.join(directory, config_file_name(idstr, instance))
+        self.description = f"config file {self.path}"
+
+    async def load_config(self, data: bytes) -> None:
+        await trio.to_thread.run_sync(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        tmp = self.path + ".part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, [data])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)

@@ -1,0 +1,146 @@
+"""The kernel VFIO migration v2 uAPI, as thin as the uAPI itself.
+
+Constants and byte layouts come from ``include/uapi/linux/vfio.h`` (see
+``reference/vfio-user-and-uapi.md`` §1). Every function builds the exact buffer with
+`struct` and hands it to an *ioctl function* ``ioctl(fd, request, buf) -> int``; the
+default, `sys_ioctl`, is ``fcntl.ioctl(fd, request, buf, True)``. Tests and the fake
+kernel device (`vfiomig._fake_vfio`) plug in at exactly this level, so nothing above it
+knows whether a real driver answered.
+
+Failures are the kernel's: an ``OSError`` carrying its errno escapes unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import struct
+from collections.abc import Callable
+from typing import TypeAlias
+
+#: ``ioctl(fd, request, buf)``: ``buf`` is mutated in place (the kernel writes results
+#: back into it); ``None`` means an ``_IO()`` call without argument (VFIO_DEVICE_RESET).
+IoctlFn: TypeAlias = Callable[[int, int, "bytearray | None"], int]
+
+# ioctl request numbers: _IO(';', 100 + n), no size encoded, so argsz travels in the buffer.
+VFIO_TYPE = 0x3B
+VFIO_BASE = 100
+VFIO_DEVICE_RESET = 0x3B6F
+VFIO_DEVICE_FEATURE = 0x3B75
+
+# struct vfio_device_feature.flags
+VFIO_DEVICE_FEATURE_MASK = 0xFFFF
+VFIO_DEVICE_FEATURE_GET = 1 << 16
+VFIO_DEVICE_FEATURE_SET = 1 << 17
+VFIO_DEVICE_FEATURE_PROBE = 1 << 18
+
+# feature indexes
+VFIO_DEVICE_FEATURE_MIGRATION = 1
+VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE = 2
+VFIO_DEVICE_FEATURE_MIG_DATA_SIZE = 9
+
+# struct vfio_device_feature_migration.flags
+VFIO_MIGRATION_STOP_COPY = 1 << 0
+VFIO_MIGRATION_P2P = 1 << 1
+VFIO_MIGRATION_PRE_COPY = 1 << 2
+
+
+class MigState(enum.IntEnum):
+    """``enum vfio_device_mig_state``."""
+
+    ERROR = 0
+    STOP = 1
+    RUNNING = 2
+    STOP_COPY = 3
+    RESUMING = 4
+    RUNNING_P2P = 5
+    PRE_COPY = 6
+    PRE_COPY_P2P = 7
+
+
+def state_name(state: int) -> str:
+    """``"RESUMING"`` for 4; the number itself for a value outside the enum."""
+    try:
+        return MigState(state).name
+    except ValueError:
+        return str(state)
+
+
+# Layouts: native byte order, as the kernel reads them ("=" has no padding; every field
+# below is naturally aligned anyway). Every buffer starts with argsz u32, flags u32.
+_FEATURE_U64 = struct.Struct("=IIQ")  # MIGRATION flags, MIG_DATA_SIZE
+_FEATURE_MIG_STATE = struct.Struct("=IIIi")  # device_state u32, data_fd s32
+
+
+def sys_ioctl(fd: int, request: int, buf: bytearray | None) -> int:
+    """The real ioctl: ``fcntl.ioctl`` with the buffer mutated in place."""
+    if buf is None:
+        return int(fcntl.ioctl(fd, request, 0))
+    return fcntl.ioctl(fd, request, buf, True)
+
+
+def get_migration_flags(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_DEVICE_FEATURE GET MIGRATION: the ``VFIO_MIGRATION_*`` bits of the device.
+
+    ENOTTY means the driver has no migration support.
+    """
+    buf = bytearray(
+        _FEATURE_U64.pack(
+            _FEATURE_U64.size, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION, 0
+        )
+    )
+    ioctl(fd, VFIO_DEVICE_FEATURE, buf)
+    return int(_FEATURE_U64.unpack(buf)[2])
+
+
+def get_stop_copy_size(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_DEVICE_FEATURE GET MIG_DATA_SIZE: the driver's estimate of the stop-copy size."""
+    buf = bytearray(
+        _FEATURE_U64.pack(
+            _FEATURE_U64.size, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, 0
+        )
+    )
+    ioctl(fd, VFIO_DEVICE_FEATURE, buf)
+    return int(_FEATURE_U64.unpack(buf)[2])
+
+
+def get_state(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_DEVICE_FEATURE GET MIG_DEVICE_STATE: the current ``MigState`` value.
+
+    Returned as a plain int: a newer kernel may report a state this module does not name.
+    """
+    buf = bytearray(
+        _FEATURE_MIG_STATE.pack(
+            _FEATURE_MIG_STATE.size,
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            0,
+            -1,
+        )
+    )
+    ioctl(fd, VFIO_DEVICE_FEATURE, buf)
+    return int(_FEATURE_MIG_STATE.unpack(buf)[2])
+
+
+def set_state(fd: int, state: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE: move the device to ``state``.
+
+    The kernel walks multi-step paths itself (RUNNING -> RESUMING passes RUNNING_P2P and
+    STOP). Returns the new session's data fd (entering RESUMING, STOP_COPY or PRE_COPY;
+    the caller owns it, it is O_CLOEXEC) or -1. On failure the device may be left in any
+    intermediate state or in ERROR: read it back with `get_state`.
+    """
+    buf = bytearray(
+        _FEATURE_MIG_STATE.pack(
+            _FEATURE_MIG_STATE.size,
+            VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            state,
+            -1,
+        )
+    )
+    ioctl(fd, VFIO_DEVICE_FEATURE, buf)
+    return int(_FEATURE_MIG_STATE.unpack(buf)[3])
+
+
+def reset(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> None:
+    """VFIO_DEVICE_RESET: the only way out of ERROR and the way to abort RESUMING."""
+    ioctl(fd, VFIO_DEVICE_RESET, None)
