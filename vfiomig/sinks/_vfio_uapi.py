@@ -76,7 +76,7 @@ def sys_ioctl(fd: int, request: int, buf: bytearray | None) -> int:
     """The real ioctl: ``fcntl.ioctl`` with the buffer mutated in place."""
     if buf is None:
         return int(fcntl.ioctl(fd, request, 0))
-    return fcntl.ioctl(fd, request, buf, True)
+    return int(fcntl.ioctl(fd, request, buf, True))
 
 
 def get_migration_flags(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
