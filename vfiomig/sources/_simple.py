@@ -16,9 +16,32 @@ from vfiomig.sources._base import Source
 SYNTH_BLOCK = 1024 * 1024
 
 
+_BASE: dict[int, np.ndarray] = {}
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def synth_block(seed: int, block: int) -> bytes:
-    """Block ``block`` of the synthetic state with ``seed``."""
-    return np.random.default_rng([seed, block]).bytes(SYNTH_BLOCK)
+    """Block ``block`` of the synthetic state with ``seed``.
+
+    A seeded random base block, XORed word by word with a per-block key and the word's
+    position: every block differs, and producing one runs at memory speed.
+    """
+    base = _BASE.get(seed)
+    if base is None:
+        base = np.random.default_rng(seed).integers(0, 2**64, SYNTH_BLOCK // 8, dtype=np.uint64)
+        _BASE.clear()
+        _BASE[seed] = base
+    key = np.uint64(_splitmix64(seed * 0x100000001B3 + block))
+    return (base ^ key ^ _WORD_INDEX).tobytes()
+
+
+_WORD_INDEX = np.arange(SYNTH_BLOCK // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
 
 
 def synth_config_body(seed: int) -> bytes:
