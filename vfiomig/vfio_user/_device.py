@@ -48,7 +48,6 @@ from vfiomig.vfio_user._messages import (
     REGION_FLAG_READ,
     REGION_FLAG_WRITE,
     REGION_INFO_SIZE,
-    Body,
     Capabilities,
     Command,
     DeviceFeature,
@@ -59,6 +58,7 @@ from vfiomig.vfio_user._messages import (
     MigDataWrite,
     MigrationCaps,
     MigState,
+    Packable,
     RegionInfo,
     RegionRead,
     RegionReadReply,
@@ -118,7 +118,7 @@ class Session:
 class Outcome:
     """The answer to one request: a reply body, or an errno; ``close`` ends the connection."""
 
-    body: Body | None = None
+    body: Packable | None = None
     errno: int | None = None
     close: bool = False
 

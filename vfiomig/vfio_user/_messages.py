@@ -17,7 +17,7 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from vfiomig._core._errors import PacketError
 
@@ -113,6 +113,12 @@ REGION_ACCESS_HEADER_SIZE: Final = _REGION_ACCESS.size
 REGION_INFO_SIZE: Final = _REGION_INFO.size
 #: Bytes a message adds around ``max_data_xfer_size`` bytes of data, at most.
 MESSAGE_OVERHEAD: Final = HEADER_SIZE + REGION_ACCESS_HEADER_SIZE
+
+
+class Packable(Protocol):
+    """A body that can be sent: it packs itself into payload bytes."""
+
+    def pack(self) -> bytes: ...
 
 
 def _short(what: str, got: int, need: int) -> ProtocolError:

@@ -1,0 +1,99 @@
+"""The ``vfio-user:SOCKPATH[,config=FILE]`` source: read a device's state from a server.
+
+Sequence: connect, VERSION, GET MIGRATION (STOP_COPY required), SET STOP_COPY (walking
+RUNNING -> STOP -> STOP_COPY), MIG_DATA_READ until the device returns 0 bytes, then, once
+the config packet is queued, SET STOP.
+
+The config blob comes from ``FILE`` when given: the whole blob, markers included, as
+``vfiomig receive --config-out`` writes it; otherwise it is an empty config body.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import trio
+
+from vfiomig._core._errors import ConfigStateError, UsageError
+from vfiomig._core._wire import check_config_blob, wrap_config
+from vfiomig.sources._base import Source
+from vfiomig.vfio_user._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
+from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MigState
+from vfiomig.vfio_user._sink import start_migration
+
+_CONFIG_OPTION: Final = ",config="
+
+
+class VfioUserSource(Source):
+    """Reads the STOP_COPY stream of a vfio-user device; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        config_path: str | os.PathLike[str] | None = None,
+        reply_timeout: float = DEFAULT_TIMEOUT,
+        max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.config_path = None if config_path is None else os.fspath(config_path)
+        self.description = f"vfio-user:{self.path}"
+        self._reply_timeout = reply_timeout
+        self._max_data_xfer_size = max_data_xfer_size
+        self._client: VfioUserClient | None = None
+        self._ended = False
+
+    @property
+    def client(self) -> VfioUserClient:
+        if self._client is None:
+            raise RuntimeError(f"{self.description}: start() was not called")
+        return self._client
+
+    async def start(self) -> None:
+        """Connect and enter STOP_COPY."""
+        self._client = await open_vfio_user_client(
+            self.path,
+            reply_timeout=self._reply_timeout,
+            max_data_xfer_size=self._max_data_xfer_size,
+        )
+        await start_migration(self._client, MigState.STOP_COPY)
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes."""
+        out = bytearray()
+        while not self._ended and len(out) < max_bytes:
+            data = await self.client.read_data(max_bytes - len(out))
+            if not data:
+                self._ended = True
+            out += data
+        return bytes(out)
+
+    async def config_blob(self) -> bytes:
+        if self.config_path is None:
+            return wrap_config(b"")
+        blob = await trio.Path(self.config_path).read_bytes()
+        try:
+            check_config_blob(self.description, 0, blob)
+        except ConfigStateError as exc:
+            raise UsageError(f"config file {self.config_path}: {exc}") from exc
+        return blob
+
+    async def finish(self) -> None:
+        """SET STOP: the device leaves STOP_COPY."""
+        await self.client.set_state(MigState.STOP)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+
+def open_vfio_user_source(arg: str) -> Source:
+    """``vfio-user:SOCKPATH[,config=FILE]`` -> a `VfioUserSource`."""
+    path, sep, config = arg.rpartition(_CONFIG_OPTION)
+    if not sep:
+        path, config = arg, ""
+    if not path or (sep and not config):
+        raise UsageError(f"source vfio-user:{arg} must look like vfio-user:SOCKPATH[,config=FILE]")
+    return VfioUserSource(path, config_path=config or None)
