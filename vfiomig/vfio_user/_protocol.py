@@ -163,7 +163,10 @@ class _Framer:
             head, self._skipped = self._skipped, None
             return Message(
                 head,
-                Malformed(f"message size {head.msg_size} exceeds the limit {self.max_msg_size}"),
+                Malformed(
+                    f"{command_name(head.command)} message size {head.msg_size} "
+                    f"exceeds the limit {self.max_msg_size}"
+                ),
             )
         if len(self._buf) < HEADER_SIZE:
             return self._need_more()
