@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -68,6 +69,7 @@ class SendReport:
     packets: int
     seconds: float
     per_device: dict[str, tuple[int, int]]  # name -> (data bytes, packets incl. config)
+    channel_bytes: tuple[int, ...] = ()  # wire bytes sent on each channel after its handshake
 
 
 _Packet = tuple[bytes, bytes | bytearray]  # (multifd + VFIO header, data)
@@ -81,6 +83,15 @@ class _Progress:
         self.open = 0
 
 
+class _Link:
+    """The shared link of a total rate: every channel's bytes count against it."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start = trio.current_time()
+        self.sent = 0
+
+
 class _Writer:
     """One channel: a queue of packets and the task that sends them in queue order.
 
@@ -89,12 +100,19 @@ class _Writer:
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, rate: float | None, progress: _Progress, hold: bool
+        self,
+        stream: trio.abc.Stream,
+        rate: float | None,
+        progress: _Progress,
+        hold: bool,
+        link: _Link | None = None,
     ) -> None:
         self.stream = stream
         size = float("inf") if hold else CHANNEL_QUEUE
         self.send, self.receive = trio.open_memory_channel[_Packet](size)
         self.rate = rate
+        self.link = link
+        self.sent = 0
         self.progress = progress
         self.hold = hold
 
@@ -121,18 +139,24 @@ class _Writer:
 
     async def _send_queue(self) -> None:
         start = trio.current_time()
-        sent = 0
+        link = self.link
         async with self.receive:
             async for header, data in self.receive:
+                # Pace to the link model before sending: a packet leaves once the link
+                # could have carried it, so no channel is ever ahead of rate * elapsed
+                # and the receiver cannot beat bytes / rate.
+                n = len(header) + len(data)
+                self.sent += n
+                if self.rate:
+                    await trio.sleep_until(start + self.sent / self.rate)
+                if link is not None:
+                    link.sent += n
+                    await trio.sleep_until(link.start + link.sent / link.rate)
                 await self.stream.send_all(header)
                 if data:
                     await self.stream.send_all(data)
                 if not self.hold:
                     self.progress.count += 1
-                sent += len(header) + len(data)
-                if self.rate:
-                    # Pace to the link model: never ahead of rate * elapsed.
-                    await trio.sleep_until(start + sent / self.rate)
         self.done = True
 
 
@@ -217,12 +241,17 @@ async def send_migration(
     window: int = 16,
     endian: Endian = "be",
     channel_rate: float | None = None,
+    channel_rates: Sequence[float | None] | None = None,
+    link_rate: float | None = None,
 ) -> SendReport:
     """Send every device's state over ``channels`` channels, config packet last.
 
     Args:
         connect_to: addresses; channel i connects to ``connect_to[i % len(connect_to)]``.
         channel_rate: pace each channel to this many bytes per second (None: unpaced).
+        channel_rates: per-channel overrides of ``channel_rate`` (e.g. one slow channel);
+            entry i applies to channel i, None keeps ``channel_rate``.
+        link_rate: pace all channels together to this many bytes per second.
 
     Raises:
         UsageError: bad arguments.
@@ -242,12 +271,22 @@ async def send_migration(
     start = trio.current_time()
     writers: list[_Writer] = []
     progress = _Progress()
+    rates = [channel_rate] * channels
+    for i, override in enumerate((channel_rates or [])[:channels]):
+        if override is not None:
+            rates[i] = override
+    link: _Link | None = None
     try:
         for i in range(channels):
             stream = await connect(addresses[i % len(addresses)])
             tune_socket(stream)
-            writers.append(_Writer(stream, channel_rate, progress, order == "idx0-last" and i == 0))
+            hold = order == "idx0-last" and i == 0
+            writers.append(_Writer(stream, rates[i], progress, hold))
             await stream.send_all(encode_handshake(uuid, i))
+        if link_rate:
+            link = _Link(link_rate)
+            for writer in writers:
+                writer.link = link
         dispatcher = _Dispatcher(writers, order, seed)
         counts: dict[str, tuple[int, int]] = {}
         async with trio.open_nursery() as nursery:
@@ -269,4 +308,6 @@ async def send_migration(
                 await device.source.aclose()
     total = sum(b for b, _ in counts.values())
     packets = sum(p for _, p in counts.values())
-    return SendReport(total, packets, trio.current_time() - start, counts)
+    return SendReport(
+        total, packets, trio.current_time() - start, counts, tuple(w.sent for w in writers)
+    )
