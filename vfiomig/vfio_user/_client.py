@@ -192,10 +192,17 @@ class VfioUserClient(trio.abc.AsyncResource):
                 command, body.errno, f"{size} bytes at stream offset {offset}"
             )
 
-    async def flush(self) -> None:
-        """Wait for the reply of every MIG_DATA_WRITE in flight; raise the first error."""
+    async def flush(self, *, raise_errors: bool = True) -> None:
+        """Wait for the reply of every MIG_DATA_WRITE in flight; raise the first error
+        (after collecting every reply, so the connection stays in step)."""
+        first: VfioUserCommandError | None = None
         while self._writes:
-            await self._collect_write()
+            try:
+                await self._collect_write()
+            except VfioUserCommandError as exc:
+                first = first or exc
+        if first is not None and raise_errors:
+            raise first
 
     async def request(self, command: Command, payload: Buffer, what: str = "") -> Body:
         """Send one request and return its reply body; an ERROR reply raises."""

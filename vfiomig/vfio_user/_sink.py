@@ -111,6 +111,7 @@ class VfioUserSink(Sink):
                     if client is not None:
                         await client.aclose()
                     client = self._client = await self._connect()
+                await client.flush(raise_errors=False)  # already reported by write/finish
                 await client.reset()
             except Exception as exc:  # abort must not raise: the device already failed
                 log.warning(

@@ -1,0 +1,332 @@
+"""The vfio-user sink and source against vfiomig's server, over real UNIX sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from vfiomig._core._errors import SinkError, UsageError
+from vfiomig._core._wire import wrap_config
+from vfiomig._specs import open_sink, open_source
+from vfiomig.vfio_user import (
+    BarDevice,
+    MigState,
+    VfioUserCommandError,
+    VfioUserDevice,
+    VfioUserSink,
+    VfioUserSource,
+    serve_vfio_user,
+)
+
+LIMIT = 1024
+
+
+@asynccontextmanager
+async def serving(*devices: VfioUserDevice) -> AsyncIterator[list[str]]:
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        paths = [os.path.join(tmp, f"s{i}") for i in range(len(devices))]
+        async with trio.open_nursery() as nursery:
+            for path, device in zip(paths, devices, strict=True):
+                await nursery.start(serve_vfio_user, path, device)
+            yield paths
+            nursery.cancel_scope.cancel()
+
+
+class Recorder(BarDevice):
+    """Takes any stream, remembers it and the size of each write."""
+
+    def __init__(self) -> None:
+        super().__init__((8,))
+        self.received = bytearray()
+
+    def write_data(self, data: memoryview) -> int:
+        self.write_sizes.append(len(data))
+        self.received += data
+        return len(data)
+
+    def transition(self, state: MigState) -> None:
+        self.transitions.append(state)
+
+
+def pattern(n: int) -> bytes:
+    return bytes(i * 7 % 251 for i in range(n))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [
+        ([LIMIT - 1], [LIMIT - 1]),
+        ([LIMIT], [LIMIT]),
+        ([LIMIT + 1], [LIMIT, 1]),
+        ([3 * LIMIT + 7], [LIMIT, LIMIT, LIMIT, 7]),
+        ([10, LIMIT, 0, 5], [LIMIT, 15]),  # small chunks are gathered into full writes
+        ([0], []),
+    ],
+)
+@pytest.mark.parametrize("window", [1, 4])
+async def test_sink_chunks_at_the_server_limit(
+    sizes: list[int], expected: list[int], window: int
+) -> None:
+    emu = Recorder()
+    data = pattern(sum(sizes))
+    chunks: list[bytes] = []
+    pos = 0
+    for n in sizes:
+        chunks.append(data[pos : pos + n])
+        pos += n
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
+            sink = VfioUserSink(path, window=window)
+            await sink.start()
+            await sink.write(chunks)
+            await sink.finish()
+            await sink.aclose()
+    assert emu.write_sizes == expected
+    assert bytes(emu.received) == data
+    assert emu.transitions == [MigState.STOP, MigState.RESUMING, MigState.STOP]
+
+
+async def test_sink_honours_its_own_smaller_limit() -> None:
+    emu = Recorder()
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
+            sink = VfioUserSink(path, max_data_xfer_size=100)
+            await sink.start()
+            await sink.write([memoryview(pattern(250))])
+            await sink.finish()
+            await sink.aclose()
+    assert emu.write_sizes == [100, 100, 50]
+
+
+async def test_sink_error_reply_names_command_and_errno() -> None:
+    class Full(Recorder):
+        def write_data(self, data: memoryview) -> int:
+            if len(self.received) >= 2 * LIMIT:
+                raise OSError(errno.ENOSPC, "full")
+            return super().write_data(data)
+
+    emu = Full()
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    with trio.fail_after(5):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path, window=4)
+            await sink.start()
+            with pytest.raises(SinkError) as info:
+                await sink.write([pattern(5 * LIMIT)])
+                await sink.finish()
+            await sink.abort()
+            await sink.aclose()
+    assert info.value.errno == errno.ENOSPC
+    text = str(info.value)
+    assert text.startswith(f"vfio-user {path}: MIG_DATA_WRITE")
+    assert f"at stream offset {2 * LIMIT}) failed with errno 28 (No space left on device)" in text
+    assert device.state == MigState.RUNNING  # abort reset the device
+
+
+async def test_sink_finish_reports_validation_failure_and_abort_resets() -> None:
+    emu = BarDevice((0x100,))
+    emu.bars[0][:4] = b"keep"
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    with trio.fail_after(5):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+            await sink.write([b"not a bar device stream"])
+            with pytest.raises(
+                VfioUserCommandError, match=r"\(SET STOP\) failed with errno 22"
+            ) as info:
+                await sink.finish()
+            assert info.value.errno == errno.EINVAL
+            assert device.state == MigState.RESUMING
+            await sink.abort()
+            assert device.state == MigState.RUNNING
+            await sink.aclose()
+            await sink.aclose()  # idempotent
+    assert emu.bars[0] == bytes(0x100)  # the reset cleared the device
+
+
+async def test_sink_abort_reconnects_when_the_connection_broke() -> None:
+    emu = BarDevice((0x100,))
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    with trio.fail_after(5):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+            sink.client.broken = True  # as after a timeout or a cancelled write
+            await sink.abort()
+            await sink.aclose()
+    assert device.state == MigState.RUNNING
+
+
+async def test_sink_abort_never_raises_without_a_server() -> None:
+    sink = VfioUserSink("/nonexistent/vfio-user.sock")
+    with trio.fail_after(10):
+        await sink.abort()
+        await sink.aclose()
+
+
+async def test_sink_requires_stop_copy() -> None:
+    device = VfioUserDevice(BarDevice(), migration_flags=0b100)
+    with trio.fail_after(5):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path)
+            with pytest.raises(SinkError, match="migration flags 0x4 lack stop-copy") as info:
+                await sink.start()
+            await sink.aclose()
+    assert info.value.errno == errno.ENOTSUP
+    assert device.state == MigState.RUNNING
+
+
+async def test_sink_connect_failure_keeps_oserror() -> None:
+    sink = VfioUserSink("/nonexistent/vfio-user.sock")
+    with trio.fail_after(5), pytest.raises(SinkError, match="connect failed") as info:
+        await sink.start()
+    assert info.value.errno == errno.ENOENT
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_sink_times_out_on_a_silent_server(autojump_clock: trio.abc.Clock) -> None:
+    """A server that accepts and never answers: every wait is bounded."""
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "silent")
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+        with listener, trio.fail_after(120):
+            sink = VfioUserSink(path, reply_timeout=30)
+            with pytest.raises(SinkError, match="no reply within 30") as info:
+                await sink.start()
+            await sink.aclose()
+    assert info.value.errno == errno.ETIMEDOUT
+
+
+async def test_sink_server_closing_mid_request() -> None:
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "closer")
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def accept_and_close() -> None:
+            conn, _ = await listener.accept()
+            await conn.recv(100)
+            conn.close()
+
+        with listener, trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_and_close)
+                sink = VfioUserSink(path)
+                with pytest.raises(SinkError, match="server closed the connection") as info:
+                    await sink.start()
+                await sink.aclose()
+    assert info.value.errno == errno.ECONNRESET
+
+
+async def test_cancelled_write_marks_the_client_broken() -> None:
+    emu = Recorder()
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await sink.write([b"x" * 10])
+            assert sink.client.broken
+            with pytest.raises(SinkError, match="unusable after an earlier error"):
+                await sink.write([b"y"])
+            await sink.abort()
+            await sink.aclose()
+
+
+def test_specs_build_vfio_user_sink_and_source() -> None:
+    sink = open_sink("vfio-user:/run/dev.sock")
+    assert isinstance(sink, VfioUserSink) and sink.path == "/run/dev.sock"
+    assert sink.description == "vfio-user:/run/dev.sock"
+    source = open_source("vfio-user:/run/a,b.sock,config=/tmp/c.cfg")
+    assert isinstance(source, VfioUserSource)
+    assert (source.path, source.config_path) == ("/run/a,b.sock", "/tmp/c.cfg")
+    plain = open_source("vfio-user:/run/dev.sock")
+    assert isinstance(plain, VfioUserSource) and plain.config_path is None
+    for bad in ("vfio-user:", "vfio-user:,config=x", "vfio-user:/s,config="):
+        with pytest.raises(UsageError):
+            (open_sink if bad == "vfio-user:" else open_source)(bad)
+
+
+async def migrate(
+    src_path: str, dst_path: str, *, packet: int = 4096, config: str | None = None
+) -> bytes:
+    source = VfioUserSource(src_path, config_path=config)
+    sink = VfioUserSink(dst_path)
+    try:
+        await source.start()
+        await sink.start()
+        while data := await source.read(packet):
+            assert len(data) <= packet
+            await sink.write([data])
+        blob = await source.config_blob()
+        await source.finish()
+        await sink.finish()
+        return blob
+    finally:
+        await source.aclose()
+        await sink.aclose()
+
+
+@pytest.mark.parametrize("packet", [100, LIMIT, 5000])
+async def test_source_to_sink_migrates_the_bars(packet: int) -> None:
+    src = BarDevice((0x3000, 8))
+    src.bars[0][:] = pattern(0x3000)
+    src.bars[1][:] = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    dst = BarDevice((0x3000, 8))
+    devices = [VfioUserDevice(src, max_data_xfer_size=LIMIT), VfioUserDevice(dst)]
+    with trio.fail_after(10):
+        async with serving(*devices) as (src_path, dst_path):
+            blob = await migrate(src_path, dst_path, packet=packet)
+    assert blob == wrap_config(b"")
+    assert dst.bars == src.bars
+    assert src.transitions == [MigState.STOP, MigState.STOP_COPY, MigState.STOP]
+    assert dst.transitions == [MigState.STOP, MigState.RESUMING, MigState.STOP]
+    assert devices[0].state == devices[1].state == MigState.STOP
+
+
+async def test_source_config_file() -> None:
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        good = os.path.join(tmp, "good.config")
+        bad = os.path.join(tmp, "bad.config")
+        await trio.Path(good).write_bytes(wrap_config(b"pci config"))
+        await trio.Path(bad).write_bytes(b"raw body without markers")
+        assert await VfioUserSource("/x", config_path=good).config_blob() == wrap_config(
+            b"pci config"
+        )
+        with pytest.raises(UsageError, match=r"bad\.config: .*config packet idx 0 starts with"):
+            await VfioUserSource("/x", config_path=bad).config_blob()
+
+
+async def test_source_read_stops_at_zero_bytes() -> None:
+    class Dribble(BarDevice):
+        """Returns at most 3 bytes per read, so short reads do not mean the end."""
+
+        def read_data(self, size: int) -> bytes:
+            return super().read_data(min(size, 3))
+
+    src = Dribble((16,))
+    src.bars[0][:] = pattern(16)
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(src)) as (path,):
+            source = VfioUserSource(path)
+            await source.start()
+            parts: list[bytes] = []
+            while data := await source.read(10):
+                parts.append(data)
+            assert await source.read(10) == b""
+            await source.finish()
+            await source.aclose()
+    assert b"".join(parts) == src.state_bytes()
+    assert [len(p) for p in parts[:-1]] == [10] * (len(parts) - 1)
