@@ -254,7 +254,8 @@ class VfioSink(Sink):
     async def abort(self) -> None:
         """Close the data fd; if a session was (or may have been) open, reset the device."""
         self._close_data()
-        self._recover()
+        if self._session:  # failures in start/finish already recovered
+            self._recover()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
@@ -262,7 +263,8 @@ class VfioSink(Sink):
         if not self._closed:
             self._closed = True
             self._close_data()
-            self._recover()
+            if self._session:
+                self._recover()
             if self._owns_device_fd and self._device_fd is not None:
                 self._owns_device_fd = False
                 os.close(self._device_fd)
@@ -395,5 +397,8 @@ def open_vfio_sink(arg: str) -> Sink:
             raise UsageError(f"sink 'vfio:{arg}' needs a decimal fd number, got {text!r}")
         return VfioSink.from_device_fd(int(text), owned=True)
     if not arg:
-        raise UsageError("sink 'vfio:' needs a device path (vfio:PATH or vfio:fd:N)")
+        raise UsageError(
+            "sink 'vfio:' needs a device path (vfio:PATH or vfio:fd:N; "
+            "attach: takes the fd from the control channel's attach-fd)"
+        )
     return VfioSink.open(arg)

@@ -114,7 +114,7 @@ def get_state(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
             _FEATURE_MIG_STATE.size,
             VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
             0,
-            -1,
+            0,
         )
     )
     ioctl(fd, VFIO_DEVICE_FEATURE, buf)

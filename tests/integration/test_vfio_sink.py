@@ -1,0 +1,441 @@
+"""The kernel VFIO sink against the fake kernel device model (and real pipes).
+
+Every test checks that no fd is left open: the autouse fixture compares
+/proc/self/fd before and after.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfiomig._core._errors import SinkError, UsageError
+from vfiomig._fake_vfio import FakeVfioDevice
+from vfiomig._specs import open_sink
+from vfiomig.sinks import _vfio
+from vfiomig.sinks import _vfio_uapi as uapi
+from vfiomig.sinks._vfio import DataFdSink, VfioSink, open_vfio_sink
+from vfiomig.sinks._vfio_uapi import MigState as S
+
+TIMEOUT = 10
+RESUME_ARCS = [(S.RUNNING, S.RUNNING_P2P), (S.RUNNING_P2P, S.STOP), (S.STOP, S.RESUMING)]
+GET_MIGRATION, GET_STATE, SET_STATE = 0x10001, 0x10002, 0x20002
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = _fds()
+    yield
+    assert _fds() == before
+
+
+def stream_of(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def chunks_of(data: bytes) -> list[bytes | bytearray | memoryview]:
+    """The stream in uneven chunks of every accepted type, with an empty one."""
+    cut = sorted(min(c, len(data)) for c in (0, 1, 100, 100, 5000, len(data) // 2, len(data)))
+    kinds = [bytes, bytearray, memoryview]
+    return [kinds[i % 3](data[a:b]) for i, (a, b) in enumerate(itertools.pairwise(cut))]
+
+
+def sink_for(dev: FakeVfioDevice) -> VfioSink:
+    return VfioSink.from_device_fd(dev.open(), owned=True, ioctl=dev.ioctl, write=dev.write)
+
+
+def state(dev: FakeVfioDevice) -> S:
+    return dev.state  # a call, so that mypy does not narrow the attribute across awaits
+
+
+def feature_calls(dev: FakeVfioDevice) -> list[int | None]:
+    return [flags for _, flags in dev.calls]
+
+
+# -- happy paths ----------------------------------------------------------------------------
+
+
+async def test_happy_path_walks_the_state_machine() -> None:
+    data = stream_of(200_000)
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(expected=data) as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        assert state(dev) == S.RESUMING and dev.arcs == RESUME_ARCS
+        await sink.write(chunks_of(data))
+        assert sink.statistics() == {"written": len(data)}
+        await sink.finish()
+        await sink.aclose()
+        assert dev.loaded == data
+        assert dev.state == S.STOP
+        assert dev.arcs == [*RESUME_ARCS, (S.RESUMING, S.STOP)]
+        assert feature_calls(dev) == [GET_MIGRATION, GET_STATE, SET_STATE, SET_STATE]
+        assert dev.data_fd_open_at_stop is False  # closed before SET STOP
+        assert dev.resets == 0
+
+
+async def test_device_path_without_p2p() -> None:
+    data = stream_of(10_000)
+    flags = uapi.VFIO_MIGRATION_STOP_COPY
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(flags=flags, expected=data) as dev:
+        sink = VfioSink.open(dev.path, ioctl=dev.ioctl, write=dev.write)
+        assert sink.description == f"vfio:{dev.path}"
+        await sink.start()
+        await sink.write([data])
+        await sink.finish()
+        await sink.aclose()
+        await sink.aclose()  # idempotent
+        assert dev.arcs == [(S.RUNNING, S.STOP), (S.STOP, S.RESUMING), (S.RESUMING, S.STOP)]
+        assert dev.loaded == data
+
+
+async def test_starting_from_stop() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(state=S.STOP, expected=b"abc") as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write([b"abc"])
+        await sink.finish()
+        await sink.aclose()
+        assert dev.arcs == [(S.STOP, S.RESUMING), (S.RESUMING, S.STOP)]
+
+
+async def test_short_writes_are_retried() -> None:
+    data = stream_of(5_000)
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(expected=data, max_write=7) as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write(chunks_of(data))
+        await sink.finish()
+        await sink.aclose()
+        assert dev.loaded == data
+        assert max(dev.write_sizes) == 7 and len(dev.write_sizes) >= len(data) // 7
+
+
+async def test_batches_and_large_chunks_keep_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_vfio, "BATCH_BYTES", 1000)
+    data = stream_of(30_000)
+    chunks = [data[:300], data[300:600], data[600:25_000], data[25_000:]]
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(expected=data) as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write(chunks)
+        await sink.finish()
+        await sink.aclose()
+        assert dev.loaded == data
+        assert max(dev.write_sizes) <= 1000
+
+
+async def test_nonblocking_data_fd_waits_on_eagain() -> None:
+    data = stream_of(300_000)
+    fake = FakeVfioDevice(expected=data, nonblocking_data_fd=True, would_block=5)
+    with trio.fail_after(TIMEOUT), fake as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write(chunks_of(data))
+        await sink.finish()
+        await sink.aclose()
+        assert dev.would_block == 0  # every EAGAIN was seen and waited out
+        assert dev.loaded == data
+
+
+# -- failure paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error_on_failure", [False, True])
+async def test_bad_data_at_set_stop_fails_and_resets(error_on_failure: bool) -> None:
+    data = stream_of(10_000)
+    fake = FakeVfioDevice(expected=data, error_on_failure=error_on_failure)
+    with trio.fail_after(TIMEOUT), fake as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write([data[:-1]])  # one byte short
+        with pytest.raises(SinkError) as info:
+            await sink.finish()
+        err = info.value
+        assert err.errno == errno.EINVAL
+        assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.EINVAL
+        left = "ERROR" if error_on_failure else "RESUMING"
+        assert str(err) == (
+            f"vfio device {sink.name}: leaving RESUMING failed: "
+            f"[Errno 22] Invalid argument (driver rejected the state; device was in {left}, "
+            f"reset)"
+        )
+        assert dev.resets == 1 and dev.state == S.RUNNING and not dev.session_open
+        await sink.abort()  # the loader's abort after a failed finish: nothing left to do
+        await sink.aclose()
+        assert dev.resets == 1
+
+
+async def test_driver_errno_at_stop_becomes_the_error() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(stop_errno=errno.EIO) as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write([b"whatever"])
+        with pytest.raises(SinkError, match=r"leaving RESUMING failed: \[Errno 5\]") as info:
+            await sink.finish()
+        assert info.value.errno == errno.EIO
+        await sink.aclose()
+        assert dev.resets == 1
+
+
+@pytest.mark.parametrize(
+    "code", [errno.ENOMEM, errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.EFAULT]
+)
+async def test_write_errno_fails_the_device_and_abort_resets(code: int) -> None:
+    data = stream_of(50_000)
+    fake = FakeVfioDevice(write_errno_at=(12_345, code), max_write=1000)
+    with trio.fail_after(TIMEOUT), fake as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        with pytest.raises(SinkError) as info:
+            await sink.write(chunks_of(data))
+        assert info.value.errno == code
+        assert isinstance(info.value.__cause__, OSError)
+        assert f"data fd write failed at byte 12345: [Errno {code}]" in str(info.value)
+        assert dev.received == data[:12_345]
+        await sink.abort()
+        assert dev.resets == 1 and dev.state == S.RUNNING
+        await sink.aclose()
+        assert dev.resets == 1
+
+
+async def test_write_after_an_external_reset_is_enodev() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        other = dev.open()
+        uapi.reset(other, ioctl=dev.ioctl)  # someone else reset the device
+        os.close(other)
+        with pytest.raises(SinkError) as info:
+            await sink.write([b"x"])
+        assert info.value.errno == errno.ENODEV
+        await sink.aclose()
+
+
+async def test_missing_stop_copy_is_refused_before_any_set() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(flags=uapi.VFIO_MIGRATION_P2P) as dev:
+        sink = sink_for(dev)
+        with pytest.raises(SinkError) as info:
+            await sink.start()
+        assert str(info.value).endswith(": device does not support stop-copy migration (flags 0x2)")
+        assert feature_calls(dev) == [GET_MIGRATION]
+        await sink.abort()
+        await sink.aclose()
+        assert dev.resets == 0 and dev.state == S.RUNNING
+
+
+async def test_no_migration_support_is_enotty() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(migration=False) as dev:
+        sink = sink_for(dev)
+        with pytest.raises(SinkError, match="migration not supported by the kernel driver"):
+            await sink.start()
+        await sink.aclose()
+
+
+async def test_real_kernel_on_a_non_vfio_path(tmp_path: Path) -> None:
+    # The spec factory with the real fcntl.ioctl: a regular file answers ENOTTY.
+    path = str(tmp_path / "not-a-device")
+    (tmp_path / "not-a-device").touch()
+    sink = open_vfio_sink(path)
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(SinkError) as info:
+            await sink.start()
+        assert info.value.errno == errno.ENOTTY
+        assert str(info.value).startswith(
+            f"vfio device {path}: migration not supported by the kernel driver: [Errno 25]"
+        )
+        await sink.abort()
+        await sink.aclose()
+
+
+async def test_missing_path_is_a_sink_error(tmp_path: Path) -> None:
+    sink = open_vfio_sink(str(tmp_path / "nope"))
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(SinkError, match="cannot open the device") as info:
+            await sink.start()
+        assert info.value.errno == errno.ENOENT
+        await sink.aclose()
+
+
+def test_spec_arguments() -> None:
+    with pytest.raises(UsageError):
+        open_vfio_sink("")
+    with pytest.raises(UsageError, match="decimal fd number"):
+        open_vfio_sink("fd:x")
+    sink = open_vfio_sink("/dev/vfio/devices/vfio0")
+    assert isinstance(sink, VfioSink) and sink.description == "vfio:/dev/vfio/devices/vfio0"
+    via_registry = open_sink("vfio:fd:7")  # not opened or touched until start()
+    assert isinstance(via_registry, VfioSink) and via_registry.description == "vfio:fd 7"
+
+
+@pytest.mark.parametrize("error_on_failure", [False, True])
+async def test_failure_while_entering_resuming(error_on_failure: bool) -> None:
+    fake = FakeVfioDevice(
+        fail_arcs={(S.RUNNING_P2P, S.STOP): errno.EIO}, error_on_failure=error_on_failure
+    )
+    with trio.fail_after(TIMEOUT), fake as dev:
+        sink = sink_for(dev)
+        with pytest.raises(SinkError, match="entering RESUMING failed") as info:
+            await sink.start()
+        assert info.value.errno == errno.EIO
+        if error_on_failure:  # ERROR: only a reset leaves it
+            assert dev.resets == 1 and dev.state == S.RUNNING
+            assert "device was in ERROR, reset" in str(info.value)
+        else:  # stuck half way, no session: left for the VMM
+            assert dev.resets == 0 and dev.state == S.RUNNING_P2P
+            assert "(device in RUNNING_P2P)" in str(info.value)
+        await sink.abort()
+        await sink.aclose()
+        assert dev.resets == (1 if error_on_failure else 0)
+
+
+@pytest.mark.parametrize("state", [S.RESUMING, S.ERROR])
+async def test_a_device_busy_elsewhere_is_not_touched(state: S) -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(state=state) as dev:
+        sink = sink_for(dev)
+        with pytest.raises(SinkError, match=f"device is in {state.name} before the migration"):
+            await sink.start()
+        await sink.abort()
+        await sink.aclose()
+        assert dev.resets == 0 and dev.state == state
+        assert SET_STATE not in feature_calls(dev)
+
+
+async def test_abort_resets_an_open_session() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.write([b"partial"])
+        await sink.abort()
+        assert dev.resets == 1 and dev.state == S.RUNNING and not dev.session_open
+        await sink.abort()  # idempotent, and never raises
+        await sink.aclose()
+        assert dev.resets == 1
+
+
+async def test_aclose_without_finish_resets() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        await sink.aclose()
+        assert dev.resets == 1 and dev.state == S.RUNNING
+
+
+async def test_abort_never_raises_even_if_reset_fails() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+
+        def broken(fd: int, request: int, buf: bytearray | None) -> int:
+            raise OSError(errno.EIO, "gone")
+
+        sink._ioctl = broken  # the device vanished
+        await sink.abort()
+        await sink.aclose()
+
+
+async def test_abort_before_start_does_nothing() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.abort()
+        await sink.aclose()
+        assert dev.calls == []
+
+
+async def test_borrowed_device_fd_stays_open() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(expected=b"x") as dev:
+        fd = dev.open()
+        sink = VfioSink.from_device_fd(fd, ioctl=dev.ioctl, write=dev.write)
+        await sink.start()
+        await sink.write([b"x"])
+        await sink.finish()
+        await sink.aclose()
+        os.fstat(fd)  # still ours
+        os.close(fd)
+
+
+async def test_start_twice_is_refused() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        with pytest.raises(SinkError, match="already started"):
+            await sink.start()
+        await sink.aclose()
+        assert dev.resets == 1
+
+
+# -- a data fd the VMM put in RESUMING ------------------------------------------------------
+
+
+async def test_data_fd_sink_from_attach_fd() -> None:
+    data = stream_of(100_000)
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(expected=data, max_write=4096) as dev:
+        vmm_fd = dev.open()
+        data_fd = uapi.set_state(vmm_fd, S.RESUMING, ioctl=dev.ioctl)  # the VMM's part
+        sink = VfioSink.from_data_fd(data_fd, owned=True, write=dev.write)
+        assert isinstance(sink, DataFdSink)
+        await sink.start()
+        await sink.write(chunks_of(data))
+        await sink.finish()  # closes the data fd
+        uapi.set_state(vmm_fd, S.STOP, ioctl=dev.ioctl)  # the VMM leaves RESUMING
+        assert dev.data_fd_open_at_stop is False and dev.loaded == data
+        await sink.aclose()
+        os.close(vmm_fd)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+async def test_data_fd_sink_on_a_real_pipe(blocking: bool) -> None:
+    # The production write path (os.write) against a real kernel pipe: real short
+    # writes and, non-blocking, real EAGAIN; a reader task drains the other end slowly.
+    data = stream_of(1_000_000)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(w, blocking)
+    os.set_blocking(r, False)
+    got = bytearray()
+
+    async def reader() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(r)
+            chunk = os.read(r, 50_000)
+            if not chunk:
+                return
+            got.extend(chunk)
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            sink = DataFdSink(w, owned=True)
+            await sink.start()
+            await sink.write(chunks_of(data))
+            await sink.finish()
+            await sink.aclose()
+    os.close(r)
+    assert bytes(got) == data
+
+
+async def test_data_fd_sink_borrowed_and_errors() -> None:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.close(r)  # writes now fail with EPIPE
+    with trio.fail_after(TIMEOUT):
+        sink = DataFdSink(w)
+        with pytest.raises(SinkError, match="write before start"):
+            await sink.write([b"x"])
+        await sink.start()
+        with pytest.raises(SinkError) as info:
+            await sink.write([b"x"])
+        assert info.value.errno == errno.EPIPE
+        await sink.abort()
+        await sink.aclose()
+    os.fstat(w)  # borrowed: still open
+    os.close(w)
