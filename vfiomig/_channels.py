@@ -21,6 +21,7 @@ from vfiomig._core import (
     RamSkipped,
     StreamIncompleteError,
     VfioMigError,
+    new_payload_buffer,
 )
 from vfiomig._session import Session
 
@@ -131,7 +132,9 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> No
                     data = await _read_payload(framer, size, fill, recv_into)
             buf.deliver(ev.idx, data)
             session.progress += 1
-            if buf.has_ready():
+            # The loader re-checks take_ready() before it parks (no await in between), so
+            # only a parked loader needs a wakeup; an empty lot costs nothing.
+            if device.lot and buf.has_ready():
                 device.lot.unpark_all()
         elif type(ev) is RamSkipped:
             session.progress += 1
@@ -140,7 +143,7 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> No
 
 
 async def _read_payload(framer: Framer, size: int, fill, recv_into) -> bytearray:  # type: ignore[no-untyped-def]
-    payload = bytearray(size)
+    payload = new_payload_buffer(size)  # filled whole below; the C core skips the zero-fill
     view = memoryview(payload)
     got = framer.read_payload_into(view)
     while got < size:

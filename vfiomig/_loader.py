@@ -64,7 +64,8 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
                         raise err from exc
                 buf.written(ready.nbytes)
                 session.progress += 1
-                session.room.unpark_all()
+                if session.room:
+                    session.room.unpark_all()
                 continue
             if buf.finishable:
                 break

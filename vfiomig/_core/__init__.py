@@ -3,10 +3,17 @@
 This is the one selection point between the pure-Python reference and the C core
 (``vfiomig._native``): ``VFIOMIG_PUREPYTHON=1`` forces Python, ``VFIOMIG_REQUIRE_NATIVE=1``
 makes a missing C core an error instead of a fallback. `IMPLEMENTATION` says which is in use.
+
+`IMPLEMENTATIONS` maps each implementation available in this process to a namespace with the
+core's whole surface, so that tests run every core test against both.
 """
 
 from __future__ import annotations
 
+import os
+import types
+
+from vfiomig._core import _framer
 from vfiomig._core._errors import (
     AbortedError,
     ConfigStateError,
@@ -25,10 +32,46 @@ from vfiomig._core._framer import (
     Framer,
     PacketHeader,
     RamSkipped,
+    new_payload_buffer,
 )
 from vfiomig._core._reorder import Budget, DeviceStatistics, Ready, ReorderBuffer
 
+#: What the C core replaces of the Python reference (same names, signatures and errors).
+_ACCELERATED = ("Framer", "new_payload_buffer")
+
+
+def _load_native() -> types.ModuleType | None:
+    # The one selection point. A missing C core is a fallback only when nobody asked for
+    # it: CI sets VFIOMIG_REQUIRE_NATIVE=1 so that a broken build cannot pass silently.
+    try:
+        from vfiomig import _native
+    except ImportError as exc:
+        if os.environ.get("VFIOMIG_REQUIRE_NATIVE") == "1":
+            raise ImportError(
+                "VFIOMIG_REQUIRE_NATIVE=1 but the C core vfiomig._native cannot be imported"
+                f" ({exc}); rebuild it with `pip install -e .`"
+            ) from exc
+        return None
+    return _native
+
+
+def _namespace(name: str, accelerator: types.ModuleType) -> types.ModuleType:
+    """The core's whole surface with `_ACCELERATED` taken from ``accelerator``."""
+    ns = types.ModuleType(f"vfiomig._core[{name}]")
+    ns.__dict__.update({k: v for k, v in globals().items() if k in __all__})
+    ns.__dict__.update({k: getattr(accelerator, k) for k in _ACCELERATED})
+    ns.__dict__["IMPLEMENTATION"] = name
+    return ns
+
+
+_native = _load_native()
 IMPLEMENTATION = "python"
+#: Filled below, once __all__ is known; "python" always, "native" when it is in use.
+IMPLEMENTATIONS: dict[str, types.ModuleType] = {}
+if _native is not None and os.environ.get("VFIOMIG_PUREPYTHON") != "1":
+    Framer = _native.Framer  # type: ignore[misc]
+    new_payload_buffer = _native.new_payload_buffer
+    IMPLEMENTATION = "native"
 
 __all__ = [
     "IMPLEMENTATION",
@@ -51,4 +94,10 @@ __all__ = [
     "StreamIncompleteError",
     "UsageError",
     "VfioMigError",
+    "new_payload_buffer",
 ]
+
+IMPLEMENTATIONS["python"] = _namespace("python", _framer)
+if IMPLEMENTATION == "native":
+    assert _native is not None
+    IMPLEMENTATIONS["native"] = _namespace("native", _native)

@@ -112,7 +112,7 @@ class ReorderBuffer:
         self._slots: dict[int, Buffer | None] = {}  # idx -> data; None while in flight
         self._sizes: dict[int, int] = {}  # idx -> reserved size, for in-flight packets
         self._max_data_idx = -1
-        self._precopy: list[bytes] = []
+        self._precopy: list[Buffer] = []
         self._multifd_taken = False
         self._queued_packets = 0
         self._queued_bytes = 0
