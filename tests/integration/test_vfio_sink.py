@@ -75,6 +75,7 @@ async def test_happy_path_walks_the_state_machine() -> None:
         await sink.write(chunks_of(data))
         assert sink.statistics() == {"written": len(data)}
         await sink.finish()
+        assert sink.statistics() == {"written": len(data)}
         await sink.aclose()
         assert dev.loaded == data
         assert dev.state == S.STOP
@@ -321,6 +322,29 @@ async def test_abort_resets_an_open_session() -> None:
         await sink.abort()  # idempotent, and never raises
         await sink.aclose()
         assert dev.resets == 1
+
+
+async def test_abort_resets_even_when_cancelled() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sink.abort()  # neither skipped nor raising Cancelled
+        assert dev.resets == 1 and dev.state == S.RUNNING
+        await sink.aclose()
+
+
+async def test_cancelled_finish_leaves_the_reset_to_aclose() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice() as dev:
+        sink = sink_for(dev)
+        await sink.start()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sink.finish()
+        assert scope.cancelled_caught and state(dev) == S.RESUMING
+        await sink.aclose()
+        assert dev.resets == 1 and dev.state == S.RUNNING
 
 
 async def test_aclose_without_finish_resets() -> None:

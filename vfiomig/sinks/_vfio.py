@@ -141,6 +141,7 @@ class VfioSink(Sink):
         self._ioctl = ioctl
         self._write = write
         self._data: _DataFd | None = None
+        self._written = 0  # bytes of data fds already closed
         # _moved: we issued a SET, so the device's state is our business (a device found
         # in RESUMING or ERROR before that belongs to someone else: never reset it).
         # _session: RESUMING was entered and neither left cleanly nor reset; while it
@@ -214,18 +215,22 @@ class VfioSink(Sink):
             )
         self._moved = True
         try:
-            data_fd = uapi.set_state(fd, MigState.RESUMING, ioctl=self._ioctl)
+            data_fd = await self._set_state(MigState.RESUMING)
         except OSError as exc:
-            raise self._error("entering RESUMING failed", exc, recover=True) from exc
+            note = await self._recover()
+            raise self._error("entering RESUMING failed", exc, note) from exc
         self._session = True
         if data_fd < 0:
-            self._recover()
-            raise SinkError(f"vfio device {self.name}: entering RESUMING returned no data fd")
+            note = await self._recover()
+            raise SinkError(
+                f"vfio device {self.name}: entering RESUMING returned no data fd ({note})"
+            )
         try:
             self._data = _DataFd(data_fd, self._write, owned=True)
         except OSError as exc:
             os.close(data_fd)
-            raise self._error("data fd unusable", exc, recover=True) from exc
+            note = await self._recover()
+            raise self._error("data fd unusable", exc, note) from exc
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
         if self._data is None:
@@ -242,10 +247,11 @@ class VfioSink(Sink):
             raise SinkError(f"vfio device {self.name}: finish without a RESUMING session")
         self._close_data()
         try:
-            data_fd = uapi.set_state(self._device_fd, MigState.STOP, ioctl=self._ioctl)
+            data_fd = await self._set_state(MigState.STOP)
         except OSError as exc:
+            note = await self._recover()
             raise self._error(
-                "leaving RESUMING failed", exc, recover=True, why="driver rejected the state"
+                "leaving RESUMING failed", exc, f"driver rejected the state; {note}"
             ) from exc
         self._session = False
         if data_fd >= 0:  # no saving session starts at STOP; never leak one if it does
@@ -255,7 +261,7 @@ class VfioSink(Sink):
         """Close the data fd; if a session was (or may have been) open, reset the device."""
         self._close_data()
         if self._session:  # failures in start/finish already recovered
-            self._recover()
+            await self._recover()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
@@ -264,15 +270,16 @@ class VfioSink(Sink):
             self._closed = True
             self._close_data()
             if self._session:
-                self._recover()
+                await self._recover()
             if self._owns_device_fd and self._device_fd is not None:
                 self._owns_device_fd = False
                 os.close(self._device_fd)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def statistics(self) -> dict[str, int]:
-        """Bytes written to the current data fd."""
-        return {"written": self._data.written if self._data is not None else 0}
+        """Bytes written to the device's data fds so far."""
+        current = self._data.written if self._data is not None else 0
+        return {"written": self._written + current}
 
     # -- internals -----------------------------------------------------------------------
 
@@ -286,16 +293,31 @@ class VfioSink(Sink):
             self._owns_device_fd = True
         return self._device_fd
 
+    async def _set_state(self, state: MigState) -> int:
+        # A SET can take long (the driver loads or validates device state; a reset may
+        # wait for an FLR): run it in a thread, not on the event loop. Never abandoned:
+        # a data fd it returns must reach us, or it would leak.
+        assert self._device_fd is not None
+        fd, ioctl = self._device_fd, self._ioctl
+        return await trio.to_thread.run_sync(lambda: uapi.set_state(fd, state, ioctl=ioctl))
+
+    async def _recover(self) -> str:
+        """`_recover_now` in a worker thread, shielded: an abort must complete."""
+        with trio.CancelScope(shield=True):
+            note = await trio.to_thread.run_sync(self._recover_now)
+        return note
+
     def _close_data(self) -> None:
         # Dropped, never reused, after any failure: the session it belonged to is over.
         data, self._data = self._data, None
         if data is not None:
+            self._written += data.written
             try:
                 data.close()
             except OSError:
                 pass
 
-    def _recover(self) -> str:
+    def _recover_now(self) -> str:
         """Reset the device if a session was open or it is in ERROR/RESUMING; never raises.
 
         Returns what happened, for error messages.
@@ -317,14 +339,8 @@ class VfioSink(Sink):
             return f"device in {seen}, reset failed: {exc}"
         return f"device was in {seen}, reset"
 
-    def _error(
-        self, what: str, exc: OSError, *, recover: bool = False, why: str | None = None
-    ) -> SinkError:
-        notes = [why] if why else []
-        if recover:
-            self._close_data()
-            notes.append(self._recover())
-        suffix = f" ({'; '.join(notes)})" if notes else ""
+    def _error(self, what: str, exc: OSError, note: str | None = None) -> SinkError:
+        suffix = f" ({note})" if note else ""
         return SinkError(f"vfio device {self.name}: {what}: {exc}{suffix}", errno=exc.errno)
 
 
