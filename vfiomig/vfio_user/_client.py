@@ -46,8 +46,10 @@ from vfiomig.vfio_user._messages import (
 from vfiomig.vfio_user._protocol import Buffer, ClientConnection
 
 DEFAULT_TIMEOUT: Final = 30.0
-#: MIG_DATA_WRITEs in flight before the client waits for a reply (see the report on
-#: pipelining in the package docs: a few in flight hide the round trip).
+#: MIG_DATA_WRITEs in flight before the client waits for a reply. Against vfiomig's own
+#: Python server (the bottleneck) 1, 2 and 4 measured the same within noise (~200-280
+#: MiB/s, 1 MiB writes, server in another process); a few in flight hide the round trip
+#: to a faster server at no cost, since errors still name the failed write's offset.
 DEFAULT_WINDOW: Final = 4
 _RECEIVE_SIZE: Final = 64 * 1024
 _MIG_DATA_HEAD = MigDataRead  # same ``argsz, size`` layout as the write header
