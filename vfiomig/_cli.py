@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a verified migration of synthetic state on loopback")
     demo.add_argument("--size", type=_size, default=384 * 1024 * 1024, help=argparse.SUPPRESS)
+
+    from vfiomig._bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub, _size)
     return parser
 
 
@@ -110,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vfiomig._demo import run_demo
 
             return run_demo(args.size)
+        if args.command == "bench":
+            from vfiomig._bench import bench_main
+
+            return trio.run(bench_main, args)
     except UsageError as exc:
         print(f"vfiomig: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,71 @@
+"""A small matrix through the real command line: ``python -m vfiomig bench``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "runs.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "vfiomig", "bench", "--repeats", "1", "--no-cref"]
+    argv += ["--no-plots", "--out", str(out), *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc, out
+
+
+def test_small_matrix_writes_csv_and_json(tmp_path: Path) -> None:
+    proc, out = _bench(
+        tmp_path,
+        *("--channels", "1,2", "--size", "2M", "--packet-sizes", "256K"),
+        *("--sinks", "device,pipe", "--device-bw", "16M", "--config-time", "0.005"),
+    )
+    rows = _rows(out)
+    kinds = sorted((r["kind"], r["sink"], r["channels"]) for r in rows)
+    assert kinds == [
+        ("seq", "device", "1"),
+        ("seq", "pipe", "1"),
+        ("vfiomig", "device", "1"),
+        ("vfiomig", "device", "2"),
+        ("vfiomig", "pipe", "1"),
+        ("vfiomig", "pipe", "2"),
+    ]
+    assert all(r["ok"] == "True" for r in rows)
+    assert all(int(r["bytes"]) == 2 * 2**20 for r in rows)
+    device = [r for r in rows if r["sink"] == "device"]
+    for r in device:
+        # Never faster than the bound: 2 MiB at 16 MiB/s plus 5 ms of config.
+        assert float(r["bound"]) == 0.125 + 0.005
+        assert 0 < float(r["efficiency"]) <= 1.0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["meta"]["plots"] == "plots skipped: --no-plots"
+    assert {s["kind"] for s in doc["summary"]} == {"vfiomig", "seq"}
+    summary = next(s for s in doc["summary"] if s["kind"] == "vfiomig" and s["sink"] == "device")
+    assert summary["speedup_vs_seq"] is not None
+    assert "harness overhead" in proc.stdout
+    assert "efficiency" in proc.stdout
+
+
+def test_slow_channel_unix_tmpfs(tmp_path: Path) -> None:
+    _, out = _bench(
+        tmp_path,
+        *("--channels", "2", "--size", "1M", "--packet-sizes", "128K", "--no-seq"),
+        *("--orders", "slow,idx0-last", "--transports", "unix", "--sinks", "tmpfs"),
+        *("--slow-rate", "8M", "--config-time", "0"),
+    )
+    rows = {r["order"]: r for r in _rows(out)}
+    assert set(rows) == {"slow", "idx0-last"}
+    slow = rows["slow"]
+    # Channel 0 carries half the state at 8 MiB/s: the link bounds the run.
+    assert slow["bound_limit"] == "link"
+    assert float(slow["bound"]) >= 0.0625
+    assert float(slow["downtime"]) >= float(slow["bound"])

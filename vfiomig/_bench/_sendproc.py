@@ -1,0 +1,106 @@
+"""The benchmark's sender process: ``python -m vfiomig._bench._sendproc JSON``.
+
+Throughput runs put the sender in its own process so that it does not share the
+receiver's interpreter (this machine has 2 cores). The JSON argument says what to send;
+one JSON line on stdout says what was sent. Its source costs nothing per byte: every
+packet is the same seeded block, handed over without a copy, so the receiver, the sink
+model or the link model is the limit, not the synthetic state generator.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import trio
+
+from vfiomig._core._wire import wrap_config
+from vfiomig._send import SendDevice, send_migration
+from vfiomig.sources._base import Source
+
+from ._seq import send_sequential
+
+
+class PatternSource(Source):
+    """``size`` bytes made of one seeded block of ``block`` bytes, repeated."""
+
+    def __init__(self, size: int, block: int, seed: int) -> None:
+        self.size = size
+        self.block = np.random.default_rng(seed).bytes(block)
+        self.seed = seed
+        self.left = size
+        self.first_read: float | None = None  # time.monotonic() of the first read
+        self.description = f"pattern:{size}:{seed}"
+
+    async def read(self, max_bytes: int) -> bytes:
+        if self.first_read is None:
+            # The sender reads a packet right before it queues it for a channel: this is
+            # when the first packet starts on its way (after every channel's handshake).
+            self.first_read = time.monotonic()
+        n = min(max_bytes, self.left, len(self.block))
+        self.left -= n
+        await trio.lowlevel.checkpoint()
+        # A whole-block slice is the block itself: no copy per packet.
+        return self.block if n == len(self.block) else self.block[:n]
+
+    async def config_blob(self) -> bytes:
+        return wrap_config(np.random.default_rng([self.seed, 0xC0F16]).bytes(256))
+
+
+async def _run(job: dict[str, Any]) -> dict[str, Any]:
+    packet = int(job["packet_size"])
+    sources = [PatternSource(int(d["size"]), packet, int(d["seed"])) for d in job["devices"]]
+    if job["mode"] == "seq":
+        wire, t0 = await send_sequential(job["connect"][0], sources, packet, job.get("rate"))
+        return {
+            "ok": True,
+            "wire_bytes": wire,
+            "t_start": t0,
+            "t_first": _first(sources),
+            "t_end": time.monotonic(),
+        }
+    devices = [
+        SendDevice(d["idstr"], int(d["instance"]), src)
+        for d, src in zip(job["devices"], sources, strict=True)
+    ]
+    t0 = time.monotonic()
+    report = await send_migration(
+        connect_to=list(job["connect"]),
+        channels=int(job["channels"]),
+        uuid=bytes.fromhex(job["uuid"]),
+        devices=devices,
+        packet_size=packet,
+        order=job["order"],
+        seed=int(job["seed"]),
+        channel_rate=job.get("channel_rate"),
+        channel_rates=job.get("channel_rates"),
+        link_rate=job.get("link_rate"),
+    )
+    return {
+        "ok": True,
+        "bytes": report.bytes,
+        "packets": report.packets,
+        "wire_bytes": sum(report.channel_bytes),
+        "channel_bytes": list(report.channel_bytes),
+        "t_start": t0,
+        "t_first": _first(sources),
+        "t_end": time.monotonic(),
+    }
+
+
+def _first(sources: list[PatternSource]) -> float | None:
+    return min((s.first_read for s in sources if s.first_read is not None), default=None)
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(argv[0])
+    result = trio.run(_run, job)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
