@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -21,7 +22,11 @@ from vfiomig._core._errors import UsageError
 from vfiomig._core._wire import parse_uuid
 from vfiomig._session import DeviceSetup, MigrationFailed, ReceiverConfig, Session, SessionReport
 from vfiomig._specs import open_sink, open_source, parse_device, parse_size
+from vfiomig._tls import options_to_contexts
 from vfiomig.sinks._fd import ConfigDir
+
+if TYPE_CHECKING:
+    from vfiomig._control import ControlServer
 
 log = logging.getLogger("vfiomig")
 
@@ -46,6 +51,24 @@ def _uuid(text: str) -> bytes:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+SINK_HELP = (
+    "SINK is file:PATH, null:, fd:N, vfio:PATH, vfio:fd:N, vfio-user:SOCKPATH, or attach: "
+    "(attach:SECONDS) for an fd the control channel's attach-fd hands over (kind vfio-device: "
+    "a VFIO device fd; kind data: a data fd already in RESUMING); attach: needs --control"
+)
+
+
+def _add_tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="CA (PEM): the receiver requires peers' certificates signed by it; "
+        "the sender verifies the receiver against it",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vfiomig", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log trace points")
@@ -55,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--listen", action="append", required=True, metavar="ADDR")
     rx.add_argument("--channels", type=int, required=True, metavar="N")
     rx.add_argument("--uuid", type=_uuid, required=True)
-    rx.add_argument("--device", action="append", required=True, metavar="IDSTR[/INSTANCE]=SINK")
+    rx.add_argument(
+        "--device", action="append", required=True, metavar="IDSTR[/INSTANCE]=SINK", help=SINK_HELP
+    )
     rx.add_argument("--control", metavar="ADDR", help="msgpack control channel")
+    _add_tls_options(rx)
     rx.add_argument("--gate", choices=("control", "open"), help="default: control with --control")
     rx.add_argument("--config-out", metavar="DIR")
     rx.add_argument("--max-queued", type=_size, default=256 * 1024 * 1024, metavar="BYTES")
@@ -73,7 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--channels", type=int, required=True, metavar="N")
     tx.add_argument("--uuid", type=_uuid, required=True)
     tx.add_argument("--device", action="append", required=True, metavar="IDSTR[/INSTANCE]=SOURCE")
-    tx.add_argument("--control", metavar="ADDR")
+    tx.add_argument("--control", metavar="ADDR", help="drive the receiver's control channel")
+    tx.add_argument(
+        "--switchover",
+        choices=("switchover-start", "data-complete"),
+        default="switchover-start",
+        help="with --control: how the receiver's gates are opened",
+    )
+    tx.add_argument(
+        "--precopy",
+        action="append",
+        default=[],
+        metavar="IDSTR[/INSTANCE]=FILE",
+        help="with --control: send FILE as precopy data first",
+    )
+    _add_tls_options(tx)
     tx.add_argument("--packet-size", type=_size, default=1024 * 1024, metavar="BYTES")
     tx.add_argument(
         "--order", choices=("roundrobin", "random", "shuffle", "idx0-last"), default="roundrobin"
@@ -139,13 +179,16 @@ def _receive(args: argparse.Namespace) -> int:
     gate = args.gate or ("control" if args.control else "open")
     if gate == "control" and args.control is None:
         raise UsageError("--gate control needs --control ADDR")
+    if args.control is None and any(s.spec.startswith("attach:") for s in specs):
+        raise UsageError("sink attach: needs --control ADDR (the fd comes with attach-fd)")
+    tls = options_to_contexts(args.tls_cert, args.tls_key, args.tls_ca, server=True)
     devices: list[DeviceSetup] = []
     try:
         for spec in specs:
-            config = (
+            target = (
                 ConfigDir(args.config_out, spec.idstr, spec.instance) if args.config_out else None
             )
-            devices.append(DeviceSetup(spec.idstr, spec.instance, open_sink(spec.spec), config))
+            devices.append(DeviceSetup(spec.idstr, spec.instance, open_sink(spec.spec), target))
     except VfioMigError as exc:
         _close_sinks(devices)
         raise UsageError(str(exc)) from exc
@@ -161,8 +204,16 @@ def _receive(args: argparse.Namespace) -> int:
         handshake_timeout=args.handshake_timeout,
         endian=args.endian,
         ram_page_count=args.ram_page_count,
+        tls=tls,
     )
-    report = trio.run(_run_receiver, config, args)
+    control = None
+    if args.control is not None:
+        from vfiomig._control import ControlServer
+
+        control = ControlServer(args.control, tls=tls, handshake_timeout=args.handshake_timeout)
+        if args.config_out is None:
+            config.config_target = control.config_target
+    report = trio.run(_run_receiver, config, args, control)
     if args.json:
         print(json.dumps(report.to_json(), indent=None))
     if report.ok:
@@ -183,14 +234,14 @@ def _close_sinks(devices: list[DeviceSetup]) -> None:
     trio.run(close)
 
 
-async def _run_receiver(config: ReceiverConfig, args: argparse.Namespace) -> SessionReport:
+async def _run_receiver(
+    config: ReceiverConfig, args: argparse.Namespace, control: ControlServer | None = None
+) -> SessionReport:
     from vfiomig._service import ExtraTask, serve_receiver
 
     extra: list[ExtraTask] = []
-    if args.control is not None:
-        from vfiomig._control import control_task
-
-        extra.append(control_task(args.control))
+    if control is not None:
+        extra.append(control.serve)
     extra.append(_signal_task)
     reports: list[SessionReport] = []
 
@@ -225,14 +276,23 @@ def _write_ready_file(path: str, session: Session) -> None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from vfiomig._send import SendDevice, send_migration
+    from vfiomig._send import SendDevice, SendReport, send_migration
 
     devices: list[SendDevice] = []
     for text in args.device:
         spec = parse_device(text)
         devices.append(SendDevice(spec.idstr, spec.instance, open_source(spec.spec)))
+    tls = options_to_contexts(args.tls_cert, args.tls_key, args.tls_ca, server=False)
+    precopy: dict[tuple[str, int], bytes] = {}
+    for text in args.precopy:
+        spec = parse_device(text)
+        try:
+            with open(spec.spec, "rb") as f:
+                precopy[spec.idstr, spec.instance] = f.read()
+        except OSError as exc:
+            raise UsageError(f"--precopy {spec.spec}: {exc.strerror}") from exc
 
-    async def run() -> object:
+    async def run() -> SendReport:
         return await send_migration(
             connect_to=args.connect,
             channels=args.channels,
@@ -244,6 +304,10 @@ def _send(args: argparse.Namespace) -> int:
             window=args.window,
             endian=args.endian,
             channel_rate=args.channel_rate,
+            control=args.control,
+            tls=tls,
+            precopy=precopy,
+            switchover=args.switchover,
         )
 
     try:
@@ -259,7 +323,13 @@ def _send(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"ok": True, **{k: getattr(report, k) for k in ("bytes", "packets", "seconds")}}
+                {
+                    "ok": True,
+                    **{k: getattr(report, k) for k in ("bytes", "packets", "seconds")},
+                    "receiver": [
+                        {k: v for k, v in e.items() if k != "data"} for e in report.control_events
+                    ],
+                }
             )
         )
     return 0

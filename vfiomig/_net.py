@@ -2,12 +2,15 @@
 
 Listeners bind to what they are told; a TCP address without a host binds to loopback.
 A UNIX socket is created with mode 0600, and a stale socket file at its path is replaced
-(any other kind of file there is an error, never overwritten).
+(any other kind of file there is an error, never overwritten). Its directory must not be
+writable by others unless sticky (refused), and should be enterable only by the user
+(a warning otherwise): see `check_socket_directory`.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket as stdsocket
 import stat
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 import trio
 
 from vfiomig._core._errors import UsageError
+
+log = logging.getLogger("vfiomig")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ def parse_address(text: str) -> Address:
 async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.SocketListener, Address]:
     """Bind and listen on ``addr``; return the listener and the address really bound."""
     if addr.kind == "unix":
+        check_socket_directory(addr.path)
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
             _remove_stale_socket(addr.path)
@@ -76,6 +82,35 @@ async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.Socke
         raise UsageError(f"cannot listen on {addr}: {exc.strerror}") from exc
     host, port = sock.getsockname()[:2]
     return trio.SocketListener(sock), Address("tcp", host=host, port=port)
+
+
+def check_socket_directory(path: str) -> None:
+    """Refuse a UNIX socket directory that others could write (without the sticky bit):
+    anyone could then replace our socket and impersonate us to our peers. Warn when
+    others can merely enter it, or when it is not ours: the socket's 0600 mode still
+    keeps them out, but a directory only the user can enter is the safe place.
+
+    Raises:
+        UsageError: the directory is missing or writable by others.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise UsageError(f"socket directory {directory} is unusable: {exc.strerror}") from exc
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UsageError(
+            f"socket directory {directory} is writable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}): use a directory only you can enter"
+        )
+    if st.st_uid != os.getuid() or st.st_mode & 0o011:
+        log.warning(
+            "socket directory %s can be entered by others (mode %o, owner uid %d): "
+            "the socket is mode 0600, but a directory only you can enter is safer",
+            directory,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+        )
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -70,6 +71,8 @@ class SendReport:
     seconds: float
     per_device: dict[str, tuple[int, int]]  # name -> (data bytes, packets incl. config)
     channel_bytes: tuple[int, ...] = ()  # wire bytes sent on each channel after its handshake
+    #: With ``control``: the receiver's ``loaded``, ``error`` and ``done`` events.
+    control_events: tuple[dict[str, object], ...] = ()
 
 
 _Packet = tuple[bytes, bytes | bytearray]  # (multifd + VFIO header, data)
@@ -243,6 +246,11 @@ async def send_migration(
     channel_rate: float | None = None,
     channel_rates: Sequence[float | None] | None = None,
     link_rate: float | None = None,
+    control: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    precopy: Mapping[tuple[str, int], bytes] | None = None,
+    switchover: str = "switchover-start",
+    control_timeout: float = 60.0,
 ) -> SendReport:
     """Send every device's state over ``channels`` channels, config packet last.
 
@@ -252,6 +260,11 @@ async def send_migration(
         channel_rates: per-channel overrides of ``channel_rate`` (e.g. one slow channel);
             entry i applies to channel i, None keeps ``channel_rate``.
         link_rate: pace all channels together to this many bytes per second.
+        control: the receiver's control channel: hello, ``precopy`` data, then
+            ``switchover`` (``switchover-start``, or ``data-complete`` per device) before
+            any multifd data, as QEMU at switchover; then wait (``control_timeout``) for
+            ``done`` (see `vfiomig._send_control`).
+        tls: a client context for every data channel and a TCP control channel.
 
     Raises:
         UsageError: bad arguments.
@@ -267,6 +280,32 @@ async def send_migration(
         raise UsageError("order idx0-last needs at least 2 channels")
     if packet_size < 1:
         raise UsageError(f"packet size {packet_size} is too small")
+    if control is not None:
+        from vfiomig._send_control import send_with_control
+
+        return await send_with_control(
+            control,
+            tls=tls,
+            precopy=precopy or {},
+            switchover=switchover,
+            events_timeout=control_timeout,
+            devices=devices,
+            send=lambda: send_migration(
+                connect_to=connect_to,
+                channels=channels,
+                uuid=uuid,
+                devices=devices,
+                packet_size=packet_size,
+                order=order,
+                seed=seed,
+                window=window,
+                endian=endian,
+                channel_rate=channel_rate,
+                channel_rates=channel_rates,
+                link_rate=link_rate,
+                tls=tls,
+            ),
+        )
     addresses = [parse_address(a) for a in connect_to]
     start = trio.current_time()
     writers: list[_Writer] = []
@@ -278,8 +317,13 @@ async def send_migration(
     link: _Link | None = None
     try:
         for i in range(channels):
-            stream = await connect(addresses[i % len(addresses)])
+            addr = addresses[i % len(addresses)]
+            stream: trio.abc.Stream = await connect(addr)
             tune_socket(stream)
+            if tls is not None:
+                # Over unix: the receiver's certificate must name localhost.
+                host = addr.host if addr.kind == "tcp" else "localhost"
+                stream = trio.SSLStream(stream, tls, server_hostname=host)
             hold = order == "idx0-last" and i == 0
             writers.append(_Writer(stream, rates[i], progress, hold))
             await stream.send_all(encode_handshake(uuid, i))

@@ -111,7 +111,34 @@ async def _accept_loop(
                 )
                 await stream.aclose()
                 continue
-            nursery.start_soon(run_channel, session, stream, label)
+            if session.config.tls is not None:
+                nursery.start_soon(_run_tls_channel, session, stream, label)
+            else:
+                nursery.start_soon(run_channel, session, stream, label)
+
+
+async def _run_tls_channel(session: Session, stream: trio.SocketStream, label: str) -> None:
+    """A data channel under TLS: nothing reaches the framer before the TLS handshake
+    (and, with a CA, the peer's certificate) was accepted within the handshake timeout;
+    a failed handshake refuses this channel only."""
+    assert session.config.tls is not None
+    tls = trio.SSLStream(stream, session.config.tls, server_side=True)
+    timeout = session.config.handshake_timeout
+    try:
+        with trio.fail_after(timeout):
+            await tls.do_handshake()
+    except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+        session.channels_refused += 1
+        why = (
+            f"no tls handshake within {timeout:g} s"
+            if isinstance(exc, trio.TooSlowError)
+            else (f"tls handshake failed: {exc.__cause__ or exc}")
+        )
+        log.warning("%s: refused: %s", label, why)
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        return
+    await run_channel(session, tls, label)
 
 
 def _peer_label(stream: trio.SocketStream) -> str:

@@ -10,6 +10,7 @@ loader, ``Session.room`` wakes channel readers parked on the memory budget.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,8 @@ class ReceiverConfig:
     ``max_queued`` is the budget for queued payload bytes shared by all devices.
     ``stall_timeout`` bounds the time without progress once the first packet came.
     ``config_target`` is used for devices whose `DeviceSetup.config` is None.
+    ``tls``: a server context; every data channel must then complete a TLS handshake
+    (within ``handshake_timeout``) before its first byte is read.
     """
 
     uuid: bytes
@@ -58,6 +61,7 @@ class ReceiverConfig:
     endian: Endian = "be"
     ram_page_count: int | None = None
     config_target: Callable[[DeviceSetup], ConfigTarget] | None = None
+    tls: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True, slots=True)

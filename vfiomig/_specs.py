@@ -21,6 +21,7 @@ SINK_SCHEMES: dict[str, str] = {
     "null": "vfiomig.sinks._fd:open_null_sink",
     "fd": "vfiomig.sinks._fd:open_fd_sink",
     "vfio": "vfiomig.sinks._vfio:open_vfio_sink",
+    "attach": "vfiomig.sinks._attach:open_attach_sink",
     "vfio-user": "vfiomig.vfio_user._sink:open_vfio_user_sink",
 }
 

@@ -1,0 +1,91 @@
+"""Helpers for the control-channel tests: a receive session with a control server, and
+raw data channels."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vfiomig import DeviceSetup, MigrationFailed, ReceiverConfig, SessionReport, serve_receiver
+from vfiomig._control import ControlServer
+from vfiomig._net import connect, parse_address
+from vfiomig._session import Session
+from vfiomig.sinks._base import Sink
+
+UUID = bytes(range(16))
+IDSTR = "0000:00:04.0/vfio"
+
+
+@dataclass
+class Running:
+    session: Session
+    control: ControlServer
+    outcome: list[SessionReport | MigrationFailed]
+
+    @property
+    def data_address(self) -> str:
+        return self.session.bound[0]
+
+    @property
+    def control_address(self) -> str:
+        assert self.control.bound is not None
+        return self.control.bound
+
+
+@asynccontextmanager
+async def running_receiver(
+    tmp_path: Path,
+    sinks: Sequence[tuple[str, int, Sink]],
+    *,
+    channels: int = 2,
+    gate: str = "control",
+    control_tcp: bool = False,
+    tls: ssl.SSLContext | None = None,
+    **options: Any,
+) -> AsyncIterator[Running]:
+    """Start a receive session with a control server (config via ``config`` events)."""
+    address = "tcp:127.0.0.1:0" if control_tcp else f"unix:{tmp_path}/ctl.sock"
+    control = ControlServer(
+        address,
+        tls=tls,
+        progress_interval=options.pop("progress", 0.05),
+        max_message=options.pop("max_message", 1 << 20),
+    )
+    config = ReceiverConfig(
+        uuid=UUID,
+        channels=channels,
+        devices=[DeviceSetup(idstr, instance, sink) for idstr, instance, sink in sinks],
+        gate=gate,
+        config_target=control.config_target,
+        tls=tls,
+        **options,
+    )
+    outcome: list[SessionReport | MigrationFailed] = []
+
+    async def serve(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            outcome.append(
+                await serve_receiver(config, task_status=task_status, extra_tasks=[control.serve])
+            )
+        except MigrationFailed as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        session = await nursery.start(serve)
+        yield Running(session, control, outcome)
+
+
+async def send_channel(address: str, data: bytes, tls: ssl.SSLContext | None = None) -> None:
+    """Open one data channel, send ``data`` (handshake included), close it."""
+    addr = parse_address(address)
+    stream: trio.abc.Stream = await connect(addr)
+    if tls is not None:
+        stream = trio.SSLStream(stream, tls, server_hostname=addr.host)
+    async with stream:
+        await stream.send_all(data)

@@ -1,0 +1,505 @@
+"""The receiver's control channel (SPEC.md §3): commands in, events out, fds by SCM_RIGHTS.
+
+`ControlServer.serve` is an extra task of a receive session (see ``_service.ExtraTask``):
+it listens on one address, accepts control connections and serves each with a reader
+(commands, decoded by `vfiomig._control_proto.ControlDecoder`) and a writer (events).
+
+Several connections: up to ``max_connections`` at once (default 4); every connection may
+send commands and every connection gets every event, so a VMM and a monitor can both
+watch. A command's ``error`` reply goes only to the connection that sent it. No ``hello``
+is required before other commands; a ``hello`` with another version gets an ``error``.
+
+Config blobs (`config_target`): a ``config`` event is delivered before the device's finish
+step goes on. The loader waits until one connection wrote the event to its socket; if no
+connection is open, the event waits for the next one (bounded by the stall watchdog).
+
+Ending: when the session ends (every device loaded, a failure, or a cancel), this task
+keeps running, shielded, for at most ``flush_timeout`` seconds: it sends each connection
+the events still queued and ``done``, then closes it.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import math
+import os
+import socket as stdsocket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from vfiomig import _control_proto as proto
+from vfiomig._core._errors import PacketError, SinkError
+from vfiomig._net import open_listener, parse_address
+from vfiomig._service import ExtraTask
+from vfiomig._session import Device, DeviceSetup, Session, SessionEvent
+from vfiomig.sinks._attach import AttachSink
+from vfiomig.sinks._base import ConfigTarget
+
+log = logging.getLogger("vfiomig")
+
+RECEIVE_SIZE = 256 * 1024
+#: fds accepted with one receive; more are closed by the kernel (MSG_CTRUNC).
+MAX_FDS = 8
+#: Progress events queued for one connection beyond which new ones are dropped.
+PROGRESS_BACKLOG = 8
+
+
+@dataclass(slots=True)
+class _Out:
+    data: bytes
+    delivered: trio.Event | None = None  # set once written to a socket (config events)
+    droppable: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    stream: trio.abc.Stream
+    label: str
+    send: trio.MemorySendChannel[_Out]
+    receive: trio.MemoryReceiveChannel[_Out]
+    reader: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def queue(self, out: _Out) -> None:
+        if out.droppable and self.receive.statistics().current_buffer_used >= PROGRESS_BACKLOG:
+            return
+        try:
+            self.send.send_nowait(out)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the connection is ending
+
+
+class _ControlConfig(ConfigTarget):
+    def __init__(self, server: ControlServer, setup: DeviceSetup) -> None:
+        self.server = server
+        self.setup = setup
+        self.description = "control channel config event"
+
+    async def load_config(self, data: bytes) -> None:
+        msg = {
+            "type": "config",
+            "device": self.setup.idstr,
+            "instance": self.setup.instance,
+            "data": data,
+        }
+        await self.server.deliver(_Out(proto.encode(msg), trio.Event()))
+
+
+class ControlServer:
+    """The control channel of one receive session.
+
+    Args:
+        address: ``unix:PATH`` (fds can travel) or ``tcp:HOST:PORT``.
+        tls: a server context for TCP connections (UNIX connections stay plain).
+        max_connections: control connections served at once; more are refused.
+        handshake_timeout: bound on a TLS handshake.
+        flush_timeout: how long the final events may take once the session ended.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = 4,
+        max_message: int = proto.DEFAULT_MAX_MESSAGE,
+        progress_interval: float = 0.5,
+        handshake_timeout: float = 10.0,
+        flush_timeout: float = 5.0,
+    ) -> None:
+        self.address = parse_address(address)
+        self.tls = tls if self.address.kind == "tcp" else None
+        self.max_connections = max_connections
+        self.max_message = max_message
+        self.progress_interval = progress_interval
+        self.handshake_timeout = handshake_timeout
+        self.flush_timeout = flush_timeout
+        self.bound: str | None = None
+        self.refused = 0
+        self._conns: set[_Connection] = set()
+        self._pending: list[_Out] = []  # config events no connection delivered yet
+        self._finishing = trio.Event()
+        self._stops: list[trio.CancelScope] = []  # the accept and progress loops
+        self._session: Session | None = None
+
+    def config_target(self, setup: DeviceSetup) -> ConfigTarget:
+        """The config target sending ``setup``'s blob as a ``config`` event."""
+        return _ControlConfig(self, setup)
+
+    async def deliver(self, out: _Out) -> None:
+        """Queue ``out`` on every connection (and on later ones) until one wrote it."""
+        assert out.delivered is not None
+        self._pending.append(out)
+        try:
+            for conn in self._conns:
+                conn.queue(out)
+            await out.delivered.wait()
+        finally:
+            self._pending.remove(out)
+
+    # -- the session task ----------------------------------------------------------------
+
+    async def serve(
+        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen, serve connections, and report the session's end to every connection.
+
+        Cancellation: a cancel (the session ended) starts the final flush, shielded and
+        bounded by ``flush_timeout``; then the cancel propagates.
+        """
+        listener, bound = await open_listener(self.address)
+        self.bound = str(bound)
+        session.control_address = self.bound
+        self._session = session
+        session.listeners.append(self._on_event)
+        log.info("control: listening on %s", self.bound)
+        task_status.started()
+        shield = trio.CancelScope(shield=True)
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._watch_end, shield)
+                with shield:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._accept_loop, listener, nursery)
+                        nursery.start_soon(self._progress_loop, session)
+                        await self._finishing.wait()
+                        for scope in self._stops:  # no new connections, no more progress
+                            scope.cancel()
+                        self._finish(session)
+                        # The nursery ends when every connection's writer has sent the
+                        # final events and closed; the shield's deadline bounds that.
+        finally:
+            session.listeners.remove(self._on_event)
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def _watch_end(self, shield: trio.CancelScope) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            # The session's scope was cancelled: the shielded part now has a deadline.
+            shield.deadline = trio.current_time() + self.flush_timeout
+            self._finishing.set()
+
+    def _finish(self, session: Session) -> None:
+        ok = not session.failed and all(d.loaded_at is not None for d in session.devices.values())
+        done = _Out(proto.encode({"type": "done", "ok": ok}))
+        for conn in list(self._conns):
+            conn.queue(done)
+            conn.send.close()
+            conn.reader.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        with trio.CancelScope() as stop:
+            self._stops.append(stop)
+            async with listener:
+                await self._accept_connections(listener, nursery)
+
+    async def _accept_connections(
+        self, listener: trio.SocketListener, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            stream = await listener.accept()
+            label = _peer_label(stream)
+            if len(self._conns) >= self.max_connections:
+                self.refused += 1
+                log.warning(
+                    "control: %s refused: %d connections open (limit %d)",
+                    label,
+                    len(self._conns),
+                    self.max_connections,
+                )
+                msg = proto.encode(
+                    {
+                        "type": "error",
+                        "message": f"too many control connections ({self.max_connections})",
+                    }
+                )
+                with trio.move_on_after(1):
+                    try:
+                        await stream.send_all(msg)
+                    except trio.BrokenResourceError:
+                        pass
+                await stream.aclose()
+                continue
+            send, receive = trio.open_memory_channel[_Out](math.inf)
+            conn = _Connection(stream, label, send, receive)
+            self._conns.add(conn)
+            for out in self._pending:
+                conn.queue(out)
+            nursery.start_soon(self._serve_connection, conn)
+
+    async def _serve_connection(self, conn: _Connection) -> None:
+        try:
+            if self.tls is not None:
+                conn.stream = await self._tls_handshake(conn)
+            log.info("control: %s connected", conn.label)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop, conn, nursery.cancel_scope)
+                await self._write_loop(conn)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, OSError, PacketError) as exc:
+            log.warning("control: %s dropped: %s", conn.label, exc)
+        finally:
+            self._conns.discard(conn)
+            conn.send.close()
+            with trio.CancelScope(shield=True):
+                await conn.stream.aclose()
+            log.info("control: %s closed", conn.label)
+
+    async def _tls_handshake(self, conn: _Connection) -> trio.SSLStream[trio.abc.Stream]:
+        assert self.tls is not None
+        stream = trio.SSLStream(conn.stream, self.tls, server_side=True)
+        with trio.move_on_after(self.handshake_timeout) as scope:
+            await stream.do_handshake()
+        if scope.cancelled_caught:
+            raise PacketError(f"no tls handshake within {self.handshake_timeout:g} s")
+        return stream
+
+    async def _write_loop(self, conn: _Connection) -> None:
+        # Ends when the queue is closed and drained (the session ended or the reader hit a
+        # framing error), or when the peer went away.
+        try:
+            async for out in conn.receive:
+                await conn.stream.send_all(out.data)
+                if out.delivered is not None:
+                    out.delivered.set()
+        except (trio.BrokenResourceError, OSError) as exc:
+            log.warning("control: %s lost: %s", conn.label, exc)
+
+    async def _read_loop(self, conn: _Connection, connection_scope: trio.CancelScope) -> None:
+        decoder = proto.ControlDecoder(max_message=self.max_message)
+        sock = conn.stream.socket if isinstance(conn.stream, trio.SocketStream) else None
+        with conn.reader:
+            try:
+                while True:
+                    fds: list[int] = []
+                    if sock is not None and sock.family == stdsocket.AF_UNIX:
+                        data: bytes | bytearray = await _recv_with_fds(sock, fds, conn.label)
+                    else:
+                        data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    try:
+                        decoder.feed(data, fds)
+                        while (msg := decoder.next_message()) is not None:
+                            self._close_fds(decoder.orphans)
+                            self._handle(conn, msg)
+                    except proto.ControlMessageError as exc:
+                        self._close_fds(decoder.orphans)
+                        self._reply_error(conn, str(exc))
+                        continue
+                    if not data:
+                        # The peer finished sending; it may still be reading events.
+                        log.info("control: %s sent eof", conn.label)
+                        return
+            except proto.ControlFramingError as exc:
+                self._reply_error(conn, str(exc))
+                log.warning("control: %s dropped: %s", conn.label, exc)
+                conn.send.close()  # the writer sends the error, then the connection ends
+            except (trio.BrokenResourceError, OSError) as exc:
+                log.warning("control: %s lost: %s", conn.label, exc)
+                connection_scope.cancel()
+            finally:
+                self._close_fds(decoder.orphans)
+                self._close_fds(decoder.pending_fds)
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        while fds:
+            try:
+                os.close(fds.pop())
+            except OSError:
+                pass
+
+    # -- commands ----------------------------------------------------------------------
+
+    def _handle(self, conn: _Connection, msg: proto.Message) -> None:
+        session = self._session
+        assert session is not None
+        if isinstance(msg, proto.Hello):
+            if msg.version != proto.VERSION:
+                self._reply_error(
+                    conn, f"control version {msg.version} is not supported ({proto.VERSION})"
+                )
+                return
+            devices = [
+                {"device": d.idstr, "instance": d.instance} for d in session.devices.values()
+            ]
+            conn.queue(
+                _Out(
+                    proto.encode(
+                        {
+                            "type": "hello",
+                            "version": proto.VERSION,
+                            "channels": session.config.channels,
+                            "devices": devices,
+                        }
+                    )
+                )
+            )
+        elif isinstance(msg, proto.Precopy):
+            device = self._device(conn, msg.device, msg.instance, "precopy")
+            if device is not None:
+                log.debug("%s: precopy %d bytes", device.name, len(msg.data))
+                session.add_precopy(device, msg.data)
+        elif isinstance(msg, proto.DataComplete):
+            device = self._device(conn, msg.device, msg.instance, "data-complete")
+            if device is not None:
+                session.open_gate(device)
+        elif isinstance(msg, proto.SwitchoverStart):
+            log.info("control: switchover-start")
+            session.open_all_gates()
+        elif isinstance(msg, proto.AttachFd):
+            self._attach(conn, msg)
+        elif isinstance(msg, proto.Abort):
+            log.warning("control: %s asked to abort: %s", conn.label, msg.reason)
+            session.abort(msg.reason)
+        else:
+            self._reply_error(conn, f"control message type {msg.type!r} is unknown")
+
+    def _attach(self, conn: _Connection, msg: proto.AttachFd) -> None:
+        fds = list(msg.fds)
+        try:
+            device = self._device(conn, msg.device, msg.instance, "attach-fd")
+            if device is None:
+                return
+            if len(fds) != 1:
+                self._reply_error(
+                    conn, f"{device.name}: attach-fd carried {len(fds)} fds (expected 1)", device
+                )
+                return
+            sink = device.setup.sink
+            if not isinstance(sink, AttachSink):
+                self._reply_error(
+                    conn,
+                    f"{device.name}: attach-fd for a device whose sink is {sink.description} "
+                    "(expected attach:)",
+                    device,
+                )
+                return
+            try:
+                sink.attach(fds[0], msg.kind)
+            except SinkError as exc:
+                self._reply_error(conn, f"{device.name}: attach-fd refused: {exc}", device)
+                return
+            fds.pop()
+            log.info("%s: attached %s fd", device.name, msg.kind)
+        finally:
+            self._close_fds(fds)
+
+    def _device(self, conn: _Connection, idstr: str, instance: int, what: str) -> Device | None:
+        assert self._session is not None
+        device = self._session.devices.get((idstr, instance))
+        if device is None:
+            self._reply_error(conn, f"{what} for unknown device {idstr!r} instance {instance}")
+        return device
+
+    def _reply_error(self, conn: _Connection, message: str, device: Device | None = None) -> None:
+        log.warning("control: %s: %s", conn.label, message)
+        conn.queue(_Out(proto.encode(_error(message, device))))
+
+    # -- events ------------------------------------------------------------------------
+
+    def _broadcast(self, out: _Out) -> None:
+        for conn in self._conns:
+            conn.queue(out)
+
+    def _on_event(self, event: SessionEvent) -> None:
+        device = event.device
+        if event.kind == "error":
+            self._broadcast(_Out(proto.encode(_error(event.message, device))))
+        elif event.kind == "loaded" and device is not None:
+            st = device.buf.statistics()
+            start = device.first_packet
+            if start is None and self._session is not None:
+                start = self._session.started_at
+            end = device.loaded_at if device.loaded_at is not None else trio.current_time()
+            msg = {
+                "type": "loaded",
+                "device": device.idstr,
+                "instance": device.instance,
+                "bytes": st.written_bytes,
+                "packets": st.written_packets,
+                "seconds": float(end - (start if start is not None else end)),
+            }
+            self._broadcast(_Out(proto.encode(msg)))
+
+    async def _progress_loop(self, session: Session) -> None:
+        last: dict[str, tuple[int, int, int]] = {}
+        with trio.CancelScope() as stop:
+            self._stops.append(stop)
+            await self._progress_ticks(session, last)
+
+    async def _progress_ticks(
+        self, session: Session, last: dict[str, tuple[int, int, int]]
+    ) -> None:
+        while True:
+            await trio.sleep(self.progress_interval)
+            if not self._conns:
+                continue
+            for device in session.devices.values():
+                if device.loaded_at is not None or device.error is not None:
+                    continue
+                st = device.buf.statistics()
+                now = (st.written_bytes, st.queued_bytes, st.next_idx)
+                if last.get(device.name) == now:
+                    continue
+                last[device.name] = now
+                msg = {
+                    "type": "progress",
+                    "device": device.idstr,
+                    "instance": device.instance,
+                    "written": st.written_bytes,
+                    "queued": st.queued_bytes,
+                    "next_idx": st.next_idx,
+                }
+                self._broadcast(_Out(proto.encode(msg), droppable=True))
+
+
+def _error(message: str, device: Device | None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "error", "message": message}
+    if device is not None:
+        msg["device"] = device.idstr
+        msg["instance"] = device.instance
+    return msg
+
+
+async def _recv_with_fds(sock: trio.socket.SocketType, fds: list[int], label: str) -> bytes:
+    """One recvmsg; the fds that came with the bytes are appended to ``fds`` (ours now)."""
+    data, ancdata, flags, _ = await sock.recvmsg(
+        RECEIVE_SIZE, stdsocket.CMSG_SPACE(MAX_FDS * 4), stdsocket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancdata:
+        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & stdsocket.MSG_CTRUNC:
+        log.warning(
+            "control: %s sent more than %d fds at once: the rest were closed", label, MAX_FDS
+        )
+    return data
+
+
+def _peer_label(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "connection"
+    if isinstance(peer, tuple):
+        return f"connection from {peer[0]}:{peer[1]}"
+    return "connection on unix socket"
+
+
+def control_task(address: str, **options: Any) -> ExtraTask:
+    """An extra task for `serve_receiver` serving the control channel at ``address``.
+
+    Its config blobs cannot reach the control channel (use `ControlServer` and its
+    ``config_target`` for that); ``options`` go to `ControlServer`.
+    """
+    return ControlServer(address, **options).serve
+
+
+__all__ = ["ControlServer", "control_task"]

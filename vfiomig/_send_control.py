@@ -1,0 +1,84 @@
+"""The source side of the control channel for ``vfiomig send --control``.
+
+The order is QEMU's at switchover: ``hello``; the precopy (main-channel) data; then
+``switchover-start`` (or ``data-complete`` for each device) *before* the multifd data, so
+that the receiver's gate is open while the data arrives (a receiver with a closed gate
+parks its channels once its budget is full, and the data could never all be sent); then
+the multifd data; then the receiver's events until ``done``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from vfiomig._control_client import open_control_client
+from vfiomig._core._errors import UsageError, VfioMigError
+
+if TYPE_CHECKING:
+    from vfiomig._send import SendDevice, SendReport
+
+log = logging.getLogger("vfiomig")
+
+SWITCHOVERS = ("switchover-start", "data-complete")
+
+
+class ReceiverFailed(VfioMigError):
+    """The receiver reported ``done`` with ``ok`` false (its errors are in the message)."""
+
+
+async def send_with_control(
+    address: str,
+    *,
+    tls: ssl.SSLContext | None,
+    precopy: Mapping[tuple[str, int], bytes],
+    switchover: str,
+    events_timeout: float,
+    devices: Sequence[SendDevice],
+    send: Callable[[], Awaitable[SendReport]],
+) -> SendReport:
+    """Drive the receiver's control channel around ``send()`` (the multifd data).
+
+    Raises:
+        ReceiverFailed: the receiver reported a failure.
+        VfioMigError: the control channel broke the protocol or no ``done`` came in time.
+    """
+    if switchover not in SWITCHOVERS:
+        raise UsageError(f"switchover {switchover!r} is unknown (known: {', '.join(SWITCHOVERS)})")
+    async with open_control_client(address, tls=tls) as ctl:
+        info = await ctl.hello()
+        log.info("control: receiver has %s channels, devices %s", info["channels"], info["devices"])
+        for (idstr, instance), data in precopy.items():
+            await ctl.precopy(idstr, instance, data)
+        if switchover == "switchover-start":
+            await ctl.switchover_start()
+        else:
+            for device in devices:
+                await ctl.data_complete(device.idstr, device.instance)
+        report = await send()
+        kept: list[dict[str, object]] = []
+        ok: bool | None = None
+        with trio.move_on_after(events_timeout):
+            async for event in ctl.events():
+                kind = event["type"]
+                if kind in ("loaded", "error", "done"):
+                    kept.append(event)
+                if kind == "loaded":
+                    log.info("control: %s/%s loaded", event.get("device"), event.get("instance"))
+                elif kind == "error":
+                    log.warning("control: receiver error: %s", event.get("message"))
+                if kind == "done":
+                    ok = bool(event.get("ok"))
+                    break
+    report = dataclasses.replace(report, control_events=tuple(kept))
+    if ok is None:
+        raise VfioMigError(f"receiver sent no done event within {events_timeout:g} s")
+    if not ok:
+        errors = [str(e.get("message")) for e in kept if e["type"] == "error"]
+        raise ReceiverFailed("receiver failed: " + ("; ".join(errors) or "no error given"))
+    return report
