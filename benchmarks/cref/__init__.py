@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 CREF_DIR = Path(__file__).resolve().parent
-BUILD_DIR = CREF_DIR / "build"
+# CREF_BUILD_DIR (with CFLAGS/LDFLAGS in the environment, which make honours) selects
+# another build, e.g. a sanitizer one: CFLAGS="-O1 -g -fsanitize=address,undefined".
+BUILD_DIR = Path(os.environ.get("CREF_BUILD_DIR") or CREF_DIR / "build")
 DEFAULT_UUID = "0123456789abcdef0123456789abcdef"
 DEFAULT_IDSTR = "0000:00:04.0/vfio"
 _BINARIES = ("cref_recv", "cref_send", "cref_drain")

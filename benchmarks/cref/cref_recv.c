@@ -1044,10 +1044,10 @@ int main(int argc, char **argv)
     }
     printf("{\"tool\": \"cref_recv\", \"mode\": \"%s\", \"channels\": %u, \"devices\": %u, "
            "\"bytes\": %llu, \"packets\": %llu, \"seconds\": %.6f, \"gbps\": %.3f, "
-           "\"peak_queued_bytes\": %llu}\n",
+           "\"peak_queued_bytes\": %llu, \"cpu_seconds\": %.3f}\n",
            rx.threaded ? "threads" : "epoll", rx.nchan, rx.ndev, (unsigned long long)rx.bytes,
            (unsigned long long)rx.packets, t1 - t0, (double)rx.bytes / (t1 - t0) / 1e9,
-           (unsigned long long)rx.peak_queued);
+           (unsigned long long)rx.peak_queued, cref_cpu_seconds());
     fflush(stdout);
     rc = 0;
 out:

@@ -382,9 +382,11 @@ int main(int argc, char **argv)
         goto out;
     }
     printf("{\"tool\": \"cref_send\", \"channels\": %u, \"devices\": %u, \"bytes\": %llu, "
-           "\"wire_bytes\": %llu, \"packets\": %llu, \"seconds\": %.6f, \"gbps\": %.3f}\n",
+           "\"wire_bytes\": %llu, \"packets\": %llu, \"seconds\": %.6f, \"gbps\": %.3f, "
+           "\"cpu_seconds\": %.3f}\n",
            tx.nchan, tx.ndev, (unsigned long long)tx.bytes, (unsigned long long)tx.wire_bytes,
-           (unsigned long long)tx.packets, t1 - t0, (double)tx.wire_bytes / (t1 - t0) / 1e9);
+           (unsigned long long)tx.packets, t1 - t0, (double)tx.wire_bytes / (t1 - t0) / 1e9,
+           cref_cpu_seconds());
     fflush(stdout);
     rc = 0;
 out:
