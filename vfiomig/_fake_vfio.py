@@ -115,7 +115,7 @@ def next_state(cur: int, new: int, flags: int) -> MigState | None:
     if not _supported(cur_s, flags) or not _supported(new_s, flags):
         return None
     step = _FSM_TABLE[cur_s][new_s]
-    # The kernel's loop would spin on ERROR (its flags ~0 are never "supported"): stop.
+    # ERROR in the table means "no path" (blocked); it is never a state to skip over.
     while step is not E and not _supported(step, flags):
         step = _FSM_TABLE[step][new_s]
     return None if step is E else step
