@@ -25,10 +25,11 @@ import random
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
-from vfiomig._core._errors import UsageError
+from vfiomig._core._errors import UsageError, VfioMigError
 from vfiomig._core._wire import (
     VFIO_FLAG_CONFIG_STATE,
     Endian,
@@ -95,6 +96,35 @@ class _Link:
         self.sent = 0
 
 
+class SendError(VfioMigError):
+    """A channel or a source failed while sending; the message names which."""
+
+
+def _cause(exc: BaseException) -> str:
+    while isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return str(exc)
+
+
+async def _produce_guarded(
+    failures: list[SendError], scope: trio.CancelScope, device: SendDevice, *args: Any
+) -> None:
+    try:
+        await _produce(device, *args)
+    except (OSError, VfioMigError) as exc:
+        if isinstance(exc, SendError):
+            failures.append(exc)
+        else:
+            failures.append(
+                SendError(
+                    f"{device.name}: reading source {device.source.description} failed: {_cause(exc)}"
+                )
+            )
+        scope.cancel()
+
+
 class _Writer:
     """One channel: a queue of packets and the task that sends them in queue order.
 
@@ -119,13 +149,16 @@ class _Writer:
         self.progress = progress
         self.hold = hold
 
-    async def run(self) -> None:
+    async def run(self, channel: int, failures: list[SendError], scope: trio.CancelScope) -> None:
         if self.hold:
             await self._wait_for_others()
         else:
             self.progress.open += 1
         try:
             await self._send_queue()
+        except (OSError, trio.BrokenResourceError) as exc:
+            failures.append(SendError(f"channel {channel}: sending failed: {_cause(exc)}"))
+            scope.cancel()
         finally:
             if not self.hold:
                 self.progress.open -= 1
@@ -268,7 +301,7 @@ async def send_migration(
 
     Raises:
         UsageError: bad arguments.
-        OSError, trio.BrokenResourceError: a channel failed.
+        SendError: a channel could not connect or broke, or a source failed.
 
     Cancellation: channels are closed; the receiver sees them end inside a packet.
     """
@@ -315,10 +348,14 @@ async def send_migration(
         if override is not None:
             rates[i] = override
     link: _Link | None = None
+    failures: list[SendError] = []
     try:
         for i in range(channels):
             addr = addresses[i % len(addresses)]
-            stream: trio.abc.Stream = await connect(addr)
+            try:
+                stream: trio.abc.Stream = await connect(addr)
+            except OSError as exc:
+                raise SendError(f"channel {i}: cannot connect to {addr}: {_cause(exc)}") from exc
             tune_socket(stream)
             if tls is not None:
                 # Over unix: the receiver's certificate must name localhost.
@@ -334,16 +371,28 @@ async def send_migration(
         dispatcher = _Dispatcher(writers, order, seed)
         counts: dict[str, tuple[int, int]] = {}
         async with trio.open_nursery() as nursery:
-            for writer in writers:
-                nursery.start_soon(writer.run)
+            scope = nursery.cancel_scope
+            for i, writer in enumerate(writers):
+                nursery.start_soon(writer.run, i, failures, scope)
             async with trio.open_nursery() as producers:
                 for n, device in enumerate(devices):
                     rng = random.Random(seed * 7919 + n)
                     producers.start_soon(
-                        _produce, device, dispatcher, packet_size, endian, window, rng, counts
+                        _produce_guarded,
+                        failures,
+                        scope,
+                        device,
+                        dispatcher,
+                        packet_size,
+                        endian,
+                        window,
+                        rng,
+                        counts,
                     )
             for writer in writers:
                 await writer.send.aclose()
+        if failures:
+            raise failures[0]
     finally:
         with trio.CancelScope(shield=True):
             for writer in writers:
