@@ -99,7 +99,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], list[tuple[Case, str]],
     qemu = args.scenario == "qemu"
     scale = args.time_scale or (4.0 if qemu else 1.0)
     models = Models(
-        device_bandwidth=args.device_bw or (QEMU_DEVICE_BW / scale if qemu else 64 * 2**20),
+        device_bandwidth=args.device_bw or (QEMU_DEVICE_BW / scale if qemu else 32 * 2**20),
         write_latency=args.write_latency,
         config_seconds=args.config_time
         if args.config_time is not None
@@ -113,7 +113,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], list[tuple[Case, str]],
         args.channels or list(QEMU_CHANNELS if qemu else (1, 2, 4, 8, 16)),
         args.packet_sizes or [2**20],
         args.devices or [4 if qemu else 1],
-        args.size or [100 * 2**20 if qemu else 32 * 2**20],
+        args.size or [100 * 2**20 if qemu else 64 * 2**20],
         args.orders or ["roundrobin"],
         args.transports,
         args.sinks or ["device"],
