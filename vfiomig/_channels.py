@@ -112,7 +112,7 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> No
             await fill()
             continue
         if type(ev) is PacketHeader:
-            device = session.route(ev.idstr, ev.instance)
+            device = session.route(ev.idstr, ev.instance, ev.idx)
             buf = device.buf
             # Backpressure: read the data only once the buffer accepts it. While parked this
             # task does not read its socket, so TCP flow control slows the sender.

@@ -20,6 +20,7 @@ import trio
 from vfiomig._core import VfioMigError
 from vfiomig._core._errors import UsageError
 from vfiomig._core._wire import parse_uuid
+from vfiomig._net import parse_address
 from vfiomig._session import DeviceSetup, MigrationFailed, ReceiverConfig, Session, SessionReport
 from vfiomig._specs import open_sink, open_source, parse_device, parse_size
 from vfiomig._tls import options_to_contexts
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     from vfiomig._bench import add_parser as add_bench_parser
 
     add_bench_parser(sub, _size)
+    # -v also after the subcommand (vfiomig receive -v ...); SUPPRESS keeps a -v given
+    # before the subcommand from being reset by the subparser's default.
+    for choice in sub.choices.values():
+        choice.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log trace points"
+        )
     return parser
 
 
@@ -176,6 +183,8 @@ def _receive(args: argparse.Namespace) -> int:
         raise UsageError("no config target: pass --config-out DIR or --control ADDR")
     if args.config_out is not None and not os.path.isdir(args.config_out):
         raise UsageError(f"--config-out {args.config_out} is not a directory")
+    for address in [*args.listen, *([args.control] if args.control else [])]:
+        parse_address(address)
     gate = args.gate or ("control" if args.control else "open")
     if gate == "control" and args.control is None:
         raise UsageError("--gate control needs --control ADDR")
@@ -218,11 +227,10 @@ def _receive(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=None))
     if report.ok:
         return 0
-    for device in report.devices:
-        if device.error:
-            print(f"vfiomig: {device.error}", file=sys.stderr)
-    for error in report.errors:
-        print(f"vfiomig: {error}", file=sys.stderr)
+    # One line per failed device; a session-wide error is folded into those lines.
+    lines = [d.error for d in report.devices if d.error] or list(report.errors)
+    for line in lines:
+        print(f"vfiomig: {line}", file=sys.stderr)
     return 1
 
 
@@ -244,17 +252,23 @@ async def _run_receiver(
         extra.append(control.serve)
     extra.append(_signal_task)
     reports: list[SessionReport] = []
+    usage: list[UsageError] = []
 
     async def serve(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             reports.append(await serve_receiver(config, task_status=task_status, extra_tasks=extra))
         except MigrationFailed as exc:
             reports.append(exc.report)
+        except UsageError as exc:  # e.g. an address already in use: exit 2, no traceback
+            usage.append(exc)
+            task_status.started(None)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as nursery:
-        session: Session = await nursery.start(serve)
-        if args.ready_file:
+        session: Session | None = await nursery.start(serve)
+        if args.ready_file and session is not None:
             _write_ready_file(args.ready_file, session)
+    if usage:
+        raise usage[0]
     return reports[0]
 
 

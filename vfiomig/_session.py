@@ -183,11 +183,14 @@ class Session:
 
     # -- routing and wakeups ---------------------------------------------------------
 
-    def route(self, idstr: str, instance: int) -> Device:
+    def route(self, idstr: str, instance: int, idx: int | None = None) -> Device:
         try:
             return self.devices[idstr, instance]
         except KeyError:
-            raise PacketError(f"unknown device {idstr!r} instance {instance}") from None
+            at = f" (packet idx {idx})" if idx is not None else ""
+            raise PacketError(
+                f"unknown device {idstr!r} instance {instance}{at}", idx=idx
+            ) from None
 
     def mark_started(self) -> None:
         if not self.started:
@@ -223,17 +226,20 @@ class Session:
     def fail(self, error: VfioMigError, device: Device | None = None) -> None:
         """Record a failure and cancel the session. Later failures are recorded too, but
         only the first one per device is kept."""
-        if device is None and error.device is not None:
-            device = next((d for d in self.devices.values() if d.name == error.device), None)
+        if device is None:
+            # Errors name their device as the message's prefix (the C core's too).
+            device = next(
+                (d for d in self.devices.values() if str(error).startswith(d.name + ": ")), None
+            )
         if device is not None:
             if device.error is None and not (device.loaded_at is not None):
                 device.error = error
                 device.buf.fail(error)
-                log.error("%s", error)
+                log.info("failed: %s", error)
                 self.emit(SessionEvent("error", device, str(error)))
         else:
             self.errors.append(error)
-            log.error("%s", error)
+            log.info("failed: %s", error)
             self.emit(SessionEvent("error", None, str(error)))
         self.failed = True
         self.cancel_scope.cancel()
@@ -266,7 +272,7 @@ class Session:
             if d.error is not None:
                 error = str(d.error)
             elif not loaded:
-                error = f"{d.name}: not loaded: session failed ({first_error or 'cancelled'})"
+                error = f"{d.name}: not loaded: {first_error or 'session cancelled'}"
             start = d.first_packet if d.first_packet is not None else now
             devices.append(
                 DeviceReport(

@@ -1,0 +1,330 @@
+"""`vfiomig receive` (and `send`) as real processes, fed by a sender written from SPEC.md."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.specsender import Receiver, config_blob, handshake, packet, send_streams, spread
+
+UUID = bytes.fromhex("5c6e8d2a9b3f4c1d8e7a6b5c4d3e2f10")
+UUID_TEXT = "5c6e8d2a-9b3f-4c1d-8e7a-6b5c4d3e2f10"
+DEV = "0000:00:04.0/vfio"
+
+
+def packets_of(idstr: str, instance: int, state: bytes, config: bytes, size: int) -> list[bytes]:
+    chunks = [state[i : i + size] for i in range(0, len(state), size)]
+    out = [packet(idstr, instance, i, 0, c) for i, c in enumerate(chunks)]
+    return out + [packet(idstr, instance, len(chunks), 1, config)]
+
+
+def receive_args(
+    tmp: Path, devices: list[tuple[str, int]], channels: int, *extra: str
+) -> list[str]:
+    args = ["--channels", str(channels), "--uuid", UUID_TEXT, "--config-out", str(tmp), "--json"]
+    for idstr, inst in devices:
+        path = tmp / f"{idstr.replace('/', '_')}.{inst}.out"
+        args += ["--device", f"{idstr}/{inst}=file:{path}"]
+    return args + list(extra)
+
+
+def out_file(tmp: Path, idstr: str, inst: int) -> bytes:
+    return (tmp / f"{idstr.replace('/', '_')}.{inst}.out").read_bytes()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_two_devices_eight_channels_random_order(tmp_path: Path, transport: str) -> None:
+    rng = random.Random(7)
+    devices = [(DEV, 0), ("0000:00:05.0/vfio", 0)]
+    states = {d: rng.randbytes(3 * 1024 * 1024 + d[0].__len__()) for d in devices}
+    configs = {d: config_blob(rng.randbytes(300)) for d in devices}
+    packets: list[bytes] = []
+    for d in devices:
+        packets += packets_of(d[0], d[1], states[d], configs[d], 128 * 1024)
+    rng.shuffle(packets)
+    listen = f"unix:{tmp_path}/data.sock" if transport == "unix" else "tcp:127.0.0.1:0"
+    rx = Receiver(
+        tmp_path, receive_args(tmp_path, devices, 8, "--max-queued", "1GiB"), listen=listen
+    )
+    send_streams(rx.data, spread(packets, 8, UUID, lambda k: rng.randrange(8)))
+    code, out, err = rx.wait()
+    assert code == 0, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["ok"] is True
+    for d in devices:
+        assert out_file(tmp_path, *d) == states[d]
+        assert (tmp_path / f"{d[0].replace('/', '_')}.{d[1]}.config").read_bytes() == configs[d]
+        row = next(r for r in summary["devices"] if r["device"] == d[0])
+        assert row["bytes"] == len(states[d]) and row["loaded"]
+        assert {"packets", "seconds", "peak_queued_bytes", "starved_seconds"} <= row.keys()
+
+
+def test_send_and_receive_processes(tmp_path: Path) -> None:
+    rx = Receiver(tmp_path, receive_args(tmp_path, [(DEV, 3)], 4))
+    send = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfiomig",
+            "send",
+            "--connect",
+            rx.data,
+            "--channels",
+            "4",
+            "--uuid",
+            UUID_TEXT,
+            "--device",
+            f"{DEV}/3=synth:5MiB:4",
+            "--packet-size",
+            "64KiB",
+            "--order",
+            "random",
+            "--seed",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert send.returncode == 0, send.stderr
+    code, _, err = rx.wait()
+    assert code == 0, err
+    from vfiomig.testing import synth_bytes, synth_config
+
+    assert out_file(tmp_path, DEV, 3) == synth_bytes(5 * 1024 * 1024, 4)
+    assert (tmp_path / "0000:00:04.0_vfio.3.config").read_bytes() == synth_config(4)
+
+
+STATE = bytes(range(256)) * 40  # 10240 bytes: packets of 1024 -> idx 0..9, config idx 10
+CFG = config_blob(b"cfg")
+
+
+def good(i: int) -> bytes:
+    return packet(DEV, 0, i, 0, STATE[i * 1024 : (i + 1) * 1024])
+
+
+def in_order(*packets: bytes) -> list[bytes]:
+    return [handshake(UUID, 0) + b"".join(packets)]
+
+
+CASES = {
+    "short packet": (
+        in_order(
+            good(0),
+            struct.pack(">III", MAGIC := 0x11223344, 1, 0x40)
+            + DEV.encode().ljust(256, b"\0")
+            + struct.pack(">II", 0, 8)
+            + bytes(8),
+        ),
+        "0000:00:04.0/vfio/0: packet too short at 8 (min is 12)",
+        1024,
+    ),
+    "unknown version": (
+        in_order(good(0), packet(DEV, 0, 1, 0, b"x", version=1)),
+        "0000:00:04.0/vfio/0: packet idx 1 has unknown version 1 (expected 0)",
+        1024,
+    ),
+    "invalid idx": (
+        in_order(good(0), packet(DEV, 0, 0xFFFFFFFF, 0, b"x")),
+        "0000:00:04.0/vfio/0: packet index is invalid (0xffffffff)",
+        1024,
+    ),
+    "duplicate idx": (
+        in_order(good(0), good(2), good(2)),
+        "0000:00:04.0/vfio/0: packet idx 2 already received",
+        1024,
+    ),
+    "already written": (
+        in_order(good(0), good(1), good(0)),
+        "re:0000:00:04.0/vfio/0: packet idx 0 already (received|written)",
+        2048,
+    ),
+    "second config": (
+        in_order(good(0), packet(DEV, 0, 10, 1, CFG), packet(DEV, 0, 11, 1, CFG)),
+        "0000:00:04.0/vfio/0: second config packet idx 11 (first was idx 10)",
+        1024,
+    ),
+    "data above config": (
+        in_order(good(0), packet(DEV, 0, 3, 1, CFG), good(4)),
+        "0000:00:04.0/vfio/0: data packet idx 4 is above the config idx 3",
+        1024,
+    ),
+    "payload above cap": (
+        in_order(good(0), packet(DEV, 0, 1, 0, bytes(5000))),
+        "0000:00:04.0/vfio/0: packet size 5012 is above the cap (4096)",
+        1024,
+    ),
+    "malformed config": (
+        in_order(good(0), packet(DEV, 0, 1, 1, b"\0" * 20)),
+        "0000:00:04.0/vfio/0: config packet idx 1 starts with 0x0 (expected 0xffffffffef100002)",
+        1024,
+    ),
+    "ends inside a packet": (
+        [handshake(UUID, 0) + good(0) + good(1)[:500]],
+        "0000:00:04.0/vfio/0: channel ended inside packet idx 1 (212 of 1024 bytes)",
+        1024,
+    ),
+    "missing packets": (
+        in_order(*[good(i) for i in range(10) if i not in (4, 6)], packet(DEV, 0, 10, 1, CFG)),
+        "0000:00:04.0/vfio/0: every channel ended: missing idx 4, 6 (2 packets)",
+        4096,
+    ),
+    "unknown device": (
+        in_order(good(0), packet("0000:00:09.0/vfio", 2, 0, 0, b"x")),
+        "0000:00:04.0/vfio/0: not loaded: unknown device '0000:00:09.0/vfio' instance 2 (packet idx 0)",
+        1024,
+    ),
+    "ram packet": (
+        in_order(good(0), struct.pack(">III", 0x11223344, 1, 0x01) + bytes(308)),
+        "0000:00:04.0/vfio/0: not loaded: channel 0: ram packet with flags 0x1"
+        " on a device-state channel (pass --ram-page-count to skip ram packets)",
+        1024,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_cleanly(tmp_path: Path, case: str) -> None:
+    streams, message, landed = CASES[case]
+    rx = Receiver(
+        tmp_path, receive_args(tmp_path, [(DEV, 0)], len(streams), "--packet-cap", "4096")
+    )
+    send_streams(rx.data, streams)
+    code, out, err = rx.wait(timeout=20)
+    assert code == 1, err
+    assert "Traceback" not in err
+    pattern = message[3:] if message.startswith("re:") else re.escape(message)
+    assert re.search(f"^vfiomig: {pattern}$", err, re.M), err
+    assert err.count("\n") == 1, err  # one line: one failed device
+    # nothing beyond the last good in-order byte reached the sink (the failure may stop
+    # the loader before it wrote all of them)
+    assert STATE[:landed].startswith(out_file(tmp_path, DEV, 0))
+    assert json.loads(out)["ok"] is False
+    assert not (tmp_path / "0000:00:04.0_vfio.0.config").exists()
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (handshake(bytes(16), 1), "channel 1 has uuid 00000000-0000-0000-0000-000000000000"),
+        (handshake(UUID, 0), "channel id 0 already set up"),
+        (handshake(UUID, 9), "channel id 9 is out of range (channels 2)"),
+        (b"\x11\x22\x33\x00" + handshake(UUID, 1)[4:], "channel handshake has magic 0x11223300"),
+        (
+            handshake(UUID, 1)[:4] + b"\0\0\0\2" + handshake(UUID, 1)[8:],
+            "channel handshake has version 2",
+        ),
+    ],
+)
+def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes, why: str) -> None:
+    rx = Receiver(tmp_path, receive_args(tmp_path, [(DEV, 0)], 2, "-v"))
+    first = handshake(UUID, 0) + b"".join(good(i) for i in range(0, 10, 2))
+    send_streams(rx.data, [first])
+    send_streams(
+        rx.data, [bad + b"".join(good(i) for i in range(1, 10, 2)) + packet(DEV, 0, 10, 1, CFG)]
+    )
+    code, _, err = rx.wait(timeout=20)
+    assert code == 1
+    assert why in err and "refused" in err
+    assert (
+        "0000:00:04.0/vfio/0: every channel ended: missing idx 1, 3, 5, 7 (4 packets); config packet not received"
+        in err
+    )
+    assert STATE[:1024].startswith(out_file(tmp_path, DEV, 0))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "d=null:"], "no config target: pass --config-out DIR or --control ADDR"),
+        (
+            ["--device", "d", "--config-out", "/tmp"],
+            "device 'd' must look like IDSTR[/INSTANCE]=SPEC",
+        ),
+        (["--device", "d=bogus:x", "--config-out", "/tmp"], "sink 'bogus:x' has an unknown scheme"),
+        (
+            ["--device", "d=null:", "--config-out", "/nonexistent"],
+            "--config-out /nonexistent is not a directory",
+        ),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfiomig",
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--channels",
+            "1",
+            "--uuid",
+            UUID_TEXT,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_listen_address_exit_2() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfiomig",
+            "receive",
+            "--listen",
+            "udp:1",
+            "--channels",
+            "1",
+            "--uuid",
+            UUID_TEXT,
+            "--device",
+            "d=null:",
+            "--config-out",
+            "/tmp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "address 'udp:1' must be tcp:HOST:PORT or unix:PATH" in proc.stderr
+
+
+def test_sha256_of_landing(tmp_path: Path) -> None:
+    """The device spec's instance suffix: only a decimal after the last / is an instance."""
+    rx = Receiver(
+        tmp_path,
+        [
+            "--channels",
+            "1",
+            "--uuid",
+            UUID_TEXT,
+            "--config-out",
+            str(tmp_path),
+            "--device",
+            f"{DEV}=file:{tmp_path / 'a.out'}",
+        ],
+    )
+    send_streams(rx.data, in_order(*[good(i) for i in range(10)], packet(DEV, 0, 10, 1, CFG)))
+    code, _, err = rx.wait()
+    assert code == 0, err
+    assert (
+        hashlib.sha256((tmp_path / "a.out").read_bytes()).digest() == hashlib.sha256(STATE).digest()
+    )
+    assert (tmp_path / "0000:00:04.0_vfio.0.config").read_bytes() == CFG
