@@ -92,7 +92,7 @@ class Receiver:
         deadline = time.monotonic() + 20
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                out, err = self.proc.communicate(timeout=5)
+                _out, err = self.proc.communicate(timeout=5)
                 raise AssertionError(f"receiver did not start: {err}")
             time.sleep(0.02)
         self.addresses = json.loads(self.ready.read_text())

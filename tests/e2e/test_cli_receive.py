@@ -23,7 +23,7 @@ DEV = "0000:00:04.0/vfio"
 def packets_of(idstr: str, instance: int, state: bytes, config: bytes, size: int) -> list[bytes]:
     chunks = [state[i : i + size] for i in range(0, len(state), size)]
     out = [packet(idstr, instance, i, 0, c) for i, c in enumerate(chunks)]
-    return out + [packet(idstr, instance, len(chunks), 1, config)]
+    return [*out, packet(idstr, instance, len(chunks), 1, config)]
 
 
 def receive_args(
