@@ -29,4 +29,5 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.compare
+	$(BIN)/vfiomig bench --scenario qemu --out bench-results
