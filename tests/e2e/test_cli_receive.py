@@ -224,6 +224,7 @@ def test_bad_input_fails_cleanly(tmp_path: Path, case: str) -> None:
             "channel handshake has version 2",
         ),
     ],
+    ids=["uuid", "duplicate-id", "id-range", "magic", "version"],
 )
 def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes, why: str) -> None:
     rx = Receiver(tmp_path, receive_args(tmp_path, [(DEV, 0)], 2, "-v"))

@@ -184,7 +184,7 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
     assert bytes(bad.data) == synth_bytes(100_000, 1)[: len(bad.data)]
     assert bad.calls[-2:] == ["abort", "aclose"]
     other = exc.report.devices[0]
-    assert other.loaded or (other.error or "").endswith("(" + dev.error + ")")
+    assert other.loaded or other.error == f"{other.name}: not loaded: {dev.error}"
 
 
 async def test_bad_uuid_channel_is_refused_and_others_carry_on() -> None:
