@@ -184,7 +184,7 @@ def run_transfer(
     rate: int = 0,
     devices: int = 1,
     config: str | os.PathLike[str] | None = None,
-    threads: bool = False,
+    mode: str = "epoll",
     pipe_size: int = 1 << 20,
     drainer: Sequence[str] | None = None,
     uuid: str = DEFAULT_UUID,
@@ -222,8 +222,8 @@ def run_transfer(
             argv += ["--ready-file", str(ready)]
             if config is not None:
                 argv += ["--config", os.fspath(config)]
-            if threads:
-                argv.append("--threads")
+            if mode != "epoll":  # "threads" or "writer-thread"
+                argv.append(f"--{mode}")
             recv = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds
             )

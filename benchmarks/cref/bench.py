@@ -1,7 +1,7 @@
 """Measure the C reference: cref_send -> cref_recv over TCP loopback, medians of N runs.
 
     .venv/bin/python -m benchmarks.cref.bench [--runs 3] [--size 1G] [--channels 4]
-        [--packet-sizes 1M,4K] [--outputs null,pipe,pipe-cat] [--modes epoll,threads]
+        [--packet-sizes 1M,4K] [--outputs null,pipe,pipe-cat] [--modes epoll,threads,writer-thread]
 
 ``pipe`` is a pipe enlarged to 1 MiB (F_SETPIPE_SZ) drained by cref_drain (1 MiB reads);
 ``pipe-cat`` the same pipe drained by ``cat > /dev/null``.  Before each run the script waits
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--packet-sizes", default="1M,4K")
     parser.add_argument("--outputs", default="null,pipe,pipe-cat")
-    parser.add_argument("--modes", default="epoll,threads")
+    parser.add_argument("--modes", default="epoll,threads,writer-thread")
     parser.add_argument("--quiet-wait", type=float, default=30.0)
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
     args = parser.parse_args()
@@ -71,7 +71,7 @@ def main() -> None:
                         packet_size=packet_size,
                         output="pipe" if output.startswith("pipe") else output,
                         drainer=["cat"] if output == "pipe-cat" else None,
-                        threads=mode == "threads",
+                        mode=mode,
                     )
                     figures.append(float(str(result.receiver["gbps"])))
                     peaks.append(int(str(result.receiver["peak_queued_bytes"])))

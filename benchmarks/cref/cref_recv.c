@@ -8,11 +8,14 @@
  * no gate, no control channel and no memory budget: those are vfiomig's business, and the
  * reference must only show what the machine can move.
  *
- * Usage: cref_recv ADDR N UUID OUTPUT [--config PATH] [--ready-file PATH] [--threads]
+ * Usage: cref_recv ADDR N UUID OUTPUT [--config PATH] [--ready-file PATH]
+ *                  [--threads | --writer-thread]
  *   ADDR    tcp:HOST:PORT (port 0 picks one) or unix:PATH
  *   OUTPUT  a file path ("{instance}" in it is replaced by the device's instance id, else
  *           every device shares the file), "null" (discard without a syscall) or "fd:N"
  *   --threads  one blocking reader thread per channel instead of one epoll loop
+ *   --writer-thread  the epoll loop reads in its own thread while the main thread writes;
+ *              it pauses above --max-queued bytes (default 256 MiB) while the writer is busy
  *
  * Receive strategy (why it is fast):
  *  - Small packets: each channel reads as much as the socket has into a 1 MiB refcounted
@@ -91,7 +94,9 @@ struct cref_chan {
 };
 
 struct cref_rx {
-    bool threaded;
+    bool threaded;      /* more than one thread: take the lock */
+    bool epoll_reader;  /* reading done by one epoll loop (alone, or beside a writer thread) */
+    bool writer_thread; /* writes happen in their own thread, not after each epoll batch */
     pthread_mutex_t lock; /* threaded mode only: guards everything below but the sockets */
     pthread_cond_t cond;
     unsigned nchan, readers_alive;
@@ -103,6 +108,8 @@ struct cref_rx {
     int shared_fd; /* fd used by every device when OUTPUT has no {instance} */
     bool discard;
     uint64_t bytes, packets, queued, peak_queued;
+    uint64_t max_queued; /* --writer-thread: the reader pauses above this */
+    bool writer_idle;    /* the writer waits for data: the reader must not pause */
     bool failed;
     char error[512];
 };
@@ -699,18 +706,40 @@ static void *cref_reader_main(void *arg)
     return NULL;
 }
 
-/* One blocking reader thread per channel; this thread writes. */
+static int cref_run_epoll(struct cref_rx *rx);
+
+static void *cref_epoll_main(void *arg)
+{
+    struct cref_rx *rx = arg;
+
+    cref_run_epoll(rx);
+    pthread_mutex_lock(&rx->lock);
+    rx->readers_alive--;
+    pthread_cond_broadcast(&rx->cond);
+    pthread_mutex_unlock(&rx->lock);
+    return NULL;
+}
+
+/*
+ * Readers in other threads - one per channel, or one epoll loop - while this thread writes,
+ * so that a blocking write (a full pipe) does not stop the receiving.
+ */
 static int cref_run_threads(struct cref_rx *rx)
 {
     int rc = -1;
-    unsigned started = 0;
+    unsigned started = 0, wanted = rx->epoll_reader ? 1 : rx->nchan;
 
     pthread_mutex_lock(&rx->lock);
-    for (; started < rx->nchan; started++) {
+    for (; started < wanted; started++) {
         struct cref_chan *ch = &rx->chans[started];
+        int err;
         ch->rx = rx;
         rx->readers_alive++;
-        if (pthread_create(&ch->thread, NULL, cref_reader_main, ch)) {
+        if (rx->epoll_reader)
+            err = pthread_create(&ch->thread, NULL, cref_epoll_main, rx);
+        else
+            err = pthread_create(&ch->thread, NULL, cref_reader_main, ch);
+        if (err) {
             rx->readers_alive--;
             cref_fail(rx, "pthread_create failed");
             break;
@@ -720,11 +749,16 @@ static int cref_run_threads(struct cref_rx *rx)
         int r = cref_flush_all(rx);
         if (r < 0)
             break;
-        if (r > 0)
+        if (r > 0) {
+            pthread_cond_broadcast(&rx->cond); /* a paused reader may go on */
             continue;
+        }
         if (rx->readers_alive == 0)
             break;
+        rx->writer_idle = true;
+        pthread_cond_broadcast(&rx->cond);
         pthread_cond_wait(&rx->cond, &rx->lock);
+        rx->writer_idle = false;
     }
     pthread_mutex_unlock(&rx->lock);
     for (unsigned i = 0; i < started; i++)
@@ -753,7 +787,17 @@ static int cref_run_epoll(struct cref_rx *rx)
         }
     }
     while (open_chans && !rx->failed) {
-        int n = epoll_wait(ep, evs, 64, -1);
+        int n;
+
+        if (rx->writer_thread) {
+            /* Above the budget the reader pauses, as long as the writer has work: when it
+             * waits for data, the packet it needs may be the next one to read. */
+            pthread_mutex_lock(&rx->lock);
+            while (rx->queued > rx->max_queued && !rx->writer_idle && !rx->failed)
+                pthread_cond_wait(&rx->cond, &rx->lock);
+            pthread_mutex_unlock(&rx->lock);
+        }
+        n = epoll_wait(ep, evs, 64, -1);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
@@ -775,10 +819,10 @@ static int cref_run_epoll(struct cref_rx *rx)
                     break;
             }
         }
-        if (cref_flush_all(rx) < 0)
+        if (!rx->writer_thread && cref_flush_all(rx) < 0)
             goto out;
     }
-    if (cref_flush_all(rx) < 0)
+    if (!rx->writer_thread && cref_flush_all(rx) < 0)
         goto out;
     rc = 0;
 out:
@@ -918,7 +962,7 @@ out:
 static void cref_usage(void)
 {
     fprintf(stderr, "usage: cref_recv ADDR CHANNELS UUID OUTPUT [--config PATH] "
-                    "[--ready-file PATH] [--threads]\n"
+                    "[--ready-file PATH] [--threads | --writer-thread [--max-queued BYTES]]\n"
                     "  ADDR: tcp:HOST:PORT | unix:PATH; OUTPUT: PATH | null | fd:N\n");
 }
 
@@ -937,11 +981,19 @@ int main(int argc, char **argv)
 
     memset(&rx, 0, sizeof(rx));
     rx.shared_fd = -1;
+    rx.max_queued = 256u << 20; /* vfiomig's default budget */
     pthread_mutex_init(&rx.lock, NULL);
     pthread_cond_init(&rx.cond, NULL);
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0) {
-            rx.threaded = true;
+            rx.threaded = rx.writer_thread = true;
+        } else if (strcmp(argv[i], "--writer-thread") == 0) {
+            rx.threaded = rx.writer_thread = rx.epoll_reader = true;
+        } else if (strcmp(argv[i], "--max-queued") == 0 && i + 1 < argc) {
+            if (cref_parse_size(argv[++i], &rx.max_queued)) {
+                cref_usage();
+                goto out;
+            }
         } else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) {
             rx.config_path = argv[++i];
         } else if (strcmp(argv[i], "--ready-file") == 0 && i + 1 < argc) {
@@ -1017,7 +1069,7 @@ int main(int argc, char **argv)
         goto out;
     }
     if (cref_accept_all(&rx, lfd, uuid, &t0) == 0) {
-        if (rx.threaded)
+        if (rx.writer_thread)
             cref_run_threads(&rx);
         else
             cref_run_epoll(&rx);
@@ -1045,7 +1097,7 @@ int main(int argc, char **argv)
     printf("{\"tool\": \"cref_recv\", \"mode\": \"%s\", \"channels\": %u, \"devices\": %u, "
            "\"bytes\": %llu, \"packets\": %llu, \"seconds\": %.6f, \"gbps\": %.3f, "
            "\"peak_queued_bytes\": %llu, \"cpu_seconds\": %.3f}\n",
-           rx.threaded ? "threads" : "epoll", rx.nchan, rx.ndev, (unsigned long long)rx.bytes,
+           rx.epoll_reader ? "epoll+writer" : rx.threaded ? "threads" : "epoll", rx.nchan, rx.ndev, (unsigned long long)rx.bytes,
            (unsigned long long)rx.packets, t1 - t0, (double)rx.bytes / (t1 - t0) / 1e9,
            (unsigned long long)rx.peak_queued, cref_cpu_seconds());
     fflush(stdout);

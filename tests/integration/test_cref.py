@@ -33,17 +33,19 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("packet_size", "order", "threads"),
+    ("packet_size", "order", "mode"),
     [
-        (4096, "random", False),
-        (4096, "random", True),
-        (1 << 20, "random", False),
-        (300 << 10, "reverse", True),  # > the receiver's direct-read threshold, odd size
-        (65536 + 3, "idx0-last", False),
+        (4096, "random", "epoll"),
+        (4096, "random", "threads"),
+        (4096, "random", "writer-thread"),
+        (1 << 20, "random", "epoll"),
+        (1 << 20, "roundrobin", "writer-thread"),
+        (300 << 10, "reverse", "threads"),  # > the receiver's direct-read threshold, odd size
+        (65536 + 3, "idx0-last", "epoll"),
     ],
 )
 def test_transfer_is_written_in_order(
-    tmp_path: Path, packet_size: int, order: str, threads: bool
+    tmp_path: Path, packet_size: int, order: str, mode: str
 ) -> None:
     out, cfg = tmp_path / "out.bin", tmp_path / "config.bin"
     size = SIZE + 12345  # a short last packet
@@ -55,7 +57,7 @@ def test_transfer_is_written_in_order(
         config=cfg,
         order=order,
         seed=7,
-        threads=threads,
+        mode=mode,
         timeout=30,
     )
     npackets = -(-size // packet_size)
