@@ -113,6 +113,9 @@ async def _produce_guarded(
 ) -> None:
     try:
         await _produce(device, *args)
+    except trio.BrokenResourceError:
+        # A channel writer failed and closed its queue; it recorded why.
+        scope.cancel()
     except (OSError, VfioMigError) as exc:
         if isinstance(exc, SendError):
             failures.append(exc)

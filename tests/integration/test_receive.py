@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 import trio
@@ -90,7 +91,7 @@ async def test_two_devices_four_channels(order: str, listen: str, tmp_path) -> N
 
 
 async def test_gate_holds_data_until_opened_and_precopy_goes_first() -> None:
-    devs, sinks, configs = setups(1)
+    devs, sinks, _ = setups(1)
     config = ReceiverConfig(uuid=UUID, channels=2, devices=devs, gate="control")
     state = os.urandom(50_000)
     packets = device_packets(devs[0].idstr, devs[0].instance, state, synth_config(0), 4096)
@@ -105,7 +106,8 @@ async def test_gate_holds_data_until_opened_and_precopy_goes_first() -> None:
                 await conn.send_all(s)
                 await conn.aclose()
             await trio.testing.wait_all_tasks_blocked()
-            while device.buf.statistics().received_packets < len(packets):
+            # Sockets deliver on the kernel's schedule: poll, bounded by fail_after.
+            while device.buf.statistics().received_packets < len(packets):  # noqa: ASYNC110
                 await trio.sleep(0.01)
             assert bytes(sinks[0].data) == b"PRE-"  # multifd data held behind the gate
             assert not session.done.is_set()
@@ -166,7 +168,9 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
         async with trio.open_nursery() as nursery:
             session, outcome = await start(nursery, config)
             senders = [SendDevice(d.idstr, d.instance, SynthSource(100_000, 1)) for d in devs]
-            with pytest.raises(SendError, match=r"channel \d: sending failed"):
+            # The sender may finish before the receiver fails (kernel buffers hold it all);
+            # if it does not, it must fail with one clear error.
+            try:
                 await send_migration(
                     connect_to=session.bound,
                     channels=2,
@@ -174,6 +178,8 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
                     devices=senders,
                     packet_size=1000,
                 )
+            except SendError as exc:
+                assert re.match(r"channel \d: sending failed", str(exc))
     exc = outcome[0]
     assert isinstance(exc, MigrationFailed)
     dev = exc.report.devices[1]
