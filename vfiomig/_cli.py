@@ -171,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vfiomig: interrupted", file=sys.stderr)
         return 1
-    parser.error(f"unknown command {args.command}")
-    return 2
+    parser.error(f"unknown command {args.command}")  # exits with status 2
 
 
 def _receive(args: argparse.Namespace) -> int:

@@ -103,4 +103,5 @@ def parse_size(text: str) -> int:
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise UsageError(f"size {text!r} is not a number with an optional K/M/G/T unit")
-    return int(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    scale: int = 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    return int(m.group(1)) * scale
