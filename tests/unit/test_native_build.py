@@ -83,6 +83,8 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path: Path) -> None:
         "VFIOMIG_REQUIRE_NATIVE": "1",
     }
     tests = [str(ROOT / "tests" / "unit" / t) for t in ("test_framer.py", "test_reorder.py")]
+    # The fuzz corpus too: the framer target runs the C core beside the reference on it.
+    tests.append(str(ROOT / "tests" / "unit" / "test_fuzz.py") + "::test_corpus_replays_clean")
     check = (
         "import vfiomig._native as n, sys; sys.exit(0 if n.__file__.startswith(sys.argv[1]) else 3)"
     )

@@ -1,0 +1,105 @@
+"""The seed corpus: small valid and almost-valid inputs for each target.
+
+``python -m fuzz --make-corpus`` writes them under fuzz/corpus/<target>/ (named by their
+sha1, so reruns are idempotent). Inputs the fuzzer finds may be added there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+from fuzz.engine import CORPUS
+from fuzz.targets import UUID
+from vfiomig._control_proto import encode
+from vfiomig._core._wire import (
+    encode_device_header,
+    encode_handshake,
+    encode_packet,
+    encode_ram_packet,
+    encode_vfio_header,
+    wrap_config,
+)
+from vfiomig.vfio_user._messages import Command
+from vfiomig.vfio_user._protocol import encode_message
+
+DEV = "0000:00:04.0/vfio"
+
+
+def _framer() -> list[bytes]:
+    cfg = wrap_config(b"cfg")
+    p0 = encode_packet(DEV, 0, 0, 0, b"a" * 40)
+    p1 = encode_packet(DEV, 0, 1, 0, b"")
+    pc = encode_packet(DEV, 0, 2, 1, cfg)
+    ram = encode_ram_packet(2, b"r" * 30, flags=1)
+    out = [
+        # seed byte, mode byte (bit 0: prepend a handshake, bit 1: ram page count 2)
+        bytes([0, 1]) + p0 + p1 + pc,
+        bytes([3, 1]) + p0 + encode_packet(DEV, 7, 0xFFFFFFFE, 0, b"x"),
+        bytes([5, 3]) + ram + p0 + ram,
+        bytes([1, 1]) + p0[:-10],  # ends inside a packet
+        bytes([2, 1]) + encode_device_header("x" * 255, 0, 12)[:-8] + b"\xff" * 8,
+        bytes([4, 1]) + encode_device_header(DEV, 0, 0xFFFFFFFF) + encode_vfio_header(0),
+        bytes([6, 0]) + encode_handshake(UUID, 3) + pc,
+        bytes([0, 0]) + encode_handshake(bytes(16), 0),
+        bytes([1, 1]) + encode_device_header(DEV, 0, 4)[:-4] + b"\0\0\0\x04",
+    ]
+    unterminated = bytearray(encode_packet(DEV, 0, 0, 0, b"z"))
+    unterminated[12 : 12 + 256] = b"A" * 256
+    out.append(bytes([7, 1]) + bytes(unterminated))
+    return out
+
+
+def _wire() -> list[bytes]:
+    return [
+        encode_handshake(UUID, 3),
+        wrap_config(b"body"),
+        wrap_config(b""),
+        struct.pack(">Q", 0xFFFFFFFFEF100002),
+    ]
+
+
+def _control() -> list[bytes]:
+    msgs = [
+        {"type": "hello", "version": 1},
+        {"type": "precopy", "device": DEV, "instance": 0, "data": b"pre"},
+        {"type": "data-complete", "device": DEV, "instance": 0},
+        {"type": "switchover-start"},
+        {"type": "attach-fd", "device": DEV, "instance": 0, "kind": "data"},
+        {"type": "abort", "reason": "test"},
+        {"type": "what"},
+        {"type": "precopy", "device": 1, "instance": True},
+    ]
+    return [bytes([3]) + b"".join(encode(m) for m in msgs), bytes([0]) + encode(msgs[4]) * 3]
+
+
+def _vfio_user() -> list[bytes]:
+    version = struct.pack("<HH", 0, 2) + b'{"capabilities":{"max_data_xfer_size":4096}}\0'
+    feature = struct.pack("<II", 16 + 8, 0x10001) + struct.pack("<I", 3)
+    return [
+        bytes([2])
+        + encode_message(0, Command.VERSION, version)
+        + encode_message(1, Command.DEVICE_FEATURE, feature),
+        bytes([0])
+        + encode_message(0, Command.VERSION, version, reply=True)
+        + encode_message(2, Command.MIG_DATA_WRITE, b"", reply=True, error_no=5),
+        bytes([1]) + encode_message(3, Command.MIG_DATA_WRITE, struct.pack("<II", 0, 4) + b"data"),
+        bytes([4]) + encode_message(4, Command.MIG_DATA_WRITE, b"x" * 300),
+    ]
+
+
+SEEDS = {"framer": _framer, "wire": _wire, "control": _control, "vfio_user": _vfio_user}
+
+
+def write_corpus(root: Path = CORPUS) -> int:
+    n = 0
+    for target, make in SEEDS.items():
+        d = root / target
+        d.mkdir(parents=True, exist_ok=True)
+        for data in make():
+            path = d / hashlib.sha1(data).hexdigest()[:16]
+            if not path.exists():
+                path.write_bytes(data)
+                n += 1
+    return n
