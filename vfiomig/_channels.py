@@ -106,6 +106,7 @@ async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> 
 
 async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> None:  # type: ignore[no-untyped-def]
     room = session.room
+    trace = log.isEnabledFor(logging.DEBUG)  # checked once, not per packet
     while True:
         ev = framer.next_event()
         if ev is NEED_DATA:
@@ -131,6 +132,15 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> No
                 else:
                     data = await _read_payload(framer, size, fill, recv_into)
             buf.deliver(ev.idx, data)
+            if trace:
+                log.debug(
+                    "%s/%d: packet incoming idx %d flags %#x size %d",
+                    ev.idstr,
+                    ev.instance,
+                    ev.idx,
+                    ev.flags,
+                    ev.size,
+                )
             session.progress += 1
             # The loader re-checks take_ready() before it parks (no await in between), so
             # only a parked loader needs a wakeup; an empty lot costs nothing.

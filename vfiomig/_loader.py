@@ -47,6 +47,8 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             await sink.start()
         except (OSError, SinkError) as exc:
             raise _sink_error(device, f"starting sink {sink.description} failed", exc) from exc
+        log.info("%s: load start (sink %s)", device.name, sink.description)
+        trace = log.isEnabledFor(logging.DEBUG)  # once: the loop below is the hot path
         while True:
             ready = buf.take_ready()
             if ready is not None:
@@ -73,7 +75,10 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             t0 = trio.current_time()
             await device.lot.park()
             if starved:
-                buf.starved_seconds += trio.current_time() - t0
+                waited = trio.current_time() - t0
+                buf.starved_seconds += waited
+                if trace:
+                    log.debug("%s: starved %.6f s at idx %d", device.name, waited, buf.next_idx)
         # The finish step: config first, then the sink leaves its loading state.
         assert buf.config is not None
         log.info("%s: config load start (%d bytes)", device.name, len(buf.config))
@@ -90,7 +95,13 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
         buf.mark_loaded()
         loaded = True
         session.device_loaded(device)
-        log.info("%s: loaded", device.name)
+        st = buf.statistics()
+        log.info(
+            "%s: load end: loaded %d bytes in %d packets",
+            device.name,
+            st.written_bytes,
+            st.written_packets,
+        )
         session.emit(SessionEvent("loaded", device))
     except VfioMigError as exc:
         session.fail(exc, device)

@@ -60,11 +60,17 @@ async def send_with_control(
         else:
             for device in devices:
                 await ctl.data_complete(device.idstr, device.instance)
-        report = await send()
+        failure: BaseException | None = None
+        report: SendReport | None = None
+        try:
+            report = await send()
+        except Exception as exc:  # any failure (even a group): re-raised below
+            # The receiver may have failed and closed the channels: its events say why.
+            failure = exc
         kept: list[dict[str, object]] = []
         ok: bool | None = None
         with trio.move_on_after(events_timeout):
-            async for event in ctl.events():
+            while (event := await ctl.next_event()) is not None:
                 kind = event["type"]
                 if kind in ("loaded", "error", "done"):
                     kept.append(event)
@@ -72,13 +78,17 @@ async def send_with_control(
                     log.info("control: %s/%s loaded", event.get("device"), event.get("instance"))
                 elif kind == "error":
                     log.warning("control: receiver error: %s", event.get("message"))
-                if kind == "done":
+                elif kind == "done":
                     ok = bool(event.get("ok"))
                     break
-    report = dataclasses.replace(report, control_events=tuple(kept))
+    if ok is False:
+        errors = [str(e.get("message")) for e in kept if e["type"] == "error"]
+        raise ReceiverFailed(
+            "receiver failed: " + ("; ".join(errors) or "no error given")
+        ) from failure
+    if failure is not None:
+        raise failure
+    assert report is not None
     if ok is None:
         raise VfioMigError(f"receiver sent no done event within {events_timeout:g} s")
-    if not ok:
-        errors = [str(e.get("message")) for e in kept if e["type"] == "error"]
-        raise ReceiverFailed("receiver failed: " + ("; ".join(errors) or "no error given"))
-    return report
+    return dataclasses.replace(report, control_events=tuple(kept))

@@ -1,9 +1,11 @@
+# ruff: noqa: SIM117  (fail_after stays its own block, around the whole test)
 """Control channel conformance (SPEC.md §3): every message, every error, fd passing."""
 
 from __future__ import annotations
 
 import os
 import random
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,10 @@ def streams(idstr: str = IDSTR, state: bytes = STATE, channels: int = 2) -> list
 
 
 async def expect(ctl: ControlClient, kind: str) -> dict[str, Any]:
-    """The next event of ``kind``; progress events on the way are skipped (and config
-    events before ``loaded``; config and error events before ``done``)."""
-    skip = {"done": ("progress", "error", "config"), "loaded": ("progress", "config")}.get(
-        kind, ("progress",)
+    """The next event of ``kind``; progress and config events on the way are skipped
+    (and, waiting for ``done``, error and loaded events)."""
+    skip = {"done": ("progress", "error", "config", "loaded"), "config": ("progress",)}.get(
+        kind, ("progress", "config")
     )
     while True:
         event = await ctl.next_event()
@@ -42,19 +44,19 @@ async def expect(ctl: ControlClient, kind: str) -> dict[str, Any]:
 
 async def test_hello_reply(tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with running_receiver(
-            tmp_path, [(IDSTR, 0, MemorySink()), ("x", 7, MemorySink())]
-        ) as rx:
-            async with open_control_client(rx.control_address) as ctl:
-                reply = await ctl.hello()
-                assert reply == {
-                    "type": "hello",
-                    "version": 1,
-                    "channels": 2,
-                    "devices": [{"device": IDSTR, "instance": 0}, {"device": "x", "instance": 7}],
-                }
-                await ctl.abort("test over")
-                assert (await expect(ctl, "done"))["ok"] is False
+        async with (
+            running_receiver(tmp_path, [(IDSTR, 0, MemorySink()), ("x", 7, MemorySink())]) as rx,
+            open_control_client(rx.control_address) as ctl,
+        ):
+            reply = await ctl.hello()
+            assert reply == {
+                "type": "hello",
+                "version": 1,
+                "channels": 2,
+                "devices": [{"device": IDSTR, "instance": 0}, {"device": "x", "instance": 7}],
+            }
+            await ctl.abort("test over")
+            assert (await expect(ctl, "done"))["ok"] is False
 
 
 @pytest.mark.parametrize(
@@ -249,10 +251,6 @@ async def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with running_receiver(tmp_path, [(IDSTR, 0, MemorySink())]) as rx:
             clients = []
-            async with trio.open_nursery():
-                pass
-            from contextlib import AsyncExitStack
-
             async with AsyncExitStack() as stack:
                 for _ in range(rx.control.max_connections):
                     ctl = await stack.enter_async_context(open_control_client(rx.control_address))
