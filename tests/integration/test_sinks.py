@@ -1,0 +1,171 @@
+"""The fd sinks on real pipes and files, and the library's callback sink and config."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+
+import pytest
+import trio
+import trio.lowlevel
+
+from vfiomig import CallbackConfig, CallbackSink, DeviceSetup, ReceiverConfig, send_migration
+from vfiomig._core import SinkError
+from vfiomig._send import SendDevice
+from vfiomig._service import serve_receiver
+from vfiomig._session import MigrationFailed, Session
+from vfiomig.sinks._fd import ConfigDir, FdSink, open_fd_sink, open_file_sink, write_all
+from vfiomig.sources._simple import SynthSource
+from vfiomig.testing import MemoryConfig, synth_bytes, synth_config
+
+UUID = bytes(range(16))
+F_SETPIPE_SZ = 1031
+
+
+def drain_in_thread(fd: int, out: bytearray, step: int = 65536) -> threading.Thread:
+    def run() -> None:
+        while chunk := os.read(fd, step):
+            out.extend(chunk)
+        os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("nonblocking", [False, True])
+async def test_fd_sink_on_a_small_pipe_loops_on_short_writes(nonblocking: bool) -> None:
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # every large write is short or EAGAIN
+    if nonblocking:
+        os.set_blocking(w, False)
+    got = bytearray()
+    t = drain_in_thread(r, got, step=1000)
+    sink = FdSink(w, owned=True)
+    chunks = [os.urandom(n) for n in (1, 70_000, 0, 12_345, 300_000)]
+    with trio.fail_after(20):
+        await sink.write(chunks)
+        await sink.write([memoryview(b"tail")])
+        await sink.aclose()
+    t.join(10)
+    assert bytes(got) == b"".join(chunks) + b"tail"
+    assert sink.bytes_written == len(got)
+
+
+async def test_fd_sink_epipe_is_a_clear_error() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    sink = FdSink(w, owned=True, description="fd:pipe")
+    with trio.fail_after(10), pytest.raises(BrokenPipeError):
+        await sink.write([b"x" * 100])
+    await sink.aclose()
+
+
+async def test_epipe_through_the_loader_names_device_idx_and_errno() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    sink = FdSink(w, owned=True, description="fd:7")
+    config = ReceiverConfig(
+        uuid=UUID, channels=1, devices=[DeviceSetup("d", 0, sink, MemoryConfig())]
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(_serve, config)
+            try:
+                await send_migration(
+                    connect_to=session.bound,
+                    channels=1,
+                    uuid=UUID,
+                    devices=[SendDevice("d", 0, SynthSource(10_000, 1))],
+                    packet_size=4096,
+                )
+            except Exception:  # the receiver may close first: that is fine here
+                pass
+    err = session.report().devices[0].error
+    assert err is not None
+    assert err.startswith("d/0: sink fd:7 failed writing idx 0..")
+    assert err.endswith("Broken pipe (errno 32)")
+
+
+async def _serve(
+    config: ReceiverConfig, task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED
+) -> None:
+    try:
+        await serve_receiver(config, task_status=task_status)
+    except MigrationFailed:
+        pass
+
+
+async def test_file_sink_truncates_and_config_dir_is_atomic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "out"
+    path.write_bytes(b"old contents that must go")
+    sink = open_file_sink(str(path))
+    await sink.write([b"new"])
+    await sink.aclose()
+    assert path.read_bytes() == b"new"
+    target = ConfigDir(str(tmp_path), "0000:00:04.0/vfio", 2)
+    await target.load_config(b"blob")
+    assert (tmp_path / "0000:00:04.0_vfio.2.config").read_bytes() == b"blob"
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_fd_sink_spec_checks_the_descriptor() -> None:
+    from vfiomig._core import UsageError
+
+    with pytest.raises(UsageError, match="sink fd:x needs a descriptor number"):
+        open_fd_sink("x")
+    with pytest.raises(UsageError, match="sink fd:987654 is not an open descriptor"):
+        open_fd_sink("987654")
+    with pytest.raises(SinkError, match="cannot open sink file"):
+        open_file_sink("/nonexistent/dir/file")
+
+
+def test_write_all_handles_empty_chunks() -> None:
+    r, w = os.pipe()
+    try:
+        assert write_all(w, [b"", b"ab", memoryview(b""), bytearray(b"c")]) == 3
+        assert os.read(r, 10) == b"abc"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_callback_sink_and_config_in_the_library(asynchronous: bool) -> None:
+    received = bytearray()
+    configs: list[bytes] = []
+    if asynchronous:
+
+        async def write(view: memoryview) -> None:
+            received.extend(view)
+            await trio.lowlevel.checkpoint()
+
+        async def load(data: bytes) -> None:
+            configs.append(data)
+    else:
+
+        def write(view: memoryview) -> None:  # type: ignore[misc]
+            received.extend(view)
+
+        def load(data: bytes) -> None:  # type: ignore[misc]
+            configs.append(data)
+
+    setup = DeviceSetup("emu", 1, CallbackSink(write), CallbackConfig(load))
+    config = ReceiverConfig(uuid=UUID, channels=3, devices=[setup])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(_serve, config)
+            await send_migration(
+                connect_to=session.bound,
+                channels=3,
+                uuid=UUID,
+                devices=[SendDevice("emu", 1, SynthSource(200_000, 3))],
+                packet_size=8192,
+                order="random",
+            )
+    assert bytes(received) == synth_bytes(200_000, 3)
+    assert configs == [synth_config(3)]
+    assert session.report().ok
+
+
