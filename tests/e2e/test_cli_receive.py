@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import struct
@@ -329,3 +330,77 @@ def test_sha256_of_landing(tmp_path: Path) -> None:
         hashlib.sha256((tmp_path / "a.out").read_bytes()).digest() == hashlib.sha256(STATE).digest()
     )
     assert (tmp_path / "0000:00:04.0_vfio.0.config").read_bytes() == CFG
+
+
+def _fd_receiver(tmp: Path, write_fd: int) -> tuple[subprocess.Popen[str], str]:
+    ready = tmp / "ready.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vfiomig",
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--channels",
+            "2",
+            "--uuid",
+            UUID_TEXT,
+            "--config-out",
+            str(tmp),
+            "--ready-file",
+            str(ready),
+            "--device",
+            f"{DEV}=fd:{write_fd}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=[write_fd],
+    )
+    os.close(write_fd)
+    import time
+
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "receiver did not start"
+        time.sleep(0.02)
+    return proc, json.loads(ready.read_text())["data"][0]
+
+
+def test_fd_sink_is_an_inherited_pipe(tmp_path: Path) -> None:
+    import threading
+
+    r, w = os.pipe()
+    proc, addr = _fd_receiver(tmp_path, w)
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 65536):
+            got.extend(chunk)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    packets = [good(i) for i in range(10)] + [packet(DEV, 0, 10, 1, CFG)]
+    send_streams(addr, spread(packets, 2, UUID, lambda k: (k * 7) % 2))
+    _, err = proc.communicate(timeout=30)
+    t.join(10)
+    os.close(r)
+    assert proc.returncode == 0, err
+    assert bytes(got) == STATE
+
+
+def test_fd_sink_broken_pipe_fails_with_errno(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    proc, addr = _fd_receiver(tmp_path, w)
+    packets = [good(i) for i in range(10)] + [packet(DEV, 0, 10, 1, CFG)]
+    send_streams(addr, spread(packets, 2, UUID, lambda k: k % 2))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert re.search(
+        r"^vfiomig: 0000:00:04.0/vfio/0: sink fd:\d+ failed writing idx 0\.\.\d+: Broken pipe \(errno 32\)$",
+        err,
+        re.M,
+    ), err
+    assert "Traceback" not in err
