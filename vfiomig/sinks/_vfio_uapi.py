@@ -12,11 +12,13 @@ Failures are the kernel's: an ``OSError`` carrying its errno escapes unchanged.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import struct
 from collections.abc import Callable
 from typing import TypeAlias
+
+from vfiomig._core._migstate import MigState as MigState
+from vfiomig._core._migstate import state_name as state_name
 
 #: ``ioctl(fd, request, buf)``: ``buf`` is mutated in place (the kernel writes results
 #: back into it); ``None`` means an ``_IO()`` call without argument (VFIO_DEVICE_RESET).
@@ -43,27 +45,6 @@ VFIO_DEVICE_FEATURE_MIG_DATA_SIZE = 9
 VFIO_MIGRATION_STOP_COPY = 1 << 0
 VFIO_MIGRATION_P2P = 1 << 1
 VFIO_MIGRATION_PRE_COPY = 1 << 2
-
-
-class MigState(enum.IntEnum):
-    """``enum vfio_device_mig_state``."""
-
-    ERROR = 0
-    STOP = 1
-    RUNNING = 2
-    STOP_COPY = 3
-    RESUMING = 4
-    RUNNING_P2P = 5
-    PRE_COPY = 6
-    PRE_COPY_P2P = 7
-
-
-def state_name(state: int) -> str:
-    """``"RESUMING"`` for 4; the number itself for a value outside the enum."""
-    try:
-        return MigState(state).name
-    except ValueError:
-        return str(state)
 
 
 # Layouts: native byte order, as the kernel reads them ("=" has no padding; every field

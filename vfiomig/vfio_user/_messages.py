@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
 from vfiomig._core._errors import PacketError
+from vfiomig._core._migstate import MigState as MigState
 
 
 class ProtocolError(PacketError):
@@ -54,19 +55,6 @@ def command_name(command: int) -> str:
         return Command(command).name
     except ValueError:
         return f"command {command}"
-
-
-class MigState(enum.IntEnum):
-    """``enum vfio_device_mig_state``: the wire values (not libvfio-user's local numbering)."""
-
-    ERROR = 0
-    STOP = 1
-    RUNNING = 2
-    STOP_COPY = 3
-    RESUMING = 4
-    RUNNING_P2P = 5
-    PRE_COPY = 6
-    PRE_COPY_P2P = 7
 
 
 HEADER_SIZE: Final = 16
