@@ -384,6 +384,14 @@ def _unpack_mig_data(payload: memoryview, what: str) -> tuple[int, int, bytes]:
 # --------------------------------------------------------------------------- regions
 
 
+def _region_access(payload: memoryview, what: str) -> tuple[int, int, int]:
+    """The ``u64 offset, u32 region, u32 count`` that starts every region access message."""
+    if len(payload) < REGION_ACCESS_HEADER_SIZE:
+        raise _short(what, len(payload), REGION_ACCESS_HEADER_SIZE)
+    offset, region, count = _REGION_ACCESS.unpack_from(payload)
+    return offset, region, count
+
+
 @dataclass(frozen=True, slots=True)
 class RegionRead:
     """REGION_READ request: ``u64 offset, u32 region, u32 count``."""
@@ -397,9 +405,7 @@ class RegionRead:
 
     @classmethod
     def unpack(cls, payload: memoryview) -> RegionRead:
-        if len(payload) < REGION_ACCESS_HEADER_SIZE:
-            raise _short("region read", len(payload), REGION_ACCESS_HEADER_SIZE)
-        offset, region, count = _REGION_ACCESS.unpack_from(payload)
+        offset, region, count = _region_access(payload, "region read")
         return cls(region, offset, count)
 
 
@@ -417,9 +423,7 @@ class RegionReadReply:
 
     @classmethod
     def unpack(cls, payload: memoryview) -> RegionReadReply:
-        if len(payload) < REGION_ACCESS_HEADER_SIZE:
-            raise _short("region read reply", len(payload), REGION_ACCESS_HEADER_SIZE)
-        offset, region, count = _REGION_ACCESS.unpack_from(payload)
+        offset, region, count = _region_access(payload, "region read reply")
         room = len(payload) - REGION_ACCESS_HEADER_SIZE
         if count > room:
             raise ProtocolError(f"region read reply count {count} exceeds its {room} data bytes")
@@ -440,9 +444,7 @@ class RegionWrite:
 
     @classmethod
     def unpack(cls, payload: memoryview) -> RegionWrite:
-        if len(payload) < REGION_ACCESS_HEADER_SIZE:
-            raise _short("region write", len(payload), REGION_ACCESS_HEADER_SIZE)
-        offset, region, count = _REGION_ACCESS.unpack_from(payload)
+        offset, region, count = _region_access(payload, "region write")
         room = len(payload) - REGION_ACCESS_HEADER_SIZE
         if count != room:
             raise ProtocolError(f"region write count {count} differs from its {room} data bytes")
@@ -462,9 +464,7 @@ class RegionWriteReply:
 
     @classmethod
     def unpack(cls, payload: memoryview) -> RegionWriteReply:
-        if len(payload) < REGION_ACCESS_HEADER_SIZE:
-            raise _short("region write reply", len(payload), REGION_ACCESS_HEADER_SIZE)
-        offset, region, count = _REGION_ACCESS.unpack_from(payload)
+        offset, region, count = _region_access(payload, "region write reply")
         return cls(region, offset, count)
 
 
