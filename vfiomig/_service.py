@@ -162,7 +162,7 @@ async def _watchdog(session: Session) -> None:
     while True:
         await trio.sleep(tick)
         now = trio.current_time()
-        if session.progress != last or not session.started:
+        if session.progress != last or not session.started or _sink_busy(session):
             last = session.progress
             since = now
         elif now - since >= timeout:
@@ -180,6 +180,15 @@ async def _watchdog(session: Session) -> None:
                 check_missing(session, "every channel ended")
         else:
             quiet_since = None
+
+
+def _sink_busy(session: Session) -> bool:
+    """True while a loader is inside a sink call (it is parked in its lot otherwise): a
+    sink that takes longer than the stall timeout to write one batch is slow, not stuck
+    on the peer, and its backpressure is what holds the channels."""
+    return any(
+        d.loaded_at is None and d.error is None and not len(d.lot) for d in session.devices.values()
+    )
 
 
 def _stall_reason(device: Device) -> str:
