@@ -57,7 +57,7 @@ async def test_channel_reset_inside_a_packet(snapshot: Snapshot) -> None:
         async with receiver([sink], channels=1) as rx:
             conn = await connect(rx)
             await conn.send_all(stream)
-            while rx.session.progress < 5:
+            while rx.session.progress < 5:  # noqa: ASYNC110 - polling a test condition
                 await trio.sleep(0.01)
             reset(conn)
     err = rx.failed().report.devices[0].error or ""
@@ -207,19 +207,21 @@ async def test_abort_half_way(tmp_path, snapshot: Snapshot) -> None:  # type: ig
 
     sink = MemorySink()
     with trio.fail_after(10):
-        async with running_receiver(tmp_path, [(idstr(0), 0, sink)], channels=1) as rx:
-            async with open_control_client(rx.control_address) as client:
-                await client.hello()
-                await client.switchover_start()
-                host, port = rx.data_address[4:].rsplit(":", 1)
-                conn = await trio.open_tcp_stream(host, int(port))
-                pk = packets()
-                await conn.send_all(b"".join(channel_streams(pk[:20], 1, UUID)))
-                while len(sink.data) < 20 * PACKET:
-                    await trio.sleep(0.01)
-                await client.abort("operator cancelled")
-                await rx.session.done.wait()
-                await conn.aclose()
+        async with (
+            running_receiver(tmp_path, [(idstr(0), 0, sink)], channels=1) as rx,
+            open_control_client(rx.control_address) as client,
+        ):
+            await client.hello()
+            await client.switchover_start()
+            host, port = rx.data_address[4:].rsplit(":", 1)
+            conn = await trio.open_tcp_stream(host, int(port))
+            pk = packets()
+            await conn.send_all(b"".join(channel_streams(pk[:20], 1, UUID)))
+            while len(sink.data) < 20 * PACKET:  # noqa: ASYNC110 - polling a test condition
+                await trio.sleep(0.01)
+            await client.abort("operator cancelled")
+            await rx.session.done.wait()
+            await conn.aclose()
     err = rx.outcome[0].report.devices[0].error  # type: ignore[union-attr]
     assert err == f"{idstr(0)}/0: migration aborted: operator cancelled"
     assert bytes(sink.data) == STATE[: 20 * PACKET]
@@ -240,7 +242,7 @@ async def test_sender_process_killed(snapshot: Snapshot) -> None:
             ]  # fmt: skip
             proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
             try:
-                while len(sink.data) < 64 * 1024:
+                while len(sink.data) < 64 * 1024:  # noqa: ASYNC110 - polling a test condition
                     await trio.sleep(0.02)
             finally:
                 proc.send_signal(signal.SIGKILL)
