@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--max-queued", type=_size, default=256 * 1024 * 1024, metavar="BYTES")
     rx.add_argument("--packet-cap", type=_size, default=64 * 1024 * 1024, metavar="BYTES")
     rx.add_argument("--stall-timeout", type=float, default=30.0, metavar="S")
+    rx.add_argument(
+        "--sink-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="bound on one sink write batch and on the sink's finish (default 60)",
+    )
     rx.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S")
     rx.add_argument("--endian", choices=("be", "host"), default="be")
     rx.add_argument("--ram-page-count", type=int, metavar="N")
@@ -209,6 +216,7 @@ def _receive(args: argparse.Namespace) -> int:
         max_queued=args.max_queued,
         packet_cap=args.packet_cap,
         stall_timeout=args.stall_timeout,
+        sink_timeout=args.sink_timeout,
         handshake_timeout=args.handshake_timeout,
         endian=args.endian,
         ram_page_count=args.ram_page_count,

@@ -41,6 +41,7 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
     """
     sink = device.setup.sink
     buf = device.buf
+    timeout = session.config.sink_timeout  # bounds every write and the finish
     loaded = False
     try:
         try:
@@ -54,7 +55,15 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             if ready is not None:
                 if ready.chunks:
                     try:
-                        await sink.write(ready.chunks)
+                        with trio.fail_after(timeout):
+                            await sink.write(ready.chunks)
+                    except trio.TooSlowError as exc:
+                        raise SinkError(
+                            f"{device.name}: sink {sink.description} did not finish writing"
+                            f" idx {ready.first_idx}..{ready.end_idx - 1} within {timeout:g} s",
+                            device=device.name,
+                            idx=ready.first_idx,
+                        ) from exc
                     except (OSError, SinkError) as exc:
                         what = (
                             "writing precopy data"
@@ -89,7 +98,13 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             err.idx = buf.config_idx
             raise err from exc
         try:
-            await sink.finish()
+            with trio.fail_after(timeout):
+                await sink.finish()
+        except trio.TooSlowError as exc:
+            raise SinkError(
+                f"{device.name}: finishing sink {sink.description} took more than {timeout:g} s",
+                device=device.name,
+            ) from exc
         except (OSError, SinkError) as exc:
             raise _sink_error(device, f"finishing sink {sink.description} failed", exc) from exc
         buf.mark_loaded()

@@ -44,6 +44,7 @@ class ReceiverConfig:
 
     ``max_queued`` is the budget for queued payload bytes shared by all devices.
     ``stall_timeout`` bounds the time without progress once the first packet came.
+    ``sink_timeout`` bounds one sink write (a batch of at most 16 MiB) and the sink's finish.
     ``config_target`` is used for devices whose `DeviceSetup.config` is None.
     ``tls``: a server context; every data channel must then complete a TLS handshake
     (within ``handshake_timeout``) before its first byte is read.
@@ -57,6 +58,7 @@ class ReceiverConfig:
     max_queued: int = 256 * 1024 * 1024
     packet_cap: int = DEFAULT_PACKET_CAP
     stall_timeout: float = 30.0
+    sink_timeout: float = 60.0
     handshake_timeout: float = 10.0
     endian: Endian = "be"
     ram_page_count: int | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import threading
 
 import pytest
@@ -169,3 +170,31 @@ async def test_callback_sink_and_config_in_the_library(asynchronous: bool) -> No
     assert session.report().ok
 
 
+async def test_a_sink_that_stops_reading_fails_within_the_sink_timeout() -> None:
+    """A blocking pipe whose reader never reads: the loader's wait is cancellable."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 65536)
+    sink = FdSink(w, owned=True, description="fd:stuck")
+    setup = DeviceSetup("d", 0, sink, MemoryConfig())
+    config = ReceiverConfig(uuid=UUID, channels=1, devices=[setup], sink_timeout=0.5)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                session: Session = await nursery.start(_serve, config)
+                try:
+                    await send_migration(
+                        connect_to=session.bound,
+                        channels=1,
+                        uuid=UUID,
+                        devices=[SendDevice("d", 0, SynthSource(1_000_000, 1))],
+                        packet_size=65536,
+                    )
+                except Exception:
+                    pass
+    finally:
+        os.close(r)
+    err = session.report().devices[0].error
+    assert err is not None
+    assert re.fullmatch(
+        r"d/0: sink fd:stuck did not finish writing idx \d+\.\.\d+ within 0\.5 s", err
+    ), err

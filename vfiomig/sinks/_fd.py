@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import stat
 import struct
 import termios
@@ -103,8 +104,8 @@ class FdSink(Sink):
     async def write(self, chunks: Sequence[Chunk]) -> None:
         """Write all of ``chunks``.
 
-        Cancellation: a blocking fd is written in a worker thread that is not abandoned,
-        so a cancel waits for the write in flight; a non-blocking fd stops between writes.
+        Cancellation: a pipe or non-blocking fd stops between writes; a regular file is
+        written in a worker thread that is not abandoned, so a cancel waits for it.
         """
         if self._nonblocking:
             views = [memoryview(c).cast("B") for c in chunks if len(c)]
@@ -126,17 +127,18 @@ class FdSink(Sink):
         # A blocking pipe (fd:N inherited from a back-end) is written from the event loop as
         # long as the pipe has room for the whole writev, so that a write cannot block: a
         # worker thread per write costs ~200 us here, more than writing 1 MiB. Only when
-        # the reader lags does a worker thread wait on the full pipe. The fd's flags, which
+        # the reader lags does it wait for writability. The fd's flags, which
         # the other holders of the pipe share, are left alone.
         views = [memoryview(c).cast("B") for c in chunks if len(c)]
         while views:
             room = _pipe_room(self.fd, self._pipe_size)
             if room < _MIN_LOOP_WRITE:
+                # Wait on the event loop, never in a thread: the wait stays cancellable, so
+                # a reader that stopped reading cannot hang the loader past its timeout.
                 await trio.lowlevel.wait_writable(self.fd)
-                room = _pipe_room(self.fd, self._pipe_size)
-                if room < _MIN_LOOP_WRITE:
-                    self.bytes_written += await trio.to_thread.run_sync(write_all, self.fd, views)
-                    return
+                # Writable means a free pipe buffer, so a write of up to PIPE_BUF bytes
+                # goes through without blocking even when the estimate says no room.
+                room = max(_pipe_room(self.fd, self._pipe_size), select.PIPE_BUF)
             n = os.writev(self.fd, _head(views[:_IOV_MAX], room))
             self.bytes_written += n
             views = _drop(views, n)
