@@ -13,17 +13,18 @@ import trio
 
 from vfiomig._core import (
     NEED_DATA,
-    ChannelEnd,
+    PUMP_END,
+    PUMP_HEADER,
+    PUMP_NEED_DATA,
     ChannelHello,
     Framer,
     HandshakeError,
-    PacketHeader,
-    RamSkipped,
+    ReorderBuffer,
     StreamIncompleteError,
     VfioMigError,
     new_payload_buffer,
 )
-from vfiomig._session import Session
+from vfiomig._session import Device, Session
 
 log = logging.getLogger("vfiomig")
 
@@ -107,49 +108,62 @@ async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> 
 async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> None:  # type: ignore[no-untyped-def]
     room = session.room
     trace = log.isEnabledFor(logging.DEBUG)  # checked once, not per packet
+    # Devices whose packets the core takes whole, many per call (`Framer.pump`): a device
+    # joins after its first packet on this channel went through the slow path below, so
+    # that path alone routes unknown devices, starts the clock and parks for budget. With
+    # tracing on, none joins: every packet comes here and is logged.
+    routes: dict[tuple[str, int], ReorderBuffer] = {}
+    pumped: list[Device] = []
     while True:
-        ev = framer.next_event()
-        if ev is NEED_DATA:
+        status, done, ev = framer.pump(routes)
+        if done:
+            session.progress += done
+            # The loader re-checks take_ready() before it parks (no await in between), so
+            # only a parked loader needs a wakeup; one check per batch, not per packet.
+            for dev in pumped:
+                if dev.lot and dev.buf.has_ready():
+                    dev.lot.unpark_all()
+        if status == PUMP_NEED_DATA:
             await fill()
             continue
-        if type(ev) is PacketHeader:
-            device = session.route(ev.idstr, ev.instance, ev.idx)
-            buf = device.buf
+        if status == PUMP_END:
+            return
+        assert ev is not None
+        device = session.route(ev.idstr, ev.instance, ev.idx)
+        buf = device.buf
+        if status == PUMP_HEADER:
             # Backpressure: read the data only once the buffer accepts it. While parked this
             # task does not read its socket, so TCP flow control slows the sender.
             while not buf.offer(ev.version, ev.idx, ev.flags, ev.size):
                 await room.park()
-            if device.first_packet is None:
-                device.first_packet = trio.current_time()
-                session.mark_started()
-            size = ev.size
-            if size == 0:
-                data: bytes | bytearray = b""
+        if device.first_packet is None:
+            device.first_packet = trio.current_time()
+            session.mark_started()
+        size = ev.size
+        if size == 0:
+            data: bytes | bytearray = b""
+        else:
+            taken = framer.take_payload()
+            if taken is not None:
+                data = taken
             else:
-                taken = framer.take_payload()
-                if taken is not None:
-                    data = taken
-                else:
-                    data = await _read_payload(framer, size, fill, recv_into)
-            buf.deliver(ev.idx, data)
-            if trace:
-                log.debug(
-                    "%s/%d: packet incoming idx %d flags %#x size %d",
-                    ev.idstr,
-                    ev.instance,
-                    ev.idx,
-                    ev.flags,
-                    ev.size,
-                )
-            session.progress += 1
-            # The loader re-checks take_ready() before it parks (no await in between), so
-            # only a parked loader needs a wakeup; an empty lot costs nothing.
-            if device.lot and buf.has_ready():
-                device.lot.unpark_all()
-        elif type(ev) is RamSkipped:
-            session.progress += 1
-        elif type(ev) is ChannelEnd:
-            return
+                data = await _read_payload(framer, size, fill, recv_into)
+        buf.deliver(ev.idx, data)
+        if trace:
+            log.debug(
+                "%s/%d: packet incoming idx %d flags %#x size %d",
+                ev.idstr,
+                ev.instance,
+                ev.idx,
+                ev.flags,
+                ev.size,
+            )
+        session.progress += 1
+        if device.lot and buf.has_ready():
+            device.lot.unpark_all()
+        if not trace and (device.idstr, device.instance) not in routes:
+            routes[device.idstr, device.instance] = buf
+            pumped.append(device)
 
 
 async def _read_payload(framer: Framer, size: int, fill, recv_into) -> bytearray:  # type: ignore[no-untyped-def]

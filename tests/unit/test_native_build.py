@@ -82,7 +82,10 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path: Path) -> None:
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
         "VFIOMIG_REQUIRE_NATIVE": "1",
     }
-    tests = [str(ROOT / "tests" / "unit" / t) for t in ("test_framer.py", "test_reorder.py")]
+    tests = [
+        str(ROOT / "tests" / "unit" / t)
+        for t in ("test_framer.py", "test_reorder.py", "test_pump.py")
+    ]
     # The fuzz corpus too: the framer target runs the C core beside the reference on it.
     tests.append(str(ROOT / "tests" / "unit" / "test_fuzz.py") + "::test_corpus_replays_clean")
     check = (

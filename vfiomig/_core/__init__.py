@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import types
 
-from vfiomig._core import _framer
 from vfiomig._core._errors import (
     AbortedError,
     ConfigStateError,
@@ -27,6 +26,10 @@ from vfiomig._core._errors import (
 )
 from vfiomig._core._framer import (
     NEED_DATA,
+    PUMP_ACCEPTED,
+    PUMP_END,
+    PUMP_HEADER,
+    PUMP_NEED_DATA,
     ChannelEnd,
     ChannelHello,
     Framer,
@@ -36,8 +39,13 @@ from vfiomig._core._framer import (
 )
 from vfiomig._core._reorder import Budget, DeviceStatistics, Ready, ReorderBuffer
 
+#: The pure-Python twins of everything in `_ACCELERATED`.
+_reference = types.SimpleNamespace(
+    Budget=Budget, Framer=Framer, ReorderBuffer=ReorderBuffer, new_payload_buffer=new_payload_buffer
+)
+
 #: What the C core replaces of the Python reference (same names, signatures and errors).
-_ACCELERATED = ("Framer", "new_payload_buffer")
+_ACCELERATED = ("Budget", "Framer", "ReorderBuffer", "new_payload_buffer")
 
 
 def _load_native() -> types.ModuleType | None:
@@ -55,7 +63,7 @@ def _load_native() -> types.ModuleType | None:
     return _native
 
 
-def _namespace(name: str, accelerator: types.ModuleType) -> types.ModuleType:
+def _namespace(name: str, accelerator: object) -> types.ModuleType:
     """The core's whole surface with `_ACCELERATED` taken from ``accelerator``."""
     ns = types.ModuleType(f"vfiomig._core[{name}]")
     ns.__dict__.update({k: v for k, v in globals().items() if k in __all__})
@@ -70,12 +78,18 @@ IMPLEMENTATION = "python"
 IMPLEMENTATIONS: dict[str, types.ModuleType] = {}
 if _native is not None and os.environ.get("VFIOMIG_PUREPYTHON") != "1":
     Framer = _native.Framer  # type: ignore[misc]
+    Budget = _native.Budget  # type: ignore[misc]
+    ReorderBuffer = _native.ReorderBuffer  # type: ignore[misc]
     new_payload_buffer = _native.new_payload_buffer
     IMPLEMENTATION = "native"
 
 __all__ = [
     "IMPLEMENTATION",
     "NEED_DATA",
+    "PUMP_ACCEPTED",
+    "PUMP_END",
+    "PUMP_HEADER",
+    "PUMP_NEED_DATA",
     "AbortedError",
     "Budget",
     "ChannelEnd",
@@ -97,7 +111,7 @@ __all__ = [
     "new_payload_buffer",
 ]
 
-IMPLEMENTATIONS["python"] = _namespace("python", _framer)
+IMPLEMENTATIONS["python"] = _namespace("python", _reference)
 if IMPLEMENTATION == "native":
     assert _native is not None
     IMPLEMENTATIONS["native"] = _namespace("native", _native)

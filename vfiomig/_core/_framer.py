@@ -17,8 +17,9 @@ and report it with `Framer.consume_external`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from vfiomig._core._errors import PacketError, StreamIncompleteError, VfioMigError
 from vfiomig._core._wire import (
@@ -36,6 +37,9 @@ from vfiomig._core._wire import (
     decode_handshake,
     vfio_header_struct,
 )
+
+if TYPE_CHECKING:
+    from vfiomig._core._reorder import ReorderBuffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,14 @@ class _NeedData:
 NEED_DATA: Final = _NeedData()
 
 Event = ChannelHello | PacketHeader | RamSkipped | ChannelEnd
+
+#: `Framer.pump` statuses: receive more bytes; the channel ended cleanly; a packet header
+#: the caller must take (unknown or unrouted device, or an offer refused for budget); a
+#: packet whose offer was accepted and whose data the caller must read and deliver.
+PUMP_NEED_DATA: Final = 0
+PUMP_END: Final = 1
+PUMP_HEADER: Final = 2
+PUMP_ACCEPTED: Final = 3
 
 _COMMON = struct.Struct(">III")
 _DEVICE_TAIL = struct.Struct(">II")
@@ -322,6 +334,41 @@ class Framer:
         self._remaining = size
         self._state = _SKIP
         return RamSkipped(flags, size)
+
+    def pump(
+        self, routes: Mapping[tuple[str, int], ReorderBuffer]
+    ) -> tuple[int, int, PacketHeader | None]:
+        """Take every packet the buffer holds in one call: route it by ``(idstr, instance)``
+        through ``routes``, offer it, and deliver its data when it is all buffered.
+
+        Returns ``(status, done, header)``: ``done`` packets (device-state and RAM) were
+        handled completely; ``status`` says why it stopped (`PUMP_NEED_DATA`, `PUMP_END`,
+        `PUMP_HEADER` or `PUMP_ACCEPTED` with its ``header``). ``routes`` may only grow.
+        Only for a channel past its handshake.
+
+        Raises:
+            the errors of `next_event` and of the buffers' ``offer`` and ``deliver``.
+        """
+        if self._state == _HANDSHAKE and self._error is None:
+            raise RuntimeError("pump() before the handshake")
+        done = 0
+        while True:
+            ev = self.next_event()
+            if ev is NEED_DATA:
+                return PUMP_NEED_DATA, done, None
+            if type(ev) is PacketHeader:
+                buf = routes.get((ev.idstr, ev.instance))
+                if buf is None or not buf.offer(ev.version, ev.idx, ev.flags, ev.size):
+                    return PUMP_HEADER, done, ev
+                data: bytes | None = self.take_payload() if ev.size else b""
+                if data is None:
+                    return PUMP_ACCEPTED, done, ev
+                buf.deliver(ev.idx, data)
+                done += 1
+            elif type(ev) is RamSkipped:
+                done += 1
+            else:
+                return PUMP_END, done, None
 
     # -- packet data ---------------------------------------------------------------
 
