@@ -93,7 +93,10 @@ def test_ram_packet_without_page_count_is_an_error(core: types.ModuleType) -> No
         (lambda p: b"\x11\x22\x33\x00" + p[4:], "channel 0: packet magic 0x11223300"),
         (lambda p: p[:4] + b"\0\0\0\7" + p[8:], "channel 0: packet version 7"),
         (lambda p: p[:267] + b"X" + p[268:], "channel 0: packet idstr is not nul-terminated"),
-        (lambda p: p[:272] + (11).to_bytes(4, "big") + p[276:], r"dev/0: packet too short at 11 \(min is 12\)"),
+        (
+            lambda p: p[:272] + (11).to_bytes(4, "big") + p[276:],
+            r"dev/0: packet too short at 11 \(min is 12\)",
+        ),
         (
             lambda p: p[:272] + (2**32 - 1).to_bytes(4, "big") + p[276:],
             r"dev/0: packet size 4294967295 is above the cap \(67108864\)",
@@ -128,7 +131,8 @@ def test_eof_inside_a_packet(core: types.ModuleType, cut: int) -> None:
 def test_eof_inside_data_names_device_and_idx(core: types.ModuleType) -> None:
     stream = (encode_handshake(UUID, 0) + encode_packet("dev", 0, 4, 0, b"abcdef"))[:-2]
     with pytest.raises(
-        core.StreamIncompleteError, match=r"dev/0: channel ended inside packet idx 4 \(4 of 6 bytes\)"
+        core.StreamIncompleteError,
+        match=r"dev/0: channel ended inside packet idx 4 \(4 of 6 bytes\)",
     ):
         events(core, stream, [1000])
 
