@@ -247,7 +247,9 @@ static int reorder_offer(Reorder *self, uint32_t version, uint32_t idx, uint32_t
                                    idx, (long long)self->r.config_idx);
         return reorder_raise(self, cls, msg, idx);
     }
-    if (!((int64_t)idx == self->r.next_idx || (flags & VFM_VFIO_FLAG_CONFIG))) {
+    /* Over budget only for the config packet, or the next idx while the loader is idle. */
+    if (!((flags & VFM_VFIO_FLAG_CONFIG) ||
+          ((int64_t)idx == self->r.next_idx && self->unwritten == 0))) {
         if (self->budget->queued + (long long)size > self->budget->limit)
             return 0;
     }

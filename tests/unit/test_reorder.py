@@ -128,6 +128,21 @@ def test_budget_backpressure(core: types.ModuleType) -> None:
     assert buf.budget.peak == max(12, 6 + len(CFG))
 
 
+def test_next_idx_waits_while_the_previous_packet_is_written(core: types.ModuleType) -> None:
+    """The next-idx exemption gives one packet of slack per device, not two (SPEC §2)."""
+    buf = fresh(core, budget=4)
+    buf.open_gate()
+    assert put(buf, 0, b"a" * 10)  # over budget, but the next idx with the loader idle
+    ready = buf.take_ready()  # the loader writes idx 0 ...
+    assert ready is not None and ready.end_idx == 1
+    assert not buf.offer(0, 1, 0, 10)  # ... so idx 1, now the next idx, waits for it
+    assert buf.budget.queued == 10
+    buf.written(ready.nbytes)
+    assert put(buf, 1, b"b" * 10)  # the loader is idle again: accepted
+    assert buf.budget.peak == 10
+    assert drain(buf) == b"b" * 10
+
+
 def test_missing_report(core: types.ModuleType) -> None:
     buf = fresh(core)
     buf.open_gate()
@@ -176,7 +191,7 @@ def test_any_arrival_order_gives_in_order_writes_config_last(
     for name in result.data:
         ends = [e for d, _, e in result.order if d == name]
         firsts = [f for d, f, _ in result.order if d == name]
-        assert firsts == ([0] + ends[:-1] if ends else [])  # contiguous, increasing batches
+        assert firsts == ([0, *ends[:-1]] if ends else [])  # contiguous, increasing batches
 
 
 @given(

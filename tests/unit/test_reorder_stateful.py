@@ -8,11 +8,11 @@ that takes a batch and reports it written later (as the real loader does across 
 
 - the loader has received each device's data in idx order, each packet once, so what it
   wrote is always a prefix of the device's stream (precopy first);
-- queued bytes stay within the budget plus the slack the design allows: per device, the
-  next idx to write and the batch the loader is writing (each at most one packet above
-  the budget; see RELIABILITY.md), its config packet, and its precopy data;
-- an offer is refused only when the budget has no room and the packet is neither the
-  next idx nor a config packet;
+- queued bytes stay within the budget plus the slack the design allows: per device, one
+  packet (the next idx, accepted over budget only while the loader has nothing of the
+  device unwritten; SPEC.md §2), its config packet, and its precopy data until written;
+- an offer is refused only when the budget has no room and the packet is not a config
+  packet, nor the next idx while the loader is idle;
 - every failure is our `VfioMigError`, and the buffer is poisoned after it.
 
 At the end each device that did not fail is driven to completion, which must succeed
@@ -129,7 +129,7 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
                 return None
             assert not expect_error, f"offer({idx}, {kind}) accepted"
             if not ok:
-                assert idx != buf.next_idx and not is_config
+                assert not is_config and (idx != buf.next_idx or dev.taken is not None)
                 assert queued_before + size > self.budget.limit
                 return None
             dev.offered.add(idx)
@@ -205,9 +205,7 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
                 return
             out = b"".join(bytes(c) for c in ready.chunks)
             assert len(out) == ready.nbytes
-            if ready.precopy:
-                dev.precopy_queued -= ready.nbytes
-            else:
+            if not ready.precopy:
                 assert dev.buf.gate_open
                 dev.multifd_taken = True
             dev.written += out
@@ -221,6 +219,8 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
             if dev.taken is None:
                 return
             dev.buf.written(dev.taken.nbytes)  # type: ignore[attr-defined]
+            if dev.taken.precopy:  # type: ignore[attr-defined]
+                dev.precopy_queued -= dev.taken.nbytes  # type: ignore[attr-defined]
             dev.taken = None
             if dev.buf.finishable:
                 dev.buf.mark_loaded()
@@ -242,7 +242,7 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
             slack = 0
             for dev in self.devs:
                 config = len(wrap_config(b"c")) if dev.config_offered else 0
-                slack += 2 * MAX_PACKET + config + dev.precopy_queued
+                slack += MAX_PACKET + config + dev.precopy_queued
             assert self.budget.queued <= self.budget.limit + slack
             assert self.budget.queued >= 0
 

@@ -9,10 +9,14 @@ read its data only when the offer is accepted, and hand the data over with
 replayed and the device is marked loaded.
 
 Memory: every accepted packet's data counts as queued in a `Budget` shared by the devices
-of a session from `offer` until `written`. An offer is accepted when it is its device's
-next idx to write, a config packet, or when the budget has room; otherwise the reader
-waits (backpressure) and offers again later. So queued bytes stay within the budget plus
-one packet per device, and the readers never read more than one packet ahead each.
+of a session from `offer` until `written`. An offer is accepted when the budget has room,
+when it is a config packet, or when it is its device's next idx to write and nothing of
+that device is taken but not yet written; otherwise the reader waits (backpressure) and
+offers again after the next `written`. The next-idx exemption keeps a device whose next
+packet does not fit from waiting forever; requiring the loader to be idle keeps it to one
+packet: while the loader writes an over-budget packet, the one after it waits. So queued
+bytes stay within the budget plus one data packet and the config packet per device, and
+the readers never read more than one packet ahead each.
 
 After an error the buffer is poisoned: every later call raises the same error.
 """
@@ -129,7 +133,9 @@ class ReorderBuffer:
     def offer(self, version: int, idx: int, flags: int, size: int) -> bool:
         """Check a packet's header; reserve budget and return True if its data may be read.
 
-        On False nothing changed: wait for `written` (or the gate) and offer again.
+        On False nothing changed: wait for `written` (or the gate) and offer again. The
+        next idx to write is accepted over budget only while the loader has nothing of
+        this device taken but unwritten.
 
         Raises:
             PacketError: unknown version, invalid idx, duplicate, second config packet,
@@ -142,7 +148,7 @@ class ReorderBuffer:
         except VfioMigError as exc:
             self._error = exc
             raise
-        if not (idx == self.next_idx or flags & VFIO_FLAG_CONFIG_STATE):
+        if not (flags & VFIO_FLAG_CONFIG_STATE or (idx == self.next_idx and self._unwritten == 0)):
             budget = self.budget
             if budget.queued + size > budget.limit:
                 return False
