@@ -13,6 +13,7 @@
 
 #include "vfiomig_core.h"
 #include "vfiomig_reorder.h"
+#include "vfiomig_writer.h"
 
 static PyObject *g_need_data, *g_hello, *g_header, *g_ram, *g_end, *g_decode_handshake;
 static PyObject *g_vfio_error, *g_packet_error, *g_incomplete_error, *g_config_error;
@@ -1573,14 +1574,15 @@ static int import_names(void)
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (import_names() < 0 || PyType_Ready(&FramerType) < 0 || PyType_Ready(&BudgetType) < 0 ||
-        PyType_Ready(&ReorderType) < 0)
+        PyType_Ready(&ReorderType) < 0 || PyType_Ready(&vfm_PipeWriterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
         return NULL;
     if (PyModule_AddObjectRef(m, "Framer", (PyObject *)&FramerType) < 0 ||
         PyModule_AddObjectRef(m, "Budget", (PyObject *)&BudgetType) < 0 ||
-        PyModule_AddObjectRef(m, "ReorderBuffer", (PyObject *)&ReorderType) < 0) {
+        PyModule_AddObjectRef(m, "ReorderBuffer", (PyObject *)&ReorderType) < 0 ||
+        PyModule_AddObjectRef(m, "PipeWriter", (PyObject *)&vfm_PipeWriterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -6,7 +6,7 @@ A native `ReorderBuffer` takes a native `Budget`; a native `Framer.pump` routes 
 buffers only.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from vfiomig._core._errors import StreamIncompleteError, VfioMigError
 from vfiomig._core._framer import Event, PacketHeader, _NeedData
@@ -90,3 +90,13 @@ class ReorderBuffer:
     def statistics(self) -> DeviceStatistics: ...
 
 def new_payload_buffer(size: int) -> bytearray: ...
+
+class PipeWriter:
+    """Writes batches of chunks to a blocking pipe from a thread of its own (one in flight)."""
+
+    done_fd: int
+    busy: bool
+    def __init__(self, fd: int) -> None: ...
+    def submit(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None: ...
+    def result(self) -> int | None: ...
+    def close(self) -> None: ...

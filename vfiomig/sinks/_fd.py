@@ -2,9 +2,11 @@
 
 `FdSink` writes with ``writev`` and loops on short writes. A non-blocking fd (a pipe or a
 socket set O_NONBLOCK by its owner) is written from the event loop, waiting for
-writability on EAGAIN; any other fd is written from a worker thread so that a full pipe or
-slow disk never stalls the channel readers. EPIPE and every other ``OSError`` propagate;
-the loader turns them into a `SinkError` naming the device and idx.
+writability on EAGAIN. A blocking pipe is written by the C core's `PipeWriter` thread
+(the event loop keeps receiving meanwhile and waits for the batch on an eventfd), or from
+the event loop when the C core is not in use; any other fd is written from a worker thread
+so that a full pipe or slow disk never stalls the channel readers. EPIPE and every other
+``OSError`` propagate; the loader turns them into a `SinkError` naming the device and idx.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from collections.abc import Sequence
 
 import trio
 
+from vfiomig import _core
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
 
 _IOV_MAX = 1024
+
+if _core.IMPLEMENTATION == "native":
+    from vfiomig._native import PipeWriter
+else:  # the pure-Python build writes pipes from the event loop
+    PipeWriter = None  # type: ignore[assignment,misc]
 
 
 def write_all(fd: int, chunks: Sequence[Chunk]) -> int:
@@ -99,6 +107,7 @@ class FdSink(Sink):
         self.bytes_written = 0
         self._nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
         self._pipe_size = 0 if self._nonblocking else _pipe_size(fd)
+        self._writer: PipeWriter | None = None
         self._closed = False
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
@@ -118,10 +127,32 @@ class FdSink(Sink):
                 self.bytes_written += n
                 views = _drop(views, n)
             await trio.lowlevel.checkpoint()
+        elif self._pipe_size and PipeWriter is not None:
+            await self._write_in_thread(chunks)
         elif self._pipe_size:
             await self._write_blocking_pipe(chunks)
         else:
             self.bytes_written += await trio.to_thread.run_sync(write_all, self.fd, chunks)
+
+    async def _write_in_thread(self, chunks: Sequence[Chunk]) -> None:
+        # The writer thread pins the chunks and writes them while the event loop receives;
+        # it never blocks in a write (it writes what the pipe has room for and polls), so
+        # stopping it on cancel is prompt, and the fd is closed only after it stopped.
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = PipeWriter(self.fd)
+        writer.submit(chunks)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(writer.done_fd)
+                n = writer.result()  # raises the write's OSError (EPIPE, EIO) with errno
+                if n is not None:
+                    break
+        except BaseException:
+            self._writer = None
+            writer.close()  # stops and joins the thread: nothing writes the fd after this
+            raise
+        self.bytes_written += n
 
     async def _write_blocking_pipe(self, chunks: Sequence[Chunk]) -> None:
         # A blocking pipe (fd:N inherited from a back-end) is written from the event loop as
@@ -147,6 +178,9 @@ class FdSink(Sink):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._writer is not None:
+                self._writer.close()  # joins the thread before the fd can be closed
+                self._writer = None
             if self.owned:
                 os.close(self.fd)
 
