@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -22,8 +22,8 @@ test: $(STAMP)
 	VFIOMIG_PUREPYTHON=1 $(BIN)/python -m pytest -q tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check vfiomig tests benchmarks examples
-	$(BIN)/ruff format --check vfiomig tests benchmarks examples
+	$(BIN)/ruff check vfiomig tests benchmarks examples fuzz setup.py
+	$(BIN)/ruff format --check vfiomig tests benchmarks examples fuzz setup.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

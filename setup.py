@@ -16,7 +16,9 @@ setup(
             sources=_NATIVE,
             depends=[os.path.join("native", f) for f in os.listdir("native")],
             extra_compile_args=_FLAGS,
-            extra_link_args=["-fsanitize=address,undefined"] if os.environ.get("VFIOMIG_SANITIZE") else [],
+            extra_link_args=["-fsanitize=address,undefined"]
+            if os.environ.get("VFIOMIG_SANITIZE")
+            else [],
         )
     ]
     if _NATIVE
