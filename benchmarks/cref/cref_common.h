@@ -9,6 +9,7 @@
 #define CREF_COMMON_H
 
 #define _GNU_SOURCE
+#include <sys/uio.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -229,6 +230,21 @@ out:
     if (res)
         freeaddrinfo(res);
     return rc;
+}
+
+
+/* Drop the first n bytes (a short write's count) from an iovec array in place. */
+static inline void cref_iov_advance(struct iovec **iov, int *cnt, size_t n)
+{
+    while (*cnt > 0 && n >= (*iov)->iov_len) {
+        n -= (*iov)->iov_len;
+        (*iov)++;
+        (*cnt)--;
+    }
+    if (*cnt > 0) {
+        (*iov)->iov_base = (char *)(*iov)->iov_base + n;
+        (*iov)->iov_len -= n;
+    }
 }
 
 #endif /* CREF_COMMON_H */

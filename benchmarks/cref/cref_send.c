@@ -99,15 +99,7 @@ static int cref_send_all(int fd, struct iovec *iov, int cnt)
                 continue;
             goto out;
         }
-        while (cnt > 0 && (size_t)n >= iov->iov_len) {
-            n -= (ssize_t)iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + n;
-            iov->iov_len -= (size_t)n;
-        }
+        cref_iov_advance(&iov, &cnt, (size_t)n);
     }
     rc = 0;
 out:
