@@ -10,7 +10,7 @@ from typing import TypeAlias
 
 import trio
 
-from vfiomig._channels import channel_closed, check_missing, run_channel
+from vfiomig._channels import check_missing, run_channel
 from vfiomig._core import StallError, UsageError
 from vfiomig._loader import run_loader
 from vfiomig._net import open_listener, parse_address, tune_socket
@@ -208,4 +208,4 @@ def _stall_reason(device: Device) -> str:
     return what
 
 
-__all__ = ["MigrationFailed", "ReceiverConfig", "channel_closed", "serve_receiver"]
+__all__ = ["MigrationFailed", "ReceiverConfig", "serve_receiver"]

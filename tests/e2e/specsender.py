@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -113,7 +112,3 @@ def spread(
     for k, p in enumerate(packets):
         streams[choose(k)] += p
     return [bytes(s) for s in streams]
-
-
-def env_for_fd() -> dict[str, str]:
-    return dict(os.environ)

@@ -13,7 +13,7 @@ import trio.lowlevel
 
 from vfiomig import CallbackConfig, CallbackSink, DeviceSetup, ReceiverConfig, send_migration
 from vfiomig._core import SinkError
-from vfiomig._send import SendDevice
+from vfiomig._send import SendDevice, SendError
 from vfiomig._service import serve_receiver
 from vfiomig._session import MigrationFailed, Session
 from vfiomig.sinks._fd import ConfigDir, FdSink, open_fd_sink, open_file_sink, write_all
@@ -67,23 +67,7 @@ async def test_epipe_through_the_loader_names_device_idx_and_errno() -> None:
     r, w = os.pipe()
     os.close(r)
     sink = FdSink(w, owned=True, description="fd:7")
-    config = ReceiverConfig(
-        uuid=UUID, channels=1, devices=[DeviceSetup("d", 0, sink, MemoryConfig())]
-    )
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(_serve, config)
-            try:
-                await send_migration(
-                    connect_to=session.bound,
-                    channels=1,
-                    uuid=UUID,
-                    devices=[SendDevice("d", 0, SynthSource(10_000, 1))],
-                    packet_size=4096,
-                )
-            except Exception:  # the receiver may close first: that is fine here
-                pass
-    err = session.report().devices[0].error
+    err = await failed_migration(sink, size=10_000, packet_size=4096)
     assert err is not None
     assert err.startswith("d/0: sink fd:7 failed writing idx 0..")
     assert err.endswith("Broken pipe (errno 32)")
@@ -96,6 +80,29 @@ async def _serve(
         await serve_receiver(config, task_status=task_status)
     except MigrationFailed:
         pass
+
+
+async def failed_migration(
+    sink: FdSink, *, size: int, packet_size: int, sink_timeout: float = 60.0
+) -> str | None:
+    """Send ``size`` bytes of device ``d`` into ``sink`` over one channel; return the
+    device's error. The sender may see the receiver close first: that is fine here."""
+    setup = DeviceSetup("d", 0, sink, MemoryConfig())
+    cfg = ReceiverConfig(uuid=UUID, channels=1, devices=[setup], sink_timeout=sink_timeout)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(_serve, cfg)
+            try:
+                await send_migration(
+                    connect_to=session.bound,
+                    channels=1,
+                    uuid=UUID,
+                    devices=[SendDevice("d", 0, SynthSource(size, 1))],
+                    packet_size=packet_size,
+                )
+            except SendError:
+                pass
+    return session.report().devices[0].error
 
 
 async def test_file_sink_truncates_and_config_dir_is_atomic(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -175,25 +182,10 @@ async def test_a_sink_that_stops_reading_fails_within_the_sink_timeout() -> None
     r, w = os.pipe()
     fcntl.fcntl(w, F_SETPIPE_SZ, 65536)
     sink = FdSink(w, owned=True, description="fd:stuck")
-    setup = DeviceSetup("d", 0, sink, MemoryConfig())
-    config = ReceiverConfig(uuid=UUID, channels=1, devices=[setup], sink_timeout=0.5)
     try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                session: Session = await nursery.start(_serve, config)
-                try:
-                    await send_migration(
-                        connect_to=session.bound,
-                        channels=1,
-                        uuid=UUID,
-                        devices=[SendDevice("d", 0, SynthSource(1_000_000, 1))],
-                        packet_size=65536,
-                    )
-                except Exception:
-                    pass
+        err = await failed_migration(sink, size=1_000_000, packet_size=65536, sink_timeout=0.5)
     finally:
         os.close(r)
-    err = session.report().devices[0].error
     assert err is not None
     assert re.fullmatch(
         r"d/0: sink fd:stuck did not finish writing idx \d+\.\.\d+ within 0\.5 s", err
