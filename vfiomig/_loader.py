@@ -12,6 +12,7 @@ import logging
 import trio
 
 from vfiomig._core import SinkError, VfioMigError
+from vfiomig._core._errors import os_error_text
 from vfiomig._session import Device, Session, SessionEvent
 from vfiomig.sinks._base import ConfigTarget
 
@@ -27,9 +28,7 @@ def _sink_error(device: Device, what: str, exc: BaseException) -> SinkError:
         cause = exc.message
     else:
         errno = getattr(exc, "errno", None)
-        cause = str(exc)
-        if isinstance(exc, OSError) and exc.strerror:
-            cause = f"{exc.strerror} (errno {exc.errno})"
+        cause = os_error_text(exc)
     return SinkError(f"{device.name}: {what}: {cause}", device=device.name, errno=errno)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from vfiomig._core._errors import UsageError, VfioMigError
+from vfiomig._core._errors import UsageError, VfioMigError, os_error_text
 from vfiomig._core._wire import (
     VFIO_FLAG_CONFIG_STATE,
     Endian,
@@ -103,9 +103,7 @@ class SendError(VfioMigError):
 def _cause(exc: BaseException) -> str:
     while isinstance(exc.__cause__, OSError):
         exc = exc.__cause__
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} (errno {exc.errno})"
-    return str(exc)
+    return os_error_text(exc)
 
 
 async def _produce_guarded(

@@ -76,3 +76,11 @@ class AbortedError(VfioMigError):
 
 class UsageError(VfioMigError, ValueError):
     """A command-line or library argument is invalid (bad spec, bad address)."""
+
+
+def os_error_text(exc: BaseException) -> str:
+    """``"Broken pipe (errno 32)"`` for an ``OSError`` with an errno, ``str(exc)`` otherwise:
+    the cause part of every message about a failed sink, source or channel."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return str(exc)
