@@ -81,11 +81,21 @@ async def running_receiver(
         yield Running(session, control, outcome)
 
 
-async def send_channel(address: str, data: bytes, tls: ssl.SSLContext | None = None) -> None:
-    """Open one data channel, send ``data`` (handshake included), close it."""
+async def send_channel(
+    address: str, data: bytes, tls: ssl.SSLContext | None = None, *, may_be_cut: bool = False
+) -> None:
+    """Open one data channel, send ``data`` (handshake included), close it.
+
+    ``may_be_cut``: the session is expected to fail, and a failing receiver closes its
+    channels, so the sender may see a reset while it still has bytes to send.
+    """
     addr = parse_address(address)
     stream: trio.abc.Stream = await connect(addr)
     if tls is not None:
         stream = trio.SSLStream(stream, tls, server_hostname=addr.host)
     async with stream:
-        await stream.send_all(data)
+        try:
+            await stream.send_all(data)
+        except trio.BrokenResourceError:
+            if not may_be_cut:
+                raise

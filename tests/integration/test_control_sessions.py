@@ -4,9 +4,9 @@ model, TLS, several devices, refusals, and `send_migration(control=...)`."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 import ssl
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -114,8 +114,7 @@ async def test_tls_happy_path_and_wrong_certificates(
             # handshake and write before the server's refusal arrives, so a client-side
             # error is not guaranteed; what counts is the receiver's side.)
             for bad in (_client_ctx(ca, rogue), _client_ctx(ca, None), None):
-                with contextlib.suppress(trio.BrokenResourceError):
-                    await send_channel(rx.data_address, streams()[0], tls=bad)
+                await send_channel(rx.data_address, streams()[0], tls=bad, may_be_cut=True)
             with trio.fail_after(5):
                 while rx.session.channels_refused < 3:  # noqa: ASYNC110 - no event for a refusal
                     await trio.sleep(0.01)
@@ -170,7 +169,9 @@ async def test_one_failing_device_fails_the_session_cleanly(tmp_path: Path) -> N
             async with open_control_client(rx.control_address) as ctl:
                 async with trio.open_nursery() as nursery:
                     for data in channel_streams(packets, 3, UUID):
-                        nursery.start_soon(send_channel, rx.data_address, data)
+                        nursery.start_soon(
+                            partial(send_channel, rx.data_address, data, may_be_cut=True)
+                        )
                 error = await expect(ctl, "error")
                 assert error["device"] == "d1"
                 assert error["message"].startswith("d1/0: sink memory failed writing idx ")
