@@ -802,6 +802,10 @@ typedef struct {
     char route_raw[VFM_IDSTR_SIZE];
     size_t route_len;
     uint32_t route_instance;
+    PyObject *pending;    /* pump_recv(): bytearray of the accepted packet being received */
+    Py_ssize_t pending_got;
+    Reorder *pending_buf; /* ... and the buffer it goes to */
+    int last_big;         /* the last packet received that way was large (see pump_recv) */
 } Framer;
 
 static uint8_t *framer_data(Framer *self) { return (uint8_t *)PyByteArray_AS_STRING(self->buf); }
@@ -818,6 +822,8 @@ static int framer_traverse(Framer *self, visitproc visit, void *arg)
     Py_VISIT(self->idstr);
     Py_VISIT(self->routes);
     Py_VISIT(self->route_buf);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->pending_buf);
     return 0;
 }
 
@@ -833,6 +839,8 @@ static int framer_clear(Framer *self)
     Py_CLEAR(self->idstr);
     Py_CLEAR(self->routes);
     Py_CLEAR(self->route_buf);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->pending_buf);
     return 0;
 }
 
@@ -1158,7 +1166,7 @@ static PyObject *Framer_next_event(Framer *self, PyObject *Py_UNUSED(ignored))
 
 /* -- pump: many packets per call --------------------------------------------------- */
 
-enum { PUMP_NEED_DATA, PUMP_END, PUMP_HEADER, PUMP_ACCEPTED };
+enum { PUMP_NEED_DATA, PUMP_END, PUMP_HEADER, PUMP_ACCEPTED, PUMP_WOULD_BLOCK };
 
 /* (status, packets done, PacketHeader or None).  Steals hdr; NULL hdr with an error set
  * (from framer_packet) passes the error on. */
@@ -1203,6 +1211,73 @@ static Reorder *framer_route(Framer *self, const struct vfm_out *o, PyObject *ro
     return self->route_buf;
 }
 
+/* The loop of pump(): returns a PUMP_ status (PUMP_HEADER and PUMP_ACCEPTED with the
+ * packet in *o and, for PUMP_ACCEPTED, its buffer in *bufp, borrowed), or -1 with an error
+ * set.  *done counts the packets handled completely. */
+static int framer_pump_loop(Framer *self, PyObject *routes, long long *done, struct vfm_out *o,
+                            Reorder **bufp)
+{
+    for (;;) {
+        if (self->error) {
+            framer_reraise(self);
+            return -1;
+        }
+        if (self->f.state == VFM_S_PAYLOAD) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "the current packet's data must be read before the next event");
+            return -1;
+        }
+        if (self->f.state == VFM_S_HANDSHAKE) {
+            PyErr_SetString(PyExc_RuntimeError, "pump() before the handshake");
+            return -1;
+        }
+        switch (vfm_next(&self->f, framer_data(self), o)) {
+        case VFM_EV_NEED_DATA:
+            return PUMP_NEED_DATA;
+        case VFM_EV_RAM:
+            ++*done;
+            continue;
+        case VFM_EV_END:
+            return PUMP_END;
+        case VFM_EV_PACKET:
+            break;
+        case VFM_EV_HANDSHAKE: /* excluded by the state check above */
+        case VFM_EV_ERROR:
+        default:
+            framer_error(self, o);
+            return -1;
+        }
+        int err;
+        Reorder *buf = framer_route(self, o, routes, &err);
+        if (err)
+            return -1;
+        int ok = buf ? reorder_offer(buf, o->version, o->idx, o->flags, o->size) : 0;
+        if (ok < 0)
+            return -1;
+        if (!ok) /* unknown or new device, or no budget: the caller takes this packet */
+            return PUMP_HEADER;
+        PyObject *data;
+        if (o->size == 0) {
+            data = PyBytes_FromStringAndSize(NULL, 0);
+        } else if (self->f.end - self->f.pos >= o->size) {
+            data = PyBytes_FromStringAndSize((const char *)framer_data(self) + self->f.pos,
+                                             (Py_ssize_t)o->size);
+            if (data)
+                vfm_advance(&self->f, o->size, 1);
+        } else { /* accepted, its data still to receive */
+            *bufp = buf;
+            return PUMP_ACCEPTED;
+        }
+        if (!data)
+            return -1;
+        int r = reorder_deliver(buf, o->idx, data, (Py_ssize_t)o->size);
+        Py_DECREF(data);
+        if (r < 0)
+            return -1;
+        ++*done;
+    }
+}
+
 static PyObject *Framer_pump(Framer *self, PyObject *routes)
 {
     if (!PyDict_Check(routes)) {
@@ -1210,61 +1285,162 @@ static PyObject *Framer_pump(Framer *self, PyObject *routes)
         return NULL;
     }
     long long done = 0;
+    struct vfm_out o;
+    Reorder *buf = NULL;
+    int status = framer_pump_loop(self, routes, &done, &o, &buf);
+    if (status < 0)
+        return NULL;
+    if (status == PUMP_HEADER || status == PUMP_ACCEPTED)
+        return pump_result(status, done, framer_packet(self, &o), 1);
+    return pump_result(status, done, NULL, 0);
+}
+
+/* -- pump_recv: the channel's data plane in one call -------------------------------- */
+
+#define RECV_CHUNK (256 * 1024)
+#define BIG_PAYLOAD (64 * 1024)
+#define PACKET_HEAD (VFM_DEVICE_HEADER_SIZE + VFM_VFIO_HEADER_SIZE)
+
+static int framer_make_room(Framer *self, size_t n);
+
+/* recv_into(memoryview of n bytes at p): the byte count, -2 for BlockingIOError (cleared),
+ * -1 with an error set. */
+static Py_ssize_t framer_recv(PyObject *recv_into, char *p, Py_ssize_t n)
+{
+    PyObject *mv = PyMemoryView_FromMemory(p, n, PyBUF_WRITE);
+    if (!mv)
+        return -1;
+    PyObject *r = PyObject_CallOneArg(recv_into, mv);
+    Py_DECREF(mv);
+    if (!r) {
+        if (PyErr_ExceptionMatches(PyExc_BlockingIOError)) {
+            PyErr_Clear();
+            return -2;
+        }
+        return -1;
+    }
+    Py_ssize_t got = PyLong_AsSsize_t(r);
+    Py_DECREF(r);
+    if (got == -1 && PyErr_Occurred())
+        return -1;
+    if (got < 0 || got > n) {
+        PyErr_Format(PyExc_ValueError, "recv_into() returned %zd for a %zd-byte buffer", got, n);
+        return -1;
+    }
+    return got;
+}
+
+static PyObject *framer_raise_truncated(Framer *self)
+{
+    PyObject *exc = framer_truncated(self);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "pump_recv(recv_into, routes, limit)");
+        return NULL;
+    }
+    PyObject *recv_into = args[0], *routes = args[1];
+    if (!PyDict_Check(routes)) {
+        PyErr_SetString(PyExc_TypeError, "pump_recv() takes a dict of routes");
+        return NULL;
+    }
+    long long limit = PyLong_AsLongLong(args[2]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    long long done = 0, received = 0;
     for (;;) {
-        if (self->error)
-            return framer_reraise(self);
-        if (self->f.state == VFM_S_PAYLOAD) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "the current packet's data must be read before the next event");
-            return NULL;
-        }
-        if (self->f.state == VFM_S_HANDSHAKE) {
-            PyErr_SetString(PyExc_RuntimeError, "pump() before the handshake");
-            return NULL;
-        }
-        struct vfm_out o;
-        switch (vfm_next(&self->f, framer_data(self), &o)) {
-        case VFM_EV_NEED_DATA:
-            return pump_result(PUMP_NEED_DATA, done, NULL, 0);
-        case VFM_EV_RAM:
+        if (self->pending) {
+            char *data = PyByteArray_AS_STRING(self->pending);
+            Py_ssize_t size = PyByteArray_GET_SIZE(self->pending);
+            Py_ssize_t got = self->pending_got;
+            size_t have = self->f.end - self->f.pos;
+            if (got < size && have) {
+                size_t n = (size_t)(size - got) < have ? (size_t)(size - got) : have;
+                memcpy(data + got, framer_data(self) + self->f.pos, n);
+                vfm_advance(&self->f, n, 1);
+                self->pending_got = got += (Py_ssize_t)n;
+            }
+            while (got < size) {
+                if (received >= limit)
+                    return pump_result(PUMP_NEED_DATA, done, NULL, 0);
+                Py_ssize_t n = framer_recv(recv_into, data + got, size - got);
+                if (n == -2)
+                    return pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
+                if (n < 0)
+                    return NULL;
+                if (n == 0) {
+                    self->f.eof = 1;
+                    return framer_raise_truncated(self);
+                }
+                vfm_advance(&self->f, (uint64_t)n, 0);
+                self->pending_got = got += n;
+                received += n;
+            }
+            PyObject *idx = PyObject_GetAttr(self->current, g_str_idx);
+            unsigned long i = idx ? PyLong_AsUnsignedLong(idx) : 0;
+            Py_XDECREF(idx);
+            if (PyErr_Occurred())
+                return NULL;
+            PyObject *payload = self->pending;
+            Reorder *buf = self->pending_buf;
+            self->pending = NULL;
+            self->pending_buf = NULL;
+            self->last_big = size >= BIG_PAYLOAD;
+            int r = reorder_deliver(buf, (uint32_t)i, payload, size);
+            Py_DECREF(payload);
+            Py_DECREF(buf);
+            if (r < 0)
+                return NULL;
             done++;
             continue;
-        case VFM_EV_END:
-            return pump_result(PUMP_END, done, NULL, 0);
-        case VFM_EV_PACKET:
-            break;
-        case VFM_EV_HANDSHAKE: /* excluded by the state check above */
-        case VFM_EV_ERROR:
-        default:
-            return framer_error(self, &o);
         }
-        int err;
-        Reorder *buf = framer_route(self, &o, routes, &err);
-        if (err)
+        struct vfm_out o;
+        Reorder *buf = NULL;
+        int status = framer_pump_loop(self, routes, &done, &o, &buf);
+        if (status < 0)
             return NULL;
-        int ok = buf ? reorder_offer(buf, o.version, o.idx, o.flags, o.size) : 0;
-        if (ok < 0)
-            return NULL;
-        if (!ok) /* unknown or new device, or no budget: the caller takes this packet */
-            return pump_result(PUMP_HEADER, done, framer_packet(self, &o), 1);
-        PyObject *data;
-        if (o.size == 0) {
-            data = PyBytes_FromStringAndSize(NULL, 0);
-        } else if (self->f.end - self->f.pos >= o.size) {
-            data = PyBytes_FromStringAndSize((const char *)framer_data(self) + self->f.pos,
-                                             (Py_ssize_t)o.size);
-            if (data)
-                vfm_advance(&self->f, o.size, 1);
-        } else { /* accepted, its data still to receive: the caller reads it */
-            return pump_result(PUMP_ACCEPTED, done, framer_packet(self, &o), 1);
+        if (status == PUMP_NEED_DATA) {
+            if (received >= limit)
+                return pump_result(PUMP_NEED_DATA, done, NULL, 0);
+            /* After a large packet, receive just the next header: its data then goes
+             * straight into its own buffer instead of through this one (a copy). */
+            size_t have = self->f.end - self->f.pos, want = RECV_CHUNK;
+            if (self->last_big && self->f.state == VFM_S_HEADER && have < PACKET_HEAD)
+                want = PACKET_HEAD - have;
+            if (framer_make_room(self, want) < 0)
+                return NULL;
+            Py_ssize_t n = framer_recv(recv_into, (char *)framer_data(self) + self->f.end,
+                                       (Py_ssize_t)want);
+            if (n == -2)
+                return pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
+            if (n < 0)
+                return NULL;
+            if (n == 0)
+                self->f.eof = 1;
+            self->f.end += (size_t)n;
+            received += n;
+        } else if (status == PUMP_ACCEPTED) {
+            PyObject *hdr = framer_packet(self, &o); /* `current`, for the errors */
+            if (!hdr)
+                return NULL;
+            Py_DECREF(hdr);
+            self->pending = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)o.size);
+            if (!self->pending)
+                return NULL;
+            self->pending_got = 0;
+            self->pending_buf = (Reorder *)Py_NewRef(buf);
+        } else if (status == PUMP_HEADER) {
+            return pump_result(status, done, framer_packet(self, &o), 1);
+        } else {
+            return pump_result(status, done, NULL, 0);
         }
-        if (!data)
-            return NULL;
-        int r = reorder_deliver(buf, o.idx, data, (Py_ssize_t)o.size);
-        Py_DECREF(data);
-        if (r < 0)
-            return NULL;
-        done++;
     }
 }
 
@@ -1486,6 +1662,7 @@ static PyMethodDef Framer_methods[] = {
     {"consume_external", (PyCFunction)Framer_consume_external, METH_O, NULL},
     {"fail_truncated", (PyCFunction)Framer_fail_truncated, METH_NOARGS, NULL},
     {"pump", (PyCFunction)Framer_pump, METH_O, NULL},
+    {"pump_recv", (PyCFunction)(void (*)(void))Framer_pump_recv, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

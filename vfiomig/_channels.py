@@ -8,6 +8,8 @@ failures refuse only this channel; any error after the handshake fails the sessi
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 
 import trio
 
@@ -16,6 +18,7 @@ from vfiomig._core import (
     PUMP_END,
     PUMP_HEADER,
     PUMP_NEED_DATA,
+    PUMP_WOULD_BLOCK,
     ChannelHello,
     Framer,
     HandshakeError,
@@ -31,6 +34,10 @@ log = logging.getLogger("vfiomig")
 #: Bytes asked of the socket per receive. Small packets come many to a receive; the data of
 #: a large packet bypasses this buffer and is received straight into its own buffer.
 RECEIVE_SIZE = 256 * 1024
+
+#: Bytes a channel receives in one `Framer.pump_recv` call before it lets other tasks run
+#: (the loaders, the other channels).
+PUMP_LIMIT = 1 << 20
 
 
 async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> None:
@@ -83,7 +90,7 @@ async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> 
             session.channels_open += 1
             registered = True
             log.info("channel %d: accepted from %s", ev.channel_id, label)
-            await _read_packets(session, framer, fill, recv_into)
+            await _read_packets(session, framer, fill, recv_into, sock)
     except VfioMigError as exc:
         session.fail(exc)
     except (OSError, trio.BrokenResourceError) as exc:
@@ -105,8 +112,12 @@ async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> 
             channel_closed(session)
 
 
-async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> None:  # type: ignore[no-untyped-def]
+async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock) -> None:  # type: ignore[no-untyped-def]
     room = session.room
+    # A plain socket: the core receives for itself (`Framer.pump_recv`), as much as the
+    # socket has, and this task only sleeps until it is readable again. TLS goes through
+    # the stream, a receive at a time (`Framer.pump`).
+    recv_now = _nonblocking_recv(sock.fileno()) if recv_into is not None else None
     trace = log.isEnabledFor(logging.DEBUG)  # checked once, not per packet
     # Devices whose packets the core takes whole, many per call (`Framer.pump`): a device
     # joins after its first packet on this channel went through the slow path below, so
@@ -115,7 +126,10 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> No
     routes: dict[tuple[str, int], ReorderBuffer] = {}
     pumped: list[Device] = []
     while True:
-        status, done, ev = framer.pump(routes)
+        if recv_now is not None:
+            status, done, ev = framer.pump_recv(recv_now, routes, PUMP_LIMIT)
+        else:
+            status, done, ev = framer.pump(routes)
         if done:
             session.progress += done
             # The loader re-checks take_ready() before it parks (no await in between), so
@@ -123,8 +137,14 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into) -> No
             for dev in pumped:
                 if dev.lot and dev.buf.has_ready():
                     dev.lot.unpark_all()
+        if status == PUMP_WOULD_BLOCK:
+            await trio.lowlevel.wait_readable(sock)
+            continue
         if status == PUMP_NEED_DATA:
-            await fill()
+            if recv_now is not None:
+                await trio.lowlevel.checkpoint()  # PUMP_LIMIT bytes in: let others run
+            else:
+                await fill()
             continue
         if status == PUMP_END:
             return
@@ -183,6 +203,15 @@ async def _read_payload(framer: Framer, size: int, fill, recv_into) -> bytearray
             got += framer.read_payload_into(view[got:])
     view.release()
     return payload
+
+
+def _nonblocking_recv(fd: int) -> Callable[[memoryview], int]:
+    """``recv_into`` for `Framer.pump_recv` on trio's (non-blocking) socket ``fd``."""
+
+    def recv_now(view: memoryview) -> int:
+        return os.readv(fd, (view,))
+
+    return recv_now
 
 
 def channel_closed(session: Session) -> None:

@@ -6,7 +6,7 @@ A native `ReorderBuffer` takes a native `Budget`; a native `Framer.pump` routes 
 buffers only.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from vfiomig._core._errors import StreamIncompleteError, VfioMigError
 from vfiomig._core._framer import Event, PacketHeader, _NeedData
@@ -39,6 +39,12 @@ class Framer:
     def next_event(self) -> Event | _NeedData: ...
     def pump(
         self, routes: Mapping[tuple[str, int], ReorderBuffer]
+    ) -> tuple[int, int, PacketHeader | None]: ...
+    def pump_recv(
+        self,
+        recv_into: Callable[[memoryview], int],
+        routes: Mapping[tuple[str, int], ReorderBuffer],
+        limit: int,
     ) -> tuple[int, int, PacketHeader | None]: ...
     def read_payload_into(self, out: memoryview) -> int: ...
     def take_payload(self) -> bytes | None: ...

@@ -206,3 +206,179 @@ def test_native_pump_takes_native_buffers_only() -> None:
         f.pump({key: py.ReorderBuffer("d/0", py.Budget(10))})
     with pytest.raises(TypeError):
         native.ReorderBuffer("d/0", py.Budget(10))
+
+
+# -- pump_recv: the framer receives for itself ---------------------------------------
+
+
+class ScriptedRecv:
+    """A non-blocking ``recv_into`` over ``stream``: random lengths, random would-blocks."""
+
+    def __init__(self, stream: bytes, seed: int, max_slice: int, *, error: OSError | None = None):
+        self.stream = stream
+        self.pos = 0
+        self.rng = random.Random(seed)
+        self.max_slice = max_slice
+        self.error = error  # raised instead of the end of the stream
+
+    def __call__(self, view: memoryview) -> int:
+        if self.rng.random() < 0.2:
+            raise BlockingIOError
+        if self.pos == len(self.stream) and self.error is not None:
+            raise self.error
+        n = min(len(view), self.rng.randint(1, self.max_slice), len(self.stream) - self.pos)
+        view[:n] = self.stream[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def run_pump_recv(
+    core: types.ModuleType, stream: bytes, *, seed: int, budget: int, max_slice: int, limit: int
+) -> tuple[dict[tuple[str, int], bytearray], int, list[int]]:
+    """One channel through pump_recv(), the slow path as `vfiomig._channels` takes it."""
+    rng = random.Random(seed)
+    recv = ScriptedRecv(stream, seed, max_slice)
+    bud = core.Budget(budget)
+    bufs = {k: core.ReorderBuffer(f"{k[0]}/{k[1]}", bud) for k in DEVICES}
+    for b in bufs.values():
+        b.open_gate()
+    out = {k: bytearray() for k in DEVICES}
+    f = core.Framer(uuid=UUID, channels=4, ram_page_count=2)
+
+    def fill() -> None:
+        while True:
+            view = f.get_buffer(rng.randint(1, 5000))
+            try:
+                n = recv(view)
+            except BlockingIOError:
+                continue
+            finally:
+                view.release()
+            f.commit(n)
+            return
+
+    while f.next_event() is core.NEED_DATA:
+        fill()
+    routes: dict[tuple[str, int], object] = {}
+    packets = 0
+    statuses: list[int] = []
+    while True:
+        status, done, hdr = f.pump_recv(recv, routes, limit)
+        statuses.append(status)
+        packets += done
+        if status in (core.PUMP_NEED_DATA, core.PUMP_WOULD_BLOCK):
+            _drain(bufs, out)  # the loader runs while the channel waits
+            continue
+        if status == core.PUMP_END:
+            break
+        assert status == core.PUMP_HEADER
+        key = (hdr.idstr, hdr.instance)
+        buf = bufs[key]
+        while not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):
+            _drain(bufs, out)
+        data = bytearray(hdr.size)
+        got = 0
+        while got < hdr.size:
+            got += f.read_payload_into(memoryview(data)[got:])
+            if got < hdr.size:
+                fill()
+        buf.deliver(hdr.idx, bytes(data))
+        packets += 1
+        routes[key] = buf
+    _drain(bufs, out)
+    return out, packets, statuses
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    packet_size=st.sampled_from([1, 300, 4096, 300_000]),
+    budget=st.sampled_from([0, 5000, 1 << 30]),
+    max_slice=st.sampled_from([1, 97, 4096, 1 << 20]),
+    limit=st.sampled_from([1, 10_000, 1 << 30]),
+)
+def test_pump_recv_matches_the_stream_for_any_receives(
+    core: types.ModuleType, seed: int, packet_size: int, budget: int, max_slice: int, limit: int
+) -> None:
+    if packet_size > 4096 and max_slice == 1:
+        max_slice = 97  # the same paths, in a tenth of the time
+    stream, want, npackets = _stream(seed, packet_size)
+    out, packets, statuses = run_pump_recv(
+        core, stream, seed=seed, budget=budget, max_slice=max_slice, limit=limit
+    )
+    assert {k: bytes(v) for k, v in out.items()} == want
+    assert packets == npackets
+    assert core.PUMP_ACCEPTED not in statuses
+
+
+def test_pump_recv_results_are_identical_across_cores() -> None:
+    import vfiomig._core as core_module
+
+    stream, _, _ = _stream(5, 70_000)
+    results = [
+        run_pump_recv(ns, stream, seed=9, budget=100_000, max_slice=30_000, limit=50_000)
+        for ns in core_module.IMPLEMENTATIONS.values()
+    ]
+    assert all(r == results[0] for r in results)
+
+
+def _accepted_mid_packet(core: types.ModuleType, error: OSError | None) -> tuple[object, object]:
+    key = DEVICES[0]
+    buf = core.ReorderBuffer("d/0", core.Budget(1 << 20))
+    buf.open_gate()
+    pkt = encode_packet(key[0], key[1], 0, 0, b"y" * 100_000)
+    f = core.Framer(uuid=UUID, channels=4)
+    f.feed(encode_handshake(UUID, 1))
+    assert isinstance(f.next_event(), core.ChannelHello)
+    recv = ScriptedRecv(pkt[:60_000], 1, 4096, error=error)
+    recv.rng.random = lambda: 1.0  # type: ignore[method-assign]  # never would-block
+    return f, lambda: f.pump_recv(recv, {key: buf}, 1 << 30)
+
+
+def test_pump_recv_end_inside_a_packet_is_the_references_error(core: types.ModuleType) -> None:
+    _f, pump = _accepted_mid_packet(core, None)
+    with pytest.raises(
+        core.StreamIncompleteError,
+        match=r"^0000:00:04.0/vfio/0: channel ended inside packet idx 0 \(59712 of 100000 bytes\)$",
+    ) as e:
+        pump()  # type: ignore[operator]
+    assert (e.value.device, e.value.idx) == ("0000:00:04.0/vfio/0", 0)
+
+
+def test_pump_recv_passes_receive_errors_on_with_the_packet_current(
+    core: types.ModuleType,
+) -> None:
+    f, pump = _accepted_mid_packet(core, ConnectionResetError(104, "Connection reset by peer"))
+    with pytest.raises(ConnectionResetError):
+        pump()  # type: ignore[operator]
+    cur = f.current  # type: ignore[attr-defined]
+    assert (cur.idstr, cur.idx, cur.size) == (DEVICES[0][0], 0, 100_000)
+    assert f.payload_remaining == 100_000 - 59_712  # type: ignore[attr-defined]
+
+
+def test_pump_recv_would_block_and_limit(core: types.ModuleType) -> None:
+    key = DEVICES[0]
+    buf = core.ReorderBuffer("d/0", core.Budget(1 << 20))
+    buf.open_gate()
+    f = _hello(core, b"")
+    pkt = encode_packet(key[0], key[1], 0, 0, b"z" * 10)
+
+    def nothing(view: memoryview) -> int:
+        raise BlockingIOError
+
+    assert f.pump_recv(nothing, {key: buf}, 1 << 20) == (core.PUMP_WOULD_BLOCK, 0, None)
+    chunks = [pkt[:5], pkt[5:]]
+
+    def two(view: memoryview) -> int:
+        if not chunks:
+            raise BlockingIOError
+        c = chunks.pop(0)
+        view[: len(c)] = c
+        return len(c)
+
+    assert f.pump_recv(two, {key: buf}, 5) == (core.PUMP_NEED_DATA, 0, None)
+    assert f.pump_recv(two, {key: buf}, 5) == (core.PUMP_NEED_DATA, 1, None)
+    assert f.pump_recv(two, {key: buf}, 5) == (core.PUMP_WOULD_BLOCK, 0, None)
+    assert bytes(buf.take_ready().chunks[0]) == b"z" * 10

@@ -17,7 +17,7 @@ and report it with `Framer.consume_external`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -93,6 +93,14 @@ PUMP_NEED_DATA: Final = 0
 PUMP_END: Final = 1
 PUMP_HEADER: Final = 2
 PUMP_ACCEPTED: Final = 3
+#: `Framer.pump_recv` only: ``recv_into`` has nothing more now; wait until it has.
+PUMP_WOULD_BLOCK: Final = 4
+
+#: Bytes `Framer.pump_recv` asks ``recv_into`` for at a time between packets' data.
+RECV_CHUNK: Final = 256 * 1024
+#: After a packet of this much data, `Framer.pump_recv` receives only the next header, so
+#: that the next packet's data goes straight into its own buffer instead of being copied.
+BIG_PAYLOAD: Final = 64 * 1024
 
 _COMMON = struct.Struct(">III")
 _DEVICE_TAIL = struct.Struct(">II")
@@ -151,6 +159,11 @@ class Framer:
         self._remaining = 0  # data bytes left in the current packet (payload or skip)
         self._current: PacketHeader | None = None
         self._error: VfioMigError | None = None
+        # pump_recv(): the accepted packet whose data is being received into its own buffer.
+        self._pending: bytearray | None = None
+        self._pending_got = 0
+        self._pending_buf: ReorderBuffer | None = None
+        self._last_big = False
 
     # -- ingress -------------------------------------------------------------------
 
@@ -369,6 +382,89 @@ class Framer:
                 done += 1
             else:
                 return PUMP_END, done, None
+
+    def pump_recv(
+        self,
+        recv_into: Callable[[memoryview], int],
+        routes: Mapping[tuple[str, int], ReorderBuffer],
+        limit: int,
+    ) -> tuple[int, int, PacketHeader | None]:
+        """`pump` that receives for itself: the whole data plane of a channel in one call.
+
+        ``recv_into(view)`` is a non-blocking receive (a socket's ``recv_into``): it returns
+        the byte count, 0 at the end of the stream, or raises `BlockingIOError` when nothing
+        is there. Between packets the framer receives up to `RECV_CHUNK` bytes into its own
+        buffer; the data of an accepted packet that is not all buffered goes straight into
+        that packet's own buffer, across calls, and is delivered once complete.
+
+        Returns like `pump`, with two differences: `PUMP_WOULD_BLOCK` when ``recv_into``
+        has nothing more, `PUMP_NEED_DATA` when ``limit`` bytes were received in this call
+        (call again after letting others run), and never `PUMP_ACCEPTED`.
+
+        Raises:
+            the errors of `pump`; `StreamIncompleteError` if the stream ends inside a
+            packet's data; whatever ``recv_into`` raises but `BlockingIOError` (the packet
+            being received is then `current`).
+        """
+        done = received = 0
+        while True:
+            payload = self._pending
+            if payload is not None:
+                got = self._pending_got
+                size = len(payload)
+                view = memoryview(payload)
+                try:
+                    if got < size and self._pos < self._end:
+                        got += self.read_payload_into(view[got:])
+                    while got < size:
+                        if received >= limit:
+                            return PUMP_NEED_DATA, done, None
+                        try:
+                            n = recv_into(view[got:])
+                        except BlockingIOError:
+                            return PUMP_WOULD_BLOCK, done, None
+                        if n == 0:
+                            self._eof = True
+                            raise self.fail_truncated()
+                        self.consume_external(n)
+                        got += n
+                        received += n
+                finally:
+                    self._pending_got = got
+                    view.release()
+                buf = self._pending_buf
+                assert buf is not None and self._current is not None
+                self._pending = self._pending_buf = None
+                self._last_big = size >= BIG_PAYLOAD
+                buf.deliver(self._current.idx, payload)
+                done += 1
+                continue
+            status, n, header = self.pump(routes)
+            done += n
+            if status == PUMP_NEED_DATA:
+                if received >= limit:
+                    return PUMP_NEED_DATA, done, None
+                want = RECV_CHUNK
+                have = self._end - self._pos
+                head = DEVICE_HEADER_SIZE + VFIO_HEADER_SIZE
+                if self._last_big and self._state == _HEADER and have < head:
+                    want = head - have
+                with self.get_buffer(want) as view:
+                    try:
+                        n = recv_into(view)
+                    except BlockingIOError:
+                        n = -1
+                if n < 0:
+                    return PUMP_WOULD_BLOCK, done, None
+                self.commit(n)
+                received += n
+            elif status == PUMP_ACCEPTED:
+                assert header is not None
+                self._pending = new_payload_buffer(header.size)
+                self._pending_got = 0
+                self._pending_buf = routes[header.idstr, header.instance]
+            else:
+                return status, done, header
 
     # -- packet data ---------------------------------------------------------------
 
