@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,53 @@ def _timeout(case: Case, models: Models) -> float:
     return 60.0 + 4 * total / slowest
 
 
+async def _transfer(
+    sinks: SinkSet,
+    total: int,
+    limit_seconds: float,
+    ticker: Ticker,
+    overhead: Overhead,
+    failures: list[str],
+    serve: Callable[[trio.TaskStatus[Any]], Awaitable[None]],
+    job_for: Callable[[Any], dict[str, Any]],
+    abort: Callable[[Any, trio.Nursery], None],
+) -> tuple[dict[str, Any], float]:
+    """One transfer into ``sinks``: start the receiver (``serve``, which reports its
+    handle through ``task_status`` and its failures into ``failures``), run the sender
+    process on ``job_for(handle)``, wait for the receiver to finish. On a failed sender
+    ``abort(handle, nursery)`` stops the receiver. Returns the sender's report and the
+    receiver's CPU seconds (this process, sender start to receiver end)."""
+    sent: dict[str, Any] = {}
+    cpu = 0.0
+    finished = trio.Event()
+
+    async def run_server(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await serve(task_status)
+        finally:
+            finished.set()
+
+    try:
+        with trio.fail_after(limit_seconds):
+            async with trio.open_nursery() as nursery:
+                handle = await nursery.start(run_server)
+                job = job_for(handle)
+                cpu0 = time.process_time()
+                nursery.start_soon(_tick, sinks, total, ticker, overhead)
+                try:
+                    await _sender(job, sent)
+                except (RuntimeError, OSError) as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    abort(handle, nursery)
+                # The sender is done; the receiver may still be loading.
+                await finished.wait()
+                cpu = time.process_time() - cpu0
+                nursery.cancel_scope.cancel()
+    except trio.TooSlowError:
+        failures.append(f"timed out after {limit_seconds:.0f} s")
+    return sent, cpu
+
+
 async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker: Ticker) -> Run:
     run = Run("vfiomig", case, repeat, seed)
     overhead = Overhead()
@@ -234,54 +281,50 @@ async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker
                 gate="open",
                 max_queued=models.max_queued,
             )
-            sent: dict[str, Any] = {}
-            sessions: list[Session] = []
             failures: list[str] = []
-            finished = trio.Event()
-            total = case.size * case.devices
+            t_serve = 0.0
 
-            async def serve(
-                task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
-            ) -> None:
+            async def serve(task_status: trio.TaskStatus[Session]) -> None:
                 try:
                     await serve_receiver(config, task_status=task_status)
                 except MigrationFailed as exc:
                     failures.append(str(exc))
-                finally:
-                    finished.set()
+
+            sessions: list[Session] = []
+
+            def job_for(session: Session) -> dict[str, Any]:
+                nonlocal t_serve
+                t_serve = trio.current_time()
+                sessions.append(session)
+                return {
+                    "mode": "multifd",
+                    "connect": session.bound,
+                    "channels": case.channels,
+                    "uuid": UUID.hex(),
+                    "devices": devs,
+                    "packet_size": case.packet_size,
+                    "order": "roundrobin" if case.order == "slow" else case.order,
+                    "seed": seed,
+                    "channel_rate": models.channel_rate,
+                    "channel_rates": rates,
+                    "link_rate": models.link_rate,
+                }
+
+            def abort(session: Session, nursery: trio.Nursery) -> None:
+                session.abort("the sender failed")
 
             try:
-                with trio.fail_after(_timeout(case, models)):
-                    async with trio.open_nursery() as nursery:
-                        session: Session = await nursery.start(serve)
-                        t_serve = trio.current_time()
-                        sessions.append(session)
-                        job = {
-                            "mode": "multifd",
-                            "connect": session.bound,
-                            "channels": case.channels,
-                            "uuid": UUID.hex(),
-                            "devices": devs,
-                            "packet_size": case.packet_size,
-                            "order": "roundrobin" if case.order == "slow" else case.order,
-                            "seed": seed,
-                            "channel_rate": models.channel_rate,
-                            "channel_rates": rates,
-                            "link_rate": models.link_rate,
-                        }
-                        cpu0 = time.process_time()
-                        nursery.start_soon(_tick, sinks, total, ticker, overhead)
-                        try:
-                            await _sender(job, sent)
-                        except (RuntimeError, OSError) as exc:
-                            failures.append(f"{type(exc).__name__}: {exc}")
-                            session.abort("the sender failed")
-                        # The sender is done; the receiver may still be loading.
-                        await finished.wait()
-                        cpu1 = time.process_time()
-                        nursery.cancel_scope.cancel()
-            except trio.TooSlowError:
-                failures.append(f"timed out after {_timeout(case, models):.0f} s")
+                sent, cpu = await _transfer(
+                    sinks,
+                    case.size * case.devices,
+                    _timeout(case, models),
+                    ticker,
+                    overhead,
+                    failures,
+                    serve,
+                    job_for,
+                    abort,
+                )
             finally:
                 run.late_seconds = sinks.late_seconds()
                 first_write = sinks.first_write_at()
@@ -307,7 +350,7 @@ async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker
     )
     if first_write is not None:
         run.first_write_delay = first_write - _first_sent(sent, session.started_at)
-    run.cpu_seconds = cpu1 - cpu0
+    run.cpu_seconds = cpu
     run.harness_seconds = overhead.seconds
     run.sender_seconds = float(sent["t_end"]) - float(sent["t_start"])
     _set_bound(run, models, [d.bytes for d in report.devices], sent.get("channel_bytes", []), rates)
@@ -364,11 +407,9 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
         ) as sinks:
             configs = [ConfigModel(models.config_seconds) for _ in range(case.devices)]
             reports: list[SeqReport] = []
-            sent: dict[str, Any] = {}
             failures: list[str] = []
-            finished = trio.Event()
 
-            async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            async def serve(task_status: trio.TaskStatus[str]) -> None:
                 try:
                     reports.append(
                         await serve_sequential(
@@ -377,32 +418,31 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
                     )
                 except (EOFError, OSError, trio.BrokenResourceError) as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
-                finally:
-                    finished.set()
+
+            def job_for(address: str) -> dict[str, Any]:
+                return {
+                    "mode": "seq",
+                    "connect": [address],
+                    "devices": _devices(case, seed),
+                    "packet_size": case.packet_size,
+                    "rate": rate,
+                }
+
+            def abort(address: str, nursery: trio.Nursery) -> None:
+                nursery.cancel_scope.cancel()
 
             try:
-                with trio.fail_after(_timeout(case, models) * case.devices):
-                    async with trio.open_nursery() as nursery:
-                        address: str = await nursery.start(serve)
-                        job = {
-                            "mode": "seq",
-                            "connect": [address],
-                            "devices": _devices(case, seed),
-                            "packet_size": case.packet_size,
-                            "rate": rate,
-                        }
-                        cpu0 = time.process_time()
-                        nursery.start_soon(_tick, sinks, case.size * case.devices, ticker, overhead)
-                        try:
-                            await _sender(job, sent)
-                        except (RuntimeError, OSError) as exc:
-                            failures.append(f"{type(exc).__name__}: {exc}")
-                            nursery.cancel_scope.cancel()
-                        await finished.wait()
-                        cpu1 = time.process_time()
-                        nursery.cancel_scope.cancel()
-            except trio.TooSlowError:
-                failures.append("timed out")
+                sent, cpu = await _transfer(
+                    sinks,
+                    case.size * case.devices,
+                    _timeout(case, models) * case.devices,
+                    ticker,
+                    overhead,
+                    failures,
+                    serve,
+                    job_for,
+                    abort,
+                )
             finally:
                 run.late_seconds = sinks.late_seconds()
             if failures or not reports:
@@ -414,7 +454,7 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
     run.wire_bytes = int(sent["wire_bytes"])
     run.downtime = rep.loaded_at[-1] - _first_sent(sent, rep.started_at)
     run.throughput = run.bytes / run.downtime
-    run.cpu_seconds = cpu1 - cpu0
+    run.cpu_seconds = cpu
     run.harness_seconds = overhead.seconds
     run.sender_seconds = float(sent["t_end"]) - float(sent["t_start"])
     _set_bound(run, models, [case.size] * case.devices, [run.wire_bytes], [rate])
