@@ -1,5 +1,3 @@
-import sys
+from vfiomig._cli import run
 
-from vfiomig._cli import main
-
-sys.exit(main())
+run()
