@@ -21,6 +21,14 @@ The device itself is a real file (a temporary file unless ``path`` is given): `p
 be opened like a cdev and `open` returns a fresh fd; the ioctl answers ENOTTY for an fd
 that is not open on that file, as the kernel does for any non-VFIO file.
 
+With ``cdev=True`` the device behaves as one opened from ``/dev/vfio/devices/vfioN``
+(``vfio_device_fops_unl_ioctl``, ``vfio_df_ioctl_bind_iommufd``): every ioctl but
+VFIO_DEVICE_BIND_IOMMUFD answers EINVAL until that fd is bound to an iommufd, an open fd
+on `iommu_path` (a second temporary file standing in for ``/dev/iommu``: EBADF for a
+closed fd, EBADFD for another file); a second bind, or a bind while another fd of the
+device is bound (the VMM has it), is EINVAL. `open` then returns an fd already bound, as
+the VMM's would be.
+
 Faults: ``max_write`` (short writes), ``write_errno_at`` (an errno from the write that
 would reach a byte offset), ``would_block`` (EAGAIN from the next N writes),
 ``stop_errno`` (RESUMING -> STOP fails regardless of the data), ``fail_arcs`` (any arc
@@ -41,6 +49,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from vfiomig.sinks._vfio_uapi import (
+    VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_FEATURE_GET,
     VFIO_DEVICE_FEATURE_MASK,
@@ -96,6 +105,7 @@ _SAVING = frozenset({SC, PC, PCP})
 _HEADER = struct.Struct("=II")
 _MIG_STATE = struct.Struct("=Ii")
 _U64 = struct.Struct("=Q")
+_BIND = struct.Struct("=IIiI")
 
 
 def _supported(state: MigState, flags: int) -> bool:
@@ -171,6 +181,7 @@ class FakeVfioDevice:
         error_on_failure: bool = False,
         nonblocking_data_fd: bool = False,
         path: str | None = None,
+        cdev: bool = False,
     ) -> None:
         self.migration = migration
         self.flags = flags
@@ -204,22 +215,37 @@ class FakeVfioDevice:
         self.path = path
         st = os.stat(path)
         self._identity = (st.st_dev, st.st_ino)
+        self.cdev = cdev
+        #: The fds bound to an iommufd (cdev mode), by fd number.
+        self.bound: set[int] = set()
+        self.iommu_path: str | None = None
+        if cdev:
+            fd, self.iommu_path = tempfile.mkstemp(prefix="fake-iommu-")
+            os.close(fd)
+            st = os.stat(self.iommu_path)
+            self._iommu_identity = (st.st_dev, st.st_ino)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> int:
-        """A new fd on the device, as a VMM would get from the cdev (caller owns it)."""
-        return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        """A new fd on the device, as a VMM holds it: opened and, for a cdev, bound
+        (caller owns it)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        if self.cdev:
+            with self._lock:
+                self.bound.add(fd)
+        return fd
 
     def close(self) -> None:
         """Release the fake's fds (not the data fd: the caller owns that) and its file."""
         with self._lock:
             self._end_session()
-        if self._own_file:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        for name in (self.path if self._own_file else None, self.iommu_path):
+            if name is not None:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
 
     def __enter__(self) -> FakeVfioDevice:
         return self
@@ -254,6 +280,12 @@ class FakeVfioDevice:
         """`vfiomig.sinks._vfio_uapi.IoctlFn`: answers as the kernel would, or raises OSError."""
         with self._lock:
             self._check_fd(fd)
+            if self.cdev:
+                if request == VFIO_DEVICE_BIND_IOMMUFD:
+                    self.calls.append((request, None))
+                    return self._bind(fd, buf)
+                if fd not in self.bound:
+                    raise _oserror(errno.EINVAL)  # df->access_granted is false
             if request == VFIO_DEVICE_RESET:
                 self.calls.append((request, None))
                 self._reset()
@@ -265,6 +297,32 @@ class FakeVfioDevice:
             argsz, flags = _HEADER.unpack_from(buf)
             self.calls.append((request, flags))
             return self._feature(buf, argsz, flags)
+
+    def _bind(self, fd: int, buf: bytearray | None) -> int:
+        if buf is None or len(buf) < _BIND.size:
+            raise _oserror(errno.EFAULT)
+        argsz, flags, iommufd, _ = _BIND.unpack_from(buf)
+        if argsz < _BIND.size or flags:
+            raise _oserror(errno.EINVAL)
+        try:
+            st = os.fstat(iommufd)
+        except OSError:
+            raise _oserror(errno.EBADF) from None
+        if (st.st_dev, st.st_ino) != self._iommu_identity:
+            raise _oserror(errno.EBADFD)
+        self.bound = {b for b in self.bound if self._is_device_fd(b)}  # closed since
+        if self.bound:  # bound here already, or the device is open elsewhere
+            raise _oserror(errno.EINVAL)
+        self.bound.add(fd)
+        _BIND.pack_into(buf, 0, argsz, flags, iommufd, 1)  # out_devid
+        return 0
+
+    def _is_device_fd(self, fd: int) -> bool:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
 
     def _check_fd(self, fd: int) -> None:
         try:

@@ -85,19 +85,71 @@ async def test_happy_path_walks_the_state_machine() -> None:
         assert dev.resets == 0
 
 
-async def test_device_path_without_p2p() -> None:
+def cdev_sink(dev: FakeVfioDevice) -> VfioSink:
+    assert dev.iommu_path is not None
+    return VfioSink.open(dev.path, ioctl=dev.ioctl, write=dev.write, iommu_path=dev.iommu_path)
+
+
+async def test_device_cdev_path_is_bound_then_migrated_without_p2p() -> None:
     data = stream_of(10_000)
     flags = uapi.VFIO_MIGRATION_STOP_COPY
-    with trio.fail_after(TIMEOUT), FakeVfioDevice(flags=flags, expected=data) as dev:
-        sink = VfioSink.open(dev.path, ioctl=dev.ioctl, write=dev.write)
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(flags=flags, expected=data, cdev=True) as dev:
+        sink = cdev_sink(dev)
         assert sink.description == f"vfio:{dev.path}"
         await sink.start()
+        assert dev.calls[0] == (uapi.VFIO_DEVICE_BIND_IOMMUFD, None)  # before anything else
         await sink.write([data])
         await sink.finish()
         await sink.aclose()
         await sink.aclose()  # idempotent
         assert dev.arcs == [(S.RUNNING, S.STOP), (S.STOP, S.RESUMING), (S.RESUMING, S.STOP)]
         assert dev.loaded == data
+
+
+async def test_a_cdev_the_vmm_holds_cannot_be_bound_again() -> None:
+    with trio.fail_after(TIMEOUT), FakeVfioDevice(cdev=True) as dev:
+        vmm_fd = dev.open()  # open and bound, as the VMM's
+        try:
+            sink = cdev_sink(dev)
+            with pytest.raises(SinkError) as info:
+                await sink.start()
+            assert info.value.errno == errno.EINVAL
+            assert str(info.value) == (
+                f"vfio device {dev.path}: binding the device to an iommufd failed:"
+                " [Errno 22] Invalid argument (already open elsewhere, e.g. by the VMM:"
+                " pass its fd with attach-fd or vfio:fd:N)"
+            )
+            await sink.abort()
+            await sink.aclose()
+            assert dev.arcs == [] and dev.resets == 0  # the VMM's device was not touched
+        finally:
+            os.close(vmm_fd)
+
+
+def test_fake_cdev_gates_every_ioctl_on_the_bind() -> None:
+    with FakeVfioDevice(cdev=True) as dev:
+        assert dev.iommu_path is not None
+        fd = os.open(dev.path, os.O_RDWR | os.O_CLOEXEC)
+        iommufd = os.open(dev.iommu_path, os.O_RDWR | os.O_CLOEXEC)
+        other = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with pytest.raises(OSError) as info:
+                uapi.get_migration_flags(fd, ioctl=dev.ioctl)
+            assert info.value.errno == errno.EINVAL  # no access before the bind
+            with pytest.raises(OSError) as info:
+                uapi.bind_iommufd(fd, other, ioctl=dev.ioctl)
+            assert info.value.errno == errno.EBADFD  # not an iommufd
+            with pytest.raises(OSError) as info:
+                uapi.bind_iommufd(fd, 987_654, ioctl=dev.ioctl)
+            assert info.value.errno == errno.EBADF
+            assert uapi.bind_iommufd(fd, iommufd, ioctl=dev.ioctl) == 1
+            with pytest.raises(OSError) as info:
+                uapi.bind_iommufd(fd, iommufd, ioctl=dev.ioctl)
+            assert info.value.errno == errno.EINVAL  # bound already
+            assert uapi.get_migration_flags(fd, ioctl=dev.ioctl) & uapi.VFIO_MIGRATION_STOP_COPY
+        finally:
+            for f in (fd, iommufd, other):
+                os.close(f)
 
 
 async def test_starting_from_stop() -> None:
@@ -244,19 +296,50 @@ async def test_no_migration_support_is_enotty() -> None:
 
 
 async def test_real_kernel_on_a_non_vfio_path(tmp_path: Path) -> None:
-    # The spec factory with the real fcntl.ioctl: a regular file answers ENOTTY.
+    # The real fcntl.ioctl: a regular file answers ENOTTY to the bind.
     path = str(tmp_path / "not-a-device")
     (tmp_path / "not-a-device").touch()
-    sink = open_vfio_sink(path)
+    (tmp_path / "iommu").touch()
+    sink = VfioSink.open(path, iommu_path=str(tmp_path / "iommu"))
     with trio.fail_after(TIMEOUT):
         with pytest.raises(SinkError) as info:
             await sink.start()
         assert info.value.errno == errno.ENOTTY
         assert str(info.value).startswith(
-            f"vfio device {path}: migration not supported by the kernel driver: [Errno 25]"
+            f"vfio device {path}: binding the device to an iommufd failed: [Errno 25]"
         )
+        assert str(info.value).endswith("(not a VFIO device cdev)")
         await sink.abort()
         await sink.aclose()
+
+
+async def test_real_kernel_on_an_fd_of_a_non_vfio_file(tmp_path: Path) -> None:
+    # vfio:fd:N is used as it is (the VMM's fd is bound already): GET MIGRATION -> ENOTTY.
+    path = tmp_path / "not-a-device"
+    path.touch()
+    sink = open_vfio_sink(f"fd:{os.open(path, os.O_RDWR | os.O_CLOEXEC)}")  # the sink owns it
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(SinkError) as info:
+            await sink.start()
+        assert info.value.errno == errno.ENOTTY
+        assert "migration not supported by the kernel driver: [Errno 25]" in str(info.value)
+        await sink.abort()
+        await sink.aclose()
+
+
+async def test_no_iommufd_is_a_sink_error(tmp_path: Path) -> None:
+    with FakeVfioDevice(cdev=True) as dev:
+        missing = str(tmp_path / "iommu")
+        sink = VfioSink.open(dev.path, ioctl=dev.ioctl, write=dev.write, iommu_path=missing)
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(SinkError) as info:
+                await sink.start()
+            assert info.value.errno == errno.ENOENT
+            assert str(info.value).startswith(
+                f"vfio device {dev.path}: cannot open {missing} (a device cdev is used"
+                " through an iommufd): [Errno 2]"
+            )
+            await sink.aclose()
 
 
 async def test_missing_path_is_a_sink_error(tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ WriteFn: TypeAlias = Callable[[int, memoryview], int]
 BATCH_BYTES = 4 << 20
 
 
+#: The iommufd character device (Linux 6.6+ with CONFIG_IOMMUFD).
+IOMMU_PATH = "/dev/iommu"
+
+
 class _DataFd:
     """A data fd and the write loop: every byte, in order, short writes retried.
 
@@ -132,6 +136,7 @@ class VfioSink(Sink):
         owned: bool = False,
         ioctl: IoctlFn = uapi.sys_ioctl,
         write: WriteFn = os.write,
+        iommu_path: str = IOMMU_PATH,
     ) -> None:
         if (path is None) == (device_fd is None):
             raise ValueError("give exactly one of path and device_fd")
@@ -140,6 +145,8 @@ class VfioSink(Sink):
         self._owns_device_fd = owned and device_fd is not None
         self._ioctl = ioctl
         self._write = write
+        self._iommu_path = iommu_path
+        self._iommufd: int | None = None  # a device opened from its path is bound to it
         self._data: _DataFd | None = None
         self._written = 0  # bytes of data fds already closed
         # _moved: we issued a SET, so the device's state is our business (a device found
@@ -154,11 +161,19 @@ class VfioSink(Sink):
 
     @classmethod
     def open(
-        cls, path: str, *, ioctl: IoctlFn = uapi.sys_ioctl, write: WriteFn = os.write
+        cls,
+        path: str,
+        *,
+        ioctl: IoctlFn = uapi.sys_ioctl,
+        write: WriteFn = os.write,
+        iommu_path: str = IOMMU_PATH,
     ) -> VfioSink:
-        """A sink for the device at ``path`` (a VFIO device fd source, e.g. a cdev that
-        needs no further binding); opened in `start`, closed in `aclose`."""
-        return cls(path=path, ioctl=ioctl, write=write)
+        """A sink for the device cdev at ``path`` (``/dev/vfio/devices/vfioN``): opened in
+        `start` and bound to a new iommufd (``iommu_path``) before any other ioctl, as the
+        kernel requires of a cdev; both closed in `aclose`. A device the VMM already has
+        open cannot be bound a second time: give the VMM's fd instead (``vfio:fd:N`` or
+        ``attach-fd``)."""
+        return cls(path=path, ioctl=ioctl, write=write, iommu_path=iommu_path)
 
     @classmethod
     def from_device_fd(
@@ -273,7 +288,10 @@ class VfioSink(Sink):
                 await self._recover()
             if self._owns_device_fd and self._device_fd is not None:
                 self._owns_device_fd = False
-                os.close(self._device_fd)
+                os.close(self._device_fd)  # unbinds it from the iommufd
+            if self._iommufd is not None:
+                os.close(self._iommufd)
+                self._iommufd = None
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def statistics(self) -> dict[str, int]:
@@ -291,7 +309,27 @@ class VfioSink(Sink):
             except OSError as exc:
                 raise self._error("cannot open the device", exc) from exc
             self._owns_device_fd = True
+            self._bind(self._device_fd)
         return self._device_fd
+
+    def _bind(self, fd: int) -> None:
+        """VFIO_DEVICE_BIND_IOMMUFD on a device we opened from its path (a cdev)."""
+        try:
+            self._iommufd = os.open(self._iommu_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._error(
+                f"cannot open {self._iommu_path} (a device cdev is used through an iommufd)",
+                exc,
+            ) from exc
+        try:
+            uapi.bind_iommufd(fd, self._iommufd, ioctl=self._ioctl)
+        except OSError as exc:
+            note = {
+                errno.ENOTTY: "not a VFIO device cdev",
+                errno.EINVAL: "already open elsewhere, e.g. by the VMM: pass its fd with"
+                " attach-fd or vfio:fd:N",
+            }.get(exc.errno or 0)
+            raise self._error("binding the device to an iommufd failed", exc, note) from exc
 
     async def _set_state(self, state: MigState) -> int:
         # A SET can take long (the driver loads or validates device state; a reset may

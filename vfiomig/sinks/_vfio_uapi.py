@@ -29,6 +29,9 @@ VFIO_TYPE = 0x3B
 VFIO_BASE = 100
 VFIO_DEVICE_RESET = 0x3B6F
 VFIO_DEVICE_FEATURE = 0x3B75
+#: _IO(';', 100 + 18), Linux 6.6+: a device opened from its cdev (/dev/vfio/devices/vfioN)
+#: answers EINVAL to every other ioctl until it is bound to an iommufd (/dev/iommu).
+VFIO_DEVICE_BIND_IOMMUFD = 0x3B76
 
 # struct vfio_device_feature.flags
 VFIO_DEVICE_FEATURE_MASK = 0xFFFF
@@ -51,6 +54,8 @@ VFIO_MIGRATION_PRE_COPY = 1 << 2
 # below is naturally aligned anyway). Every buffer starts with argsz u32, flags u32.
 _FEATURE_U64 = struct.Struct("=IIQ")  # MIGRATION flags, MIG_DATA_SIZE
 _FEATURE_MIG_STATE = struct.Struct("=IIIi")  # device_state u32, data_fd s32
+#: struct vfio_device_bind_iommufd: argsz, flags (0), iommufd s32, out_devid u32.
+_BIND_IOMMUFD = struct.Struct("=IIiI")
 
 
 def sys_ioctl(fd: int, request: int, buf: bytearray | None) -> int:
@@ -125,3 +130,14 @@ def set_state(fd: int, state: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
 def reset(fd: int, *, ioctl: IoctlFn = sys_ioctl) -> None:
     """VFIO_DEVICE_RESET: the only way out of ERROR and the way to abort RESUMING."""
     ioctl(fd, VFIO_DEVICE_RESET, None)
+
+
+def bind_iommufd(fd: int, iommufd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_DEVICE_BIND_IOMMUFD: give a cdev-opened device fd access; returns the devid.
+
+    Unbound again when the device fd is closed. EINVAL also when the device is already
+    open and bound elsewhere (the cdev path allows one user at a time).
+    """
+    buf = bytearray(_BIND_IOMMUFD.pack(_BIND_IOMMUFD.size, 0, iommufd, 0))
+    ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, buf)
+    return int(_BIND_IOMMUFD.unpack(buf)[3])
