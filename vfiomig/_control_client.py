@@ -60,15 +60,19 @@ class ControlClient:
             PacketError: the receiver answered with an ``error`` or closed the connection.
         """
         await self.send({"type": "hello", "version": proto.VERSION})
-        while True:
-            event = await self._next()
-            if event is None:
-                raise PacketError("control connection closed before the hello reply")
-            if event.get("type") == "hello":
-                return event
-            if event.get("type") == "error" and "device" not in event:
-                raise PacketError(f"hello refused: {event.get('message')}")
-            self._backlog.append(event)
+        kept: list[dict[str, Any]] = []  # for next_event, after what the backlog holds
+        try:
+            while True:
+                event = await self._read()  # not _next: the backlog holds no reply
+                if event is None:
+                    raise PacketError("control connection closed before the hello reply")
+                if event.get("type") == "hello":
+                    return event
+                if event.get("type") == "error" and "device" not in event:
+                    raise PacketError(f"hello refused: {event.get('message')}")
+                kept.append(event)
+        finally:
+            self._backlog.extend(kept)
 
     async def precopy(self, device: str, instance: int, data: bytes) -> None:
         await self.send({"type": "precopy", "device": device, "instance": instance, "data": data})
@@ -119,6 +123,10 @@ class ControlClient:
     async def _next(self) -> dict[str, Any] | None:
         if self._backlog:
             return self._backlog.popleft()
+        return await self._read()
+
+    async def _read(self) -> dict[str, Any] | None:
+        """The next event from the connection itself (the backlog aside)."""
         while True:
             try:
                 obj = next(self._unpacker)

@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from tests.integration.control_helpers import IDSTR, UUID, running_receiver, send_channel
 from vfiomig import MigrationFailed, SessionReport
@@ -57,6 +58,26 @@ async def test_hello_reply(tmp_path: Path) -> None:
             }
             await ctl.abort("test over")
             assert (await expect(ctl, "done"))["ok"] is False
+
+
+async def test_hello_keeps_the_events_before_its_reply_in_order() -> None:
+    # Progress events can reach a connection before its hello reply: hello() keeps them
+    # for next_event, in order, also on a second hello (the backlog once made it spin).
+    ours, theirs = trio.testing.memory_stream_pair()
+    client = ControlClient(ours)
+
+    def event(kind: str, n: int) -> bytes:
+        return msgpack.packb({"type": kind, "n": n})
+
+    with trio.fail_after(5):
+        await theirs.send_all(event("progress", 1) + event("progress", 2) + event("hello", 0))
+        assert (await client.hello())["n"] == 0
+        await theirs.send_all(event("progress", 3) + event("hello", 1))
+        assert (await client.hello())["n"] == 1
+        assert [(await client.next_event() or {})["n"] for _ in range(3)] == [1, 2, 3]
+        await theirs.aclose()
+        assert await client.next_event() is None
+        await client.aclose()
 
 
 @pytest.mark.parametrize(
@@ -141,8 +162,11 @@ async def test_framing_error_drops_only_that_connection(
                 await good.hello()
                 await bad.send_raw(raw)
                 reply = await bad.next_event()
+                while reply is not None and reply["type"] == "progress":  # every connection's
+                    reply = await bad.next_event()
                 assert reply is not None and error in reply["message"]
-                assert await bad.next_event() is None  # closed by the receiver
+                while (after := await bad.next_event()) is not None:  # closed by the receiver
+                    assert after["type"] == "progress", after
                 assert (await good.hello())["channels"] == 2
                 await good.abort("test over")
                 await expect(good, "done")
