@@ -511,6 +511,10 @@ static PyObject *Reorder_written(Reorder *self, PyObject *arg)
 
 static PyObject *Reorder_mark_loaded(Reorder *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->error) { /* poisoned while the finish step ran: not loaded */
+        reorder_reraise(self);
+        return NULL;
+    }
     if (!reorder_finishable(self)) {
         PyErr_SetString(PyExc_AssertionError, "mark_loaded() before the device could finish");
         return NULL;

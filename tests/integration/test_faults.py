@@ -26,7 +26,7 @@ from tests.integration.faults import (
 )
 from vfiomig import SessionReport
 from vfiomig._control_client import open_control_client
-from vfiomig._core._wire import format_uuid
+from vfiomig._core._wire import encode_packet, format_uuid
 from vfiomig.sinks._base import Chunk
 from vfiomig.sinks._fd import FdSink
 from vfiomig.testing import MemorySink, channel_streams, device_packets
@@ -257,4 +257,40 @@ async def test_sender_process_killed(snapshot: Snapshot) -> None:
 
     assert bytes(sink.data) == synth_bytes(len(sink.data), 3)
     assert "abort" in sink.calls
+    snapshot.check()
+
+
+async def test_second_config_while_the_sink_finishes(snapshot: Snapshot) -> None:
+    # The device's last data is written and its sink is in finish() when a second config
+    # packet arrives on another channel: the device must fail (not be reported loaded),
+    # with the packet's error, and the session end cleanly.
+    finishing, release = trio.Event(), trio.Event()
+
+    class SlowFinish(MemorySink):
+        async def finish(self) -> None:
+            finishing.set()
+            with trio.CancelScope(shield=True):  # as a driver that validates to the end
+                await release.wait()
+            await super().finish()
+
+    sink = SlowFinish()
+    second = encode_packet(idstr(0), 0, 0xFFFF, 1, CONFIG)
+    with trio.fail_after(10):
+        async with receiver([sink], channels=2) as rx:
+            streams = channel_streams(packets(), 2, UUID)
+            first, late = await connect(rx), await connect(rx)
+            await first.send_all(streams[0])
+            await late.send_all(streams[1])
+            await finishing.wait()
+            await late.send_all(second)
+            while not rx.session.failed:  # noqa: ASYNC110 - polling a test condition
+                await trio.sleep(0.01)
+            release.set()
+            await first.aclose()
+            await late.aclose()
+    report = rx.failed().report
+    err = report.devices[0].error or ""
+    assert err == f"{idstr(0)}/0: second config packet idx 65535 (first was idx 41)", err
+    assert not report.devices[0].loaded
+    assert bytes(sink.data) == STATE and "finish" in sink.calls
     snapshot.check()

@@ -52,6 +52,21 @@ def test_in_order_writes_and_config_last(core: types.ModuleType) -> None:
     assert (st.written_bytes, st.queued_bytes, st.queued_packets, st.loaded) == (3, 0, 0, True)
 
 
+def test_an_error_during_the_finish_step_is_raised_by_mark_loaded(core: types.ModuleType) -> None:
+    # The loader runs the finish step (config load, sink finish) with the buffer
+    # finishable; a second config packet may arrive meanwhile and poison it.
+    buf = fresh(core)
+    buf.open_gate()
+    put(buf, 0, b"a")
+    put(buf, 1, CFG, flags=1)
+    assert drain(buf) == b"a" and buf.finishable
+    with pytest.raises(core.ConfigStateError, match="second config packet idx 7") as first:
+        buf.offer(0, 7, 1, len(CFG))
+    with pytest.raises(core.ConfigStateError) as again:
+        buf.mark_loaded()
+    assert str(again.value) == str(first.value) and not buf.statistics().loaded
+
+
 def test_gate_holds_data_but_not_precopy(core: types.ModuleType) -> None:
     buf = fresh(core)
     put(buf, 0, b"data")

@@ -326,7 +326,14 @@ class ReorderBuffer:
         )
 
     def mark_loaded(self) -> None:
-        """The finish step is done: release the config blob's budget."""
+        """The finish step is done: release the config blob's budget.
+
+        Raises:
+            the error that poisoned the buffer while the finish step ran (e.g. a second
+            config packet): the device is then not loaded.
+        """
+        if self._error is not None:
+            raise self._error
         assert self.finishable, "mark_loaded() before the device could finish"
         assert self.config is not None
         self._queue(-len(self.config), -1)
