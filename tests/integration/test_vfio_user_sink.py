@@ -105,6 +105,30 @@ async def test_sink_honours_its_own_smaller_limit() -> None:
     assert emu.write_sizes == [100, 100, 50]
 
 
+async def test_no_write_reaches_the_device_after_a_failed_one() -> None:
+    # By default one write is in flight: the device never takes bytes past a gap.
+    class Flaky(Recorder):
+        failed = False
+
+        def write_data(self, data: memoryview) -> int:
+            if len(self.received) == 3 * LIMIT and not self.failed:
+                self.failed = True
+                raise OSError(errno.EIO, "once")
+            return super().write_data(data)
+
+    emu = Flaky()
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+            with pytest.raises(SinkError, match="failed with errno 5"):
+                await sink.write([pattern(8 * LIMIT)])
+                await sink.finish()
+            await sink.abort()
+            await sink.aclose()
+    assert bytes(emu.received) == pattern(8 * LIMIT)[: 3 * LIMIT]
+
+
 async def test_sink_error_reply_names_command_and_errno() -> None:
     class Full(Recorder):
         def write_data(self, data: memoryview) -> int:
@@ -165,11 +189,52 @@ async def test_sink_abort_reconnects_when_the_connection_broke() -> None:
     assert device.state == MigState.RUNNING
 
 
-async def test_sink_abort_never_raises_without_a_server() -> None:
-    sink = VfioUserSink("/nonexistent/vfio-user.sock")
+async def test_sink_abort_never_raises_without_a_server(caplog: pytest.LogCaptureFixture) -> None:
+    device = VfioUserDevice(Recorder(), max_data_xfer_size=LIMIT)
     with trio.fail_after(10):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+        sink.client.broken = True  # the server is gone: the reconnect fails too
         await sink.abort()
         await sink.aclose()
+    assert "device reset after a failure did not work" in caplog.text
+
+
+class Resets(Recorder):
+    """Counts DEVICE_RESETs."""
+
+    resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+async def test_sink_abort_leaves_a_device_it_never_moved() -> None:
+    emu = Resets()
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    with trio.fail_after(5):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path)
+            await sink.abort()  # the session failed before this device's start()
+            await sink.aclose()
+    assert emu.resets == 0 and emu.transitions == []
+
+
+async def test_sink_abort_leaves_a_stopped_device_alone(caplog: pytest.LogCaptureFixture) -> None:
+    # A start() cancelled between its two SETs (RUNNING -> STOP -> RESUMING) leaves the
+    # device in STOP, where DEVICE_RESET is not allowed: nothing was loaded, nothing to undo.
+    emu = Resets()
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    with trio.fail_after(5):
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+            await sink.client.set_state(MigState.STOP)
+            await sink.abort()
+            await sink.aclose()
+    assert device.state == MigState.STOP and emu.resets == 0
+    assert "did not work" not in caplog.text
 
 
 async def test_sink_requires_stop_copy() -> None:

@@ -23,6 +23,7 @@ from vfiomig.vfio_user._client import (
     DEFAULT_TIMEOUT,
     DEFAULT_WINDOW,
     VfioUserClient,
+    VfioUserCommandError,
     open_vfio_user_client,
 )
 from vfiomig.vfio_user._messages import (
@@ -73,6 +74,7 @@ class VfioUserSink(Sink):
         self._max_data_xfer_size = max_data_xfer_size
         self._window = window
         self._client: VfioUserClient | None = None
+        self._moved = False  # start() may have changed the device's state
 
     @property
     def client(self) -> VfioUserClient:
@@ -91,6 +93,7 @@ class VfioUserSink(Sink):
     async def start(self) -> None:
         """Connect and enter RESUMING."""
         self._client = await self._connect()
+        self._moved = True
         await start_migration(self._client, MigState.RESUMING)
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
@@ -103,7 +106,15 @@ class VfioUserSink(Sink):
         await self.client.set_state(MigState.STOP)
 
     async def abort(self) -> None:
-        """DEVICE_RESET, best effort: on a fresh connection if ours is unusable."""
+        """Reset a device left in RESUMING (or a state it cannot report), best effort, on
+        a fresh connection if ours is unusable.
+
+        A device `start` never moved is not touched. One found in RUNNING or STOP holds no
+        partial stream (the failure came before RESUMING, or after SET STOP was taken) and
+        is left as it is: DEVICE_RESET is not even allowed in STOP (libvfio-user's rule).
+        """
+        if not self._moved:
+            return
         with trio.move_on_after(ABORT_TIMEOUT):
             try:
                 client = self._client
@@ -112,6 +123,14 @@ class VfioUserSink(Sink):
                         await client.aclose()
                     client = self._client = await self._connect()
                 await client.flush(raise_errors=False)  # already reported by write/finish
+                try:
+                    state: MigState | None = await client.get_state()
+                except VfioUserCommandError:
+                    state = None
+                if state in (MigState.RUNNING, MigState.STOP):
+                    log.info("%s: device in %s after the failure: left as it is",
+                             self.description, state.name)  # fmt: skip
+                    return
                 await client.reset()
             except Exception as exc:  # abort must not raise: the device already failed
                 log.warning(
