@@ -11,3 +11,4 @@ async def test_soak_sixty_sessions_with_random_faults() -> None:
     table, good = summarize(rows, samples)
     assert good, table
     assert {r.fault for r in rows} >= {"none", "eio", "missing", "second-config", "stall"}
+    assert {r.sink for r in rows} == {"memory", "vfio", "vfio-user"}
