@@ -194,7 +194,7 @@ class NullSink(Sink):
         self.bytes_written = 0
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
-        self.bytes_written += sum(len(c) for c in chunks)
+        self.bytes_written += sum(map(len, chunks))
         await trio.lowlevel.checkpoint()
 
 
