@@ -256,7 +256,9 @@ def summarize(rows: list[Row], samples: list[tuple[int, int]]) -> tuple[str, boo
     rss0 = sum(s[0] for s in samples[:n]) // n
     rss1 = sum(s[0] for s in samples[-n:]) // n
     fd0, fd1 = samples[0][1], samples[-1][1]
+    quarters = [samples[max(0, len(samples) * q // 4 - 1)][0] for q in (1, 2, 3, 4)]
     lines.append("")
+    lines.append(f"RSS (KiB) after 1/4, 1/2, 3/4 and all of the sessions: {quarters}")
     lines.append(
         f"RSS (KiB) first {n} sessions {rss0}, last {n} {rss1} (growth {rss1 - rss0});"
         f" open fds after session 1: {fd0}, after the last: {fd1}; max fds {max(s[1] for s in samples)}"
