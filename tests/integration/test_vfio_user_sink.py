@@ -18,6 +18,7 @@ from vfiomig._specs import open_sink, open_source
 from vfiomig.vfio_user import (
     BarDevice,
     MigState,
+    ProtocolError,
     VfioUserCommandError,
     VfioUserDevice,
     VfioUserSink,
@@ -103,6 +104,56 @@ async def test_sink_honours_its_own_smaller_limit() -> None:
             await sink.finish()
             await sink.aclose()
     assert emu.write_sizes == [100, 100, 50]
+
+
+async def test_sink_writes_at_most_32k_per_message_unless_told() -> None:
+    # libvfio-user reads a message body with one recv(): above ~36 KiB a UNIX stream
+    # socket may hand it over in pieces, which that server takes as an error.
+    for spec, sizes in (
+        ("", [32 << 10] * 3 + [4 << 10]),
+        (",max-write=1M", [100 << 10]),
+        (",max-write=40000", [40000, 40000, 22400]),
+    ):
+        emu = Recorder()
+        with trio.fail_after(5):
+            async with serving(VfioUserDevice(emu)) as (path,):  # the server allows 1 MiB
+                sink = open_sink(f"vfio-user:{path}{spec}")
+                await sink.start()
+                await sink.write([pattern(100 << 10)])
+                await sink.finish()
+                await sink.aclose()
+        assert emu.write_sizes == sizes, spec
+        assert bytes(emu.received) == pattern(100 << 10)
+
+
+def test_max_write_spec_errors() -> None:
+    for bad in ("/s,max-write=", "/s,max-write=0", "/s,max-write=lots", ",max-write=1M"):
+        with pytest.raises(UsageError):
+            open_sink(f"vfio-user:{bad}")
+    sink = open_sink("vfio-user:/tmp/a,b.sock,max-write=64K")
+    assert isinstance(sink, VfioUserSink)
+    assert (sink.path, sink.max_write) == ("/tmp/a,b.sock", 64 << 10)
+
+
+async def test_abort_retries_the_reset_on_a_new_connection() -> None:
+    # A server whose framing broke answers garbage on the old connection: abort must not
+    # give up there.
+    emu = Resets()
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
+            sink = VfioUserSink(path)
+            await sink.start()
+            await sink.write([pattern(3 * LIMIT)])
+            old = sink.client
+
+            async def garbled() -> MigState:
+                raise ProtocolError("server sent a reply to msg_id 7, which is not outstanding")
+
+            old.get_state = garbled  # type: ignore[method-assign]
+            await sink.abort()
+            assert sink.client is not old and old.broken
+            await sink.aclose()
+    assert emu.resets == 1
 
 
 async def test_no_write_reaches_the_device_after_a_failed_one() -> None:

@@ -281,13 +281,15 @@ class VfioUserClient(trio.abc.AsyncResource):
                 Command.DEVICE_FEATURE, DeviceFeature.set_state(step).pack(), f"SET {step.name}"
             )
 
-    async def write_data(self, chunks: Sequence[Buffer]) -> None:
-        """MIG_DATA_WRITE every byte of ``chunks`` in messages of at most `data_limit`.
+    async def write_data(self, chunks: Sequence[Buffer], *, limit: int | None = None) -> None:
+        """MIG_DATA_WRITE every byte of ``chunks`` in messages of at most `data_limit`
+        (and ``limit``, when given).
 
         Up to `window` writes stay in flight; their errors surface on a later call or in
         `flush`, naming the stream offset of the write that failed.
         """
-        for pieces, size in _split(chunks, self.data_limit):
+        cap = self.data_limit if limit is None else max(1, min(limit, self.data_limit))
+        for pieces, size in _split(chunks, cap):
             while len(self._writes) >= self.window:
                 await self._collect_write()
             head = _MIG_DATA_HEAD(MIG_DATA_HEADER_SIZE + size, size).pack()

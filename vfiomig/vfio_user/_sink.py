@@ -18,6 +18,7 @@ from typing import Final
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
+from vfiomig._specs import parse_size
 from vfiomig.sinks._base import Chunk, Sink
 from vfiomig.vfio_user._client import (
     DEFAULT_TIMEOUT,
@@ -36,6 +37,16 @@ log = logging.getLogger("vfiomig.vfio_user")
 
 #: How long ``abort`` tries to reset the device before giving up.
 ABORT_TIMEOUT: Final = 5.0
+
+#: The largest MIG_DATA_WRITE data the sink sends in one message by default, whatever the
+#: server's ``max_data_xfer_size`` allows. libvfio-user receives a message body with one
+#: ``recv()`` and takes a short read as an error (its issue #306), and a UNIX stream socket
+#: carries a message in one piece only up to about 36 KiB (one skb: 32 KiB of page
+#: fragments plus the head), so a larger write can reach such a server split and break
+#: its framing: found against libvfio-user's own server, where 1 MiB and 64 KiB writes
+#: failed and 32 KiB ones did not (2070 writes). ``max-write=SIZE`` raises it for servers
+#: that read whole messages (vfiomig's own does).
+DEFAULT_MAX_WRITE: Final = 32 * 1024
 
 
 async def start_migration(client: VfioUserClient, target: MigState) -> None:
@@ -56,7 +67,9 @@ class VfioUserSink(Sink):
     Args:
         path: the server's UNIX socket.
         reply_timeout: bound on each connect, send and reply wait.
-        max_data_xfer_size: advertised to the server and the largest write we send.
+        max_data_xfer_size: advertised to the server (the most it may send us).
+        max_write: the largest MIG_DATA_WRITE data per message (see `DEFAULT_MAX_WRITE`);
+            writes are also bounded by the server's ``max_data_xfer_size``.
         window: MIG_DATA_WRITEs in flight at once (1 = wait for each reply in turn).
     """
 
@@ -66,9 +79,13 @@ class VfioUserSink(Sink):
         *,
         reply_timeout: float = DEFAULT_TIMEOUT,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        max_write: int = DEFAULT_MAX_WRITE,
         window: int = DEFAULT_WINDOW,
     ) -> None:
+        if max_write < 1:
+            raise ValueError(f"max_write {max_write} is below 1")
         self.path = os.fspath(path)
+        self.max_write = max_write
         self.description = f"vfio-user:{self.path}"
         self._reply_timeout = reply_timeout
         self._max_data_xfer_size = max_data_xfer_size
@@ -98,7 +115,7 @@ class VfioUserSink(Sink):
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
         """Send every byte; a write still in flight is confirmed by a later call or finish."""
-        await self.client.write_data(chunks)
+        await self.client.write_data(chunks, limit=self.max_write)
 
     async def finish(self) -> None:
         """Wait for every write's reply, then SET STOP: the device validates the stream."""
@@ -117,25 +134,32 @@ class VfioUserSink(Sink):
             return
         with trio.move_on_after(ABORT_TIMEOUT):
             try:
-                client = self._client
-                if client is None or client.broken:
-                    if client is not None:
-                        await client.aclose()
-                    client = self._client = await self._connect()
-                await client.flush(raise_errors=False)  # already reported by write/finish
                 try:
-                    state: MigState | None = await client.get_state()
-                except VfioUserCommandError:
-                    state = None
-                if state in (MigState.RUNNING, MigState.STOP):
-                    log.info("%s: device in %s after the failure: left as it is",
-                             self.description, state.name)  # fmt: skip
-                    return
-                await client.reset()
+                    await self._reset_if_resuming(fresh=False)
+                except Exception:  # e.g. the server's framing broke: a new connection
+                    await self._reset_if_resuming(fresh=True)
             except Exception as exc:  # abort must not raise: the device already failed
                 log.warning(
                     "%s: device reset after a failure did not work: %s", self.description, exc
                 )
+
+    async def _reset_if_resuming(self, *, fresh: bool) -> None:
+        client = self._client
+        if fresh or client is None or client.broken:
+            if client is not None:
+                await client.aclose()
+            self._client = None
+            client = self._client = await self._connect()
+        await client.flush(raise_errors=False)  # already reported by write/finish
+        try:
+            state: MigState | None = await client.get_state()
+        except VfioUserCommandError:
+            state = None
+        if state in (MigState.RUNNING, MigState.STOP):
+            log.info("%s: device in %s after the failure: left as it is",
+                     self.description, state.name)  # fmt: skip
+            return
+        await client.reset()
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -143,8 +167,24 @@ class VfioUserSink(Sink):
             await client.aclose()
 
 
+_MAX_WRITE_OPTION: Final = ",max-write="
+
+
 def open_vfio_user_sink(arg: str) -> Sink:
-    """``vfio-user:SOCKPATH`` -> a `VfioUserSink`."""
-    if not arg:
-        raise UsageError("sink vfio-user: needs a socket path (vfio-user:SOCKPATH)")
-    return VfioUserSink(arg)
+    """``vfio-user:SOCKPATH[,max-write=SIZE]`` -> a `VfioUserSink`."""
+    path, sep, size = arg.rpartition(_MAX_WRITE_OPTION)
+    if not sep:
+        path, size = arg, ""
+    if not path:
+        raise UsageError(
+            "sink vfio-user: needs a socket path (vfio-user:SOCKPATH[,max-write=SIZE])"
+        )
+    if not sep:
+        return VfioUserSink(path)
+    try:
+        max_write = parse_size(size)
+    except UsageError:
+        max_write = 0
+    if max_write < 1:
+        raise UsageError(f"sink vfio-user:{arg}: max-write must be a positive size, not {size!r}")
+    return VfioUserSink(path, max_write=max_write)
