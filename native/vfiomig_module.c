@@ -808,6 +808,7 @@ typedef struct {
     uint32_t route_instance;
     PyObject *pending;    /* pump_recv(): bytearray of the accepted packet being received */
     Py_ssize_t pending_got;
+    uint32_t pending_idx;
     Reorder *pending_buf; /* ... and the buffer it goes to */
     int last_big;         /* the last packet received that way was large (see pump_recv) */
 } Framer;
@@ -1387,17 +1388,12 @@ static PyObject *Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_
                 self->pending_got = got += n;
                 received += n;
             }
-            PyObject *idx = PyObject_GetAttr(self->current, g_str_idx);
-            unsigned long i = idx ? PyLong_AsUnsignedLong(idx) : 0;
-            Py_XDECREF(idx);
-            if (PyErr_Occurred())
-                return NULL;
             PyObject *payload = self->pending;
             Reorder *buf = self->pending_buf;
             self->pending = NULL;
             self->pending_buf = NULL;
             self->last_big = size >= BIG_PAYLOAD;
-            int r = reorder_deliver(buf, (uint32_t)i, payload, size);
+            int r = reorder_deliver(buf, self->pending_idx, payload, size);
             Py_DECREF(payload);
             Py_DECREF(buf);
             if (r < 0)
@@ -1439,6 +1435,7 @@ static PyObject *Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_
             if (!self->pending)
                 return NULL;
             self->pending_got = 0;
+            self->pending_idx = o.idx;
             self->pending_buf = (Reorder *)Py_NewRef(buf);
         } else if (status == PUMP_HEADER) {
             return pump_result(status, done, framer_packet(self, &o), 1);
@@ -1562,12 +1559,7 @@ static PyObject *Framer_read_payload_into(Framer *self, PyObject *arg)
         n = self->f.end - self->f.pos;
     if (n == 0 && self->f.eof && view.len) {
         PyBuffer_Release(&view);
-        PyObject *exc = framer_truncated(self);
-        if (!exc)
-            return NULL;
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-        return NULL;
+        return framer_raise_truncated(self);
     }
     memcpy(view.buf, framer_data(self) + self->f.pos, (size_t)n);
     PyBuffer_Release(&view);
