@@ -143,6 +143,15 @@ def path(cur: int, new: int, flags: int) -> list[MigState] | None:
     return out
 
 
+def _fd_identity(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file open on ``fd``; None for a closed fd."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _oserror(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -304,32 +313,23 @@ class FakeVfioDevice:
         argsz, flags, iommufd, _ = _BIND.unpack_from(buf)
         if argsz < _BIND.size or flags:
             raise _oserror(errno.EINVAL)
-        try:
-            st = os.fstat(iommufd)
-        except OSError:
-            raise _oserror(errno.EBADF) from None
-        if (st.st_dev, st.st_ino) != self._iommu_identity:
+        iommu = _fd_identity(iommufd)
+        if iommu is None:
+            raise _oserror(errno.EBADF)
+        if iommu != self._iommu_identity:
             raise _oserror(errno.EBADFD)
-        self.bound = {b for b in self.bound if self._is_device_fd(b)}  # closed since
+        self.bound = {b for b in self.bound if _fd_identity(b) == self._identity}  # not closed
         if self.bound:  # bound here already, or the device is open elsewhere
             raise _oserror(errno.EINVAL)
         self.bound.add(fd)
         _BIND.pack_into(buf, 0, argsz, flags, iommufd, 1)  # out_devid
         return 0
 
-    def _is_device_fd(self, fd: int) -> bool:
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._identity
-
     def _check_fd(self, fd: int) -> None:
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            raise _oserror(errno.EBADF) from None
-        if (st.st_dev, st.st_ino) != self._identity:
+        identity = _fd_identity(fd)
+        if identity is None:
+            raise _oserror(errno.EBADF)
+        if identity != self._identity:
             raise _oserror(errno.ENOTTY)
 
     def _feature(self, buf: bytearray, argsz: int, flags: int) -> int:
