@@ -129,18 +129,24 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
             pieces.insert(0, piece[n:])
         return n
 
+    def fill(size: int) -> None:
+        """Receive into the framer's buffer as a channel's slow path does (retrying)."""
+        while True:
+            with framer.get_buffer(size) as view:
+                try:
+                    n = recv_into(view)
+                except BlockingIOError:
+                    continue
+            framer.commit(n)
+            return
+
     budget = impl.Budget(1 << 30)
     bufs: dict[tuple[str, int], object] = {}
     routes: dict[tuple[str, int], object] = {}
     trace: list[object] = []
     try:
         while (ev := framer.next_event()) is impl.NEED_DATA:
-            with framer.get_buffer(64) as view:
-                try:
-                    n = recv_into(view)
-                except BlockingIOError:
-                    continue
-            framer.commit(n)
+            fill(64)
         trace.append(repr(ev))
         while True:
             status, done, header = framer.pump_recv(recv_into, routes, rng.randint(1, 4096))
@@ -161,12 +167,7 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
             while got < header.size:
                 got += framer.read_payload_into(memoryview(data)[got:])
                 if got < header.size:
-                    with framer.get_buffer(rng.randint(1, 512)) as view:
-                        try:
-                            n = recv_into(view)
-                        except BlockingIOError:
-                            continue
-                    framer.commit(n)
+                    fill(rng.randint(1, 512))
             buf.deliver(header.idx, bytes(data))  # type: ignore[attr-defined]
             routes[key] = buf
     except VfioMigError as exc:

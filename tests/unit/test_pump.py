@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import types
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,17 +29,46 @@ def _drain(bufs: dict[tuple[str, int], object], out: dict[tuple[str, int], bytea
             b.written(r.nbytes)  # type: ignore[attr-defined]
 
 
-def run_pump(
-    core: types.ModuleType, stream: bytes, *, seed: int, budget: int, max_slice: int
-) -> tuple[dict[tuple[str, int], bytearray], dict[tuple[str, int], bytes | None], int, int]:
-    """Feed one channel through pump(); return written data, configs, packets, slow ones."""
-    rng = random.Random(seed)
+Bufs = dict[tuple[str, int], Any]
+
+
+def _channel(
+    core: types.ModuleType, budget: int
+) -> tuple[Any, Bufs, dict[tuple[str, int], bytearray]]:
+    """A framer, the devices' open reorder buffers on one budget, and their written data."""
     bud = core.Budget(budget)
     bufs = {k: core.ReorderBuffer(f"{k[0]}/{k[1]}", bud) for k in DEVICES}
     for b in bufs.values():
         b.open_gate()
     out = {k: bytearray() for k in DEVICES}
-    f = core.Framer(uuid=UUID, channels=4, ram_page_count=2)
+    return core.Framer(uuid=UUID, channels=4, ram_page_count=2), bufs, out
+
+
+def _take_slow(
+    f: Any, hdr: Any, bufs: Bufs, out: dict[tuple[str, int], bytearray], more: Any, *, offer: bool
+) -> Any:
+    """The channel's slow path for one packet: offer it (the loader drains while the reader
+    is parked), read its data, receiving ``more`` as needed, and deliver it."""
+    buf = bufs[hdr.idstr, hdr.instance]
+    if offer:
+        while not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):
+            _drain(bufs, out)
+    data = bytearray(hdr.size)
+    got = 0
+    while got < hdr.size:
+        got += f.read_payload_into(memoryview(data)[got:])
+        if got < hdr.size:
+            more()
+    buf.deliver(hdr.idx, bytes(data))
+    return buf
+
+
+def run_pump(
+    core: types.ModuleType, stream: bytes, *, seed: int, budget: int, max_slice: int
+) -> tuple[dict[tuple[str, int], bytearray], dict[tuple[str, int], bytes | None], int, int]:
+    """Feed one channel through pump(); return written data, configs, packets, slow ones."""
+    rng = random.Random(seed)
+    f, bufs, out = _channel(core, budget)
     pos = 0
 
     def feed() -> None:
@@ -60,23 +90,11 @@ def run_pump(
         if status == core.PUMP_END:
             break
         slow += 1
-        key = (hdr.idstr, hdr.instance)
-        buf = bufs[key]
-        if status == core.PUMP_HEADER:
-            while not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):
-                _drain(bufs, out)  # the loader runs while the reader is parked
-        else:
-            assert status == core.PUMP_ACCEPTED
-        data = bytearray(hdr.size)
-        got = 0
-        while got < hdr.size:
-            got += f.read_payload_into(memoryview(data)[got:])
-            if got < hdr.size:
-                feed()
-        buf.deliver(hdr.idx, bytes(data))
+        assert status in (core.PUMP_HEADER, core.PUMP_ACCEPTED)
+        buf = _take_slow(f, hdr, bufs, out, feed, offer=status == core.PUMP_HEADER)
         packets += 1
         if rng.random() < 0.7:
-            routes[key] = buf  # a device joins the fast path after its first packet
+            routes[hdr.idstr, hdr.instance] = buf  # joins the fast path after its first packet
         _drain(bufs, out)
     _drain(bufs, out)
     return out, {k: b.config for k, b in bufs.items()}, packets, slow
@@ -238,12 +256,7 @@ def run_pump_recv(
     """One channel through pump_recv(), the slow path as `vfiomig._channels` takes it."""
     rng = random.Random(seed)
     recv = ScriptedRecv(stream, seed, max_slice)
-    bud = core.Budget(budget)
-    bufs = {k: core.ReorderBuffer(f"{k[0]}/{k[1]}", bud) for k in DEVICES}
-    for b in bufs.values():
-        b.open_gate()
-    out = {k: bytearray() for k in DEVICES}
-    f = core.Framer(uuid=UUID, channels=4, ram_page_count=2)
+    f, bufs, out = _channel(core, budget)
 
     def fill() -> None:
         while True:
@@ -272,19 +285,8 @@ def run_pump_recv(
         if status == core.PUMP_END:
             break
         assert status == core.PUMP_HEADER
-        key = (hdr.idstr, hdr.instance)
-        buf = bufs[key]
-        while not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):
-            _drain(bufs, out)
-        data = bytearray(hdr.size)
-        got = 0
-        while got < hdr.size:
-            got += f.read_payload_into(memoryview(data)[got:])
-            if got < hdr.size:
-                fill()
-        buf.deliver(hdr.idx, bytes(data))
+        routes[hdr.idstr, hdr.instance] = _take_slow(f, hdr, bufs, out, fill, offer=True)
         packets += 1
-        routes[key] = buf
     _drain(bufs, out)
     return out, packets, statuses
 
