@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -209,9 +210,22 @@ def _timeout(case: Case, models: Models) -> float:
     return 60.0 + 4 * total / slowest
 
 
+def _case_sinks(
+    case: Case, models: Models, overhead: Overhead
+) -> AbstractAsyncContextManager[SinkSet]:
+    """One sink per device of ``case``, of its kind, with the models' device bandwidth."""
+    return open_sinks(
+        case.sink,
+        case.devices,
+        bandwidth=models.device_bandwidth,
+        latency=models.write_latency,
+        overhead=overhead,
+    )
+
+
 async def _transfer(
+    run: Run,
     sinks: SinkSet,
-    total: int,
     limit_seconds: float,
     ticker: Ticker,
     overhead: Overhead,
@@ -220,11 +234,13 @@ async def _transfer(
     job_for: Callable[[Any], dict[str, Any]],
     abort: Callable[[Any, trio.Nursery], None],
 ) -> tuple[dict[str, Any], float]:
-    """One transfer into ``sinks``: start the receiver (``serve``, which reports its
-    handle through ``task_status`` and its failures into ``failures``), run the sender
-    process on ``job_for(handle)``, wait for the receiver to finish. On a failed sender
-    ``abort(handle, nursery)`` stops the receiver. Returns the sender's report and the
-    receiver's CPU seconds (this process, sender start to receiver end)."""
+    """One transfer of ``run``'s case into ``sinks``: start the receiver (``serve``, which
+    reports its handle through ``task_status`` and its failures into ``failures``), run the
+    sender process on ``job_for(handle)``, wait for the receiver to finish. On a failed
+    sender ``abort(handle, nursery)`` stops the receiver. Sets ``run.late_seconds``; returns
+    the sender's report and the receiver's CPU seconds (this process, sender start to
+    receiver end)."""
+    total = run.case.size * run.case.devices
     sent: dict[str, Any] = {}
     cpu = 0.0
     finished = trio.Event()
@@ -253,6 +269,8 @@ async def _transfer(
                 nursery.cancel_scope.cancel()
     except trio.TooSlowError:
         failures.append(f"timed out after {limit_seconds:.0f} s")
+    finally:
+        run.late_seconds = sinks.late_seconds()
     return sent, cpu
 
 
@@ -261,13 +279,7 @@ async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker
     overhead = Overhead()
     rates = channel_rates(case, models)
     with tempfile.TemporaryDirectory(prefix="vfiomig-bench-") as tmp:
-        async with open_sinks(
-            case.sink,
-            case.devices,
-            bandwidth=models.device_bandwidth,
-            latency=models.write_latency,
-            overhead=overhead,
-        ) as sinks:
+        async with _case_sinks(case, models, overhead) as sinks:
             devs = _devices(case, seed)
             setups = [
                 DeviceSetup(d["idstr"], d["instance"], s, ConfigModel(models.config_seconds))
@@ -313,21 +325,18 @@ async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker
             def abort(session: Session, nursery: trio.Nursery) -> None:
                 session.abort("the sender failed")
 
-            try:
-                sent, cpu = await _transfer(
-                    sinks,
-                    case.size * case.devices,
-                    _timeout(case, models),
-                    ticker,
-                    overhead,
-                    failures,
-                    serve,
-                    job_for,
-                    abort,
-                )
-            finally:
-                run.late_seconds = sinks.late_seconds()
-                first_write = sinks.first_write_at()
+            sent, cpu = await _transfer(
+                run,
+                sinks,
+                _timeout(case, models),
+                ticker,
+                overhead,
+                failures,
+                serve,
+                job_for,
+                abort,
+            )
+            first_write = sinks.first_write_at()
             if failures:
                 run.error = "; ".join(failures)
                 return run
@@ -398,13 +407,7 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
     overhead = Overhead()
     rate = min((r for r in (models.channel_rate, models.link_rate) if r), default=None)
     with tempfile.TemporaryDirectory(prefix="vfiomig-bench-") as tmp:
-        async with open_sinks(
-            case.sink,
-            case.devices,
-            bandwidth=models.device_bandwidth,
-            latency=models.write_latency,
-            overhead=overhead,
-        ) as sinks:
+        async with _case_sinks(case, models, overhead) as sinks:
             configs = [ConfigModel(models.config_seconds) for _ in range(case.devices)]
             reports: list[SeqReport] = []
             failures: list[str] = []
@@ -431,20 +434,10 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
             def abort(address: str, nursery: trio.Nursery) -> None:
                 nursery.cancel_scope.cancel()
 
-            try:
-                sent, cpu = await _transfer(
-                    sinks,
-                    case.size * case.devices,
-                    _timeout(case, models) * case.devices,
-                    ticker,
-                    overhead,
-                    failures,
-                    serve,
-                    job_for,
-                    abort,
-                )
-            finally:
-                run.late_seconds = sinks.late_seconds()
+            limit = _timeout(case, models) * case.devices
+            sent, cpu = await _transfer(
+                run, sinks, limit, ticker, overhead, failures, serve, job_for, abort
+            )
             if failures or not reports:
                 run.error = "; ".join(failures) or "the sequential receiver did not finish"
                 return run
