@@ -223,6 +223,16 @@ def channel_closed(session: Session) -> None:
 
 
 def check_missing(session: Session, why: str) -> None:
+    """No more packets can come: fail every device that still misses some.
+
+    A device whose loader has packets before the first gap still to write fails once they
+    are written (the loader checks `Device.input_ended` before it parks): failing it now
+    would throw them away, and its sink is to hold the stream up to the first missing idx.
+    """
     for device in session.devices.values():
         if device.loaded_at is None and device.error is None and not device.buf.complete:
-            session.fail(device.buf.incomplete_error(why), device)
+            if device.buf.has_ready():
+                device.input_ended = why
+                device.lot.unpark_all()
+            else:
+                session.fail(device.buf.incomplete_error(why), device)

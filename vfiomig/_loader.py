@@ -79,6 +79,8 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
                 continue
             if buf.finishable:
                 break
+            if device.input_ended is not None:  # everything before the gap is written
+                raise buf.incomplete_error(device.input_ended)
             starved = buf.gate_open
             t0 = trio.current_time()
             await device.lot.park()

@@ -143,6 +143,9 @@ class Device:
         self.first_packet: float | None = None
         self.loaded_at: float | None = None
         self.error: VfioMigError | None = None
+        #: Why no more packets can come while some are missing (every channel ended); the
+        #: loader fails the device with it once it has written what is ready.
+        self.input_ended: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
