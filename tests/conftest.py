@@ -1,12 +1,31 @@
 """Shared test settings: hypothesis profiles (``ci`` is the default; ``HYPOTHESIS_PROFILE=long``
-for longer runs)."""
+for longer runs), and the ``libvfio_user`` fixture (a real vfio-user peer)."""
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.libvfio_user import BuildUnavailable, LibVfioUser
+from tests.libvfio_user import build as build_libvfio_user
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile("long", max_examples=5000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def libvfio_user() -> LibVfioUser:
+    """libvfio-user's library, ``samples/server`` and ``samples/client``, built once.
+
+    Skips where ``../shared`` (the build script and the vendored source) is not beside the
+    checkout; under CI (``CI`` set) that is a failure, never a skip.
+    """
+    try:
+        return build_libvfio_user()
+    except BuildUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"libvfio-user cannot be built here: {exc}")
