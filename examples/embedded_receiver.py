@@ -16,10 +16,9 @@ import tempfile
 import trio
 
 from vfiomig import send_migration
-from vfiomig._send import SendDevice
-from vfiomig._service import serve_receiver
-from vfiomig._session import DeviceSetup, ReceiverConfig
-from vfiomig.sinks._callback import CallbackConfig, CallbackSink
+from vfiomig.receive import DeviceSetup, ReceiverConfig, serve_receiver
+from vfiomig.send import SendDevice
+from vfiomig.sinks import CallbackConfig, CallbackSink
 from vfiomig.vfio_user import BarDevice, MigState, VfioUserSource, serve_vfio_user
 
 IDSTR = "0000:00:05.0/vfio"

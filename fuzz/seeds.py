@@ -12,7 +12,6 @@ from pathlib import Path
 
 from fuzz.engine import CORPUS
 from fuzz.targets import UUID
-from vfiomig._control_proto import encode
 from vfiomig._core._wire import (
     encode_device_header,
     encode_handshake,
@@ -21,7 +20,8 @@ from vfiomig._core._wire import (
     encode_vfio_header,
     wrap_config,
 )
-from vfiomig.vfio_user._messages import Command
+from vfiomig.control._proto import encode
+from vfiomig.vfio_user import Command
 from vfiomig.vfio_user._protocol import encode_message
 
 DEV = "0000:00:04.0/vfio"

@@ -24,12 +24,6 @@ import types
 from collections.abc import Callable
 
 import vfiomig._core as core
-from vfiomig._control_proto import (
-    AttachFd,
-    ControlDecoder,
-    ControlFramingError,
-    ControlMessageError,
-)
 from vfiomig._core._errors import VfioMigError
 from vfiomig._core._wire import (
     HANDSHAKE_SIZE,
@@ -37,7 +31,13 @@ from vfiomig._core._wire import (
     decode_handshake,
     encode_handshake,
 )
-from vfiomig.vfio_user._messages import Command, ProtocolError
+from vfiomig.control._proto import (
+    AttachFd,
+    ControlDecoder,
+    ControlFramingError,
+    ControlMessageError,
+)
+from vfiomig.vfio_user import Command, ProtocolError
 from vfiomig.vfio_user._protocol import ClientConnection, ServerConnection
 
 UUID = bytes(range(16))

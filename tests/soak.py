@@ -25,10 +25,15 @@ import trio
 from tests.integration.faults import UUID, connect, idstr, receiver, reset
 from vfiomig import SessionReport
 from vfiomig._core._wire import encode_packet
-from vfiomig._fake_vfio import FakeVfioDevice
-from vfiomig.sinks._base import Sink
-from vfiomig.sinks._vfio import VfioSink
-from vfiomig.testing import MemorySink, channel_streams, device_packets, synth_config
+from vfiomig.sinks import Sink
+from vfiomig.testing import (
+    FakeVfioDevice,
+    MemorySink,
+    channel_streams,
+    device_packets,
+    synth_config,
+)
+from vfiomig.vfio import VfioSink
 from vfiomig.vfio_user import BarDevice, MigState, VfioUserSink, serve_vfio_user
 
 FAULTS = ("none", "none", "eio", "reset", "missing", "second-config", "stall")

@@ -1,3 +1,3 @@
-from vfiomig._cli import run
+from vfiomig.cli import run
 
 run()

@@ -13,10 +13,10 @@ from typing import Any
 import trio
 
 from vfiomig import DeviceSetup, MigrationFailed, ReceiverConfig, SessionReport, serve_receiver
-from vfiomig._control import ControlServer
-from vfiomig._net import connect, parse_address
-from vfiomig._session import Session
-from vfiomig.sinks._base import Sink
+from vfiomig.control import ControlServer
+from vfiomig.receive import Session
+from vfiomig.sinks import Sink
+from vfiomig.transport import connect, parse_address
 
 UUID = bytes(range(16))
 IDSTR = "0000:00:04.0/vfio"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import trio
 
 from vfiomig import DeviceSetup, MigrationFailed, ReceiverConfig, SessionReport, serve_receiver
-from vfiomig._session import Session
-from vfiomig.sinks._base import Sink
+from vfiomig.receive import Session
+from vfiomig.sinks import Sink
 from vfiomig.testing import MemoryConfig, MemorySink, synth_config
 
 UUID = bytes(range(16))

@@ -1,4 +1,4 @@
-"""`vfiomig._bench._runner`: a run whose sender fails ends with that error, promptly, for
+"""`vfiomig.bench._runner`: a run whose sender fails ends with that error, promptly, for
 the multifd receiver and for the sequential baseline alike."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import trio
 
-from vfiomig._bench import _runner
-from vfiomig._bench._runner import Case, Models, run_sequential, run_vfiomig
+from vfiomig.bench import _runner
+from vfiomig.bench._runner import Case, Models, run_sequential, run_vfiomig
 
 CASE = Case(
     channels=2,

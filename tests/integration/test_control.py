@@ -16,8 +16,7 @@ import trio.testing
 
 from tests.integration.control_helpers import IDSTR, UUID, running_receiver, send_channel
 from vfiomig import MigrationFailed, SessionReport
-from vfiomig._control_client import ControlClient, open_control_client
-from vfiomig.sinks._attach import AttachSink
+from vfiomig.control import AttachSink, ControlClient, open_control_client
 from vfiomig.testing import MemorySink, channel_streams, device_packets, synth_config
 
 STATE = random.Random(1).randbytes(200_000)

@@ -16,14 +16,12 @@ import trustme
 from tests.integration.control_helpers import IDSTR, UUID, running_receiver, send_channel
 from tests.integration.test_control import CONFIG, PRECOPY, STATE, expect, streams
 from vfiomig import MigrationFailed, SendDevice, SessionReport, send_migration
-from vfiomig._control_client import open_control_client
 from vfiomig._core._wire import encode_handshake
-from vfiomig._fake_vfio import FakeVfioDevice
-from vfiomig._send_control import ReceiverFailed
-from vfiomig.sinks._attach import AttachSink
-from vfiomig.sinks._vfio_uapi import MigState
+from vfiomig.control import AttachSink, open_control_client
+from vfiomig.send._control import ReceiverFailed
 from vfiomig.sources._simple import open_synth_source
-from vfiomig.testing import MemorySink, channel_streams, device_packets, synth_bytes
+from vfiomig.testing import FakeVfioDevice, MemorySink, channel_streams, device_packets, synth_bytes
+from vfiomig.vfio._uapi import MigState
 
 
 async def test_vfio_device_fd_through_control_channel(tmp_path: Path) -> None:
@@ -203,7 +201,7 @@ async def test_refused_channels_do_not_disturb_the_session(
         ) as rx:
             async with open_control_client(rx.control_address) as ctl:
                 if why == "timeout":
-                    from vfiomig._net import connect, parse_address
+                    from vfiomig.transport import connect, parse_address
 
                     idle = await connect(parse_address(rx.data_address))
                 else:

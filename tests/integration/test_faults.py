@@ -25,10 +25,9 @@ from tests.integration.faults import (
     reset,
 )
 from vfiomig import SessionReport
-from vfiomig._control_client import open_control_client
 from vfiomig._core._wire import encode_packet, format_uuid
-from vfiomig.sinks._base import Chunk
-from vfiomig.sinks._fd import FdSink
+from vfiomig.control import open_control_client
+from vfiomig.sinks import Chunk, FdSink
 from vfiomig.testing import MemorySink, channel_streams, device_packets
 
 STATE = bytes(range(256)) * 160  # 40 KiB, not periodic at packet boundaries

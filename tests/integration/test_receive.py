@@ -16,9 +16,9 @@ from vfiomig import (
     send_migration,
     serve_receiver,
 )
-from vfiomig._send import SendError
-from vfiomig._session import Session, SessionReport
-from vfiomig.sources._simple import SynthSource
+from vfiomig.receive import Session, SessionReport
+from vfiomig.send import SendError
+from vfiomig.sources import SynthSource
 from vfiomig.testing import (
     MemoryConfig,
     MemorySink,

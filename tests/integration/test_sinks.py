@@ -13,11 +13,10 @@ import trio.lowlevel
 
 from vfiomig import CallbackConfig, CallbackSink, DeviceSetup, ReceiverConfig, send_migration
 from vfiomig._core import SinkError
-from vfiomig._send import SendDevice, SendError
-from vfiomig._service import serve_receiver
-from vfiomig._session import MigrationFailed, Session
+from vfiomig.receive import MigrationFailed, Session, serve_receiver
+from vfiomig.send import SendDevice, SendError
 from vfiomig.sinks._fd import ConfigDir, FdSink, open_fd_sink, open_file_sink, write_all
-from vfiomig.sources._simple import SynthSource
+from vfiomig.sources import SynthSource
 from vfiomig.testing import MemoryConfig, synth_bytes, synth_config
 
 UUID = bytes(range(16))

@@ -17,12 +17,12 @@ import pytest
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
-from vfiomig._fake_vfio import FakeVfioDevice
-from vfiomig._specs import open_sink
-from vfiomig.sinks import _vfio
-from vfiomig.sinks import _vfio_uapi as uapi
-from vfiomig.sinks._vfio import DataFdSink, VfioSink, open_vfio_sink
-from vfiomig.sinks._vfio_uapi import MigState as S
+from vfiomig.cli._specs import open_sink
+from vfiomig.testing import FakeVfioDevice
+from vfiomig.vfio import DataFdSink, VfioSink, open_vfio_sink
+from vfiomig.vfio import _sink as _vfio
+from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._uapi import MigState as S
 
 TIMEOUT = 10
 RESUME_ARCS = [(S.RUNNING, S.RUNNING_P2P), (S.RUNNING_P2P, S.STOP), (S.STOP, S.RESUMING)]

@@ -14,7 +14,7 @@ import trio
 
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._core._wire import wrap_config
-from vfiomig._specs import open_sink, open_source
+from vfiomig.cli._specs import open_sink, open_source
 from vfiomig.vfio_user import (
     BarDevice,
     MigState,

@@ -1,10 +1,10 @@
-"""The lower bound of a benchmark run (vfiomig._bench._model.lower_bound)."""
+"""The lower bound of a benchmark run (vfiomig.bench._model.lower_bound)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vfiomig._bench import lower_bound
+from vfiomig.bench import lower_bound
 
 MiB = 2**20
 

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from vfiomig._bench import ConfigModel, DeviceModelSink, Overhead
+from vfiomig.bench import ConfigModel, DeviceModelSink, Overhead
 
 MiB = 2**20
 

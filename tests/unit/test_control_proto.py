@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vfiomig._control_proto import (
+from vfiomig._core._errors import PacketError
+from vfiomig.control._proto import (
     AttachFd,
     ControlDecoder,
     ControlFramingError,
@@ -17,7 +18,6 @@ from vfiomig._control_proto import (
     Unknown,
     encode,
 )
-from vfiomig._core._errors import PacketError
 
 
 def drain(dec: ControlDecoder) -> list[object]:

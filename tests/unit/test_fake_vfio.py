@@ -9,9 +9,9 @@ import tempfile
 
 import pytest
 
-from vfiomig._fake_vfio import FakeVfioDevice, next_state, path
-from vfiomig.sinks import _vfio_uapi as uapi
-from vfiomig.sinks._vfio_uapi import MigState as S
+from vfiomig.testing._fake_vfio import FakeVfioDevice, next_state, path
+from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._uapi import MigState as S
 
 ALL = uapi.VFIO_MIGRATION_STOP_COPY | uapi.VFIO_MIGRATION_P2P | uapi.VFIO_MIGRATION_PRE_COPY
 ONLY_STOP_COPY = uapi.VFIO_MIGRATION_STOP_COPY

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vfiomig._core._wire import encode_handshake, encode_packet, encode_ram_packet
-from vfiomig.testing import device_packets, wrap_config
+from vfiomig._core._wire import encode_handshake, encode_packet, encode_ram_packet, wrap_config
+from vfiomig.testing import device_packets
 
 UUID = bytes(range(16))
 

@@ -1,6 +1,6 @@
 """`Framer.pump`: many packets per call, routed into reorder buffers, on both cores.
 
-The slow path of these drivers is what `vfiomig._channels` does with a status other than
+The slow path of these drivers is what `vfiomig.receive._channels` does with a status other than
 NEED_DATA/END, so any slicing, budget and route set must give the per-packet result.
 """
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vfiomig._core._wire import encode_handshake, encode_packet, encode_ram_packet
-from vfiomig.testing import device_packets, wrap_config
+from vfiomig._core._wire import encode_handshake, encode_packet, encode_ram_packet, wrap_config
+from vfiomig.testing import device_packets
 
 UUID = bytes(range(16))
 DEVICES = [("0000:00:04.0/vfio", 0), ("0000:00:05.0/vfio", 1)]
@@ -253,7 +253,7 @@ class ScriptedRecv:
 def run_pump_recv(
     core: types.ModuleType, stream: bytes, *, seed: int, budget: int, max_slice: int, limit: int
 ) -> tuple[dict[tuple[str, int], bytearray], int, list[int]]:
-    """One channel through pump_recv(), the slow path as `vfiomig._channels` takes it."""
+    """One channel through pump_recv(), the slow path as `vfiomig.receive._channels` takes it."""
     rng = random.Random(seed)
     recv = ScriptedRecv(stream, seed, max_slice)
     f, bufs, out = _channel(core, budget)

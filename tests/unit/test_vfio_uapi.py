@@ -13,8 +13,8 @@ import tempfile
 
 import pytest
 
-from vfiomig.sinks import _vfio_uapi as uapi
-from vfiomig.sinks._vfio_uapi import MigState
+from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._uapi import MigState
 
 LITTLE = sys.byteorder == "little"
 

@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vfiomig._core._errors import PacketError
-from vfiomig.vfio_user import _fsm
-from vfiomig.vfio_user._bar_device import BarDevice
+from vfiomig.vfio_user import BarDevice, _fsm
 from vfiomig.vfio_user._device import Session, VfioUserDevice
 from vfiomig.vfio_user._messages import (
     FLAG_ERROR,

@@ -1,6 +1,6 @@
 """The sink and config-target interfaces: where one device's reassembled state goes.
 
-A loader task (see ``vfiomig._loader``) is the only caller of a device's sink. It calls,
+A loader task (see ``vfiomig.receive._loader``) is the only caller of a device's sink. It calls,
 in this order and never concurrently:
 
 1. ``start()`` once, before the first byte (a VFIO sink enters RESUMING here);

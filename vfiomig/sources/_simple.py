@@ -113,7 +113,7 @@ def open_fd_source(arg: str) -> FdSource:
 
 
 def open_synth_source(arg: str) -> SynthSource:
-    from vfiomig._specs import parse_size
+    from vfiomig._units import parse_size
 
     size_text, _, seed_text = arg.partition(":")
     try:

@@ -18,8 +18,8 @@ from typing import Final
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
-from vfiomig._specs import parse_size
-from vfiomig.sinks._base import Chunk, Sink
+from vfiomig._units import parse_size
+from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio_user._client import (
     DEFAULT_TIMEOUT,
     DEFAULT_WINDOW,

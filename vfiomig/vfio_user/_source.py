@@ -17,7 +17,7 @@ import trio
 
 from vfiomig._core._errors import ConfigStateError, UsageError
 from vfiomig._core._wire import check_config_blob, wrap_config
-from vfiomig.sources._base import Source
+from vfiomig.sources import Source
 from vfiomig.vfio_user._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MigState
 from vfiomig.vfio_user._sink import start_migration

@@ -2,7 +2,7 @@
 
 `ControlServer.serve` is an extra task of a receive session (see ``_service.ExtraTask``):
 it listens on one address, accepts control connections and serves each with a reader
-(commands, decoded by `vfiomig._control_proto.ControlDecoder`) and a writer (events).
+(commands, decoded by `vfiomig.control._proto.ControlDecoder`) and a writer (events).
 
 Several connections: up to ``max_connections`` at once (default 4); every connection may
 send commands and every connection gets every event, so a VMM and a monitor can both
@@ -31,13 +31,12 @@ from typing import Any
 
 import trio
 
-from vfiomig import _control_proto as proto
 from vfiomig._core._errors import PacketError, SinkError
-from vfiomig._net import open_listener, parse_address
-from vfiomig._service import ExtraTask
-from vfiomig._session import Device, DeviceSetup, Session, SessionEvent
-from vfiomig.sinks._attach import AttachSink
-from vfiomig.sinks._base import ConfigTarget
+from vfiomig.control import _proto as proto
+from vfiomig.control._attach import AttachSink
+from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEvent
+from vfiomig.sinks import ConfigTarget
+from vfiomig.transport import open_listener, parse_address
 
 log = logging.getLogger("vfiomig")
 

@@ -10,18 +10,18 @@ from typing import TypeAlias
 
 import trio
 
-from vfiomig._channels import check_missing, run_channel
 from vfiomig._core import StallError, UsageError
-from vfiomig._loader import run_loader
-from vfiomig._net import open_listener, parse_address, tune_socket
-from vfiomig._session import (
+from vfiomig.receive._channels import check_missing, run_channel
+from vfiomig.receive._loader import run_loader
+from vfiomig.receive._session import (
     Device,
     MigrationFailed,
     ReceiverConfig,
     Session,
     SessionReport,
 )
-from vfiomig.sinks._base import ConfigTarget
+from vfiomig.sinks import ConfigTarget
+from vfiomig.transport import open_listener, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
 

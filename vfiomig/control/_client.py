@@ -26,9 +26,9 @@ from typing import Any
 import msgpack
 import trio
 
-from vfiomig import _control_proto as proto
 from vfiomig._core._errors import PacketError, UsageError
-from vfiomig._net import connect, parse_address
+from vfiomig.control import _proto as proto
+from vfiomig.transport import connect, parse_address
 
 RECEIVE_SIZE = 256 * 1024
 

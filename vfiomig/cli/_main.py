@@ -21,14 +21,14 @@ import trio
 from vfiomig._core import VfioMigError
 from vfiomig._core._errors import UsageError
 from vfiomig._core._wire import parse_uuid
-from vfiomig._net import parse_address
-from vfiomig._session import DeviceSetup, MigrationFailed, ReceiverConfig, Session, SessionReport
-from vfiomig._specs import open_sink, open_source, parse_device, parse_size
-from vfiomig._tls import options_to_contexts
-from vfiomig.sinks._fd import ConfigDir
+from vfiomig._units import parse_size
+from vfiomig.cli._specs import open_sink, open_source, parse_device
+from vfiomig.receive import DeviceSetup, MigrationFailed, ReceiverConfig, Session, SessionReport
+from vfiomig.sinks import ConfigDir
+from vfiomig.transport import options_to_contexts, parse_address
 
 if TYPE_CHECKING:
-    from vfiomig._control import ControlServer
+    from vfiomig.control import ControlServer
 
 log = logging.getLogger("vfiomig")
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a verified migration of synthetic state on loopback")
     demo.add_argument("--size", type=_size, default=384 * 1024 * 1024, help=argparse.SUPPRESS)
 
-    from vfiomig._bench import add_parser as add_bench_parser
+    from vfiomig.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub, _size)
     # -v also after the subcommand (vfiomig receive -v ...); SUPPRESS keeps a -v given
@@ -212,11 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "send":
             return _send(args)
         if args.command == "demo":
-            from vfiomig._demo import run_demo
+            from vfiomig.cli._demo import run_demo
 
             return run_demo(args.size)
         if args.command == "bench":
-            from vfiomig._bench import bench_main
+            from vfiomig.bench import bench_main
 
             return trio.run(bench_main, args)
     except UsageError as exc:
@@ -271,7 +271,7 @@ def _receive(args: argparse.Namespace) -> int:
     )
     control = None
     if args.control is not None:
-        from vfiomig._control import ControlServer
+        from vfiomig.control import ControlServer
 
         control = ControlServer(args.control, tls=tls, handshake_timeout=args.handshake_timeout)
         if args.config_out is None:
@@ -299,7 +299,7 @@ def _close_sinks(devices: list[DeviceSetup]) -> None:
 async def _run_receiver(
     config: ReceiverConfig, args: argparse.Namespace, control: ControlServer | None = None
 ) -> SessionReport:
-    from vfiomig._service import ExtraTask, serve_receiver
+    from vfiomig.receive import ExtraTask, serve_receiver
 
     extra: list[ExtraTask] = []
     if control is not None:
@@ -344,7 +344,7 @@ def _write_ready_file(path: str, session: Session) -> None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from vfiomig._send import SendDevice, SendReport, send_migration
+    from vfiomig.send import SendDevice, SendReport, send_migration
 
     devices: list[SendDevice] = []
     for text in args.device:

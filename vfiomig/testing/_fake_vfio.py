@@ -1,7 +1,7 @@
 """A fake kernel VFIO device with migration v2 support, for tests without hardware.
 
 `FakeVfioDevice` plugs in where the real kernel would answer: its `~FakeVfioDevice.ioctl`
-has the signature of `vfiomig.sinks._vfio_uapi.IoctlFn` and its `~FakeVfioDevice.write`
+has the signature of `vfiomig.vfio._uapi.IoctlFn` and its `~FakeVfioDevice.write`
 the signature of ``os.write``. It models what a migration driver plus the VFIO core do
 (``drivers/vfio/vfio_main.c``, ``reference/vfio-user-and-uapi.md`` §1):
 
@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from vfiomig.sinks._vfio_uapi import (
+from vfiomig.vfio._uapi import (
     VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_FEATURE_GET,
@@ -286,7 +286,7 @@ class FakeVfioDevice:
     # -- the ioctl function ----------------------------------------------------------------
 
     def ioctl(self, fd: int, request: int, buf: bytearray | None) -> int:
-        """`vfiomig.sinks._vfio_uapi.IoctlFn`: answers as the kernel would, or raises OSError."""
+        """`vfiomig.vfio._uapi.IoctlFn`: answers as the kernel would, or raises OSError."""
         with self._lock:
             self._check_fd(fd)
             if self.cdev:

@@ -19,7 +19,7 @@ import trio
 from vfiomig._core import Budget, ReorderBuffer
 from vfiomig._core._errors import AbortedError, PacketError, VfioMigError
 from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian
-from vfiomig.sinks._base import ConfigTarget, Sink
+from vfiomig.sinks import ConfigTarget, Sink
 
 log = logging.getLogger("vfiomig")
 

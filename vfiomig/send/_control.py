@@ -13,15 +13,12 @@ import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import trio
 
-from vfiomig._control_client import open_control_client
 from vfiomig._core._errors import UsageError, VfioMigError
-
-if TYPE_CHECKING:
-    from vfiomig._send import SendDevice, SendReport
+from vfiomig.control import open_control_client
+from vfiomig.send._types import SendDevice, SendReport
 
 log = logging.getLogger("vfiomig")
 

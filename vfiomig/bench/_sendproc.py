@@ -1,4 +1,4 @@
-"""The benchmark's sender process: ``python -m vfiomig._bench._sendproc JSON``.
+"""The benchmark's sender process: ``python -m vfiomig.bench._sendproc JSON``.
 
 Throughput runs put the sender in its own process so that it does not share the
 receiver's interpreter (this machine has 2 cores). The JSON argument says what to send;
@@ -18,8 +18,8 @@ import numpy as np
 import trio
 
 from vfiomig._core._wire import wrap_config
-from vfiomig._send import SendDevice, send_migration
-from vfiomig.sources._base import Source
+from vfiomig.send import SendDevice, send_migration
+from vfiomig.sources import Source
 
 from ._seq import send_sequential
 

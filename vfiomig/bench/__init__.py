@@ -178,7 +178,7 @@ async def _bench(args: argparse.Namespace, out: Path) -> int:
         "repeats": args.repeats,
         "seed": args.seed,
         "processes": "receiver in the bench process (trio); sender in a child process"
-        " (python -m vfiomig._bench._sendproc); C reference: both ends in child processes",
+        " (python -m vfiomig.bench._sendproc); C reference: both ends in child processes",
         "host": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -248,7 +248,7 @@ def _qemu_note(summaries: list[Any], models: Models, scale: float, meta: dict[st
 
 
 async def bench_main(args: argparse.Namespace) -> int:
-    """Run ``vfiomig bench`` (``vfiomig._cli.main`` calls it under ``trio.run``)."""
+    """Run ``vfiomig bench`` (``vfiomig.cli._main.main`` calls it under ``trio.run``)."""
     if args.repeats < 1:
         print("vfiomig: error: --repeats must be at least 1", file=sys.stderr)
         return 2

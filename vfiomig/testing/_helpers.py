@@ -16,7 +16,7 @@ from vfiomig._core._wire import (
     encode_packet,
     wrap_config,
 )
-from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
+from vfiomig.sinks import Chunk, ConfigTarget, Sink
 from vfiomig.sources._simple import SYNTH_BLOCK, synth_block, synth_config_body
 
 __all__ = [

@@ -27,7 +27,7 @@ from vfiomig._core import (
     VfioMigError,
     new_payload_buffer,
 )
-from vfiomig._session import Device, Session
+from vfiomig.receive._session import Device, Session
 
 log = logging.getLogger("vfiomig")
 

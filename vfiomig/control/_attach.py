@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
-from vfiomig.sinks import _vfio_uapi as uapi
-from vfiomig.sinks._base import Chunk, Sink
-from vfiomig.sinks._vfio import DataFdSink, VfioSink, WriteFn
-from vfiomig.sinks._vfio_uapi import IoctlFn
+from vfiomig.sinks import Chunk, Sink
+from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._sink import DataFdSink, VfioSink, WriteFn
+from vfiomig.vfio._uapi import IoctlFn
 
 #: Default bound on the wait for ``attach-fd`` once the loader starts the sink.
 DEFAULT_ATTACH_TIMEOUT = 60.0

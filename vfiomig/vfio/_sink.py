@@ -15,7 +15,7 @@ returned). A fd handed to a constructor is borrowed unless ``owned=True`` transf
 (for a fd received with SCM_RIGHTS the receiver holds its own copy: pass ``owned=True``).
 
 The uAPI calls go through an injectable ``ioctl`` function and the data fd writes
-through an injectable ``write`` function (``os.write``); `vfiomig._fake_vfio` provides
+through an injectable ``write`` function (``os.write``); `vfiomig.testing._fake_vfio` provides
 both for tests.
 """
 
@@ -29,9 +29,9 @@ from typing import TypeAlias
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
-from vfiomig.sinks import _vfio_uapi as uapi
-from vfiomig.sinks._base import Chunk, Sink
-from vfiomig.sinks._vfio_uapi import IoctlFn, MigState, state_name
+from vfiomig.sinks import Chunk, Sink
+from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._uapi import IoctlFn, MigState, state_name
 
 #: ``write(fd, data) -> count``, as ``os.write``.
 WriteFn: TypeAlias = Callable[[int, memoryview], int]

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import trio
 
-from vfiomig._net import connect, open_listener, parse_address, tune_socket
-from vfiomig.sinks._base import ConfigTarget, Sink
-from vfiomig.sources._base import Source
+from vfiomig.sinks import ConfigTarget, Sink
+from vfiomig.sources import Source
+from vfiomig.transport import connect, open_listener, parse_address, tune_socket
 
 _LEN = struct.Struct(">I")
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vfiomig.sinks._base import Sink
-from vfiomig.sinks._fd import FdSink, NullSink
+from vfiomig.sinks import FdSink, NullSink, Sink
 
 from ._model import DeviceModelSink, Overhead
 

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 
 import trio
 
-from vfiomig._send import SendDevice, send_migration
-from vfiomig._service import serve_receiver
-from vfiomig._session import DeviceSetup, ReceiverConfig, Session, SessionReport
-from vfiomig.sinks._base import Chunk, Sink
-from vfiomig.sources._simple import SynthSource
+from vfiomig.receive import DeviceSetup, ReceiverConfig, Session, SessionReport, serve_receiver
+from vfiomig.send import SendDevice, send_migration
+from vfiomig.sinks import Chunk, Sink
+from vfiomig.sources import SynthSource
 from vfiomig.testing import MemoryConfig, synth_config, synth_sha256
 
 CHANNELS = 4

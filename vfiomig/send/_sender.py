@@ -24,7 +24,6 @@ import logging
 import random
 import ssl
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -37,8 +36,9 @@ from vfiomig._core._wire import (
     encode_handshake,
     encode_vfio_header,
 )
-from vfiomig._net import connect, parse_address, tune_socket
-from vfiomig.sources._base import Source
+from vfiomig.send._control import send_with_control
+from vfiomig.send._types import SendDevice, SendError, SendReport
+from vfiomig.transport import connect, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
 
@@ -48,32 +48,6 @@ ORDERS = ("roundrobin", "random", "shuffle", "idx0-last")
 CHANNEL_QUEUE = 4
 #: idx0-last: a channel stuck in one send this long counts as blocked by the receiver.
 BLOCKED_AFTER = 0.3
-
-
-@dataclass(slots=True)
-class SendDevice:
-    """One device to send: its identity and where its state comes from."""
-
-    idstr: str
-    instance: int
-    source: Source
-
-    @property
-    def name(self) -> str:
-        return f"{self.idstr}/{self.instance}"
-
-
-@dataclass(frozen=True, slots=True)
-class SendReport:
-    """What was handed to the channels."""
-
-    bytes: int
-    packets: int
-    seconds: float
-    per_device: dict[str, tuple[int, int]]  # name -> (data bytes, packets incl. config)
-    channel_bytes: tuple[int, ...] = ()  # wire bytes sent on each channel after its handshake
-    #: With ``control``: the receiver's ``loaded``, ``error`` and ``done`` events.
-    control_events: tuple[dict[str, object], ...] = ()
 
 
 _Packet = tuple[bytes, bytes | bytearray]  # (multifd + VFIO header, data)
@@ -94,10 +68,6 @@ class _Link:
         self.rate = rate
         self.start = trio.current_time()
         self.sent = 0
-
-
-class SendError(VfioMigError):
-    """A channel or a source failed while sending; the message names which."""
 
 
 def _cause(exc: BaseException) -> str:
@@ -297,7 +267,7 @@ async def send_migration(
         control: the receiver's control channel: hello, ``precopy`` data, then
             ``switchover`` (``switchover-start``, or ``data-complete`` per device) before
             any multifd data, as QEMU at switchover; then wait (``control_timeout``) for
-            ``done`` (see `vfiomig._send_control`).
+            ``done`` (see `vfiomig.send._control`).
         tls: a client context for every data channel and a TCP control channel.
 
     Raises:
@@ -315,8 +285,6 @@ async def send_migration(
     if packet_size < 1:
         raise UsageError(f"packet size {packet_size} is too small")
     if control is not None:
-        from vfiomig._send_control import send_with_control
-
         return await send_with_control(
             control,
             tls=tls,

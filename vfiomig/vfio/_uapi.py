@@ -4,7 +4,7 @@ Constants and byte layouts come from ``include/uapi/linux/vfio.h`` (see
 ``reference/vfio-user-and-uapi.md`` §1). Every function builds the exact buffer with
 `struct` and hands it to an *ioctl function* ``ioctl(fd, request, buf) -> int``; the
 default, `sys_ioctl`, is ``fcntl.ioctl(fd, request, buf, True)``. Tests and the fake
-kernel device (`vfiomig._fake_vfio`) plug in at exactly this level, so nothing above it
+kernel device (`vfiomig.testing._fake_vfio`) plug in at exactly this level, so nothing above it
 knows whether a real driver answered.
 
 Failures are the kernel's: an ``OSError`` carrying its errno escapes unchanged.

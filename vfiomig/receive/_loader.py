@@ -13,8 +13,8 @@ import trio
 
 from vfiomig._core import SinkError, VfioMigError
 from vfiomig._core._errors import os_error_text
-from vfiomig._session import Device, Session, SessionEvent
-from vfiomig.sinks._base import ConfigTarget
+from vfiomig.receive._session import Device, Session, SessionEvent
+from vfiomig.sinks import ConfigTarget
 
 log = logging.getLogger("vfiomig")
 

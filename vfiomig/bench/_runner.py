@@ -2,7 +2,7 @@
 
 A run is one transfer of one `Case` by one ``kind``:
 
-- ``vfiomig``: `serve_receiver` here, ``python -m vfiomig._bench._sendproc`` (the real
+- ``vfiomig``: `serve_receiver` here, ``python -m vfiomig.bench._sendproc`` (the real
   multifd sender, `send_migration`) in a child process;
 - ``seq``: the vhost-user style sequential stream (`_seq`), same arrangement;
 - ``cref``: the C reference receiver and sender (``benchmarks/cref``), both children.
@@ -29,8 +29,7 @@ from typing import Any
 
 import trio
 
-from vfiomig._service import serve_receiver
-from vfiomig._session import DeviceSetup, MigrationFailed, ReceiverConfig, Session
+from vfiomig.receive import DeviceSetup, MigrationFailed, ReceiverConfig, Session, serve_receiver
 
 from ._model import ConfigModel, Overhead, lower_bound
 from ._seq import SeqReport, serve_sequential
@@ -184,7 +183,7 @@ def _devices(case: Case, seed: int) -> list[dict[str, Any]]:
 
 
 async def _sender(job: dict[str, Any], out: dict[str, Any]) -> None:
-    argv = [sys.executable, "-m", "vfiomig._bench._sendproc", json.dumps(job)]
+    argv = [sys.executable, "-m", "vfiomig.bench._sendproc", json.dumps(job)]
     proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiomig._core._errors import UsageError
-from vfiomig.sinks._base import Sink
-from vfiomig.sources._base import Source
+from vfiomig.sinks import Sink
+from vfiomig.sources import Source
 
 #: scheme -> "module:function"; the function takes the text after ``scheme:``.
 SINK_SCHEMES: dict[str, str] = {
     "file": "vfiomig.sinks._fd:open_file_sink",
     "null": "vfiomig.sinks._fd:open_null_sink",
     "fd": "vfiomig.sinks._fd:open_fd_sink",
-    "vfio": "vfiomig.sinks._vfio:open_vfio_sink",
-    "attach": "vfiomig.sinks._attach:open_attach_sink",
+    "vfio": "vfiomig.vfio._sink:open_vfio_sink",
+    "attach": "vfiomig.control._attach:open_attach_sink",
     "vfio-user": "vfiomig.vfio_user._sink:open_vfio_user_sink",
 }
 
@@ -93,15 +93,3 @@ def open_source(spec: str) -> Source:
     source = factory(arg)
     assert isinstance(source, Source)
     return source
-
-
-_SIZE = re.compile(r"(?i)([0-9]+)\s*([kmgt]?)(i?b?)")
-
-
-def parse_size(text: str) -> int:
-    """Parse ``64MiB``, ``64M``, ``1g``, ``4096`` into bytes (binary units)."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"size {text!r} is not a number with an optional K/M/G/T unit")
-    scale: int = 1024 ** " kmgt".index((m.group(2) or " ").lower())
-    return int(m.group(1)) * scale

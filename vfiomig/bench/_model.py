@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
+from vfiomig.sinks import Chunk, ConfigTarget, Sink
 
 
 class Overhead:

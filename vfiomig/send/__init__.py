@@ -1,0 +1,14 @@
+"""The sending side: packetise each device's source and spread it over the channels.
+
+- `_types`: `SendDevice`, `SendReport`, `SendError`;
+- `_sender`: `send_migration`: channels, orders (QEMU's round-robin and others), pacing;
+- `_control`: drives the receiver's control channel around the multifd data (hello,
+  precopy, switchover, then the receiver's events).
+May import: `vfiomig._core`, `vfiomig._units`, `vfiomig.transport`, `vfiomig.sources`,
+`vfiomig.control` (its client).
+"""
+
+from vfiomig.send._sender import ORDERS, send_migration
+from vfiomig.send._types import SendDevice, SendError, SendReport
+
+__all__ = ["ORDERS", "SendDevice", "SendError", "SendReport", "send_migration"]

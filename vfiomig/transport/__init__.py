@@ -1,0 +1,27 @@
+"""Transport: addresses (``tcp:``, ``unix:``), listeners, connections, socket tuning, TLS.
+
+Owns every socket option and the rules for UNIX socket files (0600, refused directories).
+May import: `vfiomig._core` (errors) only. Imported by every stage that opens a socket.
+"""
+
+from vfiomig.transport._sockets import (
+    Address,
+    check_socket_directory,
+    connect,
+    open_listener,
+    parse_address,
+    tune_socket,
+)
+from vfiomig.transport._tls import client_context, options_to_contexts, server_context
+
+__all__ = [
+    "Address",
+    "check_socket_directory",
+    "client_context",
+    "connect",
+    "open_listener",
+    "options_to_contexts",
+    "parse_address",
+    "server_context",
+    "tune_socket",
+]
