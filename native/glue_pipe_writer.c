@@ -1,5 +1,5 @@
 /*
- * vfiomig_writer.c - vfiomig._native.PipeWriter: writes an fd sink's batches to a blocking
+ * glue_pipe_writer.c - vfiomig._native.PipeWriter: writes an fd sink's batches to a blocking
  * pipe from a thread of its own, so that the event loop keeps receiving during each write.
  *
  * One thread per writer, one batch in flight.  submit() pins every chunk (a Py_buffer,
@@ -12,8 +12,7 @@
  * stop eventfd, so close() stops and joins it promptly; the caller closes the fd only
  * after that.  The pipe's flags, shared with its other holders, are left alone.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "glue.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -26,8 +25,6 @@
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
-
-#include "vfiomig_writer.h"
 
 #define VFM_PAGE 4096L
 #define VFM_MIN_LOOP_WRITE (64L * 1024)
@@ -362,7 +359,7 @@ static PyGetSetDef PipeWriter_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-PyTypeObject vfm_PipeWriterType = {
+PyTypeObject vfiomig_PipeWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vfiomig._native.PipeWriter",
     .tp_basicsize = sizeof(PipeWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT,

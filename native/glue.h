@@ -1,0 +1,145 @@
+/*
+ * glue.h - what the CPython glue files (glue_*.c, module.c) share: the object structs of
+ * vfiomig._native's types, their type objects, the reference's Python objects imported at
+ * module init, and the functions one type's glue calls in another's.
+ *
+ * Same constructors, methods, properties, events and error text as the pure-Python
+ * reference vfiomig._core (the typed contract is vfiomig/_native.pyi).  Event classes,
+ * NEED_DATA, the error classes and the handshake check are the reference's own objects,
+ * imported at module init, so both implementations return the same types and the handshake
+ * errors are literally the same code.  Only the hot paths are C.
+ *
+ * Every name defined in one glue file and used in another starts with vfiomig_; the rest
+ * is static.  The plain-C core (vfiomig_core, vfiomig_reorder: vfm_ names) has no Python.
+ */
+#ifndef VFIOMIG_GLUE_H
+#define VFIOMIG_GLUE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include "vfiomig_core.h"
+#include "vfiomig_reorder.h"
+
+/* -- the reference's objects and interned names (set by module.c at import) ---------- */
+
+struct vfiomig_py {
+    PyObject *need_data, *hello, *header, *ram, *end, *decode_handshake;
+    PyObject *vfio_error, *packet_error, *incomplete_error, *config_error;
+    PyObject *ready, *statistics, *check_config_blob;
+    PyObject *str_channel_id, *str_idstr, *str_instance, *str_version, *str_idx, *str_flags,
+        *str_size, *str_uuid, *str_channels, *str_device;
+};
+extern struct vfiomig_py vfiomig_py;
+
+/* -- the types (module.c readies them and adds them to the module) -------------------- */
+
+extern PyTypeObject vfiomig_BudgetType;     /* glue_budget.c */
+extern PyTypeObject vfiomig_ReorderType;    /* glue_reorder.c */
+extern PyTypeObject vfiomig_FramerType;     /* glue_framer.c */
+extern PyTypeObject vfiomig_PipeWriterType; /* glue_pipe_writer.c */
+
+/* -- Budget ------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    long long limit, queued, peak;
+} Budget;
+
+static inline void budget_add(Budget *b, long long n)
+{
+    b->queued += n;
+    if (b->queued > b->peak)
+        b->peak = b->queued;
+}
+
+static inline int budget_release(Budget *b, long long n)
+{
+    b->queued -= n;
+    if (b->queued < 0) {
+        PyErr_SetString(PyExc_AssertionError, "budget released more than it held");
+        return -1;
+    }
+    return 0;
+}
+
+/* -- ReorderBuffer ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    struct vfm_reorder r;
+    PyObject *name;
+    Budget *budget;
+    PyObject *config;  /* bytes, or NULL */
+    PyObject *precopy; /* list of chunks written before any multifd data */
+    PyObject *error;   /* the poisoning exception, or NULL */
+    int gate_open, loaded, multifd_taken;
+    double starved_seconds;
+    long long queued_packets, queued_bytes, peak_queued, received, written_bytes,
+        written_packets, precopy_bytes, unwritten;
+} Reorder;
+
+/* glue_reorder.c: ReorderBuffer.offer: 1 accepted, 0 refused for budget, -1 error raised. */
+int vfiomig_reorder_offer(Reorder *self, uint32_t version, uint32_t idx, uint32_t flags,
+                          uint64_t size);
+/* glue_reorder.c: ReorderBuffer.deliver: 0, or -1 with an error raised.  Does not steal
+ * data. */
+int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssize_t len);
+
+/* glue_reorder_report.c: the methods missing, incomplete_error and statistics. */
+PyObject *vfiomig_Reorder_missing(Reorder *self, PyObject *args, PyObject *kwds);
+PyObject *vfiomig_Reorder_incomplete_error(Reorder *self, PyObject *why);
+PyObject *vfiomig_Reorder_statistics(Reorder *self, PyObject *ignored);
+
+/* -- Framer ------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    struct vfm_framer f;
+    PyObject *buf;        /* bytearray: the receive buffer */
+    PyObject *uuid;
+    PyObject *channels;
+    PyObject *label;
+    PyObject *channel_id; /* None until the handshake */
+    PyObject *current;    /* PacketHeader of the packet being read, or NULL */
+    PyObject *error;      /* the poisoning exception, or NULL */
+    PyObject *idstr;      /* the last idstr decoded, reused while the bytes repeat */
+    char idstr_raw[VFM_IDSTR_SIZE];
+    size_t idstr_len;
+    PyObject *routes;     /* pump(): the routes dict of the cached route */
+    Reorder *route_buf;   /* ... and the buffer of the last (idstr, instance) routed */
+    char route_raw[VFM_IDSTR_SIZE];
+    size_t route_len;
+    uint32_t route_instance;
+    PyObject *pending;    /* pump_recv(): bytearray of the accepted packet being received */
+    Py_ssize_t pending_got;
+    uint32_t pending_idx;
+    Reorder *pending_buf; /* ... and the buffer it goes to */
+    int last_big;         /* the last packet received that way was large (see pump_recv) */
+} Framer;
+
+static inline uint8_t *framer_data(Framer *self)
+{
+    return (uint8_t *)PyByteArray_AS_STRING(self->buf);
+}
+
+/* glue_framer.c: grow or compact the receive buffer so that n more bytes fit; 0 or -1. */
+int vfiomig_framer_make_room(Framer *self, size_t n);
+
+/* glue_framer_events.c.  reraise, raise_truncated and error raise (the latter two poison
+ * the framer) and return NULL; truncated poisons it and returns the StreamIncompleteError
+ * unraised; idstr and packet return a new reference (the PacketHeader), or NULL. */
+PyObject *vfiomig_framer_reraise(Framer *self);
+PyObject *vfiomig_framer_truncated(Framer *self);
+PyObject *vfiomig_framer_raise_truncated(Framer *self);
+PyObject *vfiomig_framer_error(Framer *self, const struct vfm_out *o);
+PyObject *vfiomig_framer_idstr(Framer *self, const struct vfm_out *o);
+PyObject *vfiomig_framer_packet(Framer *self, const struct vfm_out *o);
+PyObject *vfiomig_Framer_next_event(Framer *self, PyObject *ignored);
+
+/* glue_framer_pump.c: the methods pump and pump_recv. */
+PyObject *vfiomig_Framer_pump(Framer *self, PyObject *routes);
+PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_t nargs);
+
+#endif

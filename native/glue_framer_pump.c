@@ -1,0 +1,267 @@
+/* glue_framer_pump.c - Framer.pump and Framer.pump_recv: many packets per call, routed
+ * straight into their devices' ReorderBuffers (see vfiomig/_native.pyi). */
+#include "glue.h"
+
+/* -- pump: many packets per call --------------------------------------------------- */
+
+enum { PUMP_NEED_DATA, PUMP_END, PUMP_HEADER, PUMP_ACCEPTED, PUMP_WOULD_BLOCK };
+
+/* (status, packets done, PacketHeader or None).  Steals hdr; NULL hdr with an error set
+ * (from vfiomig_framer_packet) passes the error on. */
+static PyObject *pump_result(int status, long long done, PyObject *hdr, int want_hdr)
+{
+    if (want_hdr && !hdr)
+        return NULL;
+    return Py_BuildValue("(iLN)", status, done, hdr ? hdr : Py_NewRef(Py_None));
+}
+
+/* The reorder buffer for the packet in o, or NULL: *err says whether an error was raised.
+ * The last hit is cached by its raw idstr bytes, so a run of packets of one device costs a
+ * memcmp; routes may only grow (a key, once there, keeps its buffer). */
+static Reorder *framer_route(Framer *self, const struct vfm_out *o, PyObject *routes, int *err)
+{
+    const char *raw = (const char *)framer_data(self) + o->offset;
+    *err = 0;
+    if (self->route_buf && self->routes == routes && self->route_instance == o->instance &&
+        self->route_len == o->idstr_len && memcmp(self->route_raw, raw, o->idstr_len) == 0)
+        return self->route_buf;
+    PyObject *idstr = vfiomig_framer_idstr(self, o);
+    PyObject *inst = idstr ? PyLong_FromUnsignedLong(o->instance) : NULL;
+    PyObject *key = inst ? PyTuple_Pack(2, idstr, inst) : NULL;
+    PyObject *buf = key ? PyDict_GetItemWithError(routes, key) : NULL; /* borrowed */
+    Py_XDECREF(idstr);
+    Py_XDECREF(inst);
+    Py_XDECREF(key);
+    if (!buf) {
+        *err = PyErr_Occurred() != NULL;
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(buf, &vfiomig_ReorderType)) {
+        PyErr_SetString(PyExc_TypeError, "pump() routes must map to vfiomig._native.ReorderBuffer");
+        *err = 1;
+        return NULL;
+    }
+    Py_XSETREF(self->routes, Py_NewRef(routes));
+    Py_XSETREF(self->route_buf, (Reorder *)Py_NewRef(buf));
+    memcpy(self->route_raw, raw, o->idstr_len);
+    self->route_len = o->idstr_len;
+    self->route_instance = o->instance;
+    return self->route_buf;
+}
+
+/* The loop of pump(): returns a PUMP_ status (PUMP_HEADER and PUMP_ACCEPTED with the
+ * packet in *o and, for PUMP_ACCEPTED, its buffer in *bufp, borrowed), or -1 with an error
+ * set.  *done counts the packets handled completely. */
+static int framer_pump_loop(Framer *self, PyObject *routes, long long *done, struct vfm_out *o,
+                            Reorder **bufp)
+{
+    for (;;) {
+        if (self->error) {
+            vfiomig_framer_reraise(self);
+            return -1;
+        }
+        if (self->f.state == VFM_S_PAYLOAD) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "the current packet's data must be read before the next event");
+            return -1;
+        }
+        if (self->f.state == VFM_S_HANDSHAKE) {
+            PyErr_SetString(PyExc_RuntimeError, "pump() before the handshake");
+            return -1;
+        }
+        switch (vfm_next(&self->f, framer_data(self), o)) {
+        case VFM_EV_NEED_DATA:
+            return PUMP_NEED_DATA;
+        case VFM_EV_RAM:
+            ++*done;
+            continue;
+        case VFM_EV_END:
+            return PUMP_END;
+        case VFM_EV_PACKET:
+            break;
+        case VFM_EV_HANDSHAKE: /* excluded by the state check above */
+        case VFM_EV_ERROR:
+        default:
+            vfiomig_framer_error(self, o);
+            return -1;
+        }
+        int err;
+        Reorder *buf = framer_route(self, o, routes, &err);
+        if (err)
+            return -1;
+        int ok = buf ? vfiomig_reorder_offer(buf, o->version, o->idx, o->flags, o->size) : 0;
+        if (ok < 0)
+            return -1;
+        if (!ok) /* unknown or new device, or no budget: the caller takes this packet */
+            return PUMP_HEADER;
+        PyObject *data;
+        if (o->size == 0) {
+            data = PyBytes_FromStringAndSize(NULL, 0);
+        } else if (self->f.end - self->f.pos >= o->size) {
+            data = PyBytes_FromStringAndSize((const char *)framer_data(self) + self->f.pos,
+                                             (Py_ssize_t)o->size);
+            if (data)
+                vfm_advance(&self->f, o->size, 1);
+        } else { /* accepted, its data still to receive */
+            *bufp = buf;
+            return PUMP_ACCEPTED;
+        }
+        if (!data)
+            return -1;
+        int r = vfiomig_reorder_deliver(buf, o->idx, data, (Py_ssize_t)o->size);
+        Py_DECREF(data);
+        if (r < 0)
+            return -1;
+        ++*done;
+    }
+}
+
+PyObject *vfiomig_Framer_pump(Framer *self, PyObject *routes)
+{
+    if (!PyDict_Check(routes)) {
+        PyErr_SetString(PyExc_TypeError, "pump() takes a dict of routes");
+        return NULL;
+    }
+    long long done = 0;
+    struct vfm_out o;
+    Reorder *buf = NULL;
+    int status = framer_pump_loop(self, routes, &done, &o, &buf);
+    if (status < 0)
+        return NULL;
+    if (status == PUMP_HEADER || status == PUMP_ACCEPTED)
+        return pump_result(status, done, vfiomig_framer_packet(self, &o), 1);
+    return pump_result(status, done, NULL, 0);
+}
+
+/* -- pump_recv: the channel's data plane in one call -------------------------------- */
+
+#define RECV_CHUNK (256 * 1024)
+#define BIG_PAYLOAD (64 * 1024)
+#define PACKET_HEAD (VFM_DEVICE_HEADER_SIZE + VFM_VFIO_HEADER_SIZE)
+
+/* recv_into(memoryview of n bytes at p): the byte count, -2 for BlockingIOError (cleared),
+ * -1 with an error set. */
+static Py_ssize_t framer_recv(PyObject *recv_into, char *p, Py_ssize_t n)
+{
+    PyObject *mv = PyMemoryView_FromMemory(p, n, PyBUF_WRITE);
+    if (!mv)
+        return -1;
+    PyObject *r = PyObject_CallOneArg(recv_into, mv);
+    Py_DECREF(mv);
+    if (!r) {
+        if (PyErr_ExceptionMatches(PyExc_BlockingIOError)) {
+            PyErr_Clear();
+            return -2;
+        }
+        return -1;
+    }
+    Py_ssize_t got = PyLong_AsSsize_t(r);
+    Py_DECREF(r);
+    if (got == -1 && PyErr_Occurred())
+        return -1;
+    if (got < 0 || got > n) {
+        PyErr_Format(PyExc_ValueError, "recv_into() returned %zd for a %zd-byte buffer", got, n);
+        return -1;
+    }
+    return got;
+}
+
+PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "pump_recv(recv_into, routes, limit)");
+        return NULL;
+    }
+    PyObject *recv_into = args[0], *routes = args[1];
+    if (!PyDict_Check(routes)) {
+        PyErr_SetString(PyExc_TypeError, "pump_recv() takes a dict of routes");
+        return NULL;
+    }
+    long long limit = PyLong_AsLongLong(args[2]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    long long done = 0, received = 0;
+    for (;;) {
+        if (self->pending) {
+            char *data = PyByteArray_AS_STRING(self->pending);
+            Py_ssize_t size = PyByteArray_GET_SIZE(self->pending);
+            Py_ssize_t got = self->pending_got;
+            size_t have = self->f.end - self->f.pos;
+            if (got < size && have) {
+                size_t n = (size_t)(size - got) < have ? (size_t)(size - got) : have;
+                memcpy(data + got, framer_data(self) + self->f.pos, n);
+                vfm_advance(&self->f, n, 1);
+                self->pending_got = got += (Py_ssize_t)n;
+            }
+            while (got < size) {
+                if (received >= limit)
+                    return pump_result(PUMP_NEED_DATA, done, NULL, 0);
+                Py_ssize_t n = framer_recv(recv_into, data + got, size - got);
+                if (n == -2)
+                    return pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
+                if (n < 0)
+                    return NULL;
+                if (n == 0) {
+                    self->f.eof = 1;
+                    return vfiomig_framer_raise_truncated(self);
+                }
+                vfm_advance(&self->f, (uint64_t)n, 0);
+                self->pending_got = got += n;
+                received += n;
+            }
+            PyObject *payload = self->pending;
+            Reorder *buf = self->pending_buf;
+            self->pending = NULL;
+            self->pending_buf = NULL;
+            self->last_big = size >= BIG_PAYLOAD;
+            int r = vfiomig_reorder_deliver(buf, self->pending_idx, payload, size);
+            Py_DECREF(payload);
+            Py_DECREF(buf);
+            if (r < 0)
+                return NULL;
+            done++;
+            continue;
+        }
+        struct vfm_out o;
+        Reorder *buf = NULL;
+        int status = framer_pump_loop(self, routes, &done, &o, &buf);
+        if (status < 0)
+            return NULL;
+        if (status == PUMP_NEED_DATA) {
+            if (received >= limit)
+                return pump_result(PUMP_NEED_DATA, done, NULL, 0);
+            /* After a large packet, receive just the next header: its data then goes
+             * straight into its own buffer instead of through this one (a copy). */
+            size_t have = self->f.end - self->f.pos, want = RECV_CHUNK;
+            if (self->last_big && self->f.state == VFM_S_HEADER && have < PACKET_HEAD)
+                want = PACKET_HEAD - have;
+            if (vfiomig_framer_make_room(self, want) < 0)
+                return NULL;
+            Py_ssize_t n = framer_recv(recv_into, (char *)framer_data(self) + self->f.end,
+                                       (Py_ssize_t)want);
+            if (n == -2)
+                return pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
+            if (n < 0)
+                return NULL;
+            if (n == 0)
+                self->f.eof = 1;
+            self->f.end += (size_t)n;
+            received += n;
+        } else if (status == PUMP_ACCEPTED) {
+            PyObject *hdr = vfiomig_framer_packet(self, &o); /* `current`, for the errors */
+            if (!hdr)
+                return NULL;
+            Py_DECREF(hdr);
+            self->pending = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)o.size);
+            if (!self->pending)
+                return NULL;
+            self->pending_got = 0;
+            self->pending_idx = o.idx;
+            self->pending_buf = (Reorder *)Py_NewRef(buf);
+        } else if (status == PUMP_HEADER) {
+            return pump_result(status, done, vfiomig_framer_packet(self, &o), 1);
+        } else {
+            return pump_result(status, done, NULL, 0);
+        }
+    }
+}
