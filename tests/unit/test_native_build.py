@@ -94,9 +94,18 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", check, str(pkg)], env=run_env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, f"sanitized build not the one imported: {r.stderr[-2000:]}"
+    # pyproject's pythonpath ["."] and the default prepend import mode would put the
+    # worktree (and its unsanitized build) first on sys.path: the sanitized copy goes first,
+    # the worktree last, and one more test checks the tests ran against the copy.
+    in_use = tmp_path / "test_sanitized_build_in_use.py"
+    in_use.write_text(
+        "import vfiomig._native as n\n\n\ndef test_sanitized_build_in_use() -> None:\n"
+        f"    assert n.__file__.startswith({str(pkg)!r}), n.__file__\n"
+    )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-         "-c", str(ROOT / "pyproject.toml"), *tests],
+         "-c", str(ROOT / "pyproject.toml"), "-o", f"pythonpath={pkg}", "--import-mode=append",
+         str(in_use), *tests],
         env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
