@@ -9,7 +9,8 @@ import tempfile
 
 import pytest
 
-from vfiomig.testing._fake_vfio import FakeVfioDevice, next_state, path
+from vfiomig.testing._fake_fsm import next_state, path
+from vfiomig.testing._fake_vfio import FakeVfioDevice
 from vfiomig.vfio import _uapi as uapi
 from vfiomig.vfio._uapi import MigState as S
 
@@ -204,3 +205,69 @@ def test_saving_states_return_a_read_fd() -> None:
             assert dev.state == S.STOP_COPY
         finally:
             os.close(fd)
+
+
+def test_precopy_info_and_reads_follow_the_model() -> None:
+    from vfiomig.testing._fake_saving import SavingModel
+
+    model = SavingModel(stop_copy=7, initial=10, dirty=[4], seed=1)
+    with FakeVfioDevice(flags=ALL, saving=model) as dev:
+        fd = dev.open()
+        try:
+            with pytest.raises(OSError) as info:  # on the device fd: not a data fd
+                uapi.get_precopy_info(fd, ioctl=dev.ioctl)
+            assert info.value.errno == errno.ENOTTY
+            data_fd = uapi.set_state(fd, S.PRE_COPY, ioctl=dev.ioctl)
+            assert uapi.get_precopy_info(data_fd, ioctl=dev.ioctl) == (10, 0)
+            assert len(dev.read(data_fd, 6)) == 6
+            assert uapi.get_precopy_info(data_fd, ioctl=dev.ioctl) == (4, 4)  # dirtied 4
+            assert len(dev.read(data_fd, 100)) == 8
+            with pytest.raises(OSError) as info:  # the temporary end of PRE_COPY data
+                dev.read(data_fd, 100)
+            assert info.value.errno == errno.ENOMSG
+            # A short argsz is EINVAL (the driver's minsz check).
+            short = bytearray(struct.pack("=IIQQ", 16, 0, 0, 0))
+            with pytest.raises(OSError) as info:
+                dev.ioctl(data_fd, uapi.VFIO_MIG_GET_PRECOPY_INFO, short)
+            assert info.value.errno == errno.EINVAL
+            # PRE_COPY -> PRE_COPY_P2P -> STOP_COPY keeps the fd; the info is EINVAL there.
+            assert uapi.set_state(fd, S.STOP_COPY, ioctl=dev.ioctl) == -1
+            with pytest.raises(OSError) as info:
+                uapi.get_precopy_info(data_fd, ioctl=dev.ioctl)
+            assert info.value.errno == errno.EINVAL
+            assert len(dev.read(data_fd, 100)) == 7 and dev.read(data_fd, 100) == b""
+            uapi.set_state(fd, S.STOP, ioctl=dev.ioctl)
+            with pytest.raises(OSError) as info:  # the session ended
+                dev.read(data_fd, 1)
+            assert info.value.errno == errno.ENODEV
+            assert dev.saving_session is not None and len(dev.saving_session.saved) == 21
+            os.close(data_fd)
+        finally:
+            os.close(fd)
+
+
+def test_saving_faults_and_a_lying_precopy_info() -> None:
+    from vfiomig.testing._fake_saving import SavingModel
+
+    model = SavingModel(stop_copy=100, max_read=30, read_errno_at=(70, errno.EIO))
+    with FakeVfioDevice(saving=model) as dev:
+        fd = dev.open()
+        data_fd = uapi.set_state(fd, S.STOP_COPY, ioctl=dev.ioctl)
+        assert [len(dev.read(data_fd, 100)) for _ in range(3)] == [30, 30, 10]
+        with pytest.raises(OSError) as info:
+            dev.read(data_fd, 100)
+        assert info.value.errno == errno.EIO
+        os.close(data_fd)
+        os.close(fd)
+    lying = SavingModel(initial=5, reported_dirty=lambda k: 1000 * k)
+    with FakeVfioDevice(flags=ALL, saving=lying) as dev:
+        fd = dev.open()
+        data_fd = uapi.set_state(fd, S.PRE_COPY, ioctl=dev.ioctl)
+        assert [uapi.get_precopy_info(data_fd, ioctl=dev.ioctl)[1] for _ in range(3)] == [
+            0,
+            1000,
+            2000,
+        ]
+        assert len(dev.read(data_fd, 100)) == 5  # no data behind the lie
+        os.close(data_fd)
+        os.close(fd)

@@ -37,6 +37,7 @@ class Recorder:
 def test_request_numbers() -> None:
     assert uapi.VFIO_DEVICE_FEATURE == 0x3B75 == (0x3B << 8) | (100 + 17)
     assert uapi.VFIO_DEVICE_RESET == 0x3B6F == (0x3B << 8) | (100 + 11)
+    assert uapi.VFIO_MIG_GET_PRECOPY_INFO == 0x3B79 == (0x3B << 8) | (100 + 21)
 
 
 def test_feature_flags_and_indexes() -> None:
@@ -100,6 +101,14 @@ def test_stop_copy_size_buffer() -> None:
     rec = Recorder({8: struct.pack("=Q", 1 << 33)})
     assert uapi.get_stop_copy_size(3, ioctl=rec) == 1 << 33
     assert rec.calls == [(3, 0x3B75, struct.pack("=IIQ", 16, 0x10009, 0))]
+
+
+def test_precopy_info_buffer() -> None:
+    rec = Recorder({8: struct.pack("=QQ", 1 << 20, 4096)})
+    assert uapi.get_precopy_info(7, ioctl=rec) == (1 << 20, 4096)
+    assert rec.calls == [(7, 0x3B79, struct.pack("=IIQQ", 24, 0, 0, 0))]
+    if LITTLE:
+        assert rec.calls[0][2] == bytes.fromhex("18000000 00000000" + "00" * 16)
 
 
 def test_reset_has_no_argument() -> None:

@@ -15,7 +15,14 @@ the signature of ``os.write``. It models what a migration driver plus the VFIO c
   blocking like the kernel's. The caller owns it. Bytes written are drained into
   `received` after every write (so the pipe never fills) and before RESUMING -> STOP,
   which validates them against ``expected`` (EINVAL, optionally going to ERROR);
-- writes to a session that ended fail with ENODEV (the driver disables the file).
+- writes to a session that ended fail with ENODEV (the driver disables the file);
+- the saving side (``saving``, a `SavingModel`, see `vfiomig.testing._fake_saving`):
+  RUNNING -> PRE_COPY and STOP -> STOP_COPY return a read-only data fd that the fake's
+  `~FakeVfioDevice.read` (the signature of ``os.read``) serves: initial and dirty
+  PRE_COPY data, ENOMSG at its temporary end, the STOP_COPY data, then 0 (end of
+  stream); VFIO_MIG_GET_PRECOPY_INFO on that fd with the driver's errnos (EINVAL outside
+  PRE_COPY/PRE_COPY_P2P or for a short argsz, ENOTTY on any other fd); reads after the
+  session ended fail with ENODEV. Without a model a saving session is an empty stream.
 
 The device itself is a real file (a temporary file unless ``path`` is given): `path` can
 be opened like a cdev and `open` returns a fresh fd; the ioctl answers ENOTTY for an fd
@@ -48,6 +55,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from vfiomig.testing._fake_fsm import PC, PCP, RES, RUN, SAVING, SC, STOP, E, next_state
+from vfiomig.testing._fake_saving import SavingModel, SavingSession
 from vfiomig.vfio._uapi import (
     VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_FEATURE,
@@ -59,88 +68,17 @@ from vfiomig.vfio._uapi import (
     VFIO_DEVICE_FEATURE_PROBE,
     VFIO_DEVICE_FEATURE_SET,
     VFIO_DEVICE_RESET,
+    VFIO_MIG_GET_PRECOPY_INFO,
     VFIO_MIGRATION_P2P,
-    VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     MigState,
 )
 
-S = MigState
-E, STOP, RUN, SC, RES, P2P, PC, PCP = (
-    S.ERROR,
-    S.STOP,
-    S.RUNNING,
-    S.STOP_COPY,
-    S.RESUMING,
-    S.RUNNING_P2P,
-    S.PRE_COPY,
-    S.PRE_COPY_P2P,
-)
-
-#: ``vfio_from_fsm_table`` of drivers/vfio/vfio_main.c: [current][target] -> next step.
-_FSM_TABLE: dict[MigState, dict[MigState, MigState]] = {
-    STOP: {STOP: STOP, RUN: P2P, PC: P2P, PCP: P2P, SC: SC, RES: RES, P2P: P2P, E: E},
-    RUN: {STOP: P2P, RUN: RUN, PC: PC, PCP: P2P, SC: P2P, RES: P2P, P2P: P2P, E: E},
-    PC: {STOP: RUN, RUN: RUN, PC: PC, PCP: PCP, SC: PCP, RES: RUN, P2P: RUN, E: E},
-    PCP: {STOP: P2P, RUN: P2P, PC: PC, PCP: PCP, SC: SC, RES: P2P, P2P: P2P, E: E},
-    SC: {STOP: STOP, RUN: STOP, PC: E, PCP: E, SC: SC, RES: STOP, P2P: STOP, E: E},
-    RES: {STOP: STOP, RUN: STOP, PC: STOP, PCP: STOP, SC: STOP, RES: RES, P2P: STOP, E: E},
-    P2P: {STOP: STOP, RUN: RUN, PC: RUN, PCP: PCP, SC: STOP, RES: STOP, P2P: P2P, E: E},
-    E: dict.fromkeys(S, E),
-}
-
-#: ``state_flags_table``: the VFIO_MIGRATION_* bits a state needs (ERROR: never allowed).
-_STATE_FLAGS: dict[MigState, int] = {
-    STOP: VFIO_MIGRATION_STOP_COPY,
-    RUN: VFIO_MIGRATION_STOP_COPY,
-    PC: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY,
-    PCP: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY,
-    SC: VFIO_MIGRATION_STOP_COPY,
-    RES: VFIO_MIGRATION_STOP_COPY,
-    P2P: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P,
-    E: 0xFFFFFFFF,
-}
-
-_SAVING = frozenset({SC, PC, PCP})
 _HEADER = struct.Struct("=II")
 _MIG_STATE = struct.Struct("=Ii")
 _U64 = struct.Struct("=Q")
 _BIND = struct.Struct("=IIiI")
-
-
-def _supported(state: MigState, flags: int) -> bool:
-    return _STATE_FLAGS[state] & flags == _STATE_FLAGS[state]
-
-
-def next_state(cur: int, new: int, flags: int) -> MigState | None:
-    """The next arc of the kernel's path from ``cur`` to ``new`` (``vfio_mig_get_next_state``).
-
-    ``None`` where the kernel answers EINVAL: a state outside the enum, a state the device
-    does not support (``flags``: VFIO_MIGRATION_* bits), ERROR, or a blocked transition.
-    """
-    try:
-        cur_s, new_s = S(cur), S(new)
-    except ValueError:
-        return None
-    if not _supported(cur_s, flags) or not _supported(new_s, flags):
-        return None
-    step = _FSM_TABLE[cur_s][new_s]
-    # ERROR in the table means "no path" (blocked); it is never a state to skip over.
-    while step is not E and not _supported(step, flags):
-        step = _FSM_TABLE[step][new_s]
-    return None if step is E else step
-
-
-def path(cur: int, new: int, flags: int) -> list[MigState] | None:
-    """Every state the kernel passes through from ``cur`` to ``new`` (``new`` included)."""
-    out: list[MigState] = []
-    while cur != new:
-        step = next_state(cur, new, flags)
-        if step is None:
-            return None
-        out.append(step)
-        cur = step
-    return out
+_PRECOPY_INFO = struct.Struct("=IIQQ")
 
 
 def _fd_identity(fd: int) -> tuple[int, int] | None:
@@ -191,6 +129,7 @@ class FakeVfioDevice:
         nonblocking_data_fd: bool = False,
         path: str | None = None,
         cdev: bool = False,
+        saving: SavingModel | None = None,
     ) -> None:
         self.migration = migration
         self.flags = flags
@@ -216,6 +155,9 @@ class FakeVfioDevice:
         self.data_fd_open_at_stop: bool | None = None
         self._lock = threading.Lock()
         self._session: _Session | None = None
+        self.saving = saving or SavingModel()
+        #: The current (or last) saving session: `SavingSession.saved` is what it gave.
+        self.saving_session: SavingSession | None = None
         self._dead_pipes: set[tuple[int, int]] = set()
         self._own_file = path is None
         if path is None:
@@ -249,6 +191,7 @@ class FakeVfioDevice:
         """Release the fake's fds (not the data fd: the caller owns that) and its file."""
         with self._lock:
             self._end_session()
+            self._end_saving()
         for name in (self.path if self._own_file else None, self.iommu_path):
             if name is not None:
                 try:
@@ -288,6 +231,9 @@ class FakeVfioDevice:
     def ioctl(self, fd: int, request: int, buf: bytearray | None) -> int:
         """`vfiomig.vfio._uapi.IoctlFn`: answers as the kernel would, or raises OSError."""
         with self._lock:
+            if request == VFIO_MIG_GET_PRECOPY_INFO:
+                self.calls.append((request, None))
+                return self._precopy_info(fd, buf)
             self._check_fd(fd)
             if self.cdev:
                 if request == VFIO_DEVICE_BIND_IOMMUFD:
@@ -325,6 +271,25 @@ class FakeVfioDevice:
         _BIND.pack_into(buf, 0, argsz, flags, iommufd, 1)  # out_devid
         return 0
 
+    def _precopy_info(self, fd: int, buf: bytearray | None) -> int:
+        """The driver's ioctl on a saving data fd (mlx5_precopy_ioctl's checks, in order)."""
+        identity = _fd_identity(fd)
+        if identity is None:
+            raise _oserror(errno.EBADF)
+        saving = self.saving_session
+        if saving is None or identity != saving.pipe:
+            raise _oserror(errno.ENOTTY)  # the device fd, a RESUMING fd, any other file
+        if buf is None or len(buf) < _PRECOPY_INFO.size:
+            raise _oserror(errno.EFAULT)
+        argsz = _HEADER.unpack_from(buf)[0]
+        if argsz < _PRECOPY_INFO.size or self.state not in (PC, PCP):
+            raise _oserror(errno.EINVAL)
+        if not saving.live:
+            raise _oserror(errno.ENODEV)
+        initial, dirty = saving.precopy_info()
+        _PRECOPY_INFO.pack_into(buf, 0, argsz, 0, initial, dirty)
+        return 0
+
     def _check_fd(self, fd: int) -> None:
         identity = _fd_identity(fd)
         if identity is None:
@@ -353,7 +318,8 @@ class FakeVfioDevice:
         if feature == VFIO_DEVICE_FEATURE_MIG_DATA_SIZE:
             if not self._check_feature(flags, payload, VFIO_DEVICE_FEATURE_GET, _U64.size):
                 return 0
-            _U64.pack_into(buf, 8, len(self.expected or b""))
+            size = self.saving.stop_copy if self.expected is None else len(self.expected)
+            _U64.pack_into(buf, 8, size)
             return 0
         if feature == VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE:
             ops = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET
@@ -417,11 +383,16 @@ class FakeVfioDevice:
             assert self._session is not None
             self.loaded = bytes(self._session.received)
             self._end_session()
-        if nxt in _SAVING and cur not in _SAVING:
-            # A saving session starts; this fake has no state to save: an empty stream.
-            r, w = os.pipe2(os.O_CLOEXEC)
-            os.close(w)
-            return r
+        if nxt in SAVING and cur not in SAVING:
+            self._end_saving()
+            self.saving_session = SavingSession(self.saving, precopy=nxt is not SC)
+            return self.saving_session.fd
+        if cur in SAVING:
+            assert self.saving_session is not None
+            if nxt is SC:
+                self.saving_session.enter_stop_copy()
+            elif nxt not in SAVING:
+                self._end_saving()
         return -1
 
     def _validate(self) -> int | None:
@@ -439,6 +410,7 @@ class FakeVfioDevice:
         self.resets += 1
         self.state = RUN
         self._end_session()
+        self._end_saving()
 
     def _start_session(self) -> int:
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -448,6 +420,12 @@ class FakeVfioDevice:
         st = os.fstat(w)
         self._session = _Session(write_fd=w, read_fd=r, pipe=(st.st_dev, st.st_ino))
         return w
+
+    def _end_saving(self) -> None:
+        saving = self.saving_session
+        if saving is not None and saving.live:
+            saving.live = False
+            self._dead_pipes.add(saving.pipe)
 
     def _end_session(self) -> None:
         session = self._session
@@ -487,6 +465,19 @@ class FakeVfioDevice:
             self._drain(session)
             self.write_sizes.append(written)
             return written
+
+    def read(self, fd: int, n: int) -> bytes:
+        """``os.read`` for a saving data fd, as the model says; other fds pass through."""
+        with self._lock:
+            identity = _fd_identity(fd)
+            if identity is None:
+                raise _oserror(errno.EBADF)
+            if identity in self._dead_pipes:
+                raise _oserror(errno.ENODEV)
+            saving = self.saving_session
+            if saving is not None and identity == saving.pipe:
+                return saving.read(n)
+        return os.read(fd, n)
 
     @staticmethod
     def _drain(session: _Session) -> None:

@@ -28,9 +28,10 @@ from typing import TypeAlias
 
 import trio
 
-from vfiomig._core._errors import SinkError, UsageError
+from vfiomig._core._errors import SinkError
 from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._device import IOMMU_PATH, DeviceFd, parse_spec
 from vfiomig.vfio._uapi import IoctlFn, MigState, state_name
 
 #: ``write(fd, data) -> count``, as ``os.write``.
@@ -39,10 +40,6 @@ WriteFn: TypeAlias = Callable[[int, memoryview], int]
 #: Bytes handed to one worker-thread call for a blocking data fd: large enough that the
 #: thread hop is amortised, small enough that a cancel is seen within one batch.
 BATCH_BYTES = 4 << 20
-
-
-#: The iommufd character device (Linux 6.6+ with CONFIG_IOMMUFD).
-IOMMU_PATH = "/dev/iommu"
 
 
 class _DataFd:
@@ -138,15 +135,16 @@ class VfioSink(Sink):
         write: WriteFn = os.write,
         iommu_path: str = IOMMU_PATH,
     ) -> None:
-        if (path is None) == (device_fd is None):
-            raise ValueError("give exactly one of path and device_fd")
-        self._path = path
-        self._device_fd = device_fd
-        self._owns_device_fd = owned and device_fd is not None
+        self._dev = DeviceFd(
+            path=path,
+            fd=device_fd,
+            owned=owned,
+            ioctl=ioctl,
+            iommu_path=iommu_path,
+            error=lambda message, code: SinkError(message, errno=code),
+        )
         self._ioctl = ioctl
         self._write = write
-        self._iommu_path = iommu_path
-        self._iommufd: int | None = None  # a device opened from its path is bound to it
         self._data: _DataFd | None = None
         self._written = 0  # bytes of data fds already closed
         # _moved: we issued a SET, so the device's state is our business (a device found
@@ -156,7 +154,7 @@ class VfioSink(Sink):
         self._moved = False
         self._session = False
         self._closed = False
-        self.name = path if path is not None else f"fd {device_fd}"
+        self.name = self._dev.name
         self.description = f"vfio:{self.name}"
 
     @classmethod
@@ -205,22 +203,9 @@ class VfioSink(Sink):
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed or self._moved:
             raise SinkError(f"vfio device {self.name}: sink already started or closed")
-        fd = self._open_device()
-        try:
-            flags = uapi.get_migration_flags(fd, ioctl=self._ioctl)
-        except OSError as exc:
-            if exc.errno == errno.ENOTTY:
-                raise self._error("migration not supported by the kernel driver", exc) from exc
-            raise self._error("reading the migration flags failed", exc) from exc
-        if not flags & uapi.VFIO_MIGRATION_STOP_COPY:
-            raise SinkError(
-                f"vfio device {self.name}: device does not support stop-copy migration "
-                f"(flags {flags:#x})"
-            )
-        try:
-            state = uapi.get_state(fd, ioctl=self._ioctl)
-        except OSError as exc:
-            raise self._error("reading the device state failed", exc) from exc
+        self._dev.open()
+        self._dev.migration_flags()
+        state = self._dev.state()
         if state in (MigState.RESUMING, MigState.ERROR):
             # SET RESUMING from RESUMING is a no-op without a data fd; ERROR needs a reset
             # that is the VMM's call, not ours.
@@ -230,7 +215,7 @@ class VfioSink(Sink):
             )
         self._moved = True
         try:
-            data_fd = await self._set_state(MigState.RESUMING)
+            data_fd = await self._dev.set_state(MigState.RESUMING)
         except OSError as exc:
             note = await self._recover()
             raise self._error("entering RESUMING failed", exc, note) from exc
@@ -258,11 +243,11 @@ class VfioSink(Sink):
     async def finish(self) -> None:
         """Close the data fd, then SET STOP: the driver validates the stream here."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._session or self._device_fd is None:
+        if not self._session or self._dev.fd is None:
             raise SinkError(f"vfio device {self.name}: finish without a RESUMING session")
         self._close_data()
         try:
-            data_fd = await self._set_state(MigState.STOP)
+            data_fd = await self._dev.set_state(MigState.STOP)
         except OSError as exc:
             note = await self._recover()
             raise self._error(
@@ -286,12 +271,7 @@ class VfioSink(Sink):
             self._close_data()
             if self._session:
                 await self._recover()
-            if self._owns_device_fd and self._device_fd is not None:
-                self._owns_device_fd = False
-                os.close(self._device_fd)  # unbinds it from the iommufd
-            if self._iommufd is not None:
-                os.close(self._iommufd)
-                self._iommufd = None
+            self._dev.close()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def statistics(self) -> dict[str, int]:
@@ -300,44 +280,6 @@ class VfioSink(Sink):
         return {"written": self._written + current}
 
     # -- internals -----------------------------------------------------------------------
-
-    def _open_device(self) -> int:
-        if self._device_fd is None:
-            assert self._path is not None
-            try:
-                self._device_fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                raise self._error("cannot open the device", exc) from exc
-            self._owns_device_fd = True
-            self._bind(self._device_fd)
-        return self._device_fd
-
-    def _bind(self, fd: int) -> None:
-        """VFIO_DEVICE_BIND_IOMMUFD on a device we opened from its path (a cdev)."""
-        try:
-            self._iommufd = os.open(self._iommu_path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise self._error(
-                f"cannot open {self._iommu_path} (a device cdev is used through an iommufd)",
-                exc,
-            ) from exc
-        try:
-            uapi.bind_iommufd(fd, self._iommufd, ioctl=self._ioctl)
-        except OSError as exc:
-            note = {
-                errno.ENOTTY: "not a VFIO device cdev",
-                errno.EINVAL: "already open elsewhere, e.g. by the VMM: pass its fd with"
-                " attach-fd or vfio:fd:N",
-            }.get(exc.errno or 0)
-            raise self._error("binding the device to an iommufd failed", exc, note) from exc
-
-    async def _set_state(self, state: MigState) -> int:
-        # A SET can take long (the driver loads or validates device state; a reset may
-        # wait for an FLR): run it in a thread, not on the event loop. Never abandoned:
-        # a data fd it returns must reach us, or it would leak.
-        assert self._device_fd is not None
-        fd, ioctl = self._device_fd, self._ioctl
-        return await trio.to_thread.run_sync(lambda: uapi.set_state(fd, state, ioctl=ioctl))
 
     async def _recover(self) -> str:
         """`_recover_now` in a worker thread, shielded: an abort must complete."""
@@ -360,7 +302,7 @@ class VfioSink(Sink):
 
         Returns what happened, for error messages.
         """
-        fd = self._device_fd
+        fd = self._dev.fd
         if fd is None or not self._moved:
             return "device untouched"
         try:
@@ -378,8 +320,9 @@ class VfioSink(Sink):
         return f"device was in {seen}, reset"
 
     def _error(self, what: str, exc: OSError, note: str | None = None) -> SinkError:
-        suffix = f" ({note})" if note else ""
-        return SinkError(f"vfio device {self.name}: {what}: {exc}{suffix}", errno=exc.errno)
+        error = self._dev.error(what, exc, note)
+        assert isinstance(error, SinkError)
+        return error
 
 
 class DataFdSink(Sink):
@@ -445,14 +388,8 @@ class DataFdSink(Sink):
 def open_vfio_sink(arg: str) -> Sink:
     """The ``vfio:`` spec: ``vfio:PATH`` opens a device path; ``vfio:fd:N`` uses an
     inherited device fd N, which the sink then owns."""
-    if arg.startswith("fd:"):
-        text = arg[3:]
-        if not text.isdecimal():
-            raise UsageError(f"sink 'vfio:{arg}' needs a decimal fd number, got {text!r}")
-        return VfioSink.from_device_fd(int(text), owned=True)
-    if not arg:
-        raise UsageError(
-            "sink 'vfio:' needs a device path (vfio:PATH or vfio:fd:N; "
-            "attach: takes the fd from the control channel's attach-fd)"
-        )
-    return VfioSink.open(arg)
+    path, fd = parse_spec("sink", arg)
+    if fd is not None:
+        return VfioSink.from_device_fd(fd, owned=True)
+    assert path is not None
+    return VfioSink.open(path)

@@ -32,6 +32,8 @@ VFIO_DEVICE_FEATURE = 0x3B75
 #: _IO(';', 100 + 18), Linux 6.6+: a device opened from its cdev (/dev/vfio/devices/vfioN)
 #: answers EINVAL to every other ioctl until it is bound to an iommufd (/dev/iommu).
 VFIO_DEVICE_BIND_IOMMUFD = 0x3B76
+#: _IO(';', 100 + 21), on a *data* fd in PRE_COPY or PRE_COPY_P2P only (EINVAL elsewhere).
+VFIO_MIG_GET_PRECOPY_INFO = 0x3B79
 
 # struct vfio_device_feature.flags
 VFIO_DEVICE_FEATURE_MASK = 0xFFFF
@@ -56,6 +58,8 @@ _FEATURE_U64 = struct.Struct("=IIQ")  # MIGRATION flags, MIG_DATA_SIZE
 _FEATURE_MIG_STATE = struct.Struct("=IIIi")  # device_state u32, data_fd s32
 #: struct vfio_device_bind_iommufd: argsz, flags (0), iommufd s32, out_devid u32.
 _BIND_IOMMUFD = struct.Struct("=IIiI")
+#: struct vfio_precopy_info: argsz, flags, initial_bytes u64, dirty_bytes u64.
+_PRECOPY_INFO = struct.Struct("=IIQQ")
 
 
 def sys_ioctl(fd: int, request: int, buf: bytearray | None) -> int:
@@ -141,3 +145,16 @@ def bind_iommufd(fd: int, iommufd: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
     buf = bytearray(_BIND_IOMMUFD.pack(_BIND_IOMMUFD.size, 0, iommufd, 0))
     ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, buf)
     return int(_BIND_IOMMUFD.unpack(buf)[3])
+
+
+def get_precopy_info(data_fd: int, *, ioctl: IoctlFn = sys_ioctl) -> tuple[int, int]:
+    """VFIO_MIG_GET_PRECOPY_INFO on a PRE_COPY data fd: ``(initial_bytes, dirty_bytes)``.
+
+    Both are the driver's estimates of what the data fd can give now: ``initial_bytes``
+    shrinks as the initial data is read, ``dirty_bytes`` grows as the running device
+    changes its state. EINVAL outside PRE_COPY and PRE_COPY_P2P.
+    """
+    buf = bytearray(_PRECOPY_INFO.pack(_PRECOPY_INFO.size, 0, 0, 0))
+    ioctl(data_fd, VFIO_MIG_GET_PRECOPY_INFO, buf)
+    _, _, initial, dirty = _PRECOPY_INFO.unpack(buf)
+    return int(initial), int(dirty)

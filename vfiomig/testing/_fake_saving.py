@@ -1,0 +1,135 @@
+"""The saving side of the fake kernel device: the data fd of PRE_COPY and STOP_COPY.
+
+A saving session starts when the device enters PRE_COPY (from RUNNING) or STOP_COPY (from
+STOP); the data fd it returns serves the whole saving group (PRE_COPY -> PRE_COPY_P2P ->
+STOP_COPY keep it). What it reads follows a `SavingModel`:
+
+- in PRE_COPY, ``initial`` bytes of initial data, then what the running device dirtied:
+  ``dirty(k)`` more bytes become readable when VFIO_MIG_GET_PRECOPY_INFO is called for the
+  (k+2)-th time (time passes between two queries; the first one sees only initial data).
+  With nothing readable a read fails with ENOMSG, the uAPI's temporary end of stream;
+- the ioctl reports ``(initial_bytes, dirty_bytes)`` of what is still unread, unless
+  ``reported_dirty(k)`` makes it lie about dirty_bytes (no data behind the lie);
+- entering STOP_COPY appends ``stop_copy`` bytes after whatever is still unread; once
+  those are read, read() returns 0 (end of stream) for good;
+- faults: ``max_read`` (short reads), ``read_errno_at`` (an errno from the read that would
+  reach a byte offset of the session's stream).
+
+The bytes are seeded pseudo-random pieces; `SavingSession.saved` keeps every byte handed
+out, in order, so that a test compares it with what the destination device loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+#: Bytes per round: a list (0 after its end) or a function of the round number.
+PerRound: TypeAlias = "Sequence[int] | Callable[[int], int]"
+
+
+def per_round(model: PerRound, k: int) -> int:
+    if callable(model):
+        return int(model(k))
+    return model[k] if k < len(model) else 0
+
+
+def _oserror(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class SavingModel:
+    """What the fake device has to save, and how its saving data fd misbehaves."""
+
+    stop_copy: int = 0
+    initial: int = 0
+    dirty: PerRound = ()
+    reported_dirty: PerRound | None = None
+    seed: int = 0
+    max_read: int | None = None
+    read_errno_at: tuple[int, int] | None = None
+
+
+@dataclass
+class SavingSession:
+    """One saving session: the read end of a pipe (its write end closed: the bytes come
+    from the model, never through the pipe) and the bytes not yet read."""
+
+    model: SavingModel
+    precopy: bool
+    fd: int = -1  # owned by the caller from the moment SET returns it
+    pipe: tuple[int, int] = (0, 0)
+    live: bool = True
+    stop_copy: bool = False
+    initial_left: int = 0
+    dirty_left: int = 0
+    queries: int = 0
+    saved: bytearray = field(default_factory=bytearray)
+    _pending: deque[memoryview] = field(default_factory=deque)
+    _pieces: int = 0
+
+    def __post_init__(self) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.close(w)
+        st = os.fstat(r)
+        self.fd, self.pipe = r, (st.st_dev, st.st_ino)
+        if self.precopy:
+            self.initial_left = self.model.initial
+            self._add(self.model.initial)
+        else:
+            self.enter_stop_copy()
+
+    def _add(self, n: int) -> None:
+        if n > 0:
+            rng = random.Random(self.model.seed * 1_000_003 + self._pieces)
+            self._pending.append(memoryview(rng.randbytes(n)))
+        self._pieces += 1
+
+    def enter_stop_copy(self) -> None:
+        self.stop_copy = True
+        self._add(self.model.stop_copy)
+
+    def precopy_info(self) -> tuple[int, int]:
+        """``(initial_bytes, dirty_bytes)`` now; the device dirtied more since the last call."""
+        if self.queries:
+            n = per_round(self.model.dirty, self.queries - 1)
+            self._add(n)
+            self.dirty_left += n
+        self.queries += 1
+        lie = self.model.reported_dirty
+        dirty = self.dirty_left if lie is None else per_round(lie, self.queries - 1)
+        return self.initial_left, dirty
+
+    def read(self, n: int) -> bytes:
+        if not self._pending:
+            if self.stop_copy:
+                return b""
+            raise _oserror(errno.ENOMSG)
+        if self.model.max_read is not None:
+            n = min(n, self.model.max_read)
+        if self.model.read_errno_at is not None:
+            offset, code = self.model.read_errno_at
+            if len(self.saved) + n > offset:
+                if len(self.saved) >= offset:
+                    raise _oserror(code)
+                n = offset - len(self.saved)
+        out = bytearray()
+        while self._pending and len(out) < n:
+            head = self._pending[0]
+            take = head[: n - len(out)]
+            out += take
+            if len(take) == len(head):
+                self._pending.popleft()
+            else:
+                self._pending[0] = head[len(take) :]
+        from_initial = min(len(out), self.initial_left)
+        self.initial_left -= from_initial
+        self.dirty_left = max(0, self.dirty_left - (len(out) - from_initial))
+        self.saved += out
+        return bytes(out)
