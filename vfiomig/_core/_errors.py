@@ -70,6 +70,21 @@ class SinkError(VfioMigError):
         self.errno = errno
 
 
+class SourceError(VfioMigError):
+    """Reading a device's state on the sending side failed; ``__cause__`` holds the
+    ``OSError``.
+
+    Attributes:
+        errno: the errno the device reported, if any.
+    """
+
+    def __init__(
+        self, message: str, *, device: str | None = None, errno: int | None = None
+    ) -> None:
+        super().__init__(message, device=device)
+        self.errno = errno
+
+
 class AbortedError(VfioMigError):
     """The migration was aborted (control ``abort``, another device failed, or a signal)."""
 

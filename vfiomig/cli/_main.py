@@ -122,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IDSTR[/INSTANCE]=FILE",
         help="with --control: send FILE as precopy data first",
     )
+    tx.add_argument(
+        "--precopy-threshold",
+        type=_size,
+        default=1 << 20,
+        metavar="SIZE",
+        help="with --control: switch over once a PRE_COPY device reports at most SIZE "
+        "pending (default 1MiB)",
+    )
+    tx.add_argument(
+        "--precopy-rounds",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --control: at most N precopy rounds per device (default 8; 0: no precopy)",
+    )
     _add_tls_options(tx)
     tx.add_argument("--packet-size", type=_size, default=1024 * 1024, metavar="BYTES")
     tx.add_argument(
@@ -344,7 +359,7 @@ def _write_ready_file(path: str, session: Session) -> None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from vfiomig.send import SendDevice, SendReport, send_migration
+    from vfiomig.send import PrecopyOptions, SendDevice, SendReport, send_migration
 
     devices: list[SendDevice] = []
     for text in args.device:
@@ -375,6 +390,7 @@ def _send(args: argparse.Namespace) -> int:
             control=args.control,
             tls=tls,
             precopy=precopy,
+            precopy_options=PrecopyOptions(args.precopy_threshold, max(0, args.precopy_rounds)),
             switchover=args.switchover,
         )
 
@@ -397,6 +413,15 @@ def _send(args: argparse.Namespace) -> int:
                     "receiver": [
                         {k: v for k, v in e.items() if k != "data"} for e in report.control_events
                     ],
+                    "precopy": {
+                        name: {
+                            "rounds": p.rounds,
+                            "bytes": p.bytes,
+                            "pending": list(p.pending),
+                            "stopped": p.stopped,
+                        }
+                        for name, p in report.precopy.items()
+                    },
                 }
             )
         )

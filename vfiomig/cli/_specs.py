@@ -30,6 +30,7 @@ SOURCE_SCHEMES: dict[str, str] = {
     "fd": "vfiomig.sources._simple:open_fd_source",
     "synth": "vfiomig.sources._simple:open_synth_source",
     "vfio-user": "vfiomig.vfio_user._source:open_vfio_user_source",
+    "vfio": "vfiomig.vfio._source:open_vfio_source",
 }
 
 

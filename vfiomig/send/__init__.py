@@ -3,12 +3,27 @@
 - `_types`: `SendDevice`, `SendReport`, `SendError`;
 - `_sender`: `send_migration`: channels, orders (QEMU's round-robin and others), pacing;
 - `_control`: drives the receiver's control channel around the multifd data (hello,
-  precopy, switchover, then the receiver's events).
+  precopy, switchover, then the receiver's events);
+- `_precopy`: one device's precopy phase (rounds of PRE_COPY data as ``precopy`` messages).
 May import: `vfiomig._core`, `vfiomig._units`, `vfiomig.transport`, `vfiomig.sources`,
 `vfiomig.control` (its client).
 """
 
 from vfiomig.send._sender import ORDERS, send_migration
-from vfiomig.send._types import SendDevice, SendError, SendReport
+from vfiomig.send._types import (
+    PrecopyOptions,
+    PrecopyReport,
+    SendDevice,
+    SendError,
+    SendReport,
+)
 
-__all__ = ["ORDERS", "SendDevice", "SendError", "SendReport", "send_migration"]
+__all__ = [
+    "ORDERS",
+    "PrecopyOptions",
+    "PrecopyReport",
+    "SendDevice",
+    "SendError",
+    "SendReport",
+    "send_migration",
+]

@@ -1,7 +1,8 @@
 """The source side of the control channel for ``vfiomig send --control``.
 
-The order is QEMU's at switchover: ``hello``; the precopy (main-channel) data; then
-``switchover-start`` (or ``data-complete`` for each device) *before* the multifd data, so
+The order is QEMU's at switchover: ``hello``; the precopy (main-channel) data: given
+blobs, then each device's precopy phase (`vfiomig.send._precopy`, while the device still
+runs); then ``switchover-start`` (or ``data-complete`` for each device) *before* the multifd data, so
 that the receiver's gate is open while the data arrives (a receiver with a closed gate
 parks its channels once its budget is full, and the data could never all be sent); then
 the multifd data; then the receiver's events until ``done``.
@@ -17,8 +18,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import trio
 
 from vfiomig._core._errors import UsageError, VfioMigError
-from vfiomig.control import open_control_client
-from vfiomig.send._types import SendDevice, SendReport
+from vfiomig.control import ControlClient, open_control_client
+from vfiomig.send._precopy import run_precopy
+from vfiomig.send._types import PrecopyOptions, PrecopyReport, SendDevice, SendReport
 
 log = logging.getLogger("vfiomig")
 
@@ -34,6 +36,7 @@ async def send_with_control(
     *,
     tls: ssl.SSLContext | None,
     precopy: Mapping[tuple[str, int], bytes],
+    precopy_options: PrecopyOptions,
     switchover: str,
     events_timeout: float,
     devices: Sequence[SendDevice],
@@ -43,6 +46,8 @@ async def send_with_control(
 
     Raises:
         ReceiverFailed: the receiver reported a failure.
+        SendError: the control channel broke during the precopy phase.
+        SourceError: a device failed during its precopy phase.
         VfioMigError: the control channel broke the protocol or no ``done`` came in time.
     """
     if switchover not in SWITCHOVERS:
@@ -52,6 +57,18 @@ async def send_with_control(
         log.info("control: receiver has %s channels, devices %s", info["channels"], info["devices"])
         for (idstr, instance), data in precopy.items():
             await ctl.precopy(idstr, instance, data)
+        phases: dict[str, PrecopyReport] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                for device in devices:
+                    nursery.start_soon(_precopy_device, ctl, device, precopy_options, phases)
+        except BaseException as exc:
+            with trio.move_on_after(1, shield=True):  # best effort: the channel may be gone
+                try:
+                    await ctl.abort(f"sender failed in the precopy phase: {exc}")
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            raise
         if switchover == "switchover-start":
             await ctl.switchover_start()
         else:
@@ -88,4 +105,15 @@ async def send_with_control(
     assert report is not None
     if ok is None:
         raise VfioMigError(f"receiver sent no done event within {events_timeout:g} s")
-    return dataclasses.replace(report, control_events=tuple(kept))
+    return dataclasses.replace(report, control_events=tuple(kept), precopy=phases)
+
+
+async def _precopy_device(
+    ctl: ControlClient,
+    device: SendDevice,
+    options: PrecopyOptions,
+    phases: dict[str, PrecopyReport],
+) -> None:
+    phase = await run_precopy(ctl, device, options)
+    if phase is not None:
+        phases[device.name] = phase

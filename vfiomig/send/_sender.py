@@ -24,6 +24,7 @@ import logging
 import random
 import ssl
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -37,7 +38,7 @@ from vfiomig._core._wire import (
     encode_vfio_header,
 )
 from vfiomig.send._control import send_with_control
-from vfiomig.send._types import SendDevice, SendError, SendReport
+from vfiomig.send._types import PrecopyOptions, SendDevice, SendError, SendReport
 from vfiomig.transport import connect, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
@@ -48,6 +49,8 @@ ORDERS = ("roundrobin", "random", "shuffle", "idx0-last")
 CHANNEL_QUEUE = 4
 #: idx0-last: a channel stuck in one send this long counts as blocked by the receiver.
 BLOCKED_AFTER = 0.3
+#: The longest a source's abort (its device back to running) may take after a failure.
+ABORT_TIMEOUT = 10.0
 
 
 _Packet = tuple[bytes, bytes | bytearray]  # (multifd + VFIO header, data)
@@ -253,6 +256,7 @@ async def send_migration(
     control: str | None = None,
     tls: ssl.SSLContext | None = None,
     precopy: Mapping[tuple[str, int], bytes] | None = None,
+    precopy_options: PrecopyOptions | None = None,
     switchover: str = "switchover-start",
     control_timeout: float = 60.0,
 ) -> SendReport:
@@ -264,15 +268,22 @@ async def send_migration(
         channel_rates: per-channel overrides of ``channel_rate`` (e.g. one slow channel);
             entry i applies to channel i, None keeps ``channel_rate``.
         link_rate: pace all channels together to this many bytes per second.
-        control: the receiver's control channel: hello, ``precopy`` data, then
-            ``switchover`` (``switchover-start``, or ``data-complete`` per device) before
-            any multifd data, as QEMU at switchover; then wait (``control_timeout``) for
-            ``done`` (see `vfiomig.send._control`).
+        control: the receiver's control channel: hello, ``precopy`` data, then each
+            device's precopy phase (``precopy_options``; sources with one, e.g. a VFIO
+            device with PRE_COPY), then ``switchover`` (``switchover-start``, or
+            ``data-complete`` per device) before any multifd data, as QEMU at
+            switchover; then wait (``control_timeout``) for ``done`` (see
+            `vfiomig.send._control`).
         tls: a client context for every data channel and a TCP control channel.
 
     Raises:
         UsageError: bad arguments.
         SendError: a channel could not connect or broke, or a source failed.
+        SourceError: a device failed in its precopy phase.
+        ReceiverFailed: the receiver reported a failure (with ``control``).
+
+    On any failure (and on cancel) every source is aborted (a VFIO device goes back to
+    RUNNING) before it is closed; sources are always closed.
 
     Cancellation: channels are closed; the receiver sees them end inside a packet.
     """
@@ -284,30 +295,64 @@ async def send_migration(
         raise UsageError("order idx0-last needs at least 2 channels")
     if packet_size < 1:
         raise UsageError(f"packet size {packet_size} is too small")
-    if control is not None:
+    multifd = partial(
+        _send_channels,
+        connect_to=connect_to,
+        channels=channels,
+        uuid=uuid,
+        devices=devices,
+        packet_size=packet_size,
+        order=order,
+        seed=seed,
+        window=window,
+        endian=endian,
+        channel_rate=channel_rate,
+        channel_rates=channel_rates,
+        link_rate=link_rate,
+        tls=tls,
+    )
+    try:
+        if control is None:
+            return await multifd()
         return await send_with_control(
             control,
             tls=tls,
             precopy=precopy or {},
+            precopy_options=precopy_options or PrecopyOptions(),
             switchover=switchover,
             events_timeout=control_timeout,
             devices=devices,
-            send=lambda: send_migration(
-                connect_to=connect_to,
-                channels=channels,
-                uuid=uuid,
-                devices=devices,
-                packet_size=packet_size,
-                order=order,
-                seed=seed,
-                window=window,
-                endian=endian,
-                channel_rate=channel_rate,
-                channel_rates=channel_rates,
-                link_rate=link_rate,
-                tls=tls,
-            ),
+            send=multifd,
         )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for device in devices:
+                with trio.move_on_after(ABORT_TIMEOUT):
+                    await device.source.abort()
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            for device in devices:
+                await device.source.aclose()
+
+
+async def _send_channels(
+    *,
+    connect_to: list[str],
+    channels: int,
+    uuid: bytes,
+    devices: list[SendDevice],
+    packet_size: int,
+    order: str,
+    seed: int,
+    window: int,
+    endian: Endian,
+    channel_rate: float | None,
+    channel_rates: Sequence[float | None] | None,
+    link_rate: float | None,
+    tls: ssl.SSLContext | None,
+) -> SendReport:
+    """The multifd data of every device (the sources are the caller's to close)."""
     addresses = [parse_address(a) for a in connect_to]
     start = trio.current_time()
     writers: list[_Writer] = []
@@ -366,8 +411,6 @@ async def send_migration(
         with trio.CancelScope(shield=True):
             for writer in writers:
                 await writer.stream.aclose()
-            for device in devices:
-                await device.source.aclose()
     total = sum(b for b, _ in counts.values())
     packets = sum(p for _, p in counts.values())
     return SendReport(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vfiomig._core._errors import VfioMigError
 from vfiomig.sources import Source
@@ -22,6 +22,33 @@ class SendDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class PrecopyOptions:
+    """How the precopy phase iterates (``vfiomig send --precopy-threshold/--precopy-rounds``).
+
+    A device's precopy ends when it reports at most ``threshold`` bytes pending (the rest
+    goes in STOP_COPY), after ``rounds`` rounds, or when a round left more pending than
+    the one before (not converging). ``rounds=0``: no precopy phase at all.
+    ``chunk``: data bytes per ``precopy`` message.
+    """
+
+    threshold: int = 1 << 20
+    rounds: int = 8
+    chunk: int = 512 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyReport:
+    """One device's precopy phase: rounds read, bytes sent, the pending bytes the device
+    reported at the start of each round and at the end, and why it stopped
+    (``converged``, ``round limit``, ``not converging``)."""
+
+    rounds: int
+    bytes: int
+    pending: tuple[int, ...]
+    stopped: str
+
+
+@dataclass(frozen=True, slots=True)
 class SendReport:
     """What was handed to the channels."""
 
@@ -32,6 +59,8 @@ class SendReport:
     channel_bytes: tuple[int, ...] = ()  # wire bytes sent on each channel after its handshake
     #: With ``control``: the receiver's ``loaded``, ``error`` and ``done`` events.
     control_events: tuple[dict[str, object], ...] = ()
+    #: With ``control``: each precopy device's phase, by device name.
+    precopy: dict[str, PrecopyReport] = field(default_factory=dict)
 
 
 class SendError(VfioMigError):

@@ -5,7 +5,7 @@ their protocol (`vfiomig.vfio`, `vfiomig.vfio_user`).
 May import: `vfiomig._core`, `vfiomig._units`.
 """
 
-from vfiomig.sources._base import Source
+from vfiomig.sources._base import PrecopyInfo, Source
 from vfiomig.sources._simple import FdSource, SynthSource
 
-__all__ = ["FdSource", "Source", "SynthSource"]
+__all__ = ["FdSource", "PrecopyInfo", "Source", "SynthSource"]

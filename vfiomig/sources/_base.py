@@ -2,20 +2,51 @@
 
 The sender calls ``start()``, then ``read(n)`` until it returns an empty buffer (end of
 the data stream), then ``config_blob()`` for the config packet, then ``finish()`` and
-finally ``aclose()`` (always, also after a failure).
+finally ``aclose()`` (always, also after a failure). When the migration failed, here or
+at the receiver, ``abort()`` comes before ``aclose()``.
+
+A source whose device keeps running while part of its state is sent ahead (a kernel VFIO
+device in PRE_COPY) has a precopy phase before ``start()``: ``start_precopy()`` returns
+True, then rounds of ``precopy_info()`` and ``read_precopy(n)`` follow (the sender sends
+those bytes as ``precopy`` messages on the control channel, see `vfiomig.send`), and
+``start()`` then switches the device over. Every other source has no precopy phase.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import NamedTuple
 
 from vfiomig._core._wire import wrap_config
+
+
+class PrecopyInfo(NamedTuple):
+    """What a device in its precopy phase says it could give now (VFIO_MIG_GET_PRECOPY_INFO)."""
+
+    initial_bytes: int
+    dirty_bytes: int
+
+    @property
+    def pending(self) -> int:
+        return self.initial_bytes + self.dirty_bytes
 
 
 class Source(abc.ABC):
     """One device's state stream on the sending side."""
 
     description: str = "source"
+
+    async def start_precopy(self) -> bool:
+        """Enter the precopy phase if the device offers one; False (the default): none."""
+        return False
+
+    async def precopy_info(self) -> PrecopyInfo:
+        """In the precopy phase: the bytes the device reports pending."""
+        raise NotImplementedError(f"{self.description} has no precopy phase")
+
+    async def read_precopy(self, max_bytes: int) -> bytes:
+        """In the precopy phase: up to ``max_bytes``; empty when nothing is readable now."""
+        raise NotImplementedError(f"{self.description} has no precopy phase")
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare to read (a vfio-user source enters STOP_COPY here)."""
@@ -30,6 +61,10 @@ class Source(abc.ABC):
 
     async def finish(self) -> None:  # noqa: B027 - optional hook
         """Called once after the config packet was queued (vfio-user: SET STOP)."""
+
+    async def abort(self) -> None:  # noqa: B027 - optional hook
+        """The migration failed: give the device back to its owner running (a VFIO device
+        returns to RUNNING). Never raises; bounded in time."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release every resource; idempotent."""

@@ -1,0 +1,326 @@
+"""The kernel VFIO source: read one device's state through the migration v2 uAPI.
+
+`VfioSource` drives the device fd along the kernel's FSM arcs:
+
+- precopy (`start_precopy`, only for a device that offers PRE_COPY and is RUNNING):
+  SET PRE_COPY keeps the device running and returns the saving data fd; each round asks
+  VFIO_MIG_GET_PRECOPY_INFO on that fd and reads what is available: ENOMSG is the
+  uAPI's temporary end of PRE_COPY data (ENODATA is taken the same way);
+- switchover (`start`): SET STOP_COPY (from PRE_COPY the kernel walks PRE_COPY_P2P when
+  the device has P2P, and keeps the data fd; from RUNNING it walks RUNNING_P2P and STOP
+  and returns a new one), then `read` until read() returns 0, the end of the stream;
+- `finish`: close the data fd, SET STOP. The source VM's device stays stopped: it now
+  lives on at the destination.
+
+On any failure the device goes back to RUNNING where the FSM allows (SET RUNNING; from
+ERROR only VFIO_DEVICE_RESET leaves, and that loses the device's state, which the message
+says): the source VM keeps running and nothing is lost. Errors name the device, what
+failed, the state it happened in, the errno, and where the device was left.
+
+Reads happen in a worker thread (the kernel's data fd is blocking), filling each buffer
+across short reads; a read is never abandoned on cancel (the fd number could be reused).
+The uAPI calls go through an injectable ``ioctl`` function and the reads through an
+injectable ``read`` function (``os.read``); `vfiomig.testing.FakeVfioDevice` provides both.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeAlias
+
+import trio
+
+from vfiomig._core._errors import SourceError
+from vfiomig.sources import PrecopyInfo, Source
+from vfiomig.vfio import _uapi as uapi
+from vfiomig.vfio._device import IOMMU_PATH, DeviceFd, parse_spec
+from vfiomig.vfio._uapi import IoctlFn, MigState, state_name
+
+log = logging.getLogger("vfiomig")
+
+#: ``read(fd, n) -> bytes``, as ``os.read``.
+ReadFn: TypeAlias = Callable[[int, int], bytes]
+
+#: read() errnos that mean "no PRE_COPY data now" (the uAPI documents ENOMSG).
+_TEMPORARY_END = (errno.ENOMSG, errno.ENODATA)
+
+
+class VfioSource(Source):
+    """A kernel VFIO device on the sending side; see the module docstring.
+
+    Build it with `open` (a device cdev path: opened and bound in the first step, owned)
+    or `from_device_fd` (a fd the VMM already has; borrowed unless ``owned``).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | None = None,
+        device_fd: int | None = None,
+        owned: bool = False,
+        ioctl: IoctlFn = uapi.sys_ioctl,
+        read: ReadFn = os.read,
+        iommu_path: str = IOMMU_PATH,
+    ) -> None:
+        self._dev = DeviceFd(
+            path=path,
+            fd=device_fd,
+            owned=owned,
+            ioctl=ioctl,
+            iommu_path=iommu_path,
+            error=lambda message, code: SourceError(message, errno=code),
+        )
+        self._read = read
+        self.name = self._dev.name
+        self.description = f"vfio:{self.name}"
+        self._data_fd: int | None = None
+        self._phase = "idle"  # idle, precopy, stop-copy, stopped, recovered
+        self._moved = False  # we issued a SET: the device's state is our business
+        self._ended = False
+        #: Bytes read from the data fd: in PRE_COPY, and in total.
+        self.precopy_bytes = 0
+        self.bytes_read = 0
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        ioctl: IoctlFn = uapi.sys_ioctl,
+        read: ReadFn = os.read,
+        iommu_path: str = IOMMU_PATH,
+    ) -> VfioSource:
+        """A source for the device cdev at ``path``, bound to a new iommufd on first use."""
+        return cls(path=path, ioctl=ioctl, read=read, iommu_path=iommu_path)
+
+    @classmethod
+    def from_device_fd(
+        cls,
+        fd: int,
+        *,
+        owned: bool = False,
+        ioctl: IoctlFn = uapi.sys_ioctl,
+        read: ReadFn = os.read,
+    ) -> VfioSource:
+        """A source for an open device fd; ``owned=True`` makes `aclose` close it."""
+        return cls(device_fd=fd, owned=owned, ioctl=ioctl, read=read)
+
+    # -- precopy ---------------------------------------------------------------------------
+
+    async def start_precopy(self) -> bool:
+        """SET PRE_COPY if the device offers it and is RUNNING; False otherwise (then the
+        whole state goes in STOP_COPY).
+
+        Cancellation: seen before the ioctls, which are not interruptible.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_phase("idle", "start_precopy")
+        self._dev.open()
+        flags = self._dev.migration_flags()
+        if not flags & uapi.VFIO_MIGRATION_PRE_COPY:
+            return False
+        state = self._dev.state()
+        if state != MigState.RUNNING:
+            log.info("%s: in %s, not RUNNING: no precopy", self.description, state_name(state))
+            return False
+        await self._enter(MigState.PRE_COPY, "precopy")
+        return True
+
+    async def precopy_info(self) -> PrecopyInfo:
+        self._check_phase("precopy", "precopy_info")
+        assert self._data_fd is not None
+        try:
+            initial, dirty = uapi.get_precopy_info(self._data_fd, ioctl=self._dev.ioctl)
+        except OSError as exc:
+            raise await self._failed("reading the precopy info failed in PRE_COPY", exc) from exc
+        await trio.lowlevel.checkpoint()
+        return PrecopyInfo(initial, dirty)
+
+    async def read_precopy(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of PRE_COPY data; ``b""`` at its temporary end (ENOMSG)."""
+        self._check_phase("precopy", "read_precopy")
+        data = await self._fill(max_bytes, precopy=True)
+        self.precopy_bytes += len(data)
+        return data
+
+    # -- switchover and stop-copy ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """SET STOP_COPY: from PRE_COPY, keeping its data fd; otherwise from RUNNING or
+        STOP with a new one."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._phase == "precopy":
+            await self._enter(MigState.STOP_COPY, "stop-copy")
+            return
+        self._check_phase("idle", "start")
+        self._dev.open()
+        self._dev.migration_flags()
+        state = self._dev.state()
+        if state not in (MigState.RUNNING, MigState.STOP, MigState.RUNNING_P2P):
+            raise SourceError(
+                f"vfio device {self.name}: device is in {state_name(state)} before the "
+                "migration (expected RUNNING or STOP)",
+            )
+        await self._enter(MigState.STOP_COPY, "stop-copy")
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of STOP_COPY data; ``b""`` once read() returned 0."""
+        self._check_phase("stop-copy", "read")
+        if self._ended:
+            await trio.lowlevel.checkpoint()
+            return b""
+        return await self._fill(max_bytes, precopy=False)
+
+    async def finish(self) -> None:
+        """Close the data fd, then SET STOP: the saving session is over."""
+        self._check_phase("stop-copy", "finish")
+        self._close_data()
+        try:
+            await self._dev.set_state(MigState.STOP)
+        except OSError as exc:
+            raise await self._failed("leaving STOP_COPY for STOP failed", exc) from exc
+        self._phase = "stopped"
+
+    async def abort(self) -> None:
+        """Back to RUNNING (the migration failed); never raises."""
+        if self._moved and self._phase != "recovered":
+            note = await self._recover()
+            log.warning("%s: migration failed: %s", self.description, note)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        """A device left mid-migration (neither stopped nor recovered) is recovered first;
+        then every fd this source owns is closed. Idempotent."""
+        if self._moved and self._phase not in ("stopped", "recovered"):
+            await self.abort()
+        self._close_data()
+        self._dev.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_phase(self, expected: str, call: str) -> None:
+        if self._phase != expected:
+            raise SourceError(f"vfio device {self.name}: {call} in phase {self._phase}")
+
+    async def _enter(self, state: MigState, phase: str) -> None:
+        """SET ``state``; keep the data fd it returns (a new saving session) or the one
+        the saving group already has."""
+        self._moved = True
+        try:
+            data_fd = await self._dev.set_state(state)
+        except OSError as exc:
+            what = f"entering {state.name} failed"
+            if self._phase == "precopy":
+                what = f"leaving PRE_COPY for {state.name} failed"
+            raise await self._failed(what, exc) from exc
+        if data_fd >= 0:
+            self._close_data()  # a new session replaces the group's fd, never both
+            self._data_fd = data_fd
+        self._phase = phase
+        if self._data_fd is None:
+            raise await self._failed_plain(f"entering {state.name} returned no data fd")
+
+    async def _fill(self, max_bytes: int, *, precopy: bool) -> bytes:
+        try:
+            return await trio.to_thread.run_sync(self._fill_now, max_bytes, precopy)
+        except OSError as exc:
+            where = "PRE_COPY" if precopy else "STOP_COPY"
+            raise await self._failed(
+                f"reading the data fd failed in {where} at byte {self.bytes_read}", exc
+            ) from exc
+
+    def _fill_now(self, max_bytes: int, precopy: bool) -> bytes:
+        fd = self._data_fd
+        assert fd is not None
+        out = bytearray()
+        while len(out) < max_bytes:
+            try:
+                chunk = self._read(fd, max_bytes - len(out))
+            except OSError as exc:
+                if precopy and exc.errno in _TEMPORARY_END:
+                    break
+                raise
+            if not chunk:
+                self._ended = not precopy
+                break
+            out += chunk
+            self.bytes_read += len(chunk)
+        return bytes(out)
+
+    async def _failed(self, what: str, exc: OSError) -> SourceError:
+        """Recover the device, then the error naming what failed and where it was left."""
+        note = await self._recover()
+        error = self._dev.error(what, exc, note)
+        assert isinstance(error, SourceError)
+        return error
+
+    async def _failed_plain(self, what: str) -> SourceError:
+        note = await self._recover()
+        return SourceError(f"vfio device {self.name}: {what} ({note})")
+
+    async def _recover(self) -> str:
+        """`_recover_now` in a worker thread, shielded: a recovery must complete."""
+        with trio.CancelScope(shield=True):
+            note = await trio.to_thread.run_sync(self._recover_now)
+        return note
+
+    def _close_data(self) -> None:
+        fd, self._data_fd = self._data_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _recover_now(self) -> str:
+        """Close the data fd and return the device to RUNNING; never raises.
+
+        Returns where the device was left, for error messages.
+        """
+        self._close_data()
+        fd = self._dev.fd
+        if fd is None or not self._moved:
+            return "device untouched"
+        self._phase = "recovered"
+        ioctl = self._dev.ioctl
+        try:
+            state: int | None = uapi.get_state(fd, ioctl=ioctl)
+        except OSError:
+            state = None
+        if state == MigState.RUNNING:
+            return "device in RUNNING"
+        if state != MigState.ERROR:
+            seen = "unknown state" if state is None else state_name(state)
+            try:
+                back = uapi.set_state(fd, MigState.RUNNING, ioctl=ioctl)
+            except OSError as exc:
+                try:
+                    state = uapi.get_state(fd, ioctl=ioctl)
+                except OSError:
+                    return f"device was in {seen}, SET RUNNING failed: {exc}; state unknown"
+                if state != MigState.ERROR:
+                    return f"device was in {seen}, SET RUNNING failed: {exc}; left in {state_name(state)}"
+            else:
+                if back >= 0:
+                    os.close(back)
+                return f"device back in RUNNING from {seen}"
+        try:
+            uapi.reset(fd, ioctl=ioctl)
+        except OSError as exc:
+            return f"device in ERROR, reset failed: {exc}"
+        return "device was in ERROR, reset to RUNNING: its state is lost"
+
+
+def open_vfio_source(arg: str) -> Source:
+    """The ``vfio:`` source spec: ``vfio:PATH`` opens a device cdev; ``vfio:fd:N`` uses an
+    inherited device fd N, which the source then owns."""
+    path, fd = parse_spec("source", arg)
+    if fd is not None:
+        return VfioSource.from_device_fd(fd, owned=True)
+    assert path is not None
+    return VfioSource.open(path)
