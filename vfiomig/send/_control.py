@@ -20,7 +20,13 @@ import trio
 from vfiomig._core._errors import UsageError, VfioMigError
 from vfiomig.control import ControlClient, open_control_client
 from vfiomig.send._precopy import run_precopy
-from vfiomig.send._types import PrecopyOptions, PrecopyReport, SendDevice, SendReport
+from vfiomig.send._types import (
+    PrecopyOptions,
+    PrecopyReport,
+    SendDevice,
+    SendReport,
+    SourceFailed,
+)
 
 log = logging.getLogger("vfiomig")
 
@@ -40,9 +46,10 @@ async def send_with_control(
     switchover: str,
     events_timeout: float,
     devices: Sequence[SendDevice],
-    send: Callable[[], Awaitable[SendReport]],
+    send: Callable[..., Awaitable[SendReport]],
 ) -> SendReport:
-    """Drive the receiver's control channel around ``send()`` (the multifd data).
+    """Drive the receiver's control channel around ``send(on_source_failure=...)`` (the
+    multifd data; the hook sends ``abort`` with a failed source's error).
 
     Raises:
         ReceiverFailed: the receiver reported a failure.
@@ -58,17 +65,19 @@ async def send_with_control(
         for (idstr, instance), data in precopy.items():
             await ctl.precopy(idstr, instance, data)
         phases: dict[str, PrecopyReport] = {}
+        failures: list[Exception] = []
         try:
             async with trio.open_nursery() as nursery:
                 for device in devices:
-                    nursery.start_soon(_precopy_device, ctl, device, precopy_options, phases)
-        except BaseException as exc:
-            with trio.move_on_after(1, shield=True):  # best effort: the channel may be gone
-                try:
-                    await ctl.abort(f"sender failed in the precopy phase: {exc}")
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+                    nursery.start_soon(
+                        _precopy_device, ctl, device, precopy_options, phases, failures
+                    )
+        except BaseException:
+            await _tell_abort(ctl, "sender cancelled in the precopy phase")
             raise
+        if failures:
+            await _tell_abort(ctl, f"sender failed in the precopy phase: {failures[0]}")
+            raise failures[0]
         if switchover == "switchover-start":
             await ctl.switchover_start()
         else:
@@ -77,7 +86,7 @@ async def send_with_control(
         failure: BaseException | None = None
         report: SendReport | None = None
         try:
-            report = await send()
+            report = await send(on_source_failure=lambda exc: _tell_abort(ctl, str(exc)))
         except Exception as exc:  # any failure (even a group): re-raised below
             # The receiver may have failed and closed the channels: its events say why.
             failure = exc
@@ -95,6 +104,8 @@ async def send_with_control(
                 elif kind == "done":
                     ok = bool(event.get("ok"))
                     break
+    if isinstance(failure, SourceFailed):
+        raise failure  # the root cause; the receiver's errors follow from it
     if ok is False:
         errors = [str(e.get("message")) for e in kept if e["type"] == "error"]
         raise ReceiverFailed(
@@ -108,12 +119,29 @@ async def send_with_control(
     return dataclasses.replace(report, control_events=tuple(kept), precopy=phases)
 
 
+async def _tell_abort(ctl: ControlClient, reason: str) -> None:
+    """Send ``abort`` so that the receiver fails at once with our reason; best effort (the
+    channel may be gone), bounded, shielded (it runs on the way out of a failure)."""
+    with trio.move_on_after(1, shield=True):
+        try:
+            await ctl.abort(reason)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 async def _precopy_device(
     ctl: ControlClient,
     device: SendDevice,
     options: PrecopyOptions,
     phases: dict[str, PrecopyReport],
+    failures: list[Exception],
 ) -> None:
-    phase = await run_precopy(ctl, device, options)
+    """One device's phase; a failure is recorded and ends every device's phase."""
+    try:
+        phase = await run_precopy(ctl, device, options)
+    except VfioMigError as exc:
+        failures.append(exc)
+        trio.lowlevel.current_task().parent_nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+        return
     if phase is not None:
         phases[device.name] = phase

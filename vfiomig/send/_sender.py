@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -38,7 +38,7 @@ from vfiomig._core._wire import (
     encode_vfio_header,
 )
 from vfiomig.send._control import send_with_control
-from vfiomig.send._types import PrecopyOptions, SendDevice, SendError, SendReport
+from vfiomig.send._types import PrecopyOptions, SendDevice, SendError, SendReport, SourceFailed
 from vfiomig.transport import connect, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
@@ -91,11 +91,12 @@ async def _produce_guarded(
         if isinstance(exc, SendError):
             failures.append(exc)
         else:
-            failures.append(
-                SendError(
-                    f"{device.name}: reading source {device.source.description} failed: {_cause(exc)}"
-                )
+            cause = str(exc) if isinstance(exc, VfioMigError) else _cause(exc)
+            failure = SourceFailed(
+                f"{device.name}: reading source {device.source.description} failed: {cause}"
             )
+            failure.__cause__ = exc
+            failures.append(failure)
         scope.cancel()
 
 
@@ -351,8 +352,13 @@ async def _send_channels(
     channel_rates: Sequence[float | None] | None,
     link_rate: float | None,
     tls: ssl.SSLContext | None,
+    on_source_failure: Callable[[SourceFailed], Awaitable[None]] | None = None,
 ) -> SendReport:
-    """The multifd data of every device (the sources are the caller's to close)."""
+    """The multifd data of every device (the sources are the caller's to close).
+
+    ``on_source_failure`` runs, shielded, when a source failed, before the channels are
+    closed (the control driver tells the receiver why before it sees them end).
+    """
     addresses = [parse_address(a) for a in connect_to]
     start = trio.current_time()
     writers: list[_Writer] = []
@@ -406,6 +412,9 @@ async def _send_channels(
             for writer in writers:
                 await writer.send.aclose()
         if failures:
+            if isinstance(failures[0], SourceFailed) and on_source_failure is not None:
+                with trio.CancelScope(shield=True):
+                    await on_source_failure(failures[0])  # before the channels end
             raise failures[0]
     finally:
         with trio.CancelScope(shield=True):

@@ -65,3 +65,7 @@ class SendReport:
 
 class SendError(VfioMigError):
     """A channel or a source failed while sending; the message names which."""
+
+
+class SourceFailed(SendError):
+    """A device's source failed (the sending side is at fault, not the receiver)."""
