@@ -6,7 +6,9 @@ VFIO_MIG_GET_PRECOPY_INFO, and switches over once what is left is small enough; 
 rest is read while the VM is stopped, which is what the downtime pays for.
 
 Here each round asks the source what is pending (initial + dirty bytes), then reads at
-most that much (less at the temporary end of the data) and sends it as ``precopy``
+most that much (less at the temporary end of the data; a source that cannot say, such as
+a vfio-user device, reads to the temporary end and is judged by what its last round
+gave) and sends it as ``precopy``
 messages on the control channel, which the receiver writes to the device before any
 multifd data (SPEC §2, §3). The phase ends when at most ``threshold`` bytes are pending,
 after ``rounds`` rounds, or when a round leaves more pending than the round before (the
@@ -25,6 +27,11 @@ from vfiomig.send._types import PrecopyOptions, PrecopyReport, SendDevice, SendE
 
 log = logging.getLogger("vfiomig")
 
+#: The most one round reads from a device that does not report its pending bytes (it
+#: reads to the temporary end of the data otherwise): a device that produces data as
+#: fast as it is read cannot hold the phase forever.
+UNREPORTED_ROUND_CAP = 1 << 30
+
 
 async def run_precopy(
     ctl: ControlClient, device: SendDevice, options: PrecopyOptions
@@ -42,21 +49,30 @@ async def run_precopy(
     if options.rounds <= 0 or not await source.start_precopy():
         return None
     rounds = sent = 0
-    history: list[int] = []
+    history: list[int] = []  # pending at each round's start; unreported: each round's bytes
     while True:
-        pending = (await source.precopy_info()).pending
-        if pending <= options.threshold:
+        info = await source.precopy_info()
+        if info is not None:
+            pending: int | None = info.pending
+            before = history[-1] if history else None
+        else:  # judged by what the last round gave, against the round before it
+            pending = history[-1] if history else None
+            before = history[-2] if len(history) > 1 else None
+        if pending is not None and pending <= options.threshold:
             stopped = "converged"
         elif rounds >= options.rounds:
             stopped = "round limit"
-        elif history and pending > history[-1]:
+        elif before is not None and pending is not None and pending > before:
             stopped = "not converging"
         else:
-            history.append(pending)
-            sent += await _round(ctl, device, options.chunk, pending)
+            budget = UNREPORTED_ROUND_CAP if info is None else info.pending
+            got = await _round(ctl, device, options.chunk, budget)
+            history.append(got if info is None else info.pending)
+            sent += got
             rounds += 1
             continue
-        history.append(pending)
+        if info is not None:
+            history.append(info.pending)
         break
     log_ = log.warning if stopped != "converged" else log.info
     log_(
@@ -65,7 +81,7 @@ async def run_precopy(
         stopped,
         rounds,
         sent,
-        pending,
+        -1 if pending is None else pending,
         options.threshold,
     )
     return PrecopyReport(rounds, sent, tuple(history), stopped)

@@ -40,8 +40,9 @@ class Source(abc.ABC):
         """Enter the precopy phase if the device offers one; False (the default): none."""
         return False
 
-    async def precopy_info(self) -> PrecopyInfo:
-        """In the precopy phase: the bytes the device reports pending."""
+    async def precopy_info(self) -> PrecopyInfo | None:
+        """In the precopy phase: the bytes the device reports pending; None when the
+        device has no way to say (a round then reads to the temporary end)."""
         raise NotImplementedError(f"{self.description} has no precopy phase")
 
     async def read_precopy(self, max_bytes: int) -> bytes:
