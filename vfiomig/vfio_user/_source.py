@@ -4,25 +4,38 @@ Sequence: connect, VERSION, GET MIGRATION (STOP_COPY required), SET STOP_COPY (w
 RUNNING -> STOP -> STOP_COPY), MIG_DATA_READ until the device returns 0 bytes, then, once
 the config packet is queued, SET STOP.
 
+With a precopy phase (``vfiomig send --control``) and a device that offers PRE_COPY and
+runs: SET PRE_COPY first, and MIG_DATA_READs while it runs until the device returns 0 bytes
+(vfio-user has no precopy-info message: each round reads to that temporary end); then SET
+STOP_COPY as above. A failed migration sets RUNNING again (`abort`).
+
 The config blob comes from ``FILE`` when given: the whole blob, markers included, as
 ``vfiomig receive --config-out`` writes it; otherwise it is an empty config body.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Final
 
 import trio
 
-from vfiomig._core._errors import ConfigStateError, UsageError
+from vfiomig._core._errors import ConfigStateError, UsageError, VfioMigError
 from vfiomig._core._wire import check_config_blob, wrap_config
 from vfiomig.sources import Source
-from vfiomig.vfio_user._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
-from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MigState
+from vfiomig.vfio_user._client import (
+    DEFAULT_TIMEOUT,
+    VfioUserClient,
+    VfioUserCommandError,
+    open_vfio_user_client,
+)
+from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MIGRATION_PRE_COPY, MigState
 from vfiomig.vfio_user._sink import start_migration
 
 _CONFIG_OPTION: Final = ",config="
+
+log = logging.getLogger("vfiomig")
 
 
 class VfioUserSource(Source):
@@ -51,13 +64,46 @@ class VfioUserSource(Source):
         return self._client
 
     async def start(self) -> None:
-        """Connect and enter STOP_COPY."""
-        self._client = await open_vfio_user_client(
+        """Connect (unless the precopy phase did) and enter STOP_COPY."""
+        if self._client is None:
+            self._client = await self._connect()
+        await start_migration(self._client, MigState.STOP_COPY)
+
+    async def _connect(self) -> VfioUserClient:
+        return await open_vfio_user_client(
             self.path,
             reply_timeout=self._reply_timeout,
             max_data_xfer_size=self._max_data_xfer_size,
         )
-        await start_migration(self._client, MigState.STOP_COPY)
+
+    async def start_precopy(self) -> bool:
+        """Connect; SET PRE_COPY if the device offers it and is RUNNING."""
+        client = self._client = await self._connect()
+        if not await client.get_migration_flags() & MIGRATION_PRE_COPY:
+            return False
+        try:
+            if await client.get_state() != MigState.RUNNING:
+                return False
+        except VfioUserCommandError:
+            pass  # a server that cannot say is RUNNING after connect, as QEMU assumes
+        await client.set_state(MigState.PRE_COPY)
+        return True
+
+    async def precopy_info(self) -> None:
+        """vfio-user has no precopy-info message."""
+        await trio.lowlevel.checkpoint()
+
+    async def read_precopy(self, max_bytes: int) -> bytes:
+        """One MIG_DATA_READ in PRE_COPY; ``b""``: nothing more now."""
+        return await self.client.read_data(max_bytes)
+
+    async def abort(self) -> None:
+        """SET RUNNING (the migration failed), bounded by the reply timeout; never raises."""
+        if self._client is not None and not self._client.broken:
+            try:
+                await self._client.set_state(MigState.RUNNING)
+            except (OSError, VfioMigError, trio.TooSlowError) as exc:
+                log.warning("%s: back to RUNNING failed: %s", self.description, exc)
 
     async def read(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes."""
