@@ -197,8 +197,10 @@ async def test_lying_precopy_info_ends(
         assert pair.src.state == S.STOP
 
 
-async def test_receiver_goes_away_mid_precopy(tmp_path: Path) -> None:
-    """A control server that answers hello, takes 1 MiB of precopy data and hangs up."""
+@pytest.mark.parametrize("receiver_does", ["hang up", "stall"])
+async def test_receiver_goes_away_or_stalls_mid_precopy(tmp_path: Path, receiver_does: str) -> None:
+    """A control server that answers hello, then takes 1 MiB of precopy data and hangs
+    up, or reads everything and never reports anything written (no progress events)."""
     import msgpack
 
     address = tmp_path / "ctl.sock"
@@ -206,21 +208,23 @@ async def test_receiver_goes_away_mid_precopy(tmp_path: Path) -> None:
     await listener.bind(str(address))
     listener.listen()
 
-    async def control_then_gone() -> None:
+    async def control_peer() -> None:
         conn, _ = await listener.accept()
         with conn:
             await conn.recv(1 << 16)  # hello
             reply = {"type": "hello", "version": 1, "channels": 1, "devices": [[IDSTR, 0]]}
             await conn.send(msgpack.packb(reply))
             got = 0
-            while got < 1 << 20 and (data := await conn.recv(1 << 16)):
+            limit = 1 << 20 if receiver_does == "hang up" else 1 << 40
+            while got < limit and (data := await conn.recv(1 << 16)):
                 got += len(data)
 
     model = SavingModel(stop_copy=100_000, initial=16 << 20, seed=2)
+    options = PrecopyOptions(window=4 << 20, stall=0.5)
     with listener, devices(saving=model) as pair:
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(control_then_gone)
+                nursery.start_soon(control_peer)
                 with pytest.raises(SendError) as info:
                     await send_migration(
                         connect_to=[f"unix:{tmp_path}/data.sock"],
@@ -228,9 +232,17 @@ async def test_receiver_goes_away_mid_precopy(tmp_path: Path) -> None:
                         uuid=UUID,
                         devices=[SendDevice(IDSTR, 0, pair.source)],
                         control=f"unix:{address}",
+                        precopy_options=options,
                     )
+                nursery.cancel_scope.cancel()
         message = str(info.value)
-        assert message.startswith(f"{IDSTR}/0: control channel: sending precopy data failed")
+        if receiver_does == "hang up":
+            assert message.startswith(f"{IDSTR}/0: control channel: sending precopy data failed")
+        else:  # at most the window went out unwritten
+            assert message == (
+                f"{IDSTR}/0: receiver wrote no precopy data for 0.5 s (0 of {4 << 20} bytes written)"
+            )
+            assert pair.source.precopy_bytes <= (4 << 20) + (512 << 10)
         assert pair.src.state == S.RUNNING and pair.src.arcs[-1] == (S.PRE_COPY, S.RUNNING)
         assert 0 < pair.source.precopy_bytes < 16 << 20
         assert_nothing_half_moved(pair)

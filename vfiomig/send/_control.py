@@ -19,10 +19,9 @@ import trio
 
 from vfiomig._core._errors import UsageError, VfioMigError
 from vfiomig.control import ControlClient, open_control_client
-from vfiomig.send._precopy import run_precopy
+from vfiomig.send._precopy import precopy_phase
 from vfiomig.send._types import (
     PrecopyOptions,
-    PrecopyReport,
     SendDevice,
     SendReport,
     SourceFailed,
@@ -62,22 +61,12 @@ async def send_with_control(
     async with open_control_client(address, tls=tls) as ctl:
         info = await ctl.hello()
         log.info("control: receiver has %s channels, devices %s", info["channels"], info["devices"])
-        for (idstr, instance), data in precopy.items():
-            await ctl.precopy(idstr, instance, data)
-        phases: dict[str, PrecopyReport] = {}
-        failures: list[Exception] = []
         try:
-            async with trio.open_nursery() as nursery:
-                for device in devices:
-                    nursery.start_soon(
-                        _precopy_device, ctl, device, precopy_options, phases, failures
-                    )
-        except BaseException:
-            await _tell_abort(ctl, "sender cancelled in the precopy phase")
+            phases, early = await precopy_phase(ctl, devices, precopy, precopy_options)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, Exception) else "cancelled"
+            await _tell_abort(ctl, f"sender failed in the precopy phase: {reason}")
             raise
-        if failures:
-            await _tell_abort(ctl, f"sender failed in the precopy phase: {failures[0]}")
-            raise failures[0]
         if switchover == "switchover-start":
             await ctl.switchover_start()
         else:
@@ -93,7 +82,7 @@ async def send_with_control(
         kept: list[dict[str, object]] = []
         ok: bool | None = None
         with trio.move_on_after(events_timeout):
-            while (event := await ctl.next_event()) is not None:
+            while (event := early.pop(0) if early else await ctl.next_event()) is not None:
                 kind = event["type"]
                 if kind in ("loaded", "error", "done"):
                     kept.append(event)
@@ -127,21 +116,3 @@ async def _tell_abort(ctl: ControlClient, reason: str) -> None:
             await ctl.abort(reason)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-
-async def _precopy_device(
-    ctl: ControlClient,
-    device: SendDevice,
-    options: PrecopyOptions,
-    phases: dict[str, PrecopyReport],
-    failures: list[Exception],
-) -> None:
-    """One device's phase; a failure is recorded and ends every device's phase."""
-    try:
-        phase = await run_precopy(ctl, device, options)
-    except VfioMigError as exc:
-        failures.append(exc)
-        trio.lowlevel.current_task().parent_nursery.cancel_scope.cancel()  # type: ignore[union-attr]
-        return
-    if phase is not None:
-        phases[device.name] = phase

@@ -28,12 +28,16 @@ class PrecopyOptions:
     A device's precopy ends when it reports at most ``threshold`` bytes pending (the rest
     goes in STOP_COPY), after ``rounds`` rounds, or when a round left more pending than
     the one before (not converging). ``rounds=0``: no precopy phase at all.
-    ``chunk``: data bytes per ``precopy`` message.
+    ``chunk``: data bytes per ``precopy`` message. ``window``: precopy bytes a device may
+    have sent but the receiver not yet written; ``stall``: how long the receiver may
+    write none of them (see `vfiomig.send._precopy`).
     """
 
     threshold: int = 1 << 20
     rounds: int = 8
     chunk: int = 512 * 1024
+    window: int = 64 << 20
+    stall: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
