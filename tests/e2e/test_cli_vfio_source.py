@@ -66,7 +66,8 @@ def test_vfio_source_cli_with_and_without_precopy(tmp_path: Path, rounds: str) -
     assert out_file(tmp_path, DEV, 0) == saved
     summary = json.loads(result.stdout)
     if rounds == "0":
-        assert len(saved) == 400_000 and summary["precopy"] == {}
+        assert len(saved) == 1_500_000 + 400_000 and summary["precopy"] == {}
+        assert summary["bytes"] == 1_900_000  # all of it while the device is stopped
     else:
         assert len(saved) == 1_500_000 + 230_000 + 400_000
         assert summary["precopy"][f"{DEV}/0"] == {

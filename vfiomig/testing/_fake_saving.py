@@ -11,7 +11,8 @@ STOP_COPY keep it). What it reads follows a `SavingModel`:
 - the ioctl reports ``(initial_bytes, dirty_bytes)`` of what is still unread, unless
   ``reported_dirty(k)`` makes it lie about dirty_bytes (no data behind the lie);
 - entering STOP_COPY appends ``stop_copy`` bytes after whatever is still unread; once
-  those are read, read() returns 0 (end of stream) for good;
+  those are read, read() returns 0 (end of stream) for good. A session that starts in
+  STOP_COPY (no precopy) holds the whole state: ``initial`` then ``stop_copy`` bytes;
 - faults: ``max_read`` (short reads), ``read_errno_at`` (an errno from the read that would
   reach a byte offset of the session's stream).
 
@@ -79,9 +80,9 @@ class SavingSession:
         os.close(w)
         st = os.fstat(r)
         self.fd, self.pipe = r, (st.st_dev, st.st_ino)
+        self._add(self.model.initial)
         if self.precopy:
             self.initial_left = self.model.initial
-            self._add(self.model.initial)
         else:
             self.enter_stop_copy()
 

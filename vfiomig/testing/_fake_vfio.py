@@ -318,7 +318,8 @@ class FakeVfioDevice:
         if feature == VFIO_DEVICE_FEATURE_MIG_DATA_SIZE:
             if not self._check_feature(flags, payload, VFIO_DEVICE_FEATURE_GET, _U64.size):
                 return 0
-            size = self.saving.stop_copy if self.expected is None else len(self.expected)
+            saving = self.saving.initial + self.saving.stop_copy  # without precopy
+            size = saving if self.expected is None else len(self.expected)
             _U64.pack_into(buf, 8, size)
             return 0
         if feature == VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE:
