@@ -69,3 +69,26 @@ def test_slow_channel_unix_tmpfs(tmp_path: Path) -> None:
     assert slow["bound_limit"] == "link"
     assert float(slow["bound"]) >= 0.0625
     assert float(slow["downtime"]) >= float(slow["bound"])
+
+
+def test_precopy_scenario_downtime_next_to_stop_copy(tmp_path: Path) -> None:
+    # 12 MiB of initial state at 32 MiB/s: without precopy 13 MiB are read after the stop
+    # (bound ~416 ms); with it 1.5 MiB (the 512 KiB dirty under the 1 MiB threshold and
+    # the 1 MiB stop-copy part) after two rounds (12 MiB initial, 2 MiB dirty).
+    proc, out = _bench(
+        tmp_path,
+        *("--scenario", "precopy", "--size", "12M", "--device-bw", "32M", "--repeats", "1"),
+    )
+    doc = json.loads((out / "precopy.json").read_text())
+    runs = {r["mode"]: r for r in doc["runs"]}
+    assert set(runs) == {"precopy", "stop-copy"} and all(r["ok"] for r in runs.values())
+    pre, stop = runs["precopy"], runs["stop-copy"]
+    assert stop["bytes_after_stop"] == 12 * 2**20 + 2**20 and stop["precopy_bytes"] == 0
+    assert pre["precopy_rounds"] == 2
+    assert pre["precopy_bytes"] == 14 * 2**20
+    assert pre["bytes_after_stop"] == 2**20 + 2**19
+    for r in runs.values():  # never faster than the bound
+        assert r["bound"] == r["bytes_after_stop"] / (32 * 2**20) + 0.01
+        assert 0 < r["efficiency"] <= 1.0
+    assert pre["downtime"] < stop["downtime"]
+    assert "| precopy | 14.0 MiB (2) | 1.5 MiB |" in proc.stdout

@@ -1,6 +1,7 @@
 """``vfiomig bench``: how many channels and which packet size, measured on this machine.
 
-Modules: `_runner` (matrix, runs), `_model` (device and config models, lower bound),
+Modules: `_runner` (matrix, runs), `_precopy` (downtime with PRE_COPY next to without),
+`_model` (device and config models, lower bound),
 `_sinks` (sink models), `_seq` (the vhost-user style sequential baseline), `_sendproc`
 (the sender process), `_report` (statistics, table, CSV, JSON), `_plots` (PNG, optional).
 """
@@ -65,7 +66,7 @@ def _choices(allowed: tuple[str, ...]) -> Any:
 def add_parser(sub: Any, size: Any) -> None:
     """Add ``bench`` to the command line's subparsers (``size`` parses 64M and the like)."""
     b = sub.add_parser("bench", help="benchmark channel counts x packet sizes x sink models")
-    b.add_argument("--scenario", choices=("matrix", "qemu"), default="matrix")
+    b.add_argument("--scenario", choices=("matrix", "qemu", "precopy"), default="matrix")
     b.add_argument("--channels", type=_list(int), default=None, metavar="N,N,...")
     b.add_argument("--packet-sizes", type=_list(size), default=None, metavar="BYTES,...")
     b.add_argument("--devices", type=_list(int), default=None, metavar="N,N,...")
@@ -252,6 +253,10 @@ async def bench_main(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         print("vfiomig: error: --repeats must be at least 1", file=sys.stderr)
         return 2
+    if args.scenario == "precopy":
+        from ._precopy import run_precopy_bench
+
+        return await run_precopy_bench(args, Path(args.out))
     return await _bench(args, Path(args.out))
 
 

@@ -18,8 +18,16 @@ import numpy as np
 import trio
 
 from vfiomig._core._wire import wrap_config
-from vfiomig.send import SendDevice, send_migration
+from vfiomig.send import PrecopyOptions, SendDevice, send_migration
 from vfiomig.sources import Source
+from vfiomig.testing import FakeVfioDevice
+from vfiomig.testing._fake_saving import SavingModel
+from vfiomig.vfio import VfioSource
+from vfiomig.vfio._uapi import (
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+)
 
 from ._seq import send_sequential
 
@@ -50,7 +58,48 @@ class PatternSource(Source):
         return wrap_config(np.random.default_rng([self.seed, 0xC0F16]).bytes(256))
 
 
+class _TimedVfioSource(VfioSource):
+    """Notes when the device stops (SET STOP_COPY): where the downtime starts."""
+
+    t_stop: float | None = None
+
+    async def start(self) -> None:
+        self.t_stop = time.monotonic()
+        await super().start()
+
+
+async def _run_vfio(job: dict[str, Any]) -> dict[str, Any]:
+    """A kernel VFIO device model with PRE_COPY (the precopy scenario, `_precopy`)."""
+    flags = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
+    with FakeVfioDevice(flags=flags, saving=SavingModel(**job["model"])) as fake:
+        source = _TimedVfioSource(
+            device_fd=fake.open(), owned=True, ioctl=fake.ioctl, read=fake.read
+        )
+        t0 = time.monotonic()
+        report = await send_migration(
+            connect_to=list(job["connect"]),
+            channels=int(job["channels"]),
+            uuid=bytes.fromhex(job["uuid"]),
+            devices=[SendDevice(job["idstr"], 0, source)],
+            packet_size=int(job["packet_size"]),
+            control=job["control"],
+            precopy_options=PrecopyOptions(int(job["threshold"]), int(job["rounds"])),
+        )
+    phase = report.precopy.get(f"{job['idstr']}/0")
+    return {
+        "ok": True,
+        "bytes": report.bytes,
+        "t_start": t0,
+        "t_stop": source.t_stop,
+        "t_end": time.monotonic(),
+        "precopy_bytes": 0 if phase is None else phase.bytes,
+        "precopy_rounds": 0 if phase is None else phase.rounds,
+    }
+
+
 async def _run(job: dict[str, Any]) -> dict[str, Any]:
+    if job["mode"] == "vfio":
+        return await _run_vfio(job)
     packet = int(job["packet_size"])
     sources = [PatternSource(int(d["size"]), packet, int(d["seed"])) for d in job["devices"]]
     if job["mode"] == "seq":
