@@ -16,22 +16,36 @@ STOP_COPY keep it). What it reads follows a `SavingModel`:
 - faults: ``max_read`` (short reads), ``read_errno_at`` (an errno from the read that would
   reach a byte offset of the session's stream).
 
-The bytes are seeded pseudo-random pieces; `SavingSession.saved` keeps every byte handed
-out, in order, so that a test compares it with what the destination device loaded.
+The bytes are cheap to make at any rate (a bench reads tens of MiB while the device is
+stopped): one seeded pseudo-random block of `PERIOD` bytes (an odd length, so packets of
+power-of-two sizes never line up with it), each piece starting at its own offset in it.
+`SavingSession.saved` keeps every byte handed out, in order, so that a test compares it
+with what the destination device loaded.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+import numpy as np
+
 #: Bytes per round: a list (0 after its end) or a function of the round number.
 PerRound: TypeAlias = "Sequence[int] | Callable[[int], int]"
+
+
+#: The length of the block the data is cut from (a prime).
+PERIOD = 1_048_583
+
+
+def _block(seed: int) -> bytes:
+    """The seeded block, twice over: any slice of up to `PERIOD` bytes is contiguous."""
+    block = np.random.default_rng(seed).bytes(PERIOD)
+    return block + block
 
 
 def per_round(model: PerRound, k: int) -> int:
@@ -72,14 +86,16 @@ class SavingSession:
     dirty_left: int = 0
     queries: int = 0
     saved: bytearray = field(default_factory=bytearray)
-    _pending: deque[memoryview] = field(default_factory=deque)
+    _pending: deque[list[int]] = field(default_factory=deque)  # [bytes left, offset]
     _pieces: int = 0
+    _block: bytes = b""
 
     def __post_init__(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.close(w)
         st = os.fstat(r)
         self.fd, self.pipe = r, (st.st_dev, st.st_ino)
+        self._block = _block(self.model.seed)
         self._add(self.model.initial)
         if self.precopy:
             self.initial_left = self.model.initial
@@ -88,8 +104,7 @@ class SavingSession:
 
     def _add(self, n: int) -> None:
         if n > 0:
-            rng = random.Random(self.model.seed * 1_000_003 + self._pieces)
-            self._pending.append(memoryview(rng.randbytes(n)))
+            self._pending.append([n, (self._pieces * 7919 * 131) % PERIOD])
         self._pieces += 1
 
     def enter_stop_copy(self) -> None:
@@ -120,17 +135,20 @@ class SavingSession:
                 if len(self.saved) >= offset:
                     raise _oserror(code)
                 n = offset - len(self.saved)
-        out = bytearray()
-        while self._pending and len(out) < n:
+        parts: list[bytes] = []
+        got = 0
+        while self._pending and got < n:
             head = self._pending[0]
-            take = head[: n - len(out)]
-            out += take
-            if len(take) == len(head):
+            take = min(n - got, head[0], PERIOD)
+            parts.append(self._block[head[1] : head[1] + take])
+            got += take
+            head[0] -= take
+            head[1] = (head[1] + take) % PERIOD
+            if not head[0]:
                 self._pending.popleft()
-            else:
-                self._pending[0] = head[len(take) :]
-        from_initial = min(len(out), self.initial_left)
+        out = b"".join(parts)
+        from_initial = min(got, self.initial_left)
         self.initial_left -= from_initial
-        self.dirty_left = max(0, self.dirty_left - (len(out) - from_initial))
+        self.dirty_left = max(0, self.dirty_left - (got - from_initial))
         self.saved += out
-        return bytes(out)
+        return out

@@ -237,10 +237,11 @@ class VfioSource(Source):
     def _fill_now(self, max_bytes: int, precopy: bool) -> bytes:
         fd = self._data_fd
         assert fd is not None
-        out = bytearray()
-        while len(out) < max_bytes:
+        chunks: list[bytes] = []
+        got = 0
+        while got < max_bytes:
             try:
-                chunk = self._read(fd, max_bytes - len(out))
+                chunk = self._read(fd, max_bytes - got)
             except OSError as exc:
                 if precopy and exc.errno in _TEMPORARY_END:
                     break
@@ -248,9 +249,10 @@ class VfioSource(Source):
             if not chunk:
                 self._ended = not precopy
                 break
-            out += chunk
+            chunks.append(chunk)
+            got += len(chunk)
             self.bytes_read += len(chunk)
-        return bytes(out)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _failed(self, what: str, exc: OSError) -> SourceError:
         """Recover the device, then the error naming what failed and where it was left."""
