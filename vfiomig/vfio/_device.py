@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 from typing import TypeAlias
 
 import trio
 
-from vfiomig._core._errors import UsageError, VfioMigError
+from vfiomig._core._errors import SinkError, SourceError, UsageError, VfioMigError
 from vfiomig.vfio import _uapi as uapi
 from vfiomig.vfio._uapi import IoctlFn
 
 #: The iommufd character device (Linux 6.6+ with CONFIG_IOMMUFD).
 IOMMU_PATH = "/dev/iommu"
 
-#: ``(message, errno) -> error``: `SinkError` or `SourceError`, as the caller reports.
-ErrorFactory: TypeAlias = Callable[[str, "int | None"], VfioMigError]
+#: The caller's error class: `SinkError` or `SourceError` (``cls(message, errno=...)``).
+ErrorClass: TypeAlias = "type[SinkError] | type[SourceError]"
 
 
 class DeviceFd:
@@ -43,7 +42,7 @@ class DeviceFd:
         owned: bool,
         ioctl: IoctlFn,
         iommu_path: str,
-        error: ErrorFactory,
+        error: ErrorClass,
     ) -> None:
         if (path is None) == (fd is None):
             raise ValueError("give exactly one of path and device_fd")
@@ -54,11 +53,11 @@ class DeviceFd:
         self.iommu_path = iommu_path
         self.name = path if path is not None else f"fd {fd}"
         self._iommufd: int | None = None
-        self._make_error = error
+        self._error = error
 
     def error(self, what: str, exc: OSError, note: str | None = None) -> VfioMigError:
         suffix = f" ({note})" if note else ""
-        return self._make_error(f"vfio device {self.name}: {what}: {exc}{suffix}", exc.errno)
+        return self._error(f"vfio device {self.name}: {what}: {exc}{suffix}", errno=exc.errno)
 
     def open(self) -> int:
         """The device fd: opened and bound on first use when built from a path."""
@@ -101,10 +100,9 @@ class DeviceFd:
                 raise self.error("migration not supported by the kernel driver", exc) from exc
             raise self.error("reading the migration flags failed", exc) from exc
         if not flags & uapi.VFIO_MIGRATION_STOP_COPY:
-            raise self._make_error(
+            raise self._error(
                 f"vfio device {self.name}: device does not support stop-copy migration "
-                f"(flags {flags:#x})",
-                None,
+                f"(flags {flags:#x})"
             )
         return flags
 

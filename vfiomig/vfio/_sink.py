@@ -141,7 +141,7 @@ class VfioSink(Sink):
             owned=owned,
             ioctl=ioctl,
             iommu_path=iommu_path,
-            error=lambda message, code: SinkError(message, errno=code),
+            error=SinkError,
         )
         self._ioctl = ioctl
         self._write = write

@@ -71,7 +71,7 @@ class VfioSource(Source):
             owned=owned,
             ioctl=ioctl,
             iommu_path=iommu_path,
-            error=lambda message, code: SourceError(message, errno=code),
+            error=SourceError,
         )
         self._read = read
         self.name = self._dev.name
