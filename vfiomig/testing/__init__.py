@@ -3,10 +3,11 @@
 Synthetic states and their digests, packet streams in chosen arrival orders, an in-memory
 sink and config target (`_helpers`), and `FakeVfioDevice`, a kernel VFIO device behind the
 injectable ioctl layer of `vfiomig.vfio` with the kernel's FSM tables and errnos
-(`_fake_vfio`). Nothing in the receive or send path imports this package.
+(`_fake_vfio`, `_fake_fsm`), whose saving side follows a `SavingModel` (`_fake_saving`). Nothing in the receive or send path imports this package.
 May import: every stage below it (`_core` .. `send`).
 """
 
+from vfiomig.testing._fake_saving import SavingModel
 from vfiomig.testing._fake_vfio import FakeVfioDevice
 from vfiomig.testing._helpers import (
     MemoryConfig,
@@ -23,6 +24,7 @@ __all__ = [
     "FakeVfioDevice",
     "MemoryConfig",
     "MemorySink",
+    "SavingModel",
     "channel_streams",
     "device_packets",
     "slices",
