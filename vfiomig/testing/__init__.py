@@ -3,7 +3,8 @@
 Synthetic states and their digests, packet streams in chosen arrival orders, an in-memory
 sink and config target (`_helpers`), and `FakeVfioDevice`, a kernel VFIO device behind the
 injectable ioctl layer of `vfiomig.vfio` with the kernel's FSM tables and errnos
-(`_fake_vfio`, `_fake_fsm`), whose saving side follows a `SavingModel` (`_fake_saving`). Nothing in the receive or send path imports this package.
+(`_fake_vfio`, `_fake_fsm`), whose saving side follows a `SavingModel` (`_fake_saving`).
+Nothing in the receive or send path imports this package.
 May import: every stage below it (`_core` .. `send`).
 """
 
