@@ -61,7 +61,9 @@ class SampleServer:
         self.deadline: float | None = None  # trio clock
         self.rearmed = trio.Event()
         self.device = VfioUserDevice(
-            pci=PciConfig(vendor_id=0xDEAD, device_id=0xBEEF, subsys_vendor_id=0xCAFE, subsys_id=0xBABE),
+            pci=PciConfig(
+                vendor_id=0xDEAD, device_id=0xBEEF, subsys_vendor_id=0xCAFE, subsys_id=0xBABE
+            ),
             regions={
                 0: Region(TIME.size, read=self.bar0_read, write=self.bar0_write),
                 1: Region(BAR1_SIZE, memory=self.bar1, mmap_areas=[(0, 0x1000), (0x2000, 0x1000)]),
@@ -184,10 +186,14 @@ class SampleServer:
             self.bytes_transferred = 0
         elif state == MigState.STOP:
             if self.state == MigState.STOP_COPY and self.bytes_transferred != expected:
-                raise OSError(errno.EINVAL, f"{self.bytes_transferred} bytes sent (expected {expected})")
+                raise OSError(
+                    errno.EINVAL, f"{self.bytes_transferred} bytes sent (expected {expected})"
+                )
         elif state == MigState.RUNNING:
             if self.bytes_transferred != expected:
-                raise OSError(errno.EINVAL, f"{self.bytes_transferred} bytes moved (expected {expected})")
+                raise OSError(
+                    errno.EINVAL, f"{self.bytes_transferred} bytes moved (expected {expected})"
+                )
             self.arm_timer(self.bar0)
         self.state = state
 

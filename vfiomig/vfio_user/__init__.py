@@ -22,7 +22,15 @@ from vfiomig.vfio_user._dma import Dma, DmaRegion, Sg
 from vfiomig.vfio_user._irqs import IrqIndex, Irqs
 from vfiomig.vfio_user._messages import Capabilities, Command, MigState, ProtocolError
 from vfiomig.vfio_user._migration import MigrationCallbacks
-from vfiomig.vfio_user._pci import PciCap, PciConfig, msi_cap, msix_cap, pcie_cap, pm_cap, vendor_cap
+from vfiomig.vfio_user._pci import (
+    PciCap,
+    PciConfig,
+    msi_cap,
+    msix_cap,
+    pcie_cap,
+    pm_cap,
+    vendor_cap,
+)
 from vfiomig.vfio_user._regions import Region, SharedMemory
 from vfiomig.vfio_user._server import serve_vfio_user, serve_vfio_user_connection
 from vfiomig.vfio_user._session import ResetReason

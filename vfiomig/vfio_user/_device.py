@@ -15,11 +15,9 @@ I/O); the per-command rules are in `_handlers`.
 
 from __future__ import annotations
 
-import enum
 import errno
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 from vfiomig.vfio_user import _handlers
 from vfiomig.vfio_user._dma import MAX_REGIONS, Dma
@@ -36,14 +34,12 @@ from vfiomig.vfio_user._migration import Migration, MigrationCallbacks
 from vfiomig.vfio_user._pci import CONFIG_REGION, NUM_REGIONS, PciConfig
 from vfiomig.vfio_user._regions import Buffer, Region
 from vfiomig.vfio_user._session import (
-    CLIENT_MAX_FDS_LIMIT,
     DEFAULT_MAX_MSG_FDS,
-    MINOR,
-    CloseConnection,
     Reply,
     ResetReason,
     Session,
 )
+
 
 class Emulator(Protocol):
     """The migration-only emulator interface (kept for `BarDevice` and older code).
@@ -131,7 +127,10 @@ class VfioUserDevice:
                 raise ValueError(f"region {CONFIG_REGION} is the PCI config space")
             if self.num_regions > NUM_REGIONS:
                 raise ValueError(f"a PCI device has {NUM_REGIONS} regions, not {self.num_regions}")
-            pci.build({i: r.size for i, r in self.regions.items()}, intx=bool((irqs or {}).get(IrqIndex.INTX)))
+            pci.build(
+                {i: r.size for i, r in self.regions.items()},
+                intx=bool((irqs or {}).get(IrqIndex.INTX)),
+            )
             self.regions[CONFIG_REGION] = Region(pci.size, read=pci.read, write=pci.write)
             self.num_regions = NUM_REGIONS
         self.irqs = Irqs(irqs or {}, on_mask=on_irq_mask)

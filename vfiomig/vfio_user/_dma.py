@@ -103,14 +103,20 @@ class Dma:
                 ``max_regions`` are mapped, or the errno of a failed fstat/mmap.
         """
         if flags & ~(DMA_FLAG_READ | DMA_FLAG_WRITE):
-            raise _fail(errno.EINVAL, f"dma map flags {flags:#x} (known {DMA_FLAG_READ | DMA_FLAG_WRITE:#x})")
+            raise _fail(
+                errno.EINVAL,
+                f"dma map flags {flags:#x} (known {DMA_FLAG_READ | DMA_FLAG_WRITE:#x})",
+            )
         if size == 0 or size > MAX_REGION_SIZE:
             raise _fail(errno.EINVAL, f"dma map size {size:#x} (max {MAX_REGION_SIZE:#x})")
         if iova + size > _U64 or (iova | size) % PAGE:
             raise _fail(errno.EINVAL, f"dma map range {iova:#x}+{size:#x} (page {PAGE:#x})")
         for region in self.regions:
             if iova < region.end and region.iova < iova + size:
-                raise _fail(errno.EEXIST, f"dma map range {iova:#x}+{size:#x} overlaps {region.iova:#x}+{region.size:#x}")
+                raise _fail(
+                    errno.EEXIST,
+                    f"dma map range {iova:#x}+{size:#x} overlaps {region.iova:#x}+{region.size:#x}",
+                )
         if len(self.regions) >= self.max_regions:
             raise _fail(errno.ENOSPC, f"dma regions {len(self.regions)} (max {self.max_regions})")
         region = DmaRegion(iova, size, flags, offset)
@@ -145,7 +151,9 @@ class Dma:
     def logging_start(self, pgsize: int, ranges: Sequence[tuple[int, int]]) -> None:
         """DMA_LOGGING_START: every range (none: all) must be inside mapped regions."""
         if pgsize < PAGE or pgsize & (pgsize - 1) or pgsize > MAX_REGION_SIZE:
-            raise _fail(errno.EINVAL, f"dma logging page size {pgsize:#x} (a power of 2 >= {PAGE:#x})")
+            raise _fail(
+                errno.EINVAL, f"dma logging page size {pgsize:#x} (a power of 2 >= {PAGE:#x})"
+            )
         for iova, length in ranges:
             if not self._covered(iova, length):
                 raise _fail(errno.EINVAL, f"dma logging range {iova:#x}+{length:#x} is not mapped")
@@ -177,12 +185,18 @@ class Dma:
         if pgsize < 1 or pgsize & (pgsize - 1) or pgsize > MAX_REGION_SIZE:
             raise _fail(errno.EINVAL, f"dirty bitmap page size {pgsize:#x} (a power of 2)")
         if length == 0 or iova % pgsize or length % pgsize:
-            raise _fail(errno.EINVAL, f"dirty bitmap range {iova:#x}+{length:#x} (page {pgsize:#x})")
+            raise _fail(
+                errno.EINVAL, f"dirty bitmap range {iova:#x}+{length:#x} (page {pgsize:#x})"
+            )
         region = self._region_of(iova, length)
         if region is None or region.dirty is None:
-            raise _fail(errno.EINVAL, f"dirty bitmap range {iova:#x}+{length:#x} is not one mapped region")
+            raise _fail(
+                errno.EINVAL, f"dirty bitmap range {iova:#x}+{length:#x} is not one mapped region"
+            )
         if size != bitmap_size(length, pgsize):
-            raise _fail(errno.EINVAL, f"dirty bitmap size {size} (expected {bitmap_size(length, pgsize)})")
+            raise _fail(
+                errno.EINVAL, f"dirty bitmap size {size} (expected {bitmap_size(length, pgsize)})"
+            )
         out = bytearray(size)
         log = self.log_pgsize
         bits = region.dirty
@@ -230,7 +244,9 @@ class Dma:
     def get(self, sg: Sg) -> memoryview:
         """A view of ``sg``'s memory (mapped regions only); give it back with `put`."""
         if sg.region not in self.regions or sg.region.mapping is None:
-            raise _fail(errno.EFAULT, f"dma region {sg.region.iova:#x} is not mapped into the server")
+            raise _fail(
+                errno.EFAULT, f"dma region {sg.region.iova:#x} is not mapped into the server"
+            )
         view = memoryview(sg.region.mapping)[sg.start : sg.start + sg.length]
         sg.region.views += 1
         return view if sg.writable else view.toreadonly()
@@ -259,7 +275,10 @@ class Dma:
             for addr, count in self._chunks(sg):
                 reply = await self._send(Command.DMA_READ, DMA_ACCESS.pack(addr, count))
                 if len(reply) < DMA_ACCESS.size + count:
-                    raise _fail(errno.EIO, f"dma read reply of {len(reply)} bytes (expected {DMA_ACCESS.size + count})")
+                    raise _fail(
+                        errno.EIO,
+                        f"dma read reply of {len(reply)} bytes (expected {DMA_ACCESS.size + count})",
+                    )
                 parts.append(reply[DMA_ACCESS.size : DMA_ACCESS.size + count])
         return b"".join(parts)
 
@@ -274,12 +293,17 @@ class Dma:
             if not sg.writable:
                 raise _fail(errno.EACCES, f"dma write through a read-only sg at {sg.iova:#x}")
             for addr, count in self._chunks(sg):
-                await self._send(Command.DMA_WRITE, DMA_ACCESS.pack(addr, count) + view[pos : pos + count])
+                await self._send(
+                    Command.DMA_WRITE, DMA_ACCESS.pack(addr, count) + view[pos : pos + count]
+                )
                 pos += count
 
     def _chunks(self, sg: Sg) -> list[tuple[int, int]]:
         step = max(1, self.client_max_xfer)
-        return [(a, min(step, sg.iova + sg.length - a)) for a in range(sg.iova, sg.iova + sg.length, step)]
+        return [
+            (a, min(step, sg.iova + sg.length - a))
+            for a in range(sg.iova, sg.iova + sg.length, step)
+        ]
 
     async def _send(self, command: int, payload: bytes) -> bytes:
         if self.messenger is None:
@@ -295,10 +319,16 @@ def _mmap(fd: int, size: int, offset: int, flags: int) -> mmap.mmap:
     if not stat.S_ISREG(st.st_mode):
         raise _fail(errno.EINVAL, f"dma map fd is not a regular file (mode {st.st_mode:#o})")
     if offset % PAGE or offset + size > st.st_size:
-        raise _fail(errno.EINVAL, f"dma map offset {offset:#x}+{size:#x} (file size {st.st_size:#x})")
-    prot = (mmap.PROT_READ if flags & DMA_FLAG_READ else 0) | (mmap.PROT_WRITE if flags & DMA_FLAG_WRITE else 0)
+        raise _fail(
+            errno.EINVAL, f"dma map offset {offset:#x}+{size:#x} (file size {st.st_size:#x})"
+        )
+    prot = (mmap.PROT_READ if flags & DMA_FLAG_READ else 0) | (
+        mmap.PROT_WRITE if flags & DMA_FLAG_WRITE else 0
+    )
     try:
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ, offset=offset)
+        return mmap.mmap(
+            fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ, offset=offset
+        )
     except (OSError, ValueError, OverflowError) as exc:
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
         raise _fail(code, f"dma map mmap: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from vfiomig.vfio_user._messages import (
@@ -37,6 +38,7 @@ from vfiomig.vfio_user._session import (
     Session,
 )
 from vfiomig.vfio_user._wire import (
+    BITMAP,
     DEVICE_FLAGS_PCI,
     DEVICE_FLAGS_RESET,
     DEVICE_INFO,
@@ -55,7 +57,6 @@ from vfiomig.vfio_user._wire import (
     REGION_INFO,
     UNMAP_FLAG_ALL,
     UNMAP_FLAG_GET_DIRTY_BITMAP,
-    BITMAP,
     DmaMap,
     DmaUnmap,
     IrqSet,
@@ -87,7 +88,9 @@ def _reply(*parts: bytes | bytearray | memoryview, fds: list[int] | None = None)
     return Reply(list(parts), fds or [])
 
 
-def handle(dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]) -> Reply:
+def handle(
+    dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
+) -> Reply:
     if not session.negotiated:
         return _version(dev, session, command, payload, fds)
     if command == Command.VERSION:
@@ -100,11 +103,15 @@ def handle(dev: VfioUserDevice, session: Session, command: int, payload: memoryv
     return handler(dev, session, payload, fds)
 
 
-def _version(dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]) -> Reply:
+def _version(
+    dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
+) -> Reply:
     # libvfio-user's tran_negotiate: the first message must be a good VERSION, or the
     # client gets EINVAL and is dropped.
     if command != Command.VERSION or fds:
-        raise CloseConnection(errno.EINVAL, f"first message is command {command} with {len(fds)} fds, not VERSION")
+        raise CloseConnection(
+            errno.EINVAL, f"first message is command {command} with {len(fds)} fds, not VERSION"
+        )
     try:
         req = Version.unpack(payload)
     except ProtocolError as exc:
@@ -113,7 +120,9 @@ def _version(dev: VfioUserDevice, session: Session, command: int, payload: memor
     if req.major != MAJOR:
         raise CloseConnection(errno.EINVAL, f"version major {req.major} (ours {MAJOR})")
     if caps.max_msg_fds is not None and caps.max_msg_fds > CLIENT_MAX_FDS_LIMIT:
-        raise CloseConnection(errno.EINVAL, f"client max_msg_fds {caps.max_msg_fds} (max {CLIENT_MAX_FDS_LIMIT})")
+        raise CloseConnection(
+            errno.EINVAL, f"client max_msg_fds {caps.max_msg_fds} (max {CLIENT_MAX_FDS_LIMIT})"
+        )
     session.client_max_data_xfer_size = caps.data_xfer_limit
     session.client_max_msg_fds = 1 if caps.max_msg_fds is None else caps.max_msg_fds
     session.negotiated = True
@@ -133,7 +142,9 @@ def _version(dev: VfioUserDevice, session: Session, command: int, payload: memor
 # --------------------------------------------------------------------------- info
 
 
-def _device_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _device_info(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     argsz = unpack(DEVICE_INFO, payload, "device info")[0]
     if argsz < DEVICE_INFO.size:
         raise _einval(f"device info argsz {argsz} (min {DEVICE_INFO.size})")
@@ -141,7 +152,9 @@ def _device_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds
     return _reply(DEVICE_INFO.pack(DEVICE_INFO.size, flags, dev.num_regions, 5))
 
 
-def _region_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _region_info(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     argsz, _flags, index = unpack(REGION_INFO, payload, "region info")[:3]
     if argsz < REGION_INFO.size:
         raise _einval(f"region info argsz {argsz} (min {REGION_INFO.size})")
@@ -160,11 +173,15 @@ def _region_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds
         head = REGION_INFO.pack(full, flags, index, 0, region.size, 0)
         return _reply(head)
     assert region.memory is not None
-    head = REGION_INFO.pack(full, flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS, index, REGION_INFO.size, region.size, 0)
+    head = REGION_INFO.pack(
+        full, flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS, index, REGION_INFO.size, region.size, 0
+    )
     return _reply(head, sparse_mmap_cap(region.areas), fds=[region.memory.fd])
 
 
-def _region_io_fds(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _region_io_fds(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     argsz, flags, index, count = unpack(IO_FDS, payload, "region io fds")
     if flags or count:
         raise _einval(f"region io fds flags {flags:#x} count {count} (both 0)")
@@ -196,7 +213,9 @@ def _set_irqs(dev: VfioUserDevice, session: Session, payload: memoryview, fds: l
 # --------------------------------------------------------------------------- regions
 
 
-def _region_access(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int], write: bool) -> Reply:
+def _region_access(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int], write: bool
+) -> Reply:
     offset, index, count = unpack(_ACCESS, payload, "region access")
     what = f"region {index} {'write' if write else 'read'} {offset:#x}+{count:#x}"
     if count > dev.max_data_xfer_size:
@@ -219,11 +238,15 @@ def _region_access(dev: VfioUserDevice, session: Session, payload: memoryview, f
     return _reply(head, region.do_read(offset, count))
 
 
-def _region_read(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _region_read(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     return _region_access(dev, session, payload, fds, False)
 
 
-def _region_write(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _region_write(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     return _region_access(dev, session, payload, fds, True)
 
 
@@ -334,7 +357,8 @@ def _feature_set(dev: VfioUserDevice, feature: int, data: memoryview) -> None:
         if nranges > room:
             raise _einval(f"dma logging start with {nranges} ranges (carries {room})")
         ranges = [
-            LOGGING_RANGE.unpack_from(data, LOGGING_CONTROL.size + i * LOGGING_RANGE.size) for i in range(nranges)
+            LOGGING_RANGE.unpack_from(data, LOGGING_CONTROL.size + i * LOGGING_RANGE.size)
+            for i in range(nranges)
         ]
         dev.dma.logging_start(pgsize, ranges)
     else:
@@ -344,12 +368,16 @@ def _feature_set(dev: VfioUserDevice, feature: int, data: memoryview) -> None:
 # --------------------------------------------------------------------------- MIG_DATA
 
 
-def _mig_data_read(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _mig_data_read(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     argsz, size = unpack(_HEAD, payload, "mig data read")
     if dev.migration is None:
         raise _einval("mig data read: no migration")
     if size > session.client_max_data_xfer_size or size > dev.max_data_xfer_size:
-        raise _einval(f"mig data read size {size} (max {min(session.client_max_data_xfer_size, dev.max_data_xfer_size)})")
+        raise _einval(
+            f"mig data read size {size} (max {min(session.client_max_data_xfer_size, dev.max_data_xfer_size)})"
+        )
     if argsz < _HEAD.size + size:
         raise _einval(f"mig data read argsz {argsz} (min {_HEAD.size + size})")
     data = dev.migration.read(size)
@@ -357,19 +385,24 @@ def _mig_data_read(dev: VfioUserDevice, session: Session, payload: memoryview, f
     return _reply(_HEAD.pack(_HEAD.size + len(data), len(data)), data, bytes(pad))
 
 
-def _mig_data_write(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+def _mig_data_write(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
     argsz, size = unpack(_HEAD, payload, "mig data write")
     if dev.migration is None:
         raise _einval("mig data write: no migration")
     if size > session.client_max_data_xfer_size:
         raise _einval(f"mig data write size {size} (max {session.client_max_data_xfer_size})")
     if argsz < _HEAD.size + size or len(payload) < _HEAD.size + size:
-        raise _einval(f"mig data write size {size} argsz {argsz} carries {len(payload) - _HEAD.size}")
+        raise _einval(
+            f"mig data write size {size} argsz {argsz} carries {len(payload) - _HEAD.size}"
+        )
     dev.migration.write(payload[_HEAD.size : _HEAD.size + size])
     return _reply()
 
 
-_HANDLERS: Final = {
+_Handler = Callable[["VfioUserDevice", Session, memoryview, list[int]], Reply]
+_HANDLERS: Final[dict[int, _Handler]] = {
     Command.DEVICE_GET_INFO: _device_info,
     Command.DEVICE_GET_REGION_INFO: _region_info,
     Command.DEVICE_GET_REGION_IO_FDS: _region_io_fds,

@@ -61,11 +61,17 @@ class Irqs:
     def __init__(self, counts: Mapping[IrqIndex, int], on_mask: MaskCallback | None = None) -> None:
         self.counts = {index: int(counts.get(index, 0)) for index in IrqIndex}
         for index, count in self.counts.items():
-            limit = 1 if index in (IrqIndex.ERR, IrqIndex.REQ) else (1 if index == IrqIndex.INTX else 2048)
+            limit = (
+                1
+                if index in (IrqIndex.ERR, IrqIndex.REQ)
+                else (1 if index == IrqIndex.INTX else 2048)
+            )
             if not 0 <= count <= limit:
                 raise ValueError(f"irq index {index.name} count {count} (max {limit})")
         self.on_mask = on_mask
-        self._fds: dict[IrqIndex, list[int | None]] = {i: [None] * c for i, c in self.counts.items()}
+        self._fds: dict[IrqIndex, list[int | None]] = {
+            i: [None] * c for i, c in self.counts.items()
+        }
         self._masked: dict[IrqIndex, list[bool]] = {i: [False] * c for i, c in self.counts.items()}
         self._pending: dict[IrqIndex, list[bool]] = {i: [False] * c for i, c in self.counts.items()}
 
@@ -109,7 +115,8 @@ class Irqs:
             return self.disable(index)
         if req.data_type == IRQ_SET_DATA_EVENTFD:
             closed: list[int] = []
-            for v, fd in zip(vectors, fds or [None] * req.count, strict=True):
+            given: Sequence[int | None] = fds if fds else [None] * req.count
+            for v, fd in zip(vectors, given, strict=True):
                 old = self._fds[index][v]
                 if old is not None:
                     closed.append(old)
@@ -126,7 +133,9 @@ class Irqs:
         return list(vectors)
 
     def _validate(self, req: IrqSet, fds: Sequence[int]) -> None:
-        what = f"set irqs index {req.index} start {req.start} count {req.count} flags {req.flags:#x}"
+        what = (
+            f"set irqs index {req.index} start {req.start} count {req.count} flags {req.flags:#x}"
+        )
         if req.argsz < 20:
             raise _einval(f"{what}: argsz {req.argsz} (min 20)")
         if req.index not in IrqIndex._value2member_map_:
@@ -144,7 +153,9 @@ class Irqs:
             raise _einval(f"{what}: past the {count} vectors")
         if req.index in (IrqIndex.ERR, IrqIndex.REQ) and req.action != IRQ_SET_ACTION_TRIGGER:
             raise _einval(f"{what}: ERR and REQ take TRIGGER only")
-        if req.count == 0 and (req.start or req.action != IRQ_SET_ACTION_TRIGGER or req.data_type != IRQ_SET_DATA_NONE):
+        if req.count == 0 and (
+            req.start or req.action != IRQ_SET_ACTION_TRIGGER or req.data_type != IRQ_SET_DATA_NONE
+        ):
             raise _einval(f"{what}: count 0 is only TRIGGER | DATA_NONE")
         if fds and (req.data_type != IRQ_SET_DATA_EVENTFD or len(fds) != req.count):
             raise _einval(f"{what}: {len(fds)} fds")

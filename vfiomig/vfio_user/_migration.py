@@ -61,7 +61,10 @@ class Migration:
         while self.state != target:
             step = _fsm.next_step(self.state, target)
             if step is None:
-                raise OSError(errno.EINVAL, f"migration state {self.state.name} -> {target.name} is not allowed")
+                raise OSError(
+                    errno.EINVAL,
+                    f"migration state {self.state.name} -> {target.name} is not allowed",
+                )
             self.callbacks.transition(step)
             self.state = step
 

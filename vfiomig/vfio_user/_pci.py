@@ -52,7 +52,9 @@ class PciCap:
 
 def pm_cap() -> PciCap:
     """Power management, version 3; PMCSR's power state and PME enable are writable."""
-    return PciCap(CAP_ID_PM, struct.pack("<HHBB", 0x0003, 0x0008, 0, 0), struct.pack("<HHBB", 0, 0x0103, 0, 0))
+    return PciCap(
+        CAP_ID_PM, struct.pack("<HHBB", 0x0003, 0x0008, 0, 0), struct.pack("<HHBB", 0, 0x0103, 0, 0)
+    )
 
 
 def msi_cap(vectors: int = 1, *, per_vector_mask: bool = False) -> PciCap:
@@ -68,10 +70,19 @@ def msi_cap(vectors: int = 1, *, per_vector_mask: bool = False) -> PciCap:
     return PciCap(CAP_ID_MSI, body, mask)
 
 
-def msix_cap(vectors: int, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int) -> PciCap:
+def msix_cap(
+    vectors: int, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int
+) -> PciCap:
     """MSI-X with ``vectors`` entries; the table and PBA live in the device's BARs."""
-    if not 1 <= vectors <= 2048 or (table_offset | pba_offset) & 7 or not 0 <= table_bar < 6 or not 0 <= pba_bar < 6:
-        raise ValueError(f"msi-x vectors {vectors}, table {table_bar}:{table_offset:#x}, pba {pba_bar}:{pba_offset:#x}")
+    if (
+        not 1 <= vectors <= 2048
+        or (table_offset | pba_offset) & 7
+        or not 0 <= table_bar < 6
+        or not 0 <= pba_bar < 6
+    ):
+        raise ValueError(
+            f"msi-x vectors {vectors}, table {table_bar}:{table_offset:#x}, pba {pba_bar}:{pba_offset:#x}"
+        )
     body = struct.pack("<HII", vectors - 1, table_offset | table_bar, pba_offset | pba_bar)
     return PciCap(CAP_ID_MSIX, body, struct.pack("<HII", 0xC000, 0, 0))
 
@@ -146,9 +157,13 @@ class PciConfig:
         pos, prev_next = CAP_START, 0x34
         for cap in self.caps:
             if pos + cap.size > CONFIG_SIZE:
-                raise ValueError(f"pci capabilities need {pos + cap.size} bytes (max {CONFIG_SIZE})")
+                raise ValueError(
+                    f"pci capabilities need {pos + cap.size} bytes (max {CONFIG_SIZE})"
+                )
             if cap.writable is not None and len(cap.writable) != len(cap.body):
-                raise ValueError(f"pci capability {cap.cap_id:#x} mask is not {len(cap.body)} bytes")
+                raise ValueError(
+                    f"pci capability {cap.cap_id:#x} mask is not {len(cap.body)} bytes"
+                )
             space[prev_next] = pos
             space[pos] = cap.cap_id
             space[pos + 2 : pos + cap.size] = cap.body

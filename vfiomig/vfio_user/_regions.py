@@ -84,18 +84,24 @@ class Region:
         areas = list(self.mmap_areas) if self.mmap_areas is not None else [(0, self.memory.size)]
         for off, length in areas:
             if length <= 0 or (off | length) % mmap.PAGESIZE or off + length > self.memory.size:
-                raise ValueError(f"mmap area {off:#x}+{length:#x} of a {self.memory.size:#x} region")
+                raise ValueError(
+                    f"mmap area {off:#x}+{length:#x} of a {self.memory.size:#x} region"
+                )
         self.areas = areas
 
     @property
     def flags(self) -> int:
-        return (REGION_FLAG_READ if self.readable else 0) | (REGION_FLAG_WRITE if self.writable else 0)
+        return (REGION_FLAG_READ if self.readable else 0) | (
+            REGION_FLAG_WRITE if self.writable else 0
+        )
 
     def do_read(self, offset: int, count: int) -> Buffer:
         if self.read is not None:
             data = self.read(offset, count)
             if len(data) != count:
-                raise OSError(errno.EINVAL, f"region read returned {len(data)} bytes (expected {count})")
+                raise OSError(
+                    errno.EINVAL, f"region read returned {len(data)} bytes (expected {count})"
+                )
             return data
         if self.memory is not None and self.readable:
             return self.memory.view[offset : offset + count]

@@ -197,7 +197,9 @@ class _Connection:
             elif self.end - self.start >= HEADER_SIZE:
                 msg_id, command, size, flags, error_no = HEADER.unpack_from(self.buf, self.start)
                 if size < HEADER_SIZE:
-                    raise ConnectionLost(f"{command_name(command)} message size {size} is below {HEADER_SIZE}")
+                    raise ConnectionLost(
+                        f"{command_name(command)} message size {size} is below {HEADER_SIZE}"
+                    )
                 if size > self.device.max_msg_size:
                     await self._oversized(msg_id, command, size, flags)
                     continue
@@ -217,7 +219,9 @@ class _Connection:
                     continue
             if not await self._receive():
                 if self.end != self.start or self.skip:
-                    raise ConnectionLost(f"client closed inside a message ({self.end - self.start} bytes buffered)")
+                    raise ConnectionLost(
+                        f"client closed inside a message ({self.end - self.start} bytes buffered)"
+                    )
                 return
 
     async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
@@ -225,11 +229,15 @@ class _Connection:
         have = min(self.end - self.start, size)
         self.start += have
         self.skip = size - have
-        log.debug("vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size)
+        log.debug(
+            "vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size
+        )
         if not flags & (FLAG_NO_REPLY | FLAG_TYPE_MASK):
             await self._send(msg_id, command, [], [], errno.EINVAL)
 
-    async def _request(self, msg_id: int, command: int, flags: int, payload: memoryview, fds: list[int]) -> None:
+    async def _request(
+        self, msg_id: int, command: int, flags: int, payload: memoryview, fds: list[int]
+    ) -> None:
         close = False
         try:
             reply = self.device.handle(self.session, command, payload, fds)
@@ -267,7 +275,9 @@ class _Connection:
         flags = (FLAG_TYPE_REPLY if reply else 0) | (FLAG_ERROR if error is not None else 0)
         head = HEADER.pack(msg_id, command, size, flags, error or 0)
         buffers: list[Buffer] = [head, *parts]
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         async with self.send_lock:
             sent = await self.sock.sendmsg(buffers, anc)
             if sent < size:
@@ -305,10 +315,14 @@ class _Connection:
         assert isinstance(result, bytes)
         return result
 
-    def _deliver(self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview) -> None:
+    def _deliver(
+        self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
+    ) -> None:
         slot = self.pending.get(msg_id)
         if slot is None:
-            raise ConnectionLost(f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding")
+            raise ConnectionLost(
+                f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
+            )
         slot[1] = (error_no or errno.EIO) if flags & FLAG_ERROR else bytes(payload)
         event = slot[0]
         assert isinstance(event, trio.Event)

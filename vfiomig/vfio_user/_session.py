@@ -48,5 +48,3 @@ class CloseConnection(Exception):
     def __init__(self, errno_: int, text: str) -> None:
         super().__init__(text)
         self.errno = errno_
-
-

@@ -71,7 +71,9 @@ LOGGING_REPORT: Final = struct.Struct("=QQQ")  # iova, length, page_size
 def unpack(layout: struct.Struct, payload: memoryview, what: str) -> tuple[int, ...]:
     """The fields of ``layout`` at the start of ``payload``; `ProtocolError` if too short."""
     if len(payload) < layout.size:
-        raise ProtocolError(f"{what} payload of {len(payload)} bytes is too short (min {layout.size})")
+        raise ProtocolError(
+            f"{what} payload of {len(payload)} bytes is too short (min {layout.size})"
+        )
     return layout.unpack_from(payload)
 
 
@@ -96,8 +98,8 @@ class IrqSet:
 
     @classmethod
     def unpack(cls, payload: memoryview) -> IrqSet:
-        fields = unpack(IRQ_SET, payload, "set irqs")
-        return cls(*fields, payload[IRQ_SET.size :])
+        argsz, flags, index, start, count = unpack(IRQ_SET, payload, "set irqs")
+        return cls(argsz, flags, index, start, count, payload[IRQ_SET.size :])
 
 
 @dataclass(frozen=True, slots=True)
