@@ -100,7 +100,10 @@ def handle(
     handler = _HANDLERS.get(command)
     if handler is None:
         raise _einval(f"command {command} is not supported")
-    return handler(dev, session, payload, fds)
+    try:
+        return handler(dev, session, payload, fds)
+    except ProtocolError as exc:  # a short payload
+        raise _einval(exc.message) from None
 
 
 def _version(
