@@ -77,11 +77,16 @@ class SampleServer:
 
     # ------------------------------------------------------------------ BAR0 and the timer
 
-    def arm_timer(self, when: int) -> None:
+    def arm_timer(self, when: int, *, late_fires: bool = False) -> None:
         delay = when - int(time.time())  # whole seconds, as setitimer gets them in server.c
         log.debug("arming timer to trigger in %d seconds", delay)
-        # setitimer with a zero (or negative) delay disarms the timer, as in server.c
-        self.deadline = trio.current_time() + delay if delay > 0 else None
+        # A zero delay disarms the timer, as setitimer does in server.c. One that passed
+        # while the device migrated fires at once (server.c fails the transition to
+        # RUNNING instead: a slow host would leave its client waiting for the interrupt).
+        if delay > 0 or (late_fires and delay < 0):
+            self.deadline = trio.current_time() + max(delay, 0)
+        else:
+            self.deadline = None
         self.rearmed.set()
 
     def bar0_read(self, offset: int, count: int) -> bytes:
@@ -194,7 +199,7 @@ class SampleServer:
                 raise OSError(
                     errno.EINVAL, f"{self.bytes_transferred} bytes moved (expected {expected})"
                 )
-            self.arm_timer(self.bar0)
+            self.arm_timer(self.bar0, late_fires=True)
         self.state = state
 
     def _stream(self) -> bytes:

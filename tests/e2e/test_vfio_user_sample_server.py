@@ -12,7 +12,10 @@ both exit codes where the test can read them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +27,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vfio_user_sample_s
 
 WRAPPER = """#!{python}
 import os, subprocess, sys
-server = subprocess.Popen([{python!r}, {example!r}, *sys.argv[1:]])
+with open({status!r} + ".err", "w") as err:
+    server = subprocess.Popen([{python!r}, {example!r}, *sys.argv[1:]], stderr=err)
 codes = []
 while True:
     try:
@@ -52,10 +56,11 @@ def test_libvfio_user_sample_client_runs_against_the_python_sample_server(
         )
         wrapper.chmod(0o755)
         sock = work / "sock"
+        source_log = (work / "source.err").open("w")
         source = subprocess.Popen(
-            [sys.executable, str(EXAMPLE), str(sock)],
+            [sys.executable, str(EXAMPLE), "-v", str(sock)],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=source_log,
             text=True,
         )
         try:
@@ -64,24 +69,47 @@ def test_libvfio_user_sample_client_runs_against_the_python_sample_server(
                     break
                 subprocess.run(["sleep", "0.05"], check=True)
             assert sock.exists(), source.communicate(timeout=5)
-            run = subprocess.run(
+            client_run = subprocess.Popen(
                 [str(client), str(sock)],
                 env=libvfio_user.env(),
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
-                timeout=90,
-                check=False,
+                start_new_session=True,  # its fork and our wrapper's server stay in it
             )
-            out, err = source.communicate(timeout=30)
+            try:
+                stdout, stderr = client_run.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(client_run.pid, signal.SIGKILL)
+                stdout, stderr = client_run.communicate()
+                dest = Path(f"{status}.err")
+                raise AssertionError(
+                    f"client timed out:\n{stdout}\n{stderr}\n"
+                    f"source:\n{(work / 'source.err').read_text()}\n"
+                    f"destination:\n{dest.read_text() if dest.exists() else ''}"
+                ) from None
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(client_run.pid, signal.SIGKILL)
+            try:
+                out, _ = source.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"source server still running:\n{(work / 'source.err').read_text()}\n"
+                    f"client exit {client_run.returncode}:\n{stdout}\n{stderr}"
+                ) from None
         finally:
             if source.poll() is None:
                 source.kill()
                 source.wait()
-        report = f"client stdout:\n{run.stdout}\nclient stderr:\n{run.stderr}\nsource:\n{err}"
-        assert run.returncode == 0, report
+            source_log.close()
+        err = (work / "source.err").read_text()
+        dest = Path(f"{status}.err").read_text()
+        report = f"client stdout:\n{stdout}\nclient stderr:\n{stderr}\nsource:\n{err}\ndestination:\n{dest}"
+        assert client_run.returncode == 0, report
         assert sorted(status.read_text().split("\n")) == ["", "client 0", "server 0"], report
-        assert run.stdout.count("client: INTx triggered!") == 2, report
-        assert "client: get_dirty_bitmap: 0-0xfff\t0x1" in run.stdout, report  # by messages
-        assert "client: get_dirty_bitmap: 0x1000-0x1fff\t0x1" in run.stdout, report  # by us
+        assert stdout.count("client: INTx triggered!") == 2, report
+        assert "client: get_dirty_bitmap: 0-0xfff\t0x1" in stdout, report  # by messages
+        assert "client: get_dirty_bitmap: 0x1000-0x1fff\t0x1" in stdout, report  # by us
         assert source.returncode == 0, report
         assert out.count("doing dma io") == 1, report

@@ -18,7 +18,9 @@ to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks throug
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -51,6 +53,9 @@ _RECV_WINDOW: Final = 64 * 1024
 DMA_REPLY_TIMEOUT: Final = 10.0
 
 
+_staging_ids = itertools.count()
+
+
 class ConnectionLost(Exception):
     """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
 
@@ -76,11 +81,20 @@ async def serve_vfio_user(
         device = VfioUserDevice(device)
     path = os.fspath(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The socket appears at ``path`` only once it listens (bound under a temporary name,
+    # then renamed): a client that connects as soon as the file exists, as libvfio-user's
+    # samples/client does, is never refused.
+    staging = os.path.join(os.path.dirname(path), f".vu{os.getpid()}-{next(_staging_ids)}")
     try:
-        await sock.bind(path)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, f"vfio-user socket {path} exists")
+        await sock.bind(staging)
         sock.listen(8)
+        os.rename(staging, path)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
         raise
     try:
         with sock:
@@ -156,7 +170,7 @@ class _Connection:
         self.wanted = HEADER_SIZE  # bytes the message at ``start`` needs in all
         self.send_lock = trio.StrictFIFOLock()
         self.next_id = 0
-        self.pending: dict[int, list[object]] = {}  # msg_id -> [event, reply or errno]
+        self.pending: dict[int, _Pending] = {}  # the server's own requests, by msg_id
 
     # ------------------------------------------------------------------ receiving
 
@@ -332,46 +346,52 @@ class _Connection:
             self.next_id = (self.next_id + 1) & 0xFFFF
         msg_id = self.next_id
         self.next_id = (self.next_id + 1) & 0xFFFF
-        slot: list[object] = [trio.Event(), None]
-        self.pending[msg_id] = slot
+        waiter = _Pending(command)
+        self.pending[msg_id] = waiter
         try:
             await self._send(msg_id, command, [payload], [], None, reply=False)
-            event = slot[0]
-            assert isinstance(event, trio.Event)
             with trio.move_on_after(DMA_REPLY_TIMEOUT):
-                await event.wait()
-            if not event.is_set():
-                raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
+                await waiter.event.wait()
         finally:
             del self.pending[msg_id]
-        result = slot[1]
+        result = waiter.result
+        if result is None:
+            raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
         if isinstance(result, int):
             raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
-        assert isinstance(result, bytes)
         return result
 
     def _deliver(
         self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
     ) -> None:
-        slot = self.pending.get(msg_id)
-        if slot is None:
+        waiter = self.pending.get(msg_id)
+        if waiter is None or waiter.result is not None or waiter.command != command:
             raise ConnectionLost(
                 f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
             )
-        slot[1] = (error_no or errno.EIO) if flags & FLAG_ERROR else bytes(payload)
-        event = slot[0]
-        assert isinstance(event, trio.Event)
-        event.set()
+        error = error_no if 0 < error_no < 4096 else errno.EIO
+        waiter.result = error if flags & FLAG_ERROR else bytes(payload)
+        waiter.event.set()
 
     def fail_pending(self) -> None:
-        for slot in self.pending.values():
-            slot[1] = errno.ENOTCONN
-            event = slot[0]
-            assert isinstance(event, trio.Event)
-            event.set()
+        for waiter in self.pending.values():
+            if waiter.result is None:  # a reply that arrived stays (its task has not run yet)
+                waiter.result = errno.ENOTCONN
+                waiter.event.set()
         for _, _, fds in self.fd_chunks:
             _close_all(fds)
         self.fd_chunks = []
+
+
+class _Pending:
+    """One DMA_READ / DMA_WRITE waiting for the client's reply (payload or errno)."""
+
+    __slots__ = ("command", "event", "result")
+
+    def __init__(self, command: int) -> None:
+        self.command = command
+        self.event = trio.Event()
+        self.result: bytes | int | None = None
 
 
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
