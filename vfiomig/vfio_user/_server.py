@@ -86,11 +86,10 @@ async def serve_vfio_user(
     # samples/client does, is never refused.
     staging = os.path.join(os.path.dirname(path), f".vu{os.getpid()}-{next(_staging_ids)}")
     try:
-        if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, f"vfio-user socket {path} exists")
         await sock.bind(staging)
         sock.listen(8)
-        os.rename(staging, path)
+        os.link(staging, path)  # EEXIST if the path is taken, as bind would say
+        os.unlink(staging)
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
