@@ -13,6 +13,7 @@ closed twice.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from vfiomig.vfio_user import (
     BarDevice,
@@ -25,6 +26,7 @@ from vfiomig.vfio_user import (
     msix_cap,
     pcie_cap,
     pm_cap,
+    vendor_cap,
 )
 from vfiomig.vfio_user._messages import Command
 from vfiomig.vfio_user._session import CloseConnection, Session
@@ -37,23 +39,26 @@ class FuzzBug(AssertionError):
     """A target found behaviour that breaks its contract."""
 
 
-def _device(memory: SharedMemory) -> VfioUserDevice:
-    pci = PciConfig(
-        0x1AF4, 0x1000, caps=[pm_cap(), msi_cap(4), msix_cap(8, 2, 0, 2, 0x800), pcie_cap()]
-    )
+def sample_device(memory: SharedMemory, **kwargs: Any) -> VfioUserDevice:
+    """A device with a bit of everything (also the integration tests' device): a PCI
+    Express function with PM, MSI, MSI-X, PCIe and vendor capabilities, a 256-byte BAR0
+    kept in a bytearray, BAR2 on ``memory`` (its second page mmappable), every IRQ index
+    and `BarDevice` migration. ``kwargs`` go to `VfioUserDevice`."""
+    bar0 = bytearray(0x100)
+
+    def write(offset: int, data: memoryview) -> None:
+        bar0[offset : offset + len(data)] = data
+
+    caps = [pm_cap(), msi_cap(4), msix_cap(8, 2, 0, 2, 0x800), pcie_cap(), vendor_cap(b"vfiomig")]
+    pci = PciConfig(0x1AF4, 0x10FF, 0x1234, 0x5678, class_code=0x020000, express=True, caps=caps)
+    irqs = {IrqIndex.INTX: 1, IrqIndex.MSI: 4, IrqIndex.MSIX: 8, IrqIndex.ERR: 1, IrqIndex.REQ: 1}
+    regions = {
+        0: Region(0x100, read=lambda o, c: bar0[o : o + c], write=write),
+        2: Region(2 * PAGE, memory=memory, mmap_areas=[(PAGE, PAGE)]),
+    }
+    options: dict[str, Any] = {"max_data_xfer_size": 4096, "max_dma_regions": 8, **kwargs}
     return VfioUserDevice(
-        pci=pci,
-        regions={0: Region(0x100, read=lambda o, c: bytes(c)), 2: Region(2 * PAGE, memory=memory)},
-        irqs={
-            IrqIndex.INTX: 1,
-            IrqIndex.MSI: 4,
-            IrqIndex.MSIX: 8,
-            IrqIndex.ERR: 1,
-            IrqIndex.REQ: 1,
-        },
-        migration=BarDevice((64,)),
-        max_data_xfer_size=4096,
-        max_dma_regions=8,
+        pci=pci, regions=regions, irqs=irqs, migration=BarDevice((64,)), **options
     )
 
 
@@ -79,7 +84,7 @@ def fuzz_vfio_user_server(data: bytes) -> None:
     memory = SharedMemory(2 * PAGE)
     try:
         before = _count_fds()
-        device = _device(memory)
+        device = sample_device(memory)
         session = Session(negotiated=bool(data[0] & 1))
         pos = 1
         while pos + 3 <= len(data):

@@ -7,29 +7,21 @@ import mmap
 import os
 import random
 import struct
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 
+from fuzz.vfio_user_server import sample_device
+from tests.integration.test_vfio_user_server import serving
 from tests.vfio_user_raw import RawClient, open_fds
 from vfiomig.vfio_user import (
-    BarDevice,
     IrqIndex,
     MigState,
-    PciConfig,
     Region,
     ResetReason,
     SharedMemory,
     VfioUserDevice,
-    msi_cap,
-    msix_cap,
-    pcie_cap,
-    pm_cap,
-    serve_vfio_user,
-    vendor_cap,
 )
 from vfiomig.vfio_user._messages import Capabilities, Command, DeviceFeature, MigDataWrite
 from vfiomig.vfio_user._wire import (
@@ -53,41 +45,8 @@ MASK_NONE = 0x08 | 0x1
 UNMASK_NONE = 0x10 | 0x1
 
 
-def make_device(**kwargs: object) -> VfioUserDevice:
-    bar0 = bytearray(0x100)
-
-    def write(offset: int, data: memoryview) -> None:
-        bar0[offset : offset + len(data)] = data
-
-    caps = [pm_cap(), msi_cap(4), msix_cap(8, 2, 0, 2, 0x800), pcie_cap(), vendor_cap(b"vfiomig")]
-    pci = PciConfig(0x1AF4, 0x10FF, 0x1234, 0x5678, class_code=0x020000, express=True, caps=caps)
-    return VfioUserDevice(
-        pci=pci,
-        regions={
-            0: Region(0x100, read=lambda o, c: bar0[o : o + c], write=write),
-            2: Region(2 * PAGE, memory=SharedMemory(2 * PAGE), mmap_areas=[(PAGE, PAGE)]),
-        },
-        irqs={
-            IrqIndex.INTX: 1,
-            IrqIndex.MSI: 4,
-            IrqIndex.MSIX: 8,
-            IrqIndex.ERR: 1,
-            IrqIndex.REQ: 1,
-        },
-        migration=BarDevice((64,)),
-        max_data_xfer_size=64 * 1024,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-@asynccontextmanager
-async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
-    with tempfile.TemporaryDirectory(prefix="vud", dir="/tmp") as tmp:
-        path = os.path.join(tmp, "s")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_vfio_user, path, device)
-            yield path
-            nursery.cancel_scope.cancel()
+def make_device(**kwargs: Any) -> VfioUserDevice:
+    return sample_device(SharedMemory(2 * PAGE), max_data_xfer_size=64 * 1024, **kwargs)
 
 
 def memfd(size: int) -> int:
