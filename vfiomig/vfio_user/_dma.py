@@ -269,7 +269,14 @@ class Dma:
                 bits[b >> 3] |= 1 << (b & 7)
 
     async def read(self, sgs: Sequence[Sg]) -> bytes:
-        """Read guest memory with DMA_READ messages (chunked to the client's limit)."""
+        """Read guest memory with DMA_READ messages (chunked to the client's limit).
+
+        Raises:
+            OSError: the client's errno, ENOTCONN without a client, ETIMEDOUT when a reply
+                takes longer than the server's DMA_REPLY_TIMEOUT.
+
+        Cancellation: safe; a reply that arrives later is dropped.
+        """
         parts: list[bytes] = []
         for sg in sgs:
             for addr, count in self._chunks(sg):
@@ -283,7 +290,11 @@ class Dma:
         return b"".join(parts)
 
     async def write(self, sgs: Sequence[Sg], data: bytes | bytearray | memoryview) -> None:
-        """Write guest memory with DMA_WRITE messages; ``data`` covers every piece."""
+        """Write guest memory with DMA_WRITE messages; ``data`` covers every piece.
+
+        Raises and cancels like `read`; after a cancellation or an error, a prefix of
+        the pieces may have been written.
+        """
         view = memoryview(data).cast("B")
         total = sum(sg.length for sg in sgs)
         if len(view) != total:
