@@ -277,10 +277,10 @@ class Dma:
 
         Cancellation: safe; a reply that arrives later is dropped.
         """
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         for sg in sgs:
             for addr, count in self._chunks(sg):
-                reply = await self._send(Command.DMA_READ, DMA_ACCESS.pack(addr, count))
+                reply = memoryview(await self._send(Command.DMA_READ, DMA_ACCESS.pack(addr, count)))
                 if len(reply) < DMA_ACCESS.size + count:
                     raise _fail(
                         errno.EIO,

@@ -17,6 +17,7 @@ from vfiomig.vfio_user import _fsm
 from vfiomig.vfio_user._messages import MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, MigState
 
 Buffer = bytes | bytearray | memoryview
+_STOPPED = frozenset({MigState.STOP, MigState.STOP_COPY})
 
 
 class MigrationCallbacks(Protocol):
@@ -51,7 +52,7 @@ class Migration:
     @property
     def stopped(self) -> bool:
         """STOP or STOP_COPY: only region access, features and MIG_DATA_READ run."""
-        return self.state in (MigState.STOP, MigState.STOP_COPY)
+        return self.state in _STOPPED
 
     def set_state(self, raw: int) -> None:
         """Walk to the state ``raw`` (wire value), calling ``transition`` per arc."""

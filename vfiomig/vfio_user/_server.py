@@ -208,6 +208,8 @@ class _Connection:
     def _take_fds(self, at: int) -> list[int]:
         """The fds that came with the read the message at stream offset ``at`` starts in;
         fds of reads in which no message started are closed."""
+        if not self.fd_chunks:
+            return []
         taken: list[int] = []
         keep: list[tuple[int, int, list[int]]] = []
         for chunk in self.fd_chunks:
@@ -306,7 +308,9 @@ class _Connection:
         *,
         reply: bool = True,
     ) -> None:
-        size = HEADER_SIZE + sum(memoryview(p).nbytes for p in parts)
+        size = HEADER_SIZE
+        for part in parts:
+            size += part.nbytes if isinstance(part, memoryview) else len(part)
         flags = (FLAG_TYPE_REPLY if reply else 0) | (FLAG_ERROR if error is not None else 0)
         head = HEADER.pack(msg_id, command, size, flags, error or 0)
         buffers: list[Buffer] = [head, *parts]
