@@ -24,6 +24,17 @@ from vfiomig.vfio_user import VfioUserCommandError, VfioUserSink, VfioUserSource
 STREAM = 0x3000 + 8
 
 
+def listening(path: str) -> bool:
+    """The UNIX socket at ``path`` listens (its file appears a moment before it does, and
+    a probe connection would be the sample's one client)."""
+    with open("/proc/net/unix") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 @contextmanager
 def sample_servers(lvu: LibVfioUser, count: int) -> Iterator[list[str]]:
     with tempfile.TemporaryDirectory(prefix="vul", dir="/tmp") as tmp:
@@ -41,7 +52,7 @@ def sample_servers(lvu: LibVfioUser, count: int) -> Iterator[list[str]]:
                 )
         try:
             deadline = time.monotonic() + 20
-            while not all(Path(p).exists() for p in paths):
+            while not all(listening(p) for p in paths):
                 assert time.monotonic() < deadline, "libvfio-user's server did not start"
                 time.sleep(0.02)
             yield paths
