@@ -89,7 +89,42 @@ def _vfio_user() -> list[bytes]:
     ]
 
 
-SEEDS = {"framer": _framer, "wire": _wire, "control": _control, "vfio_user": _vfio_user}
+def _record(command: int, payload: bytes, nfds: int = 0, kind: int = 0) -> bytes:
+    return bytes([command, nfds | kind << 2, len(payload)]) + payload
+
+
+def _vfio_user_server() -> list[bytes]:
+    version = struct.pack("<HH", 0, 2) + b'{"capabilities":{"max_msg_fds":4}}\0'
+    dma_map = struct.pack("=IIQQQ", 32, 3, 0, 0x10000, 0x2000)
+    irqs = struct.pack("=IIIII", 20, 0x24, 1, 0, 2)
+    logging = struct.pack("=IIQII", 24, 0x20006, 4096, 0, 0)
+    report = struct.pack("=IIQQQ", 48, 0x10008, 0x10000, 0x2000, 4096)
+    unmap = struct.pack("=IIQQQQ", 48, 1, 0x10000, 0x2000, 4096, 8)
+    cfg = struct.pack("=QII", 0x10, 7, 4) + b"\xff\xff\xff\xff"
+    return [
+        bytes([0])
+        + _record(Command.VERSION, version)
+        + _record(Command.DMA_MAP, dma_map, 1, 1)
+        + _record(Command.DEVICE_SET_IRQS, irqs, 2, 0)
+        + _record(Command.DEVICE_FEATURE, logging)
+        + _record(Command.DEVICE_FEATURE, report)
+        + _record(Command.REGION_WRITE, cfg)
+        + _record(Command.DMA_UNMAP, unmap),
+        bytes([1])
+        + _record(Command.DMA_MAP, dma_map, 1, 2)
+        + _record(Command.DMA_MAP, dma_map, 2, 3),
+        bytes([1])
+        + _record(Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", 80, 0, 2, 0, 0, 0)),
+    ]
+
+
+SEEDS = {
+    "framer": _framer,
+    "wire": _wire,
+    "control": _control,
+    "vfio_user": _vfio_user,
+    "vfio_user_server": _vfio_user_server,
+}
 
 
 def write_corpus(root: Path = CORPUS) -> int:

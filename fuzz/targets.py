@@ -11,6 +11,8 @@ error, never anything else, and never hangs. On top of that:
   ``attach-fd`` message, in ``orphans`` or in ``pending_fds`` (none leaked, none closed
   twice).
 - ``vfio_user`` drives the client and server connection state machines.
+- ``vfio_user_server`` drives a whole device's request handlers with real fds attached
+  (`fuzz.vfio_user_server`): replies or errnos only, and no fd leaked or closed twice.
 - ``wire`` checks the handshake and the config blob checks.
 
 The first bytes of an input choose how it is sliced and configured, so that the fuzzer
@@ -24,6 +26,7 @@ import types
 from collections.abc import Callable
 
 import vfiomig._core as core
+from fuzz.vfio_user_server import FuzzBug, fuzz_vfio_user_server
 from vfiomig._core._errors import VfioMigError
 from vfiomig._core._wire import (
     HANDSHAKE_SIZE,
@@ -43,10 +46,6 @@ from vfiomig.vfio_user._protocol import ClientConnection, ServerConnection
 UUID = bytes(range(16))
 #: A small cap, so that size checks are reachable with small inputs.
 PACKET_CAP = 1 << 16
-
-
-class FuzzBug(AssertionError):
-    """A target found behaviour that breaks its contract."""
 
 
 def _slices(data: bytes, seed: int) -> list[bytes]:
@@ -282,4 +281,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "wire": fuzz_wire,
     "control": fuzz_control,
     "vfio_user": fuzz_vfio_user,
+    "vfio_user_server": fuzz_vfio_user_server,
 }

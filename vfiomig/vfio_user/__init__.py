@@ -1,18 +1,39 @@
-"""The vfio-user protocol subset vfiomig needs to migrate device state (spec v0.9.2).
+"""vfio-user (spec v0.9.2): a server library for Python device emulators, and the
+migration client, sink and source vfiomig uses.
 
-- `_messages` / `_protocol`: the sans-IO codec and connection state machines;
-- `_client`: a trio client (`open_vfio_user_client`);
-- `_sink` / `_source`: ``vfio-user:SOCKPATH`` sink and ``vfio-user:SOCKPATH[,config=FILE]``
-  source;
-- `_device` / `_server`: a trio server for Python device emulators following
-  libvfio-user's rules (`serve_vfio_user`), and `BarDevice`, an example emulator.
+Server side (see docs/vfio-user-emulators.md):
+
+- `VfioUserDevice` puts a device together: `PciConfig` (config space and capabilities:
+  `pm_cap`, `msi_cap`, `msix_cap`, `pcie_cap`, `vendor_cap`), `Region` (optionally backed
+  by mmappable `SharedMemory`), interrupt counts (`IrqIndex`), `MigrationCallbacks` and a
+  reset callback; the emulator reaches guest memory through ``device.dma`` (`Dma`) and
+  raises interrupts through ``device.irqs`` (`Irqs`);
+- `serve_vfio_user` serves it on a UNIX socket, one client at a time;
+- `Emulator` / `BarDevice`: the older migration-only emulator interface and its example.
+
+Client side: `open_vfio_user_client`, `open_vfio_user_sink`, `open_vfio_user_source`.
+The sans-IO codecs are `_messages`, `_protocol` and `_wire`.
 """
 
 from vfiomig.vfio_user._bar_device import BarDevice
 from vfiomig.vfio_user._client import VfioUserClient, VfioUserCommandError, open_vfio_user_client
 from vfiomig.vfio_user._device import Emulator, VfioUserDevice
+from vfiomig.vfio_user._dma import Dma, DmaRegion, Sg
+from vfiomig.vfio_user._irqs import IrqIndex, Irqs
 from vfiomig.vfio_user._messages import Capabilities, Command, MigState, ProtocolError
+from vfiomig.vfio_user._migration import MigrationCallbacks
+from vfiomig.vfio_user._pci import (
+    PciCap,
+    PciConfig,
+    msi_cap,
+    msix_cap,
+    pcie_cap,
+    pm_cap,
+    vendor_cap,
+)
+from vfiomig.vfio_user._regions import Region, SharedMemory
 from vfiomig.vfio_user._server import serve_vfio_user, serve_vfio_user_connection
+from vfiomig.vfio_user._session import ResetReason
 from vfiomig.vfio_user._sink import VfioUserSink, open_vfio_user_sink
 from vfiomig.vfio_user._source import VfioUserSource, open_vfio_user_source
 
@@ -20,17 +41,33 @@ __all__ = [
     "BarDevice",
     "Capabilities",
     "Command",
+    "Dma",
+    "DmaRegion",
     "Emulator",
+    "IrqIndex",
+    "Irqs",
     "MigState",
+    "MigrationCallbacks",
+    "PciCap",
+    "PciConfig",
     "ProtocolError",
+    "Region",
+    "ResetReason",
+    "SharedMemory",
+    "Sg",
     "VfioUserClient",
     "VfioUserCommandError",
     "VfioUserDevice",
     "VfioUserSink",
     "VfioUserSource",
+    "msi_cap",
+    "msix_cap",
     "open_vfio_user_client",
     "open_vfio_user_sink",
     "open_vfio_user_source",
+    "pcie_cap",
+    "pm_cap",
     "serve_vfio_user",
     "serve_vfio_user_connection",
+    "vendor_cap",
 ]

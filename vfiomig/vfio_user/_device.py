@@ -1,93 +1,51 @@
-"""The server side of a vfio-user device, without I/O: libvfio-user's rules, your callbacks.
+"""`VfioUserDevice`: one emulated device, what outlives its client connections.
 
-`VfioUserDevice` holds what outlives a connection (the migration state and the emulator)
-and turns each request into a reply or an errno, following libvfio-user's behaviour
-(``lib/libvfio-user.c``, ``lib/migration.c``):
+A device is put together from parts, each optional: a PCI config space (`PciConfig`),
+regions (`Region`, by index), interrupt counts (`Irqs`), migration callbacks
+(`MigrationCallbacks`) and a reset callback. The DMA regions the client maps live in
+`VfioUserDevice.dma`, the interrupt eventfds in `VfioUserDevice.irqs`; the emulator uses
+both (`Dma.translate`/`get`/`read`/`write`, `Irqs.trigger`).
 
-- the migration state starts RUNNING and only changes through DEVICE_FEATURE SET
-  MIG_DEVICE_STATE, one direct arc at a time (RESUMING is reached through STOP); each arc
-  calls ``emulator.transition``; if that fails the state stays at the last arc that worked;
-- MIG_DATA_WRITE only in RESUMING, MIG_DATA_READ only in PRE_COPY or STOP_COPY (EINVAL
-  otherwise); their size is at most the client's ``max_data_xfer_size``; a write callback
-  that takes fewer bytes than offered is EINVAL ("partial writes are not supported");
-- in STOP and STOP_COPY only REGION_READ/WRITE, DEVICE_FEATURE and MIG_DATA_READ are
-  executed, and no region but the migration region is reachable in STOP_COPY (vfiomig's
-  devices have none, so region access in STOP_COPY is EINVAL);
-- a malformed or oversized request is EINVAL; so is a command vfiomig does not implement.
+The older migration-only `Emulator` protocol (regions by position, migration and reset
+callbacks in one object) still works: ``VfioUserDevice(emulator)`` adapts it.
 
-Callbacks fail by raising ``OSError(errno, ...)``; the errno goes back in the ERROR reply.
-Any other exception is a bug in the emulator and propagates.
-
-Deliberate difference: DEVICE_RESET puts the migration state back to RUNNING, as the spec
-says; libvfio-user stopped doing that in 2026 (PR #844).
+`VfioUserDevice.handle` turns one request into a `Reply` (sans-IO: `_server` does the
+I/O); the per-command rules are in `_handlers`.
 """
 
 from __future__ import annotations
 
-import errno as _errno
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final, Protocol
+import errno
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
-from vfiomig.vfio_user import _fsm
+from vfiomig.vfio_user import _handlers
+from vfiomig.vfio_user._dma import MAX_REGIONS, Dma
+from vfiomig.vfio_user._irqs import IrqIndex, Irqs, MaskCallback
 from vfiomig.vfio_user._messages import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     DEFAULT_PGSIZE,
-    FEATURE_GET,
-    FEATURE_HEADER_SIZE,
-    FEATURE_MASK,
-    FEATURE_MIG_DEVICE_STATE,
-    FEATURE_MIGRATION,
-    FEATURE_PROBE,
-    FEATURE_SET,
-    MAJOR,
     MESSAGE_OVERHEAD,
-    MIG_DATA_HEADER_SIZE,
     MIGRATION_PRE_COPY,
     MIGRATION_STOP_COPY,
-    REGION_FLAG_READ,
-    REGION_FLAG_WRITE,
-    REGION_INFO_SIZE,
-    Capabilities,
-    Command,
-    DeviceFeature,
-    Empty,
-    Malformed,
-    MigDataRead,
-    MigDataReadReply,
-    MigDataWrite,
-    MigrationCaps,
     MigState,
-    Packable,
-    RegionInfo,
-    RegionRead,
-    RegionReadReply,
-    RegionWrite,
-    RegionWriteReply,
-    Version,
 )
-from vfiomig.vfio_user._protocol import Message
-
-#: Commands executed while the device is in STOP or STOP_COPY.
-ALLOWED_WHEN_STOPPED: Final = frozenset(
-    {Command.REGION_READ, Command.REGION_WRITE, Command.DEVICE_FEATURE, Command.MIG_DATA_READ}
+from vfiomig.vfio_user._migration import Migration, MigrationCallbacks
+from vfiomig.vfio_user._pci import CONFIG_REGION, NUM_REGIONS, PciConfig
+from vfiomig.vfio_user._regions import Buffer, Region
+from vfiomig.vfio_user._session import (
+    DEFAULT_MAX_MSG_FDS,
+    Reply,
+    ResetReason,
+    Session,
 )
-#: libvfio-user's ``LIB_VFIO_USER_MINOR``.
-MINOR: Final = 2
-_FEATURE_OPS: Final = {
-    FEATURE_MIGRATION: FEATURE_GET | FEATURE_PROBE,
-    FEATURE_MIG_DEVICE_STATE: FEATURE_GET | FEATURE_SET | FEATURE_PROBE,
-}
 
 
 class Emulator(Protocol):
-    """What a Python device emulator provides: libvfio-user's migration v2 callbacks plus
-    region access. Fail a callback with ``OSError(errno, text)``.
+    """The migration-only emulator interface (kept for `BarDevice` and older code).
 
-    ``transition`` gets the wire state (`MigState`), once per arc. ``read_data`` returns
-    at most ``size`` bytes, ``b""`` at the end of the stream. ``write_data`` must take
-    every byte and return how many it took. Region callbacks get bounds-checked
-    arguments (``region_sizes`` gives each region's size; index = position).
+    Regions are indexed by position in ``region_sizes``; ``transition``, ``read_data``
+    and ``write_data`` are `MigrationCallbacks`; fail with ``OSError(errno, text)``.
     """
 
     @property
@@ -95,243 +53,138 @@ class Emulator(Protocol):
 
     def transition(self, state: MigState) -> None: ...
 
-    def read_data(self, size: int) -> bytes: ...
+    def read_data(self, size: int) -> Buffer: ...
 
     def write_data(self, data: memoryview) -> int: ...
 
-    def region_read(self, index: int, offset: int, count: int) -> bytes: ...
+    def region_read(self, index: int, offset: int, count: int) -> Buffer: ...
 
     def region_write(self, index: int, offset: int, data: memoryview) -> int: ...
 
     def reset(self) -> None: ...
 
 
-@dataclass(slots=True)
-class Session:
-    """What one connection negotiated; a new connection starts a new session."""
+def _legacy_regions(emulator: Emulator) -> dict[int, Region]:
+    def region(index: int, size: int) -> Region:
+        def read(offset: int, count: int) -> Buffer:
+            return emulator.region_read(index, offset, count)
 
-    negotiated: bool = False
-    client_max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
+        def write(offset: int, data: memoryview) -> None:
+            if emulator.region_write(index, offset, data) != len(data):
+                raise OSError(errno.EINVAL, f"region {index} write was partial")
 
+        return Region(size, read=read, write=write)
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The answer to one request: a reply body, or an errno; ``close`` ends the connection."""
-
-    body: Packable | None = None
-    errno: int | None = None
-    close: bool = False
-
-
-def _fail(errno: int, *, close: bool = False) -> Outcome:
-    return Outcome(errno=errno, close=close)
-
-
-def _os_errno(exc: OSError) -> int:
-    return exc.errno if exc.errno is not None and exc.errno > 0 else _errno.EIO
+    return {i: region(i, size) for i, size in enumerate(emulator.region_sizes)}
 
 
 class VfioUserDevice:
-    """One emulated device behind a vfio-user socket; outlives its connections.
+    """One emulated device behind a vfio-user socket.
 
     Args:
-        emulator: the callbacks.
-        max_data_xfer_size: advertised to clients; bounds region access counts, and,
-            with the header overhead, the size of every message accepted.
-        migration_flags: the DEVICE_FEATURE MIGRATION answer (libvfio-user: STOP_COPY |
-            PRE_COPY).
+        emulator: an `Emulator` (migration-only devices); or build from the parts below.
+        pci: the config space; the device then has PCI's 9 regions (7 is config).
+        regions: index -> `Region`.
+        irqs: vectors per `IrqIndex`; ``on_irq_mask`` hears MASK / UNMASK.
+        migration: the migration callbacks (none: DEVICE_FEATURE answers EINVAL).
+        reset: called with a `ResetReason` on DEVICE_RESET and, if
+            ``reset_on_disconnect``, when a client goes away (libvfio-user always does
+            that; here it is the emulator's choice, off by default so that a migrated
+            state survives the loading client).
+        max_data_xfer_size: advertised; bounds region access and message sizes.
+        max_msg_fds / max_dma_regions: limits advertised / enforced.
     """
 
     def __init__(
         self,
-        emulator: Emulator,
+        emulator: Emulator | None = None,
         *,
-        max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        pci: PciConfig | None = None,
+        regions: Mapping[int, Region] | None = None,
+        irqs: Mapping[IrqIndex, int] | None = None,
+        on_irq_mask: MaskCallback | None = None,
+        migration: MigrationCallbacks | None = None,
         migration_flags: int = MIGRATION_STOP_COPY | MIGRATION_PRE_COPY,
-        max_msg_fds: int = 8,
+        reset: Callable[[ResetReason], None] | None = None,
+        reset_on_disconnect: bool = False,
+        max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        max_msg_fds: int = DEFAULT_MAX_MSG_FDS,
+        max_dma_regions: int = MAX_REGIONS,
     ) -> None:
         if max_data_xfer_size < 1:
             raise ValueError(f"max_data_xfer_size {max_data_xfer_size} is below 1")
         self.emulator = emulator
+        self.regions: dict[int, Region] = dict(regions or {})
+        if emulator is not None:
+            self.regions = {**_legacy_regions(emulator), **self.regions}
+            migration = migration or emulator
+            if reset is None:
+                reset = lambda _reason: emulator.reset()  # noqa: E731
+        self.pci = pci
+        self.num_regions = max(self.regions, default=-1) + 1
+        if pci is not None:
+            if CONFIG_REGION in self.regions:
+                raise ValueError(f"region {CONFIG_REGION} is the PCI config space")
+            if self.num_regions > NUM_REGIONS:
+                raise ValueError(f"a PCI device has {NUM_REGIONS} regions, not {self.num_regions}")
+            pci.build(
+                {i: r.size for i, r in self.regions.items()},
+                intx=bool((irqs or {}).get(IrqIndex.INTX)),
+            )
+            self.regions[CONFIG_REGION] = Region(pci.size, read=pci.read, write=pci.write)
+            self.num_regions = NUM_REGIONS
+        self.irqs = Irqs(irqs or {}, on_mask=on_irq_mask)
+        self.dma = Dma(max_regions=max_dma_regions)
+        self.migration = None if migration is None else Migration(migration, flags=migration_flags)
+        self.reset_callback = reset
+        self.reset_on_disconnect = reset_on_disconnect
         self.max_data_xfer_size = max_data_xfer_size
-        self.migration_flags = migration_flags
         self.max_msg_fds = max_msg_fds
-        self.state = MigState.RUNNING
+        self.pgsize = DEFAULT_PGSIZE
+        #: The largest dirty bitmap in a DMA_UNMAP reply (it must fit one message).
+        self.max_bitmap_size = max_data_xfer_size
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> MigState:
+        """The migration state (RUNNING for a device without migration)."""
+        return MigState.RUNNING if self.migration is None else self.migration.state
 
     @property
     def max_msg_size(self) -> int:
         """The largest message accepted: the data limit plus headers (VERSION fits too)."""
         return max(self.max_data_xfer_size, 4096) + MESSAGE_OVERHEAD
 
-    def handle(self, session: Session, msg: Message) -> Outcome:
-        """Execute one request and say what to answer."""
-        if not session.negotiated:
-            return self._version(session, msg)
-        if isinstance(msg.body, Malformed):
-            return _fail(_errno.EINVAL)
-        if self.state in (MigState.STOP, MigState.STOP_COPY) and (
-            msg.command not in ALLOWED_WHEN_STOPPED
-        ):
-            return _fail(_errno.EINVAL)
-        body = msg.body
-        match body:
-            case DeviceFeature():
-                return self._feature(body)
-            case MigDataWrite():
-                return self._mig_write(session, body)
-            case MigDataRead():
-                return self._mig_read(session, body)
-            case RegionRead():
-                return self._region_read(body)
-            case RegionWrite():
-                return self._region_write(body)
-            case RegionInfo():
-                return self._region_info(body)
-            case Empty() if msg.command == Command.DEVICE_RESET:
-                return self._reset()
-            case _:  # a second VERSION, DMA_MAP, IRQs, ...: not supported here
-                return _fail(_errno.EINVAL)
+    def do_reset(self, reason: ResetReason) -> None:
+        """Run the reset callback, then put the migration state back to RUNNING."""
+        if self.reset_callback is not None:
+            self.reset_callback(reason)
+        if self.migration is not None:
+            self.migration.reset()
 
-    # ------------------------------------------------------------------ VERSION
-
-    def _version(self, session: Session, msg: Message) -> Outcome:
-        # Like libvfio-user's tran_negotiate: the first message must be a good VERSION,
-        # otherwise the client gets EINVAL and is dropped.
-        body = msg.body
-        if not isinstance(body, Version) or body.major != MAJOR:
-            return _fail(_errno.EINVAL, close=True)
-        caps = body.capabilities or Capabilities()
-        if caps.max_msg_fds is not None and caps.max_msg_fds > 1024:
-            return _fail(_errno.EINVAL, close=True)
-        session.client_max_data_xfer_size = caps.data_xfer_limit
-        session.negotiated = True
-        reply = Version(
-            MAJOR,
-            min(body.minor, MINOR),
-            Capabilities(
-                max_msg_fds=self.max_msg_fds,
-                max_data_xfer_size=self.max_data_xfer_size,
-                pgsizes=DEFAULT_PGSIZE,
-                migration=MigrationCaps(pgsize=DEFAULT_PGSIZE),
-            ),
-        )
-        return Outcome(body=reply)
-
-    # ------------------------------------------------------------------ DEVICE_FEATURE
-
-    def _feature(self, req: DeviceFeature) -> Outcome:
-        ops = req.flags & ~FEATURE_MASK
-        supported = _FEATURE_OPS.get(req.feature, 0)
-        if not supported or ops & ~supported or not ops:
-            return _fail(_errno.EINVAL)
-        if ops & FEATURE_PROBE:
-            return Outcome(body=req)
-        if ops == FEATURE_GET:
-            if req.argsz < FEATURE_HEADER_SIZE + 8:
-                return _fail(_errno.EINVAL)
-            if req.feature == FEATURE_MIGRATION:
-                return Outcome(body=DeviceFeature.migration_reply(req, self.migration_flags))
-            return Outcome(body=DeviceFeature.state_reply(req, self.state))
-        if ops != FEATURE_SET or len(req.data) < 8:
-            return _fail(_errno.EINVAL)
-        raw = req.device_state()
-        if raw not in MigState._value2member_map_:
-            return _fail(_errno.EINVAL)
-        target = MigState(raw)
-        while self.state != target:
-            step = _fsm.next_step(self.state, target)
-            if step is None:
-                return _fail(_errno.EINVAL)
+    def disconnected(self) -> list[int]:
+        """A client went away: its DMA mappings and eventfds go (returned for closing);
+        the device resets if it asked to. Emulator errors propagate."""
+        self.dma.messenger = None
+        self.dma.unmap_all()
+        self.dma.logging_stop()
+        fds = self.irqs.reset()
+        if self.reset_on_disconnect:
             try:
-                self.emulator.transition(step)
-            except OSError as exc:
-                return _fail(_os_errno(exc))
-            self.state = step
-        return Outcome(body=req)
+                self.do_reset(ResetReason.LOST_CONNECTION)
+            except OSError:
+                pass  # nobody is left to tell
+        return fds
 
-    # ------------------------------------------------------------------ MIG_DATA_*
+    # ------------------------------------------------------------------ requests
 
-    def _mig_write(self, session: Session, req: MigDataWrite) -> Outcome:
-        if self.state != MigState.RESUMING:
-            return _fail(_errno.EINVAL)
-        if req.size > session.client_max_data_xfer_size:
-            return _fail(_errno.EINVAL)
-        if req.argsz < MIG_DATA_HEADER_SIZE + req.size:
-            return _fail(_errno.EINVAL)
-        try:
-            taken = self.emulator.write_data(memoryview(req.data))
-        except OSError as exc:
-            return _fail(_os_errno(exc))
-        if taken != req.size:
-            return _fail(_errno.EINVAL)
-        return Outcome(body=Empty())
+    def handle(self, session: Session, command: int, payload: memoryview, fds: list[int]) -> Reply:
+        """Execute one request. The handler takes the fds it keeps out of ``fds`` (the
+        caller closes what is left); the reply's ``parts`` may view ``payload``.
 
-    def _mig_read(self, session: Session, req: MigDataRead) -> Outcome:
-        if self.state not in (MigState.PRE_COPY, MigState.STOP_COPY):
-            return _fail(_errno.EINVAL)
-        if req.size > session.client_max_data_xfer_size or req.size > self.max_data_xfer_size:
-            return _fail(_errno.EINVAL)
-        if req.argsz < MIG_DATA_HEADER_SIZE + req.size:
-            return _fail(_errno.EINVAL)
-        try:
-            data = self.emulator.read_data(req.size)
-        except OSError as exc:
-            return _fail(_os_errno(exc))
-        if len(data) > req.size:
-            return _fail(_errno.EINVAL)
-        return Outcome(body=MigDataReadReply.of(bytes(data)))
-
-    # ------------------------------------------------------------------ regions, reset
-
-    def _check_region(self, index: int, offset: int, count: int) -> int | None:
-        sizes = self.emulator.region_sizes
-        if count > self.max_data_xfer_size or index >= len(sizes):
-            return _errno.EINVAL
-        if offset + count > sizes[index] or self.state == MigState.STOP_COPY:
-            return _errno.EINVAL
-        return None
-
-    def _region_read(self, req: RegionRead) -> Outcome:
-        err = self._check_region(req.region, req.offset, req.count)
-        if err is not None:
-            return _fail(err)
-        try:
-            data = self.emulator.region_read(req.region, req.offset, req.count)
-        except OSError as exc:
-            return _fail(_os_errno(exc))
-        if len(data) != req.count:
-            return _fail(_errno.EINVAL)
-        return Outcome(body=RegionReadReply(req.region, req.offset, req.count, bytes(data)))
-
-    def _region_write(self, req: RegionWrite) -> Outcome:
-        err = self._check_region(req.region, req.offset, len(req.data))
-        if err is not None:
-            return _fail(err)
-        try:
-            n = self.emulator.region_write(req.region, req.offset, memoryview(req.data))
-        except OSError as exc:
-            return _fail(_os_errno(exc))
-        if n != len(req.data):
-            return _fail(_errno.EINVAL)
-        return Outcome(body=RegionWriteReply(req.region, req.offset, n))
-
-    def _region_info(self, req: RegionInfo) -> Outcome:
-        sizes = self.emulator.region_sizes
-        if req.argsz < REGION_INFO_SIZE or req.index >= len(sizes):
-            return _fail(_errno.EINVAL)
-        return Outcome(
-            body=RegionInfo(
-                argsz=REGION_INFO_SIZE,
-                index=req.index,
-                flags=REGION_FLAG_READ | REGION_FLAG_WRITE,
-                size=sizes[req.index],
-            )
-        )
-
-    def _reset(self) -> Outcome:
-        try:
-            self.emulator.reset()
-        except OSError as exc:
-            return _fail(_os_errno(exc))
-        self.state = MigState.RUNNING
-        return Outcome(body=Empty())
+        Raises:
+            OSError: the errno to answer with.
+            CloseConnection: answer, then drop the client.
+        """
+        return _handlers.handle(self, session, command, payload, fds)

@@ -1,62 +1,124 @@
-"""A trio vfio-user server for Python device emulators.
+"""The trio vfio-user server: sockets, fds and framing around `VfioUserDevice.handle`.
 
-``serve_vfio_user(path, device)`` listens on a UNIX socket and serves one client at a time,
-as libvfio-user does; further clients wait in the listen backlog. The device (its
-migration state and its emulator) outlives every connection, so a client can disconnect
-and another one pick up where it left, as the spec asks of servers.
+``serve_vfio_user(path, device)`` listens on a UNIX socket and serves one client at a
+time; a client that connects while another is served is accepted and closed at once
+(with a log line), not left waiting in the backlog. When a client goes away its DMA
+mappings and eventfds are dropped (and the device reset, if it asked for that) and the
+next client is served. The device outlives every connection.
+
+One connection is one task that receives with ``recvmsg_into`` into a buffer of its own:
+fds arrive with the bytes they were sent with (SCM_RIGHTS) and go to the message whose
+header starts in that read; a request's payload is handed to the handler as a view of
+the buffer (a MIG_DATA_WRITE body reaches ``write_data`` without a copy). Requests are
+handled and answered in the order they arrive, so a client may pipeline them. Replies
+to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
+`Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
+import errno
+import itertools
 import logging
 import os
 import socket
-from typing import NoReturn
+import struct
+from collections.abc import Sequence
+from typing import Final
 
 import trio
 
-from vfiomig.vfio_user._device import Emulator, Session, VfioUserDevice
-from vfiomig.vfio_user._messages import ProtocolError, command_name
-from vfiomig.vfio_user._protocol import ServerConnection
+from vfiomig.vfio_user._device import Emulator, VfioUserDevice
+from vfiomig.vfio_user._messages import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER,
+    HEADER_SIZE,
+    command_name,
+)
+from vfiomig.vfio_user._regions import Buffer
+from vfiomig.vfio_user._session import CloseConnection, Session
 
 log = logging.getLogger("vfiomig.vfio_user")
 
-_RECEIVE_SIZE = 256 * 1024
+#: Room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever truncated
+#: into a leak, all are closed unless a handler keeps them.
+_ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
+_RECV_WINDOW: Final = 64 * 1024
+#: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
+DMA_REPLY_TIMEOUT: Final = 10.0
+
+
+_staging_ids = itertools.count()
+
+
+class ConnectionLost(Exception):
+    """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
 
 
 async def serve_vfio_user(
     path: str | os.PathLike[str],
     device: VfioUserDevice | Emulator,
     *,
-    backlog: int = 8,
+    once: bool = False,
     task_status: trio.TaskStatus[VfioUserDevice] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Serve ``device`` on a new UNIX socket at ``path`` until cancelled.
+) -> None:
+    """Serve ``device`` on a new UNIX socket at ``path``: until cancelled, or with
+    ``once`` until the first client has gone (as libvfio-user's samples do).
 
-    ``device`` may be a bare emulator; it is then wrapped in a `VfioUserDevice` with the
-    default limits. ``task_status.started`` reports the `VfioUserDevice` once the socket
-    listens. The socket file is removed on exit.
+    ``device`` may be a bare `Emulator`; it is then wrapped in a `VfioUserDevice`.
+    ``task_status.started`` reports the `VfioUserDevice` once the socket listens. The
+    socket file is removed on exit.
 
-    Cancellation: the usual way to stop the server; a connection being served is closed.
+    Cancellation: the usual way to stop; a connection being served is closed (its DMA
+    mappings and eventfds are released as on a disconnect).
     """
     if not isinstance(device, VfioUserDevice):
         device = VfioUserDevice(device)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = os.fspath(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The socket appears at ``path`` only once it listens (bound under a temporary name,
+    # then renamed): a client that connects as soon as the file exists, as libvfio-user's
+    # samples/client does, is never refused.
+    staging = os.path.join(os.path.dirname(path), f".vu{os.getpid()}-{next(_staging_ids)}")
     try:
-        await sock.bind(path)
-        sock.listen(backlog)
-        listener = trio.SocketListener(sock)
+        await sock.bind(staging)
+        sock.listen(8)
+        os.link(staging, path)  # EEXIST if the path is taken, as bind would say
+        os.unlink(staging)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
         raise
     try:
-        async with listener:
+        with sock:
             task_status.started(device)
-            while True:
-                stream = await listener.accept()
-                async with stream:
-                    await serve_vfio_user_connection(stream, device)
+            async with trio.open_nursery() as nursery:
+                busy = False
+
+                async def serve(client: trio.socket.SocketType) -> None:
+                    nonlocal busy
+                    try:
+                        with client:
+                            await serve_vfio_user_connection(client, device)
+                    finally:
+                        busy = False
+                        if once:
+                            nursery.cancel_scope.cancel()
+
+                while True:
+                    client, _ = await sock.accept()
+                    if busy:
+                        log.warning("vfio-user %s: refusing a client, one is being served", path)
+                        client.close()
+                        continue
+                    busy = True
+                    nursery.start_soon(serve, client)
     finally:
         try:
             os.unlink(path)
@@ -64,39 +126,291 @@ async def serve_vfio_user(
             pass
 
 
-async def serve_vfio_user_connection(stream: trio.abc.Stream, device: VfioUserDevice) -> None:
-    """Serve one client on ``stream`` until it disconnects or breaks the protocol.
+async def serve_vfio_user_connection(sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
+    """Serve one client on a connected UNIX stream socket until it goes away.
 
-    Returns normally in both cases (a misbehaving client is logged and dropped; the
-    device keeps its state). Errors in the emulator other than ``OSError`` propagate.
+    Returns normally when the client disconnects or breaks the framing (logged; the
+    device keeps its state, minus the client's DMA mappings and eventfds). Emulator
+    exceptions other than ``OSError`` propagate. Cancellation: closes nothing but what
+    this connection owns.
     """
-    conn = ServerConnection(max_msg_size=device.max_msg_size)
-    session = Session()
+    conn = _Connection(sock, device)
+    device.dma.messenger = conn.request
     try:
-        while True:
-            msg = conn.next_request()
-            if msg is None:
-                if conn.closed:
-                    return
-                conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
-                continue
-            outcome = device.handle(session, msg)
-            if not msg.header.no_reply:
-                if outcome.errno is not None:
-                    await stream.send_all(conn.error(msg, outcome.errno))
-                else:
-                    assert outcome.body is not None
-                    await stream.send_all(conn.reply(msg, outcome.body.pack()))
-            if outcome.errno is not None:
-                log.debug(
-                    "vfio-user: %s msg_id %d failed with errno %d",
-                    command_name(msg.command),
-                    msg.msg_id,
-                    outcome.errno,
-                )
-            if outcome.close:
-                return
-    except ProtocolError as exc:
+        with conn.sock:
+            await conn.run()
+    except ConnectionLost as exc:
         log.warning("vfio-user: dropping the client: %s", exc)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("vfio-user: client went away: %r", exc)
+    finally:
+        conn.fail_pending()
+        for fd in device.disconnected():
+            os.close(fd)
+
+
+class _Connection:
+    def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
+        # A non-blocking stdlib twin of the socket: a syscall is tried first and trio is
+        # only asked to wait when it would block (trio's socket methods add a scheduler
+        # round per call, two thirds of a REGION_READ's cost).
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno()))
+        self.sock.setblocking(False)
+        self.calls = 0
+        self.device = device
+        self.session = Session()
+        self.buf = bytearray(device.max_msg_size + 64 * 1024)
+        self.view = memoryview(self.buf)
+        self.start = 0  # the next message starts here
+        self.end = 0  # bytes received up to here
+        self.base = 0  # stream offset of buf[0]
+        self.fd_chunks: list[tuple[int, int, list[int]]] = []  # (stream start, end, fds)
+        self.skip = 0  # payload bytes of an oversized message still to drop
+        self.wanted = HEADER_SIZE  # bytes the message at ``start`` needs in all
+        self.send_lock = trio.StrictFIFOLock()
+        self.next_id = 0
+        self.pending: dict[int, _Pending] = {}  # the server's own requests, by msg_id
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive(self) -> bool:
+        """Read more bytes (and fds); False at the end of the stream."""
+        if self.start == self.end:
+            self.base += self.start
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < 4096:
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start : self.end]
+            self.base += self.start
+            self.start, self.end = 0, n
+        # A window of what the current message still needs (at least 64 KiB): recvmsg_into
+        # into a whole 1 MiB buffer costs ~140 us more per call than into 64 KiB.
+        want = max(_RECV_WINDOW, self.wanted - (self.end - self.start))
+        window = self.view[self.end : min(len(self.buf), self.end + want)]
+        self.calls += 1
+        if self.calls % 64 == 0:
+            await trio.lowlevel.checkpoint()  # let the emulator's tasks run under load
+        while True:
+            try:
+                nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], _ANC_SIZE)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+        fds = _fds_of(ancdata)
+        if fds:
+            at = self.base + self.end
+            self.fd_chunks.append((at, at + max(nbytes, 1), fds))
+        if flags & socket.MSG_CTRUNC:
+            raise ConnectionLost("ancillary data was truncated")
+        self.end += nbytes
+        return nbytes > 0
+
+    def _take_fds(self, at: int) -> list[int]:
+        """The fds that came with the read the message at stream offset ``at`` starts in;
+        fds of reads in which no message started are closed."""
+        if not self.fd_chunks:
+            return []
+        taken: list[int] = []
+        keep: list[tuple[int, int, list[int]]] = []
+        for chunk in self.fd_chunks:
+            start, end, fds = chunk
+            if start <= at < end:
+                taken += fds
+            elif end <= at:
+                _close_all(fds)
+            else:
+                keep.append(chunk)
+        self.fd_chunks = keep
+        return taken
+
+    async def run(self) -> None:
+        while True:
+            if self.skip:
+                drop = min(self.skip, self.end - self.start)
+                self.start += drop
+                self.skip -= drop
+            elif self.end - self.start >= HEADER_SIZE:
+                msg_id, command, size, flags, error_no = HEADER.unpack_from(self.buf, self.start)
+                if size < HEADER_SIZE:
+                    raise ConnectionLost(
+                        f"{command_name(command)} message size {size} is below {HEADER_SIZE}"
+                    )
+                if size > self.device.max_msg_size:
+                    await self._oversized(msg_id, command, size, flags)
+                    continue
+                self.wanted = size
+                if self.end - self.start >= size:
+                    self.wanted = HEADER_SIZE
+                    at = self.start
+                    fds = self._take_fds(self.base + at)
+                    payload = self.view[at + HEADER_SIZE : at + size]
+                    self.start += size
+                    try:
+                        if flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
+                            _close_all(fds)
+                            self._deliver(msg_id, command, flags, error_no, payload)
+                        else:
+                            await self._request(msg_id, command, flags, payload, fds)
+                    finally:
+                        payload.release()
+                    continue
+            if not await self._receive():
+                if self.end != self.start or self.skip:
+                    raise ConnectionLost(
+                        f"client closed inside a message ({self.end - self.start} bytes buffered)"
+                    )
+                return
+
+    async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
+        _close_all(self._take_fds(self.base + self.start))
+        have = min(self.end - self.start, size)
+        self.start += have
+        self.skip = size - have
+        log.debug(
+            "vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size
+        )
+        if not flags & (FLAG_NO_REPLY | FLAG_TYPE_MASK):
+            await self._send(msg_id, command, [], [], errno.EINVAL)
+
+    async def _request(
+        self, msg_id: int, command: int, flags: int, payload: memoryview, fds: list[int]
+    ) -> None:
+        close = False
+        try:
+            reply = self.device.handle(self.session, command, payload, fds)
+        except OSError as exc:
+            code = exc.errno if exc.errno and exc.errno > 0 else errno.EIO
+            log.debug("vfio-user: %s msg_id %d failed: %s", command_name(command), msg_id, exc)
+            parts: Sequence[Buffer] = []
+            out_fds: list[int] = []
+            error: int | None = code
+        except CloseConnection as exc:
+            log.warning("vfio-user: dropping the client: %s", exc)
+            parts, out_fds, error, close = [], [], exc.errno, True
+        else:
+            parts, out_fds, error = reply.parts, reply.fds, None
+        finally:
+            _close_all(fds)
+        if not flags & FLAG_NO_REPLY:
+            await self._send(msg_id, command, parts, out_fds, error, reply=True)
+        if close:
+            raise ConnectionLost("negotiation failed")
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(
+        self,
+        msg_id: int,
+        command: int,
+        parts: Sequence[Buffer],
+        fds: Sequence[int],
+        error: int | None,
+        *,
+        reply: bool = True,
+    ) -> None:
+        size = HEADER_SIZE
+        for part in parts:
+            size += part.nbytes if isinstance(part, memoryview) else len(part)
+        flags = (FLAG_TYPE_REPLY if reply else 0) | (FLAG_ERROR if error is not None else 0)
+        head = HEADER.pack(msg_id, command, size, flags, error or 0)
+        buffers: list[Buffer] = [head, *parts]
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        try:  # the lock is only ever held across a wait for room in the socket
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
+            while True:
+                try:
+                    sent = self.sock.sendmsg(buffers, anc)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+            if sent < size:
+                rest = memoryview(b"".join(bytes(b) for b in buffers))[sent:]
+                while rest:
+                    try:
+                        rest = rest[self.sock.send(rest) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(self.sock)
+        finally:
+            self.send_lock.release()
+
+    async def request(self, command: int, payload: bytes) -> bytes:
+        """Send a DMA_READ / DMA_WRITE to the client and wait for its reply payload.
+
+        Raises:
+            OSError: the client's errno, ENOTCONN if it went away, ETIMEDOUT after
+                `DMA_REPLY_TIMEOUT` seconds. Cancellation: the reply is ignored.
+        """
+        while self.next_id in self.pending:
+            self.next_id = (self.next_id + 1) & 0xFFFF
+        msg_id = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        waiter = _Pending(command)
+        self.pending[msg_id] = waiter
+        try:
+            await self._send(msg_id, command, [payload], [], None, reply=False)
+            with trio.move_on_after(DMA_REPLY_TIMEOUT):
+                await waiter.event.wait()
+        finally:
+            del self.pending[msg_id]
+        result = waiter.result
+        if result is None:
+            raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
+        if isinstance(result, int):
+            raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
+        return result
+
+    def _deliver(
+        self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
+    ) -> None:
+        waiter = self.pending.get(msg_id)
+        if waiter is None or waiter.result is not None or waiter.command != command:
+            raise ConnectionLost(
+                f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
+            )
+        error = error_no if 0 < error_no < 4096 else errno.EIO
+        waiter.result = error if flags & FLAG_ERROR else bytes(payload)
+        waiter.event.set()
+
+    def fail_pending(self) -> None:
+        for waiter in self.pending.values():
+            if waiter.result is None:  # a reply that arrived stays (its task has not run yet)
+                waiter.result = errno.ENOTCONN
+                waiter.event.set()
+        for _, _, fds in self.fd_chunks:
+            _close_all(fds)
+        self.fd_chunks = []
+
+
+class _Pending:
+    """One DMA_READ / DMA_WRITE waiting for the client's reply (payload or errno)."""
+
+    __slots__ = ("command", "event", "result")
+
+    def __init__(self, command: int) -> None:
+        self.command = command
+        self.event = trio.Event()
+        self.result: bytes | int | None = None
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += struct.unpack(f"={usable // 4}i", data[:usable])
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    fds.clear()

@@ -1,0 +1,226 @@
+"""vfiomig's Python vfio-user server against libvfio-user's C server, on the same client.
+
+    .venv/bin/python -m benchmarks.vfio_user_server [--reads N] [--dma K] [--rounds R]
+
+Both servers expose the same device: BAR0 of 4 KiB answers reads, and a write of a u32
+K to it makes the server do K DMA reads of 4 KiB from the client's first DMA region
+(DMA_READ messages, the client answers with the data). The C server is
+``benchmarks/vfio_user/bench_server.c`` on libvfio-user (built with
+``../shared/tools/build-libvfio-user`` via tests/libvfio_user.py); the Python server is
+this module with ``--serve``. The client is one blocking Python socket loop, the same
+for both, so its cost is in both figures (the ratio understates the servers' gap).
+
+Measured per operation: a 4-byte REGION_READ round trip, and one 4 KiB DMA_READ (from
+the server's request to the client's reply arriving and being consumed by the server,
+timed at the client over K of them). Reported as microseconds and Python / C ratio,
+the best of R rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEADER = struct.Struct("=HHIII")
+ACCESS = struct.Struct("=QII")
+DMA_ACCESS = struct.Struct("=QQ")
+IOVA = 0x100000
+HERE = Path(__file__).resolve().parent
+
+
+class Client:
+    """A blocking vfio-user client that answers the server's DMA_READs from a buffer."""
+
+    def __init__(self, path: str) -> None:
+        for _ in range(100):  # the socket file exists a moment before it listens
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                time.sleep(0.02)
+        self.buf = bytearray(1 << 20)
+        self.view = memoryview(self.buf)
+        self.guest = bytes(range(256)) * 16
+        caps = b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576}}\0'
+        self.call(1, struct.pack("=HH", 0, 2) + caps)
+        self.call(2, struct.pack("=IIQQQ", 32, 3, 0, IOVA, 4096))  # DMA_MAP, no fd
+
+    def _recv_exact(self, n: int) -> memoryview:
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(self.view[got:n])
+            if not k:
+                raise EOFError("server closed the connection")
+            got += k
+        return self.view[:n]
+
+    def receive(self) -> tuple[int, int, int, int, bytes]:
+        msg_id, command, size, flags, error = HEADER.unpack(self._recv_exact(16))
+        body = bytes(self._recv_exact(size - 16)) if size > 16 else b""
+        return msg_id, command, flags, error, body
+
+    def call(self, command: int, payload: bytes) -> bytes:
+        self.sock.sendall(HEADER.pack(7, command, 16 + len(payload), 0, 0) + payload)
+        _, got, flags, error, body = self.receive()
+        if flags & 0x20 or got != command:
+            raise OSError(error, f"command {command} failed")
+        return body
+
+    def region_reads(self, n: int) -> float:
+        request = HEADER.pack(9, 9, 16 + ACCESS.size, 0, 0) + ACCESS.pack(0, 0, 4)
+        start = time.perf_counter()
+        for _ in range(n):
+            self.sock.sendall(request)
+            self._recv_exact(16 + ACCESS.size + 4)
+        return (time.perf_counter() - start) / n
+
+    def dma_reads(self, k: int) -> float:
+        write = (
+            HEADER.pack(10, 10, 16 + ACCESS.size + 4, 0, 0)
+            + ACCESS.pack(0, 0, 4)
+            + struct.pack("=I", k)
+        )
+        start = time.perf_counter()
+        self.sock.sendall(write)
+        answered, replied = 0, False
+        while answered < k or not replied:
+            msg_id, command, size, flags, error = HEADER.unpack(self._recv_exact(16))
+            body = self._recv_exact(size - 16)
+            if command == 11 and not flags & 1:  # the server's DMA_READ
+                addr, count = DMA_ACCESS.unpack(body)
+                offset = addr - IOVA
+                reply = HEADER.pack(msg_id, 11, 16 + 16 + count, 1, 0) + DMA_ACCESS.pack(
+                    addr, count
+                )
+                self.sock.sendall(reply + self.guest[offset : offset + count])
+                answered += 1
+            elif command == 10:
+                if flags & 0x20:
+                    raise OSError(error, "the DMA trigger write failed")
+                replied = True
+        return (time.perf_counter() - start) / k
+
+
+def build_c_server(work: Path) -> tuple[Path, dict[str, str]]:
+    sys.path.insert(0, str(HERE.parent))
+    from tests.libvfio_user import build
+
+    lvu = build()
+    exe = work / "bench_server"
+    subprocess.run(
+        ["gcc", "-O2", "-o", str(exe), str(HERE / "vfio_user" / "bench_server.c"),
+         f"-I{lvu.source / 'include'}", f"-L{lvu.libdir}", "-lvfio-user"],
+        check=True,
+    )  # fmt: skip
+    return exe, lvu.env()
+
+
+def start(cmd: list[str], path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    for _ in range(400):
+        if path.exists():
+            return proc
+        time.sleep(0.025)
+    proc.kill()
+    raise RuntimeError(f"{cmd[0]} did not create {path}")
+
+
+def measure(
+    clients: dict[str, Client], reads: int, dma: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Best of ``rounds`` per server; the servers take turns within each round, so that
+    both see the same machine load (the ratio is the figure to trust on a busy host)."""
+    best = {name: {"region_read_us": float("inf"), "dma_read_us": float("inf")} for name in clients}
+    for client in clients.values():  # warm up
+        client.region_reads(min(reads, 1000))
+        client.dma_reads(min(dma, 200))
+    for _ in range(rounds):
+        for name, client in clients.items():
+            best[name]["region_read_us"] = min(
+                best[name]["region_read_us"], client.region_reads(reads) * 1e6
+            )
+            best[name]["dma_read_us"] = min(best[name]["dma_read_us"], client.dma_reads(dma) * 1e6)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=5000)
+    parser.add_argument("--dma", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve", metavar="SOCK", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        import trio
+
+        trio.run(serve_python, args.serve)
+        return
+    with tempfile.TemporaryDirectory(prefix="vub", dir="/tmp") as tmp:
+        work = Path(tmp)
+        exe, env = build_c_server(work)
+        python = [sys.executable, "-m", "benchmarks.vfio_user_server", "--serve"]
+        procs = [
+            start([str(exe), str(work / "c.sock")], work / "c.sock", env),
+            start([*python, str(work / "python.sock")], work / "python.sock"),
+        ]
+        try:
+            clients = {name: Client(str(work / f"{name}.sock")) for name in ("c", "python")}
+            results = measure(clients, args.reads, args.dma, args.rounds)
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+    ratios = {key: results["python"][key] / results["c"][key] for key in results["c"]}
+    if args.json:
+        print(json.dumps({"results": results, "python_over_c": ratios}))
+        return
+    print(f"{'operation':<28}{'C (us)':>10}{'Python (us)':>13}{'Python/C':>10}")
+    for key, label in (
+        ("region_read_us", "REGION_READ 4 B round trip"),
+        ("dma_read_us", "DMA_READ 4 KiB"),
+    ):
+        print(
+            f"{label:<28}{results['c'][key]:>10.1f}{results['python'][key]:>13.1f}{ratios[key]:>10.2f}"
+        )
+
+
+async def serve_python(path: str) -> None:
+    import trio
+
+    from vfiomig.vfio_user import PciConfig, Region, VfioUserDevice, serve_vfio_user
+
+    async with trio.open_nursery() as nursery:
+
+        async def dma_reads(k: int) -> None:
+            (region,) = device.dma.regions
+            sgs = device.dma.translate(region.iova, 4096)
+            try:
+                for _ in range(k):
+                    await device.dma.read(sgs)
+            except OSError:
+                pass  # the client went away
+
+        def bar0_write(offset: int, data: memoryview) -> None:
+            nursery.start_soon(dma_reads, int.from_bytes(data[:4], "little"))
+
+        device = VfioUserDevice(
+            pci=PciConfig(0x4E58, 0x0001),
+            regions={0: Region(4096, read=lambda offset, count: b"\x5a" * count, write=bar0_write)},
+        )
+        await serve_vfio_user(path, device)
+
+
+if __name__ == "__main__":
+    os.chdir(HERE.parent)
+    main()

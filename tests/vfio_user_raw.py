@@ -1,0 +1,123 @@
+"""A raw vfio-user client for tests: any bytes, any fds (SCM_RIGHTS), both directions."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+from vfiomig.vfio_user._messages import Capabilities, Command, Version
+from vfiomig.vfio_user._protocol import HEADER
+
+FLAG_REPLY = 0x1
+FLAG_ERROR = 0x20
+
+
+@dataclass
+class Received:
+    msg_id: int
+    command: int
+    flags: int
+    errno: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & FLAG_ERROR)
+
+
+class RawClient:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        self.next_id = 1
+
+    @classmethod
+    async def connect(
+        cls, path: str, *, version: bool = True, caps: Capabilities | None = None
+    ) -> RawClient:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(path)
+        raw = cls(sock)
+        if version:
+            got = await raw.call(Command.VERSION, Version(0, 2, caps or Capabilities()).pack())
+            assert not got.is_error, got
+        return raw
+
+    async def send(
+        self,
+        command: int,
+        payload: bytes,
+        fds: list[int] | tuple[int, ...] = (),
+        *,
+        msg_id: int | None = None,
+        flags: int = 0,
+        size: int | None = None,
+    ) -> int:
+        if msg_id is None:
+            msg_id, self.next_id = self.next_id, (self.next_id + 1) & 0xFFFF
+        head = HEADER.pack(msg_id, command, 16 + len(payload) if size is None else size, flags, 0)
+        data = head + payload
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        sent = await self.sock.sendmsg([data], anc)
+        while sent < len(data):
+            sent += await self.sock.send(data[sent:])
+        return msg_id
+
+    async def receive(self) -> Received:
+        """The next whole message; EOFError if the server closed."""
+        while True:
+            if len(self.buf) >= 16:
+                msg_id, command, size, flags, error_no = HEADER.unpack_from(self.buf)
+                if len(self.buf) >= size:
+                    payload = bytes(self.buf[16:size])
+                    del self.buf[:size]
+                    fds, self.fds = self.fds, []
+                    return Received(msg_id, command, flags, error_no, payload, fds)
+            data, anc, _, _ = await self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self.fds += list(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) // 4 * 4]))
+            if not data:
+                raise EOFError
+            self.buf += data
+
+    async def call(
+        self, command: int, payload: bytes, fds: list[int] | tuple[int, ...] = ()
+    ) -> Received:
+        msg_id = await self.send(command, payload, fds)
+        got = await self.receive()
+        assert got.msg_id == msg_id and got.command == command, got
+        return got
+
+    async def errno_of(
+        self, command: int, payload: bytes, fds: list[int] | tuple[int, ...] = ()
+    ) -> int:
+        got = await self.call(command, payload, fds)
+        for fd in got.fds:
+            os.close(fd)
+        return got.errno if got.is_error else 0
+
+    async def reply(self, request: Received, payload: bytes, *, error: int = 0) -> None:
+        flags = FLAG_REPLY | (FLAG_ERROR if error else 0)
+        head = HEADER.pack(request.msg_id, request.command, 16 + len(payload), flags, error)
+        await self.sock.send(head + payload)
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def open_fds() -> int:
+    """How many fds this process has open."""
+    return len(os.listdir("/proc/self/fd"))

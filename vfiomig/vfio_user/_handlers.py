@@ -1,0 +1,433 @@
+"""The per-command rules of the server (libvfio-user's ``handle_*``), sans-IO.
+
+Each handler checks every length, offset, count, index and flag before use, and raises
+``OSError(errno)`` for the error reply. Reply sizes are libvfio-user's to the byte: its
+client reads replies with MSG_WAITALL into buffers sized for them, so a reply longer or
+shorter than libvfio-user's would break its framing.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from vfiomig.vfio_user._messages import (
+    FEATURE_GET,
+    FEATURE_MASK,
+    FEATURE_MIG_DEVICE_STATE,
+    FEATURE_MIGRATION,
+    FEATURE_PROBE,
+    FEATURE_SET,
+    MAJOR,
+    NO_DATA_FD,
+    Capabilities,
+    Command,
+    MigrationCaps,
+    MigState,
+    ProtocolError,
+    Version,
+)
+from vfiomig.vfio_user._session import (
+    CLIENT_MAX_FDS_LIMIT,
+    MINOR,
+    CloseConnection,
+    Reply,
+    ResetReason,
+    Session,
+)
+from vfiomig.vfio_user._wire import (
+    BITMAP,
+    DEVICE_FLAGS_PCI,
+    DEVICE_FLAGS_RESET,
+    DEVICE_INFO,
+    DMA_MAP,
+    DMA_UNMAP,
+    FEATURE_DMA_LOGGING_REPORT,
+    FEATURE_DMA_LOGGING_START,
+    FEATURE_DMA_LOGGING_STOP,
+    IO_FDS,
+    IRQ_INFO,
+    LOGGING_CONTROL,
+    LOGGING_RANGE,
+    LOGGING_REPORT,
+    REGION_FLAG_CAPS,
+    REGION_FLAG_MMAP,
+    REGION_INFO,
+    UNMAP_FLAG_ALL,
+    UNMAP_FLAG_GET_DIRTY_BITMAP,
+    DmaMap,
+    DmaUnmap,
+    IrqSet,
+    bitmap_size,
+    sparse_mmap_cap,
+    sparse_mmap_cap_size,
+    unpack,
+)
+
+if TYPE_CHECKING:
+    from vfiomig.vfio_user._device import VfioUserDevice
+
+_HEAD: Final = struct.Struct("=II")  # argsz, flags (DEVICE_FEATURE) / argsz, size (MIG_DATA)
+_ACCESS: Final = struct.Struct("=QII")  # offset, region, count
+_STATE: Final = struct.Struct("=II")
+_U64: Final = struct.Struct("=Q")
+
+#: Commands executed while the device is in STOP or STOP_COPY (libvfio-user).
+ALLOWED_WHEN_STOPPED: Final = frozenset(
+    {Command.REGION_READ, Command.REGION_WRITE, Command.DEVICE_FEATURE, Command.MIG_DATA_READ}
+)
+
+
+def _einval(text: str) -> OSError:
+    return OSError(errno.EINVAL, text)
+
+
+def _reply(*parts: bytes | bytearray | memoryview, fds: list[int] | None = None) -> Reply:
+    return Reply(list(parts), fds or [])
+
+
+def handle(
+    dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
+) -> Reply:
+    if not session.negotiated:
+        return _version(dev, session, command, payload, fds)
+    if command == Command.VERSION:
+        raise _einval("a second VERSION")
+    migration = dev.migration
+    if migration is not None and migration.stopped and command not in ALLOWED_WHEN_STOPPED:
+        raise _einval(f"command {command} in {migration.state.name}")
+    handler = _HANDLERS.get(command)
+    if handler is None:
+        raise _einval(f"command {command} is not supported")
+    try:
+        return handler(dev, session, payload, fds)
+    except ProtocolError as exc:  # a short payload
+        raise _einval(exc.message) from None
+
+
+def _version(
+    dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
+) -> Reply:
+    # libvfio-user's tran_negotiate: the first message must be a good VERSION, or the
+    # client gets EINVAL and is dropped.
+    if command != Command.VERSION or fds:
+        raise CloseConnection(
+            errno.EINVAL, f"first message is command {command} with {len(fds)} fds, not VERSION"
+        )
+    try:
+        req = Version.unpack(payload)
+    except ProtocolError as exc:
+        raise CloseConnection(errno.EINVAL, exc.message) from None
+    caps = req.capabilities or Capabilities()
+    if req.major != MAJOR:
+        raise CloseConnection(errno.EINVAL, f"version major {req.major} (ours {MAJOR})")
+    if caps.max_msg_fds is not None and caps.max_msg_fds > CLIENT_MAX_FDS_LIMIT:
+        raise CloseConnection(
+            errno.EINVAL, f"client max_msg_fds {caps.max_msg_fds} (max {CLIENT_MAX_FDS_LIMIT})"
+        )
+    session.client_max_data_xfer_size = caps.data_xfer_limit
+    session.client_max_msg_fds = 1 if caps.max_msg_fds is None else caps.max_msg_fds
+    session.negotiated = True
+    dev.dma.client_max_xfer = session.client_max_data_xfer_size
+    mig = None
+    if dev.migration is not None:
+        mig = MigrationCaps(pgsize=dev.pgsize, max_bitmap_size=dev.max_bitmap_size)
+    ours = Capabilities(
+        max_msg_fds=dev.max_msg_fds,
+        max_data_xfer_size=dev.max_data_xfer_size,
+        pgsizes=dev.pgsize,
+        migration=mig,
+    )
+    return _reply(Version(MAJOR, min(req.minor, MINOR), ours).pack())
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _device_info(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    argsz = unpack(DEVICE_INFO, payload, "device info")[0]
+    if argsz < DEVICE_INFO.size:
+        raise _einval(f"device info argsz {argsz} (min {DEVICE_INFO.size})")
+    flags = DEVICE_FLAGS_RESET | (DEVICE_FLAGS_PCI if dev.pci is not None else 0)
+    return _reply(DEVICE_INFO.pack(DEVICE_INFO.size, flags, dev.num_regions, 5))
+
+
+def _region_info(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    argsz, _flags, index = unpack(REGION_INFO, payload, "region info")[:3]
+    if argsz < REGION_INFO.size:
+        raise _einval(f"region info argsz {argsz} (min {REGION_INFO.size})")
+    if index >= dev.num_regions:
+        raise _einval(f"region info index {index} (max {dev.num_regions - 1})")
+    region = dev.regions.get(index)
+    if region is None or region.size == 0:
+        return _reply(REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
+    flags = region.flags
+    mappable = region.memory is not None and bool(region.areas) and session.client_max_msg_fds >= 1
+    caps = sparse_mmap_cap_size(len(region.areas)) if mappable else 0
+    full = REGION_INFO.size + caps
+    if not mappable or argsz < full:
+        if mappable:
+            flags |= REGION_FLAG_MMAP
+        head = REGION_INFO.pack(full, flags, index, 0, region.size, 0)
+        return _reply(head)
+    assert region.memory is not None
+    head = REGION_INFO.pack(
+        full, flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS, index, REGION_INFO.size, region.size, 0
+    )
+    return _reply(head, sparse_mmap_cap(region.areas), fds=[region.memory.fd])
+
+
+def _region_io_fds(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    argsz, flags, index, count = unpack(IO_FDS, payload, "region io fds")
+    if flags or count:
+        raise _einval(f"region io fds flags {flags:#x} count {count} (both 0)")
+    region = dev.regions.get(index) if index < dev.num_regions else None
+    if region is None or not region.flags:
+        raise _einval(f"region io fds index {index} is not a region")
+    if not IO_FDS.size <= argsz <= dev.max_data_xfer_size:
+        raise _einval(f"region io fds argsz {argsz} (min {IO_FDS.size})")
+    return _reply(IO_FDS.pack(IO_FDS.size, 0, index, 0))  # no ioeventfds: "none"
+
+
+def _irq_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+    argsz, _flags, index, _count = unpack(IRQ_INFO, payload, "irq info")
+    if argsz < IRQ_INFO.size:
+        raise _einval(f"irq info argsz {argsz} (min {IRQ_INFO.size})")
+    flags, count = dev.irqs.info(index)
+    return _reply(IRQ_INFO.pack(IRQ_INFO.size, flags, index, count))
+
+
+def _set_irqs(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+    req = IrqSet.unpack(payload)
+    given = list(fds)
+    released = dev.irqs.set_irqs(req, given)
+    kept = set(given) - set(released)
+    fds[:] = [fd for fd in fds if fd not in kept] + [fd for fd in released if fd not in given]
+    return _reply()
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def _region_access(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int], write: bool
+) -> Reply:
+    # The hot path of an emulator: checks first, error text only when one fails.
+    if len(payload) < _ACCESS.size:
+        raise _einval(f"region access payload of {len(payload)} bytes (min {_ACCESS.size})")
+    offset, index, count = _ACCESS.unpack_from(payload)
+    region = dev.regions.get(index) if index < dev.num_regions else None
+    carried = len(payload) - _ACCESS.size
+    if (
+        region is None
+        or count > dev.max_data_xfer_size
+        or offset + count > region.size
+        or (write and carried != count)
+        or (dev.migration is not None and dev.migration.state == MigState.STOP_COPY)
+    ):
+        what = f"region {index} {'write' if write else 'read'} {offset:#x}+{count:#x}"
+        if region is None:
+            raise _einval(f"{what}: no such region")
+        if count > dev.max_data_xfer_size:
+            raise _einval(f"{what}: count (max {dev.max_data_xfer_size:#x})")
+        if offset + count > region.size:
+            raise _einval(f"{what}: past the end ({region.size:#x})")
+        if write and carried != count:
+            raise _einval(f"{what}: carries {carried} bytes")
+        raise _einval(f"{what}: device in STOP_COPY")
+    if count == 0:
+        return _reply()
+    head = payload[: _ACCESS.size]
+    if write:
+        region.do_write(offset, payload[_ACCESS.size :])
+        return Reply([head], [])
+    return Reply([head, region.do_read(offset, count)], [])
+
+
+def _region_read(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    return _region_access(dev, session, payload, fds, False)
+
+
+def _region_write(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    return _region_access(dev, session, payload, fds, True)
+
+
+# --------------------------------------------------------------------------- DMA
+
+
+def _dma_map(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+    req = DmaMap.unpack(payload)
+    if req.argsz < DMA_MAP.size:
+        raise _einval(f"dma map argsz {req.argsz} (min {DMA_MAP.size})")
+    if len(fds) > 1:
+        raise _einval(f"dma map with {len(fds)} fds (max 1)")
+    dev.dma.map(req.addr, req.size, req.offset, req.flags, fds[0] if fds else None)
+    return _reply()
+
+
+def _dma_unmap(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+    req = DmaUnmap.unpack(payload)
+    head = payload[: DMA_UNMAP.size]
+    what = f"dma unmap {req.addr:#x}+{req.size:#x} flags {req.flags:#x}"
+    if req.flags not in (0, UNMAP_FLAG_ALL, UNMAP_FLAG_GET_DIRTY_BITMAP):
+        raise _einval(f"{what}: unknown flags")
+    min_argsz = DMA_UNMAP.size
+    if req.bitmap is not None:
+        pgsize, size = req.bitmap
+        if size > dev.max_bitmap_size:
+            raise _einval(f"{what}: bitmap size {size} (max {dev.max_bitmap_size})")
+        min_argsz += BITMAP.size + size
+    if not min_argsz <= req.argsz <= dev.max_data_xfer_size + DMA_UNMAP.size + BITMAP.size:
+        raise _einval(f"{what}: argsz {req.argsz} (min {min_argsz})")
+    if req.flags == UNMAP_FLAG_ALL:
+        if req.addr or req.size:
+            raise _einval(f"{what}: ALL with a range")
+        dev.dma.unmap_all()
+        return _reply(head)
+    region = dev.dma.find_exact(req.addr, req.size)
+    if req.bitmap is None:
+        dev.dma.unmap(region)
+        return _reply(head)
+    pgsize, size = req.bitmap
+    bitmap = dev.dma.dirty_bitmap(req.addr, req.size, pgsize, size)
+    dev.dma.unmap(region)
+    return _reply(head, BITMAP.pack(pgsize, size), bitmap)
+
+
+def _reset(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+    dev.do_reset(ResetReason.DEVICE_RESET)
+    return _reply()
+
+
+# --------------------------------------------------------------------------- DEVICE_FEATURE
+
+_OPS: Final = {
+    FEATURE_MIGRATION: FEATURE_GET | FEATURE_PROBE,
+    FEATURE_MIG_DEVICE_STATE: FEATURE_GET | FEATURE_SET | FEATURE_PROBE,
+    FEATURE_DMA_LOGGING_START: FEATURE_SET | FEATURE_PROBE,
+    FEATURE_DMA_LOGGING_STOP: FEATURE_SET | FEATURE_PROBE,
+    FEATURE_DMA_LOGGING_REPORT: FEATURE_GET | FEATURE_PROBE,
+}
+
+
+def _feature(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
+    argsz, flags = unpack(_HEAD, payload, "device feature")
+    feature, ops = flags & FEATURE_MASK, flags & ~FEATURE_MASK
+    supported = _OPS.get(feature, 0) if dev.migration is not None else 0
+    if not supported or flags & supported != ops:
+        raise _einval(f"device feature {feature} flags {flags:#x} (supported {supported:#x})")
+    data = payload[_HEAD.size :]
+    if ops == FEATURE_GET:
+        return _feature_get(dev, argsz, flags, data)
+    if ops != FEATURE_SET and not ops & FEATURE_PROBE:
+        raise _einval(f"device feature {feature} flags {flags:#x}: no single operation")
+    if argsz < len(payload):
+        raise _einval(f"device feature {feature} argsz {argsz} (min {len(payload)})")
+    if ops == FEATURE_SET:
+        _feature_set(dev, feature, data)
+    return _reply(payload)
+
+
+def _feature_get(dev: VfioUserDevice, argsz: int, flags: int, data: memoryview) -> Reply:
+    assert dev.migration is not None
+    feature = flags & FEATURE_MASK
+    if feature == FEATURE_DMA_LOGGING_REPORT:
+        iova, length, pgsize = unpack(LOGGING_REPORT, data, "dma logging report")
+        if pgsize == 0 or length < pgsize or length > 1 << 63:
+            raise _einval(f"dma logging report {iova:#x}+{length:#x} page {pgsize:#x}")
+        size = bitmap_size(length, pgsize)
+        total = _HEAD.size + LOGGING_REPORT.size + size
+        if argsz < total or size > dev.max_data_xfer_size:
+            raise _einval(f"dma logging report argsz {argsz} (min {total})")
+        bitmap = dev.dma.dirty_bitmap(iova, length, pgsize, size)
+        return _reply(_HEAD.pack(total, flags), data[: LOGGING_REPORT.size], bitmap)
+    total = _HEAD.size + 8
+    if argsz < total:
+        raise _einval(f"device feature {feature} argsz {argsz} (min {total})")
+    if feature == FEATURE_MIGRATION:
+        return _reply(_HEAD.pack(total, flags), _U64.pack(dev.migration.flags))
+    return _reply(_HEAD.pack(total, flags), _STATE.pack(dev.migration.state, NO_DATA_FD))
+
+
+def _feature_set(dev: VfioUserDevice, feature: int, data: memoryview) -> None:
+    assert dev.migration is not None
+    if feature == FEATURE_MIG_DEVICE_STATE:
+        dev.migration.set_state(unpack(_STATE, data, "device state")[0])
+    elif feature == FEATURE_DMA_LOGGING_START:
+        pgsize, nranges, _ = unpack(LOGGING_CONTROL, data, "dma logging control")
+        room = (len(data) - LOGGING_CONTROL.size) // LOGGING_RANGE.size
+        if nranges > room:
+            raise _einval(f"dma logging start with {nranges} ranges (carries {room})")
+        ranges = [
+            LOGGING_RANGE.unpack_from(data, LOGGING_CONTROL.size + i * LOGGING_RANGE.size)
+            for i in range(nranges)
+        ]
+        dev.dma.logging_start(pgsize, ranges)
+    else:
+        dev.dma.logging_stop()
+
+
+# --------------------------------------------------------------------------- MIG_DATA
+
+
+def _mig_data_read(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    argsz, size = unpack(_HEAD, payload, "mig data read")
+    if dev.migration is None:
+        raise _einval("mig data read: no migration")
+    if size > session.client_max_data_xfer_size or size > dev.max_data_xfer_size:
+        raise _einval(
+            f"mig data read size {size} (max {min(session.client_max_data_xfer_size, dev.max_data_xfer_size)})"
+        )
+    if argsz < _HEAD.size + size:
+        raise _einval(f"mig data read argsz {argsz} (min {_HEAD.size + size})")
+    data = dev.migration.read(size)
+    pad = len(payload) - _HEAD.size + size - len(data)  # libvfio-user's reply size
+    return _reply(_HEAD.pack(_HEAD.size + len(data), len(data)), data, bytes(pad))
+
+
+def _mig_data_write(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    argsz, size = unpack(_HEAD, payload, "mig data write")
+    if dev.migration is None:
+        raise _einval("mig data write: no migration")
+    if size > session.client_max_data_xfer_size:
+        raise _einval(f"mig data write size {size} (max {session.client_max_data_xfer_size})")
+    if argsz < _HEAD.size + size or len(payload) < _HEAD.size + size:
+        raise _einval(
+            f"mig data write size {size} argsz {argsz} carries {len(payload) - _HEAD.size}"
+        )
+    dev.migration.write(payload[_HEAD.size : _HEAD.size + size])
+    return _reply()
+
+
+_Handler = Callable[["VfioUserDevice", Session, memoryview, list[int]], Reply]
+_HANDLERS: Final[dict[int, _Handler]] = {
+    Command.DEVICE_GET_INFO: _device_info,
+    Command.DEVICE_GET_REGION_INFO: _region_info,
+    Command.DEVICE_GET_REGION_IO_FDS: _region_io_fds,
+    Command.DEVICE_GET_IRQ_INFO: _irq_info,
+    Command.DEVICE_SET_IRQS: _set_irqs,
+    Command.REGION_READ: _region_read,
+    Command.REGION_WRITE: _region_write,
+    Command.DMA_MAP: _dma_map,
+    Command.DMA_UNMAP: _dma_unmap,
+    Command.DEVICE_RESET: _reset,
+    Command.DEVICE_FEATURE: _feature,
+    Command.MIG_DATA_READ: _mig_data_read,
+    Command.MIG_DATA_WRITE: _mig_data_write,
+}

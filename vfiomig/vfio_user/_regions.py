@@ -1,0 +1,116 @@
+"""Device regions: what REGION_READ/WRITE reach and what GET_REGION_INFO describes.
+
+A `Region` is a size plus the emulator's access callbacks, optionally backed by
+`SharedMemory` (a memfd the server mmaps and hands to the client with GET_REGION_INFO, so
+that the client may mmap the areas listed in ``mmap_areas``, the sparse-mmap capability).
+A region with memory and no callbacks is served from that memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vfiomig.vfio_user._wire import REGION_FLAG_READ, REGION_FLAG_WRITE
+
+Buffer = bytes | bytearray | memoryview
+#: ``read(offset, count)`` returns exactly ``count`` bytes.
+ReadCallback = Callable[[int, int], Buffer]
+#: ``write(offset, data)`` takes every byte of ``data`` (a view valid during the call).
+WriteCallback = Callable[[int, memoryview], None]
+
+
+class SharedMemory:
+    """``size`` bytes of memfd memory, mapped here and shareable with the client.
+
+    ``view`` is the server's mapping. `close` releases the fd and the mapping.
+    """
+
+    def __init__(self, size: int, name: str = "vfio-user-region") -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"shared memory size {size:#x} (a multiple of {mmap.PAGESIZE:#x})")
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._map)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.view.release()
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(slots=True)
+class Region:
+    """One region of the device.
+
+    Args:
+        size: bytes; REGION_READ/WRITE past it are EINVAL before any callback runs.
+        read / write: the access callbacks (fail with ``OSError(errno, text)``); a
+            missing one makes that access EINVAL, unless ``memory`` serves it.
+        memory: backing the client may mmap (``mmap_areas``: offset/size pairs inside
+            the region, page aligned; default: the whole region).
+        writable / readable: the flags GET_REGION_INFO reports.
+    """
+
+    size: int
+    read: ReadCallback | None = None
+    write: WriteCallback | None = None
+    memory: SharedMemory | None = None
+    mmap_areas: Sequence[tuple[int, int]] | None = None
+    readable: bool = True
+    writable: bool = True
+    areas: list[tuple[int, int]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or self.size >= 1 << 32:
+            raise ValueError(f"region size {self.size:#x} (max {(1 << 32) - 1:#x})")
+        if self.memory is None:
+            if self.mmap_areas:
+                raise ValueError("mmap areas need shared memory")
+            return
+        if self.memory.size < self.size:
+            raise ValueError(f"region memory of {self.memory.size:#x} bytes for {self.size:#x}")
+        areas = list(self.mmap_areas) if self.mmap_areas is not None else [(0, self.memory.size)]
+        for off, length in areas:
+            if length <= 0 or (off | length) % mmap.PAGESIZE or off + length > self.memory.size:
+                raise ValueError(
+                    f"mmap area {off:#x}+{length:#x} of a {self.memory.size:#x} region"
+                )
+        self.areas = areas
+
+    @property
+    def flags(self) -> int:
+        return (REGION_FLAG_READ if self.readable else 0) | (
+            REGION_FLAG_WRITE if self.writable else 0
+        )
+
+    def do_read(self, offset: int, count: int) -> Buffer:
+        if self.read is not None:
+            data = self.read(offset, count)
+            if len(data) != count:
+                raise OSError(
+                    errno.EINVAL, f"region read returned {len(data)} bytes (expected {count})"
+                )
+            return data
+        if self.memory is not None and self.readable:
+            return self.memory.view[offset : offset + count]
+        raise OSError(errno.EINVAL, "region is not readable")
+
+    def do_write(self, offset: int, data: memoryview) -> None:
+        if self.write is not None:
+            self.write(offset, data)
+        elif self.memory is not None and self.writable:
+            self.memory.view[offset : offset + len(data)] = data
+        else:
+            raise OSError(errno.EINVAL, "region is not writable")

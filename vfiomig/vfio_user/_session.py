@@ -1,0 +1,50 @@
+"""What the server's request handlers share: the session, the reply, the reasons."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Final
+
+from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE
+
+Buffer = bytes | bytearray | memoryview
+
+#: libvfio-user's ``LIB_VFIO_USER_MINOR``.
+MINOR: Final = 2
+#: libvfio-user's SERVER_MAX_FDS.
+DEFAULT_MAX_MSG_FDS: Final = 8
+#: The most fds a client may say it accepts (VFIO_USER_CLIENT_MAX_MSG_FDS_LIMIT).
+CLIENT_MAX_FDS_LIMIT: Final = 1024
+
+
+class ResetReason(enum.Enum):
+    """Why the reset callback runs."""
+
+    DEVICE_RESET = "device-reset"  # the client sent DEVICE_RESET
+    LOST_CONNECTION = "lost-connection"  # the client went away (see reset_on_disconnect)
+
+
+@dataclass(slots=True)
+class Session:
+    """What one connection negotiated; a new connection starts a new session."""
+
+    negotiated: bool = False
+    client_max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
+    client_max_msg_fds: int = 1
+
+
+@dataclass(slots=True)
+class Reply:
+    """The answer to one request: payload parts, fds to attach (borrowed, not closed)."""
+
+    parts: list[Buffer] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+
+class CloseConnection(Exception):
+    """Reply with ``errno`` and then drop the client (a bad first VERSION)."""
+
+    def __init__(self, errno_: int, text: str) -> None:
+        super().__init__(text)
+        self.errno = errno_
