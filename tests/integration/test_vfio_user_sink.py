@@ -15,6 +15,7 @@ import trio
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._core._wire import wrap_config
 from vfiomig.cli._specs import open_sink, open_source
+from tests.integration.test_sinks import failed_migration
 from vfiomig.vfio_user import (
     BarDevice,
     MigState,
@@ -156,28 +157,69 @@ async def test_abort_retries_the_reset_on_a_new_connection() -> None:
     assert emu.resets == 1
 
 
-async def test_no_write_reaches_the_device_after_a_failed_one() -> None:
-    # By default one write is in flight: the device never takes bytes past a gap.
-    class Flaky(Recorder):
-        failed = False
+class Flaky(Recorder):
+    """Refuses the write that starts at stream offset ``fail_at`` with EIO, once."""
 
-        def write_data(self, data: memoryview) -> int:
-            if len(self.received) == 3 * LIMIT and not self.failed:
-                self.failed = True
-                raise OSError(errno.EIO, "once")
-            return super().write_data(data)
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.failed = False
+        self.resets = 0
 
-    emu = Flaky()
+    def write_data(self, data: memoryview) -> int:
+        if len(self.received) == self.fail_at and not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, "once")
+        return super().write_data(data)
+
+    def reset(self) -> None:
+        self.resets += 1
+        self.received.clear()
+
+
+async def test_a_write_refused_mid_pipeline_fails_the_stream_and_abort_resets() -> None:
+    # Writes in flight behind the refused one reach the device (the server keeps taking
+    # writes), so the device must never leave RESUMING through STOP: abort resets it.
+    emu = Flaky(3 * LIMIT)
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
     with trio.fail_after(5):
-        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
-            sink = VfioUserSink(path)
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path, window=8)
             await sink.start()
-            with pytest.raises(SinkError, match="failed with errno 5"):
+            sink.note_batch(10, 14)
+            with pytest.raises(SinkError) as info:
                 await sink.write([pattern(8 * LIMIT)])
+                sink.note_batch(14, 15)
+                await sink.write([pattern(LIMIT)])
                 await sink.finish()
+            assert device.state == MigState.RESUMING
             await sink.abort()
             await sink.aclose()
-    assert bytes(emu.received) == pattern(8 * LIMIT)[: 3 * LIMIT]
+    err = info.value
+    assert (err.errno, err.idx) == (errno.EIO, 10)
+    text = str(err)
+    assert f"MIG_DATA_WRITE ({LIMIT} bytes at stream offset {3 * LIMIT}, data of idx 10..13)" in text
+    assert "failed with errno 5 (Input/output error)" in text
+    assert "writes were in flight behind it" in text
+    assert emu.failed and emu.resets == 1 and device.state == MigState.RUNNING
+    assert emu.transitions == [MigState.STOP, MigState.RESUMING]  # never STOP again
+    assert not emu.received  # the reset dropped what got past the gap
+
+
+async def test_the_loader_reports_the_refused_writes_idx() -> None:
+    # Through a receive session: the error line names the device and the idx whose data
+    # the refused write carried (the loader may be writing later idx when it sees it).
+    emu = Flaky(2 * LIMIT)
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    async with serving(device) as (path,):
+        sink = VfioUserSink(path, window=64)
+        err = await failed_migration(sink, size=16 * LIMIT, packet_size=LIMIT)
+    assert err is not None
+    assert err.startswith("d/0: ") and f"vfio-user {path}: MIG_DATA_WRITE" in err
+    assert f"({LIMIT} bytes at stream offset {2 * LIMIT}, data of idx 2..2)" in err
+    assert "failed with errno 5 (Input/output error)" in err
+    assert emu.resets == 1 and device.state == MigState.RUNNING
+    assert emu.transitions == [MigState.STOP, MigState.RESUMING]
 
 
 async def test_sink_error_reply_names_command_and_errno() -> None:
@@ -202,6 +244,7 @@ async def test_sink_error_reply_names_command_and_errno() -> None:
     text = str(info.value)
     assert text.startswith(f"vfio-user {path}: MIG_DATA_WRITE")
     assert f"at stream offset {2 * LIMIT}) failed with errno 28 (No space left on device)" in text
+    assert "; 2 writes were in flight behind it (0 taken, 2 refused)" in text
     assert device.state == MigState.RUNNING  # abort reset the device
 
 
@@ -345,7 +388,7 @@ async def test_sink_server_closing_mid_request() -> None:
     assert info.value.errno == errno.ECONNRESET
 
 
-async def test_cancelled_write_marks_the_client_broken() -> None:
+async def test_a_cancelled_write_sends_nothing_and_leaves_the_client_in_step() -> None:
     emu = Recorder()
     with trio.fail_after(5):
         async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
@@ -354,11 +397,11 @@ async def test_cancelled_write_marks_the_client_broken() -> None:
             with trio.CancelScope() as scope:
                 scope.cancel()
                 await sink.write([b"x" * 10])
-            assert sink.client.broken
-            with pytest.raises(SinkError, match="unusable after an earlier error"):
-                await sink.write([b"y"])
-            await sink.abort()
+            assert not sink.client.broken
+            await sink.write([b"y"])
+            await sink.finish()
             await sink.aclose()
+    assert bytes(emu.received) == b"y"
 
 
 def test_specs_build_vfio_user_sink_and_source() -> None:

@@ -1,0 +1,496 @@
+"""Pipelined MIG_DATA_WRITE and MIG_DATA_READ on a client's non-blocking UNIX socket.
+
+The vfio-user spec lets a client pipeline commands; the server processes them in the
+order received. Both pipelines keep up to ``window`` requests in flight, make their
+syscalls directly on the socket (no trio wakeup per message; a checkpoint every
+`CHECKPOINT_BYTES`), and match replies to requests by ``msg_id``.
+
+Writes: each MIG_DATA_WRITE goes out in one ``sendmsg`` (header, then the caller's
+buffers, never copied). A write whose reply is an ERROR fails the stream: nothing is
+sent after the reply is seen, the writes already in flight behind it are collected and
+counted, and `WriteFailed` names the failed write (stream offset, size, the idx its
+data came from) and errno. While a large write is blocked on a full socket the replies
+are still read, so a refusal is seen at once, not after the send timeout.
+
+Reads: MIG_DATA_READs of ``size`` bytes each; the data comes back in request order and
+ends at the first reply carrying 0 bytes; data after that end is a protocol error.
+
+Every wait is bounded by ``timeout``; a timeout or a broken socket raises `SinkError`,
+bytes that break the protocol raise `ProtocolError`. Cancellation: a cancel between
+messages leaves the connection in step (replies still owed are collected by `flush`); a
+cancel inside a partly sent message marks the pipeline ``broken``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from vfiomig._core._errors import SinkError
+from vfiomig.vfio_user._messages import (
+    FLAG_ERROR,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER,
+    HEADER_SIZE,
+    MIG_DATA_HEADER_SIZE,
+    Command,
+    ProtocolError,
+    command_name,
+)
+
+#: Bytes moved between two trio checkpoints, so other tasks keep running.
+CHECKPOINT_BYTES: Final = 1024 * 1024
+_DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
+_MIG_SIZES: Final = struct.Struct("=II")
+_WRITE: Final = int(Command.MIG_DATA_WRITE)
+_READ: Final = int(Command.MIG_DATA_READ)
+
+
+def describe_errno(errno: int) -> str:
+    """``errno 5 (Input/output error)``; ``no errno`` for 0."""
+    if errno == 0:
+        return "no errno"
+    try:
+        return f"errno {errno} ({os.strerror(errno)})"
+    except ValueError:
+        return f"errno {errno}"
+
+
+@dataclass(slots=True)
+class _Write:
+    seq: int  # 0 for the pipeline's first write
+    offset: int
+    size: int
+    tag: tuple[int, int] | None
+    errno: int = 0  # set when its ERROR reply came
+
+
+class VfioUserCommandError(SinkError):
+    """The server answered a command with an ERROR reply.
+
+    Attributes:
+        command: the command number; ``errno``: the server's errno (None if it sent 0).
+    """
+
+    def __init__(
+        self, message: str, *, command: int, errno: int | None, idx: int | None = None
+    ) -> None:
+        super().__init__(message, errno=errno, idx=idx)
+        self.command = command
+
+
+class WriteFailed(VfioUserCommandError):
+    """A MIG_DATA_WRITE got an ERROR reply; ``idx`` is the first idx its data came from."""
+
+
+class _Pipe:
+    """The socket, the receive buffer and the reply parsing both pipelines share."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        where: str,
+        *,
+        timeout: float,
+        window: int,
+        buffer_size: int = 256 * 1024,
+    ) -> None:
+        if window < 1 or window > 0x8000:
+            raise ValueError(f"window {window} is not within 1..32768")
+        self.sock = sock
+        self.where = where
+        self.timeout = timeout
+        self.window = window
+        self.broken = False
+        self._next_id = 0
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # parsed up to here
+        self._end = 0  # received up to here
+        self._eof = False
+
+    def _new_id(self) -> int:
+        msg_id = self._next_id
+        self._next_id = (msg_id + 1) & 0xFFFF
+        return msg_id
+
+    def _fail(self, exc: SinkError) -> SinkError:
+        self.broken = True
+        return exc
+
+    def _protocol(self, text: str) -> ProtocolError:
+        self.broken = True
+        return ProtocolError(f"{self.where}: {text}")
+
+    def _room(self, need: int) -> None:
+        """Make room for a message of ``need`` bytes after the parsed ones."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        if len(self._buf) - self._start < need:
+            tail = self._end - self._start
+            self._buf[:tail] = self._view[self._start : self._end]
+            self._start, self._end = 0, tail
+            if len(self._buf) < need:
+                self._view.release()
+                self._buf.extend(bytes(need - len(self._buf)))
+                self._view = memoryview(self._buf)
+
+    def _receive_nowait(self) -> bool:
+        """Receive what the socket holds (without blocking); False if nothing came."""
+        if self._end == len(self._buf):
+            self._room(len(self._buf) // 2 + 1)
+        try:
+            n = self.sock.recv_into(self._view[self._end :])
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise self._fail(
+                SinkError(f"{self.where}: receiving a reply failed ({exc})", errno=exc.errno)
+            ) from exc
+        if n == 0:
+            self._eof = True
+            raise self._fail(
+                SinkError(
+                    f"{self.where}: server closed the connection with {self.pending} "
+                    "replies outstanding",
+                    errno=_errno.ECONNRESET,
+                )
+            )
+        self._end += n
+        return True
+
+    def _next_reply(self, command: int) -> tuple[int, int, memoryview] | None:
+        """The next whole reply to ``command`` as (msg_id, errno or -1, payload), or None."""
+        avail = self._end - self._start
+        if avail < HEADER_SIZE:
+            return None
+        msg_id, cmd, size, flags, error_no = HEADER.unpack_from(self._buf, self._start)
+        if size < HEADER_SIZE:
+            raise self._protocol(f"message size {size} is below the header size {HEADER_SIZE}")
+        if flags & FLAG_TYPE_MASK != FLAG_TYPE_REPLY or cmd != command:
+            raise self._protocol(
+                f"server sent {command_name(cmd)} msg_id {msg_id} with flags {flags:#x} "
+                f"while {command_name(command)} replies were outstanding"
+            )
+        if avail < size:
+            self._room(size)
+            return None
+        payload = self._view[self._start + HEADER_SIZE : self._start + size]
+        self._start += size
+        return msg_id, (error_no if flags & FLAG_ERROR else -1), payload
+
+    async def _wait(self, what: str, waiter: Callable[[], Awaitable[object]]) -> None:
+        """Await ``waiter()`` within the timeout; a timeout names ``what``."""
+        try:
+            with trio.fail_after(self.timeout):
+                await waiter()
+        except trio.TooSlowError as exc:
+            raise self._fail(
+                SinkError(
+                    f"{self.where}: {what} took longer than {self.timeout:g} s "
+                    f"({self.pending} replies outstanding)",
+                    errno=_errno.ETIMEDOUT,
+                )
+            ) from exc
+
+    async def _wait_readable(self) -> None:
+        await self._wait("waiting for a reply", lambda: trio.lowlevel.wait_readable(self.sock))
+
+    @property
+    def pending(self) -> int:
+        raise NotImplementedError
+
+
+class WritePipeline(_Pipe):
+    """MIG_DATA_WRITEs with up to ``window`` in flight; see the module docstring."""
+
+    def __init__(self, sock: socket.socket, where: str, *, timeout: float, window: int) -> None:
+        super().__init__(sock, where, timeout=timeout, window=window)
+        self.offset = 0  # stream offset of the next byte to send
+        self._sent = 0  # writes sent
+        self._inflight: dict[int, _Write] = {}  # msg_id -> write
+        self._failed: list[_Write] = []
+        self._since_checkpoint = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def _collect(self) -> None:
+        """Match every whole reply received so far."""
+        while True:
+            reply = self._next_reply(_WRITE)
+            if reply is None:
+                return
+            msg_id, errno, _ = reply
+            write = self._inflight.pop(msg_id, None)
+            if write is None:
+                raise self._protocol(
+                    f"server sent a MIG_DATA_WRITE reply to msg_id {msg_id}, "
+                    "which is not outstanding"
+                )
+            if errno >= 0:
+                write.errno = errno
+                self._failed.append(write)
+
+    def _poll(self) -> None:
+        while self._receive_nowait():
+            pass
+        self._collect()
+
+    async def _one_more_reply(self) -> None:
+        before = len(self._inflight)
+        self._poll()
+        while len(self._inflight) == before:
+            await self._wait_readable()
+            self._poll()
+
+    async def write(
+        self, pieces: Sequence[memoryview], size: int, tag: tuple[int, int] | None
+    ) -> None:
+        """Send one MIG_DATA_WRITE of ``pieces`` (``size`` bytes in all); raise
+        `WriteFailed` instead if an earlier write was refused."""
+        if self.broken:
+            raise SinkError(f"{self.where}: connection is unusable after an earlier error")
+        while len(self._inflight) >= self.window and not self._failed:
+            await self._one_more_reply()
+        if self._failed:
+            await self.flush()
+        msg_id = self._new_id()
+        total = HEADER_SIZE + MIG_DATA_HEADER_SIZE + size
+        head = _DATA_HEAD.pack(msg_id, _WRITE, total, 0, 0, MIG_DATA_HEADER_SIZE + size, size)
+        await self._send([memoryview(head), *pieces], total)
+        self._inflight[msg_id] = _Write(self._sent, self.offset, size, tag)
+        self._sent += 1
+        self.offset += size
+        self._since_checkpoint += size
+        if self._since_checkpoint >= CHECKPOINT_BYTES:
+            self._since_checkpoint = 0
+            self._poll()
+            await trio.lowlevel.checkpoint()
+
+    async def _send(self, bufs: list[memoryview], total: int) -> None:
+        sent = 0
+        try:
+            while True:
+                try:
+                    n = self.sock.sendmsg(bufs)
+                except BlockingIOError:
+                    n = 0
+                sent += n
+                if sent == total:
+                    return
+                if n:
+                    bufs = _advance(bufs, n)
+                await self._wait_sendable()
+                if self._failed:
+                    if sent:  # abandoned inside a message: the stream is out of step
+                        self.broken = True
+                        raise self._failure()
+                    await self.flush()
+        except OSError as exc:
+            raise self._fail(
+                SinkError(f"{self.where}: sending MIG_DATA_WRITE failed ({exc})", errno=exc.errno)
+            ) from exc
+        except BaseException:
+            if sent:
+                self.broken = True  # inside a message: the stream is out of step
+            raise
+
+    async def _wait_sendable(self) -> None:
+        """Wait for room in the socket, reading replies meanwhile; returns early once an
+        ERROR reply came."""
+
+        async def replies(scope: trio.CancelScope) -> None:
+            while not self._failed:
+                await trio.lowlevel.wait_readable(self.sock)
+                self._poll()
+            scope.cancel()
+
+        async def room() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(replies, nursery.cancel_scope)
+                await trio.lowlevel.wait_writable(self.sock)
+                nursery.cancel_scope.cancel()
+
+        await self._wait("sending MIG_DATA_WRITE", room)
+
+    async def flush(self) -> None:
+        """Wait for the reply of every write in flight; then raise `WriteFailed` for the
+        first refused one (the writes behind it are counted in its message)."""
+        while self._inflight:
+            await self._one_more_reply()
+        if self._failed:
+            raise self._failure()
+
+    def _failure(self) -> WriteFailed:
+        first = min(self._failed, key=lambda w: w.seq)
+        behind = self._sent - first.seq - 1
+        refused = sum(1 for w in self._failed if w.seq > first.seq)
+        unanswered = len(self._inflight)
+        idx = "" if first.tag is None else f", data of idx {first.tag[0]}..{first.tag[1] - 1}"
+        text = (
+            f"{self.where}: MIG_DATA_WRITE ({first.size} bytes at stream offset "
+            f"{first.offset}{idx}) failed with {describe_errno(first.errno)}"
+        )
+        if behind:
+            counts = [f"{behind - refused - unanswered} taken", f"{refused} refused"]
+            if unanswered:
+                counts.append(f"{unanswered} unanswered")
+            text += f"; {behind} writes were in flight behind it ({', '.join(counts)})"
+        return WriteFailed(
+            text,
+            command=_WRITE,
+            idx=None if first.tag is None else first.tag[0],
+            errno=first.errno or None,
+        )
+
+
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """``bufs`` without their first ``n`` bytes."""
+    i = 0
+    while n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    return [bufs[i][n:], *bufs[i + 1 :]]
+
+
+class ReadPipeline(_Pipe):
+    """MIG_DATA_READs of ``size`` bytes with up to ``window`` in flight, until the device
+    returns 0 bytes; see the module docstring."""
+
+    def __init__(
+        self, sock: socket.socket, where: str, *, timeout: float, window: int, size: int
+    ) -> None:
+        buffer_size = 4 * (HEADER_SIZE + MIG_DATA_HEADER_SIZE + size)
+        super().__init__(sock, where, timeout=timeout, window=window, buffer_size=buffer_size)
+        self.size = size
+        self.ended = False  # a reply carried 0 bytes
+        self._order: dict[int, int] = {}  # msg_id -> request sequence, in flight
+        self._sent = 0
+        self._next = 0  # the sequence whose data comes next
+        self._early: dict[int, bytes] = {}  # data of replies that came before their turn
+        self.offset = 0  # stream bytes received in order
+        self._ready: list[bytes | memoryview] = []
+        self._request = _DATA_HEAD.pack(
+            0, _READ, HEADER_SIZE + MIG_DATA_HEADER_SIZE, 0, 0, MIG_DATA_HEADER_SIZE + size, size
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._order)
+
+    def _ask(self) -> bool:
+        """Send as many requests as the window and the socket take; False if none."""
+        asked = False
+        while not self.ended and len(self._order) < self.window:
+            msg_id = self._new_id()
+            request = bytearray(self._request)
+            struct.pack_into("=H", request, 0, msg_id)
+            try:
+                n = self.sock.send(request)
+            except BlockingIOError:
+                return asked
+            except OSError as exc:
+                raise self._fail(
+                    SinkError(f"{self.where}: sending MIG_DATA_READ failed ({exc})", errno=exc.errno)
+                ) from exc
+            if n != len(request):  # 24 bytes: only a broken socket splits them
+                raise self._fail(SinkError(f"{self.where}: MIG_DATA_READ sent in part"))
+            self._order[msg_id] = self._sent
+            self._sent += 1
+            asked = True
+        return asked
+
+    def _collect(self) -> None:
+        while True:
+            reply = self._next_reply(_READ)
+            if reply is None:
+                return
+            msg_id, errno, payload = reply
+            seq = self._order.pop(msg_id, None)
+            if seq is None:
+                raise self._protocol(
+                    f"server sent a MIG_DATA_READ reply to msg_id {msg_id}, "
+                    "which is not outstanding"
+                )
+            if errno >= 0:
+                self.broken = True
+                raise VfioUserCommandError(
+                    f"{self.where}: MIG_DATA_READ ({self.size} bytes at stream offset "
+                    f"{self.offset}) failed with {describe_errno(errno)}",
+                    command=_READ,
+                    errno=errno or None,
+                )
+            if len(payload) < MIG_DATA_HEADER_SIZE:
+                raise self._protocol(
+                    f"MIG_DATA_READ reply payload of {len(payload)} bytes is too short "
+                    f"(min {MIG_DATA_HEADER_SIZE})"
+                )
+            _, got = _MIG_SIZES.unpack_from(payload)
+            if got > self.size or got > len(payload) - MIG_DATA_HEADER_SIZE:
+                raise self._protocol(
+                    f"mig data read returned {got} bytes (asked {self.size}, "
+                    f"carried {len(payload) - MIG_DATA_HEADER_SIZE})"
+                )
+            data = bytes(payload[MIG_DATA_HEADER_SIZE : MIG_DATA_HEADER_SIZE + got])
+            if seq != self._next:
+                self._early[seq] = data
+                continue
+            self._take(data)
+            while self._next in self._early:
+                self._take(self._early.pop(self._next))
+
+    def _take(self, data: bytes) -> None:
+        self._next += 1
+        if not data:
+            self.ended = True
+        elif self.ended:
+            raise self._protocol(f"mig data read returned {len(data)} bytes after the end")
+        else:
+            self._ready.append(data)
+            self.offset += len(data)
+
+    async def read(self, max_bytes: int) -> list[bytes | memoryview]:
+        """At least one piece of the stream (at most ``max_bytes`` in all), or ``[]`` at
+        its end; data beyond ``max_bytes`` stays for the next call."""
+        while not self._ready and not (self.ended and not self._order):
+            if not self._ask() and not self._order:
+                await self._wait(
+                    "sending MIG_DATA_READ", lambda: trio.lowlevel.wait_writable(self.sock)
+                )
+                continue
+            if not self._receive_nowait():
+                await self._wait_readable()
+                self._receive_nowait()
+            self._collect()
+        out: list[bytes | memoryview] = []
+        room = max_bytes
+        while self._ready and room:
+            piece = self._ready[0]
+            if len(piece) <= room:
+                out.append(self._ready.pop(0))
+                room -= len(piece)
+            else:
+                out.append(memoryview(piece)[:room])
+                self._ready[0] = memoryview(piece)[room:]
+                room = 0
+        self._ask()
+        await trio.lowlevel.checkpoint()
+        return out
+
+    async def drain(self) -> None:
+        """Collect the replies of the reads still in flight (after the end: 0 bytes)."""
+        while self._order:
+            if not self._receive_nowait():
+                await self._wait_readable()
+                continue
+            self._collect()
