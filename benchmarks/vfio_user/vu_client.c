@@ -63,6 +63,8 @@ int main(int argc, char **argv)
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", argv[1]);
     sock = socket(AF_UNIX, SOCK_STREAM, 0);
+    int sndbuf = 4 << 20; /* as vfiomig's client: the kernel caps it at wmem_max */
+    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
     if (connect(sock, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         err(1, "connect %s", argv[1]);
 

@@ -12,10 +12,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from tests.integration.test_sinks import failed_migration
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._core._wire import wrap_config
 from vfiomig.cli._specs import open_sink, open_source
-from tests.integration.test_sinks import failed_migration
 from vfiomig.vfio_user import (
     BarDevice,
     MigState,
@@ -198,7 +198,9 @@ async def test_a_write_refused_mid_pipeline_fails_the_stream_and_abort_resets() 
     err = info.value
     assert (err.errno, err.idx) == (errno.EIO, 10)
     text = str(err)
-    assert f"MIG_DATA_WRITE ({LIMIT} bytes at stream offset {3 * LIMIT}, data of idx 10..13)" in text
+    assert (
+        f"MIG_DATA_WRITE ({LIMIT} bytes at stream offset {3 * LIMIT}, data of idx 10..13)" in text
+    )
     assert "failed with errno 5 (Input/output error)" in text
     assert "writes were in flight behind it" in text
     assert emu.failed and emu.resets == 1 and device.state == MigState.RUNNING

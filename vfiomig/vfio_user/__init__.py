@@ -9,9 +9,10 @@
 """
 
 from vfiomig.vfio_user._bar_device import BarDevice
-from vfiomig.vfio_user._client import VfioUserClient, VfioUserCommandError, open_vfio_user_client
+from vfiomig.vfio_user._client import VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user._device import Emulator, VfioUserDevice
 from vfiomig.vfio_user._messages import Capabilities, Command, MigState, ProtocolError
+from vfiomig.vfio_user._pipeline import VfioUserCommandError, WriteFailed
 from vfiomig.vfio_user._server import serve_vfio_user, serve_vfio_user_connection
 from vfiomig.vfio_user._sink import VfioUserSink, open_vfio_user_sink
 from vfiomig.vfio_user._source import VfioUserSource, open_vfio_user_source
@@ -28,6 +29,7 @@ __all__ = [
     "VfioUserDevice",
     "VfioUserSink",
     "VfioUserSource",
+    "WriteFailed",
     "open_vfio_user_client",
     "open_vfio_user_sink",
     "open_vfio_user_source",

@@ -25,7 +25,6 @@ from vfiomig.vfio_user._messages import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     MAJOR,
     MESSAGE_OVERHEAD,
-    MIG_DATA_HEADER_SIZE,
     Body,
     Capabilities,
     Command,
@@ -210,7 +209,7 @@ class VfioUserClient(trio.abc.AsyncResource):
 
         MIG_DATA messages still in flight are answered first; a refused write raises.
         """
-        if self._reader is not None or self._writer is not None and self._writer.pending:
+        if self._reader is not None or (self._writer is not None and self._writer.pending):
             await self.flush()
         await self._send(command, payload)
         _, got, body = await self._next_reply()
@@ -314,7 +313,7 @@ class VfioUserClient(trio.abc.AsyncResource):
         (the device returned 0 bytes)."""
         reader = self._reader
         if reader is None:
-            if self._writer is not None and self._writer.pending or self._conn.pending:
+            if (self._writer is not None and self._writer.pending) or self._conn.pending:
                 raise RuntimeError(f"{self._where()}: requests are outstanding")
             window = self.window or default_window(self.data_limit)
             reader = self._reader = ReadPipeline(

@@ -187,11 +187,11 @@ class _Pipe:
         self._start += size
         return msg_id, (error_no if flags & FLAG_ERROR else -1), payload
 
-    async def _wait(self, what: str, waiter: Callable[[], Awaitable[object]]) -> None:
-        """Await ``waiter()`` within the timeout; a timeout names ``what``."""
+    async def _wait(self, what: str, waiter: Callable[[socket.socket], Awaitable[object]]) -> None:
+        """Await ``waiter(sock)`` within the timeout; a timeout names ``what``."""
         try:
             with trio.fail_after(self.timeout):
-                await waiter()
+                await waiter(self.sock)
         except trio.TooSlowError as exc:
             raise self._fail(
                 SinkError(
@@ -202,7 +202,7 @@ class _Pipe:
             ) from exc
 
     async def _wait_readable(self) -> None:
-        await self._wait("waiting for a reply", lambda: trio.lowlevel.wait_readable(self.sock))
+        await self._wait("waiting for a reply", trio.lowlevel.wait_readable)
 
     @property
     def pending(self) -> int:
@@ -246,10 +246,10 @@ class WritePipeline(_Pipe):
             pass
         self._collect()
 
-    async def _one_more_reply(self) -> None:
-        before = len(self._inflight)
+    async def _replies_until(self, pending: int) -> None:
+        """Collect replies until at most ``pending`` writes are in flight or one failed."""
         self._poll()
-        while len(self._inflight) == before:
+        while len(self._inflight) > pending and not self._failed:
             await self._wait_readable()
             self._poll()
 
@@ -260,8 +260,10 @@ class WritePipeline(_Pipe):
         `WriteFailed` instead if an earlier write was refused."""
         if self.broken:
             raise SinkError(f"{self.where}: connection is unusable after an earlier error")
-        while len(self._inflight) >= self.window and not self._failed:
-            await self._one_more_reply()
+        if len(self._inflight) >= self.window:
+            # Down to half the window at once: one wakeup per half window, not per write,
+            # and the server still has half a window queued meanwhile.
+            await self._replies_until(self.window // 2)
         if self._failed:
             await self.flush()
         msg_id = self._new_id()
@@ -315,10 +317,10 @@ class WritePipeline(_Pipe):
                 self._poll()
             scope.cancel()
 
-        async def room() -> None:
+        async def room(sock: socket.socket) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(replies, nursery.cancel_scope)
-                await trio.lowlevel.wait_writable(self.sock)
+                await trio.lowlevel.wait_writable(sock)
                 nursery.cancel_scope.cancel()
 
         await self._wait("sending MIG_DATA_WRITE", room)
@@ -327,7 +329,9 @@ class WritePipeline(_Pipe):
         """Wait for the reply of every write in flight; then raise `WriteFailed` for the
         first refused one (the writes behind it are counted in its message)."""
         while self._inflight:
-            await self._one_more_reply()
+            self._poll()
+            if self._inflight:
+                await self._wait_readable()
         if self._failed:
             raise self._failure()
 
@@ -401,7 +405,9 @@ class ReadPipeline(_Pipe):
                 return asked
             except OSError as exc:
                 raise self._fail(
-                    SinkError(f"{self.where}: sending MIG_DATA_READ failed ({exc})", errno=exc.errno)
+                    SinkError(
+                        f"{self.where}: sending MIG_DATA_READ failed ({exc})", errno=exc.errno
+                    )
                 ) from exc
             if n != len(request):  # 24 bytes: only a broken socket splits them
                 raise self._fail(SinkError(f"{self.where}: MIG_DATA_READ sent in part"))
@@ -464,9 +470,7 @@ class ReadPipeline(_Pipe):
         its end; data beyond ``max_bytes`` stays for the next call."""
         while not self._ready and not (self.ended and not self._order):
             if not self._ask() and not self._order:
-                await self._wait(
-                    "sending MIG_DATA_READ", lambda: trio.lowlevel.wait_writable(self.sock)
-                )
+                await self._wait("sending MIG_DATA_READ", trio.lowlevel.wait_writable)
                 continue
             if not self._receive_nowait():
                 await self._wait_readable()

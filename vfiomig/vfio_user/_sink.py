@@ -29,7 +29,6 @@ from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio_user._client import (
     DEFAULT_TIMEOUT,
     VfioUserClient,
-    VfioUserCommandError,
     open_vfio_user_client,
 )
 from vfiomig.vfio_user._messages import (
@@ -37,6 +36,7 @@ from vfiomig.vfio_user._messages import (
     MIGRATION_STOP_COPY,
     MigState,
 )
+from vfiomig.vfio_user._pipeline import VfioUserCommandError
 
 log = logging.getLogger("vfiomig.vfio_user")
 
