@@ -304,8 +304,14 @@ class VfioUserClient(trio.abc.AsyncResource):
             writer = self._writer = WritePipeline(
                 self._sock, self._where(), timeout=self.timeout, window=window
             )
-        for pieces, size in _split(chunks, cap):
-            await writer.write(pieces, size, tag)
+        # One chunk per idx (no empty packet skipped): each write names its own idx.
+        exact = tag is not None and tag[1] - tag[0] == len(chunks)
+        for pieces, size, first, last in _split(chunks, cap):
+            if exact:
+                assert tag is not None
+                await writer.write(pieces, size, (tag[0] + first, tag[0] + last + 1))
+            else:
+                await writer.write(pieces, size, tag)
 
     async def read_stream(self, max_bytes: int) -> list[bytes | memoryview]:
         """The next pieces of the STOP_COPY stream (at most ``max_bytes`` in all), read
@@ -385,22 +391,28 @@ class VfioUserClient(trio.abc.AsyncResource):
         await self.aclose()
 
 
-def _split(chunks: Sequence[Buffer], limit: int) -> Iterator[tuple[list[memoryview], int]]:
-    """Regroup ``chunks`` into runs of at most ``limit`` bytes, without copying."""
+def _split(
+    chunks: Sequence[Buffer], limit: int
+) -> Iterator[tuple[list[memoryview], int, int, int]]:
+    """Regroup ``chunks`` into runs of at most ``limit`` bytes, without copying: yields
+    (pieces, size, index of the chunk of its first byte, index of that of its last)."""
     run: list[memoryview] = []
-    size = 0
-    for chunk in chunks:
+    size = first = last = 0
+    for i, chunk in enumerate(chunks):
         view = memoryview(chunk).cast("B")
         while view:
+            if not size:
+                first = i
+            last = i
             take = min(limit - size, len(view))
             run.append(view[:take])
             size += take
             view = view[take:]
             if size == limit:
-                yield run, size
+                yield run, size, first, last
                 run, size = [], 0
     if size:
-        yield run, size
+        yield run, size, first, last
 
 
 async def open_vfio_user_client(
