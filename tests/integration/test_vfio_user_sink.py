@@ -25,6 +25,7 @@ from vfiomig.vfio_user import (
     VfioUserSink,
     VfioUserSource,
     serve_vfio_user,
+    serve_vfio_user_connection,
 )
 
 LIMIT = 1024
@@ -491,3 +492,85 @@ async def test_source_read_stops_at_zero_bytes() -> None:
             await source.aclose()
     assert b"".join(parts) == src.state_bytes()
     assert [len(p) for p in parts[:-1]] == [10] * (len(parts) - 1)
+
+
+class StopsReadingAfterAnError(trio.abc.Stream):
+    """A server's side of a connection that stops reading once it sent an ERROR reply,
+    as a server that hangs after refusing a write would."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.refused = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        if bytes(data[8:12]) == (0x21).to_bytes(4, "little"):  # reply | error
+            self.refused.set()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.refused.is_set():
+            await trio.sleep_forever()
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_refusal_is_seen_while_a_large_write_is_blocked() -> None:
+    # 1 MiB writes fill the socket; the server refuses the first one and stops reading.
+    # The reply reader must report the refusal at once, not after the 30 s send timeout.
+    emu = Flaky(0)
+    device = VfioUserDevice(emu)
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "s")
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def serve_one() -> None:
+            conn, _ = await listener.accept()
+            stream = StopsReadingAfterAnError(trio.SocketStream(conn))
+            async with stream:
+                await serve_vfio_user_connection(stream, device)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            sink = VfioUserSink(path, max_write=1 << 20, reply_timeout=30, window=16)
+            await sink.start()
+            t0 = trio.current_time()
+            with trio.fail_after(5), pytest.raises(SinkError) as info:
+                await sink.write([bytes(64 << 20)])
+                await sink.finish()
+            waited = trio.current_time() - t0
+            await sink.aclose()
+            nursery.cancel_scope.cancel()
+        listener.close()
+    assert waited < 5
+    assert info.value.errno == errno.EIO
+    assert "MIG_DATA_WRITE (1048576 bytes at stream offset 0) failed with errno 5" in str(
+        info.value
+    )
+    assert "unanswered" in str(info.value), info.value
+
+
+async def test_source_data_after_the_end_is_a_protocol_error() -> None:
+    class Resumes(BarDevice):
+        """Ends its stream once, then has more: not a STOP_COPY stream."""
+
+        reads = 0
+
+        def read_data(self, size: int) -> bytes:
+            self.reads += 1
+            return b"" if self.reads == 2 else b"abc"
+
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(Resumes((16,)))) as (path,):
+            source = VfioUserSource(path, window=4)
+            await source.start()
+            with pytest.raises(ProtocolError, match="returned 3 bytes after the end"):
+                while await source.read(1 << 20):
+                    pass
+            await source.aclose()

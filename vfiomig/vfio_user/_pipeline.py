@@ -48,6 +48,9 @@ from vfiomig.vfio_user._messages import (
 
 #: Bytes moved between two trio checkpoints, so other tasks keep running.
 CHECKPOINT_BYTES: Final = 1024 * 1024
+#: After a refused write, how long the replies of the writes behind it are awaited (a
+#: server may stop reading after an error); those still missing are counted unanswered.
+FAILURE_GRACE: Final = 2.0
 _DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
 _MIG_SIZES: Final = struct.Struct("=II")
 _WRITE: Final = int(Command.MIG_DATA_WRITE)
@@ -247,9 +250,10 @@ class WritePipeline(_Pipe):
         self._collect()
 
     async def _replies_until(self, pending: int) -> None:
-        """Collect replies until at most ``pending`` writes are in flight or one failed."""
+        """Collect replies until at most ``pending`` writes are in flight, or (with
+        ``pending`` > 0) one was refused."""
         self._poll()
-        while len(self._inflight) > pending and not self._failed:
+        while len(self._inflight) > pending and not (pending and self._failed):
             await self._wait_readable()
             self._poll()
 
@@ -329,9 +333,15 @@ class WritePipeline(_Pipe):
         """Wait for the reply of every write in flight; then raise `WriteFailed` for the
         first refused one (the writes behind it are counted in its message)."""
         while self._inflight:
-            self._poll()
-            if self._inflight:
-                await self._wait_readable()
+            if self._failed:
+                # The server may have stopped reading after the refusal: the writes
+                # behind it get a short grace, then count as unanswered.
+                with trio.move_on_after(min(self.timeout, FAILURE_GRACE)):
+                    await self._replies_until(0)
+                if self._inflight:
+                    self.broken = True
+                break
+            await self._replies_until(0)
         if self._failed:
             raise self._failure()
 
