@@ -2,7 +2,8 @@
 
     .venv/bin/python -m benchmarks.vfio_user.bench [--runs 3] [--size 1G] [--baseline REV]
 
-Builds three C programs with gcc (``build/``, next to this file): ``vu_raw`` (a forked
+Builds three C programs with gcc (``build/``, next to this file; ``--build-only`` stops
+there, which is what ``vfiomig bench --sinks vfio-user-lvu`` needs): ``vu_raw`` (a forked
 pair moving messages over a UNIX socket, each answered, a window in flight: the socket's
 ceiling), ``vu_server`` (a device on libvfio-user whose stream has no fixed size) and
 ``vu_client`` (a minimal C vfio-user client: the client's ceiling). libvfio-user comes
@@ -49,7 +50,15 @@ def build() -> dict[str, str]:
     for name, extra in (
         ("vu_raw", []),
         ("vu_client", []),
-        ("vu_server", [f"-I{lvu.source / 'include'}", f"-L{lvu.libdir}", "-lvfio-user"]),
+        (
+            "vu_server",
+            [
+                f"-I{lvu.source / 'include'}",
+                f"-L{lvu.libdir}",
+                f"-Wl,-rpath,{lvu.libdir}",
+                "-lvfio-user",
+            ],
+        ),
     ):
         src = HERE / f"{name}.c"
         subprocess.run(["gcc", *flags, "-o", str(BUILD / name), str(src), *extra], check=True)
@@ -145,8 +154,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="run the cases whose name has this text")
     parser.add_argument("--quiet-wait", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--build-only", action="store_true", help="build the C programs (for vfiomig bench)"
+    )
     args = parser.parse_args(argv)
     env = build()
+    if args.build_only:
+        print(BUILD)
+        return
     with tempfile.TemporaryDirectory(prefix="vubench", dir="/tmp") as tmpdir:
         tmp = Path(tmpdir)
         base = str(baseline_tree(args.baseline, tmp))

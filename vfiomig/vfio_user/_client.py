@@ -56,7 +56,7 @@ DEFAULT_TIMEOUT: Final = 30.0
 #: messages (at least 2, at most 64). The spec lets a client pipeline commands and
 #: servers process them in order; a write sent behind a refused one still reaches the
 #: device, which is why a sink resets a device whose stream failed (see `_sink`).
-WINDOW_BYTES: Final = 4 * 1024 * 1024
+WINDOW_BYTES: Final = 8 * 1024 * 1024
 #: The socket's send buffer (the kernel caps it at net.core.wmem_max): room for a window
 #: of writes, so the client rarely waits for the server to read.
 SEND_BUFFER: Final = 4 * 1024 * 1024
@@ -65,7 +65,7 @@ _RECEIVE_SIZE: Final = 64 * 1024
 
 def default_window(message_size: int) -> int:
     """How many MIG_DATA messages of ``message_size`` bytes stay in flight by default."""
-    return max(2, min(64, WINDOW_BYTES // max(1, message_size)))
+    return max(2, min(256, WINDOW_BYTES // max(1, message_size)))
 
 
 class VfioUserClient(trio.abc.AsyncResource):

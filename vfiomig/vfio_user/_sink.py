@@ -100,6 +100,7 @@ class VfioUserSink(Sink):
         self._client: VfioUserClient | None = None
         self._moved = False  # start() may have changed the device's state
         self._batch: tuple[int, int] | None = None
+        self.bytes_written = 0  # handed to the client (sent or about to be)
 
     @property
     def client(self) -> VfioUserClient:
@@ -128,6 +129,7 @@ class VfioUserSink(Sink):
         """Send every byte; writes still in flight are confirmed by a later call or
         `finish`, and a refusal raises there, naming the idx of the refused data."""
         await self.client.write_data(chunks, limit=self.max_write, tag=self._batch)
+        self.bytes_written += sum(map(len, chunks))
 
     async def finish(self) -> None:
         """Wait for every write's reply, then SET STOP: the device validates the stream."""
