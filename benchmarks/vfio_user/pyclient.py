@@ -17,10 +17,16 @@ import time
 
 import trio
 
-from vfiomig._specs import parse_size
 from vfiomig.vfio_user import VfioUserSink, VfioUserSource
 
 CHUNK = 1 << 20
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``32K``, ``1M``, ``1G`` or plain bytes (no vfiomig import: the baseline tree's
+    helpers live elsewhere)."""
+    return int(text[:-1]) * _UNITS[text[-1]] if text[-1] in _UNITS else int(text)
 BATCH = 16
 
 
