@@ -27,6 +27,8 @@ def parse_size(text: str) -> int:
     """``32K``, ``1M``, ``1G`` or plain bytes (no vfiomig import: the baseline tree's
     helpers live elsewhere)."""
     return int(text[:-1]) * _UNITS[text[-1]] if text[-1] in _UNITS else int(text)
+
+
 BATCH = 16
 
 

@@ -139,7 +139,8 @@ class _Pipe:
             self._start = self._end = 0
         if len(self._buf) - self._start < need:
             tail = self._end - self._start
-            self._buf[:tail] = self._view[self._start : self._end]
+            # Through a copy: bytearray slice assignment from its own memory may memcpy.
+            self._buf[:tail] = bytes(self._view[self._start : self._end])
             self._start, self._end = 0, tail
             if len(self._buf) < need:
                 self._view.release()
@@ -148,8 +149,8 @@ class _Pipe:
 
     def _receive_nowait(self) -> bool:
         """Receive what the socket holds (without blocking); False if nothing came."""
-        if self._end == len(self._buf):
-            self._room(len(self._buf) // 2 + 1)
+        if self._end == len(self._buf):  # full: compact or grow, never recv into nothing
+            self._room(self._end - self._start + 64 * 1024)
         try:
             n = self.sock.recv_into(self._view[self._end :])
         except BlockingIOError:
