@@ -58,6 +58,14 @@ class Recorder(BarDevice):
         self.transitions.append(state)
 
 
+async def unix_listener(path: str) -> trio.socket.SocketType:
+    """A listening UNIX socket for a scripted server."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(1)
+    return listener
+
+
 def pattern(n: int) -> bytes:
     return bytes(i * 7 % 251 for i in range(n))
 
@@ -372,9 +380,7 @@ async def test_sink_times_out_on_a_silent_server(autojump_clock: trio.abc.Clock)
 async def test_sink_server_closing_mid_request() -> None:
     with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
         path = os.path.join(tmp, "closer")
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await unix_listener(path)
 
         async def accept_and_close() -> None:
             conn, _ = await listener.accept()
@@ -526,9 +532,7 @@ async def test_a_refusal_is_seen_while_a_large_write_is_blocked() -> None:
     device = VfioUserDevice(emu)
     with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
         path = os.path.join(tmp, "s")
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await unix_listener(path)
 
         async def serve_one() -> None:
             conn, _ = await listener.accept()

@@ -29,7 +29,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
@@ -55,6 +55,7 @@ _DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
 _MIG_SIZES: Final = struct.Struct("=II")
 _WRITE: Final = int(Command.MIG_DATA_WRITE)
 _READ: Final = int(Command.MIG_DATA_READ)
+_T = TypeVar("_T")
 
 
 def describe_errno(errno: int) -> str:
@@ -191,6 +192,17 @@ class _Pipe:
         self._start += size
         return msg_id, (error_no if flags & FLAG_ERROR else -1), payload
 
+    def _outstanding(self, table: dict[int, _T], msg_id: int, command: int) -> _T:
+        """Take the request ``msg_id`` answers out of ``table``; a reply to none breaks
+        the protocol."""
+        request = table.pop(msg_id, None)
+        if request is None:
+            raise self._protocol(
+                f"server sent a {command_name(command)} reply to msg_id {msg_id}, "
+                "which is not outstanding"
+            )
+        return request
+
     async def _wait(self, what: str, waiter: Callable[[socket.socket], Awaitable[object]]) -> None:
         """Await ``waiter(sock)`` within the timeout; a timeout names ``what``."""
         try:
@@ -235,12 +247,7 @@ class WritePipeline(_Pipe):
             if reply is None:
                 return
             msg_id, errno, _ = reply
-            write = self._inflight.pop(msg_id, None)
-            if write is None:
-                raise self._protocol(
-                    f"server sent a MIG_DATA_WRITE reply to msg_id {msg_id}, "
-                    "which is not outstanding"
-                )
+            write = self._outstanding(self._inflight, msg_id, _WRITE)
             if errno >= 0:
                 write.errno = errno
                 self._failed.append(write)
@@ -433,12 +440,7 @@ class ReadPipeline(_Pipe):
             if reply is None:
                 return
             msg_id, errno, payload = reply
-            seq = self._order.pop(msg_id, None)
-            if seq is None:
-                raise self._protocol(
-                    f"server sent a MIG_DATA_READ reply to msg_id {msg_id}, "
-                    "which is not outstanding"
-                )
+            seq = self._outstanding(self._order, msg_id, _READ)
             if errno >= 0:
                 self.broken = True
                 raise VfioUserCommandError(
