@@ -44,6 +44,7 @@ from vfiomig.vfio_user._messages import (
 )
 from vfiomig.vfio_user._pipeline import (
     ReadPipeline,
+    Tag,
     VfioUserCommandError,
     WriteFailed,
     WritePipeline,
@@ -305,13 +306,16 @@ class VfioUserClient(trio.abc.AsyncResource):
                 self._sock, self._where(), timeout=self.timeout, window=window
             )
         # One chunk per idx (no empty packet skipped): each write names its own idx.
-        exact = tag is not None and tag[1] - tag[0] == len(chunks)
-        for pieces, size, first, last in _split(chunks, cap):
-            if exact:
-                assert tag is not None
-                await writer.write(pieces, size, (tag[0] + first, tag[0] + last + 1))
-            else:
-                await writer.write(pieces, size, tag)
+        writes: Iterator[tuple[list[memoryview], int, Tag]]
+        if tag is not None and tag[1] - tag[0] == len(chunks):
+            base = tag[0]
+            writes = (
+                (pieces, size, (base + first, base + last + 1))
+                for pieces, size, first, last in _split(chunks, cap)
+            )
+        else:
+            writes = ((pieces, size, tag) for pieces, size, _, _ in _split(chunks, cap))
+        await writer.write(writes)
 
     async def read_stream(self, max_bytes: int) -> list[bytes | memoryview]:
         """The next pieces of the STOP_COPY stream (at most ``max_bytes`` in all), read

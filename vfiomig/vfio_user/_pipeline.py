@@ -27,9 +27,9 @@ import errno as _errno
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
 import trio
 
@@ -45,6 +45,7 @@ from vfiomig.vfio_user._messages import (
     ProtocolError,
     command_name,
 )
+from vfiomig.vfio_user._protocol import Buffer
 
 #: Bytes moved between two trio checkpoints, so other tasks keep running.
 CHECKPOINT_BYTES: Final = 1024 * 1024
@@ -52,10 +53,13 @@ CHECKPOINT_BYTES: Final = 1024 * 1024
 #: server may stop reading after an error); those still missing are counted unanswered.
 FAILURE_GRACE: Final = 2.0
 _DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
+_DATA_HEAD_SIZE: Final = _DATA_HEAD.size
 _MIG_SIZES: Final = struct.Struct("=II")
 _WRITE: Final = int(Command.MIG_DATA_WRITE)
 _READ: Final = int(Command.MIG_DATA_READ)
 _T = TypeVar("_T")
+#: The idx range ``(first, end)`` a write's data came from, if known.
+Tag: TypeAlias = "tuple[int, int] | None"
 
 
 def describe_errno(errno: int) -> str:
@@ -73,7 +77,7 @@ class _Write:
     seq: int  # 0 for the pipeline's first write
     offset: int
     size: int
-    tag: tuple[int, int] | None
+    tag: Tag
     errno: int = 0  # set when its ERROR reply came
 
 
@@ -265,57 +269,80 @@ class WritePipeline(_Pipe):
             await self._wait_readable()
             self._poll()
 
-    async def write(
-        self, pieces: Sequence[memoryview], size: int, tag: tuple[int, int] | None
-    ) -> None:
-        """Send one MIG_DATA_WRITE of ``pieces`` (``size`` bytes in all); raise
-        `WriteFailed` instead if an earlier write was refused."""
-        if self.broken:
-            raise SinkError(f"{self.where}: connection is unusable after an earlier error")
-        if len(self._inflight) >= self.window:
-            # Down to half the window at once: one wakeup per half window, not per write,
-            # and the server still has half a window queued meanwhile.
-            await self._replies_until(self.window // 2)
-        if self._failed:
-            await self.flush()
-        msg_id = self._new_id()
-        total = HEADER_SIZE + MIG_DATA_HEADER_SIZE + size
-        head = _DATA_HEAD.pack(msg_id, _WRITE, total, 0, 0, MIG_DATA_HEADER_SIZE + size, size)
-        await self._send([memoryview(head), *pieces], total)
-        self._inflight[msg_id] = _Write(self._sent, self.offset, size, tag)
-        self._sent += 1
-        self.offset += size
-        self._since_checkpoint += size
-        if self._since_checkpoint >= CHECKPOINT_BYTES:
-            self._since_checkpoint = 0
-            self._poll()
-            await trio.lowlevel.checkpoint()
+    async def write(self, writes: Iterable[tuple[list[memoryview], int, Tag]]) -> None:
+        """Send one MIG_DATA_WRITE per ``(pieces, size, tag)``; raise `WriteFailed` instead
+        once an earlier write was refused.
 
-    async def _send(self, bufs: list[memoryview], total: int) -> None:
-        sent = 0
+        The loop is synchronous while the window has room and the socket takes each
+        message whole: it awaits only to wait (for replies, for room) and every
+        `CHECKPOINT_BYTES`.
+        """
+        inflight = self._inflight
+        sendmsg = self.sock.sendmsg
+        pack = _DATA_HEAD.pack
+        for pieces, size, tag in writes:
+            if self.broken:
+                raise SinkError(f"{self.where}: connection is unusable after an earlier error")
+            if len(inflight) >= self.window:
+                # Down to half the window at once: one wakeup per half window, not per
+                # write, and the server still has half a window queued meanwhile.
+                await self._replies_until(self.window // 2)
+            if self._failed:
+                await self.flush()
+            msg_id = self._next_id
+            self._next_id = (msg_id + 1) & 0xFFFF
+            total = _DATA_HEAD_SIZE + size
+            bufs: list[Buffer] = [
+                pack(msg_id, _WRITE, total, 0, 0, MIG_DATA_HEADER_SIZE + size, size)
+            ]
+            bufs += pieces
+            try:
+                sent = sendmsg(bufs)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise self._send_error(exc) from exc
+            if sent != total:
+                await self._send_rest(bufs, total, sent)
+            inflight[msg_id] = _Write(self._sent, self.offset, size, tag)
+            self._sent += 1
+            self.offset += size
+            self._since_checkpoint += size
+            if self._since_checkpoint >= CHECKPOINT_BYTES:
+                self._since_checkpoint = 0
+                self._poll()
+                await trio.lowlevel.checkpoint()
+
+    def _send_error(self, exc: OSError) -> SinkError:
+        return self._fail(
+            SinkError(f"{self.where}: sending MIG_DATA_WRITE failed ({exc})", errno=exc.errno)
+        )
+
+    async def _send_rest(self, bufs: list[Buffer], total: int, sent: int) -> None:
+        """Send the rest of a message of ``total`` bytes of which ``sent`` left already,
+        waiting for room and reading the replies meanwhile."""
+        partly = sent > 0
         try:
-            while True:
-                try:
-                    n = self.sock.sendmsg(bufs)
-                except BlockingIOError:
-                    n = 0
-                sent += n
-                if sent == total:
-                    return
-                if n:
-                    bufs = _advance(bufs, n)
+            while sent < total:
+                if sent:
+                    bufs = _advance(bufs, sent)
+                    total -= sent
+                    sent = 0
                 await self._wait_sendable()
                 if self._failed:
-                    if sent:  # abandoned inside a message: the stream is out of step
+                    if partly:  # abandoned inside a message: the stream is out of step
                         self.broken = True
                         raise self._failure()
-                    await self.flush()
+                    await self.flush()  # raises WriteFailed
+                try:
+                    sent = self.sock.sendmsg(bufs)
+                except BlockingIOError:
+                    sent = 0
+                partly = partly or sent > 0
         except OSError as exc:
-            raise self._fail(
-                SinkError(f"{self.where}: sending MIG_DATA_WRITE failed ({exc})", errno=exc.errno)
-            ) from exc
+            raise self._send_error(exc) from exc
         except BaseException:
-            if sent:
+            if partly:
                 self.broken = True  # inside a message: the stream is out of step
             raise
 
@@ -376,7 +403,7 @@ class WritePipeline(_Pipe):
         )
 
 
-def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+def _advance(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
     """``bufs`` without their first ``n`` bytes."""
     i = 0
     while n >= len(bufs[i]):
