@@ -1,8 +1,8 @@
 """The vfio-user protocol subset vfiomig needs to migrate device state (spec v0.9.2).
 
 - `_messages` / `_protocol`: the sans-IO codec and connection state machines;
-- `_client`: a trio client (`open_vfio_user_client`); `_pipeline`: its MIG_DATA_WRITE /
-  MIG_DATA_READ pipelines (a window in flight, straight on the socket, `WriteFailed`);
+- `_client`: a trio client (`open_vfio_user_client`); `_pipeline` / `_read_pipeline`: its
+  MIG_DATA_WRITE / MIG_DATA_READ pipelines (a window in flight, straight on the socket);
 - `_sink` / `_source`: ``vfio-user:SOCKPATH`` sink and ``vfio-user:SOCKPATH[,config=FILE]``
   source;
 - `_device` / `_server`: a trio server for Python device emulators following

@@ -43,7 +43,6 @@ from vfiomig.vfio_user._messages import (
     command_name,
 )
 from vfiomig.vfio_user._pipeline import (
-    ReadPipeline,
     Tag,
     VfioUserCommandError,
     WriteFailed,
@@ -51,6 +50,7 @@ from vfiomig.vfio_user._pipeline import (
     describe_errno,
 )
 from vfiomig.vfio_user._protocol import Buffer, ClientConnection
+from vfiomig.vfio_user._read_pipeline import ReadPipeline
 
 DEFAULT_TIMEOUT: Final = 30.0
 #: MIG_DATA_WRITE/READ bytes in flight by default: the window is this many bytes' worth of

@@ -1,4 +1,5 @@
-"""Pipelined MIG_DATA_WRITE and MIG_DATA_READ on a client's non-blocking UNIX socket.
+"""Pipelined MIG_DATA_WRITE (and the base of the MIG_DATA_READ pipeline, in
+`_read_pipeline`) on a client's non-blocking UNIX socket.
 
 The vfio-user spec lets a client pipeline commands; the server processes them in the
 order received. Both pipelines keep up to ``window`` requests in flight, make their
@@ -52,11 +53,11 @@ CHECKPOINT_BYTES: Final = 1024 * 1024
 #: After a refused write, how long the replies of the writes behind it are awaited (a
 #: server may stop reading after an error); those still missing are counted unanswered.
 FAILURE_GRACE: Final = 2.0
-_DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
-_DATA_HEAD_SIZE: Final = _DATA_HEAD.size
-_MIG_SIZES: Final = struct.Struct("=II")
-_WRITE: Final = int(Command.MIG_DATA_WRITE)
-_READ: Final = int(Command.MIG_DATA_READ)
+DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
+DATA_HEAD_SIZE: Final = DATA_HEAD.size
+MIG_SIZES: Final = struct.Struct("=II")
+WRITE: Final = int(Command.MIG_DATA_WRITE)
+READ: Final = int(Command.MIG_DATA_READ)
 _T = TypeVar("_T")
 #: The idx range ``(first, end)`` a write's data came from, if known.
 Tag: TypeAlias = "tuple[int, int] | None"
@@ -99,7 +100,7 @@ class WriteFailed(VfioUserCommandError):
     """A MIG_DATA_WRITE got an ERROR reply; ``idx`` is the first idx its data came from."""
 
 
-class _Pipe:
+class SocketPipeline:
     """The socket, the receive buffer and the reply parsing both pipelines share."""
 
     def __init__(
@@ -229,7 +230,7 @@ class _Pipe:
         raise NotImplementedError
 
 
-class WritePipeline(_Pipe):
+class WritePipeline(SocketPipeline):
     """MIG_DATA_WRITEs with up to ``window`` in flight; see the module docstring."""
 
     def __init__(self, sock: socket.socket, where: str, *, timeout: float, window: int) -> None:
@@ -247,11 +248,11 @@ class WritePipeline(_Pipe):
     def _collect(self) -> None:
         """Match every whole reply received so far."""
         while True:
-            reply = self._next_reply(_WRITE)
+            reply = self._next_reply(WRITE)
             if reply is None:
                 return
             msg_id, errno, _ = reply
-            write = self._outstanding(self._inflight, msg_id, _WRITE)
+            write = self._outstanding(self._inflight, msg_id, WRITE)
             if errno >= 0:
                 write.errno = errno
                 self._failed.append(write)
@@ -279,7 +280,7 @@ class WritePipeline(_Pipe):
         """
         inflight = self._inflight
         sendmsg = self.sock.sendmsg
-        pack = _DATA_HEAD.pack
+        pack = DATA_HEAD.pack
         for pieces, size, tag in writes:
             if self.broken:
                 raise SinkError(f"{self.where}: connection is unusable after an earlier error")
@@ -291,9 +292,9 @@ class WritePipeline(_Pipe):
                 await self.flush()
             msg_id = self._next_id
             self._next_id = (msg_id + 1) & 0xFFFF
-            total = _DATA_HEAD_SIZE + size
+            total = DATA_HEAD_SIZE + size
             bufs: list[Buffer] = [
-                pack(msg_id, _WRITE, total, 0, 0, MIG_DATA_HEADER_SIZE + size, size)
+                pack(msg_id, WRITE, total, 0, 0, MIG_DATA_HEADER_SIZE + size, size)
             ]
             bufs += pieces
             try:
@@ -397,7 +398,7 @@ class WritePipeline(_Pipe):
             text += f"; {behind} writes were in flight behind it ({', '.join(counts)})"
         return WriteFailed(
             text,
-            command=_WRITE,
+            command=WRITE,
             idx=None if first.tag is None else first.tag[0],
             errno=first.errno or None,
         )
@@ -410,131 +411,3 @@ def _advance(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
         n -= len(bufs[i])
         i += 1
     return [bufs[i][n:], *bufs[i + 1 :]]
-
-
-class ReadPipeline(_Pipe):
-    """MIG_DATA_READs of ``size`` bytes with up to ``window`` in flight, until the device
-    returns 0 bytes; see the module docstring."""
-
-    def __init__(
-        self, sock: socket.socket, where: str, *, timeout: float, window: int, size: int
-    ) -> None:
-        buffer_size = 4 * (HEADER_SIZE + MIG_DATA_HEADER_SIZE + size)
-        super().__init__(sock, where, timeout=timeout, window=window, buffer_size=buffer_size)
-        self.size = size
-        self.ended = False  # a reply carried 0 bytes
-        self._order: dict[int, int] = {}  # msg_id -> request sequence, in flight
-        self._sent = 0
-        self._next = 0  # the sequence whose data comes next
-        self._early: dict[int, bytes] = {}  # data of replies that came before their turn
-        self.offset = 0  # stream bytes received in order
-        self._ready: list[bytes | memoryview] = []
-        self._request = _DATA_HEAD.pack(
-            0, _READ, HEADER_SIZE + MIG_DATA_HEADER_SIZE, 0, 0, MIG_DATA_HEADER_SIZE + size, size
-        )
-
-    @property
-    def pending(self) -> int:
-        return len(self._order)
-
-    def _ask(self) -> bool:
-        """Send as many requests as the window and the socket take; False if none."""
-        asked = False
-        while not self.ended and len(self._order) < self.window:
-            msg_id = self._new_id()
-            request = bytearray(self._request)
-            struct.pack_into("=H", request, 0, msg_id)
-            try:
-                n = self.sock.send(request)
-            except BlockingIOError:
-                return asked
-            except OSError as exc:
-                raise self._fail(
-                    SinkError(
-                        f"{self.where}: sending MIG_DATA_READ failed ({exc})", errno=exc.errno
-                    )
-                ) from exc
-            if n != len(request):  # 24 bytes: only a broken socket splits them
-                raise self._fail(SinkError(f"{self.where}: MIG_DATA_READ sent in part"))
-            self._order[msg_id] = self._sent
-            self._sent += 1
-            asked = True
-        return asked
-
-    def _collect(self) -> None:
-        while True:
-            reply = self._next_reply(_READ)
-            if reply is None:
-                return
-            msg_id, errno, payload = reply
-            seq = self._outstanding(self._order, msg_id, _READ)
-            if errno >= 0:
-                self.broken = True
-                raise VfioUserCommandError(
-                    f"{self.where}: MIG_DATA_READ ({self.size} bytes at stream offset "
-                    f"{self.offset}) failed with {describe_errno(errno)}",
-                    command=_READ,
-                    errno=errno or None,
-                )
-            if len(payload) < MIG_DATA_HEADER_SIZE:
-                raise self._protocol(
-                    f"MIG_DATA_READ reply payload of {len(payload)} bytes is too short "
-                    f"(min {MIG_DATA_HEADER_SIZE})"
-                )
-            _, got = _MIG_SIZES.unpack_from(payload)
-            if got > self.size or got > len(payload) - MIG_DATA_HEADER_SIZE:
-                raise self._protocol(
-                    f"mig data read returned {got} bytes (asked {self.size}, "
-                    f"carried {len(payload) - MIG_DATA_HEADER_SIZE})"
-                )
-            data = bytes(payload[MIG_DATA_HEADER_SIZE : MIG_DATA_HEADER_SIZE + got])
-            if seq != self._next:
-                self._early[seq] = data
-                continue
-            self._take(data)
-            while self._next in self._early:
-                self._take(self._early.pop(self._next))
-
-    def _take(self, data: bytes) -> None:
-        self._next += 1
-        if not data:
-            self.ended = True
-        elif self.ended:
-            raise self._protocol(f"mig data read returned {len(data)} bytes after the end")
-        else:
-            self._ready.append(data)
-            self.offset += len(data)
-
-    async def read(self, max_bytes: int) -> list[bytes | memoryview]:
-        """At least one piece of the stream (at most ``max_bytes`` in all), or ``[]`` at
-        its end; data beyond ``max_bytes`` stays for the next call."""
-        while not self._ready and not (self.ended and not self._order):
-            if not self._ask() and not self._order:
-                await self._wait("sending MIG_DATA_READ", trio.lowlevel.wait_writable)
-                continue
-            if not self._receive_nowait():
-                await self._wait_readable()
-                self._receive_nowait()
-            self._collect()
-        out: list[bytes | memoryview] = []
-        room = max_bytes
-        while self._ready and room:
-            piece = self._ready[0]
-            if len(piece) <= room:
-                out.append(self._ready.pop(0))
-                room -= len(piece)
-            else:
-                out.append(memoryview(piece)[:room])
-                self._ready[0] = memoryview(piece)[room:]
-                room = 0
-        self._ask()
-        await trio.lowlevel.checkpoint()
-        return out
-
-    async def drain(self) -> None:
-        """Collect the replies of the reads still in flight (after the end: 0 bytes)."""
-        while self._order:
-            if not self._receive_nowait():
-                await self._wait_readable()
-                continue
-            self._collect()
