@@ -48,18 +48,7 @@ class SampleServer:
 
     def __init__(self, lvu: LibVfioUser, path: Path) -> None:
         self.path = str(path)
-        self.proc = subprocess.Popen(
-            [str(lvu.server), "-v", self.path],
-            env=lvu.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"sample server did not start: {self.wait()[1]}")
-            time.sleep(0.01)
+        self.proc = lvu.sample_server(path)
 
     def wait(self, timeout: float = 20) -> tuple[int, str]:
         out, _ = self.proc.communicate(timeout=timeout)
