@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,24 @@ class LibVfioUser:
     server: Path
     client: Path
     source: Path
+
+    def sample_server(self, sock: Path) -> subprocess.Popen[str]:
+        """Start ``samples/server -v SOCK`` (its log on stdout) and wait for its socket."""
+        proc = subprocess.Popen(
+            [str(self.server), "-v", str(sock)],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out, _ = proc.communicate(timeout=5)
+                raise AssertionError(f"sample server did not start: {out}")
+            time.sleep(0.01)
+        return proc
 
     def env(self) -> dict[str, str]:
         """The environment to run its programs in (its shared library on the path)."""

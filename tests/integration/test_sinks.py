@@ -15,6 +15,7 @@ from vfiomig import CallbackConfig, CallbackSink, DeviceSetup, ReceiverConfig, s
 from vfiomig._core import SinkError
 from vfiomig.receive import MigrationFailed, Session, serve_receiver
 from vfiomig.send import SendDevice, SendError
+from vfiomig.sinks._base import Sink
 from vfiomig.sinks._fd import ConfigDir, FdSink, open_fd_sink, open_file_sink, write_all
 from vfiomig.sources import SynthSource
 from vfiomig.testing import MemoryConfig, synth_bytes, synth_config
@@ -82,7 +83,7 @@ async def _serve(
 
 
 async def failed_migration(
-    sink: FdSink, *, size: int, packet_size: int, sink_timeout: float = 60.0
+    sink: Sink, *, size: int, packet_size: int, sink_timeout: float = 60.0
 ) -> str | None:
     """Send ``size`` bytes of device ``d`` into ``sink`` over one channel; return the
     device's error. The sender may see the receiver close first: that is fine here."""

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from tests.integration.test_sinks import failed_migration
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._core._wire import wrap_config
 from vfiomig.cli._specs import open_sink, open_source
@@ -24,6 +25,7 @@ from vfiomig.vfio_user import (
     VfioUserSink,
     VfioUserSource,
     serve_vfio_user,
+    serve_vfio_user_connection,
 )
 
 LIMIT = 1024
@@ -54,6 +56,14 @@ class Recorder(BarDevice):
 
     def transition(self, state: MigState) -> None:
         self.transitions.append(state)
+
+
+async def unix_listener(path: str) -> trio.socket.SocketType:
+    """A listening UNIX socket for a scripted server."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(1)
+    return listener
 
 
 def pattern(n: int) -> bytes:
@@ -156,28 +166,71 @@ async def test_abort_retries_the_reset_on_a_new_connection() -> None:
     assert emu.resets == 1
 
 
-async def test_no_write_reaches_the_device_after_a_failed_one() -> None:
-    # By default one write is in flight: the device never takes bytes past a gap.
-    class Flaky(Recorder):
-        failed = False
+class Flaky(Recorder):
+    """Refuses the write that starts at stream offset ``fail_at`` with EIO, once."""
 
-        def write_data(self, data: memoryview) -> int:
-            if len(self.received) == 3 * LIMIT and not self.failed:
-                self.failed = True
-                raise OSError(errno.EIO, "once")
-            return super().write_data(data)
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.failed = False
+        self.resets = 0
 
-    emu = Flaky()
+    def write_data(self, data: memoryview) -> int:
+        if len(self.received) == self.fail_at and not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, "once")
+        return super().write_data(data)
+
+    def reset(self) -> None:
+        self.resets += 1
+        self.received.clear()
+
+
+async def test_a_write_refused_mid_pipeline_fails_the_stream_and_abort_resets() -> None:
+    # Writes in flight behind the refused one reach the device (the server keeps taking
+    # writes), so the device must never leave RESUMING through STOP: abort resets it.
+    emu = Flaky(3 * LIMIT)
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
     with trio.fail_after(5):
-        async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
-            sink = VfioUserSink(path)
+        async with serving(device) as (path,):
+            sink = VfioUserSink(path, window=8)
             await sink.start()
-            with pytest.raises(SinkError, match="failed with errno 5"):
+            sink.note_batch(10, 14)
+            with pytest.raises(SinkError) as info:
                 await sink.write([pattern(8 * LIMIT)])
+                sink.note_batch(14, 15)
+                await sink.write([pattern(LIMIT)])
                 await sink.finish()
+            assert device.state == MigState.RESUMING
             await sink.abort()
             await sink.aclose()
-    assert bytes(emu.received) == pattern(8 * LIMIT)[: 3 * LIMIT]
+    err = info.value
+    assert (err.errno, err.idx) == (errno.EIO, 10)
+    text = str(err)
+    assert (
+        f"MIG_DATA_WRITE ({LIMIT} bytes at stream offset {3 * LIMIT}, data of idx 10..13)" in text
+    )
+    assert "failed with errno 5 (Input/output error)" in text
+    assert "writes were in flight behind it" in text
+    assert emu.failed and emu.resets == 1 and device.state == MigState.RUNNING
+    assert emu.transitions == [MigState.STOP, MigState.RESUMING]  # never STOP again
+    assert not emu.received  # the reset dropped what got past the gap
+
+
+async def test_the_loader_reports_the_refused_writes_idx() -> None:
+    # Through a receive session: the error line names the device and the idx whose data
+    # the refused write carried (the loader may be writing later idx when it sees it).
+    emu = Flaky(2 * LIMIT)
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    async with serving(device) as (path,):
+        sink = VfioUserSink(path, window=64)
+        err = await failed_migration(sink, size=16 * LIMIT, packet_size=LIMIT)
+    assert err is not None
+    assert err.startswith("d/0: ") and f"vfio-user {path}: MIG_DATA_WRITE" in err
+    assert f"({LIMIT} bytes at stream offset {2 * LIMIT}, data of idx 2..2)" in err
+    assert "failed with errno 5 (Input/output error)" in err
+    assert emu.resets == 1 and device.state == MigState.RUNNING
+    assert emu.transitions == [MigState.STOP, MigState.RESUMING]
 
 
 async def test_sink_error_reply_names_command_and_errno() -> None:
@@ -202,6 +255,7 @@ async def test_sink_error_reply_names_command_and_errno() -> None:
     text = str(info.value)
     assert text.startswith(f"vfio-user {path}: MIG_DATA_WRITE")
     assert f"at stream offset {2 * LIMIT}) failed with errno 28 (No space left on device)" in text
+    assert "; 2 writes were in flight behind it (0 taken, 2 refused)" in text
     assert device.state == MigState.RUNNING  # abort reset the device
 
 
@@ -326,9 +380,7 @@ async def test_sink_times_out_on_a_silent_server(autojump_clock: trio.abc.Clock)
 async def test_sink_server_closing_mid_request() -> None:
     with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
         path = os.path.join(tmp, "closer")
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await unix_listener(path)
 
         async def accept_and_close() -> None:
             conn, _ = await listener.accept()
@@ -345,7 +397,7 @@ async def test_sink_server_closing_mid_request() -> None:
     assert info.value.errno == errno.ECONNRESET
 
 
-async def test_cancelled_write_marks_the_client_broken() -> None:
+async def test_a_cancelled_write_sends_nothing_and_leaves_the_client_in_step() -> None:
     emu = Recorder()
     with trio.fail_after(5):
         async with serving(VfioUserDevice(emu, max_data_xfer_size=LIMIT)) as (path,):
@@ -354,11 +406,11 @@ async def test_cancelled_write_marks_the_client_broken() -> None:
             with trio.CancelScope() as scope:
                 scope.cancel()
                 await sink.write([b"x" * 10])
-            assert sink.client.broken
-            with pytest.raises(SinkError, match="unusable after an earlier error"):
-                await sink.write([b"y"])
-            await sink.abort()
+            assert not sink.client.broken
+            await sink.write([b"y"])
+            await sink.finish()
             await sink.aclose()
+    assert bytes(emu.received) == b"y"
 
 
 def test_specs_build_vfio_user_sink_and_source() -> None:
@@ -446,3 +498,83 @@ async def test_source_read_stops_at_zero_bytes() -> None:
             await source.aclose()
     assert b"".join(parts) == src.state_bytes()
     assert [len(p) for p in parts[:-1]] == [10] * (len(parts) - 1)
+
+
+class StopsReadingAfterAnError(trio.abc.Stream):
+    """A server's side of a connection that stops reading once it sent an ERROR reply,
+    as a server that hangs after refusing a write would."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.refused = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        if bytes(data[8:12]) == (0x21).to_bytes(4, "little"):  # reply | error
+            self.refused.set()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.refused.is_set():
+            await trio.sleep_forever()
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_refusal_is_seen_while_a_large_write_is_blocked() -> None:
+    # 1 MiB writes fill the socket; the server refuses the first one and stops reading.
+    # The reply reader must report the refusal at once, not after the 30 s send timeout.
+    emu = Flaky(0)
+    device = VfioUserDevice(emu)
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "s")
+        listener = await unix_listener(path)
+
+        async def serve_one() -> None:
+            conn, _ = await listener.accept()
+            stream = StopsReadingAfterAnError(trio.SocketStream(conn))
+            async with stream:
+                await serve_vfio_user_connection(stream, device)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            sink = VfioUserSink(path, max_write=1 << 20, reply_timeout=30, window=16)
+            await sink.start()
+            t0 = trio.current_time()
+            with trio.fail_after(5), pytest.raises(SinkError) as info:
+                await sink.write([bytes(64 << 20)])
+                await sink.finish()
+            waited = trio.current_time() - t0
+            await sink.aclose()
+            nursery.cancel_scope.cancel()
+        listener.close()
+    assert waited < 5
+    assert info.value.errno == errno.EIO
+    assert "MIG_DATA_WRITE (1048576 bytes at stream offset 0) failed with errno 5" in str(
+        info.value
+    )
+    assert "unanswered" in str(info.value), info.value
+
+
+async def test_source_data_after_the_end_is_a_protocol_error() -> None:
+    class Resumes(BarDevice):
+        """Ends its stream once, then has more: not a STOP_COPY stream."""
+
+        reads = 0
+
+        def read_data(self, size: int) -> bytes:
+            self.reads += 1
+            return b"" if self.reads == 2 else b"abc"
+
+    with trio.fail_after(5):
+        async with serving(VfioUserDevice(Resumes((16,)))) as (path,):
+            source = VfioUserSource(path, window=4)
+            await source.start()
+            with pytest.raises(ProtocolError, match="returned 3 bytes after the end"):
+                while await source.read(1 << 20):
+                    pass
+            await source.aclose()

@@ -6,8 +6,6 @@ receive session whose sink keeps every byte in order."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 import trio
@@ -22,26 +20,11 @@ from vfiomig.vfio_user import VfioUserSource
 BAR1, BAR0 = 0x3000, 8
 
 
-def start_server(lvu: LibVfioUser, sock: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [str(lvu.server), "-v", str(sock)],
-        env=lvu.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    return proc
-
-
 async def test_libvfio_user_server_as_a_pre_copy_source(
     tmp_path: Path, libvfio_user: LibVfioUser
 ) -> None:
     sock = tmp_path / "lvu.sock"
-    server = start_server(libvfio_user, sock)
+    server = libvfio_user.sample_server(sock)
     sink = MemorySink()
     try:
         with trio.fail_after(30):

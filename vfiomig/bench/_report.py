@@ -88,7 +88,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
     """The terminal table: medians, with the efficiency's min-max."""
     head = (
         f"{'kind':7} {'ch':>3} {'packet':>6} {'dev':>3} {'size':>6} {'order':10} {'tr':4}"
-        f" {'sink':6} {'downtime s':>10} {'MB/s':>7} {'bound s':>8} {'eff':>5} {'eff min-max':>11}"
+        f" {'sink':13} {'downtime s':>10} {'MB/s':>7} {'bound s':>8} {'eff':>5} {'eff min-max':>11}"
         f" {'peakQ MiB':>9} {'starv s':>7} {'cpu s':>6} {'harn %':>6} {'xSeq':>5} {'/C':>5}"
     )
     lines = [head, "-" * len(head)]
@@ -98,7 +98,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
         eff = s["efficiency"]
         lines.append(
             f"{s['kind']:7} {s['channels']:>3} {_size(s['packet_size']):>6} {s['devices']:>3}"
-            f" {_size(s['size']):>6} {s['order']:10} {s['transport']:4} {s['sink']:6}"
+            f" {_size(s['size']):>6} {s['order']:10} {s['transport']:4} {s['sink']:13}"
             f" {_fmt(s['downtime']['median'], digits=3):>10}"
             f" {_fmt(s['throughput']['median'], 1e-6, 0):>7}"
             f" {_fmt(s['bound']['median'], digits=3):>8}"

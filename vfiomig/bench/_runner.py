@@ -34,6 +34,7 @@ from vfiomig.receive import DeviceSetup, MigrationFailed, ReceiverConfig, Sessio
 from ._model import ConfigModel, Overhead, lower_bound
 from ._seq import SeqReport, serve_sequential
 from ._sinks import SHM, SinkSet, open_sinks
+from ._vfio_user import lvu_server
 
 ORDERS = ("roundrobin", "random", "idx0-last", "slow")
 TRANSPORTS = ("tcp", "unix")
@@ -158,6 +159,11 @@ def expand(
             skipped.append((case, "idx0-last needs at least 2 channels"))
         elif p > size:
             skipped.append((case, "packet size above the state size"))
+        elif s == "vfio-user-lvu" and lvu_server() is None:
+            skipped.append(
+                (case, "libvfio-user's server is not built "
+                 "(python -m benchmarks.vfio_user.bench --build-only)")
+            )  # fmt: skip
         else:
             cases.append(case)
     return cases, skipped
@@ -470,6 +476,8 @@ def cref_reason(case: Case, models: Models) -> str | None:
     """Why the C reference cannot run ``case``, or None when it can."""
     if case.sink == "device":
         return "the C reference has no device model"
+    if case.sink.startswith("vfio-user"):
+        return "the C reference has no vfio-user sink"
     if case.order == "slow" or models.link_rate:
         return "the C reference paces channels only at one common rate"
     return None

@@ -1,5 +1,6 @@
 """The sink models of a run: ``null``, ``pipe`` (drained by another process), ``tmpfs`` (a
-file under /dev/shm) and ``device`` (`DeviceModelSink`).
+file under /dev/shm), ``device`` (`DeviceModelSink`), and ``vfio-user`` /
+``vfio-user-lvu`` (a real vfio-user device server per device, see `_vfio_user`).
 
 `open_sinks` creates one sink per device and cleans up everything it made (drainer
 processes, files) when the run is over, whatever happened.
@@ -20,8 +21,9 @@ import trio
 from vfiomig.sinks import FdSink, NullSink, Sink
 
 from ._model import DeviceModelSink, Overhead
+from ._vfio_user import start_servers, stop_servers
 
-SINK_KINDS = ("null", "pipe", "tmpfs", "device")
+SINK_KINDS = ("null", "pipe", "tmpfs", "device", "vfio-user", "vfio-user-lvu")
 
 #: Pipe capacity asked with F_SETPIPE_SZ (the default 64 KiB makes every write a wake-up).
 PIPE_SIZE = 1 << 20
@@ -75,9 +77,14 @@ async def open_sinks(
         raise ValueError(f"sink model {kind!r} is unknown (known: {', '.join(SINK_KINDS)})")
     sinks: list[Sink] = []
     drainers: list[trio.Process] = []
+    servers: list[trio.Process] = []
     tmpdir: str | None = None
     try:
-        if kind == "null":
+        if kind.startswith("vfio-user"):
+            tmpdir = tempfile.mkdtemp(prefix="vfiomig-bench-")
+            servers, vu_sinks = await start_servers(kind, tmpdir, devices)
+            sinks = list(vu_sinks)
+        elif kind == "null":
             sinks = [NullSink() for _ in range(devices)]
         elif kind == "device":
             sinks = [DeviceModelSink(bandwidth, latency, overhead) for _ in range(devices)]
@@ -118,6 +125,7 @@ async def open_sinks(
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
+            await stop_servers(servers)
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
 

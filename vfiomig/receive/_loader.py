@@ -53,6 +53,7 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             ready = buf.take_ready()
             if ready is not None:
                 if ready.chunks:
+                    sink.note_batch(ready.first_idx, ready.end_idx)
                     try:
                         with trio.fail_after(timeout):
                             await sink.write(ready.chunks)
@@ -64,6 +65,11 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
                             idx=ready.first_idx,
                         ) from exc
                     except (OSError, SinkError) as exc:
+                        if isinstance(exc, SinkError) and exc.idx is not None:
+                            # A write confirmed late: the sink names the idx it carried.
+                            err = _sink_error(device, f"sink {sink.description} failed", exc)
+                            err.idx = exc.idx
+                            raise err from exc
                         what = (
                             "writing precopy data"
                             if ready.precopy
@@ -107,7 +113,9 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
                 device=device.name,
             ) from exc
         except (OSError, SinkError) as exc:
-            raise _sink_error(device, f"finishing sink {sink.description} failed", exc) from exc
+            err = _sink_error(device, f"finishing sink {sink.description} failed", exc)
+            err.idx = exc.idx if isinstance(exc, SinkError) else None
+            raise err from exc
         buf.mark_loaded()
         loaded = True
         session.device_loaded(device)

@@ -47,6 +47,12 @@ class Sink(abc.ABC):
         fails the device, so a partial write is never reported as success.
         """
 
+    def note_batch(self, first_idx: int, end_idx: int) -> None:  # noqa: B027 - optional hook
+        """Called before each ``write``: its chunks carry data of idx ``first_idx ..
+        end_idx - 1`` (``first_idx == end_idx`` for precopy data). A sink that confirms
+        writes after ``write`` returned names a late refusal by it in `SinkError.idx`,
+        which the loader keeps (default: nothing)."""
+
     async def finish(self) -> None:  # noqa: B027 - optional hook
         """Complete the stream after the config blob was loaded (default: nothing)."""
 

@@ -11,12 +11,14 @@ Server side (see docs/vfio-user-emulators.md):
 - `serve_vfio_user` serves it on a UNIX socket, one client at a time;
 - `Emulator` / `BarDevice`: the older migration-only emulator interface and its example.
 
-Client side: `open_vfio_user_client`, `open_vfio_user_sink`, `open_vfio_user_source`.
+Client side: `open_vfio_user_client`, `open_vfio_user_sink`, `open_vfio_user_source`; the
+client's MIG_DATA_WRITE / MIG_DATA_READ pipelines (`_pipeline`, `_read_pipeline`) keep a
+window of messages in flight straight on the socket.
 The sans-IO codecs are `_messages`, `_protocol` and `_wire`.
 """
 
 from vfiomig.vfio_user._bar_device import BarDevice
-from vfiomig.vfio_user._client import VfioUserClient, VfioUserCommandError, open_vfio_user_client
+from vfiomig.vfio_user._client import VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user._device import Emulator, VfioUserDevice
 from vfiomig.vfio_user._dma import Dma, DmaRegion, Sg
 from vfiomig.vfio_user._irqs import IrqIndex, Irqs
@@ -31,6 +33,7 @@ from vfiomig.vfio_user._pci import (
     pm_cap,
     vendor_cap,
 )
+from vfiomig.vfio_user._pipeline import VfioUserCommandError, WriteFailed
 from vfiomig.vfio_user._regions import Region, SharedMemory
 from vfiomig.vfio_user._server import serve_vfio_user, serve_vfio_user_connection
 from vfiomig.vfio_user._session import ResetReason
@@ -53,13 +56,14 @@ __all__ = [
     "ProtocolError",
     "Region",
     "ResetReason",
-    "SharedMemory",
     "Sg",
+    "SharedMemory",
     "VfioUserClient",
     "VfioUserCommandError",
     "VfioUserDevice",
     "VfioUserSink",
     "VfioUserSource",
+    "WriteFailed",
     "msi_cap",
     "msix_cap",
     "open_vfio_user_client",

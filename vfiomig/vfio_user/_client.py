@@ -25,7 +25,6 @@ from vfiomig.vfio_user._messages import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     MAJOR,
     MESSAGE_OVERHEAD,
-    MIG_DATA_HEADER_SIZE,
     Body,
     Capabilities,
     Command,
@@ -43,40 +42,31 @@ from vfiomig.vfio_user._messages import (
     Version,
     command_name,
 )
+from vfiomig.vfio_user._pipeline import (
+    Tag,
+    VfioUserCommandError,
+    WriteFailed,
+    WritePipeline,
+    describe_errno,
+)
 from vfiomig.vfio_user._protocol import Buffer, ClientConnection
+from vfiomig.vfio_user._read_pipeline import ReadPipeline
 
 DEFAULT_TIMEOUT: Final = 30.0
-#: MIG_DATA_WRITEs in flight before the client waits for a reply. 1: a write sent while
-#: an earlier one is still unanswered reaches the device even when that earlier one
-#: failed, so the device would take bytes past a gap in its stream (libvfio-user keeps
-#: taking writes after a failed one; the soak found it). More in flight only hides the
-#: round trip, and against vfiomig's own Python server (the bottleneck) 1, 2 and 4
-#: measured the same within noise (~200-280 MiB/s, 1 MiB writes, server in another
-#: process). A library user may ask for more, knowing that.
-DEFAULT_WINDOW: Final = 1
+#: MIG_DATA_WRITE/READ bytes in flight by default: the window is this many bytes' worth of
+#: messages (at least 2, at most 64). The spec lets a client pipeline commands and
+#: servers process them in order; a write sent behind a refused one still reaches the
+#: device, which is why a sink resets a device whose stream failed (see `_sink`).
+WINDOW_BYTES: Final = 8 * 1024 * 1024
+#: The socket's send buffer (the kernel caps it at net.core.wmem_max): room for a window
+#: of writes, so the client rarely waits for the server to read.
+SEND_BUFFER: Final = 4 * 1024 * 1024
 _RECEIVE_SIZE: Final = 64 * 1024
-_MIG_DATA_HEAD = MigDataRead  # same ``argsz, size`` layout as the write header
 
 
-class VfioUserCommandError(SinkError):
-    """The server answered a command with an ERROR reply.
-
-    Attributes:
-        command: the command number; ``errno``: the server's errno (None if it sent 0).
-    """
-
-    def __init__(self, message: str, *, command: int, errno: int | None) -> None:
-        super().__init__(message, errno=errno)
-        self.command = command
-
-
-def _describe_errno(errno: int) -> str:
-    if errno == 0:
-        return "no errno"
-    try:
-        return f"errno {errno} ({os.strerror(errno)})"
-    except ValueError:
-        return f"errno {errno}"
+def default_window(message_size: int) -> int:
+    """How many MIG_DATA messages of ``message_size`` bytes stay in flight by default."""
+    return max(2, min(256, WINDOW_BYTES // max(1, message_size)))
 
 
 class VfioUserClient(trio.abc.AsyncResource):
@@ -92,14 +82,14 @@ class VfioUserClient(trio.abc.AsyncResource):
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        sock: socket.socket,
         path: str,
         *,
         timeout: float,
         max_data_xfer_size: int,
-        window: int,
+        window: int | None,
     ) -> None:
-        if window < 1:
+        if window is not None and window < 1:
             raise ValueError(f"window {window} is below 1")
         self.path = path
         self.timeout = timeout
@@ -107,12 +97,27 @@ class VfioUserClient(trio.abc.AsyncResource):
         self.max_data_xfer_size = max_data_xfer_size
         self.server_capabilities = Capabilities()
         self.data_limit = max_data_xfer_size
-        self.broken = False
-        self.bytes_written = 0
-        self._stream = stream
+        self._broken = False
+        self._sock = sock
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         limit = max(max_data_xfer_size, 64 * 1024) + MESSAGE_OVERHEAD
         self._conn = ClientConnection(max_msg_size=limit)
-        self._writes: dict[int, tuple[int, int]] = {}  # msg_id -> (stream offset, size)
+        self._writer: WritePipeline | None = None
+        self._reader: ReadPipeline | None = None
+
+    @property
+    def broken(self) -> bool:
+        """True after an error that may leave replies out of step."""
+        return self._broken or any(p is not None and p.broken for p in (self._writer, self._reader))
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self._broken = value
+
+    @property
+    def bytes_written(self) -> int:
+        """MIG_DATA_WRITE bytes sent on this connection."""
+        return 0 if self._writer is None else self._writer.offset
 
     # ------------------------------------------------------------------ plumbing
 
@@ -181,37 +186,32 @@ class VfioUserClient(trio.abc.AsyncResource):
     def _command_error(self, command: int, errno: int, what: str = "") -> VfioUserCommandError:
         detail = f" ({what})" if what else ""
         return VfioUserCommandError(
-            f"{self._where()}: {command_name(command)}{detail} failed with {_describe_errno(errno)}",
+            f"{self._where()}: {command_name(command)}{detail} failed with {describe_errno(errno)}",
             command=command,
             errno=errno or None,
         )
 
-    async def _collect_write(self) -> None:
-        msg_id, command, body = await self._next_reply()
-        offset, size = self._writes.pop(msg_id, (0, 0))
-        if command != Command.MIG_DATA_WRITE:
-            self.broken = True
-            raise ProtocolError(f"{self._where()}: unexpected {command_name(command)} reply")
-        if isinstance(body, ErrorReply):
-            raise self._command_error(
-                command, body.errno, f"{size} bytes at stream offset {offset}"
-            )
-
     async def flush(self, *, raise_errors: bool = True) -> None:
-        """Wait for the reply of every MIG_DATA_WRITE in flight; raise the first error
-        (after collecting every reply, so the connection stays in step)."""
-        first: VfioUserCommandError | None = None
-        while self._writes:
+        """Wait for the reply of every MIG_DATA_WRITE in flight and collect the replies
+        of reads sent past the end of the stream; raise the first refused write's
+        `WriteFailed` (again on every call), unless ``raise_errors`` is false."""
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.drain()
+        if self._writer is not None:
             try:
-                await self._collect_write()
-            except VfioUserCommandError as exc:
-                first = first or exc
-        if first is not None and raise_errors:
-            raise first
+                await self._writer.flush()
+            except WriteFailed:
+                if raise_errors:
+                    raise
 
     async def request(self, command: Command, payload: Buffer, what: str = "") -> Body:
-        """Send one request and return its reply body; an ERROR reply raises."""
-        await self.flush()
+        """Send one request and return its reply body; an ERROR reply raises.
+
+        MIG_DATA messages still in flight are answered first; a refused write raises.
+        """
+        if self._reader is not None or (self._writer is not None and self._writer.pending):
+            await self.flush()
         await self._send(command, payload)
         _, got, body = await self._next_reply()
         if isinstance(body, ErrorReply):
@@ -281,21 +281,56 @@ class VfioUserClient(trio.abc.AsyncResource):
                 Command.DEVICE_FEATURE, DeviceFeature.set_state(step).pack(), f"SET {step.name}"
             )
 
-    async def write_data(self, chunks: Sequence[Buffer], *, limit: int | None = None) -> None:
+    async def write_data(
+        self,
+        chunks: Sequence[Buffer],
+        *,
+        limit: int | None = None,
+        tag: tuple[int, int] | None = None,
+    ) -> None:
         """MIG_DATA_WRITE every byte of ``chunks`` in messages of at most `data_limit`
-        (and ``limit``, when given).
+        (and ``limit``, when given), each in one ``sendmsg``, without copying them.
 
-        Up to `window` writes stay in flight; their errors surface on a later call or in
-        `flush`, naming the stream offset of the write that failed.
+        Up to `window` writes stay in flight (by default `default_window` of the message
+        size); a refused one raises `WriteFailed` on this or a later call or in `flush`,
+        naming its stream offset and ``tag`` (the idx range its data came from).
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         cap = self.data_limit if limit is None else max(1, min(limit, self.data_limit))
-        for pieces, size in _split(chunks, cap):
-            while len(self._writes) >= self.window:
-                await self._collect_write()
-            head = _MIG_DATA_HEAD(MIG_DATA_HEADER_SIZE + size, size).pack()
-            msg_id = await self._send(Command.MIG_DATA_WRITE, [head, *pieces])
-            self._writes[msg_id] = (self.bytes_written, size)
-            self.bytes_written += size
+        writer = self._writer
+        if writer is None:
+            if self._reader is not None or self._conn.pending:
+                raise RuntimeError(f"{self._where()}: requests are outstanding")
+            window = self.window or default_window(cap)
+            writer = self._writer = WritePipeline(
+                self._sock, self._where(), timeout=self.timeout, window=window
+            )
+        # One chunk per idx (no empty packet skipped): each write names its own idx.
+        writes: Iterator[tuple[list[memoryview], int, Tag]]
+        if tag is not None and tag[1] - tag[0] == len(chunks):
+            base = tag[0]
+            writes = (
+                (pieces, size, (base + first, base + last + 1))
+                for pieces, size, first, last in _split(chunks, cap)
+            )
+        else:
+            writes = ((pieces, size, tag) for pieces, size, _, _ in _split(chunks, cap))
+        await writer.write(writes)
+
+    async def read_stream(self, max_bytes: int) -> list[bytes | memoryview]:
+        """The next pieces of the STOP_COPY stream (at most ``max_bytes`` in all), read
+        with `window` MIG_DATA_READs of `data_limit` bytes in flight; ``[]`` at the end
+        (the device returned 0 bytes)."""
+        reader = self._reader
+        if reader is None:
+            if (self._writer is not None and self._writer.pending) or self._conn.pending:
+                raise RuntimeError(f"{self._where()}: requests are outstanding")
+            window = self.window or default_window(self.data_limit)
+            reader = self._reader = ReadPipeline(
+                self._sock, self._where(), timeout=self.timeout, window=window,
+                size=self.data_limit,
+            )  # fmt: skip
+        return await reader.read(max_bytes)
 
     async def read_data(self, size: int) -> bytes:
         """One MIG_DATA_READ of up to ``min(size, data_limit)`` bytes; ``b""`` = end."""
@@ -360,22 +395,28 @@ class VfioUserClient(trio.abc.AsyncResource):
         await self.aclose()
 
 
-def _split(chunks: Sequence[Buffer], limit: int) -> Iterator[tuple[list[memoryview], int]]:
-    """Regroup ``chunks`` into runs of at most ``limit`` bytes, without copying."""
+def _split(
+    chunks: Sequence[Buffer], limit: int
+) -> Iterator[tuple[list[memoryview], int, int, int]]:
+    """Regroup ``chunks`` into runs of at most ``limit`` bytes, without copying: yields
+    (pieces, size, index of the chunk of its first byte, index of that of its last)."""
     run: list[memoryview] = []
-    size = 0
-    for chunk in chunks:
+    size = first = last = 0
+    for i, chunk in enumerate(chunks):
         view = memoryview(chunk).cast("B")
         while view:
+            if not size:
+                first = i
+            last = i
             take = min(limit - size, len(view))
             run.append(view[:take])
             size += take
             view = view[take:]
             if size == limit:
-                yield run, size
+                yield run, size, first, last
                 run, size = [], 0
     if size:
-        yield run, size
+        yield run, size, first, last
 
 
 async def open_vfio_user_client(
@@ -383,7 +424,7 @@ async def open_vfio_user_client(
     *,
     reply_timeout: float = DEFAULT_TIMEOUT,
     max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
 ) -> VfioUserClient:
     """Connect to the vfio-user server at ``path`` and negotiate VERSION.
 
@@ -394,7 +435,10 @@ async def open_vfio_user_client(
     Cancellation: safe; a half-open connection is closed.
     """
     path = os.fspath(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    sock = trio.socket.from_stdlib_socket(raw)
     try:
         with trio.fail_after(reply_timeout):
             await sock.connect(path)
@@ -410,7 +454,7 @@ async def open_vfio_user_client(
         sock.close()
         raise
     client = VfioUserClient(
-        trio.SocketStream(sock),
+        raw,
         path,
         timeout=reply_timeout,
         max_data_xfer_size=max_data_xfer_size,

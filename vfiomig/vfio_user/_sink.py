@@ -2,9 +2,15 @@
 
 Sequence (SPEC.md §4, the reference's §3.7): connect, VERSION, DEVICE_FEATURE GET
 MIGRATION (STOP_COPY required), SET RESUMING (walking RUNNING -> STOP -> RESUMING),
-MIG_DATA_WRITE in messages no larger than both sides' ``max_data_xfer_size``, SET STOP to
+MIG_DATA_WRITE in messages no larger than both sides' ``max_data_xfer_size`` nor
+``max-write``, pipelined (a window of writes in flight, see `_pipeline`), SET STOP to
 finish (where the device validates the stream; an ERROR reply fails the device with its
 errno). ``abort`` resets the device, best effort.
+
+A refused write fails the device with that write's errno and the idx its data came
+from; writes already in flight behind it may have reached the device, which is why the
+sink never moves a device out of RESUMING after a failure: ``abort`` resets it
+(DEVICE_RESET), so no partly loaded device runs.
 """
 
 from __future__ import annotations
@@ -22,9 +28,7 @@ from vfiomig._units import parse_size
 from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio_user._client import (
     DEFAULT_TIMEOUT,
-    DEFAULT_WINDOW,
     VfioUserClient,
-    VfioUserCommandError,
     open_vfio_user_client,
 )
 from vfiomig.vfio_user._messages import (
@@ -32,6 +36,7 @@ from vfiomig.vfio_user._messages import (
     MIGRATION_STOP_COPY,
     MigState,
 )
+from vfiomig.vfio_user._pipeline import VfioUserCommandError
 
 log = logging.getLogger("vfiomig.vfio_user")
 
@@ -40,12 +45,13 @@ ABORT_TIMEOUT: Final = 5.0
 
 #: The largest MIG_DATA_WRITE data the sink sends in one message by default, whatever the
 #: server's ``max_data_xfer_size`` allows. libvfio-user receives a message body with one
-#: ``recv()`` and takes a short read as an error (its issue #306), and a UNIX stream socket
-#: carries a message in one piece only up to about 36 KiB (one skb: 32 KiB of page
-#: fragments plus the head), so a larger write can reach such a server split and break
-#: its framing: found against libvfio-user's own server, where 1 MiB and 64 KiB writes
-#: failed and 32 KiB ones did not (2070 writes). ``max-write=SIZE`` raises it for servers
-#: that read whole messages (vfiomig's own does).
+#: ``recv()`` without MSG_WAITALL (``tran_sock_recv_body``) and takes a short read as an
+#: error, and a UNIX stream socket queues a ``sendmsg`` in pieces (skbs) of at most
+#: about 36 KiB (32 KiB of page fragments plus the head), so only a message that fits one
+#: piece is sure to be there whole when the server reads it; each write goes out in its
+#: own ``sendmsg``. 1 MiB and 64 KiB writes broke libvfio-user's framing, 32 KiB ones
+#: never did. ``max-write=SIZE`` raises it for servers that read whole messages
+#: (vfiomig's own does).
 DEFAULT_MAX_WRITE: Final = 32 * 1024
 
 
@@ -70,7 +76,8 @@ class VfioUserSink(Sink):
         max_data_xfer_size: advertised to the server (the most it may send us).
         max_write: the largest MIG_DATA_WRITE data per message (see `DEFAULT_MAX_WRITE`);
             writes are also bounded by the server's ``max_data_xfer_size``.
-        window: MIG_DATA_WRITEs in flight at once (1 = wait for each reply in turn).
+        window: MIG_DATA_WRITEs in flight at once (default: 4 MiB worth, 2..64;
+            1 = wait for each reply in turn).
     """
 
     def __init__(
@@ -80,7 +87,7 @@ class VfioUserSink(Sink):
         reply_timeout: float = DEFAULT_TIMEOUT,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
         max_write: int = DEFAULT_MAX_WRITE,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
     ) -> None:
         if max_write < 1:
             raise ValueError(f"max_write {max_write} is below 1")
@@ -92,6 +99,8 @@ class VfioUserSink(Sink):
         self._window = window
         self._client: VfioUserClient | None = None
         self._moved = False  # start() may have changed the device's state
+        self._batch: tuple[int, int] | None = None
+        self.bytes_written = 0  # handed to the client (sent or about to be)
 
     @property
     def client(self) -> VfioUserClient:
@@ -113,9 +122,14 @@ class VfioUserSink(Sink):
         self._moved = True
         await start_migration(self._client, MigState.RESUMING)
 
+    def note_batch(self, first_idx: int, end_idx: int) -> None:
+        self._batch = (first_idx, end_idx)
+
     async def write(self, chunks: Sequence[Chunk]) -> None:
-        """Send every byte; a write still in flight is confirmed by a later call or finish."""
-        await self.client.write_data(chunks, limit=self.max_write)
+        """Send every byte; writes still in flight are confirmed by a later call or
+        `finish`, and a refusal raises there, naming the idx of the refused data."""
+        await self.client.write_data(chunks, limit=self.max_write, tag=self._batch)
+        self.bytes_written += sum(map(len, chunks))
 
     async def finish(self) -> None:
         """Wait for every write's reply, then SET STOP: the device validates the stream."""

@@ -1,8 +1,9 @@
 """The ``vfio-user:SOCKPATH[,config=FILE]`` source: read a device's state from a server.
 
 Sequence: connect, VERSION, GET MIGRATION (STOP_COPY required), SET STOP_COPY (walking
-RUNNING -> STOP -> STOP_COPY), MIG_DATA_READ until the device returns 0 bytes, then, once
-the config packet is queued, SET STOP.
+RUNNING -> STOP -> STOP_COPY), MIG_DATA_READs of the server's ``max_data_xfer_size``
+with a window of them in flight (the server answers them in order) until the device
+returns 0 bytes, then, once the config packet is queued, SET STOP.
 
 With a precopy phase (``vfiomig send --control``) and a device that offers PRE_COPY and
 runs: SET PRE_COPY first, and MIG_DATA_READs while it runs until the device returns 0 bytes
@@ -24,13 +25,9 @@ import trio
 from vfiomig._core._errors import ConfigStateError, UsageError, VfioMigError
 from vfiomig._core._wire import check_config_blob, wrap_config
 from vfiomig.sources import Source
-from vfiomig.vfio_user._client import (
-    DEFAULT_TIMEOUT,
-    VfioUserClient,
-    VfioUserCommandError,
-    open_vfio_user_client,
-)
+from vfiomig.vfio_user._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MIGRATION_PRE_COPY, MigState
+from vfiomig.vfio_user._pipeline import VfioUserCommandError
 from vfiomig.vfio_user._sink import start_migration
 
 _CONFIG_OPTION: Final = ",config="
@@ -48,8 +45,10 @@ class VfioUserSource(Source):
         config_path: str | os.PathLike[str] | None = None,
         reply_timeout: float = DEFAULT_TIMEOUT,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        window: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        self._window = window
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.description = f"vfio-user:{self.path}"
         self._reply_timeout = reply_timeout
@@ -74,6 +73,7 @@ class VfioUserSource(Source):
             self.path,
             reply_timeout=self._reply_timeout,
             max_data_xfer_size=self._max_data_xfer_size,
+            window=self._window,
         )
 
     async def start_precopy(self) -> bool:
@@ -105,15 +105,19 @@ class VfioUserSource(Source):
             except (OSError, VfioMigError, trio.TooSlowError) as exc:
                 log.warning("%s: back to RUNNING failed: %s", self.description, exc)
 
-    async def read(self, max_bytes: int) -> bytes:
+    async def read(self, max_bytes: int) -> bytes | bytearray:
         """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes."""
         out = bytearray()
         while not self._ended and len(out) < max_bytes:
-            data = await self.client.read_data(max_bytes - len(out))
-            if not data:
+            pieces = await self.client.read_stream(max_bytes - len(out))
+            if not pieces:
                 self._ended = True
-            out += data
-        return bytes(out)
+            if len(pieces) == 1 and not out and len(pieces[0]) == max_bytes:
+                piece = pieces[0]
+                return piece if isinstance(piece, bytes) else bytes(piece)
+            for piece in pieces:
+                out += piece
+        return out
 
     async def config_blob(self) -> bytes:
         if self.config_path is None:

@@ -1,0 +1,1 @@
+"""vfio-user migration data path benchmarks (see ``bench.py``)."""

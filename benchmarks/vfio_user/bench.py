@@ -1,0 +1,197 @@
+"""vfio-user migration data path: ceilings and vfiomig's client, side by side in one run.
+
+    .venv/bin/python -m benchmarks.vfio_user.bench [--runs 3] [--size 1G] [--baseline REV]
+
+Builds three C programs with gcc (``build/``, next to this file; ``--build-only`` stops
+there, which is what ``vfiomig bench --sinks vfio-user-lvu`` needs): ``vu_raw`` (a forked
+pair moving messages over a UNIX socket, each answered, a window in flight: the socket's
+ceiling), ``vu_server`` (a device on libvfio-user whose stream has no fixed size) and
+``vu_client`` (a minimal C vfio-user client: the client's ceiling). libvfio-user comes
+from ``../shared/tools/build-libvfio-user`` (the test fixture's cached build).
+
+Then, for each case, medians of ``--runs`` runs, interleaved: vfiomig's sink and source
+(``benchmarks/vfio_user/pyclient.py``, the public classes) from this checkout, and the
+same script against the vfio_user package of ``--baseline`` (a git revision, default the
+commit before pipelining: one write in flight, every message copied) as "before". Each
+server is a fresh process per run: libvfio-user's (``vu_server``) and vfiomig's own
+(``benchmarks.vfio_user.null_device``, the same device in Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.cref.bench import _wait_quiet
+from tests.libvfio_user import build as build_libvfio_user
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+BUILD = HERE / "build"
+#: The last commit with the one-write-in-flight client (its sink measured 112-135 MiB/s).
+BASELINE = "2451db9"
+
+
+def build() -> dict[str, str]:
+    """Compile the C programs; returns the environment to run vu_server in."""
+    lvu = build_libvfio_user()
+    BUILD.mkdir(exist_ok=True)
+    flags = ["-O2", "-Wall", "-Wextra", "-Werror"]
+    for name, extra in (
+        ("vu_raw", []),
+        ("vu_client", []),
+        (
+            "vu_server",
+            [
+                f"-I{lvu.source / 'include'}",
+                f"-L{lvu.libdir}",
+                f"-Wl,-rpath,{lvu.libdir}",
+                "-lvfio-user",
+            ],
+        ),
+    ):
+        src = HERE / f"{name}.c"
+        subprocess.run(["gcc", *flags, "-o", str(BUILD / name), str(src), *extra], check=True)
+    return lvu.env()
+
+
+def baseline_tree(rev: str, dest: Path) -> Path:
+    """Extract ``vfiomig/`` of ``rev`` into ``dest``; returns the PYTHONPATH root."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "vfiomig"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    tar = dest / "base.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as t:
+        t.extractall(dest, filter="data")
+    return dest
+
+
+@dataclass
+class Case:
+    name: str
+    server: str  # "lvu", "own" or "" (vu_raw needs none)
+    client: list[str]  # argv; SOCK is replaced by the socket path
+    pythonpath: str | None = None  # run the client with this tree (baseline)
+
+
+def _listening(path: str, *, probe: bool) -> bool:
+    """The socket file exists and, with ``probe``, accepts a connection (vfiomig's server
+    binds before it listens, and serves the next client after a probe; libvfio-user's
+    would take the probe as its one client)."""
+    if not os.path.exists(path):
+        return False
+    if not probe:
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        return s.connect_ex(path) == 0
+
+
+def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
+    sock = str(tmp / "s")
+    server = None
+    if case.server:
+        if os.path.exists(sock):
+            os.unlink(sock)
+        argv = (
+            [str(BUILD / "vu_server"), sock, size]
+            if case.server == "lvu"
+            else [sys.executable, "-m", "benchmarks.vfio_user.null_device", sock, size]
+        )
+        server = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _listening(sock, probe=case.server == "own"):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"{case.name}: server did not start")
+            time.sleep(0.02)
+    client_env = dict(env)
+    if case.pythonpath:
+        client_env["PYTHONPATH"] = case.pythonpath
+        client_env["VFIOMIG_PUREPYTHON"] = "1"  # the extracted tree has no built core
+    argv = [sock if a == "SOCK" else a for a in case.client]
+    try:
+        out = subprocess.run(
+            argv, env=client_env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        if server is not None:
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    if out.returncode != 0:
+        raise RuntimeError(f"{case.name}: {out.stderr.strip() or out.stdout.strip()}")
+    return float(json.loads(out.stdout.splitlines()[-1])["mib_s"])
+
+
+def cases(size: str, base: str) -> list[Case]:
+    py = [sys.executable, str(HERE / "pyclient.py"), "SOCK"]
+    c = [str(BUILD / "vu_client"), "SOCK"]
+    return [
+        Case("raw UNIX socket, 1 MiB messages, 4 in flight", "", [str(BUILD / "vu_raw"), "1M", size, "4"]),
+        Case("raw UNIX socket, 32 KiB messages, 16 in flight", "", [str(BUILD / "vu_raw"), "32K", size, "16"]),
+        Case("libvfio-user <- C client, 32 KiB writes, 16 in flight", "lvu", [*c, "write", "32K", size, "16"]),
+        Case("libvfio-user <- C client, 32 KiB writes, 64 in flight", "lvu", [*c, "write", "32K", size, "64"]),
+        Case("libvfio-user <- vfiomig sink before (32 KiB, 1 in flight)", "lvu", [*py, "write", "32K", size, "1"], base),
+        Case("libvfio-user <- vfiomig sink (32 KiB, default window)", "lvu", [*py, "write", "32K", size, "0"]),
+        Case("libvfio-user -> C client, 1 MiB reads, 4 in flight", "lvu", [*c, "read", "1M", "0", "4"]),
+        Case("libvfio-user -> vfiomig source before (1 MiB, 1 in flight)", "lvu", [*py, "read", "0", "0", "1"], base),
+        Case("libvfio-user -> vfiomig source (1 MiB, default window)", "lvu", [*py, "read", "0", "0", "0"]),
+        Case("vfiomig server <- C client, 1 MiB writes, 4 in flight", "own", [*c, "write", "1M", size, "4"]),
+        Case("vfiomig server <- vfiomig sink before (1 MiB, 1 in flight)", "own", [*py, "write", "1M", size, "1"], base),
+        Case("vfiomig server <- vfiomig sink (1 MiB, default window)", "own", [*py, "write", "1M", size, "0"]),
+        Case("vfiomig server -> C client, 1 MiB reads, 4 in flight", "own", [*c, "read", "1M", "0", "4"]),
+        Case("vfiomig server -> vfiomig source before (1 MiB, 1 in flight)", "own", [*py, "read", "0", "0", "1"], base),
+        Case("vfiomig server -> vfiomig source (1 MiB, default window)", "own", [*py, "read", "0", "0", "0"]),
+    ]  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--size", default="1G", help="bytes per run (K/M/G)")
+    parser.add_argument("--baseline", default=BASELINE, help="git revision for 'before'")
+    parser.add_argument("--only", default="", help="run the cases whose name has this text")
+    parser.add_argument("--quiet-wait", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--build-only", action="store_true", help="build the C programs (for vfiomig bench)"
+    )
+    args = parser.parse_args(argv)
+    env = build()
+    if args.build_only:
+        print(BUILD)
+        return
+    with tempfile.TemporaryDirectory(prefix="vubench", dir="/tmp") as tmpdir:
+        tmp = Path(tmpdir)
+        base = str(baseline_tree(args.baseline, tmp))
+        todo = [c for c in cases(args.size, base) if args.only in c.name]
+        results: dict[str, list[float]] = {c.name: [] for c in todo}
+        for _ in range(args.runs):
+            for case in todo:
+                _wait_quiet(args.quiet_wait)
+                results[case.name].append(run_case(case, env, args.size, tmp))
+    medians = {name: statistics.median(v) for name, v in results.items()}
+    for name, runs in results.items():
+        if args.json:
+            print(json.dumps({"case": name, "median_mib_s": medians[name], "runs": runs}))
+        else:
+            shown = ", ".join(f"{r:.0f}" for r in runs)
+            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown})")
+
+
+if __name__ == "__main__":
+    main()

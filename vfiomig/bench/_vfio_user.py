@@ -1,0 +1,148 @@
+"""The ``vfio-user`` and ``vfio-user-lvu`` bench sinks: a vfio-user device server per
+device, in its own process, loaded through `VfioUserSink`.
+
+``vfio-user``: vfiomig's own server (`serve_vfio_user`) with `NullEmulator`, a device
+whose stream has no fixed size (`main`); the sink
+writes 1 MiB messages (the server reads whole messages). ``vfio-user-lvu``: the same
+device on libvfio-user (``benchmarks/vfio_user/vu_server.c``), found at
+``$VFIOMIG_LVU_SERVER`` or in ``benchmarks/vfio_user/build/`` of the checkout (built by
+``python -m benchmarks.vfio_user.bench --build-only``); the sink writes 32 KiB messages,
+the most libvfio-user is sure to read whole.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from vfiomig._units import parse_size
+from vfiomig.vfio_user import MigState, VfioUserDevice, VfioUserSink, serve_vfio_user
+from vfiomig.vfio_user._sink import DEFAULT_MAX_WRITE
+
+RING = 4 << 20
+_SERVE = "from vfiomig.bench._vfio_user import main; main()"
+#: How long a server process may take to create its socket.
+START_TIMEOUT = 10.0
+
+
+class NullEmulator:
+    """Copies each MIG_DATA_WRITE into a 4 MiB ring (a device that stores its state) and
+    takes every byte; in STOP_COPY returns ``read_total`` bytes, then 0."""
+
+    def __init__(self, read_total: int = 0) -> None:
+        self.read_total = read_total
+        self.view = memoryview(bytearray(b"\xa5" * RING))
+        self.written = 0
+        self.read = 0
+
+    @property
+    def region_sizes(self) -> Sequence[int]:
+        return ()
+
+    def transition(self, state: MigState) -> None:
+        if state == MigState.STOP_COPY:
+            self.read = 0
+
+    def read_data(self, size: int) -> bytes:
+        n = min(size, self.read_total - self.read)
+        off = self.read % RING
+        first = min(n, RING - off)
+        self.read += n
+        return bytes(self.view[off : off + first]) + bytes(self.view[: n - first])
+
+    def write_data(self, data: memoryview) -> int:
+        n = len(data)
+        off = self.written % RING
+        first = min(n, RING - off)
+        self.view[off : off + first] = data[:first]
+        self.view[: n - first] = data[first:]
+        self.written += n
+        return n
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        raise OSError(22, "no regions")
+
+    def region_write(self, index: int, offset: int, data: memoryview) -> int:
+        raise OSError(22, "no regions")
+
+    def reset(self) -> None:
+        pass
+
+
+def lvu_server() -> str | None:
+    """The libvfio-user device server's path, or None when it is not built."""
+    env = os.environ.get("VFIOMIG_LVU_SERVER")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    root = Path(__file__).resolve().parents[2]
+    built = root / "benchmarks" / "vfio_user" / "build" / "vu_server"
+    return str(built) if os.access(built, os.X_OK) else None
+
+
+async def _listening(path: str, *, probe: bool) -> bool:
+    if not await trio.Path(path).exists():
+        return False
+    if not probe:
+        return True
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            await sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+async def start_servers(
+    kind: str, tmpdir: str, devices: int
+) -> tuple[list[trio.Process], list[VfioUserSink]]:
+    """One server process and one sink per device. The caller closes the sinks, then
+    calls `stop_servers`, also when this raises after starting some."""
+    procs: list[trio.Process] = []
+    sinks: list[VfioUserSink] = []
+    for i in range(devices):
+        path = os.path.join(tmpdir, f"vu{i}.sock")
+        if kind == "vfio-user-lvu":
+            server = lvu_server()
+            if server is None:
+                raise RuntimeError("vfio-user-lvu: libvfio-user's server is not built")
+            argv = [server, path, "0"]
+            sink = VfioUserSink(path, max_write=DEFAULT_MAX_WRITE)
+        else:
+            argv = [sys.executable, "-c", _SERVE, path]
+            sink = VfioUserSink(path, max_write=1 << 20)
+        procs.append(await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL))
+        with trio.fail_after(START_TIMEOUT):
+            # vfiomig's server binds before it listens: probe it (it serves the next
+            # client after the probe); libvfio-user's would take a probe as its client.
+            while not await _listening(path, probe=kind == "vfio-user"):
+                if procs[-1].poll() is not None:
+                    raise RuntimeError(f"{kind}: server exited with {procs[-1].returncode}")
+                await trio.sleep(0.01)
+        sinks.append(sink)
+    return procs, sinks
+
+
+async def stop_servers(procs: Sequence[trio.Process]) -> None:
+    """Stop the servers (libvfio-user's exits when its client left; vfiomig's serves
+    until terminated)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def main() -> None:
+    """``SOCK [READ_TOTAL]``: serve a `NullEmulator` on SOCK until terminated."""
+    path = sys.argv[1]
+    total = parse_size(sys.argv[2]) if len(sys.argv) > 2 else 0
+    trio.run(serve_vfio_user, path, VfioUserDevice(NullEmulator(total)))

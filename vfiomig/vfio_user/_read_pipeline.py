@@ -1,0 +1,150 @@
+"""The MIG_DATA_READ pipeline of a vfio-user client (see `_pipeline` for the rules both
+pipelines share): reads of ``size`` bytes with a window in flight; the data comes back in
+request order and ends at the first reply carrying 0 bytes; data after that end is a
+protocol error."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+
+from vfiomig._core._errors import SinkError
+from vfiomig.vfio_user._messages import HEADER_SIZE, MIG_DATA_HEADER_SIZE
+from vfiomig.vfio_user._pipeline import (
+    DATA_HEAD,
+    MIG_SIZES,
+    READ,
+    SocketPipeline,
+    VfioUserCommandError,
+    describe_errno,
+)
+
+
+class ReadPipeline(SocketPipeline):
+    """MIG_DATA_READs of ``size`` bytes with up to ``window`` in flight, until the device
+    returns 0 bytes; see the module docstring."""
+
+    def __init__(
+        self, sock: socket.socket, where: str, *, timeout: float, window: int, size: int
+    ) -> None:
+        buffer_size = 4 * (HEADER_SIZE + MIG_DATA_HEADER_SIZE + size)
+        super().__init__(sock, where, timeout=timeout, window=window, buffer_size=buffer_size)
+        self.size = size
+        self.ended = False  # a reply carried 0 bytes
+        self._order: dict[int, int] = {}  # msg_id -> request sequence, in flight
+        self._sent = 0
+        self._next = 0  # the sequence whose data comes next
+        self._early: dict[int, bytes] = {}  # data of replies that came before their turn
+        self.offset = 0  # stream bytes received in order
+        self._ready: list[bytes | memoryview] = []
+        self._request = DATA_HEAD.pack(
+            0, READ, HEADER_SIZE + MIG_DATA_HEADER_SIZE, 0, 0, MIG_DATA_HEADER_SIZE + size, size
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._order)
+
+    def _ask(self) -> bool:
+        """Send as many requests as the window and the socket take; False if none."""
+        asked = False
+        while not self.ended and len(self._order) < self.window:
+            msg_id = self._new_id()
+            request = bytearray(self._request)
+            struct.pack_into("=H", request, 0, msg_id)
+            try:
+                n = self.sock.send(request)
+            except BlockingIOError:
+                return asked
+            except OSError as exc:
+                raise self._fail(
+                    SinkError(
+                        f"{self.where}: sending MIG_DATA_READ failed ({exc})", errno=exc.errno
+                    )
+                ) from exc
+            if n != len(request):  # 24 bytes: only a broken socket splits them
+                raise self._fail(SinkError(f"{self.where}: MIG_DATA_READ sent in part"))
+            self._order[msg_id] = self._sent
+            self._sent += 1
+            asked = True
+        return asked
+
+    def _collect(self) -> None:
+        while True:
+            reply = self._next_reply(READ)
+            if reply is None:
+                return
+            msg_id, errno, payload = reply
+            seq = self._outstanding(self._order, msg_id, READ)
+            if errno >= 0:
+                self.broken = True
+                raise VfioUserCommandError(
+                    f"{self.where}: MIG_DATA_READ ({self.size} bytes at stream offset "
+                    f"{self.offset}) failed with {describe_errno(errno)}",
+                    command=READ,
+                    errno=errno or None,
+                )
+            if len(payload) < MIG_DATA_HEADER_SIZE:
+                raise self._protocol(
+                    f"MIG_DATA_READ reply payload of {len(payload)} bytes is too short "
+                    f"(min {MIG_DATA_HEADER_SIZE})"
+                )
+            _, got = MIG_SIZES.unpack_from(payload)
+            if got > self.size or got > len(payload) - MIG_DATA_HEADER_SIZE:
+                raise self._protocol(
+                    f"mig data read returned {got} bytes (asked {self.size}, "
+                    f"carried {len(payload) - MIG_DATA_HEADER_SIZE})"
+                )
+            data = bytes(payload[MIG_DATA_HEADER_SIZE : MIG_DATA_HEADER_SIZE + got])
+            if seq != self._next:
+                self._early[seq] = data
+                continue
+            self._take(data)
+            while self._next in self._early:
+                self._take(self._early.pop(self._next))
+
+    def _take(self, data: bytes) -> None:
+        self._next += 1
+        if not data:
+            self.ended = True
+        elif self.ended:
+            raise self._protocol(f"mig data read returned {len(data)} bytes after the end")
+        else:
+            self._ready.append(data)
+            self.offset += len(data)
+
+    async def read(self, max_bytes: int) -> list[bytes | memoryview]:
+        """At least one piece of the stream (at most ``max_bytes`` in all), or ``[]`` at
+        its end; data beyond ``max_bytes`` stays for the next call."""
+        while not self._ready and not (self.ended and not self._order):
+            if not self._ask() and not self._order:
+                await self._wait("sending MIG_DATA_READ", trio.lowlevel.wait_writable)
+                continue
+            if not self._receive_nowait():
+                await self._wait_readable()
+                self._receive_nowait()
+            self._collect()
+        out: list[bytes | memoryview] = []
+        room = max_bytes
+        while self._ready and room:
+            piece = self._ready[0]
+            if len(piece) <= room:
+                out.append(self._ready.pop(0))
+                room -= len(piece)
+            else:
+                out.append(memoryview(piece)[:room])
+                self._ready[0] = memoryview(piece)[room:]
+                room = 0
+        self._ask()
+        await trio.lowlevel.checkpoint()
+        return out
+
+    async def drain(self) -> None:
+        """Collect the replies of the reads still in flight (after the end: 0 bytes)."""
+        while self._order:
+            if not self._receive_nowait():
+                await self._wait_readable()
+                continue
+            self._collect()
