@@ -23,6 +23,18 @@ SCRIPT = SHARED / "tools" / "build-libvfio-user"
 TARBALL = SHARED / "vendor" / "libvfio-user-7e7a0a6.tar.gz"
 
 
+def listening(path: str) -> bool:
+    """The UNIX socket at ``path`` listens. libvfio-user's server binds a moment before it
+    listens, so its file's existence is not enough, and a probe connection would be the
+    sample server's one client: read the kernel's table instead."""
+    with open("/proc/net/unix") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class LibVfioUser:
     """Paths of a libvfio-user build."""
@@ -33,7 +45,7 @@ class LibVfioUser:
     source: Path
 
     def sample_server(self, sock: Path) -> subprocess.Popen[str]:
-        """Start ``samples/server -v SOCK`` (its log on stdout) and wait for its socket."""
+        """Start ``samples/server -v SOCK`` (its log on stdout) and wait until it listens."""
         proc = subprocess.Popen(
             [str(self.server), "-v", str(sock)],
             env=self.env(),
@@ -42,7 +54,7 @@ class LibVfioUser:
             text=True,
         )
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not listening(str(sock)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 out, _ = proc.communicate(timeout=5)
