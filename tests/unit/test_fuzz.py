@@ -26,8 +26,11 @@ def test_corpus_replays_clean(target: str) -> None:
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_seeded_mutation_run_finds_nothing(target: str) -> None:
-    result = fuzz(target, TARGETS[target], seconds=2.0, seed=20240607, max_runs=4000)
-    assert result.runs > 100
+    # A fixed number of runs, not a time slice: the same inputs on a loaded machine as on
+    # an idle one (a 2 s slice reached fewer than 100 runs under load). The time limit is
+    # only a bound.
+    result = fuzz(target, TARGETS[target], seconds=120.0, seed=20240607, max_runs=300)
+    assert result.runs == 300
     assert not result.crashes, result.crashes[:3]
 
 
