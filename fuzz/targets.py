@@ -43,6 +43,9 @@ from vfiomig.vfio_user._protocol import ClientConnection, ServerConnection
 UUID = bytes(range(16))
 #: A small cap, so that size checks are reachable with small inputs.
 PACKET_CAP = 1 << 16
+#: A small receive buffer (block): packets from 1 KiB up take `pump_recv`'s own-buffer path,
+#: smaller ones its in-buffer path, and the buffer is moved or replaced often.
+BUFFER_SIZE = 4096
 
 
 class FuzzBug(AssertionError):
@@ -69,6 +72,7 @@ def _run_framer(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) -> 
         packet_cap=PACKET_CAP,
         ram_page_count=2 if ram else None,
         label="fuzz",
+        buffer_size=BUFFER_SIZE,
     )
     trace: list[object] = []
     rng = random.Random(seed)
@@ -112,7 +116,11 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
     """Drive one framer with `Framer.pump_recv` over a scripted non-blocking receive, as a
     channel task does; return what each device received, statuses and the final error."""
     framer = impl.Framer(
-        uuid=UUID, channels=4, packet_cap=PACKET_CAP, ram_page_count=2 if ram else None
+        uuid=UUID,
+        channels=4,
+        packet_cap=PACKET_CAP,
+        ram_page_count=2 if ram else None,
+        buffer_size=BUFFER_SIZE,
     )
     rng = random.Random(seed)
     pieces = _slices(stream, seed)
