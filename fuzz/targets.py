@@ -43,9 +43,10 @@ from vfiomig.vfio_user._protocol import ClientConnection, ServerConnection
 UUID = bytes(range(16))
 #: A small cap, so that size checks are reachable with small inputs.
 PACKET_CAP = 1 << 16
-#: A small receive buffer (block): packets from 1 KiB up take `pump_recv`'s own-buffer path,
-#: smaller ones its in-buffer path, and the buffer is moved or replaced often.
-BUFFER_SIZE = 4096
+#: A small receive buffer (the C core's block), so that every path of `pump_recv` is taken:
+#: packets from 2 KiB up go into their own buffer, smaller ones into the block, where the C
+#: core keeps those from 1 KiB up until written (views), and the block turns over often.
+BUFFER_SIZE = 8192
 
 
 class FuzzBug(AssertionError):

@@ -163,6 +163,7 @@ typedef struct {
     Block *blk;           /* the current receive block */
     size_t block_size;    /* the size of a new block */
     uint64_t big;         /* pump_recv: packets this large get their own buffer */
+    size_t recv_chunk, recv_min; /* pump_recv: receive sizes (see framer_recv_block) */
     PyObject *uuid;
     PyObject *channels;
     PyObject *label;

@@ -90,7 +90,11 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
     vfm_init(&self->f, cap, pages, host);
     self->block_size = (size_t)buffer_size;
     /* as vfiomig._core._framer: min(BIG_PAYLOAD, buffer_size // 4) */
-    self->big = (uint64_t)buffer_size / 4 < 256 * 1024 ? (uint64_t)buffer_size / 4 : 256 * 1024;
+    size_t quarter = (size_t)buffer_size / 4;
+    self->big = quarter < 256 * 1024 ? quarter : 256 * 1024;
+    /* min(RECV_CHUNK, buffer_size) and min(RECV_MIN, buffer_size // 4) */
+    self->recv_chunk = (size_t)buffer_size < 256 * 1024 ? (size_t)buffer_size : 256 * 1024;
+    self->recv_min = quarter < 64 * 1024 ? quarter : 64 * 1024;
     self->blk = vfiomig_block_new(self->block_size);
     if (!self->blk)
         return -1;

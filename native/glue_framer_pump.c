@@ -150,8 +150,6 @@ PyObject *vfiomig_Framer_pump(Framer *self, PyObject *routes)
 
 /* -- pump_recv: the channel's data plane in one call -------------------------------- */
 
-#define RECV_CHUNK (256 * 1024)
-#define RECV_MIN (64 * 1024)
 #define PACKET_HEAD (VFM_DEVICE_HEADER_SIZE + VFM_VFIO_HEADER_SIZE)
 
 /* recv_into(memoryview of n bytes at p): the byte count, -2 for BlockingIOError (cleared),
@@ -182,13 +180,13 @@ static Py_ssize_t framer_recv(PyObject *recv_into, char *p, Py_ssize_t n)
 }
 
 /* Make room in the block and receive into it: at least need bytes of room, as much as
- * fits up to RECV_CHUNK (or need, if larger) when the block has RECV_MIN left, so that a
+ * fits up to recv_chunk (or need, if larger) when the block has recv_min left, so that a
  * block is filled before a new one is taken.  The byte count, -2 would block, -1 error. */
 static Py_ssize_t framer_recv_block(Framer *self, PyObject *recv_into, size_t need)
 {
-    size_t want = need > RECV_CHUNK ? need : RECV_CHUNK;
+    size_t want = need > self->recv_chunk ? need : self->recv_chunk;
     size_t room = self->blk->cap - self->f.end;
-    if (room >= need && room >= RECV_MIN)
+    if (room >= need && room >= self->recv_min)
         want = room < want ? room : want;
     else if (vfiomig_framer_make_room(self, want) < 0)
         return -1;

@@ -161,6 +161,8 @@ class Framer:
         self.channel_id: int | None = None
         self._buf = bytearray(buffer_size)
         self._big = min(BIG_PAYLOAD, buffer_size // 4)
+        self._recv_chunk = min(RECV_CHUNK, buffer_size)
+        self._recv_min = min(RECV_MIN, buffer_size // 4)
         self._pos = 0  # first unconsumed byte
         self._end = 0  # end of received bytes
         self._eof = False
@@ -505,10 +507,11 @@ class Framer:
 
     def _recv_buffer(self, recv_into: Callable[[memoryview], int], need: int) -> int:
         """Receive into the buffer: room for ``need`` bytes at least, up to `RECV_CHUNK`
-        (or ``need``) into what is left while that is `RECV_MIN`. -1: would block."""
-        want = max(need, RECV_CHUNK)
+        (or ``need``) into what is left while that is `RECV_MIN` (both at most the buffer's
+        size, and a quarter of it). -1: would block."""
+        want = max(need, self._recv_chunk)
         room = len(self._buf) - self._end
-        if room >= need and room >= RECV_MIN:
+        if room >= need and room >= self._recv_min:
             want = min(room, want)
         with self.get_buffer(want) as view:
             try:
