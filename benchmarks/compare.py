@@ -16,7 +16,8 @@ Usage::
 A case is ``PACKET:CHANNELS:SINK`` with SINK ``null`` or ``pipe`` (a pipe enlarged to 1 MiB
 drained by ``cref_drain``, the same for every receiver).
 
-Receiver ``base`` is the native core of another checkout, for a before/after in one run:
+Receiver ``base`` (``base-pure``) is the native (pure-Python) core of another checkout, for
+a before/after in one run:
 ``VFIOMIG_BASE=DIR`` names a directory holding that commit's ``vfiomig`` package with its
 ``_native`` built in place (``git archive COMMIT | tar -x -C DIR`` and
 ``python setup.py build_ext --inplace`` there)::
@@ -126,12 +127,12 @@ def run_once(kind: str, case: Case, *, seed: int = 1, extra: list[str] | None = 
     env = dict(os.environ)
     env.pop("VFIOMIG_PUREPYTHON", None)
     env.pop("VFIOMIG_REQUIRE_NATIVE", None)
-    if kind == "pure":
+    if kind in ("pure", "base-pure"):
         env["VFIOMIG_PUREPYTHON"] = "1"
     elif kind in ("native", "base"):
         env["VFIOMIG_REQUIRE_NATIVE"] = "1"
     # `-m vfiomig` imports the package from the working directory first.
-    cwd = os.environ["VFIOMIG_BASE"] if kind == "base" else None
+    cwd = os.environ["VFIOMIG_BASE"] if kind.startswith("base") else None
     drain = None
     pass_fds: tuple[int, ...] = ()
     out = "null:"

@@ -44,24 +44,27 @@ extern PyTypeObject vfiomig_BlockType;      /* glue_block.c */
 /* -- Budget ------------------------------------------------------------------------- */
 
 /* queued: payload bytes of the packets accepted and not yet written; slack: the rest of
- * the receive blocks that those packets pin (see Block); peak: of queued + slack.  members:
+ * the receive blocks that those packets pin (see Block); peak: of queued (the report's,
+ * SPEC §2's rule), peak_pinned: of queued + slack (the memory).  members:
  * the ReorderBuffers on this budget (borrowed; each removes itself), for compaction. */
 typedef struct {
     PyObject_HEAD
-    long long limit, queued, slack, peak;
+    long long limit, queued, slack, peak, peak_pinned;
     PyObject **members;
     Py_ssize_t nmembers, members_cap;
 } Budget;
 
 static inline void budget_peak(Budget *b)
 {
-    if (b->queued + b->slack > b->peak)
-        b->peak = b->queued + b->slack;
+    if (b->queued + b->slack > b->peak_pinned)
+        b->peak_pinned = b->queued + b->slack;
 }
 
 static inline void budget_add(Budget *b, long long n)
 {
     b->queued += n;
+    if (b->queued > b->peak)
+        b->peak = b->queued;
     budget_peak(b);
 }
 
@@ -82,7 +85,8 @@ static inline int budget_release(Budget *b, long long n)
 }
 
 /* glue_budget.c: add or remove a ReorderBuffer from the members (0, or -1 with an error);
- * compact copies the packets out of sparse retired blocks (0, or -1 with an error). */
+ * compact copies the packets out of sparse retired blocks, or out of all of them when
+ * their free parts alone exceed the limit (0, or -1 with an error). */
 int vfiomig_budget_join(Budget *b, PyObject *reorder);
 void vfiomig_budget_leave(Budget *b, PyObject *reorder);
 int vfiomig_budget_compact(Budget *b);
@@ -146,9 +150,9 @@ int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssiz
 int vfiomig_reorder_deliver_block(Reorder *self, uint32_t idx, Block *b, size_t off,
                                   uint64_t len);
 
-/* glue_reorder.c: copy the packets held in sparse retired blocks into bytes of their own;
- * 0, or -1 with an error. */
-int vfiomig_reorder_compact(Reorder *self);
+/* glue_reorder.c: copy the packets held in sparse retired blocks (all retired blocks if
+ * all) into bytes of their own; 0, or -1 with an error. */
+int vfiomig_reorder_compact(Reorder *self, int all);
 
 /* glue_reorder_report.c: the methods missing, incomplete_error and statistics. */
 PyObject *vfiomig_Reorder_missing(Reorder *self, PyObject *args, PyObject *kwds);

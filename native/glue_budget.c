@@ -30,8 +30,9 @@ void vfiomig_budget_leave(Budget *b, PyObject *reorder)
 
 int vfiomig_budget_compact(Budget *b)
 {
+    int all = b->slack > b->limit;
     for (Py_ssize_t i = 0; i < b->nmembers; i++)
-        if (vfiomig_reorder_compact((Reorder *)b->members[i]) < 0)
+        if (vfiomig_reorder_compact((Reorder *)b->members[i], all) < 0)
             return -1;
     return 0;
 }
@@ -49,7 +50,7 @@ static int budget_init(Budget *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "L", kwlist, &limit))
         return -1;
     self->limit = limit;
-    self->queued = self->slack = self->peak = 0;
+    self->queued = self->slack = self->peak = self->peak_pinned = 0;
     return 0;
 }
 
@@ -75,6 +76,7 @@ static PyMemberDef Budget_members[] = {
     {"queued", T_LONGLONG, offsetof(Budget, queued), 0, NULL},
     {"peak", T_LONGLONG, offsetof(Budget, peak), 0, NULL},
     {"slack", T_LONGLONG, offsetof(Budget, slack), READONLY, NULL},
+    {"peak_pinned", T_LONGLONG, offsetof(Budget, peak_pinned), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -260,14 +260,15 @@ int vfiomig_reorder_deliver_block(Reorder *self, uint32_t idx, Block *b, size_t 
     return 0;
 }
 
-int vfiomig_reorder_compact(Reorder *self)
+int vfiomig_reorder_compact(Reorder *self, int all)
 {
     for (size_t i = 0; i < self->r.cap; i++) {
         struct vfm_slot *s = &self->r.tab[i];
         if (!s->used || !s->in_block)
             continue;
         Block *b = (Block *)s->data;
-        if (!b->charged || 2 * b->live > (long long)b->cap)
+        /* sparse blocks; every retired block when their free parts alone fill the budget */
+        if (!b->charged || (2 * b->live > (long long)b->cap && !all))
             continue;
         PyObject *copy =
             PyBytes_FromStringAndSize((const char *)b->data + s->off, (Py_ssize_t)s->size);
