@@ -50,6 +50,7 @@ extern PyTypeObject vfiomig_BlockType;      /* glue_block.c */
 typedef struct {
     PyObject_HEAD
     long long limit, queued, slack, peak, peak_pinned;
+    long long compacted_at; /* slack after the last compaction, -1 before the first */
     PyObject **members;
     Py_ssize_t nmembers, members_cap;
 } Budget;

@@ -30,10 +30,18 @@ void vfiomig_budget_leave(Budget *b, PyObject *reorder)
 
 int vfiomig_budget_compact(Budget *b)
 {
+    /* A compaction scans every queued packet: it runs again only once the slack grew by
+     * an eighth of the limit since the last one (blocks retired, packets written from
+     * them), not on every refused offer of a channel waiting for room. */
+    if (b->slack < b->compacted_at)
+        b->compacted_at = b->slack;
+    if (b->compacted_at >= 0 && b->slack - b->compacted_at < (b->limit + 7) / 8)
+        return 0;
     int all = b->slack > b->limit;
     for (Py_ssize_t i = 0; i < b->nmembers; i++)
         if (vfiomig_reorder_compact((Reorder *)b->members[i], all) < 0)
             return -1;
+    b->compacted_at = b->slack;
     return 0;
 }
 
@@ -51,6 +59,7 @@ static int budget_init(Budget *self, PyObject *args, PyObject *kwds)
         return -1;
     self->limit = limit;
     self->queued = self->slack = self->peak = self->peak_pinned = 0;
+    self->compacted_at = -1; /* never */
     return 0;
 }
 
