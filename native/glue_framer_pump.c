@@ -197,6 +197,24 @@ static Py_ssize_t framer_recv_block(Framer *self, PyObject *recv_into, size_t ne
     return n;
 }
 
+/* After a receive of n bytes (framer_recv's count) inside a packet's data: 1 with *ret
+ * what pump_recv returns when it stops there (would block; an error; the stream ended:
+ * the truncation error), 0 to go on. */
+static int data_recv_stops(Framer *self, Py_ssize_t n, long long done, PyObject **ret)
+{
+    if (n > 0)
+        return 0;
+    if (n == -2) {
+        *ret = pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
+    } else if (n < 0) {
+        *ret = NULL;
+    } else {
+        self->f.eof = 1;
+        *ret = vfiomig_framer_raise_truncated(self);
+    }
+    return 1;
+}
+
 PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -222,14 +240,9 @@ PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize
                     return pump_result(PUMP_NEED_DATA, done, NULL, 0);
                 size_t need = (size_t)(size - (self->f.end - self->f.pos));
                 Py_ssize_t n = framer_recv_block(self, recv_into, need);
-                if (n == -2)
-                    return pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
-                if (n < 0)
-                    return NULL;
-                if (n == 0) {
-                    self->f.eof = 1;
-                    return vfiomig_framer_raise_truncated(self);
-                }
+                PyObject *ret;
+                if (data_recv_stops(self, n, done, &ret))
+                    return ret;
                 received += n;
                 continue;
             }
@@ -259,14 +272,9 @@ PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize
                 if (received >= limit)
                     return pump_result(PUMP_NEED_DATA, done, NULL, 0);
                 Py_ssize_t n = framer_recv(recv_into, data + got, size - got);
-                if (n == -2)
-                    return pump_result(PUMP_WOULD_BLOCK, done, NULL, 0);
-                if (n < 0)
-                    return NULL;
-                if (n == 0) {
-                    self->f.eof = 1;
-                    return vfiomig_framer_raise_truncated(self);
-                }
+                PyObject *ret;
+                if (data_recv_stops(self, n, done, &ret))
+                    return ret;
                 vfm_advance(&self->f, (uint64_t)n, 0);
                 self->pending_got = got += n;
                 received += n;
