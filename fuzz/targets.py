@@ -45,7 +45,7 @@ UUID = bytes(range(16))
 PACKET_CAP = 1 << 16
 #: A small receive buffer (the C core's block), so that every path of `pump_recv` is taken:
 #: packets from 2 KiB up go into their own buffer, smaller ones into the block, where the C
-#: core keeps those from 1 KiB up until written (views), and the block turns over often.
+#: core keeps those from 512 bytes up until written (views), and the block turns over often.
 BUFFER_SIZE = 8192
 
 

@@ -168,7 +168,10 @@ typedef struct {
     Block *blk;           /* the current receive block */
     size_t block_size;    /* the size of a new block */
     uint64_t big;         /* pump_recv: packets this large get their own buffer */
-    size_t recv_chunk, recv_min; /* pump_recv: receive sizes (see framer_recv_block) */
+    size_t recv_chunk;    /* pump_recv: bytes asked of the socket at a time */
+    uint64_t view_min;    /* packets this large stay in the block until written; smaller
+                           * ones are copied (a view per packet for the loader costs more
+                           * than copying 4 KiB: benchmarks/README.md, round 5) */
     PyObject *uuid;
     PyObject *channels;
     PyObject *label;

@@ -49,16 +49,13 @@ static Reorder *framer_route(Framer *self, const struct vfm_out *o, PyObject *ro
     return self->route_buf;
 }
 
-/* Packets at least this large stay in the receive block until written; smaller ones are
- * copied (the view the loader gets costs about as much as a small copy). */
-#define VIEW_MIN 1024
 
 /* Deliver the packet idx at f.pos (size bytes, all buffered) to buf and advance past it;
  * 0, or -1 with an error set. */
 static int framer_deliver_buffered(Framer *self, Reorder *buf, uint32_t idx, uint64_t size)
 {
     int r;
-    if (size < VIEW_MIN) {
+    if (size < self->view_min) {
         PyObject *data = PyBytes_FromStringAndSize(
             (const char *)framer_data(self) + self->f.pos, (Py_ssize_t)size);
         if (!data)
@@ -179,16 +176,14 @@ static Py_ssize_t framer_recv(PyObject *recv_into, char *p, Py_ssize_t n)
     return got;
 }
 
-/* Make room in the block and receive into it: at least need bytes of room, as much as
- * fits up to recv_chunk (or need, if larger) when the block has recv_min left, so that a
- * block is filled before a new one is taken.  The byte count, -2 would block, -1 error. */
+/* Make room in the block for recv_chunk bytes (or need, if more) and receive into it.
+ * (Receiving into whatever the block has left instead walks the whole block and costs
+ * cache misses: +20 % CPU at 4 KiB packets, benchmarks/README.md.)  The byte count, -2
+ * would block, -1 error. */
 static Py_ssize_t framer_recv_block(Framer *self, PyObject *recv_into, size_t need)
 {
     size_t want = need > self->recv_chunk ? need : self->recv_chunk;
-    size_t room = self->blk->cap - self->f.end;
-    if (room >= need && room >= self->recv_min)
-        want = room < want ? room : want;
-    else if (vfiomig_framer_make_room(self, want) < 0)
+    if (vfiomig_framer_make_room(self, want) < 0)
         return -1;
     Py_ssize_t n = framer_recv(recv_into, (char *)framer_data(self) + self->f.end,
                                (Py_ssize_t)want);

@@ -96,19 +96,17 @@ PUMP_ACCEPTED: Final = 3
 #: `Framer.pump_recv` only: ``recv_into`` has nothing more now; wait until it has.
 PUMP_WOULD_BLOCK: Final = 4
 
-#: Bytes `Framer.pump_recv` asks ``recv_into`` for at a time into the framer's buffer.
+#: Bytes `Framer.pump_recv` asks ``recv_into`` for at a time into the framer's buffer (at
+#: most the buffer's size); when they do not fit after the unparsed bytes, those move to the
+#: front (the C core: to a new block, if packets of the old one are still held).
 RECV_CHUNK: Final = 256 * 1024
-#: `Framer.pump_recv` receives into what is left of the buffer (up to `RECV_CHUNK`) while
-#: at least this much is, and only then moves the unparsed tail to the front (the C core:
-#: to a new block, since packet views of the old one may still be alive).
-RECV_MIN: Final = 64 * 1024
 #: The data of a packet this large (or a quarter of the framer's buffer) goes straight into
 #: its own buffer in `Framer.pump_recv` (and only the next header is received after it, so
 #: that the next packet's data does so too); smaller packets are received into the
 #: framer's buffer with the packets around them.
 BIG_PAYLOAD: Final = 256 * 1024
 #: The framer's buffer (the C core's receive block).
-BUFFER_SIZE: Final = 1024 * 1024
+BUFFER_SIZE: Final = 512 * 1024
 
 _COMMON = struct.Struct(">III")
 _DEVICE_TAIL = struct.Struct(">II")
@@ -162,7 +160,6 @@ class Framer:
         self._buf = bytearray(buffer_size)
         self._big = min(BIG_PAYLOAD, buffer_size // 4)
         self._recv_chunk = min(RECV_CHUNK, buffer_size)
-        self._recv_min = min(RECV_MIN, buffer_size // 4)
         self._pos = 0  # first unconsumed byte
         self._end = 0  # end of received bytes
         self._eof = False
@@ -506,14 +503,9 @@ class Framer:
                 return status, done, header
 
     def _recv_buffer(self, recv_into: Callable[[memoryview], int], need: int) -> int:
-        """Receive into the buffer: room for ``need`` bytes at least, up to `RECV_CHUNK`
-        (or ``need``) into what is left while that is `RECV_MIN` (both at most the buffer's
-        size, and a quarter of it). -1: would block."""
-        want = max(need, self._recv_chunk)
-        room = len(self._buf) - self._end
-        if room >= need and room >= self._recv_min:
-            want = min(room, want)
-        with self.get_buffer(want) as view:
+        """Receive up to `RECV_CHUNK` bytes (or ``need``, if more) into the buffer; -1:
+        would block."""
+        with self.get_buffer(max(need, self._recv_chunk)) as view:
             try:
                 n = recv_into(view)
             except BlockingIOError:
