@@ -15,6 +15,14 @@ Usage::
 
 A case is ``PACKET:CHANNELS:SINK`` with SINK ``null`` or ``pipe`` (a pipe enlarged to 1 MiB
 drained by ``cref_drain``, the same for every receiver).
+
+Receiver ``base`` (``base-pure``) is the native (pure-Python) core of another checkout, for
+a before/after in one run:
+``VFIOMIG_BASE=DIR`` names a directory holding that commit's ``vfiomig`` package with its
+``_native`` built in place (``git archive COMMIT | tar -x -C DIR`` and
+``python setup.py build_ext --inplace`` there)::
+
+    VFIOMIG_BASE=/tmp/base .venv/bin/python -m benchmarks.compare --receivers cref,base,native
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ class Case:
 class Run:
     seconds: float
     max_rss: int  # bytes, of the receiver
+    cpu: float = 0.0  # user + system seconds of the receiver (less sensitive to neighbours)
 
 
 def _receiver_argv(
@@ -118,10 +127,12 @@ def run_once(kind: str, case: Case, *, seed: int = 1, extra: list[str] | None = 
     env = dict(os.environ)
     env.pop("VFIOMIG_PUREPYTHON", None)
     env.pop("VFIOMIG_REQUIRE_NATIVE", None)
-    if kind == "pure":
+    if kind in ("pure", "base-pure"):
         env["VFIOMIG_PUREPYTHON"] = "1"
-    elif kind == "native":
+    elif kind in ("native", "base"):
         env["VFIOMIG_REQUIRE_NATIVE"] = "1"
+    # `-m vfiomig` imports the package from the working directory first.
+    cwd = os.environ["VFIOMIG_BASE"] if kind.startswith("base") else None
     drain = None
     pass_fds: tuple[int, ...] = ()
     out = "null:"
@@ -139,7 +150,12 @@ def run_once(kind: str, case: Case, *, seed: int = 1, extra: list[str] | None = 
             pass_fds = (wfd,)
         argv = _receiver_argv(kind, "tcp:127.0.0.1:0", case, ready, out, extra or [])
         recv = subprocess.Popen(
-            argv, env=env, pass_fds=pass_fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            argv,
+            env=env,
+            cwd=cwd,
+            pass_fds=pass_fds,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         if wfd >= 0:
             os.close(wfd)
@@ -158,7 +174,7 @@ def run_once(kind: str, case: Case, *, seed: int = 1, extra: list[str] | None = 
                     f"{kind} {case}: receiver {recv.returncode} sender "
                     f"{send.returncode}: {err[-2000:]} {serr.decode()[-500:]}"
                 )
-            return Run(seconds, rusage.ru_maxrss * 1024)
+            return Run(seconds, rusage.ru_maxrss * 1024, rusage.ru_utime + rusage.ru_stime)
         finally:
             for proc in (recv, drain):
                 if proc is not None:
@@ -181,16 +197,19 @@ def _wait4(proc: subprocess.Popen[bytes]) -> tuple[int, resource.struct_rusage]:
 
 def compare(
     cases: list[Case], repeat: int, receivers: tuple[str, ...]
-) -> dict[Case, dict[str, float]]:
-    """Median seconds per (case, receiver), runs interleaved across receivers."""
+) -> tuple[dict[Case, dict[str, float]], dict[Case, dict[str, float]]]:
+    """Median seconds and median receiver CPU seconds per (case, receiver), runs
+    interleaved across receivers."""
     results: dict[Case, dict[str, float]] = {}
+    cpu: dict[Case, dict[str, float]] = {}
     for case in cases:
-        times: dict[str, list[float]] = {k: [] for k in receivers}
+        times: dict[str, list[Run]] = {k: [] for k in receivers}
         for i in range(repeat):
             for kind in receivers:
-                times[kind].append(run_once(kind, case, seed=1 + i).seconds)
-        results[case] = {k: float(np.median(v)) for k, v in times.items()}
-    return results
+                times[kind].append(run_once(kind, case, seed=1 + i))
+        results[case] = {k: float(np.median([r.seconds for r in v])) for k, v in times.items()}
+        cpu[case] = {k: float(np.median([r.cpu for r in v])) for k, v in times.items()}
+    return results, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss:
         return rss_check(receivers)
     cases = [Case.parse(c, args.size) for c in (args.case or GOAL_CASES)]
-    results = compare(cases, args.repeat, receivers)
+    results, cpu = compare(cases, args.repeat, receivers)
     print(
         f"{'case':<26}"
         + "".join(f"{k + ' GB/s':>13}" for k in receivers)
@@ -219,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         if "cref" in receivers:
             row += "".join(f"{gbps[k] / gbps['cref']:>13.2f}" for k in receivers if k != "cref")
         print(row)
+    # CPU time moves less with the neighbours' load than wall time does on this machine.
+    print(f"{'receiver CPU s (median)':<26}" + "".join(f"{k:>13}" for k in receivers))
+    for case, med in cpu.items():
+        print(f"{case!s:<26}" + "".join(f"{med[k]:>13.2f}" for k in receivers))
     by_channels = {c: med for c, med in results.items() if c.packet == 1 << 20 and c.sink == "null"}
     if len(by_channels) > 1:
         for kind in receivers:

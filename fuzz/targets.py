@@ -46,6 +46,10 @@ from vfiomig.vfio_user._protocol import ClientConnection, ServerConnection
 UUID = bytes(range(16))
 #: A small cap, so that size checks are reachable with small inputs.
 PACKET_CAP = 1 << 16
+#: A small receive buffer (the C core's block), so that every path of `pump_recv` is taken:
+#: packets from 2 KiB up go into their own buffer, smaller ones into the block, where the C
+#: core keeps those from 512 bytes up until written (views), and the block turns over often.
+BUFFER_SIZE = 8192
 
 
 def _slices(data: bytes, seed: int) -> list[bytes]:
@@ -68,6 +72,7 @@ def _run_framer(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) -> 
         packet_cap=PACKET_CAP,
         ram_page_count=2 if ram else None,
         label="fuzz",
+        buffer_size=BUFFER_SIZE,
     )
     trace: list[object] = []
     rng = random.Random(seed)
@@ -111,7 +116,11 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
     """Drive one framer with `Framer.pump_recv` over a scripted non-blocking receive, as a
     channel task does; return what each device received, statuses and the final error."""
     framer = impl.Framer(
-        uuid=UUID, channels=4, packet_cap=PACKET_CAP, ram_page_count=2 if ram else None
+        uuid=UUID,
+        channels=4,
+        packet_cap=PACKET_CAP,
+        ram_page_count=2 if ram else None,
+        buffer_size=BUFFER_SIZE,
     )
     rng = random.Random(seed)
     pieces = _slices(stream, seed)

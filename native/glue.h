@@ -39,19 +39,40 @@ extern PyTypeObject vfiomig_BudgetType;     /* glue_budget.c */
 extern PyTypeObject vfiomig_ReorderType;    /* glue_reorder.c */
 extern PyTypeObject vfiomig_FramerType;     /* glue_framer.c */
 extern PyTypeObject vfiomig_PipeWriterType; /* glue_pipe_writer.c */
+extern PyTypeObject vfiomig_BlockType;      /* glue_block.c */
 
 /* -- Budget ------------------------------------------------------------------------- */
 
+/* queued: payload bytes of the packets accepted and not yet written; slack: the rest of
+ * the receive blocks that those packets pin (see Block); peak: of queued (the report's,
+ * SPEC §2's rule), peak_pinned: of queued + slack (the memory).  members:
+ * the ReorderBuffers on this budget (borrowed; each removes itself), for compaction. */
 typedef struct {
     PyObject_HEAD
-    long long limit, queued, peak;
+    long long limit, queued, slack, peak, peak_pinned;
+    long long compacted_at; /* slack after the last compaction, -1 before the first */
+    PyObject **members;
+    Py_ssize_t nmembers, members_cap;
 } Budget;
+
+static inline void budget_peak(Budget *b)
+{
+    if (b->queued + b->slack > b->peak_pinned)
+        b->peak_pinned = b->queued + b->slack;
+}
 
 static inline void budget_add(Budget *b, long long n)
 {
     b->queued += n;
     if (b->queued > b->peak)
         b->peak = b->queued;
+    budget_peak(b);
+}
+
+/* Whether n more bytes fit: the budget counts the memory pinned, not just the payload. */
+static inline int budget_fits(const Budget *b, long long n)
+{
+    return b->queued + b->slack + n <= b->limit;
 }
 
 static inline int budget_release(Budget *b, long long n)
@@ -63,6 +84,46 @@ static inline int budget_release(Budget *b, long long n)
     }
     return 0;
 }
+
+/* glue_budget.c: add or remove a ReorderBuffer from the members (0, or -1 with an error);
+ * compact copies the packets out of sparse retired blocks, or out of all of them when
+ * their free parts alone exceed the limit (0, or -1 with an error). */
+int vfiomig_budget_join(Budget *b, PyObject *reorder);
+void vfiomig_budget_leave(Budget *b, PyObject *reorder);
+int vfiomig_budget_compact(Budget *b);
+
+/* -- Block: a receive block whose packets are handed on without a copy ----------------
+ *
+ * A channel's framer receives into its current block; a packet whose data is whole in it
+ * goes to the reorder buffer as a reference to the block and the packet's offset (the
+ * slot holds the block), and leaves it as a read-only memoryview of those bytes (the view
+ * holds the block).  While anything but the framer holds a block, its bytes never move:
+ * when the framer needs room it retires the block and moves the unparsed tail to a fresh
+ * one.  A retired block charges its budget with what its live packets do not cover
+ * (cap - live, Budget.slack) until the last reference is gone; it is then freed (or kept
+ * in a small pool). */
+typedef struct {
+    PyObject_HEAD
+    uint8_t *data;
+    size_t cap;
+    long long live;       /* bytes of the packets in reorder slots and packet views */
+    Budget *budget;       /* where its packets went (the first), charged once retired */
+    int retired, charged;
+    size_t x_off, x_len;  /* the range the armed export gives */
+    int x_armed, x_packet;
+} Block;
+
+/* glue_block.c: a new block of cap bytes (contents undefined), or NULL with an error. */
+Block *vfiomig_block_new(size_t cap);
+/* A memoryview of [off, off + len): read-only and counted as live for a packet view,
+ * writable otherwise; or NULL with an error. */
+PyObject *vfiomig_block_view(Block *b, size_t off, size_t len, int packet);
+/* The framer lets go of b (its reference is dropped by the caller). */
+void vfiomig_block_retire(Block *b);
+/* A reorder slot takes (hold) or lets go of (release, dropping the reference it held)
+ * len bytes of b. */
+void vfiomig_block_hold(Block *b, uint64_t len);
+void vfiomig_block_release(Block *b, uint64_t len);
 
 /* -- ReorderBuffer ------------------------------------------------------------------ */
 
@@ -86,6 +147,13 @@ int vfiomig_reorder_offer(Reorder *self, uint32_t version, uint32_t idx, uint32_
 /* glue_reorder.c: ReorderBuffer.deliver: 0, or -1 with an error raised.  Does not steal
  * data. */
 int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssize_t len);
+/* deliver for a packet whose len bytes are at off in block b (the slot holds b). */
+int vfiomig_reorder_deliver_block(Reorder *self, uint32_t idx, Block *b, size_t off,
+                                  uint64_t len);
+
+/* glue_reorder.c: copy the packets held in sparse retired blocks (all retired blocks if
+ * all) into bytes of their own; 0, or -1 with an error. */
+int vfiomig_reorder_compact(Reorder *self, int all);
 
 /* glue_reorder_report.c: the methods missing, incomplete_error and statistics. */
 PyObject *vfiomig_Reorder_missing(Reorder *self, PyObject *args, PyObject *kwds);
@@ -97,7 +165,13 @@ PyObject *vfiomig_Reorder_statistics(Reorder *self, PyObject *ignored);
 typedef struct {
     PyObject_HEAD
     struct vfm_framer f;
-    PyObject *buf;        /* bytearray: the receive buffer */
+    Block *blk;           /* the current receive block */
+    size_t block_size;    /* the size of a new block */
+    uint64_t big;         /* pump_recv: packets this large get their own buffer */
+    size_t recv_chunk;    /* pump_recv: bytes asked of the socket at a time */
+    uint64_t view_min;    /* packets this large stay in the block until written; smaller
+                           * ones are copied (a view per packet for the loader costs more
+                           * than copying 4 KiB: benchmarks/README.md, round 5) */
     PyObject *uuid;
     PyObject *channels;
     PyObject *label;
@@ -117,11 +191,13 @@ typedef struct {
     uint32_t pending_idx;
     Reorder *pending_buf; /* ... and the buffer it goes to */
     int last_big;         /* the last packet received that way was large (see pump_recv) */
+    int pending_in_block; /* pump_recv(): the accepted packet's data comes into blk */
+    uint64_t pending_size;
 } Framer;
 
 static inline uint8_t *framer_data(Framer *self)
 {
-    return (uint8_t *)PyByteArray_AS_STRING(self->buf);
+    return self->blk->data;
 }
 
 /* glue_framer.c: grow or compact the receive buffer so that n more bytes fit; 0 or -1. */

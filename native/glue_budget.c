@@ -1,6 +1,55 @@
 /* glue_budget.c - vfiomig._native.Budget: queued-bytes accounting shared by a session's
- * devices (twin of vfiomig._core._reorder.Budget; add/release are inline in glue.h). */
+ * devices (twin of vfiomig._core._reorder.Budget; add/release are inline in glue.h), with
+ * the slack of the receive blocks its packets pin and the compaction that frees it. */
 #include "glue.h"
+
+int vfiomig_budget_join(Budget *b, PyObject *reorder)
+{
+    if (b->nmembers == b->members_cap) {
+        Py_ssize_t cap = b->members_cap ? 2 * b->members_cap : 4;
+        PyObject **m = PyMem_Realloc(b->members, (size_t)cap * sizeof(*m));
+        if (!m) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->members = m;
+        b->members_cap = cap;
+    }
+    b->members[b->nmembers++] = reorder;
+    return 0;
+}
+
+void vfiomig_budget_leave(Budget *b, PyObject *reorder)
+{
+    for (Py_ssize_t i = 0; i < b->nmembers; i++)
+        if (b->members[i] == reorder) {
+            b->members[i] = b->members[--b->nmembers];
+            return;
+        }
+}
+
+int vfiomig_budget_compact(Budget *b)
+{
+    /* A compaction scans every queued packet: it runs again only once the slack grew by
+     * an eighth of the limit since the last one (blocks retired, packets written from
+     * them), not on every refused offer of a channel waiting for room. */
+    if (b->slack < b->compacted_at)
+        b->compacted_at = b->slack;
+    if (b->compacted_at >= 0 && b->slack - b->compacted_at < (b->limit + 7) / 8)
+        return 0;
+    int all = b->slack > b->limit;
+    for (Py_ssize_t i = 0; i < b->nmembers; i++)
+        if (vfiomig_reorder_compact((Reorder *)b->members[i], all) < 0)
+            return -1;
+    b->compacted_at = b->slack;
+    return 0;
+}
+
+static void budget_dealloc(Budget *self)
+{
+    PyMem_Free(self->members); /* every member holds the budget: none is left */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
 
 static int budget_init(Budget *self, PyObject *args, PyObject *kwds)
 {
@@ -9,7 +58,8 @@ static int budget_init(Budget *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "L", kwlist, &limit))
         return -1;
     self->limit = limit;
-    self->queued = self->peak = 0;
+    self->queued = self->slack = self->peak = self->peak_pinned = 0;
+    self->compacted_at = -1; /* never */
     return 0;
 }
 
@@ -34,6 +84,8 @@ static PyMemberDef Budget_members[] = {
     {"limit", T_LONGLONG, offsetof(Budget, limit), 0, NULL},
     {"queued", T_LONGLONG, offsetof(Budget, queued), 0, NULL},
     {"peak", T_LONGLONG, offsetof(Budget, peak), 0, NULL},
+    {"slack", T_LONGLONG, offsetof(Budget, slack), READONLY, NULL},
+    {"peak_pinned", T_LONGLONG, offsetof(Budget, peak_pinned), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -50,6 +102,7 @@ PyTypeObject vfiomig_BudgetType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)budget_init,
+    .tp_dealloc = (destructor)budget_dealloc,
     .tp_members = Budget_members,
     .tp_methods = Budget_methods,
 };

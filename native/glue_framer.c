@@ -7,7 +7,7 @@
 
 static int framer_traverse(Framer *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->buf);
+    Py_VISIT(self->blk);
     Py_VISIT(self->uuid);
     Py_VISIT(self->channels);
     Py_VISIT(self->label);
@@ -24,7 +24,9 @@ static int framer_traverse(Framer *self, visitproc visit, void *arg)
 
 static int framer_clear(Framer *self)
 {
-    Py_CLEAR(self->buf);
+    if (self->blk)
+        vfiomig_block_retire(self->blk);
+    Py_CLEAR(self->blk);
     Py_CLEAR(self->uuid);
     Py_CLEAR(self->channels);
     Py_CLEAR(self->label);
@@ -53,7 +55,7 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
     PyObject *uuid = NULL, *channels = NULL, *ram = Py_None, *label = NULL;
     unsigned long long cap = 64ull * 1024 * 1024;
     const char *endian = "be";
-    Py_ssize_t buffer_size = 256 * 1024;
+    Py_ssize_t buffer_size = 512 * 1024; /* a block: see pump_recv */
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOKOsUn", kwlist, &uuid, &channels, &cap,
                                      &ram, &endian, &label, &buffer_size))
         return -1;
@@ -86,9 +88,17 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
     }
     framer_clear(self);
     vfm_init(&self->f, cap, pages, host);
-    self->buf = PyByteArray_FromStringAndSize(NULL, buffer_size);
-    if (!self->buf)
+    self->block_size = (size_t)buffer_size;
+    /* as vfiomig._core._framer: min(BIG_PAYLOAD, buffer_size // 4) */
+    size_t quarter = (size_t)buffer_size / 4;
+    self->big = quarter < 256 * 1024 ? quarter : 256 * 1024;
+    /* min(RECV_CHUNK, buffer_size) */
+    self->recv_chunk = (size_t)buffer_size < 256 * 1024 ? (size_t)buffer_size : 256 * 1024;
+    self->view_min = (uint64_t)buffer_size / 16 < 16 * 1024 ? (uint64_t)buffer_size / 16 : 16 * 1024;
+    self->blk = vfiomig_block_new(self->block_size);
+    if (!self->blk)
         return -1;
+    self->pending_in_block = 0;
     self->uuid = Py_NewRef(uuid);
     self->channels = Py_NewRef(channels);
     self->label = label ? Py_NewRef(label) : PyUnicode_FromString("channel");
@@ -100,22 +110,39 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
 
 int vfiomig_framer_make_room(Framer *self, size_t n)
 {
-    size_t size = (size_t)PyByteArray_GET_SIZE(self->buf);
-    if (self->f.end + n <= size)
+    Block *b = self->blk;
+    if (self->f.end + n <= b->cap)
         return 0;
     size_t live = self->f.end - self->f.pos;
+    if (live + n > (size_t)PY_SSIZE_T_MAX) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (Py_REFCNT(b) > 1) { /* packets of it are held: move the tail to a new block */
+        Block *nb = vfiomig_block_new(live + n > self->block_size ? live + n : self->block_size);
+        if (!nb)
+            return -1;
+        memcpy(nb->data, b->data + self->f.pos, live);
+        vfiomig_block_retire(b);
+        self->blk = nb;
+        Py_DECREF(b);
+        self->f.pos = 0;
+        self->f.end = live;
+        return 0;
+    }
     if (self->f.pos) {
-        uint8_t *d = framer_data(self);
-        memmove(d, d + self->f.pos, live);
+        memmove(b->data, b->data + self->f.pos, live);
         self->f.pos = 0;
         self->f.end = live;
     }
-    if (live + n > size) {
-        if (live + n > (size_t)PY_SSIZE_T_MAX) {
+    if (live + n > b->cap) {
+        uint8_t *d = PyMem_RawRealloc(b->data, live + n);
+        if (!d) {
             PyErr_NoMemory();
             return -1;
         }
-        return PyByteArray_Resize(self->buf, (Py_ssize_t)(live + n));
+        b->data = d;
+        b->cap = live + n;
     }
     return 0;
 }
@@ -152,23 +179,7 @@ static PyObject *Framer_get_buffer(Framer *self, PyObject *arg)
     }
     if (vfiomig_framer_make_room(self, (size_t)size) < 0)
         return NULL;
-    PyObject *mv = PyMemoryView_FromObject(self->buf);
-    if (!mv)
-        return NULL;
-    PyObject *slice = PySlice_New(NULL, NULL, NULL);
-    PyObject *start = PyLong_FromSize_t(self->f.end);
-    PyObject *stop = PyLong_FromSize_t(self->f.end + (size_t)size);
-    PyObject *ret = NULL;
-    if (slice && start && stop) {
-        Py_SETREF(slice, PySlice_New(start, stop, NULL));
-        if (slice)
-            ret = PyObject_GetItem(mv, slice);
-    }
-    Py_XDECREF(slice);
-    Py_XDECREF(start);
-    Py_XDECREF(stop);
-    Py_DECREF(mv);
-    return ret;
+    return vfiomig_block_view(self->blk, self->f.end, (size_t)size, 0);
 }
 
 static PyObject *Framer_commit(Framer *self, PyObject *arg)
@@ -176,7 +187,7 @@ static PyObject *Framer_commit(Framer *self, PyObject *arg)
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    if (n < 0 || self->f.end + (size_t)n > (size_t)PyByteArray_GET_SIZE(self->buf)) {
+    if (n < 0 || self->f.end + (size_t)n > self->blk->cap) {
         PyErr_SetString(PyExc_ValueError, "commit() of more bytes than the buffer given");
         return NULL;
     }

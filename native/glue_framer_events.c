@@ -61,8 +61,12 @@ PyObject *vfiomig_framer_truncated(Framer *self)
     device = PyUnicode_FromFormat("%U/%S", idstr, inst);
     if (!device)
         goto out;
+    /* data received counts whether read or still buffered (pump_recv keeps a packet
+     * smaller than a quarter of its buffer in it until it is whole) */
+    uint64_t rem = self->f.remaining, buffered = self->f.end - self->f.pos;
+    uint64_t got = total - rem + (buffered < rem ? buffered : rem);
     msg = PyUnicode_FromFormat("%U: channel ended inside packet idx %S (%llu of %llu bytes)",
-                               device, idx, total - (unsigned long long)self->f.remaining, total);
+                               device, idx, (unsigned long long)got, total);
     args = msg ? PyTuple_Pack(1, msg) : NULL;
     kw = args ? Py_BuildValue("{OOOO}", vfiomig_py.str_device, device, vfiomig_py.str_idx, idx)
               : NULL;

@@ -6,11 +6,26 @@
 #define MAX_BATCH_CHUNKS 1024
 #define MAX_BATCH_BYTES (16ll * 1024 * 1024)
 
+/* Let go of a slot's data: a packet's own object, or its bytes in a block. */
+static void slot_drop_data(struct vfm_slot *s)
+{
+    PyObject *data = (PyObject *)s->data;
+    if (!data)
+        return;
+    s->data = NULL;
+    if (s->in_block) {
+        s->in_block = 0;
+        vfiomig_block_release((Block *)data, s->size);
+    } else {
+        Py_DECREF(data);
+    }
+}
+
 static void reorder_drop_slots(Reorder *self)
 {
     for (size_t i = 0; i < self->r.cap; i++)
         if (self->r.tab[i].used)
-            Py_CLEAR(self->r.tab[i].data);
+            slot_drop_data(&self->r.tab[i]);
     vfm_reorder_free(&self->r);
 }
 
@@ -30,6 +45,8 @@ static int reorder_traverse(Reorder *self, visitproc visit, void *arg)
 static int reorder_clear(Reorder *self)
 {
     Py_CLEAR(self->name);
+    if (self->budget)
+        vfiomig_budget_leave(self->budget, (PyObject *)self);
     Py_CLEAR(self->budget);
     Py_CLEAR(self->config);
     Py_CLEAR(self->precopy);
@@ -61,7 +78,13 @@ static int reorder_init(Reorder *self, PyObject *args, PyObject *kwds)
     self->starved_seconds = 0.0;
     self->queued_packets = self->queued_bytes = self->peak_queued = self->received = 0;
     self->written_bytes = self->written_packets = self->precopy_bytes = self->unwritten = 0;
-    return self->precopy ? 0 : -1;
+    if (!self->precopy)
+        return -1;
+    if (vfiomig_budget_join(self->budget, (PyObject *)self) < 0) {
+        Py_CLEAR(self->budget);
+        return -1;
+    }
+    return 0;
 }
 
 /* Raise cls(msg, device=name, idx=idx) and poison the buffer with it.  Steals msg. */
@@ -138,11 +161,18 @@ int vfiomig_reorder_offer(Reorder *self, uint32_t version, uint32_t idx, uint32_
                                    idx, (long long)self->r.config_idx);
         return reorder_raise(self, cls, msg, idx);
     }
-    /* Over budget only for the config packet, or the next idx while the loader is idle. */
+    /* Over budget only for the config packet, or the next idx while the loader is idle.
+     * When the blocks that queued packets pin stand in the way, the packets of the sparse
+     * ones are copied out first (the blocks are freed), so the budget bounds memory. */
     if (!((flags & VFM_VFIO_FLAG_CONFIG) ||
           ((int64_t)idx == self->r.next_idx && self->unwritten == 0))) {
-        if (self->budget->queued + (long long)size > self->budget->limit)
-            return 0;
+        Budget *b = self->budget;
+        if (!budget_fits(b, (long long)size)) {
+            if (b->slack > 0 && vfiomig_budget_compact(b) < 0)
+                return -1;
+            if (!budget_fits(b, (long long)size))
+                return 0;
+        }
     }
     if (!vfm_slot_add(&self->r, idx, size)) {
         PyErr_NoMemory();
@@ -156,20 +186,29 @@ int vfiomig_reorder_offer(Reorder *self, uint32_t version, uint32_t idx, uint32_
     return 1;
 }
 
-/* ReorderBuffer.deliver: 0, or -1 with an error raised.  Does not steal data. */
-int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssize_t len)
+/* The slot deliver fills, or NULL with an error raised. */
+static struct vfm_slot *deliver_slot(Reorder *self, uint32_t idx, uint64_t len)
 {
     if (self->error)
-        return reorder_reraise(self);
+        return reorder_reraise(self), NULL;
     struct vfm_slot *s = vfm_slot_find(&self->r, idx);
     if (!s || s->data) {
         PyErr_SetString(PyExc_AssertionError, "deliver() without an accepted offer");
-        return -1;
+        return NULL;
     }
-    if ((uint64_t)len != s->size) {
+    if (len != s->size) {
         PyErr_SetString(PyExc_AssertionError, "delivered size differs from the offer");
-        return -1;
+        return NULL;
     }
+    return s;
+}
+
+/* ReorderBuffer.deliver: 0, or -1 with an error raised.  Does not steal data. */
+int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssize_t len)
+{
+    struct vfm_slot *s = deliver_slot(self, idx, (uint64_t)len);
+    if (!s)
+        return -1;
     self->received++;
     if ((int64_t)idx == self->r.config_idx) {
         PyObject *r =
@@ -195,6 +234,49 @@ int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssiz
     }
     s->data = Py_NewRef(data);
     self->r.delivered++;
+    return 0;
+}
+
+int vfiomig_reorder_deliver_block(Reorder *self, uint32_t idx, Block *b, size_t off,
+                                  uint64_t len)
+{
+    if ((int64_t)idx == self->r.config_idx) { /* the config blob is kept as bytes */
+        PyObject *data = PyBytes_FromStringAndSize((const char *)b->data + off, (Py_ssize_t)len);
+        if (!data)
+            return -1;
+        int r = vfiomig_reorder_deliver(self, idx, data, (Py_ssize_t)len);
+        Py_DECREF(data);
+        return r;
+    }
+    struct vfm_slot *s = deliver_slot(self, idx, len);
+    if (!s)
+        return -1;
+    self->received++;
+    vfiomig_block_hold(b, len);
+    s->data = b;
+    s->off = off;
+    s->in_block = 1;
+    self->r.delivered++;
+    return 0;
+}
+
+int vfiomig_reorder_compact(Reorder *self, int all)
+{
+    for (size_t i = 0; i < self->r.cap; i++) {
+        struct vfm_slot *s = &self->r.tab[i];
+        if (!s->used || !s->in_block)
+            continue;
+        Block *b = (Block *)s->data;
+        /* sparse blocks; every retired block when their free parts alone fill the budget */
+        if (!b->charged || (2 * b->live > (long long)b->cap && !all))
+            continue;
+        PyObject *copy =
+            PyBytes_FromStringAndSize((const char *)b->data + s->off, (Py_ssize_t)s->size);
+        if (!copy)
+            return -1;
+        slot_drop_data(s); /* the block's live bytes drop; its last holder frees it */
+        s->data = copy;
+    }
     return 0;
 }
 
@@ -355,16 +437,21 @@ static PyObject *Reorder_take_ready(Reorder *self, PyObject *Py_UNUSED(ignored))
         struct vfm_slot *s = vfm_slot_find(&self->r, (uint32_t)idx);
         if (!s || !s->data)
             break;
-        PyObject *data = s->data;
         long long n = (long long)s->size;
-        if (n && PyList_Append(chunks, data) < 0) {
-            Py_DECREF(chunks);
-            return NULL; /* nothing was taken out of the slot: the buffer is unchanged */
+        if (n) {
+            PyObject *chunk = s->in_block ? vfiomig_block_view((Block *)s->data, (size_t)s->off,
+                                                               (size_t)s->size, 1)
+                                          : Py_NewRef((PyObject *)s->data);
+            if (!chunk || PyList_Append(chunks, chunk) < 0) {
+                Py_XDECREF(chunk);
+                Py_DECREF(chunks);
+                return NULL; /* nothing was taken out of the slot: the buffer is unchanged */
+            }
+            Py_DECREF(chunk);
         }
-        s->data = NULL;
+        slot_drop_data(s);
         vfm_slot_remove(&self->r, s);
         self->r.delivered--;
-        Py_DECREF(data);
         nbytes += n;
         npackets++;
         idx++;

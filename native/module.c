@@ -83,7 +83,7 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (import_names() < 0 || PyType_Ready(&vfiomig_FramerType) < 0 ||
         PyType_Ready(&vfiomig_BudgetType) < 0 || PyType_Ready(&vfiomig_ReorderType) < 0 ||
-        PyType_Ready(&vfiomig_PipeWriterType) < 0)
+        PyType_Ready(&vfiomig_PipeWriterType) < 0 || PyType_Ready(&vfiomig_BlockType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)

@@ -94,6 +94,8 @@ struct vfm_slot *vfm_slot_add(struct vfm_reorder *r, uint32_t idx, uint64_t size
     s->used = 1;
     s->size = size;
     s->data = NULL;
+    s->off = 0;
+    s->in_block = 0;
     r->count++;
     return s;
 }

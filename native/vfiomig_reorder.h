@@ -22,7 +22,9 @@ struct vfm_slot {
     uint32_t idx;
     uint32_t used;
     uint64_t size;
-    void *data; /* NULL while the packet's data is in flight */
+    void *data;       /* NULL while the packet's data is in flight */
+    uint64_t off;     /* in_block: the data is at off in the block that data points to */
+    uint32_t in_block;
 };
 
 struct vfm_reorder {

@@ -84,7 +84,13 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path: Path) -> None:
     }
     tests = [
         str(ROOT / "tests" / "unit" / t)
-        for t in ("test_framer.py", "test_reorder.py", "test_pump.py", "test_pipe_writer.py")
+        for t in (
+            "test_framer.py",
+            "test_reorder.py",
+            "test_pump.py",
+            "test_pipe_writer.py",
+            "test_blocks.py",
+        )
     ]
     # The fuzz corpus too: the framer target runs the C core beside the reference on it.
     tests.append(str(ROOT / "tests" / "unit" / "test_fuzz.py") + "::test_corpus_replays_clean")

@@ -326,11 +326,13 @@ def test_pump_recv_results_are_identical_across_cores() -> None:
     assert all(r == results[0] for r in results)
 
 
-def _accepted_mid_packet(core: types.ModuleType, error: OSError | None) -> tuple[object, object]:
+def _accepted_mid_packet(
+    core: types.ModuleType, error: OSError | None, size: int
+) -> tuple[object, object]:
     key = DEVICES[0]
     buf = core.ReorderBuffer("d/0", core.Budget(1 << 20))
     buf.open_gate()
-    pkt = encode_packet(key[0], key[1], 0, 0, b"y" * 100_000)
+    pkt = encode_packet(key[0], key[1], 0, 0, b"y" * size)
     f = core.Framer(uuid=UUID, channels=4)
     f.feed(encode_handshake(UUID, 1))
     assert isinstance(f.next_event(), core.ChannelHello)
@@ -339,25 +341,32 @@ def _accepted_mid_packet(core: types.ModuleType, error: OSError | None) -> tuple
     return f, lambda: f.pump_recv(recv, {key: buf}, 1 << 30)
 
 
-def test_pump_recv_end_inside_a_packet_is_the_references_error(core: types.ModuleType) -> None:
-    _f, pump = _accepted_mid_packet(core, None)
+# 100 000 bytes: received into the framer's buffer; 300 000: into the packet's own buffer.
+@pytest.mark.parametrize("size", [100_000, 300_000])
+def test_pump_recv_end_inside_a_packet_is_the_references_error(
+    core: types.ModuleType, size: int
+) -> None:
+    _f, pump = _accepted_mid_packet(core, None, size)
     with pytest.raises(
         core.StreamIncompleteError,
-        match=r"^0000:00:04.0/vfio/0: channel ended inside packet idx 0 \(59712 of 100000 bytes\)$",
+        match=rf"^0000:00:04.0/vfio/0: channel ended inside packet idx 0 \(59712 of {size} bytes\)$",
     ) as e:
         pump()  # type: ignore[operator]
     assert (e.value.device, e.value.idx) == ("0000:00:04.0/vfio/0", 0)
 
 
+@pytest.mark.parametrize("size", [100_000, 300_000])
 def test_pump_recv_passes_receive_errors_on_with_the_packet_current(
-    core: types.ModuleType,
+    core: types.ModuleType, size: int
 ) -> None:
-    f, pump = _accepted_mid_packet(core, ConnectionResetError(104, "Connection reset by peer"))
+    err = ConnectionResetError(104, "Connection reset by peer")
+    f, pump = _accepted_mid_packet(core, err, size)
     with pytest.raises(ConnectionResetError):
         pump()  # type: ignore[operator]
     cur = f.current  # type: ignore[attr-defined]
-    assert (cur.idstr, cur.idx, cur.size) == (DEVICES[0][0], 0, 100_000)
-    assert f.payload_remaining == 100_000 - 59_712  # type: ignore[attr-defined]
+    assert (cur.idstr, cur.idx, cur.size) == (DEVICES[0][0], 0, size)
+    # Received: read into the packet's buffer, or still in the framer's.
+    assert size - f.payload_remaining + f.buffered == 59_712  # type: ignore[attr-defined]
 
 
 def test_pump_recv_would_block_and_limit(core: types.ModuleType) -> None:

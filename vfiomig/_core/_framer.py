@@ -96,11 +96,17 @@ PUMP_ACCEPTED: Final = 3
 #: `Framer.pump_recv` only: ``recv_into`` has nothing more now; wait until it has.
 PUMP_WOULD_BLOCK: Final = 4
 
-#: Bytes `Framer.pump_recv` asks ``recv_into`` for at a time between packets' data.
+#: Bytes `Framer.pump_recv` asks ``recv_into`` for at a time into the framer's buffer (at
+#: most the buffer's size); when they do not fit after the unparsed bytes, those move to the
+#: front (the C core: to a new block, if packets of the old one are still held).
 RECV_CHUNK: Final = 256 * 1024
-#: After a packet of this much data, `Framer.pump_recv` receives only the next header, so
-#: that the next packet's data goes straight into its own buffer instead of being copied.
-BIG_PAYLOAD: Final = 64 * 1024
+#: The data of a packet this large (or a quarter of the framer's buffer) goes straight into
+#: its own buffer in `Framer.pump_recv` (and only the next header is received after it, so
+#: that the next packet's data does so too); smaller packets are received into the
+#: framer's buffer with the packets around them.
+BIG_PAYLOAD: Final = 256 * 1024
+#: The framer's buffer (the C core's receive block).
+BUFFER_SIZE: Final = 512 * 1024
 
 _COMMON = struct.Struct(">III")
 _DEVICE_TAIL = struct.Struct(">II")
@@ -142,7 +148,7 @@ class Framer:
         ram_page_count: int | None = None,
         endian: Endian = "be",
         label: str = "channel",
-        buffer_size: int = 256 * 1024,
+        buffer_size: int = BUFFER_SIZE,
     ) -> None:
         self._uuid = uuid
         self._channels = channels
@@ -152,6 +158,8 @@ class Framer:
         self.label = label
         self.channel_id: int | None = None
         self._buf = bytearray(buffer_size)
+        self._big = min(BIG_PAYLOAD, buffer_size // 4)
+        self._recv_chunk = min(RECV_CHUNK, buffer_size)
         self._pos = 0  # first unconsumed byte
         self._end = 0  # end of received bytes
         self._eof = False
@@ -163,6 +171,8 @@ class Framer:
         self._pending: bytearray | None = None
         self._pending_got = 0
         self._pending_buf: ReorderBuffer | None = None
+        # ... or into the framer's buffer, for the packet `current` and this reorder buffer.
+        self._pending_in_buffer: ReorderBuffer | None = None
         self._last_big = False
 
     # -- ingress -------------------------------------------------------------------
@@ -408,6 +418,28 @@ class Framer:
         """
         done = received = 0
         while True:
+            into = self._pending_in_buffer
+            if into is not None:
+                cur = self._current
+                assert cur is not None
+                have = self._end - self._pos
+                if have < cur.size:
+                    if received >= limit:
+                        return PUMP_NEED_DATA, done, None
+                    n = self._recv_buffer(recv_into, cur.size - have)
+                    if n < 0:
+                        return PUMP_WOULD_BLOCK, done, None
+                    if n == 0:
+                        raise self.fail_truncated()
+                    received += n
+                    continue
+                self._pending_in_buffer = None
+                self._last_big = False
+                data = self._buf[self._pos : self._pos + cur.size]
+                self._advance(cur.size)
+                into.deliver(cur.idx, data)
+                done += 1
+                continue
             payload = self._pending
             if payload is not None:
                 got = self._pending_got
@@ -435,7 +467,7 @@ class Framer:
                 buf = self._pending_buf
                 assert buf is not None and self._current is not None
                 self._pending = self._pending_buf = None
-                self._last_big = size >= BIG_PAYLOAD
+                self._last_big = size >= self._big
                 buf.deliver(self._current.idx, payload)
                 done += 1
                 continue
@@ -444,27 +476,42 @@ class Framer:
             if status == PUMP_NEED_DATA:
                 if received >= limit:
                     return PUMP_NEED_DATA, done, None
-                want = RECV_CHUNK
                 have = self._end - self._pos
                 head = DEVICE_HEADER_SIZE + VFIO_HEADER_SIZE
                 if self._last_big and self._state == _HEADER and have < head:
-                    want = head - have
-                with self.get_buffer(want) as view:
-                    try:
-                        n = recv_into(view)
-                    except BlockingIOError:
-                        n = -1
+                    with self.get_buffer(head - have) as view:
+                        try:
+                            n = recv_into(view)
+                        except BlockingIOError:
+                            n = -1
+                    if n >= 0:
+                        self.commit(n)
+                else:
+                    n = self._recv_buffer(recv_into, 1)
                 if n < 0:
                     return PUMP_WOULD_BLOCK, done, None
-                self.commit(n)
                 received += n
             elif status == PUMP_ACCEPTED:
                 assert header is not None
+                if header.size < self._big:
+                    self._pending_in_buffer = routes[header.idstr, header.instance]
+                    continue
                 self._pending = new_payload_buffer(header.size)
                 self._pending_got = 0
                 self._pending_buf = routes[header.idstr, header.instance]
             else:
                 return status, done, header
+
+    def _recv_buffer(self, recv_into: Callable[[memoryview], int], need: int) -> int:
+        """Receive up to `RECV_CHUNK` bytes (or ``need``, if more) into the buffer; -1:
+        would block."""
+        with self.get_buffer(max(need, self._recv_chunk)) as view:
+            try:
+                n = recv_into(view)
+            except BlockingIOError:
+                return -1
+        self.commit(n)
+        return n
 
     # -- packet data ---------------------------------------------------------------
 
@@ -511,9 +558,12 @@ class Framer:
     def _truncated(self) -> StreamIncompleteError:
         cur = self._current
         assert cur is not None
+        # Data received counts whether read or still buffered (`pump_recv` keeps a packet
+        # smaller than a quarter of its buffer in it until it is whole).
+        got = cur.size - self._remaining + min(self._end - self._pos, self._remaining)
         return StreamIncompleteError(
             f"{cur.idstr}/{cur.instance}: channel ended inside packet idx {cur.idx}"
-            f" ({cur.size - self._remaining} of {cur.size} bytes)",
+            f" ({got} of {cur.size} bytes)",
             device=f"{cur.idstr}/{cur.instance}",
             idx=cur.idx,
         )

@@ -47,19 +47,30 @@ MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 
 class Budget:
-    """Queued-bytes accounting shared by the devices of one session."""
+    """Queued-bytes accounting shared by the devices of one session.
 
-    __slots__ = ("limit", "peak", "queued")
+    ``queued`` counts the payload bytes of the packets accepted and not yet written;
+    ``slack`` the rest of the memory they pin: the C core keeps a packet received with
+    others in its channel's receive block until it is written, and a block the channel
+    moved on from stays whole while any of its packets is held, so the budget counts its
+    free part too. An offer fits while ``queued + slack + size <= limit``. ``peak`` is of
+    ``queued`` (SPEC §2's rule, the report's peak), ``peak_pinned`` of ``queued + slack``.
+    This core copies every packet into a buffer of its own, so its slack is always 0.
+    """
+
+    __slots__ = ("limit", "peak", "peak_pinned", "queued", "slack")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.queued = 0
+        self.slack = 0
         self.peak = 0
+        self.peak_pinned = 0
 
     def add(self, n: int) -> None:
         self.queued += n
         if self.queued > self.peak:
-            self.peak = self.queued
+            self.peak = self.peak_pinned = self.queued
 
     def release(self, n: int) -> None:
         self.queued -= n
@@ -150,7 +161,7 @@ class ReorderBuffer:
             raise
         if not (flags & VFIO_FLAG_CONFIG_STATE or (idx == self.next_idx and self._unwritten == 0)):
             budget = self.budget
-            if budget.queued + size > budget.limit:
+            if budget.queued + budget.slack + size > budget.limit:
                 return False
         self._slots[idx] = None
         self._sizes[idx] = size
