@@ -60,10 +60,20 @@ class Pending:
     protocol handshake) inside a scope from `evictable`, and reports the bytes it reads
     with `note`."""
 
-    __slots__ = ("_scope", "accepted_at", "done", "evicted", "label", "last_active", "received")
+    __slots__ = (
+        "_scope",
+        "accepted_at",
+        "done",
+        "evicted",
+        "label",
+        "last_active",
+        "received",
+        "seq",
+    )
 
-    def __init__(self, label: str, now: float) -> None:
+    def __init__(self, label: str, now: float, seq: int) -> None:
         self.label = label
+        self.seq = seq  # order of accept: the tie-break between equals
         self._scope = trio.CancelScope()
         self.accepted_at = now
         self.last_active = now
@@ -99,6 +109,7 @@ class Admission:
         self.max_pending = max_pending
         self.prefix = prefix
         self._pending: set[Pending] = set()
+        self._seq = 0
         self._admitted = 0
         self._refused = 0
         self._evicted = 0
@@ -167,7 +178,8 @@ class Admission:
         """Register a connection just accepted; at the cap, evict another one first."""
         while len(self._pending) >= self.max_pending:
             self._evict(f"pending limit {self.max_pending}")
-        ticket = Pending(label, trio.current_time())
+        self._seq += 1
+        ticket = Pending(label, trio.current_time(), self._seq)
         self._pending.add(ticket)
         return ticket
 
@@ -197,7 +209,7 @@ class Admission:
         self._pending.discard(ticket)
 
     def _evict(self, why: str) -> None:
-        victim = min(self._pending, key=lambda t: (t.last_active, t.received, t.accepted_at))
+        victim = min(self._pending, key=lambda t: (t.last_active, t.received, t.seq))
         self._leave(victim)
         victim.evicted = True
         victim._scope.cancel()
