@@ -22,6 +22,7 @@ from vfiomig._core._wire import encode_handshake
 from vfiomig.control import open_control_client
 from vfiomig.testing import MemorySink, channel_streams, device_packets
 from vfiomig.transport import Admission
+from vfiomig.transport._admission import BURST_GAP, RESERVE
 
 STATE = bytes(range(256)) * 64
 
@@ -223,25 +224,35 @@ async def test_accept_waits_out_a_shortage_and_logs_it_once(
     listener = _ShortListener(code, 50)
     with caplog.at_level(logging.WARNING, logger="vfiomig"):
         assert await admission.accept(listener) == "stream"  # type: ignore[arg-type]
-    assert admission.statistics().accept_errors == 50
+        listener.failures = 61  # ten more failures, within the burst
+        assert await admission.accept(listener) == "stream"  # type: ignore[arg-type]
+        assert len(caplog.records) == 1  # the burst started; it has not ended yet
+        await trio.sleep(BURST_GAP)
+        assert await admission.accept(listener) == "stream"  # type: ignore[arg-type]
+    assert admission.statistics().accept_errors == 60
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines  # one when the burst starts, one when it ends
     assert errno.errorcode[code] in lines[0]
-    assert lines[1] == "accepting again after 50 failed accepts in 5.0 s"
+    assert lines[1] == "accepting again after 60 failed accepts over 5.9 s"
 
 
-async def test_accept_evicts_a_pending_connection_to_free_an_fd(
+async def test_accept_evicts_pending_connections_to_free_fds(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    admission = Admission(8)
-    old, new = admission.enter("old"), admission.enter("new")
+    admission = Admission(40, floor=10)
+    tickets = [admission.enter(f"c{i}") for i in range(12)]
     await trio.sleep(1)
-    new.note(5)
+    for t in tickets[-2:]:
+        t.note(5)
     assert await admission.accept(_ShortListener(errno.EMFILE, 1)) == "stream"  # type: ignore[arg-type]
-    assert old.evicted and not new.evicted
-    assert old.evictable().cancel_called  # the owner's next step is cancelled at once
+    # The burst started: RESERVE connections went, silent the longest (then oldest) first.
+    assert [t.evicted for t in tickets] == [True] * RESERVE + [False] * (12 - RESERVE)
+    assert tickets[0].evictable().cancel_called  # the owner's next step is cancelled at once
+    assert admission.max_pending == 10  # lowered to what it holds, not below its floor
     stats = admission.statistics()
-    assert (stats.pending, stats.evicted, stats.accept_errors) == (1, 1, 1)
+    assert (stats.pending, stats.evicted, stats.accept_errors) == (4, RESERVE, 1)
+    more = [admission.enter(f"d{i}") for i in range(7)]
+    assert admission.statistics().pending == 10 and tickets[8].evicted and not more[0].evicted
 
 
 async def test_other_accept_errors_are_raised() -> None:

@@ -327,8 +327,7 @@ class ControlServer:
                         decoder.feed(data, fds)
                         while (msg := decoder.next_message()) is not None:
                             self._close_fds(decoder.orphans)
-                            first = not conn.admitted and not isinstance(msg, proto.Unknown)
-                            if first and not self._admit(conn):
+                            if not conn.admitted and _admits(msg) and not self._admit(conn):
                                 conn.send.close()  # the writer sends the error, then ends
                                 return
                             self._handle(conn, msg)
@@ -336,6 +335,11 @@ class ControlServer:
                         self._close_fds(decoder.orphans)
                         self._reply_error(conn, str(exc))
                         continue
+                    if not data and not conn.admitted:
+                        # A stranger that never spoke: nothing to keep its fd open for.
+                        self.admission.refuse(conn.ticket, conn.label, "eof before a message")
+                        connection_scope.cancel()
+                        return
                     if not data:
                         # The peer finished sending; it may still be reading events.
                         log.info("control: %s sent eof", conn.label)
@@ -511,6 +515,14 @@ class ControlServer:
                     **counts,
                 }
                 self._broadcast(_Out(proto.encode(msg), droppable=True))
+
+
+def _admits(msg: proto.Message) -> bool:
+    """Whether ``msg`` makes its connection a client (it was pending until then): any
+    known command, but a ``hello`` only in our version."""
+    if isinstance(msg, proto.Hello):
+        return msg.version == proto.VERSION
+    return not isinstance(msg, proto.Unknown)
 
 
 def _error(message: str, device: Device | None) -> dict[str, Any]:

@@ -198,7 +198,8 @@ class Session:
         self.admission = Admission(
             config.max_pending
             if config.max_pending is not None
-            else default_max_pending(config.channels)
+            else default_max_pending(config.channels),
+            floor=config.channels + 4,  # out of fds: room for every channel still
         )
         #: The control channel's, set by its task.
         self.control_admission: Admission | None = None

@@ -10,9 +10,13 @@ once, so it is the least silent connection and gets through while strangers keep
 
 Accept errors that mean the process or the system is out of something (EMFILE, ENFILE,
 ENOBUFS, ENOMEM, as trio's ``serve_listeners`` treats them) never end the accept loop:
-the pending connection silent the longest is evicted to free its fd, or, with none
-pending, the loop sleeps and retries. One line is logged when such a burst starts and one
-when it ends; refusals and evictions log at most one line per `LOG_INTERVAL` each (the
+pending connections are evicted to free their fds (fds are the process's, so the ones
+silent the longest of any admission in the process: `RESERVE` of them when a burst
+starts, one per error after that) and their admissions' caps are lowered to what they
+hold (never below the admission's ``floor``), so that the fds freed stay free for
+the session's own use (real channels, config files); with none pending, the loop sleeps
+and retries. One line is logged when such a burst starts and one
+once accepting has worked for `BURST_GAP` seconds (seen at the next accept); refusals and evictions log at most one line per `LOG_INTERVAL` each (the
 rest are counted, see `AdmissionStatistics`).
 """
 
@@ -22,6 +26,7 @@ import errno
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import trio
@@ -37,6 +42,10 @@ ACCEPT_RETRY_SLEEP = 0.1
 EVICT_SLEEP = 0.005
 #: Seconds between two log lines about refused (or evicted) connections of one listener.
 LOG_INTERVAL = 5.0
+#: Seconds without an accept error that end a burst of them (for the log).
+BURST_GAP = 5.0
+#: Pending connections evicted when a burst of accept errors starts: fds kept free.
+RESERVE = 8
 
 
 def default_max_pending(channels: int) -> int:
@@ -97,16 +106,19 @@ class Pending:
 
 
 class Admission:
-    """The pending connections of one or more listeners, bounded by ``max_pending``.
+    """The pending connections of one or more listeners, bounded by ``max_pending``
+    (lowered when the process runs out of fds, to no less than ``floor``, by default
+    the smaller of ``max_pending`` and 4).
 
     ``prefix`` starts this admission's log lines (``"control: "``); connection labels
     follow it.
     """
 
-    def __init__(self, max_pending: int, *, prefix: str = "") -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending {max_pending} is below 1")
+    def __init__(self, max_pending: int, *, floor: int = 4, prefix: str = "") -> None:
+        if max_pending < 1 or floor < 1:
+            raise ValueError(f"max_pending {max_pending} or floor {floor} is below 1")
         self.max_pending = max_pending
+        self.floor = min(floor, max_pending)
         self.prefix = prefix
         self._pending: set[Pending] = set()
         self._seq = 0
@@ -114,7 +126,8 @@ class Admission:
         self._refused = 0
         self._evicted = 0
         self._accept_errors = 0
-        self._short_since: float | None = None  # start of the current EMFILE burst
+        self._short_since: float | None = None  # first accept error of the current burst
+        self._short_last = 0.0  # the latest one
         self._short_count = 0
         self._refuse_log = _Throttle()
         self._evict_log = _Throttle()
@@ -137,39 +150,52 @@ class Admission:
 
         Cancellation: nothing accepted is lost (trio's accept is atomic on cancel).
         """
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                await self._short_of(exc.errno)
-                continue
-            if self._short_since is not None:
-                log.warning(
-                    "%saccepting again after %d failed accepts in %.1f s",
-                    self.prefix,
-                    self._short_count,
-                    trio.current_time() - self._short_since,
-                )
-                self._short_since = None
-            return stream
+        _LIVE[self] = _LIVE.get(self, 0) + 1
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    await self._short_of(exc.errno)
+                    continue
+                self._end_burst(trio.current_time())
+                return stream
+        finally:
+            _LIVE[self] -= 1
+            if not _LIVE[self]:
+                del _LIVE[self]
+
+    def _end_burst(self, now: float) -> None:
+        if self._short_since is not None and now - self._short_last >= BURST_GAP:
+            log.warning(
+                "%saccepting again after %d failed accepts over %.1f s",
+                self.prefix,
+                self._short_count,
+                self._short_last - self._short_since,
+            )
+            self._short_since = None
 
     async def _short_of(self, code: int) -> None:
+        now = trio.current_time()
+        self._end_burst(now)
         self._accept_errors += 1
         self._short_count += 1
+        self._short_last = now
         if self._short_since is None:
-            self._short_since = trio.current_time()
+            self._short_since = now
             self._short_count = 1
             log.warning(
                 "%saccept failed: %s (%s): evicting the pending connections silent the "
-                "longest and retrying; logged once until accepting works again",
+                "longest and retrying; logged again once accepting works for %g s",
                 self.prefix,
                 os.strerror(code),
                 errno.errorcode.get(code, code),
+                BURST_GAP,
             )
-        if self._pending:
-            self._evict(f"out of resources ({errno.errorcode.get(code, code)})")
+        why = f"out of resources ({errno.errorcode.get(code, code)})"
+        if _free(RESERVE if self._short_count == 1 else 1, why):
             await trio.sleep(EVICT_SLEEP)
         else:
             await trio.sleep(ACCEPT_RETRY_SLEEP)
@@ -209,7 +235,9 @@ class Admission:
         self._pending.discard(ticket)
 
     def _evict(self, why: str) -> None:
-        victim = min(self._pending, key=lambda t: (t.last_active, t.received, t.seq))
+        self._evict_ticket(min(self._pending, key=_silence), why)
+
+    def _evict_ticket(self, victim: Pending, why: str) -> None:
         self._leave(victim)
         victim.evicted = True
         victim._scope.cancel()
@@ -222,6 +250,39 @@ class Admission:
             trio.current_time() - victim.last_active,
             why,
         )
+
+    def _hold(self) -> None:
+        """Lower the cap to the connections pending now (an fd was freed for good)."""
+        cap = max(self.floor, len(self._pending))
+        if cap < self.max_pending:
+            self.max_pending = cap
+            log.warning("%spending limit lowered to %d: out of fds", self.prefix, cap)
+
+
+#: The admissions of the process with an accept under way (and how many): an fd
+#: shortage is the whole process's, so eviction chooses among all of them.
+_LIVE: weakref.WeakKeyDictionary[Admission, int] = weakref.WeakKeyDictionary()
+
+
+def _silence(ticket: Pending) -> tuple[float, int, int]:
+    """Eviction order: silent the longest first, then fewest bytes, then oldest."""
+    return (ticket.last_active, ticket.received, ticket.seq)
+
+
+def _free(count: int, why: str) -> int:
+    """Evict up to ``count`` pending connections, silent the longest of any admission,
+    and lower their admissions' caps (`Admission._hold`); the number evicted."""
+    owners: dict[Admission, int] = {}
+    for _ in range(count):
+        candidates = [(t, a) for a in _LIVE for t in a._pending]
+        if not candidates:
+            break
+        ticket, owner = min(candidates, key=lambda c: _silence(c[0]))
+        owner._evict_ticket(ticket, why)
+        owners[owner] = owners.get(owner, 0) + 1
+    for owner in owners:
+        owner._hold()
+    return sum(owners.values())
 
 
 class MeteredStream(trio.abc.Stream):
