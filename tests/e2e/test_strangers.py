@@ -230,7 +230,7 @@ async def _fds_settle(rx: Receiver, count: int, within: float) -> float:
 
 
 async def test_floods_past_the_fd_limit_do_not_stop_the_migration(tmp_path: Path) -> None:
-    base, _ = await migrate(Receiver(tmp_path / "baseline"))
+    base, base_summary = await migrate(Receiver(tmp_path / "baseline"))
     rx = Receiver(tmp_path / "flooded")
     targets = [
         (rx.data, DATA_STRANGERS, DATA_KINDS),
@@ -250,6 +250,7 @@ async def test_floods_past_the_fd_limit_do_not_stop_the_migration(tmp_path: Path
     assert rx.proc.poll() is None, rx.stderr()
     # 2. They leave: every fd they took is closed again.
     settled = await _fds_settle(rx, before, HANDSHAKE_TIMEOUT + 5)
+    rx_after = rx.fds()
     # 3. Strangers arriving all along while the real migration goes through.
     flood = Flood()
     async with trio.open_nursery() as nursery:
@@ -261,12 +262,16 @@ async def test_floods_past_the_fd_limit_do_not_stop_the_migration(tmp_path: Path
         nursery.cancel_scope.cancel()
     log = rx.stderr()
     print(
-        f"strangers {flood.opened}, fd limit {FD_LIMIT}, baseline {base:.2f} s, "
-        f"flooded {seconds:.2f} s, fds before {before} peak {peak} after {before} "
+        f"strangers {flood.opened}, fd limit {FD_LIMIT}, baseline {base:.2f} s "
+        f"(session {base_summary['seconds']:.2f} s), flooded {seconds:.2f} s (session "
+        f"{summary['seconds']:.2f} s), fds before {before} peak {peak} after {rx_after} "
         f"(settled in {settled:.2f} s), summary {summary}, log lines {len(log.splitlines())}"
     )
     assert peak < FD_LIMIT - 100  # the pending caps (32 data + 8 control) bound it
-    assert seconds < HANDSHAKE_TIMEOUT + base + 5, (seconds, base)
+    # The session (first packet to loaded) within the handshake timeout plus its own time
+    # unflooded; the wall time (processes starting beside the flood's CPU) more loosely.
+    assert summary["seconds"] < HANDSHAKE_TIMEOUT + base_summary["seconds"], summary
+    assert seconds < HANDSHAKE_TIMEOUT + base + 10, (seconds, base)
     assert summary["channels_evicted"] > 0 and summary["channels_refused"] > 0
     assert summary["control_evicted"] > 0
     assert len(log.splitlines()) < 100, log  # throttled: not a line per stranger
