@@ -58,21 +58,20 @@ async def test_extra_clients_are_refused_at_once_while_one_is_served() -> None:
                 await nursery.start(serve_vfio_user, path, device)
                 before = len(open_fds())
                 # A stranger takes the one place and says nothing.
-                holder = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                await holder.connect(path)
-                outcomes: dict[str, int] = {}
-                limit = trio.CapacityLimiter(8)  # not more at once than the backlog holds
+                with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+                    await holder.connect(path)
+                    outcomes: dict[str, int] = {}
+                    limit = trio.CapacityLimiter(8)  # no more at once than the backlog holds
 
-                async def stranger() -> None:
-                    async with limit:
-                        outcome = await _refused_at_once(path, 2.0)
-                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    async def stranger() -> None:
+                        async with limit:
+                            outcome = await _refused_at_once(path, 2.0)
+                        outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
-                async with trio.open_nursery() as flood:
-                    for _ in range(STRANGERS):
-                        flood.start_soon(stranger)
-                assert outcomes == {"refused": STRANGERS}, outcomes
-                holder.close()
+                    async with trio.open_nursery() as flood:
+                        for _ in range(STRANGERS):
+                            flood.start_soon(stranger)
+                    assert outcomes == {"refused": STRANGERS}, outcomes
                 # The place is free again: a real client is served.
                 async with await open_vfio_user_client(path, reply_timeout=5) as client:
                     assert await client.get_state() == MigState.RUNNING
