@@ -1,23 +1,24 @@
 """Admission: what a listener accepts, without letting strangers exhaust the process.
 
 A connection is *pending* from its accept until its owner admits it (a data channel's
-handshake was accepted, a control connection sent its first complete message) or refuses
+handshake was accepted, a control connection sent its first valid message) or refuses
 it. Pending connections are bounded by a cap: when a new one arrives at the cap, the
 pending connection silent the longest (its last byte, or its accept if it sent none, is
 the oldest; among equals the one that sent the fewest bytes) is evicted: its owner's
-`Pending.evictable` scope is cancelled and the owner closes it. A real peer sends its handshake at
-once, so it is the least silent connection and gets through while strangers keep coming.
+`Pending.evictable` scope is cancelled and the owner closes it. A real peer sends its
+handshake at once, so it is the least silent connection and gets in while strangers keep
+coming.
 
 Accept errors that mean the process or the system is out of something (EMFILE, ENFILE,
-ENOBUFS, ENOMEM, as trio's ``serve_listeners`` treats them) never end the accept loop:
-pending connections are evicted to free their fds (fds are the process's, so the ones
-silent the longest of any admission in the process: `RESERVE` of them when a burst
-starts, one per error after that) and their admissions' caps are lowered to what they
-hold (never below the admission's ``floor``), so that the fds freed stay free for
-the session's own use (real channels, config files); with none pending, the loop sleeps
-and retries. One line is logged when such a burst starts and one
-once accepting has worked for `BURST_GAP` seconds (seen at the next accept); refusals and evictions log at most one line per `LOG_INTERVAL` each (the
-rest are counted, see `AdmissionStatistics`).
+ENOBUFS, ENOMEM, as trio's ``serve_listeners`` treats them) never end the accept loop.
+Pending connections are evicted to free their fds: fds are the process's, so the ones
+silent the longest of any admission accepting in the process, `RESERVE` of them when a
+burst starts and one per error after that. Their admissions' caps are lowered to what
+they hold (never below the admission's ``floor``), so that the fds freed stay free for
+the session's own use (real channels, config files). With none pending, the loop sleeps
+and retries. A burst is logged in two lines: when it starts, and at the first accept
+after `BURST_GAP` quiet seconds. Refusals and evictions log at most one line per
+`LOG_INTERVAL` each; the rest are counted (`AdmissionStatistics`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ class Pending:
 
     __slots__ = (
         "_scope",
-        "accepted_at",
         "done",
         "evicted",
         "label",
@@ -84,8 +84,7 @@ class Pending:
         self.label = label
         self.seq = seq  # order of accept: the tie-break between equals
         self._scope = trio.CancelScope()
-        self.accepted_at = now
-        self.last_active = now
+        self.last_active = now  # accepted, or its latest byte
         self.received = 0
         self.evicted = False
         self.done = False  # admitted, refused or evicted: no longer pending
