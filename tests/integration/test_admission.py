@@ -14,7 +14,7 @@ import trio
 import trio.lowlevel
 
 from tests.integration.control_helpers import IDSTR, running_receiver, send_channel
-from tests.integration.faults import UUID, Snapshot, connect, idstr, receiver
+from tests.integration.faults import UUID, Snapshot, connect, idstr, receiver, reset
 from tests.integration.test_control import CONFIG, expect, streams
 from tests.integration.test_control import STATE as CONTROL_STATE
 from vfiomig import SessionReport
@@ -105,6 +105,25 @@ async def test_strangers_arriving_without_end_do_not_keep_the_real_channels_out(
     assert bytes(sink.data) == STATE
     assert report.channels_accepted == 2
     assert report.channels_evicted >= 10
+
+
+async def test_a_reset_during_the_handshake_is_a_refusal() -> None:
+    sink = MemorySink()
+    packets = device_packets(idstr(0), 0, STATE, CONFIG, 1000)
+    with trio.fail_after(10):
+        async with receiver([sink], channels=1, handshake_timeout=30) as rx:
+            admission = rx.session.admission
+            for _ in range(3):
+                rude = await connect(rx)
+                await rude.send_all(b"\x11\x22")
+                await wait_for(lambda: admission.statistics().pending == 1, "pending")
+                reset(rude)
+                await wait_for(lambda: admission.statistics().pending == 0, "gone")
+            assert admission.statistics().refused == 3
+            await send_channel_raw(rx, channel_streams(packets, 1, UUID)[0])
+    report = rx.outcome[0]
+    assert isinstance(report, SessionReport), str(report)
+    assert bytes(sink.data) == STATE and report.channels_refused == 3
 
 
 async def send_channel_raw(rx, data: bytes) -> None:  # type: ignore[no-untyped-def]

@@ -309,7 +309,13 @@ class ControlServer:
                 if out.delivered is not None:
                     out.delivered.set()
         except (trio.BrokenResourceError, OSError) as exc:
+            self._lost(conn, exc)
+
+    def _lost(self, conn: _Connection, exc: BaseException) -> None:
+        if conn.admitted:
             log.warning("control: %s lost: %s", conn.label, exc)
+        else:  # a stranger: counted, and logged throttled
+            self.admission.refuse(conn.ticket, conn.label, f"lost: {exc}")
 
     async def _read_loop(self, conn: _Connection, connection_scope: trio.CancelScope) -> None:
         decoder = proto.ControlDecoder(max_message=self.max_message)
@@ -352,7 +358,7 @@ class ControlServer:
                     self.admission.refuse(conn.ticket, conn.label, str(exc))
                 conn.send.close()  # the writer sends the error, then the connection ends
             except (trio.BrokenResourceError, OSError) as exc:
-                log.warning("control: %s lost: %s", conn.label, exc)
+                self._lost(conn, exc)
                 connection_scope.cancel()
             finally:
                 self._close_fds(decoder.orphans)

@@ -90,6 +90,9 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
             except (HandshakeError, StreamIncompleteError) as exc:
                 admission.refuse(ticket, label, str(exc))
                 return
+            except (OSError, trio.BrokenResourceError) as exc:  # e.g. a reset
+                admission.refuse(ticket, label, f"connection lost during the handshake: {exc}")
+                return
             if ticket.evicted:
                 return
             assert isinstance(ev, ChannelHello)
