@@ -261,16 +261,18 @@ async def test_floods_past_the_fd_limit_do_not_stop_the_migration(tmp_path: Path
         seconds, summary = await migrate(rx)
         nursery.cancel_scope.cancel()
     log = rx.stderr()
+    load, base_load = summary["devices"][0]["seconds"], base_summary["devices"][0]["seconds"]
     print(
         f"strangers {flood.opened}, fd limit {FD_LIMIT}, baseline {base:.2f} s "
         f"(session {base_summary['seconds']:.2f} s), flooded {seconds:.2f} s (session "
-        f"{summary['seconds']:.2f} s), fds before {before} peak {peak} after {rx_after} "
+        f"{summary['seconds']:.2f} s, load {load:.2f} s), fds before {before} peak {peak} after {rx_after} "
         f"(settled in {settled:.2f} s), summary {summary}, log lines {len(log.splitlines())}"
     )
     assert peak < FD_LIMIT - 100  # the pending caps (32 data + 8 control) bound it
-    # The session (first packet to loaded) within the handshake timeout plus its own time
-    # unflooded; the wall time (processes starting beside the flood's CPU) more loosely.
-    assert summary["seconds"] < HANDSHAKE_TIMEOUT + base_summary["seconds"], summary
+    # The load (the device's first packet to loaded) within the handshake timeout plus
+    # its own time unflooded; the wall time (processes starting beside the flood's CPU,
+    # the session's teardown) more loosely.
+    assert load < HANDSHAKE_TIMEOUT + base_load, summary
     assert seconds < HANDSHAKE_TIMEOUT + base + 10, (seconds, base)
     assert summary["channels_evicted"] > 0 and summary["channels_refused"] > 0
     assert summary["control_evicted"] > 0
