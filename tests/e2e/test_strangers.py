@@ -13,10 +13,11 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import pytest
 import trio
 
 from tests.e2e.specsender import handshake
@@ -106,6 +107,23 @@ class Receiver:
         assert "Traceback" not in self.stderr(), self.stderr()
         out = (self.tmp / "stdout").read_text()
         return self.proc.returncode, json.loads(out) if out else {}
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
+    """Start receivers under ``tmp_path``; any still running at the end is killed (a
+    receiver that never got a packet would wait for its gate forever)."""
+    started: list[Receiver] = []
+
+    def start(name: str, *extra: str) -> Receiver:
+        started.append(Receiver(tmp_path / name, *extra))
+        return started[-1]
+
+    yield start
+    for rx in started:
+        if rx.proc.poll() is None:
+            rx.proc.kill()
+            rx.proc.wait()
 
 
 Behaviour: TypeAlias = Callable[[trio.SocketStream], Awaitable[None]]
@@ -229,9 +247,11 @@ async def _fds_settle(rx: Receiver, count: int, within: float) -> float:
     return trio.current_time() - start
 
 
-async def test_floods_past_the_fd_limit_do_not_stop_the_migration(tmp_path: Path) -> None:
-    base, base_summary = await migrate(Receiver(tmp_path / "baseline"))
-    rx = Receiver(tmp_path / "flooded")
+async def test_floods_past_the_fd_limit_do_not_stop_the_migration(
+    spawn: Callable[..., Receiver],
+) -> None:
+    base, base_summary = await migrate(spawn("baseline"))
+    rx = spawn("flooded")
     targets = [
         (rx.data, DATA_STRANGERS, DATA_KINDS),
         (rx.control, CONTROL_STRANGERS, CONTROL_KINDS),
@@ -279,10 +299,10 @@ async def test_floods_past_the_fd_limit_do_not_stop_the_migration(tmp_path: Path
     assert len(log.splitlines()) < 100, log  # throttled: not a line per stranger
 
 
-async def test_fd_exhaustion_on_accept_is_waited_out(tmp_path: Path) -> None:
+async def test_fd_exhaustion_on_accept_is_waited_out(spawn: Callable[..., Receiver]) -> None:
     """A pending cap above the fd limit: accept fails with EMFILE; the receiver evicts,
     retries, logs the burst once, and the migration goes through."""
-    rx = Receiver(tmp_path / "emfile", "--max-pending", "2000")
+    rx = spawn("emfile", "--max-pending", "2000")
     flood = Flood()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flood.run, [(rx.data, DATA_STRANGERS, [idle, trickle])])
