@@ -261,6 +261,10 @@ def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes,
             ["--listen", "udp:1", "--device", "d=null:", "--config-out", "/tmp"],
             "address 'udp:1' must be tcp:HOST:PORT or unix:PATH",
         ),
+        (
+            ["--device", "d=null:", "--config-out", "/tmp", "--max-pending", "0"],
+            "--max-pending 0 is below 1",
+        ),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str) -> None:

@@ -47,6 +47,7 @@ async def running_receiver(
     gate: str = "control",
     control_tcp: bool = False,
     tls: ssl.SSLContext | None = None,
+    control_pending: int = 8,
     **options: Any,
 ) -> AsyncIterator[Running]:
     """Start a receive session with a control server (config via ``config`` events)."""
@@ -54,6 +55,7 @@ async def running_receiver(
     control = ControlServer(
         address,
         tls=tls,
+        max_pending=control_pending,
         progress_interval=options.pop("progress", 0.05),
         max_message=options.pop("max_message", 1 << 20),
     )

@@ -229,11 +229,16 @@ async def test_config_waits_for_a_control_connection(tmp_path: Path) -> None:
                     nursery.start_soon(send_channel, rx.data_address, data)
             assert sink.calls == ["start", *["write"] * (len(sink.calls) - 1)]
             # No connection yet: the config blob is held, the device cannot finish.
-            async with open_control_client(rx.control_address) as ctl:
-                config = await expect(ctl, "config")
-                assert config["data"] == CONFIG
-                await expect(ctl, "loaded")
-                assert (await expect(ctl, "done"))["ok"] is True
+            async with open_control_client(rx.control_address) as silent:
+                # A connection that sent nothing may be a stranger: it never gets the blob.
+                async with open_control_client(rx.control_address) as ctl:
+                    await ctl.hello()
+                    config = await expect(ctl, "config")
+                    assert config["data"] == CONFIG
+                    await expect(ctl, "loaded")
+                    assert (await expect(ctl, "done"))["ok"] is True
+                while (event := await silent.next_event()) is not None:
+                    assert event["type"] != "config", event
     assert "finish" in sink.calls
 
 

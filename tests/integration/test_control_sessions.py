@@ -118,6 +118,7 @@ async def test_tls_happy_path_and_wrong_certificates(
                     await trio.sleep(0.01)
             assert bytes(sink.data) == b"" and rx.session.channels_accepted == 0
             async with open_control_client(rx.control_address, tls=good) as ctl:
+                await ctl.hello()  # the config event goes to a connection that spoke
                 async with trio.open_nursery() as nursery:
                     for data in streams():
                         nursery.start_soon(send_channel, rx.data_address, data, good)
@@ -165,6 +166,7 @@ async def test_one_failing_device_fails_the_session_cleanly(tmp_path: Path) -> N
             tmp_path, [(f"d{i}", 0, s) for i, s in enumerate(sinks)], channels=3, gate="open"
         ) as rx:
             async with open_control_client(rx.control_address) as ctl:
+                await ctl.hello()  # the config event goes to a connection that spoke
                 async with trio.open_nursery() as nursery:
                     for data in channel_streams(packets, 3, UUID):
                         nursery.start_soon(
@@ -200,6 +202,7 @@ async def test_refused_channels_do_not_disturb_the_session(
             tmp_path, [(IDSTR, 0, sink)], gate="open", handshake_timeout=0.3
         ) as rx:
             async with open_control_client(rx.control_address) as ctl:
+                await ctl.hello()  # the config event goes to a connection that spoke
                 if why == "timeout":
                     from vfiomig.transport import connect, parse_address
 

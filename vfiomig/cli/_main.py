@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on one sink write batch and on the sink's finish (default 60)",
     )
     rx.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S")
+    rx.add_argument(
+        "--max-pending",
+        type=int,
+        metavar="N",
+        help="data connections whose handshake has not finished, at most; at the limit the "
+        "one silent the longest is closed (default 4 x --channels + 16 connections)",
+    )
     rx.add_argument("--endian", choices=("be", "host"), default="be")
     rx.add_argument("--ram-page-count", type=int, metavar="N")
     rx.add_argument("--ready-file", metavar="PATH")
@@ -251,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _receive(args: argparse.Namespace) -> int:
     if args.channels < 1 or args.channels > 255:
         raise UsageError(f"--channels {args.channels} is out of range (1 to 255)")
+    if args.max_pending is not None and args.max_pending < 1:
+        raise UsageError(f"--max-pending {args.max_pending} is below 1")
     specs = [parse_device(d) for d in args.device]
     if args.config_out is None and args.control is None:
         raise UsageError("no config target: pass --config-out DIR or --control ADDR")
@@ -288,6 +297,7 @@ def _receive(args: argparse.Namespace) -> int:
         endian=args.endian,
         ram_page_count=args.ram_page_count,
         tls=tls,
+        max_pending=args.max_pending,
     )
     control = None
     if args.control is not None:

@@ -9,9 +9,16 @@ send commands and every connection gets every event, so a VMM and a monitor can 
 watch. A command's ``error`` reply goes only to the connection that sent it. No ``hello``
 is required before other commands; a ``hello`` with another version gets an ``error``.
 
+Strangers: a connection is pending (`vfiomig.transport.Admission`) until it sent its first
+valid message; only then does it take one of the ``max_connections`` places. Pending
+connections are bounded by ``max_pending`` (default 8): at the limit, the one silent the
+longest is evicted, so connections that never speak cannot lock the VMM out. A monitor
+that only listens should send a ``hello`` (it may be evicted under a flood otherwise).
+
 Config blobs (`config_target`): a ``config`` event is delivered before the device's finish
-step goes on. The loader waits until one connection wrote the event to its socket; if no
-connection is open, the event waits for the next one (bounded by the stall watchdog).
+step goes on. It goes only to connections that sent a valid message (a stranger must not
+take it); the loader waits until one of them wrote the event to its socket; if none is
+open, the event waits for the next one (bounded by the stall watchdog).
 
 Ending: when the session ends (every device loaded, a failure, or a cancel), this task
 keeps running, shielded, for at most ``flush_timeout`` seconds: it sends each connection
@@ -36,7 +43,7 @@ from vfiomig.control import _proto as proto
 from vfiomig.control._attach import AttachSink
 from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEvent
 from vfiomig.sinks import ConfigTarget
-from vfiomig.transport import open_listener, parse_address
+from vfiomig.transport import Admission, MeteredStream, Pending, open_listener, parse_address
 
 log = logging.getLogger("vfiomig")
 
@@ -45,6 +52,8 @@ RECEIVE_SIZE = 256 * 1024
 MAX_FDS = 8
 #: Progress events queued for one connection beyond which new ones are dropped.
 PROGRESS_BACKLOG = 8
+#: Control connections that have not sent a valid message yet, at most (by default).
+DEFAULT_MAX_PENDING = 8
 
 
 @dataclass(slots=True)
@@ -60,7 +69,9 @@ class _Connection:
     label: str
     send: trio.MemorySendChannel[_Out]
     receive: trio.MemoryReceiveChannel[_Out]
+    ticket: Pending  # done once the connection sent a valid message (or was evicted)
     reader: trio.CancelScope = field(default_factory=trio.CancelScope)
+    admitted: bool = False
 
     def queue(self, out: _Out) -> None:
         if out.droppable and self.receive.statistics().current_buffer_used >= PROGRESS_BACKLOG:
@@ -93,7 +104,10 @@ class ControlServer:
     Args:
         address: ``unix:PATH`` (fds can travel) or ``tcp:HOST:PORT``.
         tls: a server context for TCP connections (UNIX connections stay plain).
-        max_connections: control connections served at once; more are refused.
+        max_connections: control connections served at once, counting those that sent a
+            valid message; more are refused.
+        max_pending: connections that have not sent a valid message yet, at most; at the
+            limit the one silent the longest is evicted.
         handshake_timeout: bound on a TLS handshake.
         flush_timeout: how long the final events may take once the session ended.
     """
@@ -104,6 +118,7 @@ class ControlServer:
         *,
         tls: ssl.SSLContext | None = None,
         max_connections: int = 4,
+        max_pending: int = DEFAULT_MAX_PENDING,
         max_message: int = proto.DEFAULT_MAX_MESSAGE,
         progress_interval: float = 0.5,
         handshake_timeout: float = 10.0,
@@ -117,27 +132,34 @@ class ControlServer:
         self.handshake_timeout = handshake_timeout
         self.flush_timeout = flush_timeout
         self.bound: str | None = None
-        self.refused = 0
+        self.admission = Admission(max_pending, prefix="control: ")
         self._conns: set[_Connection] = set()
-        self._pending: list[_Out] = []  # config events no connection delivered yet
+        self._established = 0  # connections admitted and not yet closed
+        self._undelivered: list[_Out] = []  # config events no connection delivered yet
         self._finishing = trio.Event()
         self._stops: list[trio.CancelScope] = []  # the accept and progress loops
         self._session: Session | None = None
+
+    @property
+    def refused(self) -> int:
+        """Connections refused so far (no room, garbage before a valid message)."""
+        return self.admission.statistics().refused
 
     def config_target(self, setup: DeviceSetup) -> ConfigTarget:
         """The config target sending ``setup``'s blob as a ``config`` event."""
         return _ControlConfig(self, setup)
 
     async def deliver(self, out: _Out) -> None:
-        """Queue ``out`` on every connection (and on later ones) until one wrote it."""
+        """Queue ``out`` on every admitted connection (and on later ones) until one wrote it."""
         assert out.delivered is not None
-        self._pending.append(out)
+        self._undelivered.append(out)
         try:
             for conn in self._conns:
-                conn.queue(out)
+                if conn.admitted:
+                    conn.queue(out)
             await out.delivered.wait()
         finally:
-            self._pending.remove(out)
+            self._undelivered.remove(out)
 
     # -- the session task ----------------------------------------------------------------
 
@@ -152,6 +174,7 @@ class ControlServer:
         listener, bound = await open_listener(self.address)
         self.bound = str(bound)
         session.control_address = self.bound
+        session.control_admission = self.admission
         self._session = session
         session.listeners.append(self._on_event)
         log.info("control: listening on %s", self.bound)
@@ -201,15 +224,13 @@ class ControlServer:
         self, listener: trio.SocketListener, nursery: trio.Nursery
     ) -> None:
         while True:
-            stream = await listener.accept()
+            stream = await self.admission.accept(listener)
             label = _peer_label(stream)
-            if len(self._conns) >= self.max_connections:
-                self.refused += 1
-                log.warning(
-                    "control: %s refused: %d connections open (limit %d)",
+            if self._established >= self.max_connections:
+                self.admission.refuse(
+                    None,
                     label,
-                    len(self._conns),
-                    self.max_connections,
+                    f"{self._established} connections open (limit {self.max_connections})",
                 )
                 msg = proto.encode(
                     {
@@ -225,24 +246,44 @@ class ControlServer:
                 await stream.aclose()
                 continue
             send, receive = trio.open_memory_channel[_Out](math.inf)
-            conn = _Connection(stream, label, send, receive)
+            conn = _Connection(stream, label, send, receive, self.admission.enter(label))
             self._conns.add(conn)
-            for out in self._pending:
-                conn.queue(out)
             nursery.start_soon(self._serve_connection, conn)
 
+    def _admit(self, conn: _Connection) -> bool:
+        """``conn`` sent its first valid message: give it a place, if one is free."""
+        if self._established >= self.max_connections:
+            why = f"too many control connections ({self.max_connections})"
+            self.admission.refuse(conn.ticket, conn.label, why)
+            conn.queue(_Out(proto.encode({"type": "error", "message": why})))
+            return False
+        self.admission.admit(conn.ticket)
+        self._established += 1
+        conn.admitted = True
+        for out in self._undelivered:
+            conn.queue(out)
+        return True
+
     async def _serve_connection(self, conn: _Connection) -> None:
+        """Serve ``conn`` until it ends; an eviction (``conn.ticket``) ends it too."""
         try:
-            if self.tls is not None:
-                conn.stream = await self._tls_handshake(conn)
-            log.info("control: %s connected", conn.label)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop, conn, nursery.cancel_scope)
-                await self._write_loop(conn)
-                nursery.cancel_scope.cancel()
+            with conn.ticket.evictable():
+                if self.tls is not None:
+                    conn.stream = await self._tls_handshake(conn)
+                log.info("control: %s connected", conn.label)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_loop, conn, nursery.cancel_scope)
+                    await self._write_loop(conn)
+                    nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, OSError, PacketError) as exc:
-            log.warning("control: %s dropped: %s", conn.label, exc)
+            if conn.admitted:
+                log.warning("control: %s dropped: %s", conn.label, exc)
+            else:
+                self.admission.refuse(conn.ticket, conn.label, str(exc))
         finally:
+            self.admission.release(conn.ticket)
+            if conn.admitted:
+                self._established -= 1
             self._conns.discard(conn)
             conn.send.close()
             with trio.CancelScope(shield=True):
@@ -251,7 +292,8 @@ class ControlServer:
 
     async def _tls_handshake(self, conn: _Connection) -> trio.SSLStream[trio.abc.Stream]:
         assert self.tls is not None
-        stream = trio.SSLStream(conn.stream, self.tls, server_side=True)
+        metered: trio.abc.Stream = MeteredStream(conn.stream, conn.ticket)
+        stream = trio.SSLStream(metered, self.tls, server_side=True)
         with trio.move_on_after(self.handshake_timeout) as scope:
             await stream.do_handshake()
         if scope.cancelled_caught:
@@ -267,7 +309,13 @@ class ControlServer:
                 if out.delivered is not None:
                     out.delivered.set()
         except (trio.BrokenResourceError, OSError) as exc:
+            self._lost(conn, exc)
+
+    def _lost(self, conn: _Connection, exc: BaseException) -> None:
+        if conn.admitted:
             log.warning("control: %s lost: %s", conn.label, exc)
+        else:  # a stranger: counted, and logged throttled
+            self.admission.refuse(conn.ticket, conn.label, f"lost: {exc}")
 
     async def _read_loop(self, conn: _Connection, connection_scope: trio.CancelScope) -> None:
         decoder = proto.ControlDecoder(max_message=self.max_message)
@@ -280,25 +328,37 @@ class ControlServer:
                         data: bytes | bytearray = await _recv_with_fds(sock, fds, conn.label)
                     else:
                         data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    conn.ticket.note(len(data))
                     try:
                         decoder.feed(data, fds)
                         while (msg := decoder.next_message()) is not None:
                             self._close_fds(decoder.orphans)
+                            if not conn.admitted and _admits(msg) and not self._admit(conn):
+                                conn.send.close()  # the writer sends the error, then ends
+                                return
                             self._handle(conn, msg)
                     except proto.ControlMessageError as exc:
                         self._close_fds(decoder.orphans)
                         self._reply_error(conn, str(exc))
                         continue
+                    if not data and not conn.admitted:
+                        # A stranger that never spoke: nothing to keep its fd open for.
+                        self.admission.refuse(conn.ticket, conn.label, "eof before a message")
+                        connection_scope.cancel()
+                        return
                     if not data:
                         # The peer finished sending; it may still be reading events.
                         log.info("control: %s sent eof", conn.label)
                         return
             except proto.ControlFramingError as exc:
                 self._reply_error(conn, str(exc))
-                log.warning("control: %s dropped: %s", conn.label, exc)
+                if conn.admitted:
+                    log.warning("control: %s dropped: %s", conn.label, exc)
+                else:
+                    self.admission.refuse(conn.ticket, conn.label, str(exc))
                 conn.send.close()  # the writer sends the error, then the connection ends
             except (trio.BrokenResourceError, OSError) as exc:
-                log.warning("control: %s lost: %s", conn.label, exc)
+                self._lost(conn, exc)
                 connection_scope.cancel()
             finally:
                 self._close_fds(decoder.orphans)
@@ -396,7 +456,13 @@ class ControlServer:
         return device
 
     def _reply_error(self, conn: _Connection, message: str, device: Device | None = None) -> None:
-        log.warning("control: %s: %s", conn.label, message)
+        # What a stranger is told is not the operator's business (its refusal is logged).
+        log.log(
+            logging.WARNING if conn.admitted else logging.DEBUG,
+            "control: %s: %s",
+            conn.label,
+            message,
+        )
         conn.queue(_Out(proto.encode(_error(message, device))))
 
     # -- events ------------------------------------------------------------------------
@@ -426,23 +492,22 @@ class ControlServer:
             self._broadcast(_Out(proto.encode(msg)))
 
     async def _progress_loop(self, session: Session) -> None:
-        last: dict[str, tuple[int, int, int]] = {}
+        last: dict[str, tuple[int, ...]] = {}
         with trio.CancelScope() as stop:
             self._stops.append(stop)
             await self._progress_ticks(session, last)
 
-    async def _progress_ticks(
-        self, session: Session, last: dict[str, tuple[int, int, int]]
-    ) -> None:
+    async def _progress_ticks(self, session: Session, last: dict[str, tuple[int, ...]]) -> None:
         while True:
             await trio.sleep(self.progress_interval)
             if not self._conns:
                 continue
+            counts = session.connection_counts()  # strangers turned away, for the VMM
             for device in session.devices.values():
                 if device.loaded_at is not None or device.error is not None:
                     continue
                 st = device.buf.statistics()
-                now = (st.written_bytes, st.queued_bytes, st.next_idx)
+                now = (st.written_bytes, st.queued_bytes, st.next_idx, *counts.values())
                 if last.get(device.name) == now:
                     continue
                 last[device.name] = now
@@ -453,8 +518,17 @@ class ControlServer:
                     "written": st.written_bytes,
                     "queued": st.queued_bytes,
                     "next_idx": st.next_idx,
+                    **counts,
                 }
                 self._broadcast(_Out(proto.encode(msg), droppable=True))
+
+
+def _admits(msg: proto.Message) -> bool:
+    """Whether ``msg`` makes its connection a client (it was pending until then): any
+    known command, but a ``hello`` only in our version."""
+    if isinstance(msg, proto.Hello):
+        return msg.version == proto.VERSION
+    return not isinstance(msg, proto.Unknown)
 
 
 def _error(message: str, device: Device | None) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 A channel task promises, when it returns, that its stream is closed and that everything
 it read was either handed to a reorder buffer or reported as an error. Handshake
 failures refuse only this channel; any error after the handshake fails the session.
+Until its handshake is accepted a channel is pending (`vfiomig.transport.Admission`):
+an eviction ends it then, and nothing it sent reaches a device.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vfiomig._core import (
     new_payload_buffer,
 )
 from vfiomig.receive._session import Device, Session
+from vfiomig.transport import Pending
 
 log = logging.getLogger("vfiomig")
 
@@ -40,13 +43,18 @@ RECEIVE_SIZE = 256 * 1024
 PUMP_LIMIT = 1 << 20
 
 
-async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> None:
+async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending) -> None:
     """Serve one accepted data channel until it ends or the session is cancelled.
+
+    ``ticket`` is the channel's pending entry in ``session.admission``: admitted once the
+    handshake is accepted, refused when it is not; eviction ends it.
 
     Cancellation: the stream is closed on the way out; a packet being read is dropped
     (the session has failed or finished when a channel is cancelled).
     """
     cfg = session.config
+    admission = session.admission
+    label = ticket.label
     framer = Framer(
         uuid=cfg.uuid,
         channels=cfg.channels,
@@ -59,32 +67,39 @@ async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> 
     recv_into = sock.recv_into if isinstance(stream, trio.SocketStream) and sock else None
     registered = False
 
-    async def fill() -> None:
+    async def fill() -> int:
         if recv_into is not None:
-            framer.commit(await recv_into(framer.get_buffer(RECEIVE_SIZE)))
-        else:
-            framer.feed(await stream.receive_some(RECEIVE_SIZE))
+            n: int = await recv_into(framer.get_buffer(RECEIVE_SIZE))
+            framer.commit(n)
+            return n
+        data = await stream.receive_some(RECEIVE_SIZE)
+        framer.feed(data)
+        return len(data)
 
     try:
         async with stream:
             # Handshake: bounded in time, and a refusal closes only this channel.
+            ev = None
             try:
-                with trio.fail_after(cfg.handshake_timeout):
+                with ticket.evictable(), trio.fail_after(cfg.handshake_timeout):
                     while (ev := framer.next_event()) is NEED_DATA:
-                        await fill()
+                        ticket.note(await fill())
             except trio.TooSlowError:
-                session.channels_refused += 1
-                log.warning("%s: refused: no handshake within %s s", label, cfg.handshake_timeout)
+                admission.refuse(ticket, label, f"no handshake within {cfg.handshake_timeout:g} s")
                 return
             except (HandshakeError, StreamIncompleteError) as exc:
-                session.channels_refused += 1
-                log.warning("%s: refused: %s", label, exc)
+                admission.refuse(ticket, label, str(exc))
+                return
+            except (OSError, trio.BrokenResourceError) as exc:  # e.g. a reset
+                admission.refuse(ticket, label, f"connection lost during the handshake: {exc}")
+                return
+            if ticket.evicted:
                 return
             assert isinstance(ev, ChannelHello)
             if ev.channel_id in session.channel_ids:
-                session.channels_refused += 1
-                log.warning("%s: refused: channel id %d already set up", label, ev.channel_id)
+                admission.refuse(ticket, label, f"channel id {ev.channel_id} already set up")
                 return
+            admission.admit(ticket)
             session.channel_ids.add(ev.channel_id)
             session.channels_accepted += 1
             session.channels_open += 1
@@ -107,6 +122,7 @@ async def run_channel(session: Session, stream: trio.abc.Stream, label: str) -> 
         else:
             log.warning("%s: connection lost between packets: %s", label, exc)
     finally:
+        admission.release(ticket)
         if registered:
             session.channels_open -= 1
             channel_closed(session)

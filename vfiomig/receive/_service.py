@@ -21,7 +21,7 @@ from vfiomig.receive._session import (
     SessionReport,
 )
 from vfiomig.sinks import ConfigTarget
-from vfiomig.transport import open_listener, parse_address, tune_socket
+from vfiomig.transport import MeteredStream, Pending, open_listener, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
 
@@ -54,6 +54,8 @@ async def serve_receiver(
     """
     if config.channels < 1 or config.channels > 255:
         raise UsageError(f"channels {config.channels} is out of range (1 to 255)")
+    if config.max_pending is not None and config.max_pending < 1:
+        raise UsageError(f"max pending {config.max_pending} is below 1")
     session = Session(config)
     targets: dict[str, ConfigTarget] = {}
     for setup in config.devices:
@@ -98,47 +100,58 @@ async def serve_receiver(
 async def _accept_loop(
     session: Session, listener: trio.SocketListener, nursery: trio.Nursery
 ) -> None:
+    """Accept data connections until cancelled; a shortage of fds is waited out (see
+    `vfiomig.transport.Admission`), never an error. Every connection accepted is pending
+    (bounded, evicted when silent the longest) until its handshake is accepted."""
+    admission = session.admission
     async with listener:
         while True:
-            stream = await listener.accept()
-            tune_socket(stream)
+            stream = await admission.accept(listener)
             label = _peer_label(stream)
-            if session.channels_accepted >= session.config.channels:
-                # Every channel id is taken: nothing more can be accepted.
-                session.channels_refused += 1
-                log.warning(
-                    "%s: refused: all %d channels are set up", label, session.config.channels
-                )
+            try:
+                tune_socket(stream)
+            except OSError as exc:  # the peer is already gone
+                admission.refuse(None, label, f"socket unusable: {exc.strerror}")
                 await stream.aclose()
                 continue
+            if session.channels_accepted >= session.config.channels:
+                # Every channel id is taken: nothing more can be accepted.
+                admission.refuse(None, label, f"all {session.config.channels} channels are set up")
+                await stream.aclose()
+                continue
+            ticket = admission.enter(label)
             if session.config.tls is not None:
-                nursery.start_soon(_run_tls_channel, session, stream, label)
+                nursery.start_soon(_run_tls_channel, session, stream, ticket)
             else:
-                nursery.start_soon(run_channel, session, stream, label)
+                nursery.start_soon(run_channel, session, stream, ticket)
 
 
-async def _run_tls_channel(session: Session, stream: trio.SocketStream, label: str) -> None:
+async def _run_tls_channel(session: Session, stream: trio.SocketStream, ticket: Pending) -> None:
     """A data channel under TLS: nothing reaches the framer before the TLS handshake
     (and, with a CA, the peer's certificate) was accepted within the handshake timeout;
-    a failed handshake refuses this channel only."""
+    a failed handshake refuses this channel only. The TLS handshake counts as pending
+    (its bytes as the connection's activity), and eviction ends it."""
     assert session.config.tls is not None
-    tls = trio.SSLStream(stream, session.config.tls, server_side=True)
+    tls = trio.SSLStream(MeteredStream(stream, ticket), session.config.tls, server_side=True)
     timeout = session.config.handshake_timeout
+    why = None
     try:
-        with trio.fail_after(timeout):
+        with ticket.evictable(), trio.fail_after(timeout):
             await tls.do_handshake()
-    except (trio.TooSlowError, trio.BrokenResourceError) as exc:
-        session.channels_refused += 1
-        why = (
-            f"no tls handshake within {timeout:g} s"
-            if isinstance(exc, trio.TooSlowError)
-            else (f"tls handshake failed: {exc.__cause__ or exc}")
-        )
-        log.warning("%s: refused: %s", label, why)
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+    except trio.TooSlowError:
+        why = f"no tls handshake within {timeout:g} s"
+    except trio.BrokenResourceError as exc:
+        why = f"tls handshake failed: {exc.__cause__ or exc}"
+    except BaseException:  # the session ended
+        session.admission.release(ticket)
+        await trio.aclose_forcefully(stream)
+        raise
+    if why is not None or ticket.evicted:
+        if why is not None:
+            session.admission.refuse(ticket, ticket.label, why)
+        await trio.aclose_forcefully(stream)
         return
-    await run_channel(session, tls, label)
+    await run_channel(session, tls, ticket)
 
 
 def _peer_label(stream: trio.SocketStream) -> str:

@@ -20,6 +20,7 @@ from vfiomig._core import Budget, ReorderBuffer
 from vfiomig._core._errors import AbortedError, PacketError, VfioMigError
 from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian
 from vfiomig.sinks import ConfigTarget, Sink
+from vfiomig.transport import Admission, default_max_pending
 
 log = logging.getLogger("vfiomig")
 
@@ -48,6 +49,9 @@ class ReceiverConfig:
     ``config_target`` is used for devices whose `DeviceSetup.config` is None.
     ``tls``: a server context; every data channel must then complete a TLS handshake
     (within ``handshake_timeout``) before its first byte is read.
+    ``max_pending``: data connections accepted whose handshake (TLS included) has not
+    finished, at most; at the limit the one silent the longest is evicted (None:
+    `default_max_pending`, 4 x channels + 16).
     """
 
     uuid: bytes
@@ -64,6 +68,7 @@ class ReceiverConfig:
     ram_page_count: int | None = None
     config_target: Callable[[DeviceSetup], ConfigTarget] | None = None
     tls: ssl.SSLContext | None = None
+    max_pending: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,13 @@ class DeviceReport:
 
 @dataclass(frozen=True, slots=True)
 class SessionReport:
-    """How a receive session ended; ``ok`` only when every device was loaded."""
+    """How a receive session ended; ``ok`` only when every device was loaded.
+
+    Connections: ``channels_refused`` data connections were refused (bad or late
+    handshake, every channel set up), ``channels_evicted`` evicted before their handshake
+    ended (see `vfiomig.transport.Admission`); ``control_refused`` and
+    ``control_evicted`` are the same for the control channel.
+    """
 
     ok: bool
     devices: tuple[DeviceReport, ...]
@@ -94,6 +105,9 @@ class SessionReport:
     peak_queued_bytes: int
     channels_accepted: int
     channels_refused: int
+    channels_evicted: int = 0
+    control_refused: int = 0
+    control_evicted: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -102,6 +116,9 @@ class SessionReport:
             "peak_queued_bytes": self.peak_queued_bytes,
             "channels_accepted": self.channels_accepted,
             "channels_refused": self.channels_refused,
+            "channels_evicted": self.channels_evicted,
+            "control_refused": self.control_refused,
+            "control_evicted": self.control_evicted,
             "errors": list(self.errors),
             "devices": [
                 {
@@ -177,7 +194,15 @@ class Session:
         self.channel_ids: set[int] = set()
         self.channels_open = 0
         self.channels_accepted = 0
-        self.channels_refused = 0
+        #: Pending data connections (all data listeners share the cap).
+        self.admission = Admission(
+            config.max_pending
+            if config.max_pending is not None
+            else default_max_pending(config.channels),
+            floor=config.channels + 4,  # out of fds: room for every channel still
+        )
+        #: The control channel's, set by its task.
+        self.control_admission: Admission | None = None
         self.errors: list[VfioMigError] = []  # failures not tied to a device
         self.failed = False
         self.done = trio.Event()
@@ -185,6 +210,21 @@ class Session:
         self.bound: list[str] = []  # data listeners' real addresses
         self.control_address: str | None = None  # set by the control channel task
         self.cancel_scope = trio.CancelScope()
+
+    @property
+    def channels_refused(self) -> int:
+        return self.admission.statistics().refused
+
+    def connection_counts(self) -> dict[str, int]:
+        """Refused and evicted connections so far, data and control (report fields)."""
+        data = self.admission.statistics()
+        control = self.control_admission.statistics() if self.control_admission else None
+        return {
+            "channels_refused": data.refused,
+            "channels_evicted": data.evicted,
+            "control_refused": control.refused if control else 0,
+            "control_evicted": control.evicted if control else 0,
+        }
 
     # -- routing and wakeups ---------------------------------------------------------
 
@@ -303,5 +343,5 @@ class Session:
             seconds=now - start,
             peak_queued_bytes=self.budget.peak,
             channels_accepted=self.channels_accepted,
-            channels_refused=self.channels_refused,
+            **self.connection_counts(),
         )

@@ -1,9 +1,17 @@
-"""Transport: addresses (``tcp:``, ``unix:``), listeners, connections, socket tuning, TLS.
+"""Transport: addresses (``tcp:``, ``unix:``), listeners, connections, socket tuning, TLS,
+and admission (pending connections bounded, accept errors waited out).
 
 Owns every socket option and the rules for UNIX socket files (0600, refused directories).
 May import: `vfiomig._core` (errors) only. Imported by every stage that opens a socket.
 """
 
+from vfiomig.transport._admission import (
+    Admission,
+    AdmissionStatistics,
+    MeteredStream,
+    Pending,
+    default_max_pending,
+)
 from vfiomig.transport._sockets import (
     Address,
     check_socket_directory,
@@ -16,9 +24,14 @@ from vfiomig.transport._tls import client_context, options_to_contexts, server_c
 
 __all__ = [
     "Address",
+    "Admission",
+    "AdmissionStatistics",
+    "MeteredStream",
+    "Pending",
     "check_socket_directory",
     "client_context",
     "connect",
+    "default_max_pending",
     "open_listener",
     "options_to_contexts",
     "parse_address",

@@ -1,0 +1,337 @@
+"""Admission: what a listener accepts, without letting strangers exhaust the process.
+
+A connection is *pending* from its accept until its owner admits it (a data channel's
+handshake was accepted, a control connection sent its first valid message) or refuses
+it. Pending connections are bounded by a cap: when a new one arrives at the cap, the
+pending connection silent the longest (its last byte, or its accept if it sent none, is
+the oldest; among equals the one that sent the fewest bytes) is evicted: its owner's
+`Pending.evictable` scope is cancelled and the owner closes it. A real peer sends its
+handshake at once, so it is the least silent connection and gets in while strangers keep
+coming.
+
+Accept errors that mean the process or the system is out of something (EMFILE, ENFILE,
+ENOBUFS, ENOMEM, as trio's ``serve_listeners`` treats them) never end the accept loop.
+Pending connections are evicted to free their fds: fds are the process's, so the ones
+silent the longest of any admission accepting in the process, `RESERVE` of them when a
+burst starts and one per error after that. Their admissions' caps are lowered to what
+they hold (never below the admission's ``floor``), so that the fds freed stay free for
+the session's own use (real channels, config files). With none pending, the loop sleeps
+and retries. A burst is logged in two lines: when it starts, and at the first accept
+after `BURST_GAP` quiet seconds. Refusals and evictions log at most one line per
+`LOG_INTERVAL` each; the rest are counted (`AdmissionStatistics`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import trio
+
+log = logging.getLogger("vfiomig")
+
+#: accept(2) errors that mean a resource is exhausted, not that the listener broke.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds to wait before accepting again when nothing could be evicted (trio's figure).
+ACCEPT_RETRY_SLEEP = 0.1
+#: Seconds to wait after evicting a connection to free an fd: its owner closes it when it
+#: next runs, which is one scheduling round away.
+EVICT_SLEEP = 0.005
+#: Seconds between two log lines about refused (or evicted) connections of one listener.
+LOG_INTERVAL = 5.0
+#: Seconds without an accept error that end a burst of them (for the log).
+BURST_GAP = 5.0
+#: Pending connections evicted when a burst of accept errors starts: fds kept free.
+RESERVE = 8
+
+
+def default_max_pending(channels: int) -> int:
+    """The data listeners' default pending cap: room for every channel four times over."""
+    return 4 * channels + 16
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStatistics:
+    """Counts of one listener's (or one group of listeners') connections."""
+
+    pending: int  # accepted, neither admitted nor refused yet
+    admitted: int
+    refused: int  # closed by their owner: bad handshake, timeout, no room
+    evicted: int  # closed to make room for newer connections (or to free an fd)
+    accept_errors: int  # accepts that failed for want of a resource (EMFILE and kin)
+
+
+class Pending:
+    """One pending connection. Its owner runs each step before admission (a TLS, then a
+    protocol handshake) inside a scope from `evictable`, and reports the bytes it reads
+    with `note`."""
+
+    __slots__ = (
+        "_scope",
+        "done",
+        "evicted",
+        "label",
+        "last_active",
+        "received",
+        "seq",
+    )
+
+    def __init__(self, label: str, now: float, seq: int) -> None:
+        self.label = label
+        self.seq = seq  # order of accept: the tie-break between equals
+        self._scope = trio.CancelScope()
+        self.last_active = now  # accepted, or its latest byte
+        self.received = 0
+        self.evicted = False
+        self.done = False  # admitted, refused or evicted: no longer pending
+
+    def evictable(self) -> trio.CancelScope:
+        """A cancel scope for the next step; an eviction cancels it (at once if the
+        connection was evicted already). Check `evicted` after it."""
+        self._scope = trio.CancelScope()
+        if self.evicted:
+            self._scope.cancel()
+        return self._scope
+
+    def note(self, nbytes: int) -> None:
+        """``nbytes`` arrived from the peer (0: nothing, e.g. end of stream)."""
+        if nbytes and not self.done:
+            self.received += nbytes
+            self.last_active = trio.current_time()
+
+
+class Admission:
+    """The pending connections of one or more listeners, bounded by ``max_pending``
+    (lowered when the process runs out of fds, to no less than ``floor``, by default
+    the smaller of ``max_pending`` and 4).
+
+    ``prefix`` starts this admission's log lines (``"control: "``); connection labels
+    follow it.
+    """
+
+    def __init__(self, max_pending: int, *, floor: int = 4, prefix: str = "") -> None:
+        if max_pending < 1 or floor < 1:
+            raise ValueError(f"max_pending {max_pending} or floor {floor} is below 1")
+        self.max_pending = max_pending
+        self.floor = min(floor, max_pending)
+        self.prefix = prefix
+        self._pending: set[Pending] = set()
+        self._seq = 0
+        self._admitted = 0
+        self._refused = 0
+        self._evicted = 0
+        self._accept_errors = 0
+        self._short_since: float | None = None  # first accept error of the current burst
+        self._short_last = 0.0  # the latest one
+        self._short_count = 0
+        self._refuse_log = _Throttle()
+        self._evict_log = _Throttle()
+
+    def statistics(self) -> AdmissionStatistics:
+        return AdmissionStatistics(
+            pending=len(self._pending),
+            admitted=self._admitted,
+            refused=self._refused,
+            evicted=self._evicted,
+            accept_errors=self._accept_errors,
+        )
+
+    async def accept(self, listener: trio.SocketListener) -> trio.SocketStream:
+        """The next connection of ``listener``; waits out a shortage of fds or memory.
+
+        Raises:
+            OSError: any accept error other than `ACCEPT_CAPACITY_ERRNOS` (the listener
+                is broken).
+
+        Cancellation: nothing accepted is lost (trio's accept is atomic on cancel).
+        """
+        _LIVE[self] = _LIVE.get(self, 0) + 1
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    await self._short_of(exc.errno)
+                    continue
+                self._end_burst(trio.current_time())
+                return stream
+        finally:
+            _LIVE[self] -= 1
+            if not _LIVE[self]:
+                del _LIVE[self]
+
+    def _end_burst(self, now: float) -> None:
+        if self._short_since is not None and now - self._short_last >= BURST_GAP:
+            log.warning(
+                "%saccepting again after %d failed accepts over %.1f s",
+                self.prefix,
+                self._short_count,
+                self._short_last - self._short_since,
+            )
+            self._short_since = None
+
+    async def _short_of(self, code: int) -> None:
+        now = trio.current_time()
+        self._end_burst(now)
+        self._accept_errors += 1
+        self._short_count += 1
+        self._short_last = now
+        if self._short_since is None:
+            self._short_since = now
+            self._short_count = 1
+            log.warning(
+                "%saccept failed: %s (%s): evicting the pending connections silent the "
+                "longest and retrying; logged again once accepting works for %g s",
+                self.prefix,
+                os.strerror(code),
+                errno.errorcode.get(code, code),
+                BURST_GAP,
+            )
+        why = f"out of resources ({errno.errorcode.get(code, code)})"
+        if _free(RESERVE if self._short_count == 1 else 1, why):
+            await trio.sleep(EVICT_SLEEP)
+        else:
+            await trio.sleep(ACCEPT_RETRY_SLEEP)
+
+    def enter(self, label: str) -> Pending:
+        """Register a connection just accepted; at the cap, evict another one first."""
+        while len(self._pending) >= self.max_pending:
+            self._evict(f"pending limit {self.max_pending}")
+        self._seq += 1
+        ticket = Pending(label, trio.current_time(), self._seq)
+        self._pending.add(ticket)
+        return ticket
+
+    def admit(self, ticket: Pending) -> None:
+        """``ticket``'s handshake is done: it no longer counts as pending."""
+        if not ticket.done:
+            self._leave(ticket)
+            self._admitted += 1
+
+    def refuse(self, ticket: Pending | None, label: str, why: str) -> None:
+        """Count and log (throttled) a refused connection; its owner closes it."""
+        if ticket is not None:
+            if ticket.done:
+                return
+            self._leave(ticket)
+        self._refused += 1
+        self._refuse_log("%s%s: refused: %s", self.prefix, label, why)
+
+    def release(self, ticket: Pending) -> None:
+        """``ticket``'s owner ended without admitting or refusing it (a cancel, a lost
+        connection): it stops counting as pending, and is counted nowhere."""
+        if not ticket.done:
+            self._leave(ticket)
+
+    def _leave(self, ticket: Pending) -> None:
+        ticket.done = True
+        self._pending.discard(ticket)
+
+    def _evict(self, why: str) -> None:
+        self._evict_ticket(min(self._pending, key=_silence), why)
+
+    def _evict_ticket(self, victim: Pending, why: str) -> None:
+        self._leave(victim)
+        victim.evicted = True
+        victim._scope.cancel()
+        self._evicted += 1
+        self._evict_log(
+            "%s%s: evicted: sent %d bytes, silent %.1f s (%s)",
+            self.prefix,
+            victim.label,
+            victim.received,
+            trio.current_time() - victim.last_active,
+            why,
+        )
+
+    def _hold(self) -> None:
+        """Lower the cap to the connections pending now (an fd was freed for good)."""
+        cap = max(self.floor, len(self._pending))
+        if cap < self.max_pending:
+            self.max_pending = cap
+            log.warning("%spending limit lowered to %d: out of fds", self.prefix, cap)
+
+
+#: The admissions of the process with an accept under way (and how many): an fd
+#: shortage is the whole process's, so eviction chooses among all of them.
+_LIVE: weakref.WeakKeyDictionary[Admission, int] = weakref.WeakKeyDictionary()
+
+
+def _silence(ticket: Pending) -> tuple[float, int, int]:
+    """Eviction order: silent the longest first, then fewest bytes, then oldest."""
+    return (ticket.last_active, ticket.received, ticket.seq)
+
+
+def _free(count: int, why: str) -> int:
+    """Evict up to ``count`` pending connections, silent the longest of any admission,
+    and lower their admissions' caps (`Admission._hold`); the number evicted."""
+    owners: dict[Admission, int] = {}
+    for _ in range(count):
+        candidates = [(t, a) for a in _LIVE for t in a._pending]
+        if not candidates:
+            break
+        ticket, owner = min(candidates, key=lambda c: _silence(c[0]))
+        owner._evict_ticket(ticket, why)
+        owners[owner] = owners.get(owner, 0) + 1
+    for owner in owners:
+        owner._hold()
+    return sum(owners.values())
+
+
+class MeteredStream(trio.abc.Stream):
+    """``stream`` with every receive reported to a pending connection (`Pending.note`):
+    the bytes of a TLS handshake count as activity, though no layer above sees them."""
+
+    def __init__(self, stream: trio.abc.Stream, ticket: Pending) -> None:
+        self.stream = stream
+        self.ticket = ticket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.stream.receive_some(max_bytes)
+        self.ticket.note(len(data))
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class _Throttle:
+    """Logs a line, then at most one per `LOG_INTERVAL`, saying how many were skipped."""
+
+    def __init__(self) -> None:
+        self.next_at = -math.inf
+        self.skipped = 0
+
+    def __call__(self, fmt: str, *args: object) -> None:
+        now = trio.current_time()
+        if now < self.next_at:
+            self.skipped += 1
+            return
+        if self.skipped:
+            fmt += " (and %d more like it since the last such line)"
+            args = (*args, self.skipped)
+        log.warning(fmt, *args)
+        self.skipped = 0
+        self.next_at = now + LOG_INTERVAL
+
+
+__all__ = [
+    "ACCEPT_CAPACITY_ERRNOS",
+    "Admission",
+    "AdmissionStatistics",
+    "MeteredStream",
+    "Pending",
+    "default_max_pending",
+]
