@@ -9,7 +9,6 @@ import os
 import socket
 import tempfile
 
-import pytest
 import trio
 
 from tests.integration.faults import open_fds
@@ -44,11 +43,6 @@ async def _refused_at_once(path: str, within: float) -> str:
     return "queued"
 
 
-@pytest.mark.xfail(
-    reason="serve_vfio_user queues extra clients in its backlog on main; refusing them at "
-    "once comes with branch vu-server (issue 11)",
-    strict=False,
-)
 async def test_extra_clients_are_refused_at_once_while_one_is_served() -> None:
     device = VfioUserDevice(BarDevice((0x100,)))
     with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
