@@ -77,16 +77,15 @@ class SampleServer:
 
     # ------------------------------------------------------------------ BAR0 and the timer
 
-    def arm_timer(self, when: int, *, late_fires: bool = False) -> None:
+    def arm_timer(self, when: int) -> None:
         delay = when - int(time.time())  # whole seconds, as setitimer gets them in server.c
         log.debug("arming timer to trigger in %d seconds", delay)
-        # A zero delay disarms the timer, as setitimer does in server.c. One that passed
-        # while the device migrated fires at once (server.c fails the transition to
-        # RUNNING instead: a slow host would leave its client waiting for the interrupt).
-        if delay > 0 or (late_fires and delay < 0):
-            self.deadline = trio.current_time() + max(delay, 0)
-        else:
-            self.deadline = None
+        # A moment that has already come fires at once. server.c passes the delay to
+        # setitimer, where 0 disarms: its client writes "now + 1 s", so a write handled
+        # after the next second boundary (a slow host) left the client waiting forever
+        # for the interrupt; and a deadline that passed during migration fails server.c's
+        # transition to RUNNING.
+        self.deadline = trio.current_time() + max(delay, 0)
         self.rearmed.set()
 
     def bar0_read(self, offset: int, count: int) -> bytes:
@@ -199,7 +198,7 @@ class SampleServer:
                 raise OSError(
                     errno.EINVAL, f"{self.bytes_transferred} bytes moved (expected {expected})"
                 )
-            self.arm_timer(self.bar0, late_fires=True)
+            self.arm_timer(self.bar0)
         self.state = state
 
     def _stream(self) -> bytes:

@@ -101,7 +101,7 @@ def test_libvfio_user_sample_client_runs_against_the_python_sample_server(
         finally:
             if source.poll() is None:
                 source.kill()
-                source.wait()
+                source.communicate()  # reaps it and closes its stdout pipe
             source_log.close()
         err = (work / "source.err").read_text()
         dest = Path(f"{status}.err").read_text()
