@@ -6,10 +6,12 @@ May import: `vfiomig._core` (errors) only. Imported by every stage that opens a 
 """
 
 from vfiomig.transport._admission import (
+    ACCEPT_CAPACITY_ERRNOS,
     Admission,
     AdmissionStatistics,
     MeteredStream,
     Pending,
+    Throttle,
     default_max_pending,
 )
 from vfiomig.transport._sockets import (
@@ -23,11 +25,13 @@ from vfiomig.transport._sockets import (
 from vfiomig.transport._tls import client_context, options_to_contexts, server_context
 
 __all__ = [
+    "ACCEPT_CAPACITY_ERRNOS",
     "Address",
     "Admission",
     "AdmissionStatistics",
     "MeteredStream",
     "Pending",
+    "Throttle",
     "check_socket_directory",
     "client_context",
     "connect",

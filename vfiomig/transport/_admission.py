@@ -128,8 +128,8 @@ class Admission:
         self._short_since: float | None = None  # first accept error of the current burst
         self._short_last = 0.0  # the latest one
         self._short_count = 0
-        self._refuse_log = _Throttle()
-        self._evict_log = _Throttle()
+        self._refuse_log = Throttle()
+        self._evict_log = Throttle()
 
     def statistics(self) -> AdmissionStatistics:
         return AdmissionStatistics(
@@ -307,10 +307,11 @@ class MeteredStream(trio.abc.Stream):
         await self.stream.aclose()
 
 
-class _Throttle:
+class Throttle:
     """Logs a line, then at most one per `LOG_INTERVAL`, saying how many were skipped."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or log
         self.next_at = -math.inf
         self.skipped = 0
 
@@ -322,7 +323,7 @@ class _Throttle:
         if self.skipped:
             fmt += " (and %d more like it since the last such line)"
             args = (*args, self.skipped)
-        log.warning(fmt, *args)
+        self.log.warning(fmt, *args)
         self.skipped = 0
         self.next_at = now + LOG_INTERVAL
 
@@ -333,5 +334,6 @@ __all__ = [
     "AdmissionStatistics",
     "MeteredStream",
     "Pending",
+    "Throttle",
     "default_max_pending",
 ]

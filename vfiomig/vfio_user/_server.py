@@ -23,6 +23,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from typing import Final
 
 import trio
 
+from vfiomig.transport import ACCEPT_CAPACITY_ERRNOS, Throttle
 from vfiomig.vfio_user._device import Emulator, VfioUserDevice
 from vfiomig.vfio_user._messages import (
     FLAG_ERROR,
@@ -58,6 +60,32 @@ _staging_ids = itertools.count()
 
 class ConnectionLost(Exception):
     """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
+
+
+#: How long a new client waits for the previous one's task to finish when that client has
+#: already hung up (it is refused after that).
+HANDOVER_TIMEOUT = 2.0
+
+
+async def _accept(sock: trio.socket.SocketType, path: str) -> trio.socket.SocketType:
+    """The next client. Running out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+    is waited out, as trio's ``serve_listeners`` does: it never ends the server."""
+    while True:
+        try:
+            client, _ = await sock.accept()
+            return client
+        except OSError as exc:
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.warning("vfio-user %s: accept failed: %s; retrying in 0.1 s", path, exc)
+            await trio.sleep(0.1)
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """The peer of ``sock`` closed its side (it may still have bytes in flight to us)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
 
 
 async def serve_vfio_user(
@@ -99,25 +127,34 @@ async def serve_vfio_user(
         with sock:
             task_status.started(device)
             async with trio.open_nursery() as nursery:
-                busy = False
+                current: trio.socket.SocketType | None = None
+                done = trio.Event()
+                refusals = Throttle(log)
 
                 async def serve(client: trio.socket.SocketType) -> None:
-                    nonlocal busy
+                    nonlocal current
                     try:
                         with client:
                             await serve_vfio_user_connection(client, device)
                     finally:
-                        busy = False
+                        current = None
+                        done.set()
                         if once:
                             nursery.cancel_scope.cancel()
 
                 while True:
-                    client, _ = await sock.accept()
-                    if busy:
-                        log.warning("vfio-user %s: refusing a client, one is being served", path)
+                    client = await _accept(sock, path)
+                    if current is not None and _hung_up(current):
+                        # The client being served has gone but its task has not seen the
+                        # EOF yet: a client that reconnects at once is the next one.
+                        with trio.move_on_after(HANDOVER_TIMEOUT):
+                            await done.wait()
+                    if current is not None:
+                        refusals("vfio-user %s: refusing a client, one is being served", path)
                         client.close()
                         continue
-                    busy = True
+                    current = client
+                    done = trio.Event()
                     nursery.start_soon(serve, client)
     finally:
         try:
