@@ -164,7 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", default="1G", help="bytes per run (K/M/G)")
     parser.add_argument("--baseline", default=BASELINE, help="git revision for 'before'")
-    parser.add_argument("--only", default="", help="run the cases whose name has this text")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run the cases whose name has this text (repeatable: any of them)",
+    )
     parser.add_argument("--quiet-wait", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
@@ -178,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="vubench", dir="/tmp") as tmpdir:
         tmp = Path(tmpdir)
         base = str(baseline_tree(args.baseline, tmp))
-        todo = [c for c in cases(args.size, base) if args.only in c.name]
+        todo = [
+            c
+            for c in cases(args.size, base)
+            if not args.only or any(o in c.name for o in args.only)
+        ]
         results: dict[str, list[float]] = {c.name: [] for c in todo}
         for _ in range(args.runs):
             for case in todo:

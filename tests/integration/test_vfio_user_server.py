@@ -23,8 +23,10 @@ from vfiomig.vfio_user import (
     serve_vfio_user,
 )
 from vfiomig.vfio_user._messages import (
+    Capabilities,
     Command,
     DeviceFeature,
+    MigDataRead,
     MigDataWrite,
     RegionRead,
     Version,
@@ -427,3 +429,79 @@ async def test_reset_returns_to_running() -> None:
             await client.reset()
             assert await client.get_state() == MigState.RUNNING
     assert emu.bars[1] == bytes(8)
+
+
+async def test_pipelined_replies_come_in_request_order() -> None:
+    """Bare-header replies are queued and sent in batches: a refusal and a reply with a
+    payload in the middle of pipelined writes still come back in request order."""
+    emu = FailingDevice(errno.ENOSPC, good=3)
+    device = VfioUserDevice(emu, max_data_xfer_size=LIMIT)
+    device.migration.set_state(MigState.RESUMING)  # type: ignore[union-attr]
+    write = MigDataWrite.of(b"w" * 100).pack()
+    requests = [
+        (Command.MIG_DATA_WRITE, write),
+        (Command.MIG_DATA_WRITE, write),
+        (Command.REGION_READ, RegionRead(0, 0, 4).pack()),
+        (Command.MIG_DATA_WRITE, write),
+        (Command.MIG_DATA_WRITE, write),  # the fourth write: ENOSPC
+        (Command.MIG_DATA_WRITE, write),  # ENOSPC again
+    ]
+    with trio.fail_after(5):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            await raw.stream.send_all(
+                b"".join(
+                    encode_message(msg_id, cmd, payload)
+                    for msg_id, (cmd, payload) in enumerate(requests, start=10)
+                )
+            )
+            replies = [await raw.receive() for _ in requests]
+            await raw.aclose()
+    assert [(hdr[0], hdr[1], hdr[4]) for hdr, _ in replies] == [
+        (10, Command.MIG_DATA_WRITE, 0),
+        (11, Command.MIG_DATA_WRITE, 0),
+        (12, Command.REGION_READ, 0),
+        (13, Command.MIG_DATA_WRITE, 0),
+        (14, Command.MIG_DATA_WRITE, errno.ENOSPC),
+        (15, Command.MIG_DATA_WRITE, errno.ENOSPC),
+    ]
+    assert len(replies[2][1]) == 16 + 4
+
+
+class CountingDevice(BarDevice):
+    """A stream of ``size``-byte reads, read ``n`` filled with byte ``n % 251``."""
+
+    def __init__(self) -> None:
+        super().__init__((16,))
+        self.reads = 0
+
+    def read_data(self, size: int) -> bytes:
+        self.reads += 1
+        return bytes([self.reads % 251]) * size
+
+
+async def test_large_read_replies_survive_a_slow_reader() -> None:
+    """More 1 MiB MIG_DATA_READ replies than the socket buffers: the server sends each in
+    parts as the client reads, whole and in order."""
+    big = 1 << 20
+    emu = CountingDevice()
+    device = VfioUserDevice(emu, max_data_xfer_size=big)
+    device.migration.set_state(MigState.STOP_COPY)  # type: ignore[union-attr]
+    count = 24  # 24 MiB: more than the send buffer (4 MiB, doubled by the kernel)
+    with trio.fail_after(20):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path, version=False)
+            caps = Capabilities(max_data_xfer_size=big)
+            await raw.send(Command.VERSION, Version(0, 0, caps).pack())
+            hdr, _ = await raw.receive()
+            assert hdr[4] == 0
+            request = MigDataRead.for_size(big).pack()
+            await raw.stream.send_all(
+                b"".join(encode_message(i, Command.MIG_DATA_READ, request) for i in range(count))
+            )
+            await trio.sleep(0.2)  # the server fills the socket and waits for room
+            for i in range(count):
+                hdr, payload = await raw.receive()
+                assert (hdr[0], hdr[4]) == (i, 0)
+                assert payload[8:] == bytes([(i + 1) % 251]) * big
+            await raw.aclose()

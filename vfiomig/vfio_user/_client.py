@@ -25,6 +25,7 @@ from vfiomig.vfio_user._messages import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     MAJOR,
     MESSAGE_OVERHEAD,
+    SEND_BUFFER,
     Body,
     Capabilities,
     Command,
@@ -58,9 +59,6 @@ DEFAULT_TIMEOUT: Final = 30.0
 #: servers process them in order; a write sent behind a refused one still reaches the
 #: device, which is why a sink resets a device whose stream failed (see `_sink`).
 WINDOW_BYTES: Final = 8 * 1024 * 1024
-#: The socket's send buffer (the kernel caps it at net.core.wmem_max): room for a window
-#: of writes, so the client rarely waits for the server to read.
-SEND_BUFFER: Final = 4 * 1024 * 1024
 _RECEIVE_SIZE: Final = 64 * 1024
 
 

@@ -13,6 +13,14 @@ the buffer (a MIG_DATA_WRITE body reaches ``write_data`` without a copy). Reques
 handled and answered in the order they arrive, so a client may pipeline them. Replies
 to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
 `Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task.
+
+Replies that are a bare header (a MIG_DATA_WRITE's, a REGION_WRITE's) are queued and
+sent together, in order, in one ``sendmsg``: before the server waits for more bytes,
+before any other message it sends, and once they answer `REPLY_BATCH_BYTES` of
+requests. A client with one request in flight gets its reply at once (the server
+waits for its next request); a pipelining client gets one wakeup per batch, not per
+write. The socket's send buffer is `SEND_BUFFER`, so a 1 MiB MIG_DATA_READ reply goes
+out in one call.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from vfiomig.vfio_user._messages import (
     FLAG_TYPE_REPLY,
     HEADER,
     HEADER_SIZE,
+    SEND_BUFFER,
     command_name,
 )
 from vfiomig.vfio_user._regions import Buffer
@@ -51,6 +60,11 @@ log = logging.getLogger("vfiomig.vfio_user")
 #: into a leak, all are closed unless a handler keeps them.
 _ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
 _RECV_WINDOW: Final = 64 * 1024
+#: Bare-header replies are sent at the latest once they answer this many request bytes
+#: (a quarter of the vfiomig client's default window: it always has writes to send).
+REPLY_BATCH_BYTES: Final = 2 * 1024 * 1024
+#: ... or once this many are queued.
+REPLY_BATCH_COUNT: Final = 64
 #: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
 DMA_REPLY_TIMEOUT: Final = 10.0
 
@@ -193,6 +207,7 @@ class _Connection:
         # round per call, two thirds of a REGION_READ's cost).
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno()))
         self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.calls = 0
         self.device = device
         self.session = Session()
@@ -205,6 +220,8 @@ class _Connection:
         self.skip = 0  # payload bytes of an oversized message still to drop
         self.wanted = HEADER_SIZE  # bytes the message at ``start`` needs in all
         self.send_lock = trio.StrictFIFOLock()
+        self.replies = bytearray()  # bare-header replies not sent yet, in order
+        self.replied = 0  # request bytes they answer
         self.next_id = 0
         self.pending: dict[int, _Pending] = {}  # the server's own requests, by msg_id
 
@@ -232,6 +249,8 @@ class _Connection:
                 nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], _ANC_SIZE)
                 break
             except BlockingIOError:
+                if self.replies:
+                    await self._send_buffers([], [])
                 await trio.lowlevel.wait_readable(self.sock)
         fds = _fds_of(ancdata)
         if fds:
@@ -287,7 +306,7 @@ class _Connection:
                             _close_all(fds)
                             self._deliver(msg_id, command, flags, error_no, payload)
                         else:
-                            await self._request(msg_id, command, flags, payload, fds)
+                            await self._request(msg_id, command, flags, size, payload, fds)
                     finally:
                         payload.release()
                     continue
@@ -296,6 +315,8 @@ class _Connection:
                     raise ConnectionLost(
                         f"client closed inside a message ({self.end - self.start} bytes buffered)"
                     )
+                if self.replies:  # a client that shut down its sending side still reads
+                    await self._send_buffers([], [])
                 return
 
     async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
@@ -310,7 +331,7 @@ class _Connection:
             await self._send(msg_id, command, [], [], errno.EINVAL)
 
     async def _request(
-        self, msg_id: int, command: int, flags: int, payload: memoryview, fds: list[int]
+        self, msg_id: int, command: int, flags: int, size: int, payload: memoryview, fds: list[int]
     ) -> None:
         close = False
         try:
@@ -328,7 +349,16 @@ class _Connection:
             parts, out_fds, error = reply.parts, reply.fds, None
         finally:
             _close_all(fds)
-        if not flags & FLAG_NO_REPLY:
+        if flags & FLAG_NO_REPLY:
+            pass
+        elif error is None and not parts and not out_fds:
+            self.replies += HEADER.pack(msg_id, command, HEADER_SIZE, FLAG_TYPE_REPLY, 0)
+            self.replied += size
+            if self.replied >= REPLY_BATCH_BYTES or len(self.replies) >= (
+                REPLY_BATCH_COUNT * HEADER_SIZE
+            ):
+                await self._send_buffers([], [])
+        else:
             await self._send(msg_id, command, parts, out_fds, error, reply=True)
         if close:
             raise ConnectionLost("negotiation failed")
@@ -350,7 +380,11 @@ class _Connection:
             size += part.nbytes if isinstance(part, memoryview) else len(part)
         flags = (FLAG_TYPE_REPLY if reply else 0) | (FLAG_ERROR if error is not None else 0)
         head = HEADER.pack(msg_id, command, size, flags, error or 0)
-        buffers: list[Buffer] = [head, *parts]
+        await self._send_buffers([head, *parts], fds)
+
+    async def _send_buffers(self, buffers: list[Buffer], fds: Sequence[int]) -> None:
+        """Send the queued bare-header replies, then ``buffers`` (fds with their first
+        byte), in as many ``sendmsg`` calls as the socket needs (no copy)."""
         anc = (
             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         )
@@ -359,19 +393,27 @@ class _Connection:
         except trio.WouldBlock:
             await self.send_lock.acquire()
         try:
-            while True:
+            if self.replies:  # queued before this message: they go first
+                buffers.insert(0, bytes(self.replies))
+                self.replies.clear()
+                self.replied = 0
+            while buffers:
                 try:
                     sent = self.sock.sendmsg(buffers, anc)
-                    break
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self.sock)
-            if sent < size:
-                rest = memoryview(b"".join(bytes(b) for b in buffers))[sent:]
-                while rest:
-                    try:
-                        rest = rest[self.sock.send(rest) :]
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                anc = []
+                while sent:
+                    first = memoryview(buffers[0]).cast("B")
+                    if sent < first.nbytes:
+                        buffers[0] = first[sent:]
+                        break
+                    sent -= first.nbytes
+                    del buffers[0]
+                else:
+                    while buffers and not len(buffers[0]):
+                        del buffers[0]
         finally:
             self.send_lock.release()
 
