@@ -58,9 +58,7 @@ def command_name(command: int) -> str:
 
 
 HEADER_SIZE: Final = 16
-#: A vfio-user socket's send buffer, client and server alike (the kernel caps it at
-#: net.core.wmem_max): room for a window of MIG_DATA_WRITEs or of 1 MiB MIG_DATA_READ
-#: replies, so a sender rarely waits for its peer to read.
+#: SO_SNDBUF of client and server (capped at wmem_max): room for a window of MIG_DATA_*.
 SEND_BUFFER: Final = 4 * 1024 * 1024
 MAJOR: Final = 0
 #: Spec default for ``max_data_xfer_size`` and libvfio-user's own limit.
