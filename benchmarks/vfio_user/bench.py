@@ -116,10 +116,6 @@ def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"{case.name}: server did not start")
             time.sleep(0.02)
-        if case.server == "own":
-            # vfiomig's server refuses a client while it still serves the probe (until it
-            # has seen the probe's EOF): the C client connects within a millisecond.
-            time.sleep(0.2)
     client_env = dict(env)
     if case.pythonpath:
         client_env["PYTHONPATH"] = case.pythonpath
