@@ -7,9 +7,6 @@ error hierarchy. The stages live in subpackages (see ARCHITECTURE.md): `vfiomig.
 `vfiomig.vfio_user`, `vfiomig.transport`, `vfiomig.testing`.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from vfiomig._core import (
     IMPLEMENTATION,
     AbortedError,
@@ -23,6 +20,7 @@ from vfiomig._core import (
     UsageError,
     VfioMigError,
 )
+from vfiomig._version import __version__
 from vfiomig.receive import (
     DeviceReport,
     DeviceSetup,
@@ -43,11 +41,6 @@ from vfiomig.sinks import (
     Sink,
 )
 from vfiomig.sources import Source
-
-try:
-    __version__ = _version("vfiomig")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "IMPLEMENTATION",

@@ -250,16 +250,46 @@ def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes,
         (["--device", "d=null:"], "no config target: pass --config-out DIR or --control ADDR"),
         (
             ["--device", "d", "--config-out", "/tmp"],
-            "device 'd' must look like IDSTR[/INSTANCE]=SPEC",
+            "argument --device: device 'd' must look like IDSTR[/INSTANCE]=SPEC",
         ),
-        (["--device", "d=bogus:x", "--config-out", "/tmp"], "sink 'bogus:x' has an unknown scheme"),
+        (
+            ["--device", "d=bogus:x", "--config-out", "/tmp"],
+            "--device: sink 'bogus:x' has an unknown scheme",
+        ),
         (
             ["--device", "d=null:", "--config-out", "/nonexistent"],
             "--config-out /nonexistent is not a directory",
         ),
         (
             ["--listen", "udp:1", "--device", "d=null:", "--config-out", "/tmp"],
-            "address 'udp:1' must be tcp:HOST:PORT or unix:PATH",
+            "argument --listen: address 'udp:1' must be tcp:HOST:PORT, unix:PATH or fd:N",
+        ),
+        (
+            ["--device", "d=null:", "--config-out", "/tmp", "--max-queued", "12X"],
+            "argument --max-queued: size '12X' is not a number with an optional K/M/G/T unit",
+        ),
+        (
+            ["--device", "d=null:", "--config-out", "/tmp", "--stall-timeout", "-1"],
+            "argument --stall-timeout: -1 s is not a positive time",
+        ),
+        (
+            ["--device", "d=null:", "--config-out", "/tmp", "--log-format", "xml"],
+            "argument --log-format: invalid choice: 'xml'",
+        ),
+        (
+            [
+                "--device",
+                "d=null:",
+                "--control",
+                "tcp:127.0.0.1:0",
+                "--gate",
+                "control",
+                "--config-out",
+                "/tmp",
+                "--listen",
+                "fd:99",
+            ],
+            "fd:99 is not a socket",
         ),
         (
             ["--device", "d=null:", "--config-out", "/tmp", "--max-pending", "0"],
@@ -268,6 +298,7 @@ def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes,
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+    """A usage error: status 2 and one line on stderr that names the option."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -288,6 +319,8 @@ def test_usage_errors_exit_2(args: list[str], message: str) -> None:
     )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stdout == ""
 
 
 def test_sha256_of_landing(tmp_path: Path) -> None:

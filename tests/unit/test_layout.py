@@ -20,6 +20,8 @@ RANKS: dict[str, int] = {
     "_native": 0,
     "_core": 1,
     "_units": 2,
+    "_logs": 2,
+    "_version": 2,
     "transport": 3,
     "sinks": 4,
     "sources": 4,

@@ -2,18 +2,19 @@
 
 Two devices of synthetic state travel over 4 TCP channels in shuffled order; the receiver
 hashes what lands in each device's sink and the demo checks it against the sha256 of the
-state that was sent, and the config blobs byte for byte.
+state that was sent, and the config blobs byte for byte. The report goes to stdout; the
+progress bar, on a terminal only, to stderr.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Sequence
 
 import trio
 
+from vfiomig.cli._progress import bar, draw_progress
 from vfiomig.receive import DeviceSetup, ReceiverConfig, Session, SessionReport, serve_receiver
 from vfiomig.send import SendDevice, send_migration
 from vfiomig.sinks import Chunk, Sink
@@ -42,26 +43,7 @@ class HashSink(Sink):
         self.bytes += sum(len(c) for c in chunks)
 
 
-def _bar(done: int, total: int, width: int = 32) -> str:
-    frac = done / total if total else 1.0
-    filled = int(frac * width)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%"
-
-
-async def _progress(session: Session, total: int, sinks: list[HashSink]) -> None:
-    tty = sys.stderr.isatty()
-    while not session.done.is_set():
-        done = sum(s.bytes for s in sinks)
-        queued = session.budget.queued
-        line = f"  {_bar(done, total)} {done / 2**20:7.1f} MiB landed, {queued / 2**20:6.1f} MiB queued"
-        print(("\r" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
-        with trio.move_on_after(0.25 if tty else 1.0):
-            await session.done.wait()
-    if tty:
-        print("\r" + " " * 80 + "\r", end="", file=sys.stderr)
-
-
-async def _demo(size: int) -> int:
+async def _demo(size: int, progress: bool) -> int:
     uuid = os.urandom(16)
     sinks = [HashSink() for _ in DEVICES]
     configs = [MemoryConfig() for _ in DEVICES]
@@ -76,7 +58,7 @@ async def _demo(size: int) -> int:
     print(
         f"vfiomig demo: {len(DEVICES)} devices x {size / 2**20:.0f} MiB of synthetic state,"
         f" {CHANNELS} TCP channels on loopback, {PACKET // 1024} KiB packets, shuffled order",
-        file=sys.stderr,
+        flush=True,
     )
     reports: list[SessionReport] = []
     async with trio.open_nursery() as nursery:
@@ -85,7 +67,16 @@ async def _demo(size: int) -> int:
             reports.append(await serve_receiver(config, task_status=task_status))
 
         session: Session = await nursery.start(receive)
-        nursery.start_soon(_progress, session, total, sinks)
+        if progress:
+
+            def describe() -> str:
+                done = sum(s.bytes for s in sinks)
+                return (
+                    f"  {bar(done, total)} {done / 2**20:7.1f} MiB landed,"
+                    f" {session.budget.queued / 2**20:6.1f} MiB queued"
+                )
+
+            nursery.start_soon(draw_progress, session, describe)
         devices = [
             SendDevice(idstr, inst, SynthSource(size, seed)) for idstr, inst, seed in DEVICES
         ]
@@ -104,8 +95,7 @@ async def _demo(size: int) -> int:
     print(
         f"loaded {total / 2**20:.0f} MiB in {report.seconds:.2f} s"
         f" ({total / report.seconds / 1e6:.0f} MB/s),"
-        f" peak queued {report.peak_queued_bytes / 2**20:.1f} MiB",
-        file=sys.stderr,
+        f" peak queued {report.peak_queued_bytes / 2**20:.1f} MiB"
     )
     for (idstr, inst, seed), sink, cfg, dev in zip(
         DEVICES, sinks, configs, report.devices, strict=True
@@ -117,12 +107,12 @@ async def _demo(size: int) -> int:
         print(
             f"  {idstr}/{inst}: {dev.bytes / 2**20:.0f} MiB in {dev.packets} packets,"
             f" starved {dev.starved_seconds * 1000:.0f} ms, sha256 {got[:16]}..."
-            f" {'verified' if match else 'MISMATCH (expected ' + want[:16] + '...)'}",
-            file=sys.stderr,
+            f" {'verified' if match else 'MISMATCH (expected ' + want[:16] + '...)'}"
         )
-    print("demo: ok" if ok else "demo: FAILED", file=sys.stderr)
+    print("demo: ok" if ok else "demo: FAILED")
     return 0 if ok else 1
 
 
-def run_demo(size: int) -> int:
-    return trio.run(_demo, size)
+def run_demo(size: int, *, progress: bool) -> int:
+    """Run the demo; ``progress`` draws a bar on stderr (see `_progress.wanted`)."""
+    return trio.run(_demo, size, progress)

@@ -43,7 +43,14 @@ from vfiomig.control import _proto as proto
 from vfiomig.control._attach import AttachSink
 from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEvent
 from vfiomig.sinks import ConfigTarget
-from vfiomig.transport import Admission, MeteredStream, Pending, open_listener, parse_address
+from vfiomig.transport import (
+    Admission,
+    MeteredStream,
+    Pending,
+    listener_kind,
+    open_listener,
+    parse_address,
+)
 
 log = logging.getLogger("vfiomig")
 
@@ -125,7 +132,7 @@ class ControlServer:
         flush_timeout: float = 5.0,
     ) -> None:
         self.address = parse_address(address)
-        self.tls = tls if self.address.kind == "tcp" else None
+        self.tls = tls if listener_kind(self.address) == "tcp" else None
         self.max_connections = max_connections
         self.max_message = max_message
         self.progress_interval = progress_interval

@@ -1,8 +1,10 @@
-"""Transport: addresses (``tcp:``, ``unix:``), listeners, connections, socket tuning, TLS,
-and admission (pending connections bounded, accept errors waited out).
+"""Transport: addresses (``tcp:``, ``unix:``, ``fd:``), systemd socket activation, listeners,
+connections, socket tuning, TLS, and admission (pending connections bounded, accept errors
+waited out).
 
 Owns every socket option and the rules for UNIX socket files (0600, refused directories).
-May import: `vfiomig._core` (errors) only. Imported by every stage that opens a socket.
+May import: `vfiomig._core` (errors) and `vfiomig._logs`. Imported by every stage that opens a
+socket.
 """
 
 from vfiomig.transport._admission import (
@@ -18,6 +20,8 @@ from vfiomig.transport._sockets import (
     Address,
     check_socket_directory,
     connect,
+    inherited_sockets,
+    listener_kind,
     open_listener,
     parse_address,
     tune_socket,
@@ -36,6 +40,8 @@ __all__ = [
     "client_context",
     "connect",
     "default_max_pending",
+    "inherited_sockets",
+    "listener_kind",
     "open_listener",
     "options_to_contexts",
     "parse_address",

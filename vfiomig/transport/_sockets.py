@@ -1,4 +1,8 @@
-"""Addresses (``tcp:HOST:PORT``, ``unix:PATH``), listeners and connections.
+"""Addresses (``tcp:HOST:PORT``, ``unix:PATH``, ``fd:N``), listeners and connections.
+
+``fd:N`` is a listening socket the process inherited (from systemd, libvirt or a shell),
+and `inherited_sockets` reads systemd's socket activation variables (LISTEN_FDS): the
+receiver then listens where its supervisor bound, and reports the real addresses.
 
 Listeners bind to what they are told; a TCP address without a host binds to loopback.
 A UNIX socket is created with mode 0600, and a stale socket file at its path is replaced
@@ -14,6 +18,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import trio
@@ -25,35 +30,47 @@ log = logging.getLogger("vfiomig")
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A parsed ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    """A parsed ``tcp:HOST:PORT``, ``unix:PATH`` or ``fd:N``."""
 
-    kind: str  # "tcp" or "unix"
+    kind: str  # "tcp", "unix" or "fd"
     host: str = ""
     port: int = 0
     path: str = ""
+    fd: int = -1
 
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd:{self.fd}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{host}:{self.port}"
 
 
 def parse_address(text: str) -> Address:
-    """Parse ``tcp:HOST:PORT`` (``[v6]`` hosts allowed; empty host = 127.0.0.1) or ``unix:PATH``."""
+    """Parse ``tcp:HOST:PORT`` (``[v6]`` hosts allowed; empty host = 127.0.0.1),
+    ``unix:PATH`` or ``fd:N`` (an inherited listening socket)."""
     kind, sep, rest = text.partition(":")
     if kind == "unix" and sep and rest:
         return Address("unix", path=rest)
+    if kind == "fd" and rest.isdigit():
+        return Address("fd", fd=int(rest))
     if kind == "tcp" and sep:
         host, colon, port = rest.rpartition(":")
         if colon and port.isdigit() and int(port) < 65536:
             host = host.strip("[]") or "127.0.0.1"
             return Address("tcp", host=host, port=int(port))
-    raise UsageError(f"address {text!r} must be tcp:HOST:PORT or unix:PATH")
+    raise UsageError(f"address {text!r} must be tcp:HOST:PORT, unix:PATH or fd:N")
 
 
 async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.SocketListener, Address]:
-    """Bind and listen on ``addr``; return the listener and the address really bound."""
+    """Bind and listen on ``addr``; return the listener and the address really bound.
+
+    For ``fd:N`` the listener takes over the inherited socket (closed with it, no longer
+    inherited by children) and the address returned is the one it is bound to.
+    """
+    if addr.kind == "fd":
+        return _inherited_listener(addr.fd)
     if addr.kind == "unix":
         check_socket_directory(addr.path)
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
@@ -80,8 +97,88 @@ async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.Socke
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot listen on {addr}: {exc.strerror}") from exc
+    return trio.SocketListener(sock), _bound_address(sock)
+
+
+def _bound_address(sock: trio.socket.SocketType) -> Address:
+    if sock.family == stdsocket.AF_UNIX:
+        name = sock.getsockname()
+        return Address(
+            "unix", path=name.decode(errors="replace") if isinstance(name, bytes) else name
+        )
     host, port = sock.getsockname()[:2]
-    return trio.SocketListener(sock), Address("tcp", host=host, port=port)
+    return Address("tcp", host=host, port=port)
+
+
+def _adopt(fd: int) -> stdsocket.socket:
+    """The stream socket on inherited ``fd``, not yet owned (`detach` gives it back)."""
+    try:
+        sock = stdsocket.socket(fileno=fd)
+    except OSError as exc:
+        raise UsageError(f"fd:{fd} is not a socket: {exc.strerror}") from exc
+    if sock.family not in (stdsocket.AF_INET, stdsocket.AF_INET6, stdsocket.AF_UNIX) or (
+        sock.type != stdsocket.SOCK_STREAM
+    ):
+        sock.detach()
+        raise UsageError(f"fd:{fd} is not a TCP or UNIX stream socket")
+    return sock
+
+
+def _inherited_listener(fd: int) -> tuple[trio.SocketListener, Address]:
+    sock = _adopt(fd)
+    if not sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ACCEPTCONN):
+        sock.detach()
+        raise UsageError(f"fd:{fd} is a socket that is not listening (listen() it first)")
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    tsock = trio.socket.from_stdlib_socket(sock)
+    return trio.SocketListener(tsock), _bound_address(tsock)
+
+
+def listener_kind(addr: Address) -> str:
+    """``tcp`` or ``unix``: what ``addr`` listens on (for ``fd:N``, the inherited socket's
+    family, looked at without taking the socket over)."""
+    if addr.kind != "fd":
+        return addr.kind
+    sock = _adopt(addr.fd)
+    family = sock.family
+    sock.detach()
+    return "unix" if family == stdsocket.AF_UNIX else "tcp"
+
+
+#: systemd's socket activation (sd_listen_fds(3)): the first passed fd and its variables.
+LISTEN_FDS_START = 3
+_LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> dict[str, list[int]]:
+    """The fds systemd passed to this process (LISTEN_FDS from fd 3 on), by name.
+
+    Names come from LISTEN_FDNAMES (``FileDescriptorName=`` in the socket unit); without
+    it every fd is named ``data``. Only a LISTEN_PID equal to our pid counts: the
+    variables may have leaked from a parent. The three variables are removed in any case,
+    so that a child process does not take the sockets for its own.
+
+    Raises:
+        UsageError: LISTEN_FDS is not a number, or the names do not match the fds.
+    """
+    env = os.environ if environ is None else environ
+    values = {var: env.pop(var, None) for var in _LISTEN_VARS}
+    pid, count, names = values["LISTEN_PID"], values["LISTEN_FDS"], values["LISTEN_FDNAMES"]
+    if count is None or pid is None or not pid.isdigit() or int(pid) != os.getpid():
+        return {}
+    if not count.isdigit():
+        raise UsageError(f"socket activation: LISTEN_FDS={count!r} is not a number")
+    n = int(count)
+    labels = names.split(":") if names else ["data"] * n
+    if len(labels) != n:
+        raise UsageError(
+            f"socket activation: LISTEN_FDNAMES names {len(labels)} sockets (LISTEN_FDS={n})"
+        )
+    found: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        found.setdefault(label, []).append(LISTEN_FDS_START + i)
+    return found
 
 
 def check_socket_directory(path: str) -> None:
@@ -125,6 +222,8 @@ def _remove_stale_socket(path: str) -> None:
 
 async def connect(addr: Address) -> trio.SocketStream:
     """Open a stream to ``addr``."""
+    if addr.kind == "fd":
+        raise UsageError(f"{addr} is a listening socket: connect to tcp:HOST:PORT or unix:PATH")
     if addr.kind == "unix":
         return await trio.open_unix_socket(addr.path)
     stream = await trio.open_tcp_stream(addr.host, addr.port)
