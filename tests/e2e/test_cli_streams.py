@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import vfiomig
+from tests.e2e.specsender import Receiver, config_blob, packet, send_streams, spread
+
+UUID_TEXT = "5c6e8d2a-9b3f-4c1d-8e7a-6b5c4d3e2f10"
+UUID = bytes.fromhex(UUID_TEXT.replace("-", ""))
+DEV = "0000:00:04.0/vfio"
 
 
 def _vfiomig(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -41,3 +49,65 @@ def test_send_usage_error_names_the_option_in_one_line() -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("vfiomig send: error: argument --connect: fd:3 is a listening")
     assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+
+
+def _json_lines(stderr: str) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in stderr.splitlines()]
+    for r in records:
+        assert set(r) >= {"time", "level", "device", "event", "fields", "message"}, r
+        assert r["time"].endswith("Z") and r["level"] in ("debug", "info", "warning", "error")
+    return records
+
+
+def test_json_logs_name_qemu_trace_points(tmp_path: Path) -> None:
+    state = bytes(range(256)) * 1024  # 256 KiB in 4 packets
+    config = config_blob(b"cfg")
+    packets = [packet(DEV, 0, i, 0, state[i * 65536 : (i + 1) * 65536]) for i in range(4)]
+    packets.append(packet(DEV, 0, 4, 1, config))
+    rx = Receiver(
+        tmp_path,
+        [
+            "--channels", "2", "--uuid", UUID_TEXT, "--config-out", str(tmp_path),
+            "--device", f"{DEV}=file:{tmp_path / 'out'}", "-vv", "--log-format", "json",
+        ],
+    )  # fmt: skip
+    send_streams(rx.data, spread(packets, 2, UUID, lambda k: k % 2))
+    code, out, err = rx.wait()
+    assert code == 0, err
+    assert out == ""  # no --json: nothing on stdout
+    records = _json_lines(err)
+    mine = [r for r in records if r["device"] == f"{DEV}/0"]
+    events = [r["event"] for r in mine]
+    assert events.count("vfio_load_state_device_buffer_incoming") == 5
+    assert {r["fields"]["idx"] for r in mine if r["event"].endswith("_incoming")} == set(range(5))
+    order = [
+        "vfio_load_state_device_buffer_start",
+        "vfio_load_state_device_buffer_load_start",
+        "vfio_load_state_device_buffer_load_end",
+        "vfio_load_device_config_state_start",
+        "vfio_load_device_config_state_end",
+        "vfio_load_state_device_buffer_end",
+    ]
+    firsts = [events.index(e) for e in order]
+    assert firsts == sorted(firsts), events
+    end = mine[events.index("vfio_load_state_device_buffer_end")]
+    assert end["fields"]["bytes"] == len(state) and end["level"] == "info"
+    assert "gate_open" in events and "channel_accepted" in {r["event"] for r in records}
+
+
+def test_json_logs_carry_the_failure_line(tmp_path: Path) -> None:
+    """A failed migration: exit 1 and its one line per device as an error record."""
+    packets = [packet(DEV, 0, 0, 0, b"x" * 100), packet(DEV, 0, 2, 1, config_blob(b"c"))]
+    rx = Receiver(
+        tmp_path,
+        [
+            "--channels", "1", "--uuid", UUID_TEXT, "--config-out", str(tmp_path),
+            "--device", f"{DEV}=null:", "--log-format", "json",
+        ],
+    )  # fmt: skip
+    send_streams(rx.data, spread(packets, 1, UUID, lambda k: 0))
+    code, _out, err = rx.wait()
+    assert code == 1
+    (failure,) = [r for r in _json_lines(err) if r["event"] == "migration_failed"]
+    assert failure["level"] == "error" and failure["device"] == f"{DEV}/0"
+    assert "missing idx 1" in failure["message"]

@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from vfiomig._core._errors import PacketError, SinkError
+from vfiomig._logs import event
 from vfiomig.control import _proto as proto
 from vfiomig.control._attach import AttachSink
 from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEvent
@@ -184,7 +185,11 @@ class ControlServer:
         session.control_admission = self.admission
         self._session = session
         session.listeners.append(self._on_event)
-        log.info("control: listening on %s", self.bound)
+        log.info(
+            "control: listening on %s",
+            self.bound,
+            extra=event("control_listening", address=self.bound),
+        )
         task_status.started()
         shield = trio.CancelScope(shield=True)
         try:
@@ -408,19 +413,29 @@ class ControlServer:
         elif isinstance(msg, proto.Precopy):
             device = self._device(conn, msg.device, msg.instance, "precopy")
             if device is not None:
-                log.debug("%s: precopy %d bytes", device.name, len(msg.data))
+                log.debug(
+                    "%s: precopy %d bytes",
+                    device.name,
+                    len(msg.data),
+                    extra=event("control_precopy", device.name, bytes=len(msg.data)),
+                )
                 session.add_precopy(device, msg.data)
         elif isinstance(msg, proto.DataComplete):
             device = self._device(conn, msg.device, msg.instance, "data-complete")
             if device is not None:
                 session.open_gate(device)
         elif isinstance(msg, proto.SwitchoverStart):
-            log.info("control: switchover-start")
+            log.info("control: switchover-start", extra=event("control_switchover_start"))
             session.open_all_gates()
         elif isinstance(msg, proto.AttachFd):
             self._attach(conn, msg)
         elif isinstance(msg, proto.Abort):
-            log.warning("control: %s asked to abort: %s", conn.label, msg.reason)
+            log.warning(
+                "control: %s asked to abort: %s",
+                conn.label,
+                msg.reason,
+                extra=event("control_abort", peer=conn.label, reason=msg.reason),
+            )
             session.abort(msg.reason)
         else:
             self._reply_error(conn, f"control message type {msg.type!r} is unknown")
@@ -451,7 +466,12 @@ class ControlServer:
                 self._reply_error(conn, f"{device.name}: attach-fd refused: {exc}", device)
                 return
             fds.pop()
-            log.info("%s: attached %s fd", device.name, msg.kind)
+            log.info(
+                "%s: attached %s fd",
+                device.name,
+                msg.kind,
+                extra=event("control_attach_fd", device.name, kind=msg.kind),
+            )
         finally:
             self._close_fds(fds)
 
@@ -469,6 +489,7 @@ class ControlServer:
             "control: %s: %s",
             conn.label,
             message,
+            extra=event("control_error_reply", device.name if device else None, peer=conn.label),
         )
         conn.queue(_Out(proto.encode(_error(message, device))))
 

@@ -29,6 +29,7 @@ from vfiomig._core import (
     VfioMigError,
     new_payload_buffer,
 )
+from vfiomig._logs import event
 from vfiomig.receive._session import Device, Session
 from vfiomig.transport import Pending
 
@@ -104,7 +105,12 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
             session.channels_accepted += 1
             session.channels_open += 1
             registered = True
-            log.info("channel %d: accepted from %s", ev.channel_id, label)
+            log.info(
+                "channel %d: accepted from %s",
+                ev.channel_id,
+                label,
+                extra=event("channel_accepted", peer=label, channel=ev.channel_id),
+            )
             await _read_packets(session, framer, fill, recv_into, sock)
     except VfioMigError as exc:
         session.fail(exc)
@@ -120,7 +126,12 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
                 )
             )
         else:
-            log.warning("%s: connection lost between packets: %s", label, exc)
+            log.warning(
+                "%s: connection lost between packets: %s",
+                label,
+                exc,
+                extra=event("channel_lost", peer=label, reason=str(exc)),
+            )
     finally:
         admission.release(ticket)
         if registered:
@@ -187,12 +198,18 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock)
         buf.deliver(ev.idx, data)
         if trace:
             log.debug(
-                "%s/%d: packet incoming idx %d flags %#x size %d",
-                ev.idstr,
-                ev.instance,
+                "%s: packet incoming idx %d flags %#x size %d",
+                device.name,
                 ev.idx,
                 ev.flags,
                 ev.size,
+                extra=event(
+                    "vfio_load_state_device_buffer_incoming",
+                    device.name,
+                    idx=ev.idx,
+                    flags=ev.flags,
+                    size=ev.size,
+                ),
             )
         session.progress += 1
         if device.lot and buf.has_ready():

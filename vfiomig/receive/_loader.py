@@ -11,8 +11,9 @@ import logging
 
 import trio
 
-from vfiomig._core import SinkError, VfioMigError
+from vfiomig._core import Ready, SinkError, VfioMigError
 from vfiomig._core._errors import os_error_text
+from vfiomig._logs import event
 from vfiomig.receive._session import Device, Session, SessionEvent
 from vfiomig.sinks import ConfigTarget
 
@@ -32,6 +33,26 @@ def _sink_error(device: Device, what: str, exc: BaseException) -> SinkError:
     return SinkError(f"{device.name}: {what}: {cause}", device=device.name, errno=errno)
 
 
+def _trace_write(device: Device, ready: Ready, when: str) -> None:
+    """QEMU's per-buffer trace points around a sink write (``-vv``)."""
+    what = "precopy data" if ready.precopy else f"idx {ready.first_idx}..{ready.end_idx - 1}"
+    log.debug(
+        "%s: %s %s (%d bytes)",
+        device.name,
+        when.replace("_", " "),
+        what,
+        ready.nbytes,
+        extra=event(
+            f"vfio_load_state_device_buffer_{when}",
+            device.name,
+            idx=ready.first_idx,
+            end_idx=ready.end_idx,
+            bytes=ready.nbytes,
+            precopy=ready.precopy,
+        ),
+    )
+
+
 async def run_loader(session: Session, device: Device, config: ConfigTarget) -> None:
     """Write ``device``'s stream to its sink in idx order, then replay the config.
 
@@ -47,13 +68,20 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             await sink.start()
         except (OSError, SinkError) as exc:
             raise _sink_error(device, f"starting sink {sink.description} failed", exc) from exc
-        log.info("%s: load start (sink %s)", device.name, sink.description)
+        log.info(
+            "%s: load start (sink %s)",
+            device.name,
+            sink.description,
+            extra=event("vfio_load_state_device_buffer_start", device.name, sink=sink.description),
+        )
         trace = log.isEnabledFor(logging.DEBUG)  # once: the loop below is the hot path
         while True:
             ready = buf.take_ready()
             if ready is not None:
                 if ready.chunks:
                     sink.note_batch(ready.first_idx, ready.end_idx)
+                    if trace:
+                        _trace_write(device, ready, "load_start")
                     try:
                         with trio.fail_after(timeout):
                             await sink.write(ready.chunks)
@@ -79,6 +107,8 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
                         err.idx = ready.first_idx
                         raise err from exc
                 buf.written(ready.nbytes)
+                if trace and ready.chunks:
+                    _trace_write(device, ready, "load_end")
                 session.progress += 1
                 if session.room:
                     session.room.unpark_all()
@@ -94,16 +124,43 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
                 waited = trio.current_time() - t0
                 buf.starved_seconds += waited
                 if trace:
-                    log.debug("%s: starved %.6f s at idx %d", device.name, waited, buf.next_idx)
+                    log.debug(
+                        "%s: starved %.6f s at idx %d",
+                        device.name,
+                        waited,
+                        buf.next_idx,
+                        extra=event(
+                            "vfio_load_state_device_buffer_starved",
+                            device.name,
+                            idx=buf.next_idx,
+                            seconds=waited,
+                        ),
+                    )
         # The finish step: config first, then the sink leaves its loading state.
         assert buf.config is not None
-        log.info("%s: config load start (%d bytes)", device.name, len(buf.config))
+        log.info(
+            "%s: config load start (%d bytes)",
+            device.name,
+            len(buf.config),
+            extra=event(
+                "vfio_load_device_config_state_start",
+                device.name,
+                idx=buf.config_idx,
+                bytes=len(buf.config),
+                target=config.description,
+            ),
+        )
         try:
             await config.load_config(buf.config)
         except (OSError, SinkError) as exc:
             err = _sink_error(device, f"loading config to {config.description} failed", exc)
             err.idx = buf.config_idx
             raise err from exc
+        log.info(
+            "%s: config load end",
+            device.name,
+            extra=event("vfio_load_device_config_state_end", device.name),
+        )
         try:
             with trio.fail_after(timeout):
                 await sink.finish()
@@ -125,6 +182,13 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             device.name,
             st.written_bytes,
             st.written_packets,
+            extra=event(
+                "vfio_load_state_device_buffer_end",
+                device.name,
+                bytes=st.written_bytes,
+                packets=st.written_packets,
+                starved_seconds=st.starved_seconds,
+            ),
         )
         session.emit(SessionEvent("loaded", device))
     except VfioMigError as exc:

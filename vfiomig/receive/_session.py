@@ -19,6 +19,7 @@ import trio
 from vfiomig._core import Budget, ReorderBuffer
 from vfiomig._core._errors import AbortedError, PacketError, VfioMigError
 from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian
+from vfiomig._logs import event
 from vfiomig.sinks import ConfigTarget, Sink
 from vfiomig.transport import Admission, default_max_pending
 
@@ -244,7 +245,7 @@ class Session:
 
     def open_gate(self, device: Device) -> None:
         device.buf.open_gate()
-        log.info("%s: gate open", device.name)
+        log.info("%s: gate open", device.name, extra=event("gate_open", device.name))
         device.lot.unpark_all()
 
     def open_all_gates(self) -> None:
@@ -280,11 +281,11 @@ class Session:
             if device.error is None and not (device.loaded_at is not None):
                 device.error = error
                 device.buf.fail(error)
-                log.info("failed: %s", error)
+                log.info("failed: %s", error, extra=event("device_failed", device.name))
                 self.emit(SessionEvent("error", device, str(error)))
         else:
             self.errors.append(error)
-            log.info("failed: %s", error)
+            log.info("failed: %s", error, extra=event("session_failed"))
             self.emit(SessionEvent("error", None, str(error)))
         self.failed = True
         self.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
+from vfiomig import _logs
 from vfiomig._core._errors import UsageError, VfioMigError
 from vfiomig.control import ControlClient, open_control_client
 from vfiomig.send._precopy import precopy_phase
@@ -60,7 +61,12 @@ async def send_with_control(
         raise UsageError(f"switchover {switchover!r} is unknown (known: {', '.join(SWITCHOVERS)})")
     async with open_control_client(address, tls=tls) as ctl:
         info = await ctl.hello()
-        log.info("control: receiver has %s channels, devices %s", info["channels"], info["devices"])
+        log.info(
+            "control: receiver has %s channels, devices %s",
+            info["channels"],
+            info["devices"],
+            extra=_logs.event("control_hello", channels=info["channels"]),
+        )
         try:
             phases, early = await precopy_phase(ctl, devices, precopy, precopy_options)
         except BaseException as exc:
@@ -87,9 +93,14 @@ async def send_with_control(
                 if kind in ("loaded", "error", "done"):
                     kept.append(event)
                 if kind == "loaded":
-                    log.info("control: %s/%s loaded", event.get("device"), event.get("instance"))
+                    name = f"{event.get('device')}/{event.get('instance')}"
+                    log.info("control: %s loaded", name, extra=_logs.event("receiver_loaded", name))
                 elif kind == "error":
-                    log.warning("control: receiver error: %s", event.get("message"))
+                    log.warning(
+                        "control: receiver error: %s",
+                        event.get("message"),
+                        extra=_logs.event("receiver_error"),
+                    )
                 elif kind == "done":
                     ok = bool(event.get("ok"))
                     break

@@ -37,6 +37,7 @@ from vfiomig._core._wire import (
     encode_handshake,
     encode_vfio_header,
 )
+from vfiomig._logs import event
 from vfiomig.send._control import send_with_control
 from vfiomig.send._types import PrecopyOptions, SendDevice, SendError, SendReport, SourceFailed
 from vfiomig.transport import connect, parse_address, tune_socket
@@ -237,7 +238,13 @@ async def _produce(
     await dispatcher.dispatch(packet(idx, VFIO_FLAG_CONFIG_STATE, blob), idx)
     await source.finish()
     counts[device.name] = (nbytes, idx + 1)
-    log.info("%s: queued %d bytes in %d packets", device.name, nbytes, idx + 1)
+    log.info(
+        "%s: queued %d bytes in %d packets",
+        device.name,
+        nbytes,
+        idx + 1,
+        extra=event("send_device_queued", device.name, bytes=nbytes, packets=idx + 1),
+    )
 
 
 async def send_migration(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from vfiomig._core._errors import UsageError
+from vfiomig._logs import event
 
 log = logging.getLogger("vfiomig")
 
@@ -207,6 +208,7 @@ def check_socket_directory(path: str) -> None:
             directory,
             stat.S_IMODE(st.st_mode),
             st.st_uid,
+            extra=event("socket_directory_open", directory=directory),
         )
 
 

@@ -24,6 +24,7 @@ from typing import Final
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
+from vfiomig._logs import event
 from vfiomig._units import parse_size
 from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio_user._client import (
@@ -154,7 +155,10 @@ class VfioUserSink(Sink):
                     await self._reset_if_resuming(fresh=True)
             except Exception as exc:  # abort must not raise: the device already failed
                 log.warning(
-                    "%s: device reset after a failure did not work: %s", self.description, exc
+                    "%s: device reset after a failure did not work: %s",
+                    self.description,
+                    exc,
+                    extra=event("vfio_user_reset_failed", sink=self.description),
                 )
 
     async def _reset_if_resuming(self, *, fresh: bool) -> None:
@@ -170,8 +174,12 @@ class VfioUserSink(Sink):
         except VfioUserCommandError:
             state = None
         if state in (MigState.RUNNING, MigState.STOP):
-            log.info("%s: device in %s after the failure: left as it is",
-                     self.description, state.name)  # fmt: skip
+            log.info(
+                "%s: device in %s after the failure: left as it is",
+                self.description,
+                state.name,
+                extra=event("vfio_user_left_alone", sink=self.description, state=state.name),
+            )
             return
         await client.reset()
 
