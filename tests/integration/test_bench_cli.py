@@ -26,7 +26,7 @@ def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str]
 def test_small_matrix_writes_csv_and_json(tmp_path: Path) -> None:
     proc, out = _bench(
         tmp_path,
-        *("--channels", "1,2", "--size", "2M", "--packet-sizes", "256K"),
+        *("--channels", "1,2", "--size", "2M", "--packet-sizes", "256K", "--devices", "1"),
         *("--sinks", "device,pipe", "--device-bw", "16M", "--config-time", "0.005"),
     )
     rows = _rows(out)
