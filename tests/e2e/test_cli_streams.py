@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,32 @@ def test_json_logs_carry_the_failure_line(tmp_path: Path) -> None:
     (failure,) = [r for r in _json_lines(err) if r["event"] == "migration_failed"]
     assert failure["level"] == "error" and failure["device"] == f"{DEV}/0"
     assert "missing idx 1" in failure["message"]
+
+
+def test_demo_draws_its_progress_bar_on_a_terminal_only() -> None:
+    """stderr a terminal: the bar is drawn in place there and erased; stdout is unchanged."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vfiomig", "demo", "--size", "64M"],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    os.close(slave)
+    seen = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0
+    assert out.splitlines()[-1] == "demo: ok"
+    drawn = seen.decode(errors="replace")
+    assert "\r  [" in drawn and "MiB landed" in drawn
+    assert drawn.endswith("\r")
