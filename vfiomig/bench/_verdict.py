@@ -54,7 +54,7 @@ def channel_advice(summaries: list[dict[str, Any]], models: dict[str, Any]) -> l
             need = math.ceil(devices * models["device_bandwidth"] / rate)
             text += f"; the models saturate the devices from {need} channels"
         elif rate and sink == "null":
-            text += ": the link model alone bounds it; the rest is this machine's CPU"
+            text += "; the link model bounds it until this machine's CPU does"
         lines.append(text)
     return lines
 

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vfiomig",
         description="Receive a VFIO device's migration state from QEMU's multifd channels,"
         " reorder it within a memory budget and load it into the destination device.",
+        epilog="Results go to stdout; progress (on a terminal), logs and errors to stderr."
+        " Exit status: 0 success (receive: every device loaded), 1 the migration failed,"
+        " 2 usage error. Sizes take K/M/G/T suffixes (binary). Deploying it: docs/operators.md.",
     )
     parser.add_argument("--version", action="version", version=f"vfiomig {__version__}")
     add_logging_options(parser, top=True)
