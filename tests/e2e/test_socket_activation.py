@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from vfiomig.testing import synth_config, synth_sha256
 
@@ -183,3 +186,32 @@ def test_listen_fds_for_another_process_are_ignored(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "no data listener: pass --listen ADDR" in proc.stderr
+
+
+def test_systemd_socket_activate_hands_over_named_sockets(tmp_path: Path) -> None:
+    """systemd's own tool binds the sockets, waits for the first connection and execs the
+    receiver with LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID, as a socket unit would."""
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        if os.environ.get("CI"):
+            raise AssertionError("systemd-socket-activate is missing (package systemd)")
+        pytest.skip("systemd-socket-activate is not installed")
+    data, control = tmp_path / "data.sock", tmp_path / "control.sock"
+    proc = subprocess.Popen(
+        [
+            *(tool, "-l", str(data), "-l", str(control), "--fdname=data:control"),
+            *(sys.executable, "-m", "vfiomig", *_receive_args(tmp_path)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")},
+    )
+    deadline = time.monotonic() + 20
+    while not (data.exists() and control.exists()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    # The receiver starts on the first connection (the control channel's, here).
+    _migrate(proc, [f"unix:{data}"], f"unix:{control}", tmp_path)
+    ready = json.loads((tmp_path / "ready.json").read_text())
+    assert ready == {"data": [f"unix:{data}"], "control": f"unix:{control}"}
