@@ -7,6 +7,9 @@ import os
 import pty
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +118,20 @@ def test_json_logs_carry_the_failure_line(tmp_path: Path) -> None:
     assert "missing idx 1" in failure["message"]
 
 
+def _read_terminal(master: int) -> str:
+    seen = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return seen.decode(errors="replace")
+
+
 def test_demo_draws_its_progress_bar_on_a_terminal_only() -> None:
     """stderr a terminal: the bar is drawn in place there and erased; stdout is unchanged."""
     master, slave = pty.openpty()
@@ -126,19 +143,48 @@ def test_demo_draws_its_progress_bar_on_a_terminal_only() -> None:
         text=True,
     )
     os.close(slave)
-    seen = bytearray()
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
+    reader = ThreadPoolExecutor(1).submit(_read_terminal, master)
     out, _ = proc.communicate(timeout=120)
-    os.close(master)
     assert proc.returncode == 0
     assert out.splitlines()[-1] == "demo: ok"
-    drawn = seen.decode(errors="replace")
+    drawn = reader.result(timeout=10)
     assert "\r  [" in drawn and "MiB landed" in drawn
     assert drawn.endswith("\r")
+
+
+def test_receive_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
+    state = bytes(range(256)) * 4096  # 1 MiB in 16 packets, slowly: the line gets drawn
+    packets = [packet(DEV, 0, i, 0, state[i * 65536 : (i + 1) * 65536]) for i in range(16)]
+    packets.append(packet(DEV, 0, 16, 1, config_blob(b"cfg")))
+    master, slave = pty.openpty()
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "vfiomig", "receive", "--listen", "tcp:127.0.0.1:0",
+            "--ready-file", str(ready), "--channels", "1", "--uuid", UUID_TEXT,
+            "--config-out", str(tmp_path), "--device", f"{DEV}=file:{tmp_path / 'out'}", "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    os.close(slave)
+    reader = ThreadPoolExecutor(1).submit(_read_terminal, master)
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    (stream,) = spread(packets, 1, UUID, lambda k: 0)
+
+    def slowly() -> Iterator[bytes]:
+        for k in range(0, len(stream), 65536):
+            time.sleep(0.05)
+            yield stream[k : k + 65536]
+
+    send_streams(json.loads(ready.read_text())["data"][0], [slowly()])
+    out, _ = proc.communicate(timeout=60)
+    drawn = reader.result(timeout=10)
+    assert proc.returncode == 0 and json.loads(out)["ok"] is True
+    assert "MiB written" in drawn and "1/1 channels open" in drawn
+    assert drawn.endswith("\r")  # erased at the end

@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         " report goes to stdout, the progress bar (on a terminal) to stderr.",
     )
     demo.add_argument(
-        "--size", type=size, default=384 * 2**20, metavar="SIZE", help=argparse.SUPPRESS
+        "--size",
+        type=size,
+        default=384 * 2**20,
+        metavar="SIZE",
+        help="synthetic state per device, with K/M/G/T suffixes (binary); default 384M",
     )
 
     from vfiomig.bench import add_parser as add_bench_parser
