@@ -9,6 +9,7 @@ Modules: `_runner` (matrix, runs), `_precopy` (downtime with PRE_COPY next to wi
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import platform
@@ -16,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from vfiomig._logs import event
 
 from ._model import Bound, ConfigModel, DeviceModelSink, Overhead, lower_bound
 from ._runner import (
@@ -34,6 +37,8 @@ from ._runner import (
 )
 from ._sinks import SINK_KINDS
 from ._verdict import channel_advice, qemu_table
+
+log = logging.getLogger("vfiomig.bench")
 
 #: QEMU's published setup (reference/qemu-multifd-vfio.md §5): 4 VFs, 1 VF alone took
 #: 366 ms of which ~70 ms config load, so one device loads 100 MiB in ~296 ms.
@@ -347,7 +352,7 @@ async def _bench(args: argparse.Namespace, out: Path) -> int:
     if args.scenario == "qemu":
         _qemu_note(summaries, models, scale, meta)
     for note in notes:
-        print(note, file=sys.stderr)
+        log.warning("%s", note, extra=event("bench_note"))
     if args.no_plots:
         meta["plots"] = "plots skipped: --no-plots"
     else:
@@ -384,8 +389,10 @@ def _qemu_note(summaries: list[Any], models: Models, scale: float, meta: dict[st
 
 async def bench_main(args: argparse.Namespace) -> int:
     """Run ``vfiomig bench`` (``vfiomig.cli._main.main`` calls it under ``trio.run``)."""
+    # The per-run lines are the bench's progress off a terminal: shown without -v.
+    log.setLevel(min(logging.INFO, logging.getLogger("vfiomig").getEffectiveLevel()))
     if args.repeats < 1:
-        print("vfiomig: error: --repeats must be at least 1", file=sys.stderr)
+        log.error("error: --repeats must be at least 1", extra=event("usage_error"))
         return 2
     if args.scenario == "precopy":
         from ._precopy import run_precopy_bench

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import sys
 from collections import defaultdict
@@ -18,7 +19,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from vfiomig._logs import event
+
 from ._runner import Case, Run
+
+#: The bench's own lines; `bench_main` lets its INFO through without -v.
+log = logging.getLogger("vfiomig.bench")
 
 MEASURES = (
     "downtime",
@@ -167,6 +173,7 @@ class Progress:
         self.stream.flush()
 
     def finish_run(self, run: Run) -> None:
+        """Off a terminal, one log line per run (event ``bench_run``, shown without ``-v``)."""
         self.done += 1
         if not self.tty:
             what = (
@@ -174,7 +181,25 @@ class Progress:
                 if run.ok
                 else f"FAILED: {run.error}"
             )
-            print(f"run {self.done}/{self.total} {self.label}: {what}", file=self.stream)
+            fields: dict[str, Any] = {
+                "run": self.done,
+                "of": self.total,
+                "case": self.label,
+                "ok": run.ok,
+            }
+            if run.ok:
+                fields |= {"downtime": run.downtime, "efficiency": run.efficiency}
+            else:
+                fields["error"] = run.error
+            log.log(
+                logging.WARNING if not run.ok else logging.INFO,
+                "run %d/%d %s: %s",
+                self.done,
+                self.total,
+                self.label,
+                what,
+                extra=event("bench_run", **fields),
+            )
 
     def close(self) -> None:
         if self.tty:
