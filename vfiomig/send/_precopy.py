@@ -62,20 +62,28 @@ class Flow:
         self._changed = trio.Event()
 
     async def read_events(self, ctl: ControlClient) -> None:
-        """Until the receiver ends the session or closes the channel (or a cancel)."""
-        while (event := await ctl.next_event()) is not None:
-            if event["type"] == "progress":
-                key = (str(event.get("device")), int(event.get("instance", 0)))
-                self.written[key] = int(event.get("written", 0))
-            else:
-                self.kept.append(event)
-                if event["type"] == "done":
-                    errors = [str(e.get("message")) for e in self.kept if e["type"] == "error"]
-                    self.ended = "; ".join(errors) or "done without an error"
-                    self._wake()
-                    return
-            self._wake()
-        self.ended = "the receiver closed the control channel"
+        """Until the receiver ends the session or closes the channel (or a cancel).
+
+        A connection reset (a receiver that closed with our precopy data unread) ends
+        the session like a close: the sending side reports the failure, never this task.
+        """
+        try:
+            while (event := await ctl.next_event()) is not None:
+                if event["type"] == "progress":
+                    key = (str(event.get("device")), int(event.get("instance", 0)))
+                    self.written[key] = int(event.get("written", 0))
+                else:
+                    self.kept.append(event)
+                    if event["type"] == "done":
+                        errors = [str(e.get("message")) for e in self.kept if e["type"] == "error"]
+                        self.ended = "; ".join(errors) or "done without an error"
+                        self._wake()
+                        return
+                self._wake()
+            self.ended = "the receiver closed the control channel"
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = os_error_text(exc) or type(exc).__name__
+            self.ended = f"the control channel broke: {cause}"
         self._wake()
 
     async def wait(self, device: SendDevice, unwritten: int) -> None:
