@@ -148,7 +148,9 @@ def add_parser(sub: Any, size: Any) -> None:
         default=None,
         metavar=",".join(SINK_KINDS),
         help="sink models: null (discard), pipe (drained by cat), tmpfs (a file in"
-        " /dev/shm), device (a device loading at --device-bw); default null,device"
+        " /dev/shm), device (a device loading at --device-bw), vfio-user (vfiomig's own"
+        " vfio-user server, a null device per device), vfio-user-lvu (the same on"
+        " libvfio-user, when benchmarks/vfio_user is built); default null,device"
         " (qemu: device)",
     )
     b.add_argument(
