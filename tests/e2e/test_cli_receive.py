@@ -293,7 +293,7 @@ def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes,
         ),
         (
             ["--device", "d=null:", "--config-out", "/tmp", "--max-pending", "0"],
-            "--max-pending 0 is below 1",
+            "argument --max-pending: 0 is not a positive number",
         ),
     ],
 )
