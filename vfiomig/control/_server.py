@@ -185,11 +185,7 @@ class ControlServer:
         session.control_admission = self.admission
         self._session = session
         session.listeners.append(self._on_event)
-        log.info(
-            "control: listening on %s",
-            self.bound,
-            extra=event("control_listening", address=self.bound),
-        )
+        log.info("control: listening on %s", self.bound, extra=event("control_listening"))
         task_status.started()
         shield = trio.CancelScope(shield=True)
         try:
@@ -413,12 +409,8 @@ class ControlServer:
         elif isinstance(msg, proto.Precopy):
             device = self._device(conn, msg.device, msg.instance, "precopy")
             if device is not None:
-                log.debug(
-                    "%s: precopy %d bytes",
-                    device.name,
-                    len(msg.data),
-                    extra=event("control_precopy", device.name, bytes=len(msg.data)),
-                )
+                ev = event("control_precopy", device.name, bytes=len(msg.data))
+                log.debug("%s: precopy %d bytes", device.name, len(msg.data), extra=ev)
                 session.add_precopy(device, msg.data)
         elif isinstance(msg, proto.DataComplete):
             device = self._device(conn, msg.device, msg.instance, "data-complete")
