@@ -253,6 +253,8 @@ async def test_accept_waits_out_a_shortage_and_logs_it_once(
     assert len(lines) == 2, lines  # one when the burst starts, one when it ends
     assert errno.errorcode[code] in lines[0]
     assert lines[1] == "accepting again after 60 failed accepts over 5.9 s"
+    events = [getattr(r, "event", None) for r in caplog.records]  # --log-format json
+    assert events == ["accept_burst_start", "accept_burst_end"]
 
 
 async def test_accept_evicts_pending_connections_to_free_fds(
@@ -292,6 +294,10 @@ async def test_refusals_are_logged_at_most_once_per_interval(
     assert lines == [
         "channel 0: refused: bad uuid",
         "channel 100: refused: bad uuid (and 99 more like it since the last such line)",
+    ]
+    assert [(r.event, r.fields) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("connection_refused", {"skipped": 0}),
+        ("connection_refused", {"skipped": 99}),
     ]
     assert admission.statistics().refused == 101
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import trio
 
+from vfiomig._logs import event
+
 log = logging.getLogger("vfiomig")
 
 #: accept(2) errors that mean a resource is exhausted, not that the listener broke.
@@ -128,8 +130,8 @@ class Admission:
         self._short_since: float | None = None  # first accept error of the current burst
         self._short_last = 0.0  # the latest one
         self._short_count = 0
-        self._refuse_log = Throttle()
-        self._evict_log = Throttle()
+        self._refuse_log = Throttle("connection_refused")
+        self._evict_log = Throttle("connection_evicted")
 
     def statistics(self) -> AdmissionStatistics:
         return AdmissionStatistics(
@@ -173,6 +175,7 @@ class Admission:
                 self.prefix,
                 self._short_count,
                 self._short_last - self._short_since,
+                extra=event("accept_burst_end", failed=self._short_count),
             )
             self._short_since = None
 
@@ -192,6 +195,7 @@ class Admission:
                 os.strerror(code),
                 errno.errorcode.get(code, code),
                 BURST_GAP,
+                extra=event("accept_burst_start", errno=errno.errorcode.get(code, code)),
             )
         why = f"out of resources ({errno.errorcode.get(code, code)})"
         if _free(RESERVE if self._short_count == 1 else 1, why):
@@ -255,7 +259,12 @@ class Admission:
         cap = max(self.floor, len(self._pending))
         if cap < self.max_pending:
             self.max_pending = cap
-            log.warning("%spending limit lowered to %d: out of fds", self.prefix, cap)
+            log.warning(
+                "%spending limit lowered to %d: out of fds",
+                self.prefix,
+                cap,
+                extra=event("pending_limit_lowered", limit=cap),
+            )
 
 
 #: The admissions of the process with an accept under way (and how many): an fd
@@ -308,9 +317,11 @@ class MeteredStream(trio.abc.Stream):
 
 
 class Throttle:
-    """Logs a line, then at most one per `LOG_INTERVAL`, saying how many were skipped."""
+    """Logs a line, then at most one per `LOG_INTERVAL`, saying how many were skipped;
+    each line is the event ``name`` (with the ``skipped`` count)."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, name: str, logger: logging.Logger | None = None) -> None:
+        self.name = name
         self.log = logger or log
         self.next_at = -math.inf
         self.skipped = 0
@@ -323,7 +334,7 @@ class Throttle:
         if self.skipped:
             fmt += " (and %d more like it since the last such line)"
             args = (*args, self.skipped)
-        self.log.warning(fmt, *args)
+        self.log.warning(fmt, *args, extra=event(self.name, skipped=self.skipped))
         self.skipped = 0
         self.next_at = now + LOG_INTERVAL
 

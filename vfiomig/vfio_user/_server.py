@@ -39,6 +39,7 @@ from typing import Final
 
 import trio
 
+from vfiomig._logs import event
 from vfiomig.transport import ACCEPT_CAPACITY_ERRNOS, Throttle
 from vfiomig.vfio_user._device import Emulator, VfioUserDevice
 from vfiomig.vfio_user._messages import (
@@ -91,7 +92,12 @@ async def _accept(sock: trio.socket.SocketType, path: str) -> trio.socket.Socket
         except OSError as exc:
             if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                 raise
-            log.warning("vfio-user %s: accept failed: %s; retrying in 0.1 s", path, exc)
+            log.warning(
+                "vfio-user %s: accept failed: %s; retrying in 0.1 s",
+                path,
+                exc,
+                extra=event("vfio_user_accept_failed", errno=exc.errno),
+            )
             await trio.sleep(0.1)
 
 
@@ -143,7 +149,7 @@ async def serve_vfio_user(
             async with trio.open_nursery() as nursery:
                 current: trio.socket.SocketType | None = None
                 done = trio.Event()
-                refusals = Throttle(log)
+                refusals = Throttle("vfio_user_client_refused", log)
 
                 async def serve(client: trio.socket.SocketType) -> None:
                     nonlocal current
@@ -191,7 +197,9 @@ async def serve_vfio_user_connection(sock: trio.socket.SocketType, device: VfioU
         with conn.sock:
             await conn.run()
     except ConnectionLost as exc:
-        log.warning("vfio-user: dropping the client: %s", exc)
+        log.warning(
+            "vfio-user: dropping the client: %s", exc, extra=event("vfio_user_client_dropped")
+        )
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("vfio-user: client went away: %r", exc)
     finally:
@@ -343,7 +351,9 @@ class _Connection:
             out_fds: list[int] = []
             error: int | None = code
         except CloseConnection as exc:
-            log.warning("vfio-user: dropping the client: %s", exc)
+            log.warning(
+                "vfio-user: dropping the client: %s", exc, extra=event("vfio_user_client_dropped")
+            )
             parts, out_fds, error, close = [], [], exc.errno, True
         else:
             parts, out_fds, error = reply.parts, reply.fds, None
