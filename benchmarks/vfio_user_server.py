@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vfiomig.transport import unix_socket_listening
+
 HEADER = struct.Struct("=HHIII")
 ACCESS = struct.Struct("=QII")
 DMA_ACCESS = struct.Struct("=QQ")
@@ -125,14 +127,19 @@ def build_c_server(work: Path) -> tuple[Path, dict[str, str]]:
     return exe, lvu.env()
 
 
-def start(cmd: list[str], path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(
+    cmd: list[str], path: Path, env: dict[str, str] | None = None, *, lvu: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it listens: libvfio-user (``lvu``) binds, then
+    listens (the socket table tells); vfiomig's server links its path once listening."""
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    ready = unix_socket_listening if lvu else os.path.exists
     for _ in range(400):
-        if path.exists():
+        if ready(str(path)):
             return proc
         time.sleep(0.025)
     proc.kill()
-    raise RuntimeError(f"{cmd[0]} did not create {path}")
+    raise RuntimeError(f"{cmd[0]} did not listen on {path}")
 
 
 def measure(
@@ -171,7 +178,7 @@ def main() -> None:
         exe, env = build_c_server(work)
         python = [sys.executable, "-m", "benchmarks.vfio_user_server", "--serve"]
         procs = [
-            start([str(exe), str(work / "c.sock")], work / "c.sock", env),
+            start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True),
             start([*python, str(work / "python.sock")], work / "python.sock"),
         ]
         try:

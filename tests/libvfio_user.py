@@ -17,22 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfiomig.transport import unix_socket_listening
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SCRIPT = SHARED / "tools" / "build-libvfio-user"
 TARBALL = SHARED / "vendor" / "libvfio-user-7e7a0a6.tar.gz"
-
-
-def listening(path: str) -> bool:
-    """The UNIX socket at ``path`` listens. libvfio-user's server binds a moment before it
-    listens, so its file's existence is not enough, and a probe connection would be the
-    sample server's one client: read the kernel's table instead."""
-    with open("/proc/net/unix") as table:
-        for line in table.readlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-                return True
-    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +44,7 @@ class LibVfioUser:
             text=True,
         )
         deadline = time.monotonic() + 10
-        while not listening(str(sock)):
+        while not unix_socket_listening(str(sock)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 out, _ = proc.communicate(timeout=5)

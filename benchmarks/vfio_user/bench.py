@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from benchmarks.cref.bench import _wait_quiet
 from tests.libvfio_user import build as build_libvfio_user
+from vfiomig.transport import unix_socket_listening
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -87,18 +87,6 @@ class Case:
     pythonpath: str | None = None  # run the client with this tree (baseline)
 
 
-def _listening(path: str, *, probe: bool) -> bool:
-    """The socket file exists and, with ``probe``, accepts a connection (vfiomig's server
-    binds before it listens, and serves the next client after a probe; libvfio-user's
-    would take the probe as its one client)."""
-    if not os.path.exists(path):
-        return False
-    if not probe:
-        return True
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        return s.connect_ex(path) == 0
-
-
 def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
     sock = str(tmp / "s")
     server = None
@@ -112,7 +100,9 @@ def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
         )
         server = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not _listening(sock, probe=case.server == "own"):
+        # libvfio-user binds, then listens; vfiomig's server links its path once listening.
+        ready = unix_socket_listening if case.server == "lvu" else os.path.exists
+        while not ready(sock):
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"{case.name}: server did not start")
             time.sleep(0.02)

@@ -13,7 +13,6 @@ the most libvfio-user is sure to read whole.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 import trio
 
 from vfiomig._units import parse_size
+from vfiomig.transport import unix_socket_listening
 from vfiomig.vfio_user import MigState, VfioUserDevice, VfioUserSink, serve_vfio_user
 from vfiomig.vfio_user._sink import DEFAULT_MAX_WRITE
 
@@ -87,19 +87,6 @@ def lvu_server() -> str | None:
     return str(built) if os.access(built, os.X_OK) else None
 
 
-async def _listening(path: str, *, probe: bool) -> bool:
-    if not await trio.Path(path).exists():
-        return False
-    if not probe:
-        return True
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            await sock.connect(path)
-        except OSError:
-            return False
-    return True
-
-
 async def start_servers(
     kind: str, tmpdir: str, devices: int
 ) -> tuple[list[trio.Process], list[VfioUserSink]]:
@@ -120,9 +107,10 @@ async def start_servers(
             sink = VfioUserSink(path, max_write=1 << 20)
         procs.append(await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL))
         with trio.fail_after(START_TIMEOUT):
-            # vfiomig's server binds before it listens: probe it (it serves the next
-            # client after the probe); libvfio-user's would take a probe as its client.
-            while not await _listening(path, probe=kind == "vfio-user"):
+            # libvfio-user binds, then listens; vfiomig's server links its path once
+            # listening (a probe connection would be libvfio-user's one client).
+            ready = unix_socket_listening if kind == "vfio-user-lvu" else os.path.exists
+            while not ready(path):
                 if procs[-1].poll() is not None:
                     raise RuntimeError(f"{kind}: server exited with {procs[-1].returncode}")
                 await trio.sleep(0.01)

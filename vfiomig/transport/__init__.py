@@ -25,6 +25,7 @@ from vfiomig.transport._sockets import (
     open_listener,
     parse_address,
     tune_socket,
+    unix_socket_listening,
 )
 from vfiomig.transport._tls import client_context, options_to_contexts, server_context
 
@@ -47,4 +48,5 @@ __all__ = [
     "parse_address",
     "server_context",
     "tune_socket",
+    "unix_socket_listening",
 ]

@@ -212,6 +212,25 @@ def check_socket_directory(path: str) -> None:
         )
 
 
+def unix_socket_listening(path: str) -> bool:
+    """A UNIX socket at ``path`` is listening (Linux's socket table, no connection made).
+
+    For waiting on a server process that binds its path and then listens, as
+    libvfio-user does: its socket file appears a moment before it listens, and a probe
+    connection would count as a client (libvfio-user's samples serve exactly one).
+    vfiomig's own vfio-user server links its path only once it listens (the table names
+    the socket by the staging name it was bound to): there, the file's existence is the
+    test.
+    """
+    with open("/proc/net/unix") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            # Flags (column 4) has __SO_ACCEPTCON (0x10000) on a listening socket.
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def _remove_stale_socket(path: str) -> None:
     try:
         st = os.lstat(path)
