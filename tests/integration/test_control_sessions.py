@@ -15,7 +15,7 @@ import trustme
 
 from tests.integration.control_helpers import IDSTR, UUID, running_receiver, send_channel
 from tests.integration.test_control import CONFIG, PRECOPY, STATE, expect, streams
-from vfiomig import MigrationFailed, SendDevice, SessionReport, send_migration
+from vfiomig import MigrationFailed, SendDevice, SessionReport, VfioMigError, send_migration
 from vfiomig._core._wire import encode_handshake
 from vfiomig.control import AttachSink, open_control_client
 from vfiomig.send._control import ReceiverFailed
@@ -262,3 +262,58 @@ async def test_send_migration_reports_receiver_failure(tmp_path: Path) -> None:
                     packet_size=4096,
                     control=rx.control_address,
                 )
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+async def test_send_migration_control_lost_before_done(tmp_path: Path, how: str) -> None:
+    """The control connection goes away after the data went out but before ``done``: the
+    sender cannot know whether the device loaded, so it fails with one clear line (a reset
+    was a raw trio.BrokenResourceError)."""
+    import msgpack
+
+    control_path, data_path = tmp_path / "ctl.sock", tmp_path / "data.sock"
+    control = trio.socket.socket(trio.socket.AF_UNIX)
+    await control.bind(str(control_path))
+    control.listen()
+    data = trio.socket.socket(trio.socket.AF_UNIX)
+    await data.bind(str(data_path))
+    data.listen()
+    drained = trio.Event()
+
+    async def drain_channel() -> None:
+        conn, _ = await data.accept()
+        with conn:
+            while await conn.recv(1 << 16):
+                pass
+        drained.set()
+
+    async def control_peer() -> None:
+        conn, _ = await control.accept()
+        with conn:
+            await conn.recv(1 << 16)  # hello
+            reply = {"type": "hello", "version": 1, "channels": 1, "devices": [[IDSTR, 0]]}
+            await conn.send(msgpack.packb(reply))
+            await drained.wait()
+            # A UNIX socket closed with unread bytes (the switchover message) resets the
+            # peer's end; one closed after reading everything ends it cleanly.
+            if how == "close":
+                with trio.move_on_after(0.3):
+                    while await conn.recv(1 << 16):
+                        pass
+
+    with control, data, trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_channel)
+            nursery.start_soon(control_peer)
+            with pytest.raises(VfioMigError) as info:
+                await send_migration(
+                    connect_to=[f"unix:{data_path}"],
+                    channels=1,
+                    uuid=UUID,
+                    devices=[SendDevice(IDSTR, 0, open_synth_source("100000:1"))],
+                    packet_size=4096,
+                    control=f"unix:{control_path}",
+                )
+    cause = "the connection broke (" if how == "reset" else "the receiver closed it"
+    assert str(info.value).startswith(f"control channel: {cause}")
+    assert str(info.value).endswith("before its done event: whether the devices loaded is unknown")

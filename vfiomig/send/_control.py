@@ -87,8 +87,17 @@ async def send_with_control(
             failure = exc
         kept: list[dict[str, object]] = []
         ok: bool | None = None
+        lost: str | None = None  # why the channel ended before ``done``
         with trio.move_on_after(events_timeout):
-            while (event := early.pop(0) if early else await ctl.next_event()) is not None:
+            while True:
+                try:
+                    event = early.pop(0) if early else await ctl.next_event()
+                except (OSError, trio.BrokenResourceError) as exc:
+                    lost = f"the connection broke ({exc})"
+                    break
+                if event is None:
+                    lost = "the receiver closed it"
+                    break
                 kind = event["type"]
                 if kind in ("loaded", "error", "done"):
                     kept.append(event)
@@ -114,6 +123,10 @@ async def send_with_control(
     if failure is not None:
         raise failure
     assert report is not None
+    if ok is None and lost is not None:
+        raise VfioMigError(
+            f"control channel: {lost} before its done event: whether the devices loaded is unknown"
+        )
     if ok is None:
         raise VfioMigError(f"receiver sent no done event within {events_timeout:g} s")
     return dataclasses.replace(report, control_events=tuple(kept), precopy=phases)
