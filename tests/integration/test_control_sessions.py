@@ -317,3 +317,28 @@ async def test_send_migration_control_lost_before_done(tmp_path: Path, how: str)
     cause = "the connection broke (" if how == "reset" else "the receiver closed it"
     assert str(info.value).startswith(f"control channel: {cause}")
     assert str(info.value).endswith("before its done event: whether the devices loaded is unknown")
+
+
+async def test_every_log_line_of_a_control_session_has_an_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--log-format json` consumers filter on the event name: a session driven through the
+    control channel, sender and receiver in one process, logs none as the default "log"."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="vfiomig"), trio.fail_after(30):
+        async with running_receiver(tmp_path, [(IDSTR, 0, MemorySink())]) as rx:
+            async with open_control_client(rx.control_address) as idle:
+                await idle.hello()  # a second connection: connected, then closed by us
+            await send_migration(
+                connect_to=[rx.data_address],
+                channels=2,
+                uuid=UUID,
+                devices=[SendDevice(IDSTR, 0, open_synth_source("200000:1"))],
+                packet_size=4096,
+                control=rx.control_address,
+            )
+    events = [getattr(r, "event", None) for r in caplog.records]
+    unnamed = [r.getMessage() for r in caplog.records if getattr(r, "event", None) is None]
+    assert not unnamed
+    assert {"control_connected", "control_closed", "control_eof"} <= set(events)

@@ -27,13 +27,11 @@ the events still queued and ``done``, then closes it.
 
 from __future__ import annotations
 
-import array
 import logging
 import math
 import os
 import socket as stdsocket
 import ssl
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -42,12 +40,20 @@ from vfiomig._core._errors import PacketError, SinkError
 from vfiomig._logs import event
 from vfiomig.control import _proto as proto
 from vfiomig.control._attach import AttachSink
+from vfiomig.control._connection import (
+    RECEIVE_SIZE,
+    Connection,
+    Out,
+    admits,
+    error_event,
+    peer_label,
+    recv_with_fds,
+)
 from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEvent
 from vfiomig.sinks import ConfigTarget
 from vfiomig.transport import (
     Admission,
     MeteredStream,
-    Pending,
     listener_kind,
     open_listener,
     parse_address,
@@ -55,39 +61,8 @@ from vfiomig.transport import (
 
 log = logging.getLogger("vfiomig")
 
-RECEIVE_SIZE = 256 * 1024
-#: fds accepted with one receive; more are closed by the kernel (MSG_CTRUNC).
-MAX_FDS = 8
-#: Progress events queued for one connection beyond which new ones are dropped.
-PROGRESS_BACKLOG = 8
 #: Control connections that have not sent a valid message yet, at most (by default).
 DEFAULT_MAX_PENDING = 8
-
-
-@dataclass(slots=True)
-class _Out:
-    data: bytes
-    delivered: trio.Event | None = None  # set once written to a socket (config events)
-    droppable: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class _Connection:
-    stream: trio.abc.Stream
-    label: str
-    send: trio.MemorySendChannel[_Out]
-    receive: trio.MemoryReceiveChannel[_Out]
-    ticket: Pending  # done once the connection sent a valid message (or was evicted)
-    reader: trio.CancelScope = field(default_factory=trio.CancelScope)
-    admitted: bool = False
-
-    def queue(self, out: _Out) -> None:
-        if out.droppable and self.receive.statistics().current_buffer_used >= PROGRESS_BACKLOG:
-            return
-        try:
-            self.send.send_nowait(out)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection is ending
 
 
 class _ControlConfig(ConfigTarget):
@@ -103,7 +78,7 @@ class _ControlConfig(ConfigTarget):
             "instance": self.setup.instance,
             "data": data,
         }
-        await self.server.deliver(_Out(proto.encode(msg), trio.Event()))
+        await self.server.deliver(Out(proto.encode(msg), trio.Event()))
 
 
 class ControlServer:
@@ -141,9 +116,9 @@ class ControlServer:
         self.flush_timeout = flush_timeout
         self.bound: str | None = None
         self.admission = Admission(max_pending, prefix="control: ")
-        self._conns: set[_Connection] = set()
+        self._conns: set[Connection] = set()
         self._established = 0  # connections admitted and not yet closed
-        self._undelivered: list[_Out] = []  # config events no connection delivered yet
+        self._undelivered: list[Out] = []  # config events no connection delivered yet
         self._finishing = trio.Event()
         self._stops: list[trio.CancelScope] = []  # the accept and progress loops
         self._session: Session | None = None
@@ -157,7 +132,7 @@ class ControlServer:
         """The config target sending ``setup``'s blob as a ``config`` event."""
         return _ControlConfig(self, setup)
 
-    async def deliver(self, out: _Out) -> None:
+    async def deliver(self, out: Out) -> None:
         """Queue ``out`` on every admitted connection (and on later ones) until one wrote it."""
         assert out.delivered is not None
         self._undelivered.append(out)
@@ -216,7 +191,7 @@ class ControlServer:
 
     def _finish(self, session: Session) -> None:
         ok = not session.failed and all(d.loaded_at is not None for d in session.devices.values())
-        done = _Out(proto.encode({"type": "done", "ok": ok}))
+        done = Out(proto.encode({"type": "done", "ok": ok}))
         for conn in list(self._conns):
             conn.queue(done)
             conn.send.close()
@@ -233,7 +208,7 @@ class ControlServer:
     ) -> None:
         while True:
             stream = await self.admission.accept(listener)
-            label = _peer_label(stream)
+            label = peer_label(stream)
             if self._established >= self.max_connections:
                 self.admission.refuse(
                     None,
@@ -253,17 +228,17 @@ class ControlServer:
                         pass
                 await stream.aclose()
                 continue
-            send, receive = trio.open_memory_channel[_Out](math.inf)
-            conn = _Connection(stream, label, send, receive, self.admission.enter(label))
+            send, receive = trio.open_memory_channel[Out](math.inf)
+            conn = Connection(stream, label, send, receive, self.admission.enter(label))
             self._conns.add(conn)
             nursery.start_soon(self._serve_connection, conn)
 
-    def _admit(self, conn: _Connection) -> bool:
+    def _admit(self, conn: Connection) -> bool:
         """``conn`` sent its first valid message: give it a place, if one is free."""
         if self._established >= self.max_connections:
             why = f"too many control connections ({self.max_connections})"
             self.admission.refuse(conn.ticket, conn.label, why)
-            conn.queue(_Out(proto.encode({"type": "error", "message": why})))
+            conn.queue(Out(proto.encode({"type": "error", "message": why})))
             return False
         self.admission.admit(conn.ticket)
         self._established += 1
@@ -272,20 +247,29 @@ class ControlServer:
             conn.queue(out)
         return True
 
-    async def _serve_connection(self, conn: _Connection) -> None:
+    async def _serve_connection(self, conn: Connection) -> None:
         """Serve ``conn`` until it ends; an eviction (``conn.ticket``) ends it too."""
         try:
             with conn.ticket.evictable():
                 if self.tls is not None:
                     conn.stream = await self._tls_handshake(conn)
-                log.info("control: %s connected", conn.label)
+                log.info(
+                    "control: %s connected",
+                    conn.label,
+                    extra=event("control_connected", peer=conn.label),
+                )
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_loop, conn, nursery.cancel_scope)
                     await self._write_loop(conn)
                     nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, OSError, PacketError) as exc:
             if conn.admitted:
-                log.warning("control: %s dropped: %s", conn.label, exc)
+                log.warning(
+                    "control: %s dropped: %s",
+                    conn.label,
+                    exc,
+                    extra=event("control_dropped", peer=conn.label, reason=str(exc)),
+                )
             else:
                 self.admission.refuse(conn.ticket, conn.label, str(exc))
         finally:
@@ -296,9 +280,11 @@ class ControlServer:
             conn.send.close()
             with trio.CancelScope(shield=True):
                 await conn.stream.aclose()
-            log.info("control: %s closed", conn.label)
+            log.info(
+                "control: %s closed", conn.label, extra=event("control_closed", peer=conn.label)
+            )
 
-    async def _tls_handshake(self, conn: _Connection) -> trio.SSLStream[trio.abc.Stream]:
+    async def _tls_handshake(self, conn: Connection) -> trio.SSLStream[trio.abc.Stream]:
         assert self.tls is not None
         metered: trio.abc.Stream = MeteredStream(conn.stream, conn.ticket)
         stream = trio.SSLStream(metered, self.tls, server_side=True)
@@ -308,7 +294,7 @@ class ControlServer:
             raise PacketError(f"no tls handshake within {self.handshake_timeout:g} s")
         return stream
 
-    async def _write_loop(self, conn: _Connection) -> None:
+    async def _write_loop(self, conn: Connection) -> None:
         # Ends when the queue is closed and drained (the session ended or the reader hit a
         # framing error), or when the peer went away.
         try:
@@ -319,13 +305,18 @@ class ControlServer:
         except (trio.BrokenResourceError, OSError) as exc:
             self._lost(conn, exc)
 
-    def _lost(self, conn: _Connection, exc: BaseException) -> None:
+    def _lost(self, conn: Connection, exc: BaseException) -> None:
         if conn.admitted:
-            log.warning("control: %s lost: %s", conn.label, exc)
+            log.warning(
+                "control: %s lost: %s",
+                conn.label,
+                exc,
+                extra=event("control_lost", peer=conn.label, reason=str(exc)),
+            )
         else:  # a stranger: counted, and logged throttled
             self.admission.refuse(conn.ticket, conn.label, f"lost: {exc}")
 
-    async def _read_loop(self, conn: _Connection, connection_scope: trio.CancelScope) -> None:
+    async def _read_loop(self, conn: Connection, connection_scope: trio.CancelScope) -> None:
         decoder = proto.ControlDecoder(max_message=self.max_message)
         sock = conn.stream.socket if isinstance(conn.stream, trio.SocketStream) else None
         with conn.reader:
@@ -333,7 +324,7 @@ class ControlServer:
                 while True:
                     fds: list[int] = []
                     if sock is not None and sock.family == stdsocket.AF_UNIX:
-                        data: bytes | bytearray = await _recv_with_fds(sock, fds, conn.label)
+                        data: bytes | bytearray = await recv_with_fds(sock, fds, conn.label)
                     else:
                         data = await conn.stream.receive_some(RECEIVE_SIZE)
                     conn.ticket.note(len(data))
@@ -341,7 +332,7 @@ class ControlServer:
                         decoder.feed(data, fds)
                         while (msg := decoder.next_message()) is not None:
                             self._close_fds(decoder.orphans)
-                            if not conn.admitted and _admits(msg) and not self._admit(conn):
+                            if not conn.admitted and admits(msg) and not self._admit(conn):
                                 conn.send.close()  # the writer sends the error, then ends
                                 return
                             self._handle(conn, msg)
@@ -356,12 +347,21 @@ class ControlServer:
                         return
                     if not data:
                         # The peer finished sending; it may still be reading events.
-                        log.info("control: %s sent eof", conn.label)
+                        log.info(
+                            "control: %s sent eof",
+                            conn.label,
+                            extra=event("control_eof", peer=conn.label),
+                        )
                         return
             except proto.ControlFramingError as exc:
                 self._reply_error(conn, str(exc))
                 if conn.admitted:
-                    log.warning("control: %s dropped: %s", conn.label, exc)
+                    log.warning(
+                        "control: %s dropped: %s",
+                        conn.label,
+                        exc,
+                        extra=event("control_dropped", peer=conn.label, reason=str(exc)),
+                    )
                 else:
                     self.admission.refuse(conn.ticket, conn.label, str(exc))
                 conn.send.close()  # the writer sends the error, then the connection ends
@@ -382,7 +382,7 @@ class ControlServer:
 
     # -- commands ----------------------------------------------------------------------
 
-    def _handle(self, conn: _Connection, msg: proto.Message) -> None:
+    def _handle(self, conn: Connection, msg: proto.Message) -> None:
         session = self._session
         assert session is not None
         if isinstance(msg, proto.Hello):
@@ -395,7 +395,7 @@ class ControlServer:
                 {"device": d.idstr, "instance": d.instance} for d in session.devices.values()
             ]
             conn.queue(
-                _Out(
+                Out(
                     proto.encode(
                         {
                             "type": "hello",
@@ -432,7 +432,7 @@ class ControlServer:
         else:
             self._reply_error(conn, f"control message type {msg.type!r} is unknown")
 
-    def _attach(self, conn: _Connection, msg: proto.AttachFd) -> None:
+    def _attach(self, conn: Connection, msg: proto.AttachFd) -> None:
         fds = list(msg.fds)
         try:
             device = self._device(conn, msg.device, msg.instance, "attach-fd")
@@ -467,14 +467,14 @@ class ControlServer:
         finally:
             self._close_fds(fds)
 
-    def _device(self, conn: _Connection, idstr: str, instance: int, what: str) -> Device | None:
+    def _device(self, conn: Connection, idstr: str, instance: int, what: str) -> Device | None:
         assert self._session is not None
         device = self._session.devices.get((idstr, instance))
         if device is None:
             self._reply_error(conn, f"{what} for unknown device {idstr!r} instance {instance}")
         return device
 
-    def _reply_error(self, conn: _Connection, message: str, device: Device | None = None) -> None:
+    def _reply_error(self, conn: Connection, message: str, device: Device | None = None) -> None:
         # What a stranger is told is not the operator's business (its refusal is logged).
         log.log(
             logging.WARNING if conn.admitted else logging.DEBUG,
@@ -483,18 +483,18 @@ class ControlServer:
             message,
             extra=event("control_error_reply", device.name if device else None, peer=conn.label),
         )
-        conn.queue(_Out(proto.encode(_error(message, device))))
+        conn.queue(Out(proto.encode(error_event(message, device))))
 
     # -- events ------------------------------------------------------------------------
 
-    def _broadcast(self, out: _Out) -> None:
+    def _broadcast(self, out: Out) -> None:
         for conn in self._conns:
             conn.queue(out)
 
     def _on_event(self, event: SessionEvent) -> None:
         device = event.device
         if event.kind == "error":
-            self._broadcast(_Out(proto.encode(_error(event.message, device))))
+            self._broadcast(Out(proto.encode(error_event(event.message, device))))
         elif event.kind == "loaded" and device is not None:
             st = device.buf.statistics()
             start = device.first_packet
@@ -509,7 +509,7 @@ class ControlServer:
                 "packets": st.written_packets,
                 "seconds": float(end - (start if start is not None else end)),
             }
-            self._broadcast(_Out(proto.encode(msg)))
+            self._broadcast(Out(proto.encode(msg)))
 
     async def _progress_loop(self, session: Session) -> None:
         last: dict[str, tuple[int, ...]] = {}
@@ -540,50 +540,7 @@ class ControlServer:
                     "next_idx": st.next_idx,
                     **counts,
                 }
-                self._broadcast(_Out(proto.encode(msg), droppable=True))
-
-
-def _admits(msg: proto.Message) -> bool:
-    """Whether ``msg`` makes its connection a client (it was pending until then): any
-    known command, but a ``hello`` only in our version."""
-    if isinstance(msg, proto.Hello):
-        return msg.version == proto.VERSION
-    return not isinstance(msg, proto.Unknown)
-
-
-def _error(message: str, device: Device | None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": "error", "message": message}
-    if device is not None:
-        msg["device"] = device.idstr
-        msg["instance"] = device.instance
-    return msg
-
-
-async def _recv_with_fds(sock: trio.socket.SocketType, fds: list[int], label: str) -> bytes:
-    """One recvmsg; the fds that came with the bytes are appended to ``fds`` (ours now)."""
-    data, ancdata, flags, _ = await sock.recvmsg(
-        RECEIVE_SIZE, stdsocket.CMSG_SPACE(MAX_FDS * 4), stdsocket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, payload in ancdata:
-        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    if flags & stdsocket.MSG_CTRUNC:
-        log.warning(
-            "control: %s sent more than %d fds at once: the rest were closed", label, MAX_FDS
-        )
-    return data
-
-
-def _peer_label(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "connection"
-    if isinstance(peer, tuple):
-        return f"connection from {peer[0]}:{peer[1]}"
-    return "connection on unix socket"
+                self._broadcast(Out(proto.encode(msg), droppable=True))
 
 
 def control_task(address: str, **options: Any) -> ExtraTask:
