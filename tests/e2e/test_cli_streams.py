@@ -188,3 +188,34 @@ def test_receive_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
     assert proc.returncode == 0 and json.loads(out)["ok"] is True
     assert "MiB written" in drawn and "1/1 channels open" in drawn
     assert drawn.endswith("\r")  # erased at the end
+
+
+def test_send_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
+    """``vfiomig send`` to a real receiver, paced so that the line is redrawn in the
+    stop-copy phase: sent bytes and open channels on stderr, erased at the end."""
+    rx = Receiver(
+        tmp_path,
+        ["--channels", "2", "--uuid", UUID_TEXT, "--config-out", str(tmp_path), "--json",
+         "--device", f"{DEV}=file:{tmp_path / 'out'}"],
+    )  # fmt: skip
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "vfiomig", "send", "--connect", rx.data, "--channels", "2",
+            "--uuid", UUID_TEXT, "--device", f"{DEV}=synth:2MiB:3", "--packet-size", "64KiB",
+            "--channel-rate", "2MiB", "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    os.close(slave)
+    reader = ThreadPoolExecutor(1).submit(_read_terminal, master)
+    out, _ = proc.communicate(timeout=60)
+    drawn = reader.result(timeout=10)
+    assert proc.returncode == 0 and json.loads(out)["ok"] is True
+    assert "stop-copy:" in drawn and "MiB sent, 2 channels open" in drawn
+    assert drawn.endswith("\r")
+    code, _, err = rx.wait()
+    assert code == 0, err

@@ -18,6 +18,7 @@ from tests.integration.test_control import CONFIG, PRECOPY, STATE, expect, strea
 from vfiomig import MigrationFailed, SendDevice, SessionReport, VfioMigError, send_migration
 from vfiomig._core._wire import encode_handshake
 from vfiomig.control import AttachSink, open_control_client
+from vfiomig.send import SendStatus
 from vfiomig.send._control import ReceiverFailed
 from vfiomig.sources._simple import open_synth_source
 from vfiomig.testing import FakeVfioDevice, MemorySink, channel_streams, device_packets, synth_bytes
@@ -230,6 +231,7 @@ async def test_refused_channels_do_not_disturb_the_session(
 async def test_send_migration_drives_the_control_channel(tmp_path: Path, switchover: str) -> None:
     size = 3 << 20
     sink = MemorySink()
+    status = SendStatus()
     with trio.fail_after(30):
         # A budget far below the state: without the gate opened first, this would stall.
         async with running_receiver(
@@ -244,8 +246,11 @@ async def test_send_migration_drives_the_control_channel(tmp_path: Path, switcho
                 control=rx.control_address,
                 precopy={(IDSTR, 0): PRECOPY},
                 switchover=switchover,
+                status=status,
             )
     assert [e["type"] for e in report.control_events] == ["loaded", "done"]
+    assert (status.phase, status.done.is_set(), status.channels) == ("done", True, 0)
+    assert status.precopy_bytes == len(PRECOPY) and status.sent_bytes == sum(report.channel_bytes)
     assert report.control_events[0]["bytes"] == len(PRECOPY) + size
     assert bytes(sink.data) == PRECOPY + synth_bytes(size, 4)
 

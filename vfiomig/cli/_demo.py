@@ -76,7 +76,7 @@ async def _demo(size: int, progress: bool) -> int:
                     f" {session.budget.queued / 2**20:6.1f} MiB queued"
                 )
 
-            nursery.start_soon(draw_progress, session, describe)
+            nursery.start_soon(draw_progress, session.done, describe)
         devices = [
             SendDevice(idstr, inst, SynthSource(size, seed)) for idstr, inst, seed in DEVICES
         ]

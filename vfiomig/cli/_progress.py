@@ -13,6 +13,7 @@ from typing import TextIO
 import trio
 
 from vfiomig.receive import Session
+from vfiomig.send import SendStatus
 
 REDRAW_SECONDS = 0.25
 
@@ -30,22 +31,22 @@ def wanted(verbose: int, log_format: str, stream: TextIO | None = None) -> bool:
 
 
 async def draw_progress(
-    session: Session, describe: Callable[[], str], stream: TextIO | None = None
+    done: trio.Event, describe: Callable[[], str], stream: TextIO | None = None
 ) -> None:
-    """Redraw ``describe()`` on ``stream`` (stderr) until the session is done, then erase it.
+    """Redraw ``describe()`` on ``stream`` (stderr) until ``done`` is set, then erase it.
 
     Cancellation: the line is erased and the cancel propagates.
     """
     out = stream or sys.stderr
     width = 0
     try:
-        while not session.done.is_set():
+        while not done.is_set():
             line = describe()
             out.write("\r" + line.ljust(width))
             out.flush()
             width = max(width, len(line))
             with trio.move_on_after(REDRAW_SECONDS):
-                await session.done.wait()
+                await done.wait()
     finally:
         if width:
             out.write("\r" + " " * width + "\r")
@@ -61,4 +62,13 @@ def receive_status(session: Session) -> str:
         f"  {written / 2**20:8.1f} MiB written, {session.budget.queued / 2**20:6.1f} MiB queued,"
         f" {loaded}/{len(stats)} devices loaded,"
         f" {session.channels_open}/{session.config.channels} channels open"
+    )
+
+
+def send_status(status: SendStatus) -> str:
+    """``stop-copy: 12.0 MiB sent (3.0 MiB precopy), 4 channels open``."""
+    precopy = f" ({status.precopy_bytes / 2**20:.1f} MiB precopy)" if status.precopy_bytes else ""
+    return (
+        f"  {status.phase}: {status.sent_bytes / 2**20:8.1f} MiB sent{precopy},"
+        f" {status.channels} channels open"
     )

@@ -311,7 +311,7 @@ async def _run_receiver(
         if ready_file and session is not None:
             _write_ready_file(ready_file, session)
         if progress and session is not None:
-            nursery.start_soon(draw_progress, session, lambda: receive_status(session))
+            nursery.start_soon(draw_progress, session.done, lambda: receive_status(session))
     if usage:
         raise usage[0]
     return reports[0]

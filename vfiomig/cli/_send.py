@@ -25,6 +25,7 @@ from vfiomig.cli._options import (
     size,
     uuid,
 )
+from vfiomig.cli._progress import draw_progress, send_status, wanted
 from vfiomig.cli._specs import DeviceSpec, open_source
 from vfiomig.transport import options_to_contexts
 
@@ -156,7 +157,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run_send(args: argparse.Namespace) -> int:
-    from vfiomig.send import PrecopyOptions, SendDevice, SendReport, send_migration
+    from vfiomig.send import PrecopyOptions, SendDevice, SendReport, SendStatus, send_migration
 
     specs: list[DeviceSpec] = args.device
     devices = [SendDevice(s.idstr, s.instance, open_source(s.spec)) for s in specs]
@@ -169,7 +170,16 @@ def run_send(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--precopy {spec.spec}: {exc.strerror}") from exc
 
+    progress = wanted(args.verbose, args.log_format)
+
     async def run() -> SendReport:
+        status = SendStatus()
+        async with trio.open_nursery() as nursery:
+            if progress:
+                nursery.start_soon(draw_progress, status.done, lambda: send_status(status))
+            return await _send(status)
+
+    async def _send(status: SendStatus) -> SendReport:
         return await send_migration(
             connect_to=args.connect,
             channels=args.channels,
@@ -186,6 +196,7 @@ def run_send(args: argparse.Namespace) -> int:
             precopy=precopy,
             precopy_options=PrecopyOptions(args.precopy_threshold, max(0, args.precopy_rounds)),
             switchover=args.switchover,
+            status=status,
         )
 
     try:

@@ -1,6 +1,6 @@
 """The sending side: packetise each device's source and spread it over the channels.
 
-- `_types`: `SendDevice`, `SendReport`, `SendError`;
+- `_types`: `SendDevice`, `SendReport`, `SendStatus` (progress as it goes), `SendError`;
 - `_sender`: `send_migration`: channels, orders (QEMU's round-robin and others), pacing;
 - `_control`: drives the receiver's control channel around the multifd data (hello,
   precopy, switchover, then the receiver's events);
@@ -16,6 +16,7 @@ from vfiomig.send._types import (
     SendDevice,
     SendError,
     SendReport,
+    SendStatus,
 )
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "SendDevice",
     "SendError",
     "SendReport",
+    "SendStatus",
     "send_migration",
 ]

@@ -25,6 +25,7 @@ from vfiomig.send._types import (
     PrecopyOptions,
     SendDevice,
     SendReport,
+    SendStatus,
     SourceFailed,
 )
 
@@ -47,6 +48,7 @@ async def send_with_control(
     events_timeout: float,
     devices: Sequence[SendDevice],
     send: Callable[..., Awaitable[SendReport]],
+    status: SendStatus,
 ) -> SendReport:
     """Drive the receiver's control channel around ``send(on_source_failure=...)`` (the
     multifd data; the hook sends ``abort`` with a failed source's error).
@@ -68,7 +70,10 @@ async def send_with_control(
             extra=_logs.event("control_hello", channels=info["channels"]),
         )
         try:
-            phases, early = await precopy_phase(ctl, devices, precopy, precopy_options)
+            status.phase = "precopy"
+            phases, early = await precopy_phase(
+                ctl, devices, precopy, precopy_options, status=status
+            )
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, Exception) else "cancelled"
             await _tell_abort(ctl, f"sender failed in the precopy phase: {reason}")
@@ -85,6 +90,7 @@ async def send_with_control(
         except Exception as exc:  # any failure (even a group): re-raised below
             # The receiver may have failed and closed the channels: its events say why.
             failure = exc
+        status.phase = "waiting for the receiver"
         kept: list[dict[str, object]] = []
         ok: bool | None = None
         lost: str | None = None  # why the channel ended before ``done``

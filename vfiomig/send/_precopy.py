@@ -30,8 +30,9 @@ from typing import Any
 import trio
 
 from vfiomig._core._errors import VfioMigError, os_error_text
+from vfiomig._logs import event
 from vfiomig.control import ControlClient
-from vfiomig.send._types import PrecopyOptions, PrecopyReport, SendDevice, SendError
+from vfiomig.send._types import PrecopyOptions, PrecopyReport, SendDevice, SendError, SendStatus
 
 log = logging.getLogger("vfiomig")
 
@@ -48,7 +49,8 @@ class Flow:
     than ``progress`` are kept, in order, for the caller.
     """
 
-    def __init__(self, options: PrecopyOptions) -> None:
+    def __init__(self, options: PrecopyOptions, status: SendStatus | None = None) -> None:
+        self.status = status if status is not None else SendStatus()
         self.window = options.window
         self.stall = options.stall
         self.sent: dict[tuple[str, int], int] = {}
@@ -117,6 +119,7 @@ class Flow:
                 f"{self.sent.get(key, 0)} bytes: {os_error_text(exc) or type(exc).__name__}"
             ) from exc
         self.sent[key] = self.sent.get(key, 0) + len(data)
+        self.status.precopy_bytes += len(data)
 
 
 async def precopy_phase(
@@ -124,6 +127,8 @@ async def precopy_phase(
     devices: Sequence[SendDevice],
     blobs: Mapping[tuple[str, int], bytes],
     options: PrecopyOptions,
+    *,
+    status: SendStatus | None = None,
 ) -> tuple[dict[str, PrecopyReport], list[dict[str, Any]]]:
     """Send the given precopy ``blobs``, run every device's precopy phase at once, then
     wait until the receiver wrote all of it. Returns each phase's report and the events
@@ -135,7 +140,7 @@ async def precopy_phase(
 
     Cancellation: the phase stops; the caller's abort returns the devices to RUNNING.
     """
-    flow = Flow(options)
+    flow = Flow(options, status)
     by_key = {(d.idstr, d.instance): d for d in devices}
     phases: dict[str, PrecopyReport] = {}
     failures: list[Exception] = []
@@ -223,6 +228,9 @@ async def run_precopy(
         sent,
         -1 if pending is None else pending,
         options.threshold,
+        extra=event(
+            "precopy_end", device.name, stopped=stopped, rounds=rounds, bytes=sent, pending=pending
+        ),
     )
     return PrecopyReport(rounds, sent, tuple(history), stopped)
 

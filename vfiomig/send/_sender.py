@@ -39,7 +39,14 @@ from vfiomig._core._wire import (
 )
 from vfiomig._logs import event
 from vfiomig.send._control import send_with_control
-from vfiomig.send._types import PrecopyOptions, SendDevice, SendError, SendReport, SourceFailed
+from vfiomig.send._types import (
+    PrecopyOptions,
+    SendDevice,
+    SendError,
+    SendReport,
+    SendStatus,
+    SourceFailed,
+)
 from vfiomig.transport import connect, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
@@ -115,6 +122,7 @@ class _Writer:
         progress: _Progress,
         hold: bool,
         link: _Link | None = None,
+        status: SendStatus | None = None,
     ) -> None:
         self.stream = stream
         size = float("inf") if hold else CHANNEL_QUEUE
@@ -124,6 +132,7 @@ class _Writer:
         self.sent = 0
         self.progress = progress
         self.hold = hold
+        self.status = status if status is not None else SendStatus()
 
     async def run(self, channel: int, failures: list[SendError], scope: trio.CancelScope) -> None:
         if self.hold:
@@ -152,6 +161,7 @@ class _Writer:
     async def _send_queue(self) -> None:
         start = trio.current_time()
         link = self.link
+        status = self.status
         async with self.receive:
             async for header, data in self.receive:
                 # Pace to the link model before sending: a packet leaves once the link
@@ -167,6 +177,7 @@ class _Writer:
                 await self.stream.send_all(header)
                 if data:
                     await self.stream.send_all(data)
+                status.sent_bytes += n
                 if not self.hold:
                     self.progress.count += 1
         self.done = True
@@ -267,6 +278,7 @@ async def send_migration(
     precopy_options: PrecopyOptions | None = None,
     switchover: str = "switchover-start",
     control_timeout: float = 60.0,
+    status: SendStatus | None = None,
 ) -> SendReport:
     """Send every device's state over ``channels`` channels, config packet last.
 
@@ -283,6 +295,8 @@ async def send_migration(
             switchover; then wait (``control_timeout``) for ``done`` (see
             `vfiomig.send._control`).
         tls: a client context for every data channel and a TCP control channel.
+        status: updated in place as the send goes on (a progress display reads it); its
+            ``done`` is set when this returns or raises.
 
     Raises:
         UsageError: bad arguments.
@@ -303,8 +317,10 @@ async def send_migration(
         raise UsageError("order idx0-last needs at least 2 channels")
     if packet_size < 1:
         raise UsageError(f"packet size {packet_size} is too small")
+    status = status if status is not None else SendStatus()
     multifd = partial(
         _send_channels,
+        status=status,
         connect_to=connect_to,
         channels=channels,
         uuid=uuid,
@@ -331,6 +347,7 @@ async def send_migration(
             events_timeout=control_timeout,
             devices=devices,
             send=multifd,
+            status=status,
         )
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -342,6 +359,8 @@ async def send_migration(
         with trio.CancelScope(shield=True):
             for device in devices:
                 await device.source.aclose()
+        status.phase = "done"
+        status.done.set()
 
 
 async def _send_channels(
@@ -359,6 +378,7 @@ async def _send_channels(
     channel_rates: Sequence[float | None] | None,
     link_rate: float | None,
     tls: ssl.SSLContext | None,
+    status: SendStatus,
     on_source_failure: Callable[[SourceFailed], Awaitable[None]] | None = None,
 ) -> SendReport:
     """The multifd data of every device (the sources are the caller's to close).
@@ -367,6 +387,7 @@ async def _send_channels(
     closed (the control driver tells the receiver why before it sees them end).
     """
     addresses = [parse_address(a) for a in connect_to]
+    status.phase = "connecting"
     start = trio.current_time()
     writers: list[_Writer] = []
     progress = _Progress()
@@ -389,13 +410,15 @@ async def _send_channels(
                 host = addr.host if addr.kind == "tcp" else "localhost"
                 stream = trio.SSLStream(stream, tls, server_hostname=host)
             hold = order == "idx0-last" and i == 0
-            writers.append(_Writer(stream, rates[i], progress, hold))
+            writers.append(_Writer(stream, rates[i], progress, hold, status=status))
+            status.channels += 1
             await stream.send_all(encode_handshake(uuid, i))
         if link_rate:
             link = _Link(link_rate)
             for writer in writers:
                 writer.link = link
         dispatcher = _Dispatcher(writers, order, seed)
+        status.phase = "stop-copy"
         counts: dict[str, tuple[int, int]] = {}
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
@@ -427,6 +450,7 @@ async def _send_channels(
         with trio.CancelScope(shield=True):
             for writer in writers:
                 await writer.stream.aclose()
+        status.channels = 0
     total = sum(b for b, _ in counts.values())
     packets = sum(p for _, p in counts.values())
     return SendReport(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import trio
+
 from vfiomig._core._errors import VfioMigError
 from vfiomig.sources import Source
 
@@ -65,6 +67,20 @@ class SendReport:
     control_events: tuple[dict[str, object], ...] = ()
     #: With ``control``: each precopy device's phase, by device name.
     precopy: dict[str, PrecopyReport] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SendStatus:
+    """What a running `send_migration` has done so far, updated in place (a progress line
+    reads it): the phase (``connecting``, ``precopy``, ``stop-copy``, ``waiting for the
+    receiver``, ``done``), precopy bytes sent on the control channel, multifd bytes on the
+    wire (headers included), data channels open; ``done`` is set when the call returns."""
+
+    phase: str = "connecting"
+    precopy_bytes: int = 0
+    sent_bytes: int = 0
+    channels: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 class SendError(VfioMigError):
