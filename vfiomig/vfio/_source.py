@@ -34,6 +34,7 @@ from typing import TypeAlias
 import trio
 
 from vfiomig._core._errors import SourceError
+from vfiomig._logs import event
 from vfiomig.sources import PrecopyInfo, Source
 from vfiomig.vfio import _uapi as uapi
 from vfiomig.vfio._device import IOMMU_PATH, DeviceFd, parse_spec
@@ -124,7 +125,12 @@ class VfioSource(Source):
             return False
         state = self._dev.state()
         if state != MigState.RUNNING:
-            log.info("%s: in %s, not RUNNING: no precopy", self.description, state_name(state))
+            log.info(
+                "%s: in %s, not RUNNING: no precopy",
+                self.description,
+                state_name(state),
+                extra=event("source_no_precopy", self.description, state=state_name(state)),
+            )
             return False
         await self._enter(MigState.PRE_COPY, "precopy")
         return True
@@ -188,7 +194,12 @@ class VfioSource(Source):
         """Back to RUNNING (the migration failed); never raises."""
         if self._moved and self._phase != "recovered":
             note = await self._recover()
-            log.warning("%s: migration failed: %s", self.description, note)
+            log.warning(
+                "%s: migration failed: %s",
+                self.description,
+                note,
+                extra=event("source_aborted", self.description, state=note),
+            )
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
