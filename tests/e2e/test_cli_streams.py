@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,18 +132,23 @@ def _read_terminal(master: int) -> str:
     return seen.decode(errors="replace")
 
 
-def test_demo_draws_its_progress_bar_on_a_terminal_only() -> None:
-    """stderr a terminal: the bar is drawn in place there and erased; stdout is unchanged."""
+def _on_terminal(args: list[str]) -> tuple[subprocess.Popen[str], Future[str]]:
+    """``vfiomig ARGS`` with stderr on a pty (read in a thread) and stdout on a pipe."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vfiomig", "demo", "--size", "64M"],
+        [sys.executable, "-m", "vfiomig", *args],
         stdout=subprocess.PIPE,
         stderr=slave,
         stdin=subprocess.DEVNULL,
         text=True,
     )
     os.close(slave)
-    reader = ThreadPoolExecutor(1).submit(_read_terminal, master)
+    return proc, ThreadPoolExecutor(1).submit(_read_terminal, master)
+
+
+def test_demo_draws_its_progress_bar_on_a_terminal_only() -> None:
+    """stderr a terminal: the bar is drawn in place there and erased; stdout is unchanged."""
+    proc, reader = _on_terminal(["demo", "--size", "64M"])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert out.splitlines()[-1] == "demo: ok"
@@ -156,21 +161,14 @@ def test_receive_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
     state = bytes(range(256)) * 4096  # 1 MiB in 16 packets, slowly: the line gets drawn
     packets = [packet(DEV, 0, i, 0, state[i * 65536 : (i + 1) * 65536]) for i in range(16)]
     packets.append(packet(DEV, 0, 16, 1, config_blob(b"cfg")))
-    master, slave = pty.openpty()
     ready = tmp_path / "ready.json"
-    proc = subprocess.Popen(
+    proc, reader = _on_terminal(
         [
-            sys.executable, "-m", "vfiomig", "receive", "--listen", "tcp:127.0.0.1:0",
+            "receive", "--listen", "tcp:127.0.0.1:0",
             "--ready-file", str(ready), "--channels", "1", "--uuid", UUID_TEXT,
             "--config-out", str(tmp_path), "--device", f"{DEV}=file:{tmp_path / 'out'}", "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        stdin=subprocess.DEVNULL,
-        text=True,
+        ]
     )  # fmt: skip
-    os.close(slave)
-    reader = ThreadPoolExecutor(1).submit(_read_terminal, master)
     deadline = time.monotonic() + 20
     while not ready.exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -198,20 +196,13 @@ def test_send_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
         ["--channels", "2", "--uuid", UUID_TEXT, "--config-out", str(tmp_path), "--json",
          "--device", f"{DEV}=file:{tmp_path / 'out'}"],
     )  # fmt: skip
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
+    proc, reader = _on_terminal(
         [
-            sys.executable, "-m", "vfiomig", "send", "--connect", rx.data, "--channels", "2",
+            "send", "--connect", rx.data, "--channels", "2",
             "--uuid", UUID_TEXT, "--device", f"{DEV}=synth:2MiB:3", "--packet-size", "64KiB",
             "--channel-rate", "2MiB", "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        stdin=subprocess.DEVNULL,
-        text=True,
+        ]
     )  # fmt: skip
-    os.close(slave)
-    reader = ThreadPoolExecutor(1).submit(_read_terminal, master)
     out, _ = proc.communicate(timeout=60)
     drawn = reader.result(timeout=10)
     assert proc.returncode == 0 and json.loads(out)["ok"] is True

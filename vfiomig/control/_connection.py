@@ -85,13 +85,3 @@ async def recv_with_fds(sock: trio.socket.SocketType, fds: list[int], label: str
             extra=event("control_fds_truncated", peer=label, limit=MAX_FDS),
         )
     return data
-
-
-def peer_label(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "connection"
-    if isinstance(peer, tuple):
-        return f"connection from {peer[0]}:{peer[1]}"
-    return "connection on unix socket"

@@ -46,7 +46,6 @@ from vfiomig.control._connection import (
     Out,
     admits,
     error_event,
-    peer_label,
     recv_with_fds,
 )
 from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEvent
@@ -57,6 +56,7 @@ from vfiomig.transport import (
     listener_kind,
     open_listener,
     parse_address,
+    peer_label,
 )
 
 log = logging.getLogger("vfiomig")
@@ -208,7 +208,7 @@ class ControlServer:
     ) -> None:
         while True:
             stream = await self.admission.accept(listener)
-            label = peer_label(stream)
+            label = peer_label(stream, "connection")
             if self._established >= self.max_connections:
                 self.admission.refuse(
                     None,

@@ -21,7 +21,14 @@ from vfiomig.receive._session import (
     SessionReport,
 )
 from vfiomig.sinks import ConfigTarget
-from vfiomig.transport import MeteredStream, Pending, open_listener, parse_address, tune_socket
+from vfiomig.transport import (
+    MeteredStream,
+    Pending,
+    open_listener,
+    parse_address,
+    peer_label,
+    tune_socket,
+)
 
 log = logging.getLogger("vfiomig")
 
@@ -107,7 +114,7 @@ async def _accept_loop(
     async with listener:
         while True:
             stream = await admission.accept(listener)
-            label = _peer_label(stream)
+            label = peer_label(stream, "channel")
             try:
                 tune_socket(stream)
             except OSError as exc:  # the peer is already gone
@@ -152,16 +159,6 @@ async def _run_tls_channel(session: Session, stream: trio.SocketStream, ticket: 
         await trio.aclose_forcefully(stream)
         return
     await run_channel(session, tls, ticket)
-
-
-def _peer_label(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "channel (peer unknown)"
-    if isinstance(peer, tuple):
-        return f"channel from {peer[0]}:{peer[1]}"
-    return f"channel from {peer or 'unix socket'}"
 
 
 async def _watchdog(session: Session) -> None:

@@ -24,6 +24,7 @@ from vfiomig.transport._sockets import (
     listener_kind,
     open_listener,
     parse_address,
+    peer_label,
     tune_socket,
     unix_socket_listening,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "open_listener",
     "options_to_contexts",
     "parse_address",
+    "peer_label",
     "server_context",
     "tune_socket",
     "unix_socket_listening",

@@ -268,3 +268,15 @@ def tune_socket(stream: trio.abc.Stream, *, buffer_size: int | None = None) -> N
                 pass
     if sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6):
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+
+
+def peer_label(stream: trio.SocketStream, what: str) -> str:
+    """``<what> from HOST:PORT``, ``<what> on unix socket`` or ``<what> (peer unknown)``: how
+    log lines and errors name a connection."""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return f"{what} (peer unknown)"
+    if isinstance(peer, tuple):
+        return f"{what} from {peer[0]}:{peer[1]}"
+    return f"{what} on unix socket"
