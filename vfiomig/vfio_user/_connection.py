@@ -8,6 +8,11 @@ handled and answered in the order they arrive, so a client may pipeline them. Re
 to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
 `Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task.
 
+A MIG_DATA_WRITE to an emulator with a `WriteBuffer` skips the buffer: once its 24 bytes
+of headers are in (and pass the handler's checks), the body bytes already received are
+copied into the emulator's view and the rest is received straight into it, then
+committed and answered like any write. Smaller requests around it are framed as usual.
+
 Replies that are a bare header (a MIG_DATA_WRITE's, a REGION_WRITE's) are queued and
 sent together, in order, in one ``sendmsg``: before the server waits for more bytes,
 before any other message it sends, and once they answer `REPLY_BATCH_BYTES` of
@@ -39,13 +44,19 @@ from vfiomig.vfio_user._messages import (
     FLAG_TYPE_REPLY,
     HEADER,
     HEADER_SIZE,
+    MIG_DATA_HEADER_SIZE,
     SEND_BUFFER,
+    Command,
     command_name,
 )
 from vfiomig.vfio_user._regions import Buffer
-from vfiomig.vfio_user._session import CloseConnection, Session
+from vfiomig.vfio_user._session import CloseConnection, ResetReason, Session
 
 log = logging.getLogger("vfiomig.vfio_user")
+
+DATA_HEAD_SIZE: Final = HEADER_SIZE + MIG_DATA_HEADER_SIZE
+MIG_SIZES: Final = struct.Struct("=II")  # a MIG_DATA request's argsz, size
+WRITE: Final = int(Command.MIG_DATA_WRITE)
 
 #: Room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever truncated
 #: into a leak, all are closed unless a handler keeps them.
@@ -107,6 +118,17 @@ class Connection:
         # into a whole 1 MiB buffer costs ~140 us more per call than into 64 KiB.
         want = max(_RECV_WINDOW, self.wanted - (self.end - self.start))
         window = self.view[self.end : min(len(self.buf), self.end + want)]
+        nbytes, fds = await self._recv(window)
+        if fds:
+            at = self.base + self.end
+            self.fd_chunks.append((at, at + max(nbytes, 1), fds))
+        self.end += nbytes
+        return nbytes > 0
+
+    async def _recv(self, window: memoryview) -> tuple[int, list[int]]:
+        """One ``recvmsg_into`` into ``window``, waiting until the socket has something:
+        (bytes, fds); 0 bytes at the end of the stream. Queued replies go out before the
+        wait."""
         self.calls += 1
         if self.calls % 64 == 0:
             await trio.lowlevel.checkpoint()  # let the emulator's tasks run under load
@@ -119,13 +141,10 @@ class Connection:
                     await self._send_buffers([], [])
                 await trio.lowlevel.wait_readable(self.sock)
         fds = _fds_of(ancdata)
-        if fds:
-            at = self.base + self.end
-            self.fd_chunks.append((at, at + max(nbytes, 1), fds))
         if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
             raise ConnectionLost("ancillary data was truncated")
-        self.end += nbytes
-        return nbytes > 0
+        return nbytes, fds
 
     def _take_fds(self, at: int) -> list[int]:
         """The fds that came with the read the message at stream offset ``at`` starts in;
@@ -160,6 +179,14 @@ class Connection:
                 if size > self.device.max_msg_size:
                     await self._oversized(msg_id, command, size, flags)
                     continue
+                if (
+                    command == WRITE
+                    and not flags & FLAG_TYPE_MASK
+                    and self.end - self.start >= DATA_HEAD_SIZE
+                    and await self._write_into_emulator(msg_id, flags, size)
+                ):
+                    self.wanted = HEADER_SIZE
+                    continue
                 self.wanted = size
                 if self.end - self.start >= size:
                     self.wanted = HEADER_SIZE
@@ -186,40 +213,129 @@ class Connection:
                 return
 
     async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
+        log.debug(
+            "vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size
+        )
+        await self._refuse(msg_id, command, size, flags, errno.EINVAL)
+
+    async def _refuse(self, msg_id: int, command: int, size: int, flags: int, code: int) -> None:
+        """Answer the request at ``start`` with ``code`` and drop its ``size`` bytes."""
         _close_all(self._take_fds(self.base + self.start))
         have = min(self.end - self.start, size)
         self.start += have
         self.skip = size - have
-        log.debug(
-            "vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size
-        )
         if not flags & (FLAG_NO_REPLY | FLAG_TYPE_MASK):
-            await self._send(msg_id, command, [], [], errno.EINVAL)
+            await self._send(msg_id, command, [], [], code)
+
+    async def _write_into_emulator(self, msg_id: int, flags: int, size: int) -> bool:
+        """A MIG_DATA_WRITE (header at ``start``) received straight into the emulator's
+        `WriteBuffer` and committed; False if it does not go that way (no such buffer, or
+        a request the handler refuses: it gets the buffered path and its error text).
+
+        A body that does not arrive whole resets the device (`ResetReason.TORN_WRITE`)
+        before the error propagates; cancellation likewise.
+        """
+        migration = self.device.migration
+        if migration is None or migration.buffer is None or not self.session.negotiated:
+            return False
+        argsz, data_size = MIG_SIZES.unpack_from(self.buf, self.start + HEADER_SIZE)
+        if (
+            data_size != size - DATA_HEAD_SIZE
+            or argsz < MIG_DATA_HEADER_SIZE + data_size
+            or data_size > self.session.client_max_data_xfer_size
+            or data_size == 0
+        ):
+            return False
+        try:
+            target = migration.write_target(data_size)
+        except OSError as exc:
+            log.debug("vfio-user: MIG_DATA_WRITE msg_id %d refused: %s", msg_id, exc)
+            await self._refuse(msg_id, WRITE, size, flags, _errno_of(exc))
+            return True
+        if target is None:
+            return False
+        _close_all(self._take_fds(self.base + self.start))
+        body = self.start + DATA_HEAD_SIZE
+        have = min(self.end - body, data_size)
+        target[:have] = self.view[body : body + have]
+        self.start = body + have
+        got = have
+        try:
+            while got < data_size:
+                nbytes, fds = await self._recv(target[got:])
+                _close_all(fds)  # no message starts inside a body
+                if not nbytes:
+                    raise ConnectionLost(
+                        f"client closed inside a MIG_DATA_WRITE body ({got} of {data_size} bytes)"
+                    )
+                got += nbytes
+        except BaseException:
+            self._torn(got, data_size)
+            raise
+        finally:
+            target.release()
+            self.base += got - have  # stream bytes that never were in ``buf``
+        try:
+            migration.commit(data_size)
+        except OSError as exc:
+            log.debug("vfio-user: MIG_DATA_WRITE msg_id %d failed: %s", msg_id, exc)
+            await self._answer(msg_id, WRITE, flags, size, _errno_of(exc))
+        else:
+            await self._answer(msg_id, WRITE, flags, size, None)
+        return True
+
+    def _torn(self, got: int, size: int) -> None:
+        log.warning(
+            "vfio-user: MIG_DATA_WRITE body cut short (%d of %d bytes): resetting the device",
+            got,
+            size,
+            extra=event("vfio_user_torn_write", received=got, size=size),
+        )
+        try:
+            self.device.do_reset(ResetReason.TORN_WRITE)
+        except OSError as exc:
+            log.warning("vfio-user: reset after a torn write failed: %s", exc)
 
     async def _request(
         self, msg_id: int, command: int, flags: int, size: int, payload: memoryview, fds: list[int]
     ) -> None:
         close = False
+        parts: Sequence[Buffer] = []
+        out_fds: list[int] = []
+        error: int | None = None
         try:
             reply = self.device.handle(self.session, command, payload, fds)
         except OSError as exc:
-            code = exc.errno if exc.errno and exc.errno > 0 else errno.EIO
             log.debug("vfio-user: %s msg_id %d failed: %s", command_name(command), msg_id, exc)
-            parts: Sequence[Buffer] = []
-            out_fds: list[int] = []
-            error: int | None = code
+            error = _errno_of(exc)
         except CloseConnection as exc:
             log.warning(
                 "vfio-user: dropping the client: %s", exc, extra=event("vfio_user_client_dropped")
             )
-            parts, out_fds, error, close = [], [], exc.errno, True
+            error, close = exc.errno, True
         else:
-            parts, out_fds, error = reply.parts, reply.fds, None
+            parts, out_fds = reply.parts, reply.fds
         finally:
             _close_all(fds)
+        await self._answer(msg_id, command, flags, size, error, parts, out_fds)
+        if close:
+            raise ConnectionLost("negotiation failed")
+
+    async def _answer(
+        self,
+        msg_id: int,
+        command: int,
+        flags: int,
+        size: int,
+        error: int | None,
+        parts: Sequence[Buffer] = (),
+        fds: Sequence[int] = (),
+    ) -> None:
+        """Reply to the request of ``size`` bytes (none if it asked for none); a bare
+        header is queued (see the module docstring)."""
         if flags & FLAG_NO_REPLY:
-            pass
-        elif error is None and not parts and not out_fds:
+            return
+        if error is None and not parts and not fds:
             self.replies += HEADER.pack(msg_id, command, HEADER_SIZE, FLAG_TYPE_REPLY, 0)
             self.replied += size
             if self.replied >= REPLY_BATCH_BYTES or len(self.replies) >= (
@@ -227,9 +343,7 @@ class Connection:
             ):
                 await self._send_buffers([], [])
         else:
-            await self._send(msg_id, command, parts, out_fds, error, reply=True)
-        if close:
-            raise ConnectionLost("negotiation failed")
+            await self._send(msg_id, command, parts, fds, error, reply=True)
 
     # ------------------------------------------------------------------ sending
 
@@ -342,6 +456,10 @@ class _Pending:
         self.command = command
         self.event = trio.Event()
         self.result: bytes | int | None = None
+
+
+def _errno_of(exc: OSError) -> int:
+    return exc.errno if exc.errno and exc.errno > 0 else errno.EIO
 
 
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
