@@ -82,23 +82,51 @@ def baseline_tree(rev: str, dest: Path) -> Path:
 @dataclass
 class Case:
     name: str
-    server: str  # "lvu", "own" or "" (vu_raw needs none)
+    server: str  # "lvu", "own", "store", "store-direct" or "" (vu_raw needs none)
     client: list[str]  # argv; SOCK is replaced by the socket path
     pythonpath: str | None = None  # run the client with this tree (baseline)
 
 
-def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
+def _reap(server: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait for ``server`` (killed after ``timeout`` s); the CPU seconds it spent serving
+    (vfiomig's server says so on stdout) or, for libvfio-user's, in all (user + sys)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(server.pid, os.WNOHANG)
+        if pid:
+            server.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            server.kill()
+            deadline = float("inf")
+        time.sleep(0.01)
+    assert server.stdout is not None
+    for line in server.stdout.read().decode(errors="replace").splitlines():
+        if line.startswith('{"serve_cpu_s"'):
+            return float(json.loads(line)["serve_cpu_s"])
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_argv(kind: str, sock: str, size: str) -> list[str]:
+    if kind == "lvu":
+        return [str(BUILD / "vu_server"), sock, size]
+    argv = [sys.executable, "-m", "benchmarks.vfio_user.null_device", sock, size, "--once"]
+    if kind.startswith("store"):  # the stream kept in one buffer of the run's size
+        argv += ["--store", size] + (["--direct"] if kind == "store-direct" else [])
+    return argv
+
+
+def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> tuple[float, float | None]:
+    """One run: (MiB/s, the server's CPU seconds or None without a server)."""
     sock = str(tmp / "s")
     server = None
+    cpu = None
     if case.server:
         if os.path.exists(sock):
             os.unlink(sock)
-        argv = (
-            [str(BUILD / "vu_server"), sock, size]
-            if case.server == "lvu"
-            else [sys.executable, "-m", "benchmarks.vfio_user.null_device", sock, size]
+        server = subprocess.Popen(
+            server_argv(case.server, sock, size), env=env, cwd=ROOT, stdout=subprocess.PIPE
         )
-        server = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         # libvfio-user binds, then listens; vfiomig's server links its path once listening.
         ready = unix_socket_listening if case.server == "lvu" else os.path.exists
@@ -117,14 +145,10 @@ def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
         )
     finally:
         if server is not None:
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            cpu = _reap(server, 10)
     if out.returncode != 0:
         raise RuntimeError(f"{case.name}: {out.stderr.strip() or out.stdout.strip()}")
-    return float(json.loads(out.stdout.splitlines()[-1])["mib_s"])
+    return float(json.loads(out.stdout.splitlines()[-1])["mib_s"]), cpu
 
 
 def cases(size: str, base: str) -> list[Case]:
@@ -143,6 +167,10 @@ def cases(size: str, base: str) -> list[Case]:
         Case("vfiomig server <- C client, 1 MiB writes, 4 in flight", "own", [*c, "write", "1M", size, "4"]),
         Case("vfiomig server <- vfiomig sink before (1 MiB, 1 in flight)", "own", [*py, "write", "1M", size, "1"], base),
         Case("vfiomig server <- vfiomig sink (1 MiB, default window)", "own", [*py, "write", "1M", size, "0"]),
+        Case("storing server, write_data <- C client, 1 MiB writes, 4 in flight", "store", [*c, "write", "1M", size, "4"]),
+        Case("storing server, write_buffer <- C client, 1 MiB writes, 4 in flight", "store-direct", [*c, "write", "1M", size, "4"]),
+        Case("storing server, write_data <- vfiomig sink (1 MiB, default window)", "store", [*py, "write", "1M", size, "0"]),
+        Case("storing server, write_buffer <- vfiomig sink (1 MiB, default window)", "store-direct", [*py, "write", "1M", size, "0"]),
         Case("vfiomig server -> C client, 1 MiB reads, 4 in flight", "own", [*c, "read", "1M", "0", "4"]),
         Case("vfiomig server -> vfiomig source before (1 MiB, 1 in flight)", "own", [*py, "read", "0", "0", "1"], base),
         Case("vfiomig server -> vfiomig source (1 MiB, default window)", "own", [*py, "read", "0", "0", "0"]),
@@ -179,17 +207,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not args.only or any(o in c.name for o in args.only)
         ]
         results: dict[str, list[float]] = {c.name: [] for c in todo}
+        cpus: dict[str, list[float]] = {c.name: [] for c in todo}
         for _ in range(args.runs):
             for case in todo:
                 _wait_quiet(args.quiet_wait)
-                results[case.name].append(run_case(case, env, args.size, tmp))
+                mib_s, cpu = run_case(case, env, args.size, tmp)
+                results[case.name].append(mib_s)
+                if cpu is not None:
+                    cpus[case.name].append(cpu)
     medians = {name: statistics.median(v) for name, v in results.items()}
     for name, runs in results.items():
+        cpu_s = statistics.median(cpus[name]) if cpus[name] else None
         if args.json:
-            print(json.dumps({"case": name, "median_mib_s": medians[name], "runs": runs}))
+            print(
+                json.dumps(
+                    {
+                        "case": name,
+                        "median_mib_s": medians[name],
+                        "runs": runs,
+                        "server_cpu_s": cpu_s,
+                    }
+                )
+            )
         else:
             shown = ", ".join(f"{r:.0f}" for r in runs)
-            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown})")
+            cpu = "" if cpu_s is None else f"  [server CPU {cpu_s:.2f} s]"
+            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){cpu}")
 
 
 if __name__ == "__main__":
