@@ -116,8 +116,11 @@ def server_argv(kind: str, sock: str, size: str) -> list[str]:
     return argv
 
 
-def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> tuple[float, float | None]:
-    """One run: (MiB/s, the server's CPU seconds or None without a server)."""
+def run_case(
+    case: Case, env: dict[str, str], size: str, tmp: Path
+) -> tuple[float, float | None, float | None]:
+    """One run: (MiB/s, the server's CPU seconds or None without a server, the Python
+    client's CPU seconds in its data phase or None)."""
     sock = str(tmp / "s")
     server = None
     cpu = None
@@ -148,32 +151,39 @@ def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> tuple[flo
             cpu = _reap(server, 10)
     if out.returncode != 0:
         raise RuntimeError(f"{case.name}: {out.stderr.strip() or out.stdout.strip()}")
-    return float(json.loads(out.stdout.splitlines()[-1])["mib_s"]), cpu
+    result = json.loads(out.stdout.splitlines()[-1])
+    return float(result["mib_s"]), cpu, result.get("cpu_s")
 
 
-def cases(size: str, base: str) -> list[Case]:
+def cases(size: str, base: str, base_window: int = 1) -> list[Case]:
+    """Every case; the "before" ones run the baseline tree with ``base_window`` in flight
+    (1: the one-at-a-time client; 0: the baseline's default window)."""
     py = [sys.executable, str(HERE / "pyclient.py"), "SOCK"]
     c = [str(BUILD / "vu_client"), "SOCK"]
+    bwin = str(base_window)
+    bw = "default window" if base_window == 0 else f"{base_window} in flight"
     return [
         Case("raw UNIX socket, 1 MiB messages, 4 in flight", "", [str(BUILD / "vu_raw"), "1M", size, "4"]),
         Case("raw UNIX socket, 32 KiB messages, 16 in flight", "", [str(BUILD / "vu_raw"), "32K", size, "16"]),
         Case("libvfio-user <- C client, 32 KiB writes, 16 in flight", "lvu", [*c, "write", "32K", size, "16"]),
         Case("libvfio-user <- C client, 32 KiB writes, 64 in flight", "lvu", [*c, "write", "32K", size, "64"]),
-        Case("libvfio-user <- vfiomig sink before (32 KiB, 1 in flight)", "lvu", [*py, "write", "32K", size, "1"], base),
+        Case(f"libvfio-user <- vfiomig sink before (32 KiB, {bw})", "lvu", [*py, "write", "32K", size, bwin], base),
         Case("libvfio-user <- vfiomig sink (32 KiB, default window)", "lvu", [*py, "write", "32K", size, "0"]),
         Case("libvfio-user -> C client, 1 MiB reads, 4 in flight", "lvu", [*c, "read", "1M", "0", "4"]),
-        Case("libvfio-user -> vfiomig source before (1 MiB, 1 in flight)", "lvu", [*py, "read", "0", "0", "1"], base),
+        Case(f"libvfio-user -> vfiomig source before (1 MiB, {bw})", "lvu", [*py, "read", "0", "0", bwin], base),
         Case("libvfio-user -> vfiomig source (1 MiB, default window)", "lvu", [*py, "read", "0", "0", "0"]),
         Case("vfiomig server <- C client, 1 MiB writes, 4 in flight", "own", [*c, "write", "1M", size, "4"]),
-        Case("vfiomig server <- vfiomig sink before (1 MiB, 1 in flight)", "own", [*py, "write", "1M", size, "1"], base),
+        Case(f"vfiomig server <- vfiomig sink before (1 MiB, {bw})", "own", [*py, "write", "1M", size, bwin], base),
         Case("vfiomig server <- vfiomig sink (1 MiB, default window)", "own", [*py, "write", "1M", size, "0"]),
         Case("storing server, write_data <- C client, 1 MiB writes, 4 in flight", "store", [*c, "write", "1M", size, "4"]),
         Case("storing server, write_buffer <- C client, 1 MiB writes, 4 in flight", "store-direct", [*c, "write", "1M", size, "4"]),
         Case("storing server, write_data <- vfiomig sink (1 MiB, default window)", "store", [*py, "write", "1M", size, "0"]),
         Case("storing server, write_buffer <- vfiomig sink (1 MiB, default window)", "store-direct", [*py, "write", "1M", size, "0"]),
         Case("vfiomig server -> C client, 1 MiB reads, 4 in flight", "own", [*c, "read", "1M", "0", "4"]),
-        Case("vfiomig server -> vfiomig source before (1 MiB, 1 in flight)", "own", [*py, "read", "0", "0", "1"], base),
+        Case(f"vfiomig server -> vfiomig source before (1 MiB, {bw})", "own", [*py, "read", "0", "0", bwin], base),
         Case("vfiomig server -> vfiomig source (1 MiB, default window)", "own", [*py, "read", "0", "0", "0"]),
+        Case("storing server, views -> C client, 1 MiB reads, 4 in flight", "store", [*c, "read", "1M", "0", "4"]),
+        Case("storing server, views -> vfiomig source (1 MiB, default window)", "store", [*py, "read", "0", "0", "0"]),
     ]  # fmt: skip
 
 
@@ -182,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", default="1G", help="bytes per run (K/M/G)")
     parser.add_argument("--baseline", default=BASELINE, help="git revision for 'before'")
+    parser.add_argument(
+        "--baseline-window",
+        type=int,
+        default=1,
+        help="writes/reads in flight for 'before' (default 1; 0: the baseline's default)",
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -203,36 +219,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = str(baseline_tree(args.baseline, tmp))
         todo = [
             c
-            for c in cases(args.size, base)
+            for c in cases(args.size, base, args.baseline_window)
             if not args.only or any(o in c.name for o in args.only)
         ]
         results: dict[str, list[float]] = {c.name: [] for c in todo}
         cpus: dict[str, list[float]] = {c.name: [] for c in todo}
+        client_cpus: dict[str, list[float]] = {c.name: [] for c in todo}
         for _ in range(args.runs):
             for case in todo:
                 _wait_quiet(args.quiet_wait)
-                mib_s, cpu = run_case(case, env, args.size, tmp)
+                mib_s, cpu, client_cpu = run_case(case, env, args.size, tmp)
                 results[case.name].append(mib_s)
                 if cpu is not None:
                     cpus[case.name].append(cpu)
+                if client_cpu is not None:
+                    client_cpus[case.name].append(client_cpu)
     medians = {name: statistics.median(v) for name, v in results.items()}
     for name, runs in results.items():
         cpu_s = statistics.median(cpus[name]) if cpus[name] else None
+        client_s = statistics.median(client_cpus[name]) if client_cpus[name] else None
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "case": name,
-                        "median_mib_s": medians[name],
-                        "runs": runs,
-                        "server_cpu_s": cpu_s,
-                    }
-                )
-            )
+            row = {"case": name, "median_mib_s": medians[name], "runs": runs}
+            print(json.dumps(row | {"server_cpu_s": cpu_s, "client_cpu_s": client_s}))
         else:
             shown = ", ".join(f"{r:.0f}" for r in runs)
-            cpu = "" if cpu_s is None else f"  [server CPU {cpu_s:.2f} s]"
-            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){cpu}")
+            cpu = "" if cpu_s is None else f"  [CPU s: server {cpu_s:.2f}"
+            cpu += "" if client_s is None else f", client {client_s:.2f}"
+            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){cpu}{']' if cpu else ''}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class NullEmulator:
         if state == MigState.STOP_COPY:
             self.read = 0
 
-    def read_data(self, size: int) -> bytes:
+    def read_data(self, size: int) -> bytes | memoryview:
         n = min(size, self.read_total - self.read)
         off = self.read % RING
         first = min(n, RING - off)
@@ -84,7 +84,9 @@ class NullEmulator:
 class StoringEmulator(NullEmulator):
     """Keeps the stream in one preallocated buffer of ``capacity`` bytes (its pages
     touched up front), copied there by ``write_data``; a stream longer than that starts
-    over at 0 once a write would not fit."""
+    over at 0 once a write would not fit. Its STOP_COPY stream (``read_total`` bytes)
+    comes from that buffer as views, no copy (the server sends a reply before it calls
+    the emulator again)."""
 
     def __init__(self, capacity: int, read_total: int = 0) -> None:
         super().__init__(read_total)
@@ -97,6 +99,12 @@ class StoringEmulator(NullEmulator):
                 raise OSError(errno.EFBIG, f"write of {size} bytes ({len(self.store)} stored)")
             self.at = 0
         return self.at
+
+    def read_data(self, size: int) -> memoryview:
+        off = self.read % len(self.store)
+        n = min(size, self.read_total - self.read, len(self.store) - off)
+        self.read += n
+        return self.store[off : off + n]
 
     def write_data(self, data: memoryview) -> int:
         at = self._place(len(data))
