@@ -46,17 +46,14 @@ from vfiomig.vfio_user._messages import (
     HEADER_SIZE,
     MIG_DATA_HEADER_SIZE,
     SEND_BUFFER,
-    Command,
     command_name,
 )
+from vfiomig.vfio_user._pipeline import DATA_HEAD_SIZE, MIG_SIZES, WRITE
 from vfiomig.vfio_user._regions import Buffer
 from vfiomig.vfio_user._session import CloseConnection, ResetReason, Session
 
 log = logging.getLogger("vfiomig.vfio_user")
 
-DATA_HEAD_SIZE: Final = HEADER_SIZE + MIG_DATA_HEADER_SIZE
-MIG_SIZES: Final = struct.Struct("=II")  # a MIG_DATA request's argsz, size
-WRITE: Final = int(Command.MIG_DATA_WRITE)
 
 #: Room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever truncated
 #: into a leak, all are closed unless a handler keeps them.
