@@ -35,7 +35,8 @@ class MigrationCallbacks(Protocol):
     most ``size`` bytes (empty at the end of the stream); a view of the emulator's own
     memory is fine: the reply is sent whole before the server calls back again. ``write_data`` gets a view of
     the received bytes (valid during the call only, no copy made) and returns how many it
-    took: all of them, or the write fails.
+    took: all of them, or the write fails. An emulator may add `WriteBuffer` to have the
+    bodies received straight into its memory instead.
     """
 
     def transition(self, state: MigState) -> None: ...
