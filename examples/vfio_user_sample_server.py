@@ -10,7 +10,8 @@ The same device: a PCI function dead:beef (subsystem cafe:babe) with
   messages, checking that what it reads back is what it wrote;
 - BAR1: 12 KiB of shared memory, the first and last pages mmappable by the client;
 - migration: the stream is BAR1 (in PRE_COPY) and BAR1 then BAR0 (in STOP_COPY); the
-  destination re-arms the timer from the migrated BAR0 when it starts RUNNING.
+  destination re-arms the timer from the migrated BAR0 when it starts RUNNING. Writes
+  that fall within BAR1 are received straight into it (``write_buffer``).
 
 Like the C sample it serves one client and exits 0 when that client has gone, which is
 what libvfio-user's ``samples/client`` expects of the ``server`` it starts as its
@@ -213,6 +214,17 @@ class SampleServer:
         chunk = self._stream()[start : min(start + size, total)]
         self.bytes_transferred += len(chunk)
         return chunk
+
+    def write_buffer(self, size: int) -> memoryview | None:
+        """Data for BAR1 is received straight into it; the rest goes to `write_data`."""
+        start = self.bytes_transferred
+        if start + size > BAR1_SIZE:
+            return None
+        return self.bar1.view[start : start + size]
+
+    def write_commit(self, size: int) -> None:
+        log.debug("migration: %d bytes received straight into BAR1", size)
+        self.bytes_transferred += size
 
     def write_data(self, data: memoryview) -> int:
         total = BAR1_SIZE + TIME.size

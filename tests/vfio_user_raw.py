@@ -63,14 +63,17 @@ class RawClient:
         if msg_id is None:
             msg_id, self.next_id = self.next_id, (self.next_id + 1) & 0xFFFF
         head = HEADER.pack(msg_id, command, 16 + len(payload) if size is None else size, flags, 0)
-        data = head + payload
+        await self.send_raw(head + payload, fds)
+        return msg_id
+
+    async def send_raw(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Any bytes, all of them; ``fds`` go with the first."""
         anc = (
             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         )
         sent = await self.sock.sendmsg([data], anc)
         while sent < len(data):
             sent += await self.sock.send(data[sent:])
-        return msg_id
 
     async def receive(self) -> Received:
         """The next whole message; EOFError if the server closed."""

@@ -82,23 +82,54 @@ def baseline_tree(rev: str, dest: Path) -> Path:
 @dataclass
 class Case:
     name: str
-    server: str  # "lvu", "own" or "" (vu_raw needs none)
+    server: str  # "lvu", "own", "store", "store-direct" or "" (vu_raw needs none)
     client: list[str]  # argv; SOCK is replaced by the socket path
     pythonpath: str | None = None  # run the client with this tree (baseline)
 
 
-def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
+def _reap(server: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait for ``server`` (killed after ``timeout`` s); the CPU seconds it spent serving
+    (vfiomig's server says so on stdout) or, for libvfio-user's, in all (user + sys)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(server.pid, os.WNOHANG)
+        if pid:
+            server.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            server.kill()
+            deadline = float("inf")
+        time.sleep(0.01)
+    assert server.stdout is not None
+    for line in server.stdout.read().decode(errors="replace").splitlines():
+        if line.startswith('{"serve_cpu_s"'):
+            return float(json.loads(line)["serve_cpu_s"])
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_argv(kind: str, sock: str, size: str) -> list[str]:
+    if kind == "lvu":
+        return [str(BUILD / "vu_server"), sock, size]
+    argv = [sys.executable, "-m", "benchmarks.vfio_user.null_device", sock, size, "--once"]
+    if kind.startswith("store"):  # the stream kept in one buffer of the run's size
+        argv += ["--store", size] + (["--direct"] if kind == "store-direct" else [])
+    return argv
+
+
+def run_case(
+    case: Case, env: dict[str, str], size: str, tmp: Path
+) -> tuple[float, float | None, float | None]:
+    """One run: (MiB/s, the server's CPU seconds or None without a server, the Python
+    client's CPU seconds in its data phase or None)."""
     sock = str(tmp / "s")
     server = None
+    cpu = None
     if case.server:
         if os.path.exists(sock):
             os.unlink(sock)
-        argv = (
-            [str(BUILD / "vu_server"), sock, size]
-            if case.server == "lvu"
-            else [sys.executable, "-m", "benchmarks.vfio_user.null_device", sock, size]
+        server = subprocess.Popen(
+            server_argv(case.server, sock, size), env=env, cwd=ROOT, stdout=subprocess.PIPE
         )
-        server = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         # libvfio-user binds, then listens; vfiomig's server links its path once listening.
         ready = unix_socket_listening if case.server == "lvu" else os.path.exists
@@ -117,35 +148,42 @@ def run_case(case: Case, env: dict[str, str], size: str, tmp: Path) -> float:
         )
     finally:
         if server is not None:
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            cpu = _reap(server, 10)
     if out.returncode != 0:
         raise RuntimeError(f"{case.name}: {out.stderr.strip() or out.stdout.strip()}")
-    return float(json.loads(out.stdout.splitlines()[-1])["mib_s"])
+    result = json.loads(out.stdout.splitlines()[-1])
+    return float(result["mib_s"]), cpu, result.get("cpu_s")
 
 
-def cases(size: str, base: str) -> list[Case]:
+def cases(size: str, base: str, base_window: int = 1) -> list[Case]:
+    """Every case; the "before" ones run the baseline tree with ``base_window`` in flight
+    (1: the one-at-a-time client; 0: the baseline's default window)."""
     py = [sys.executable, str(HERE / "pyclient.py"), "SOCK"]
     c = [str(BUILD / "vu_client"), "SOCK"]
+    bwin = str(base_window)
+    bw = "default window" if base_window == 0 else f"{base_window} in flight"
     return [
         Case("raw UNIX socket, 1 MiB messages, 4 in flight", "", [str(BUILD / "vu_raw"), "1M", size, "4"]),
         Case("raw UNIX socket, 32 KiB messages, 16 in flight", "", [str(BUILD / "vu_raw"), "32K", size, "16"]),
         Case("libvfio-user <- C client, 32 KiB writes, 16 in flight", "lvu", [*c, "write", "32K", size, "16"]),
         Case("libvfio-user <- C client, 32 KiB writes, 64 in flight", "lvu", [*c, "write", "32K", size, "64"]),
-        Case("libvfio-user <- vfiomig sink before (32 KiB, 1 in flight)", "lvu", [*py, "write", "32K", size, "1"], base),
+        Case(f"libvfio-user <- vfiomig sink before (32 KiB, {bw})", "lvu", [*py, "write", "32K", size, bwin], base),
         Case("libvfio-user <- vfiomig sink (32 KiB, default window)", "lvu", [*py, "write", "32K", size, "0"]),
         Case("libvfio-user -> C client, 1 MiB reads, 4 in flight", "lvu", [*c, "read", "1M", "0", "4"]),
-        Case("libvfio-user -> vfiomig source before (1 MiB, 1 in flight)", "lvu", [*py, "read", "0", "0", "1"], base),
+        Case(f"libvfio-user -> vfiomig source before (1 MiB, {bw})", "lvu", [*py, "read", "0", "0", bwin], base),
         Case("libvfio-user -> vfiomig source (1 MiB, default window)", "lvu", [*py, "read", "0", "0", "0"]),
         Case("vfiomig server <- C client, 1 MiB writes, 4 in flight", "own", [*c, "write", "1M", size, "4"]),
-        Case("vfiomig server <- vfiomig sink before (1 MiB, 1 in flight)", "own", [*py, "write", "1M", size, "1"], base),
+        Case(f"vfiomig server <- vfiomig sink before (1 MiB, {bw})", "own", [*py, "write", "1M", size, bwin], base),
         Case("vfiomig server <- vfiomig sink (1 MiB, default window)", "own", [*py, "write", "1M", size, "0"]),
+        Case("storing server, write_data <- C client, 1 MiB writes, 4 in flight", "store", [*c, "write", "1M", size, "4"]),
+        Case("storing server, write_buffer <- C client, 1 MiB writes, 4 in flight", "store-direct", [*c, "write", "1M", size, "4"]),
+        Case("storing server, write_data <- vfiomig sink (1 MiB, default window)", "store", [*py, "write", "1M", size, "0"]),
+        Case("storing server, write_buffer <- vfiomig sink (1 MiB, default window)", "store-direct", [*py, "write", "1M", size, "0"]),
         Case("vfiomig server -> C client, 1 MiB reads, 4 in flight", "own", [*c, "read", "1M", "0", "4"]),
-        Case("vfiomig server -> vfiomig source before (1 MiB, 1 in flight)", "own", [*py, "read", "0", "0", "1"], base),
+        Case(f"vfiomig server -> vfiomig source before (1 MiB, {bw})", "own", [*py, "read", "0", "0", bwin], base),
         Case("vfiomig server -> vfiomig source (1 MiB, default window)", "own", [*py, "read", "0", "0", "0"]),
+        Case("storing server, views -> C client, 1 MiB reads, 4 in flight", "store", [*c, "read", "1M", "0", "4"]),
+        Case("storing server, views -> vfiomig source (1 MiB, default window)", "store", [*py, "read", "0", "0", "0"]),
     ]  # fmt: skip
 
 
@@ -154,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", default="1G", help="bytes per run (K/M/G)")
     parser.add_argument("--baseline", default=BASELINE, help="git revision for 'before'")
+    parser.add_argument(
+        "--baseline-window",
+        type=int,
+        default=1,
+        help="writes/reads in flight for 'before' (default 1; 0: the baseline's default)",
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -175,21 +219,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = str(baseline_tree(args.baseline, tmp))
         todo = [
             c
-            for c in cases(args.size, base)
+            for c in cases(args.size, base, args.baseline_window)
             if not args.only or any(o in c.name for o in args.only)
         ]
         results: dict[str, list[float]] = {c.name: [] for c in todo}
+        cpus: dict[str, list[float]] = {c.name: [] for c in todo}
+        client_cpus: dict[str, list[float]] = {c.name: [] for c in todo}
         for _ in range(args.runs):
             for case in todo:
                 _wait_quiet(args.quiet_wait)
-                results[case.name].append(run_case(case, env, args.size, tmp))
+                mib_s, cpu, client_cpu = run_case(case, env, args.size, tmp)
+                results[case.name].append(mib_s)
+                if cpu is not None:
+                    cpus[case.name].append(cpu)
+                if client_cpu is not None:
+                    client_cpus[case.name].append(client_cpu)
     medians = {name: statistics.median(v) for name, v in results.items()}
     for name, runs in results.items():
+        cpu_s = statistics.median(cpus[name]) if cpus[name] else None
+        client_s = statistics.median(client_cpus[name]) if client_cpus[name] else None
         if args.json:
-            print(json.dumps({"case": name, "median_mib_s": medians[name], "runs": runs}))
+            row = {"case": name, "median_mib_s": medians[name], "runs": runs}
+            print(json.dumps(row | {"server_cpu_s": cpu_s, "client_cpu_s": client_s}))
         else:
             shown = ", ".join(f"{r:.0f}" for r in runs)
-            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown})")
+            cpu = "" if cpu_s is None else f"  [CPU s: server {cpu_s:.2f}"
+            cpu += "" if client_s is None else f", client {client_s:.2f}"
+            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){cpu}{']' if cpu else ''}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Uses only `VfioUserSink` / `VfioUserSource` as the receive and send paths do (writes of
 16 MiB batches of 1 MiB chunks, as the loader hands them over; reads of 1 MiB, as the
 sender asks), so the same script runs against an older checkout (PYTHONPATH) for the
-baseline. WINDOW 0 means the sink's default. Prints {"mib_s", "seconds", "bytes"}.
+baseline. WINDOW 0 means the sink's default. Prints {"mib_s", "seconds", "bytes", "cpu_s"}
+(cpu_s: this process's CPU seconds in the data phase).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def parse_size(text: str) -> int:
 
 
 BATCH = 16
+CPU: list[float] = []  # the data phase's CPU seconds (user + sys)
 
 
 async def write(path: str, max_write: int, total: int, window: int) -> tuple[float, int]:
@@ -38,10 +40,12 @@ async def write(path: str, max_write: int, total: int, window: int) -> tuple[flo
     await sink.start()
     chunk = memoryview(b"\x5a" * CHUNK)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for _ in range(total // (CHUNK * BATCH)):
         await sink.write([chunk] * BATCH)
     await sink.client.flush()
     seconds = time.perf_counter() - t0
+    CPU.append(time.process_time() - c0)
     await sink.finish()
     await sink.aclose()
     return seconds, total
@@ -56,9 +60,11 @@ async def read(path: str, window: int) -> tuple[float, int]:
     await source.start()
     moved = 0
     t0 = time.perf_counter()
+    c0 = time.process_time()
     while data := await source.read(CHUNK):
         moved += len(data)
     seconds = time.perf_counter() - t0
+    CPU.append(time.process_time() - c0)
     await source.finish()
     await source.aclose()
     return seconds, moved
@@ -77,6 +83,7 @@ def main() -> None:
                 "mib_s": round(moved / seconds / 2**20, 1),
                 "seconds": round(seconds, 4),
                 "bytes": moved,
+                "cpu_s": round(CPU[0], 3),
             }
         )
     )

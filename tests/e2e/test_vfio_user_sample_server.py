@@ -113,3 +113,5 @@ def test_libvfio_user_sample_client_runs_against_the_python_sample_server(
         assert "client: get_dirty_bitmap: 0x1000-0x1fff\t0x1" in stdout, report  # by us
         assert source.returncode == 0, report
         assert out.count("doing dma io") == 1, report
+        # The destination took BAR1's data straight into BAR1 (its WriteBuffer).
+        assert "bytes received straight into BAR1" in dest, report

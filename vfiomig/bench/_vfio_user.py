@@ -12,10 +12,14 @@ the most libvfio-user is sure to read whole.
 
 from __future__ import annotations
 
+import argparse
+import errno
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -49,7 +53,7 @@ class NullEmulator:
         if state == MigState.STOP_COPY:
             self.read = 0
 
-    def read_data(self, size: int) -> bytes:
+    def read_data(self, size: int) -> bytes | memoryview:
         n = min(size, self.read_total - self.read)
         off = self.read % RING
         first = min(n, RING - off)
@@ -75,6 +79,51 @@ class NullEmulator:
 
     def reset(self) -> None:
         pass
+
+
+class StoringEmulator(NullEmulator):
+    """Keeps the stream in one preallocated buffer of ``capacity`` bytes (its pages
+    touched up front), copied there by ``write_data``; a stream longer than that starts
+    over at 0 once a write would not fit. Its STOP_COPY stream (``read_total`` bytes)
+    comes from that buffer as views, no copy (the server sends a reply before it calls
+    the emulator again)."""
+
+    def __init__(self, capacity: int, read_total: int = 0) -> None:
+        super().__init__(read_total)
+        self.store = memoryview(bytearray(b"\xa5") * capacity)
+        self.at = 0  # where the next write goes
+
+    def _place(self, size: int) -> int:
+        if self.at + size > len(self.store):
+            if size > len(self.store):
+                raise OSError(errno.EFBIG, f"write of {size} bytes ({len(self.store)} stored)")
+            self.at = 0
+        return self.at
+
+    def read_data(self, size: int) -> memoryview:
+        off = self.read % len(self.store)
+        n = min(size, self.read_total - self.read, len(self.store) - off)
+        self.read += n
+        return self.store[off : off + n]
+
+    def write_data(self, data: memoryview) -> int:
+        at = self._place(len(data))
+        self.store[at : at + len(data)] = data
+        self.at += len(data)
+        self.written += len(data)
+        return len(data)
+
+
+class DirectStoringEmulator(StoringEmulator):
+    """`StoringEmulator` whose writes are received straight into the buffer (`WriteBuffer`)."""
+
+    def write_buffer(self, size: int) -> memoryview:
+        at = self._place(size)
+        return self.store[at : at + size]
+
+    def write_commit(self, size: int) -> None:
+        self.at += size
+        self.written += size
 
 
 def lvu_server() -> str | None:
@@ -131,8 +180,24 @@ async def stop_servers(procs: Sequence[trio.Process]) -> None:
             await proc.wait()
 
 
-def main() -> None:
-    """``SOCK [READ_TOTAL]``: serve a `NullEmulator` on SOCK until terminated."""
-    path = sys.argv[1]
-    total = parse_size(sys.argv[2]) if len(sys.argv) > 2 else 0
-    trio.run(serve_vfio_user, path, VfioUserDevice(NullEmulator(total)))
+def main(argv: Sequence[str] | None = None) -> None:
+    """``SOCK [READ_TOTAL] [--store SIZE [--direct]] [--once]``: serve a `NullEmulator`
+    (or a `StoringEmulator`, a `DirectStoringEmulator`) on SOCK until terminated (or
+    until its first client has gone: then its CPU seconds serving, as JSON on stdout)."""
+    parser = argparse.ArgumentParser(prog="null_device")
+    parser.add_argument("sock")
+    parser.add_argument("read_total", nargs="?", type=parse_size, default=0)
+    parser.add_argument("--store", type=parse_size, help="keep the stream in this many bytes")
+    parser.add_argument("--direct", action="store_true", help="with --store: WriteBuffer")
+    parser.add_argument("--once", action="store_true", help="exit after the first client")
+    args = parser.parse_args(argv)
+    emulator: NullEmulator = NullEmulator(args.read_total)
+    if args.store:
+        kind = DirectStoringEmulator if args.direct else StoringEmulator
+        emulator = kind(args.store, args.read_total)
+    before = os.times()
+    trio.run(partial(serve_vfio_user, args.sock, VfioUserDevice(emulator), once=args.once))
+    after = os.times()
+    if args.once:  # what serving took, start-up and the emulator's allocation left out
+        spent = after.user - before.user + after.system - before.system
+        print(json.dumps({"serve_cpu_s": round(spent, 3)}), flush=True)

@@ -61,7 +61,7 @@ BLOCKED_AFTER = 0.3
 ABORT_TIMEOUT = 10.0
 
 
-_Packet = tuple[bytes, bytes | bytearray]  # (multifd + VFIO header, data)
+_Packet = tuple[bytes, bytes | bytearray | memoryview]  # (multifd + VFIO header, data)
 
 
 class _Progress:
@@ -223,7 +223,7 @@ async def _produce(
     nbytes = 0
     pending: list[tuple[_Packet, int]] = []
 
-    def packet(idx: int, flags: int, data: bytes | bytearray) -> _Packet:
+    def packet(idx: int, flags: int, data: bytes | bytearray | memoryview) -> _Packet:
         header = encode_device_header(device.idstr, device.instance, 12 + len(data))
         return header + encode_vfio_header(idx, flags, endian=endian), data
 

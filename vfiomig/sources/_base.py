@@ -53,8 +53,9 @@ class Source(abc.ABC):
         """Prepare to read (a vfio-user source enters STOP_COPY here)."""
 
     @abc.abstractmethod
-    async def read(self, max_bytes: int) -> bytes | bytearray:
-        """Return up to ``max_bytes`` of the stream; an empty result means the end."""
+    async def read(self, max_bytes: int) -> bytes | bytearray | memoryview:
+        """Return up to ``max_bytes`` of the stream; an empty result means the end. A
+        memoryview must stay valid (and unchanged) for as long as the caller keeps it."""
 
     async def config_blob(self) -> bytes:
         """Return the whole config blob, markers included (default: an empty body)."""

@@ -5,8 +5,9 @@ Server side (see docs/vfio-user-emulators.md):
 
 - `VfioUserDevice` puts a device together: `PciConfig` (config space and capabilities:
   `pm_cap`, `msi_cap`, `msix_cap`, `pcie_cap`, `vendor_cap`), `Region` (optionally backed
-  by mmappable `SharedMemory`), interrupt counts (`IrqIndex`), `MigrationCallbacks` and a
-  reset callback; the emulator reaches guest memory through ``device.dma`` (`Dma`) and
+  by mmappable `SharedMemory`), interrupt counts (`IrqIndex`), `MigrationCallbacks`
+  (with `WriteBuffer`: MIG_DATA_WRITE bodies received straight into the emulator's memory)
+  and a reset callback; the emulator reaches guest memory through ``device.dma`` (`Dma`) and
   raises interrupts through ``device.irqs`` (`Irqs`);
 - `serve_vfio_user` serves it on a UNIX socket, one client at a time;
 - `Emulator` / `BarDevice`: the older migration-only emulator interface and its example.
@@ -23,7 +24,7 @@ from vfiomig.vfio_user._device import Emulator, VfioUserDevice
 from vfiomig.vfio_user._dma import Dma, DmaRegion, Sg
 from vfiomig.vfio_user._irqs import IrqIndex, Irqs
 from vfiomig.vfio_user._messages import Capabilities, Command, MigState, ProtocolError
-from vfiomig.vfio_user._migration import MigrationCallbacks
+from vfiomig.vfio_user._migration import MigrationCallbacks, WriteBuffer
 from vfiomig.vfio_user._pci import (
     PciCap,
     PciConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "VfioUserDevice",
     "VfioUserSink",
     "VfioUserSource",
+    "WriteBuffer",
     "WriteFailed",
     "msi_cap",
     "msix_cap",

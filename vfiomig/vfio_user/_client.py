@@ -315,7 +315,7 @@ class VfioUserClient(trio.abc.AsyncResource):
             writes = ((pieces, size, tag) for pieces, size, _, _ in _split(chunks, cap))
         await writer.write(writes)
 
-    async def read_stream(self, max_bytes: int) -> list[bytes | memoryview]:
+    async def read_stream(self, max_bytes: int) -> list[memoryview]:
         """The next pieces of the STOP_COPY stream (at most ``max_bytes`` in all), read
         with `window` MIG_DATA_READs of `data_limit` bytes in flight; ``[]`` at the end
         (the device returned 0 bytes)."""

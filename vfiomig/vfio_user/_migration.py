@@ -6,12 +6,20 @@ states, nor do we); each arc calls the emulator's ``transition``; if that fails 
 stays at the last arc that worked. MIG_DATA_READ is served in PRE_COPY and STOP_COPY,
 MIG_DATA_WRITE in RESUMING (EINVAL otherwise); a write the emulator takes only part of is
 EINVAL ("partial writes are not supported").
+
+An emulator that keeps the state in memory of its own can also have the server receive
+each MIG_DATA_WRITE body straight into that memory (`WriteBuffer`): the server asks
+``write_buffer(size)`` for a writable view, receives the body into it and calls
+``write_commit(size)`` once all of it is there. A body that does not arrive whole (the
+client went away or broke the stream inside it, the server was cancelled) is never
+committed: the device is reset instead (`ResetReason.TORN_WRITE`), so the emulator hears
+of it and a partly loaded device never runs.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Protocol
+from typing import Protocol, cast
 
 from vfiomig.vfio_user import _fsm
 from vfiomig.vfio_user._messages import MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, MigState
@@ -24,9 +32,11 @@ class MigrationCallbacks(Protocol):
     """libvfio-user's ``vfu_migration_callbacks_t``; fail with ``OSError(errno, text)``.
 
     ``transition`` gets each state entered, one arc at a time. ``read_data`` returns at
-    most ``size`` bytes (empty at the end of the stream). ``write_data`` gets a view of
+    most ``size`` bytes (empty at the end of the stream); a view of the emulator's own
+    memory is fine: the reply is sent whole before the server calls back again. ``write_data`` gets a view of
     the received bytes (valid during the call only, no copy made) and returns how many it
-    took: all of them, or the write fails.
+    took: all of them, or the write fails. An emulator may add `WriteBuffer` to have the
+    bodies received straight into its memory instead.
     """
 
     def transition(self, state: MigState) -> None: ...
@@ -34,6 +44,23 @@ class MigrationCallbacks(Protocol):
     def read_data(self, size: int) -> Buffer: ...
 
     def write_data(self, data: memoryview) -> int: ...
+
+
+class WriteBuffer(Protocol):
+    """The optional zero-copy write path of `MigrationCallbacks` (both methods or none).
+
+    ``write_buffer(size)`` returns a writable view of at least ``size`` bytes where the
+    next ``size`` bytes of the stream go (only the first ``size`` are written), or None
+    to get this write through ``write_data`` instead. ``write_commit(size)`` says that the
+    view now holds them: they are part of the stream from then on. Between the two the
+    view belongs to the server; a write that is never committed was torn (see the module
+    docstring). Fail either with ``OSError(errno, text)``: the client gets that errno and
+    nothing of the write is committed.
+    """
+
+    def write_buffer(self, size: int) -> memoryview | None: ...
+
+    def write_commit(self, size: int) -> None: ...
 
 
 class Migration:
@@ -48,6 +75,11 @@ class Migration:
         self.callbacks = callbacks
         self.flags = flags
         self.state = MigState.RUNNING
+        has = callable(getattr(callbacks, "write_buffer", None))
+        if has != callable(getattr(callbacks, "write_commit", None)):
+            raise TypeError("migration callbacks need both write_buffer and write_commit")
+        #: The emulator's zero-copy write path, if it has one.
+        self.buffer = cast(WriteBuffer, callbacks) if has else None
 
     @property
     def stopped(self) -> bool:
@@ -78,11 +110,36 @@ class Migration:
         return data
 
     def write(self, data: memoryview) -> None:
-        if self.state != MigState.RESUMING:
-            raise OSError(errno.EINVAL, f"mig data write in {self.state.name}")
+        self._check_resuming()
         taken = self.callbacks.write_data(data)
         if taken != len(data):
             raise OSError(errno.EINVAL, f"write_data took {taken} of {len(data)} bytes")
+
+    def _check_resuming(self) -> None:
+        if self.state != MigState.RESUMING:
+            raise OSError(errno.EINVAL, f"mig data write in {self.state.name}")
+
+    def write_target(self, size: int) -> memoryview | None:
+        """The first ``size`` bytes of the emulator's `WriteBuffer` view (None: it has none,
+        or wants this write through ``write_data``)."""
+        self._check_resuming()
+        if self.buffer is None:
+            return None
+        view = self.buffer.write_buffer(size)
+        if view is None:
+            return None
+        if view.readonly or not view.c_contiguous or view.nbytes < size:
+            raise OSError(
+                errno.EINVAL,
+                f"write_buffer gave a {'read-only ' if view.readonly else ''}view of "
+                f"{view.nbytes} bytes (need {size} writable)",
+            )
+        return view.cast("B")[:size]
+
+    def commit(self, size: int) -> None:
+        """The view `write_target` gave holds the next ``size`` bytes of the stream."""
+        assert self.buffer is not None
+        self.buffer.write_commit(size)
 
     def reset(self) -> None:
         """Back to RUNNING without arcs (DEVICE_RESET; libvfio-user does the same)."""

@@ -1,12 +1,21 @@
 """The MIG_DATA_READ pipeline of a vfio-user client (see `_pipeline` for the rules both
 pipelines share): reads of ``size`` bytes with a window in flight; the data comes back in
 request order and ends at the first reply carrying 0 bytes; data after that end is a
-protocol error."""
+protocol error.
+
+The data is never copied here: replies are received into an arena (a buffer of
+`ARENA_REPLIES` replies) and each reply's data is handed out as a read-only view of it.
+An arena that is full is retired, never written again while any view into it is alive
+(a caller may keep the views as long as it likes); it is reused once the last one is
+gone (the bytearray says so: it cannot change its size while views of it exist). Only the part of a reply that was already received when its arena filled up is
+copied into the next arena.
+"""
 
 from __future__ import annotations
 
 import socket
 import struct
+from typing import Final
 
 import trio
 
@@ -21,6 +30,22 @@ from vfiomig.vfio_user._pipeline import (
     describe_errno,
 )
 
+#: Replies an arena holds.
+ARENA_REPLIES: Final = 8
+#: Arenas without live views kept for reuse (more are freed).
+SPARE_ARENAS: Final = 2
+
+
+def _unshared(arena: bytearray) -> bool:
+    """No view into ``arena`` is alive: a bytearray with views cannot change its size
+    (BufferError). One byte off and back on costs no reallocation."""
+    try:
+        last = arena.pop()
+    except BufferError:
+        return False
+    arena.append(last)
+    return True
+
 
 class ReadPipeline(SocketPipeline):
     """MIG_DATA_READs of ``size`` bytes with up to ``window`` in flight, until the device
@@ -29,16 +54,18 @@ class ReadPipeline(SocketPipeline):
     def __init__(
         self, sock: socket.socket, where: str, *, timeout: float, window: int, size: int
     ) -> None:
-        buffer_size = 4 * (HEADER_SIZE + MIG_DATA_HEADER_SIZE + size)
+        buffer_size = ARENA_REPLIES * (HEADER_SIZE + MIG_DATA_HEADER_SIZE + size)
         super().__init__(sock, where, timeout=timeout, window=window, buffer_size=buffer_size)
         self.size = size
+        self._retired: list[bytearray] = []  # full arenas, views into them maybe alive
+        self.arenas = 1  # allocated so far
         self.ended = False  # a reply carried 0 bytes
         self._order: dict[int, int] = {}  # msg_id -> request sequence, in flight
         self._sent = 0
         self._next = 0  # the sequence whose data comes next
-        self._early: dict[int, bytes] = {}  # data of replies that came before their turn
+        self._early: dict[int, memoryview] = {}  # data of replies that came before their turn
         self.offset = 0  # stream bytes received in order
-        self._ready: list[bytes | memoryview] = []
+        self._ready: list[memoryview] = []
         self._request = DATA_HEAD.pack(
             0, READ, HEADER_SIZE + MIG_DATA_HEADER_SIZE, 0, 0, MIG_DATA_HEADER_SIZE + size, size
         )
@@ -46,6 +73,39 @@ class ReadPipeline(SocketPipeline):
     @property
     def pending(self) -> int:
         return len(self._order)
+
+    def _room(self, need: int) -> None:
+        """Room for a message of ``need`` bytes after the parsed ones: in a fresh arena if
+        this one is short of it (its handed-out views stay as they are)."""
+        if len(self._buf) - self._start >= need:
+            return
+        tail = self._end - self._start
+        arena = self._spare(max(need, len(self._buf)))
+        arena[:tail] = self._view[self._start : self._end]
+        self._view.release()  # views handed out keep their arena until they go
+        self._retired.append(self._buf)
+        self._buf, self._view = arena, memoryview(arena)
+        self._start, self._end = 0, tail
+
+    def _spare(self, size: int) -> bytearray:
+        """A retired arena of at least ``size`` bytes no view refers to any more, or a
+        new one."""
+        found = None
+        kept: list[bytearray] = []
+        spare = 0
+        for arena in self._retired:
+            if not _unshared(arena):
+                kept.append(arena)
+            elif found is None and len(arena) >= size:
+                found = arena
+            elif spare < SPARE_ARENAS:
+                kept.append(arena)
+                spare += 1
+        self._retired = kept
+        if found is None:
+            self.arenas += 1
+            found = bytearray(size)
+        return found
 
     def _ask(self) -> bool:
         """Send as many requests as the window and the socket take; False if none."""
@@ -97,7 +157,7 @@ class ReadPipeline(SocketPipeline):
                     f"mig data read returned {got} bytes (asked {self.size}, "
                     f"carried {len(payload) - MIG_DATA_HEADER_SIZE})"
                 )
-            data = bytes(payload[MIG_DATA_HEADER_SIZE : MIG_DATA_HEADER_SIZE + got])
+            data = payload[MIG_DATA_HEADER_SIZE : MIG_DATA_HEADER_SIZE + got].toreadonly()
             if seq != self._next:
                 self._early[seq] = data
                 continue
@@ -105,7 +165,7 @@ class ReadPipeline(SocketPipeline):
             while self._next in self._early:
                 self._take(self._early.pop(self._next))
 
-    def _take(self, data: bytes) -> None:
+    def _take(self, data: memoryview) -> None:
         self._next += 1
         if not data:
             self.ended = True
@@ -115,9 +175,10 @@ class ReadPipeline(SocketPipeline):
             self._ready.append(data)
             self.offset += len(data)
 
-    async def read(self, max_bytes: int) -> list[bytes | memoryview]:
+    async def read(self, max_bytes: int) -> list[memoryview]:
         """At least one piece of the stream (at most ``max_bytes`` in all), or ``[]`` at
-        its end; data beyond ``max_bytes`` stays for the next call."""
+        its end; data beyond ``max_bytes`` stays for the next call. The pieces are
+        read-only views that stay valid as long as the caller keeps them."""
         while not self._ready and not (self.ended and not self._order):
             if not self._ask() and not self._order:
                 await self._wait("sending MIG_DATA_READ", trio.lowlevel.wait_writable)
@@ -126,7 +187,7 @@ class ReadPipeline(SocketPipeline):
                 await self._wait_readable()
                 self._receive_nowait()
             self._collect()
-        out: list[bytes | memoryview] = []
+        out: list[memoryview] = []
         room = max_bytes
         while self._ready and room:
             piece = self._ready[0]
@@ -134,8 +195,8 @@ class ReadPipeline(SocketPipeline):
                 out.append(self._ready.pop(0))
                 room -= len(piece)
             else:
-                out.append(memoryview(piece)[:room])
-                self._ready[0] = memoryview(piece)[room:]
+                out.append(piece[:room])
+                self._ready[0] = piece[room:]
                 room = 0
         self._ask()
         await trio.lowlevel.checkpoint()

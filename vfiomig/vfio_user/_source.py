@@ -105,19 +105,23 @@ class VfioUserSource(Source):
             except (OSError, VfioMigError, trio.TooSlowError) as exc:
                 log.warning("%s: back to RUNNING failed: %s", self.description, exc)
 
-    async def read(self, max_bytes: int) -> bytes | bytearray:
-        """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes."""
-        out = bytearray()
-        while not self._ended and len(out) < max_bytes:
-            pieces = await self.client.read_stream(max_bytes - len(out))
+    async def read(self, max_bytes: int) -> bytes | bytearray | memoryview:
+        """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes.
+
+        When one reply holds all of it (``max_bytes`` up to the server's
+        ``max_data_xfer_size``, or the stream's last bytes) it is a read-only view of the
+        buffer the reply was received in, not a copy; it stays valid as long as it is
+        kept (see `_read_pipeline`). Data from several replies is joined into bytes.
+        """
+        out: list[memoryview] = []
+        got = 0
+        while not self._ended and got < max_bytes:
+            pieces = await self.client.read_stream(max_bytes - got)
             if not pieces:
                 self._ended = True
-            if len(pieces) == 1 and not out and len(pieces[0]) == max_bytes:
-                piece = pieces[0]
-                return piece if isinstance(piece, bytes) else bytes(piece)
-            for piece in pieces:
-                out += piece
-        return out
+            out += pieces
+            got += sum(map(len, pieces))
+        return out[0] if len(out) == 1 else b"".join(out)
 
     async def config_blob(self) -> bytes:
         if self.config_path is None:

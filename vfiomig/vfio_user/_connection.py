@@ -1,0 +1,478 @@
+"""One vfio-user client connection of the server: framing, fds, requests, replies.
+
+One connection is one task that receives with ``recvmsg_into`` into a buffer of its own:
+fds arrive with the bytes they were sent with (SCM_RIGHTS) and go to the message whose
+header starts in that read; a request's payload is handed to the handler as a view of
+the buffer (a MIG_DATA_WRITE body reaches ``write_data`` without a copy). Requests are
+handled and answered in the order they arrive, so a client may pipeline them. Replies
+to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
+`Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task.
+
+A MIG_DATA_WRITE to an emulator with a `WriteBuffer` skips the buffer: once its 24 bytes
+of headers are in (and pass the handler's checks), the body bytes already received are
+copied into the emulator's view and the rest is received straight into it, then
+committed and answered like any write. Smaller requests around it are framed as usual.
+
+Replies that are a bare header (a MIG_DATA_WRITE's, a REGION_WRITE's) are queued and
+sent together, in order, in one ``sendmsg``: before the server waits for more bytes,
+before any other message it sends, and once they answer `REPLY_BATCH_BYTES` of
+requests. A client with one request in flight gets its reply at once (the server
+waits for its next request); a pipelining client gets one wakeup per batch, not per
+write. The socket's send buffer is `SEND_BUFFER`, so a 1 MiB MIG_DATA_READ reply goes
+out in one call.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from vfiomig._logs import event
+from vfiomig.vfio_user._device import VfioUserDevice
+from vfiomig.vfio_user._messages import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER,
+    HEADER_SIZE,
+    MIG_DATA_HEADER_SIZE,
+    SEND_BUFFER,
+    command_name,
+)
+from vfiomig.vfio_user._pipeline import DATA_HEAD_SIZE, MIG_SIZES, WRITE
+from vfiomig.vfio_user._regions import Buffer
+from vfiomig.vfio_user._session import CloseConnection, ResetReason, Session
+
+log = logging.getLogger("vfiomig.vfio_user")
+
+
+#: Room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever truncated
+#: into a leak, all are closed unless a handler keeps them.
+_ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
+_RECV_WINDOW: Final = 64 * 1024
+#: Bare-header replies are sent at the latest once they answer this many request bytes
+#: (a quarter of the vfiomig client's default window: it always has writes to send).
+REPLY_BATCH_BYTES: Final = 2 * 1024 * 1024
+#: ... or once this many are queued.
+REPLY_BATCH_COUNT: Final = 64
+#: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
+DMA_REPLY_TIMEOUT: Final = 10.0
+
+
+class ConnectionLost(Exception):
+    """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
+
+
+class Connection:
+    """One client: receives, frames and answers its requests in order (`run`)."""
+
+    def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
+        # A non-blocking stdlib twin of the socket: a syscall is tried first and trio is
+        # only asked to wait when it would block (trio's socket methods add a scheduler
+        # round per call, two thirds of a REGION_READ's cost).
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno()))
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        self.calls = 0
+        self.device = device
+        self.session = Session()
+        self.buf = bytearray(device.max_msg_size + 64 * 1024)
+        self.view = memoryview(self.buf)
+        self.start = 0  # the next message starts here
+        self.end = 0  # bytes received up to here
+        self.base = 0  # stream offset of buf[0]
+        self.fd_chunks: list[tuple[int, int, list[int]]] = []  # (stream start, end, fds)
+        self.skip = 0  # payload bytes of an oversized message still to drop
+        self.wanted = HEADER_SIZE  # bytes the message at ``start`` needs in all
+        self.send_lock = trio.StrictFIFOLock()
+        self.replies = bytearray()  # bare-header replies not sent yet, in order
+        self.replied = 0  # request bytes they answer
+        self.next_id = 0
+        self.pending: dict[int, _Pending] = {}  # the server's own requests, by msg_id
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive(self) -> bool:
+        """Read more bytes (and fds); False at the end of the stream."""
+        if self.start == self.end:
+            self.base += self.start
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < 4096:
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start : self.end]
+            self.base += self.start
+            self.start, self.end = 0, n
+        # A window of what the current message still needs (at least 64 KiB): recvmsg_into
+        # into a whole 1 MiB buffer costs ~140 us more per call than into 64 KiB.
+        want = max(_RECV_WINDOW, self.wanted - (self.end - self.start))
+        window = self.view[self.end : min(len(self.buf), self.end + want)]
+        nbytes, fds = await self._recv(window)
+        if fds:
+            at = self.base + self.end
+            self.fd_chunks.append((at, at + max(nbytes, 1), fds))
+        self.end += nbytes
+        return nbytes > 0
+
+    async def _recv(self, window: memoryview) -> tuple[int, list[int]]:
+        """One ``recvmsg_into`` into ``window``, waiting until the socket has something:
+        (bytes, fds); 0 bytes at the end of the stream. Queued replies go out before the
+        wait."""
+        self.calls += 1
+        if self.calls % 64 == 0:
+            await trio.lowlevel.checkpoint()  # let the emulator's tasks run under load
+        while True:
+            try:
+                nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], _ANC_SIZE)
+                break
+            except BlockingIOError:
+                if self.replies:
+                    await self._send_buffers([], [])
+                await trio.lowlevel.wait_readable(self.sock)
+        fds = _fds_of(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise ConnectionLost("ancillary data was truncated")
+        return nbytes, fds
+
+    def _take_fds(self, at: int) -> list[int]:
+        """The fds that came with the read the message at stream offset ``at`` starts in;
+        fds of reads in which no message started are closed."""
+        if not self.fd_chunks:
+            return []
+        taken: list[int] = []
+        keep: list[tuple[int, int, list[int]]] = []
+        for chunk in self.fd_chunks:
+            start, end, fds = chunk
+            if start <= at < end:
+                taken += fds
+            elif end <= at:
+                _close_all(fds)
+            else:
+                keep.append(chunk)
+        self.fd_chunks = keep
+        return taken
+
+    async def run(self) -> None:
+        while True:
+            if self.skip:
+                drop = min(self.skip, self.end - self.start)
+                self.start += drop
+                self.skip -= drop
+            elif self.end - self.start >= HEADER_SIZE:
+                msg_id, command, size, flags, error_no = HEADER.unpack_from(self.buf, self.start)
+                if size < HEADER_SIZE:
+                    raise ConnectionLost(
+                        f"{command_name(command)} message size {size} is below {HEADER_SIZE}"
+                    )
+                if size > self.device.max_msg_size:
+                    await self._oversized(msg_id, command, size, flags)
+                    continue
+                if (
+                    command == WRITE
+                    and not flags & FLAG_TYPE_MASK
+                    and self.end - self.start >= DATA_HEAD_SIZE
+                    and await self._write_into_emulator(msg_id, flags, size)
+                ):
+                    self.wanted = HEADER_SIZE
+                    continue
+                self.wanted = size
+                if self.end - self.start >= size:
+                    self.wanted = HEADER_SIZE
+                    at = self.start
+                    fds = self._take_fds(self.base + at)
+                    payload = self.view[at + HEADER_SIZE : at + size]
+                    self.start += size
+                    try:
+                        if flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
+                            _close_all(fds)
+                            self._deliver(msg_id, command, flags, error_no, payload)
+                        else:
+                            await self._request(msg_id, command, flags, size, payload, fds)
+                    finally:
+                        payload.release()
+                    continue
+            if not await self._receive():
+                if self.end != self.start or self.skip:
+                    raise ConnectionLost(
+                        f"client closed inside a message ({self.end - self.start} bytes buffered)"
+                    )
+                if self.replies:  # a client that shut down its sending side still reads
+                    await self._send_buffers([], [])
+                return
+
+    async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
+        log.debug(
+            "vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size
+        )
+        await self._refuse(msg_id, command, size, flags, errno.EINVAL)
+
+    async def _refuse(self, msg_id: int, command: int, size: int, flags: int, code: int) -> None:
+        """Answer the request at ``start`` with ``code`` and drop its ``size`` bytes."""
+        _close_all(self._take_fds(self.base + self.start))
+        have = min(self.end - self.start, size)
+        self.start += have
+        self.skip = size - have
+        if not flags & (FLAG_NO_REPLY | FLAG_TYPE_MASK):
+            await self._send(msg_id, command, [], [], code)
+
+    async def _write_into_emulator(self, msg_id: int, flags: int, size: int) -> bool:
+        """A MIG_DATA_WRITE (header at ``start``) received straight into the emulator's
+        `WriteBuffer` and committed; False if it does not go that way (no such buffer, or
+        a request the handler refuses: it gets the buffered path and its error text).
+
+        A body that does not arrive whole resets the device (`ResetReason.TORN_WRITE`)
+        before the error propagates; cancellation likewise.
+        """
+        migration = self.device.migration
+        if migration is None or migration.buffer is None or not self.session.negotiated:
+            return False
+        argsz, data_size = MIG_SIZES.unpack_from(self.buf, self.start + HEADER_SIZE)
+        if (
+            data_size != size - DATA_HEAD_SIZE
+            or argsz < MIG_DATA_HEADER_SIZE + data_size
+            or data_size > self.session.client_max_data_xfer_size
+            or data_size == 0
+        ):
+            return False
+        try:
+            target = migration.write_target(data_size)
+        except OSError as exc:
+            log.debug("vfio-user: MIG_DATA_WRITE msg_id %d refused: %s", msg_id, exc)
+            await self._refuse(msg_id, WRITE, size, flags, _errno_of(exc))
+            return True
+        if target is None:
+            return False
+        _close_all(self._take_fds(self.base + self.start))
+        body = self.start + DATA_HEAD_SIZE
+        have = min(self.end - body, data_size)
+        target[:have] = self.view[body : body + have]
+        self.start = body + have
+        got = have
+        try:
+            while got < data_size:
+                nbytes, fds = await self._recv(target[got:])
+                _close_all(fds)  # no message starts inside a body
+                if not nbytes:
+                    raise ConnectionLost(
+                        f"client closed inside a MIG_DATA_WRITE body ({got} of {data_size} bytes)"
+                    )
+                got += nbytes
+        except BaseException:
+            self._torn(got, data_size)
+            raise
+        finally:
+            target.release()
+            self.base += got - have  # stream bytes that never were in ``buf``
+        try:
+            migration.commit(data_size)
+        except OSError as exc:
+            log.debug("vfio-user: MIG_DATA_WRITE msg_id %d failed: %s", msg_id, exc)
+            await self._answer(msg_id, WRITE, flags, size, _errno_of(exc))
+        else:
+            await self._answer(msg_id, WRITE, flags, size, None)
+        return True
+
+    def _torn(self, got: int, size: int) -> None:
+        log.warning(
+            "vfio-user: MIG_DATA_WRITE body cut short (%d of %d bytes): resetting the device",
+            got,
+            size,
+            extra=event("vfio_user_torn_write", received=got, size=size),
+        )
+        try:
+            self.device.do_reset(ResetReason.TORN_WRITE)
+        except OSError as exc:
+            log.warning("vfio-user: reset after a torn write failed: %s", exc)
+
+    async def _request(
+        self, msg_id: int, command: int, flags: int, size: int, payload: memoryview, fds: list[int]
+    ) -> None:
+        close = False
+        parts: Sequence[Buffer] = []
+        out_fds: list[int] = []
+        error: int | None = None
+        try:
+            reply = self.device.handle(self.session, command, payload, fds)
+        except OSError as exc:
+            log.debug("vfio-user: %s msg_id %d failed: %s", command_name(command), msg_id, exc)
+            error = _errno_of(exc)
+        except CloseConnection as exc:
+            log.warning(
+                "vfio-user: dropping the client: %s", exc, extra=event("vfio_user_client_dropped")
+            )
+            error, close = exc.errno, True
+        else:
+            parts, out_fds = reply.parts, reply.fds
+        finally:
+            _close_all(fds)
+        await self._answer(msg_id, command, flags, size, error, parts, out_fds)
+        if close:
+            raise ConnectionLost("negotiation failed")
+
+    async def _answer(
+        self,
+        msg_id: int,
+        command: int,
+        flags: int,
+        size: int,
+        error: int | None,
+        parts: Sequence[Buffer] = (),
+        fds: Sequence[int] = (),
+    ) -> None:
+        """Reply to the request of ``size`` bytes (none if it asked for none); a bare
+        header is queued (see the module docstring)."""
+        if flags & FLAG_NO_REPLY:
+            return
+        if error is None and not parts and not fds:
+            self.replies += HEADER.pack(msg_id, command, HEADER_SIZE, FLAG_TYPE_REPLY, 0)
+            self.replied += size
+            if self.replied >= REPLY_BATCH_BYTES or len(self.replies) >= (
+                REPLY_BATCH_COUNT * HEADER_SIZE
+            ):
+                await self._send_buffers([], [])
+        else:
+            await self._send(msg_id, command, parts, fds, error, reply=True)
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(
+        self,
+        msg_id: int,
+        command: int,
+        parts: Sequence[Buffer],
+        fds: Sequence[int],
+        error: int | None,
+        *,
+        reply: bool = True,
+    ) -> None:
+        size = HEADER_SIZE
+        for part in parts:
+            size += part.nbytes if isinstance(part, memoryview) else len(part)
+        flags = (FLAG_TYPE_REPLY if reply else 0) | (FLAG_ERROR if error is not None else 0)
+        head = HEADER.pack(msg_id, command, size, flags, error or 0)
+        await self._send_buffers([head, *parts], fds)
+
+    async def _send_buffers(self, buffers: list[Buffer], fds: Sequence[int]) -> None:
+        """Send the queued bare-header replies, then ``buffers`` (fds with their first
+        byte), in as many ``sendmsg`` calls as the socket needs (no copy)."""
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        try:  # the lock is only ever held across a wait for room in the socket
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
+            if self.replies:  # queued before this message: they go first
+                buffers.insert(0, bytes(self.replies))
+                self.replies.clear()
+                self.replied = 0
+            while buffers:
+                try:
+                    sent = self.sock.sendmsg(buffers, anc)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                anc = []
+                while sent:
+                    first = memoryview(buffers[0]).cast("B")
+                    if sent < first.nbytes:
+                        buffers[0] = first[sent:]
+                        break
+                    sent -= first.nbytes
+                    del buffers[0]
+                else:
+                    while buffers and not len(buffers[0]):
+                        del buffers[0]
+        finally:
+            self.send_lock.release()
+
+    async def request(self, command: int, payload: bytes) -> bytes:
+        """Send a DMA_READ / DMA_WRITE to the client and wait for its reply payload.
+
+        Raises:
+            OSError: the client's errno, ENOTCONN if it went away, ETIMEDOUT after
+                `DMA_REPLY_TIMEOUT` seconds. Cancellation: the reply is ignored.
+        """
+        while self.next_id in self.pending:
+            self.next_id = (self.next_id + 1) & 0xFFFF
+        msg_id = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        waiter = _Pending(command)
+        self.pending[msg_id] = waiter
+        try:
+            await self._send(msg_id, command, [payload], [], None, reply=False)
+            with trio.move_on_after(DMA_REPLY_TIMEOUT):
+                await waiter.event.wait()
+        finally:
+            del self.pending[msg_id]
+        result = waiter.result
+        if result is None:
+            raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
+        if isinstance(result, int):
+            raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
+        return result
+
+    def _deliver(
+        self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
+    ) -> None:
+        waiter = self.pending.get(msg_id)
+        if waiter is None or waiter.result is not None or waiter.command != command:
+            raise ConnectionLost(
+                f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
+            )
+        error = error_no if 0 < error_no < 4096 else errno.EIO
+        waiter.result = error if flags & FLAG_ERROR else bytes(payload)
+        waiter.event.set()
+
+    def fail_pending(self) -> None:
+        for waiter in self.pending.values():
+            if waiter.result is None:  # a reply that arrived stays (its task has not run yet)
+                waiter.result = errno.ENOTCONN
+                waiter.event.set()
+        for _, _, fds in self.fd_chunks:
+            _close_all(fds)
+        self.fd_chunks = []
+
+
+class _Pending:
+    """One DMA_READ / DMA_WRITE waiting for the client's reply (payload or errno)."""
+
+    __slots__ = ("command", "event", "result")
+
+    def __init__(self, command: int) -> None:
+        self.command = command
+        self.event = trio.Event()
+        self.result: bytes | int | None = None
+
+
+def _errno_of(exc: OSError) -> int:
+    return exc.errno if exc.errno and exc.errno > 0 else errno.EIO
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += struct.unpack(f"={usable // 4}i", data[:usable])
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    fds.clear()
