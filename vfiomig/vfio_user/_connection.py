@@ -211,7 +211,11 @@ class Connection:
 
     async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
         log.debug(
-            "vfio-user: %s msg_id %d of %d bytes is too large", command_name(command), msg_id, size
+            "vfio-user: %s msg_id %d of %d bytes is too large",
+            command_name(command),
+            msg_id,
+            size,
+            extra=event("vfio_user_request_refused", command=command_name(command), bytes=size),
         )
         await self._refuse(msg_id, command, size, flags, errno.EINVAL)
 
@@ -246,7 +250,12 @@ class Connection:
         try:
             target = migration.write_target(data_size)
         except OSError as exc:
-            log.debug("vfio-user: MIG_DATA_WRITE msg_id %d refused: %s", msg_id, exc)
+            log.debug(
+                "vfio-user: MIG_DATA_WRITE msg_id %d refused: %s",
+                msg_id,
+                exc,
+                extra=event("vfio_user_request_failed", command="MIG_DATA_WRITE", reason=str(exc)),
+            )
             await self._refuse(msg_id, WRITE, size, flags, _errno_of(exc))
             return True
         if target is None:
@@ -275,7 +284,12 @@ class Connection:
         try:
             migration.commit(data_size)
         except OSError as exc:
-            log.debug("vfio-user: MIG_DATA_WRITE msg_id %d failed: %s", msg_id, exc)
+            log.debug(
+                "vfio-user: MIG_DATA_WRITE msg_id %d failed: %s",
+                msg_id,
+                exc,
+                extra=event("vfio_user_request_failed", command="MIG_DATA_WRITE", reason=str(exc)),
+            )
             await self._answer(msg_id, WRITE, flags, size, _errno_of(exc))
         else:
             await self._answer(msg_id, WRITE, flags, size, None)
@@ -291,7 +305,11 @@ class Connection:
         try:
             self.device.do_reset(ResetReason.TORN_WRITE)
         except OSError as exc:
-            log.warning("vfio-user: reset after a torn write failed: %s", exc)
+            log.warning(
+                "vfio-user: reset after a torn write failed: %s",
+                exc,
+                extra=event("vfio_user_reset_failed", reason=str(exc)),
+            )
 
     async def _request(
         self, msg_id: int, command: int, flags: int, size: int, payload: memoryview, fds: list[int]
@@ -303,7 +321,15 @@ class Connection:
         try:
             reply = self.device.handle(self.session, command, payload, fds)
         except OSError as exc:
-            log.debug("vfio-user: %s msg_id %d failed: %s", command_name(command), msg_id, exc)
+            log.debug(
+                "vfio-user: %s msg_id %d failed: %s",
+                command_name(command),
+                msg_id,
+                exc,
+                extra=event(
+                    "vfio_user_request_failed", command=command_name(command), reason=str(exc)
+                ),
+            )
             error = _errno_of(exc)
         except CloseConnection as exc:
             log.warning(

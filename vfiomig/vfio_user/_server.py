@@ -152,7 +152,11 @@ async def serve_vfio_user_connection(sock: trio.socket.SocketType, device: VfioU
             "vfio-user: dropping the client: %s", exc, extra=event("vfio_user_client_dropped")
         )
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.debug("vfio-user: client went away: %r", exc)
+        log.debug(
+            "vfio-user: client went away: %r",
+            exc,
+            extra=event("vfio_user_client_gone", reason=str(exc)),
+        )
     finally:
         conn.fail_pending()
         for fd in device.disconnected():

@@ -24,6 +24,7 @@ import trio
 
 from vfiomig._core._errors import ConfigStateError, UsageError, VfioMigError
 from vfiomig._core._wire import check_config_blob, wrap_config
+from vfiomig._logs import event
 from vfiomig.sources import Source
 from vfiomig.vfio_user._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MIGRATION_PRE_COPY, MigState
@@ -103,7 +104,12 @@ class VfioUserSource(Source):
             try:
                 await self._client.set_state(MigState.RUNNING)
             except (OSError, VfioMigError, trio.TooSlowError) as exc:
-                log.warning("%s: back to RUNNING failed: %s", self.description, exc)
+                log.warning(
+                    "%s: back to RUNNING failed: %s",
+                    self.description,
+                    exc,
+                    extra=event("source_abort_failed", self.description, reason=str(exc)),
+                )
 
     async def read(self, max_bytes: int) -> bytes | bytearray | memoryview:
         """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes.
