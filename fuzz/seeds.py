@@ -164,6 +164,8 @@ def _vfio_user_connection() -> list[bytes]:
         + _rec(4, 0, 250)
         + _rec(0, 1)
         + _rec(11, 1, 1, 1),
+        # every write declined: 68 KiB through the server's own buffer, which turns over
+        bytes([11, resuming, 0]) + bytes([1, 1, 1, 1]) + _rec(0, 250, 1) * 17 + _rec(6, 2, 0, 60),
     ]
 
 

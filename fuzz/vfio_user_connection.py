@@ -43,6 +43,7 @@ import os
 import random
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 import trio
@@ -50,6 +51,7 @@ import trio.testing
 
 from fuzz.vfio_user_server import FuzzBug, sample_device
 from vfiomig.vfio_user import Capabilities, MigState, ResetReason, SharedMemory, VfioUserDevice
+from vfiomig.vfio_user._connection import _errno_of
 from vfiomig.vfio_user._messages import (
     FEATURE_GET,
     FEATURE_MIG_DEVICE_STATE,
@@ -267,10 +269,6 @@ def _reply(msg_id: int, command: int, error: int | None, payload: bytes = b"") -
     return HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags, error or 0) + payload
 
 
-def _errno_of(exc: OSError) -> int:
-    return exc.errno if exc.errno and exc.errno > 0 else errno.EIO
-
-
 def expect(stream: bytes, twin: VfioUserDevice, plan: bytes) -> bytes:
     """The replies the server owes for ``stream`` (the twin's log gets the emulator's
     side): whole requests through the twin's handlers, then the fast path's rules for a
@@ -461,10 +459,7 @@ async def _timed(
 
 def _compare(got: bytes, owed: bytes, log: Log, model: Log, *, strict: bool) -> None:
     if got != owed and (strict or not owed.startswith(got)):
-        at = next(
-            (i for i, (x, y) in enumerate(zip(got, owed, strict=False)) if x != y),
-            min(len(got), len(owed)),
-        )
+        at = _first_difference(got, owed)
         raise FuzzBug(
             f"replies differ from byte {at}: got {got[at - at % 16 : at + 32]!r}, "
             f"owed {owed[at - at % 16 : at + 32]!r} ({len(got)} of {len(owed)} bytes)"
@@ -474,14 +469,17 @@ def _compare(got: bytes, owed: bytes, log: Log, model: Log, *, strict: bool) -> 
     torn = ("reset", ResetReason.TORN_WRITE.value)
     head = log[:-1] if log and log[-1] == torn else log
     if strict or model[: len(head)] != head:
-        at = next(
-            (i for i, (x, y) in enumerate(zip(log, model, strict=False)) if x != y),
-            min(len(log), len(model)),
-        )
+        at = _first_difference(log, model)
         raise FuzzBug(
             f"emulator log differs from the model's at entry {at}: {_brief(log[at : at + 2])}, "
             f"model {_brief(model[at : at + 2])} ({len(log)} and {len(model)} entries)"
         )
+
+
+def _first_difference(a: Sequence[object], b: Sequence[object]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 def _brief(log: Log) -> list[object]:

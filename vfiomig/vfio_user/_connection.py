@@ -170,6 +170,9 @@ class Connection:
             ConnectionLost: the stream cannot be framed any more; the replies queued for
                 the requests handled before that are sent first (within
                 `LAST_REPLIES_TIMEOUT`), so every request handled is answered.
+
+        Cancellation: a MIG_DATA_WRITE body being received into the emulator is torn
+        (the device is reset); the replies were sent before the server waited.
         """
         try:
             await self._serve()
