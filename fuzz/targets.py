@@ -25,6 +25,8 @@ can explore the slicing too; the rest is the stream.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import types
 from collections.abc import Callable
@@ -53,7 +55,8 @@ UUID = bytes(range(16))
 PACKET_CAP = 1 << 16
 #: A small receive buffer (the C core's block), so that every path of `pump_recv` is taken:
 #: packets from 2 KiB up go into their own buffer, smaller ones into the block, where the C
-#: core keeps those from 512 bytes up until written (views), and the block turns over often.
+#: core keeps them until written (its take_ready batches pin them: `vfiomig._native.Run`),
+#: and the block turns over often.
 BUFFER_SIZE = 8192
 
 
@@ -115,6 +118,30 @@ def _run_framer(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) -> 
         else:
             raise FuzzBug(f"framer not poisoned after {exc!r}") from None
     return trace
+
+
+def _ready_bytes(ready: core.Ready, *, through_fd: bool) -> bytes:
+    """A batch's bytes: its chunks one by one (as most sinks take them), or, for the C
+    core's `Run`, written from C with ``write_to`` into a one-page non-blocking pipe (short
+    writes: the run's cursor carries on from where each write stopped)."""
+    chunks = ready.chunks
+    write_to = getattr(chunks, "write_to", None)
+    if not through_fd or write_to is None:
+        return b"".join(bytes(c) for c in chunks)
+    out = bytearray()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+        while chunks.remaining:  # type: ignore[attr-defined]
+            try:
+                write_to(w)
+            except BlockingIOError:
+                pass
+            out += os.read(r, 1 << 16)
+    finally:
+        os.close(r)
+        os.close(w)
+    return bytes(out)
 
 
 def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) -> list[object]:
@@ -189,9 +216,9 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
         out = bytearray()
         try:
             while (ready := buf.take_ready()) is not None:  # type: ignore[attr-defined]
-                for chunk in ready.chunks:
-                    out += chunk
+                out += _ready_bytes(ready, through_fd=rng.random() < 0.5)
                 buf.written(ready.nbytes)  # type: ignore[attr-defined]
+                ready.release()
         except VfioMigError as exc:  # a buffer poisoned by the error above
             out += f"<{exc}>".encode()
         trace.append((key, bytes(out), buf.config))  # type: ignore[attr-defined]

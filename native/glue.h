@@ -19,6 +19,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <sys/uio.h>
+
 #include "vfiomig_core.h"
 #include "vfiomig_reorder.h"
 
@@ -40,6 +42,7 @@ extern PyTypeObject vfiomig_ReorderType;    /* glue_reorder.c */
 extern PyTypeObject vfiomig_FramerType;     /* glue_framer.c */
 extern PyTypeObject vfiomig_PipeWriterType; /* glue_pipe_writer.c */
 extern PyTypeObject vfiomig_BlockType;      /* glue_block.c */
+extern PyTypeObject vfiomig_RunType;        /* glue_run.c */
 
 /* -- Budget ------------------------------------------------------------------------- */
 
@@ -125,6 +128,18 @@ void vfiomig_block_retire(Block *b);
 void vfiomig_block_hold(Block *b, uint64_t len);
 void vfiomig_block_release(Block *b, uint64_t len);
 
+/* -- Run: a take_ready batch, its packets pinned in place (glue_run.c) ---------------- */
+
+typedef struct vfiomig_run Run;
+/* A run with room for cap packets, or NULL with an error. */
+Run *vfiomig_run_new(Py_ssize_t cap);
+/* Move a slot's data (block hold or object) into the run; 0, or -1 with an error. */
+int vfiomig_run_take_slot(Run *r, struct vfm_slot *s);
+/* What is left to write from the run's cursor, as a new PyMem array; 0 or -1. */
+int vfiomig_run_iov(Run *r, struct iovec **iov, size_t *niov);
+/* A writer thread has the run's iovecs: release() refuses until it is done. */
+void vfiomig_run_set_busy(Run *r, int busy);
+
 /* -- ReorderBuffer ------------------------------------------------------------------ */
 
 typedef struct {
@@ -169,9 +184,6 @@ typedef struct {
     size_t block_size;    /* the size of a new block */
     uint64_t big;         /* pump_recv: packets this large get their own buffer */
     size_t recv_chunk;    /* pump_recv: bytes asked of the socket at a time */
-    uint64_t view_min;    /* packets this large stay in the block until written; smaller
-                           * ones are copied (a view per packet for the loader costs more
-                           * than copying 4 KiB: benchmarks/README.md, round 5) */
     PyObject *uuid;
     PyObject *channels;
     PyObject *label;

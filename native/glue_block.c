@@ -9,7 +9,7 @@
 /* Blocks of the common size freed while their memory is warm: reused by the next block
  * instead of a fresh allocation that the kernel would fault in again page by page. */
 #define POOL_MAX 8
-#define POOL_CAP (512 * 1024)
+#define POOL_CAP (2 * 1024 * 1024)
 static uint8_t *pool[POOL_MAX];
 static int npool;
 

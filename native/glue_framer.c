@@ -55,7 +55,7 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
     PyObject *uuid = NULL, *channels = NULL, *ram = Py_None, *label = NULL;
     unsigned long long cap = 64ull * 1024 * 1024;
     const char *endian = "be";
-    Py_ssize_t buffer_size = 512 * 1024; /* a block: see pump_recv */
+    Py_ssize_t buffer_size = 2 * 1024 * 1024; /* a block: see pump_recv */
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOKOsUn", kwlist, &uuid, &channels, &cap,
                                      &ram, &endian, &label, &buffer_size))
         return -1;
@@ -93,8 +93,7 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
     size_t quarter = (size_t)buffer_size / 4;
     self->big = quarter < 256 * 1024 ? quarter : 256 * 1024;
     /* min(RECV_CHUNK, buffer_size) */
-    self->recv_chunk = (size_t)buffer_size < 256 * 1024 ? (size_t)buffer_size : 256 * 1024;
-    self->view_min = (uint64_t)buffer_size / 16 < 16 * 1024 ? (uint64_t)buffer_size / 16 : 16 * 1024;
+    self->recv_chunk = (size_t)buffer_size < 1024 * 1024 ? (size_t)buffer_size : 1024 * 1024;
     self->blk = vfiomig_block_new(self->block_size);
     if (!self->blk)
         return -1;

@@ -50,24 +50,15 @@ static Reorder *framer_route(Framer *self, const struct vfm_out *o, PyObject *ro
 }
 
 
-/* Deliver the packet idx at f.pos (size bytes, all buffered) to buf and advance past it;
+/* Deliver the packet idx at f.pos (size bytes, all buffered) to buf and advance past it:
+ * it stays in the block until written (the slot, then the loader's Run, holds the block);
  * 0, or -1 with an error set. */
 static int framer_deliver_buffered(Framer *self, Reorder *buf, uint32_t idx, uint64_t size)
 {
-    int r;
-    if (size < self->view_min) {
-        PyObject *data = PyBytes_FromStringAndSize(
-            (const char *)framer_data(self) + self->f.pos, (Py_ssize_t)size);
-        if (!data)
-            return -1;
-        r = vfiomig_reorder_deliver(buf, idx, data, (Py_ssize_t)size);
-        Py_DECREF(data);
-    } else {
-        Block *b = self->blk;
-        if (!b->budget)
-            b->budget = (Budget *)Py_NewRef(buf->budget);
-        r = vfiomig_reorder_deliver_block(buf, idx, b, self->f.pos, size);
-    }
+    Block *b = self->blk;
+    if (!b->budget)
+        b->budget = (Budget *)Py_NewRef(buf->budget);
+    int r = vfiomig_reorder_deliver_block(buf, idx, b, self->f.pos, size);
     if (r == 0)
         vfm_advance(&self->f, size, 1);
     return r;

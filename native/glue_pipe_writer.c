@@ -49,6 +49,7 @@ typedef struct {
     int busy;
     Py_buffer *bufs;
     Py_ssize_t nbufs;
+    Run *run; /* or a Run, written from its iovecs (it stays pinned until result) */
     struct iovec *iov;
     size_t niov;
 } PipeWriter;
@@ -159,6 +160,10 @@ static void release_batch(PipeWriter *w)
         PyBuffer_Release(&w->bufs[i]);
     PyMem_Free(w->bufs);
     PyMem_Free(w->iov);
+    if (w->run) {
+        vfiomig_run_set_busy(w->run, 0);
+        Py_CLEAR(w->run);
+    }
     w->bufs = NULL;
     w->iov = NULL;
     w->nbufs = 0;
@@ -255,6 +260,8 @@ static void PipeWriter_dealloc(PipeWriter *w)
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
+static PyObject *writer_go(PipeWriter *w);
+
 static PyObject *PipeWriter_submit(PipeWriter *w, PyObject *chunks)
 {
     if (w->closed) {
@@ -264,6 +271,13 @@ static PyObject *PipeWriter_submit(PipeWriter *w, PyObject *chunks)
     if (w->busy) {
         PyErr_SetString(PyExc_RuntimeError, "submit() while a batch is in flight");
         return NULL;
+    }
+    if (Py_IS_TYPE(chunks, &vfiomig_RunType)) {
+        if (vfiomig_run_iov((Run *)chunks, &w->iov, &w->niov) < 0)
+            return NULL;
+        w->run = (Run *)Py_NewRef(chunks);
+        vfiomig_run_set_busy(w->run, 1);
+        return writer_go(w);
     }
     PyObject *seq = PySequence_Fast(chunks, "submit() takes a sequence of chunks");
     if (!seq)
@@ -292,6 +306,12 @@ static PyObject *PipeWriter_submit(PipeWriter *w, PyObject *chunks)
         }
     }
     Py_DECREF(seq);
+    return writer_go(w);
+}
+
+/* Hand the batch in w->iov to the thread. */
+static PyObject *writer_go(PipeWriter *w)
+{
     w->busy = 1;
     pthread_mutex_lock(&w->mu);
     w->finished = 0;

@@ -311,6 +311,10 @@ static PyObject *Reorder_deliver(Reorder *self, PyObject *const *args, Py_ssize_
     unsigned long idx = PyLong_AsUnsignedLong(args[0]);
     if (idx == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
+    if (!PyObject_CheckBuffer(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "deliver() takes a bytes-like object");
+        return NULL;
+    }
     Py_ssize_t len = PyObject_Length(args[1]);
     if (len < 0)
         return NULL;
@@ -428,45 +432,50 @@ static PyObject *Reorder_take_ready(Reorder *self, PyObject *Py_UNUSED(ignored))
     }
     if (!self->gate_open)
         Py_RETURN_NONE;
-    PyObject *chunks = PyList_New(0);
-    if (!chunks)
-        return NULL;
-    long long idx = next, nbytes = 0, npackets = 0;
-    while (PyList_GET_SIZE(chunks) < MAX_BATCH_CHUNKS && nbytes < MAX_BATCH_BYTES &&
-           idx <= 0xFFFFFFFFll) {
-        struct vfm_slot *s = vfm_slot_find(&self->r, (uint32_t)idx);
+    /* The run: at most MAX_BATCH_CHUNKS packets or MAX_BATCH_BYTES (one packet over) */
+    long long idx = next, nbytes = 0, npackets = 0, nchunks = 0;
+    while (nchunks < MAX_BATCH_CHUNKS && nbytes < MAX_BATCH_BYTES &&
+           idx + npackets <= 0xFFFFFFFFll) {
+        struct vfm_slot *s = vfm_slot_find(&self->r, (uint32_t)(idx + npackets));
         if (!s || !s->data)
             break;
-        long long n = (long long)s->size;
-        if (n) {
-            PyObject *chunk = s->in_block ? vfiomig_block_view((Block *)s->data, (size_t)s->off,
-                                                               (size_t)s->size, 1)
-                                          : Py_NewRef((PyObject *)s->data);
-            if (!chunk || PyList_Append(chunks, chunk) < 0) {
-                Py_XDECREF(chunk);
-                Py_DECREF(chunks);
-                return NULL; /* nothing was taken out of the slot: the buffer is unchanged */
-            }
-            Py_DECREF(chunk);
+        nbytes += (long long)s->size;
+        nchunks += s->size != 0; /* zero-length packets are skipped, never written */
+        npackets++;
+    }
+    if (!npackets)
+        Py_RETURN_NONE;
+    Run *run = vfiomig_run_new((Py_ssize_t)nchunks);
+    if (!run)
+        return NULL;
+    for (long long i = 0; i < npackets; i++, idx++) {
+        struct vfm_slot *s = vfm_slot_find(&self->r, (uint32_t)idx);
+        if (vfiomig_run_take_slot(run, s) < 0) {
+            /* only a buffer request can fail: the packets taken are written out of order
+             * otherwise, so the device fails here */
+            npackets = i;
+            break;
         }
-        slot_drop_data(s);
         vfm_slot_remove(&self->r, s);
         self->r.delivered--;
-        nbytes += n;
-        npackets++;
-        idx++;
     }
-    if (!npackets) {
-        Py_DECREF(chunks);
-        Py_RETURN_NONE;
+    if (PyErr_Occurred()) {
+        Py_DECREF(run);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (!self->error)
+            self->error = Py_XNewRef(value);
+        PyErr_Restore(type, value, tb);
+        return NULL;
     }
     self->multifd_taken = 1;
     self->r.next_idx = idx;
     self->queued_packets -= npackets;
     self->written_packets += npackets;
     self->unwritten += nbytes;
-    PyObject *ready = make_ready(chunks, nbytes, next, idx, 0);
-    Py_DECREF(chunks);
+    PyObject *ready = make_ready((PyObject *)run, nbytes, next, idx, 0);
+    Py_DECREF(run);
     return ready;
 }
 

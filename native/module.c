@@ -83,7 +83,8 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (import_names() < 0 || PyType_Ready(&vfiomig_FramerType) < 0 ||
         PyType_Ready(&vfiomig_BudgetType) < 0 || PyType_Ready(&vfiomig_ReorderType) < 0 ||
-        PyType_Ready(&vfiomig_PipeWriterType) < 0 || PyType_Ready(&vfiomig_BlockType) < 0)
+        PyType_Ready(&vfiomig_PipeWriterType) < 0 || PyType_Ready(&vfiomig_BlockType) < 0 ||
+        PyType_Ready(&vfiomig_RunType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
@@ -91,7 +92,8 @@ PyMODINIT_FUNC PyInit__native(void)
     if (PyModule_AddObjectRef(m, "Framer", (PyObject *)&vfiomig_FramerType) < 0 ||
         PyModule_AddObjectRef(m, "Budget", (PyObject *)&vfiomig_BudgetType) < 0 ||
         PyModule_AddObjectRef(m, "ReorderBuffer", (PyObject *)&vfiomig_ReorderType) < 0 ||
-        PyModule_AddObjectRef(m, "PipeWriter", (PyObject *)&vfiomig_PipeWriterType) < 0) {
+        PyModule_AddObjectRef(m, "PipeWriter", (PyObject *)&vfiomig_PipeWriterType) < 0 ||
+        PyModule_AddObjectRef(m, "Run", (PyObject *)&vfiomig_RunType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

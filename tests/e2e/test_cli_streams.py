@@ -210,3 +210,17 @@ def test_send_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
     assert drawn.endswith("\r")
     code, _, err = rx.wait()
     assert code == 0, err
+
+
+def test_send_failure_on_a_terminal_is_one_line() -> None:
+    """With the progress line drawn, a failed send still ends in its one error line (the
+    line's nursery must not wrap the error in a group and print a traceback)."""
+    proc, reader = _on_terminal(
+        ["send", "--connect", "tcp:127.0.0.1:1", "--channels", "1", "--uuid", UUID_TEXT,
+         "--device", f"{DEV}=synth:1MiB:3"]
+    )  # fmt: skip
+    proc.communicate(timeout=60)
+    drawn = reader.result(timeout=10)
+    assert proc.returncode == 1
+    assert "Traceback" not in drawn
+    assert "vfiomig: send failed: channel 0: cannot connect to tcp:127.0.0.1:1" in drawn

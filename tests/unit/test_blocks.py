@@ -21,7 +21,9 @@ holds nothing: no slack is left behind.
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import os
 import random
 
 import pytest
@@ -36,10 +38,12 @@ pytestmark = pytest.mark.skipif(
     "native" not in core_module.IMPLEMENTATIONS, reason="the C core is not built"
 )
 native = core_module.IMPLEMENTATIONS.get("native")
+if native is not None:
+    from vfiomig._native import Run
 
 UUID = bytes(range(16))
 KEY = ("0000:00:04.0/vfio", 0)
-BLOCK = 16 * 1024  # packets of 1 KiB up to 4 KiB stay in the block (views), smaller are copied
+BLOCK = 16 * 1024  # packets up to 4 KiB stay in the block until written
 MAX_PACKET = 4095
 CHANNELS = 2
 
@@ -117,6 +121,9 @@ class BlocksMachine(RuleBasedStateMachine):
         self.channels = [_Channel(c, p, rng) for c, p in enumerate(per)]
         self.taken: object | None = None  # a batch taken, not yet written
         self.kept: list[memoryview] = []  # views a sink still holds after the write
+        self.held: list[object] = []  # runs written, not yet released (a late loader)
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, 4096)  # short writes
         self.written = bytearray()
         self.expect = b"".join(self.data)
 
@@ -126,22 +133,51 @@ class BlocksMachine(RuleBasedStateMachine):
 
     # -- the loader -------------------------------------------------------------------
 
-    @rule()
-    def loader_take(self) -> None:
+    @rule(through_fd=st.booleans())
+    def loader_take(self, through_fd: bool = False) -> None:
+        """Take a run and write it: as chunks (views, as most sinks), or from C with
+        write_to into a small non-blocking pipe (short writes: the cursor carries on)."""
         if self.taken is None:
             self.taken = self.buf.take_ready()
-            if self.taken is not None:
-                for c in self.taken.chunks:  # type: ignore[attr-defined]
+            if self.taken is None:
+                return
+            run = self.taken.chunks  # type: ignore[attr-defined]
+            assert isinstance(run, Run) and run.nbytes == self.taken.nbytes  # type: ignore[attr-defined]
+            if not through_fd:
+                for c in run:
                     assert isinstance(c, bytes) or c.readonly
                     self.written += c
+                return
+            while run.remaining:
+                try:
+                    run.write_to(self.pipe_w)
+                except BlockingIOError:
+                    pass
+                self.written += os.read(self.pipe_r, 1 << 20)
 
-    @rule(keep=st.booleans())
-    def loader_written(self, keep: bool) -> None:
+    @rule(keep=st.booleans(), release=st.booleans())
+    def loader_written(self, keep: bool, release: bool = True) -> None:
+        """Report the run written; release it now, or leave it to a late loader (held,
+        released later in any order); the sink may keep views of its chunks."""
         if self.taken is not None:
             self.buf.written(self.taken.nbytes)  # type: ignore[attr-defined]
+            run = self.taken.chunks  # type: ignore[attr-defined]
             if keep:
-                self.kept += [c for c in self.taken.chunks if isinstance(c, memoryview)]  # type: ignore[attr-defined]
+                self.kept += [c for c in run if isinstance(c, memoryview)]
+            if release:
+                self.taken.release()  # type: ignore[attr-defined]
+                assert run.released and run.remaining == 0
+                with pytest.raises(ValueError, match="released"):
+                    run[0]
+            else:
+                self.held.append(run)
             self.taken = None
+
+    @rule(data=st.data())
+    def loader_releases_a_held_run(self, data: st.DataObject) -> None:
+        if self.held:
+            i = data.draw(st.integers(0, len(self.held) - 1))
+            self.held.pop(i).release()
 
     @rule()
     def sink_lets_go(self) -> None:
@@ -153,7 +189,8 @@ class BlocksMachine(RuleBasedStateMachine):
     def memory_within_budget(self) -> None:
         b = self.budget
         assert b.queued >= 0 and b.slack >= 0
-        kept = sum(len(v) for v in self.kept)  # held by the sink, outside the budget
+        # held by the sink or a late loader, outside the budget
+        kept = sum(len(v) for v in self.kept) + sum(r.nbytes for r in self.held)  # type: ignore[attr-defined]
         assert b.queued + b.slack <= b.limit + MAX_PACKET + CHANNELS * BLOCK + kept
 
     @invariant()
@@ -182,6 +219,10 @@ class BlocksMachine(RuleBasedStateMachine):
         assert bytes(self.written) == self.expect
         self.buf.mark_loaded()
         assert self.budget.queued == 0
+        while self.held:
+            self.held.pop().release()  # type: ignore[attr-defined]
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
         self.channels.clear()
         gc.collect()
         assert self.budget.slack == 0, "a block's charge outlived it"

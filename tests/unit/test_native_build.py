@@ -90,6 +90,7 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path: Path) -> None:
             "test_pump.py",
             "test_pipe_writer.py",
             "test_blocks.py",
+            "test_run.py",
         )
     ]
     # The fuzz corpus too: the framer target runs the C core beside the reference on it.

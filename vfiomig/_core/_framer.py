@@ -99,14 +99,14 @@ PUMP_WOULD_BLOCK: Final = 4
 #: Bytes `Framer.pump_recv` asks ``recv_into`` for at a time into the framer's buffer (at
 #: most the buffer's size); when they do not fit after the unparsed bytes, those move to the
 #: front (the C core: to a new block, if packets of the old one are still held).
-RECV_CHUNK: Final = 256 * 1024
+RECV_CHUNK: Final = 1024 * 1024
 #: The data of a packet this large (or a quarter of the framer's buffer) goes straight into
 #: its own buffer in `Framer.pump_recv` (and only the next header is received after it, so
 #: that the next packet's data does so too); smaller packets are received into the
 #: framer's buffer with the packets around them.
 BIG_PAYLOAD: Final = 256 * 1024
 #: The framer's buffer (the C core's receive block).
-BUFFER_SIZE: Final = 512 * 1024
+BUFFER_SIZE: Final = 2 * 1024 * 1024
 
 _COMMON = struct.Struct(">III")
 _DEVICE_TAIL = struct.Struct(">II")

@@ -23,6 +23,7 @@ After an error the buffer is poisoned: every later call raises the same error.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vfiomig._core._errors import (
@@ -100,11 +101,20 @@ class DeviceStatistics:
 class Ready:
     """A batch for the loader: precopy chunks, or data of idx ``first_idx .. end_idx-1``."""
 
-    chunks: list[Buffer] = field(default_factory=list)
+    #: A list here; the C core's `vfiomig._native.Run`: the packets pinned in place, the
+    #: chunks built when asked for, written by the fd sinks from C.
+    chunks: Sequence[Buffer] = field(default_factory=list)
     nbytes: int = 0
     first_idx: int = 0
     end_idx: int = 0
     precopy: bool = False
+
+    def release(self) -> None:
+        """Let go of the chunks' memory once they are written: a `Run` returns its pins
+        (its receive blocks can be reused), a list is left to the collector."""
+        release = getattr(self.chunks, "release", None)
+        if release is not None:
+            release()
 
 
 class ReorderBuffer:
@@ -278,9 +288,9 @@ class ReorderBuffer:
         if self._error is not None:
             raise self._error
         if self._precopy:
-            ready = Ready(precopy=True, first_idx=self.next_idx, end_idx=self.next_idx)
-            ready.chunks, self._precopy = self._precopy, []
-            ready.nbytes = sum(len(c) for c in ready.chunks)
+            pre, self._precopy = self._precopy, []
+            ready = Ready(pre, precopy=True, first_idx=self.next_idx, end_idx=self.next_idx)
+            ready.nbytes = sum(len(c) for c in pre)
             self._precopy_bytes += ready.nbytes
             self._unwritten += ready.nbytes
             self._queued_packets -= len(ready.chunks)
@@ -289,8 +299,8 @@ class ReorderBuffer:
             return None
         slots = self._slots
         idx = self.next_idx
-        ready = Ready(first_idx=idx)
-        chunks = ready.chunks
+        chunks: list[Buffer] = []
+        ready = Ready(chunks, first_idx=idx)
         nbytes = 0
         npackets = 0
         while len(chunks) < MAX_BATCH_CHUNKS and nbytes < MAX_BATCH_BYTES:

@@ -174,10 +174,20 @@ def run_send(args: argparse.Namespace) -> int:
 
     async def run() -> SendReport:
         status = SendStatus()
-        async with trio.open_nursery() as nursery:
-            if progress:
-                nursery.start_soon(draw_progress, status.done, lambda: send_status(status))
+        if not progress:
             return await _send(status)
+        # The send runs beside the line, outside the nursery's error group: its errors
+        # reach the handlers below as themselves.
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(draw_progress, status.done, lambda: send_status(status))
+            try:
+                report = await _send(status)
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
+        return report
 
     async def _send(status: SendStatus) -> SendReport:
         return await send_migration(

@@ -8,6 +8,7 @@ finished (device loaded) or aborted, and closed.
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -74,68 +75,7 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             sink.description,
             extra=event("vfio_load_state_device_buffer_start", device.name, sink=sink.description),
         )
-        trace = log.isEnabledFor(logging.DEBUG)  # once: the loop below is the hot path
-        while True:
-            ready = buf.take_ready()
-            if ready is not None:
-                if ready.chunks:
-                    sink.note_batch(ready.first_idx, ready.end_idx)
-                    if trace:
-                        _trace_write(device, ready, "load_start")
-                    try:
-                        with trio.fail_after(timeout):
-                            await sink.write(ready.chunks)
-                    except trio.TooSlowError as exc:
-                        raise SinkError(
-                            f"{device.name}: sink {sink.description} did not finish writing"
-                            f" idx {ready.first_idx}..{ready.end_idx - 1} within {timeout:g} s",
-                            device=device.name,
-                            idx=ready.first_idx,
-                        ) from exc
-                    except (OSError, SinkError) as exc:
-                        if isinstance(exc, SinkError) and exc.idx is not None:
-                            # A write confirmed late: the sink names the idx it carried.
-                            err = _sink_error(device, f"sink {sink.description} failed", exc)
-                            err.idx = exc.idx
-                            raise err from exc
-                        what = (
-                            "writing precopy data"
-                            if ready.precopy
-                            else f"writing idx {ready.first_idx}..{ready.end_idx - 1}"
-                        )
-                        err = _sink_error(device, f"sink {sink.description} failed {what}", exc)
-                        err.idx = ready.first_idx
-                        raise err from exc
-                buf.written(ready.nbytes)
-                if trace and ready.chunks:
-                    _trace_write(device, ready, "load_end")
-                session.progress += 1
-                if session.room:
-                    session.room.unpark_all()
-                continue
-            if buf.finishable:
-                break
-            if device.input_ended is not None:  # everything before the gap is written
-                raise buf.incomplete_error(device.input_ended)
-            starved = buf.gate_open
-            t0 = trio.current_time()
-            await device.lot.park()
-            if starved:
-                waited = trio.current_time() - t0
-                buf.starved_seconds += waited
-                if trace:
-                    log.debug(
-                        "%s: starved %.6f s at idx %d",
-                        device.name,
-                        waited,
-                        buf.next_idx,
-                        extra=event(
-                            "vfio_load_state_device_buffer_starved",
-                            device.name,
-                            idx=buf.next_idx,
-                            seconds=waited,
-                        ),
-                    )
+        await _load_stream(session, device)
         # The finish step: config first, then the sink leaves its loading state.
         assert buf.config is not None
         log.info(
@@ -199,3 +139,91 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             if not loaded:
                 await sink.abort()
             await sink.aclose()
+
+
+async def _load_stream(session: Session, device: Device) -> None:
+    """Write ``device``'s batches to its sink in idx order until it can finish.
+
+    One cancel scope bounds every write: its deadline is set for a write and lifted after
+    it (a ``trio.fail_after`` per batch cost about as much Python as the rest of a batch).
+
+    Cancellation: propagates; a write cut short leaves the device failed.
+    """
+    sink = device.setup.sink
+    buf = device.buf
+    timeout = session.config.sink_timeout
+    trace = log.isEnabledFor(logging.DEBUG)  # once: the loop below is the hot path
+    writing: Ready | None = None
+    with trio.CancelScope() as guard:
+        while True:
+            ready = buf.take_ready()
+            if ready is not None:
+                if ready.chunks:
+                    sink.note_batch(ready.first_idx, ready.end_idx)
+                    if trace:
+                        _trace_write(device, ready, "load_start")
+                    writing = ready
+                    guard.deadline = trio.current_time() + timeout
+                    try:
+                        await sink.write(ready.chunks)
+                    except (OSError, SinkError) as exc:
+                        raise _write_error(device, ready, exc) from exc
+                    guard.deadline = math.inf
+                    writing = None
+                buf.written(ready.nbytes)
+                if trace and ready.chunks:
+                    _trace_write(device, ready, "load_end")
+                ready.release()  # the receive blocks it pinned go back to the channels
+                session.progress += 1
+                if session.room:
+                    session.room.unpark_all()
+                continue
+            if buf.finishable:
+                return
+            if device.input_ended is not None:  # everything before the gap is written
+                raise buf.incomplete_error(device.input_ended)
+            starved = buf.gate_open
+            t0 = trio.current_time()
+            await device.lot.park()
+            if starved:
+                waited = trio.current_time() - t0
+                buf.starved_seconds += waited
+                if trace:
+                    log.debug(
+                        "%s: starved %.6f s at idx %d",
+                        device.name,
+                        waited,
+                        buf.next_idx,
+                        extra=event(
+                            "vfio_load_state_device_buffer_starved",
+                            device.name,
+                            idx=buf.next_idx,
+                            seconds=waited,
+                        ),
+                    )
+    # Only the guard's deadline ends the loop this way: a write took too long.
+    assert writing is not None
+    raise SinkError(
+        f"{device.name}: sink {sink.description} did not finish writing"
+        f" idx {writing.first_idx}..{writing.end_idx - 1} within {timeout:g} s",
+        device=device.name,
+        idx=writing.first_idx,
+    )
+
+
+def _write_error(device: Device, ready: Ready, exc: OSError | SinkError) -> SinkError:
+    """The loader's error for a failed write of ``ready``."""
+    sink = device.setup.sink
+    if isinstance(exc, SinkError) and exc.idx is not None:
+        # A write confirmed late: the sink names the idx it carried.
+        err = _sink_error(device, f"sink {sink.description} failed", exc)
+        err.idx = exc.idx
+        return err
+    what = (
+        "writing precopy data"
+        if ready.precopy
+        else f"writing idx {ready.first_idx}..{ready.end_idx - 1}"
+    )
+    err = _sink_error(device, f"sink {sink.description} failed {what}", exc)
+    err.idx = ready.first_idx
+    return err

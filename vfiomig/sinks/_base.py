@@ -43,6 +43,10 @@ class Sink(abc.ABC):
     async def write(self, chunks: Sequence[Chunk]) -> None:
         """Write every byte of ``chunks``, in order, before returning.
 
+        ``chunks`` is a sequence: a list, or with the C core a `vfiomig._native.Run` whose
+        chunks are built when indexed or iterated. Read it during the call only; a chunk
+        taken from it stays valid as long as the sink keeps it.
+
         Cancellation: a cancel may leave a prefix of ``chunks`` written; the loader then
         fails the device, so a partial write is never reported as success.
         """

@@ -28,13 +28,19 @@ from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
 _IOV_MAX = 1024
 
 if _core.IMPLEMENTATION == "native":
-    from vfiomig._native import PipeWriter
-else:  # the pure-Python build writes pipes from the event loop
+    from vfiomig._native import PipeWriter, Run
+else:  # the pure-Python build writes pipes from the event loop, and its batches are lists
     PipeWriter = None  # type: ignore[assignment,misc]
+    Run = None  # type: ignore[assignment,misc]
 
 
 def write_all(fd: int, chunks: Sequence[Chunk]) -> int:
     """Write every chunk to a blocking ``fd`` with ``writev``, looping on short writes."""
+    if type(chunks) is Run:  # from its pinned packets, without a view per packet
+        total = 0
+        while chunks.remaining:
+            total += chunks.write_to(fd)
+        return total
     views = [memoryview(c).cast("B") for c in chunks if len(c)]
     total = 0
     while views:
@@ -116,7 +122,14 @@ class FdSink(Sink):
         Cancellation: a pipe or non-blocking fd stops between writes; a regular file is
         written in a worker thread that is not abandoned, so a cancel waits for it.
         """
-        if self._nonblocking:
+        if self._nonblocking and type(chunks) is Run:
+            while chunks.remaining:
+                try:
+                    self.bytes_written += chunks.write_to(self.fd)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.fd)
+            await trio.lowlevel.checkpoint()
+        elif self._nonblocking:
             views = [memoryview(c).cast("B") for c in chunks if len(c)]
             while views:
                 try:
@@ -194,7 +207,7 @@ class NullSink(Sink):
         self.bytes_written = 0
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
-        self.bytes_written += sum(map(len, chunks))
+        self.bytes_written += chunks.nbytes if type(chunks) is Run else sum(map(len, chunks))
         await trio.lowlevel.checkpoint()
 
 
