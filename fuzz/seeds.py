@@ -118,12 +118,64 @@ def _vfio_user_server() -> list[bytes]:
     ]
 
 
+def _rec(op: int, a: int = 0, b: int = 0, c: int = 0) -> bytes:
+    return bytes([op, a, b, c])
+
+
+def _vfio_user_connection() -> list[bytes]:
+    """``[seed][mode][cut][plan x4]`` then ``[op][a][b][c]`` records
+    (`fuzz.vfio_user_connection`): op 0 a write of ``a * 16 + b % 16`` bytes (its size
+    modulo 4 picks the plan entry), 3 hostile lengths (kind ``c``), 4 set a state, 5 get
+    it, 6/7 region read/write, 8 reset, 9 any command, 10 MIG_DATA_READ, 11 odd flags."""
+    resuming, limit_64, no_version, fds = 0x40, 0x10, 0x0C, 0x80
+    shut, close, cancel = 0, 1, 2
+    accept = bytes(4)
+    writes = b"".join(_rec(0, a, b) for a, b in ((0, 1), (4, 2), (40, 3), (255, 4), (1, 0)))
+    mixed = _rec(5) + _rec(0, 3, 3) + _rec(6, 2, 0, 60) + _rec(7, 0, 8, 16) + _rec(0, 100)
+    return [
+        bytes([1, resuming | shut, 0]) + accept + writes + mixed,
+        bytes([2, resuming | limit_64 | shut, 0])
+        + accept
+        + b"".join(_rec(3, 2, 5, kind) for kind in (0, 1, 2, 3, 5, 6, 7, 8 + 2))
+        + _rec(0, 2, 2)
+        + _rec(3, 1, 1, 4),  # a message size over the server's limit: the rest is dropped
+        # decline, refuse, short view, read-only; then strided, larger, commit fails, take
+        bytes([3, resuming, 0]) + bytes([1, 2, 3, 4]) + writes + _rec(0, 9, 9) + _rec(0, 7, 14),
+        bytes([4, resuming, 0]) + bytes([5, 6, 7, 0]) + writes + _rec(0, 9, 9) + _rec(0, 7, 14),
+        # cut inside the last body (torn: a reset), by the client ending or a cancel
+        bytes([5, resuming | shut, 3]) + accept + writes + _rec(0, 200),
+        bytes([6, resuming | cancel, 5]) + accept + writes + _rec(0, 200),
+        bytes([7, resuming | close, 9]) + accept + writes + mixed + _rec(0, 200),
+        bytes([8, resuming | fds | shut, 0]) + accept + writes * 3 + mixed,
+        bytes([9, no_version, 0]) + accept + writes,
+        # states, reset, odd commands and flags, a stray reply last (the framing is lost)
+        bytes([10, shut, 0])
+        + accept
+        + _rec(0, 1)
+        + _rec(4, 1)  # STOP
+        + _rec(0, 1)
+        + _rec(4, 2)  # RESUMING
+        + _rec(11, 1, 1, 0)  # NO_REPLY
+        + _rec(11, 1, 1, 2)  # message type 2
+        + _rec(10, 8)
+        + _rec(4, 3)  # STOP_COPY: not from RESUMING
+        + _rec(8)
+        + _rec(9, 0, 99, 5)
+        + _rec(4, 0, 250)
+        + _rec(0, 1)
+        + _rec(11, 1, 1, 1),
+        # every write declined: 68 KiB through the server's own buffer, which turns over
+        bytes([11, resuming, 0]) + bytes([1, 1, 1, 1]) + _rec(0, 250, 1) * 17 + _rec(6, 2, 0, 60),
+    ]
+
+
 SEEDS = {
     "framer": _framer,
     "wire": _wire,
     "control": _control,
     "vfio_user": _vfio_user,
     "vfio_user_server": _vfio_user_server,
+    "vfio_user_connection": _vfio_user_connection,
 }
 
 

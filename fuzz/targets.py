@@ -13,6 +13,10 @@ error, never anything else, and never hangs. On top of that:
 - ``vfio_user`` drives the client and server connection state machines.
 - ``vfio_user_server`` drives a whole device's request handlers with real fds attached
   (`fuzz.vfio_user_server`): replies or errnos only, and no fd leaked or closed twice.
+- ``vfio_user_connection`` serves one client connection over a real socketpair, the byte
+  stream cut anywhere, MIG_DATA_WRITE bodies received into the emulator's `WriteBuffer`
+  (`fuzz.vfio_user_connection`): replies and the emulator's log equal a twin device's fed
+  whole requests, a body cut short resets the device, no fd leaked.
 - ``wire`` checks the handshake and the config blob checks.
 
 The first bytes of an input choose how it is sliced and configured, so that the fuzzer
@@ -28,6 +32,7 @@ import types
 from collections.abc import Callable
 
 import vfiomig._core as core
+from fuzz.vfio_user_connection import fuzz_vfio_user_connection
 from fuzz.vfio_user_server import FuzzBug, fuzz_vfio_user_server
 from vfiomig._core._errors import VfioMigError
 from vfiomig._core._wire import (
@@ -318,4 +323,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "control": fuzz_control,
     "vfio_user": fuzz_vfio_user,
     "vfio_user_server": fuzz_vfio_user_server,
+    "vfio_user_connection": fuzz_vfio_user_connection,
 }

@@ -56,10 +56,13 @@ def sample_device(memory: SharedMemory, **kwargs: Any) -> VfioUserDevice:
         0: Region(0x100, read=lambda o, c: bar0[o : o + c], write=write),
         2: Region(2 * PAGE, memory=memory, mmap_areas=[(PAGE, PAGE)]),
     }
-    options: dict[str, Any] = {"max_data_xfer_size": 4096, "max_dma_regions": 8, **kwargs}
-    return VfioUserDevice(
-        pci=pci, regions=regions, irqs=irqs, migration=BarDevice((64,)), **options
-    )
+    options: dict[str, Any] = {
+        "max_data_xfer_size": 4096,
+        "max_dma_regions": 8,
+        "migration": BarDevice((64,)),
+        **kwargs,
+    }
+    return VfioUserDevice(pci=pci, regions=regions, irqs=irqs, **options)
 
 
 def _make_fd(kind: int) -> int:

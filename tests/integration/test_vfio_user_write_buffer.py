@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import socket
 import struct
 import tempfile
 
@@ -223,6 +224,58 @@ async def test_emulator_refusals_reach_the_client_and_the_stream_goes_on(fault: 
             assert STATE.unpack(got.payload)[2] == MigState.RESUMING
             raw.close()
     assert store.state == first and store.resets == []
+
+
+def message(msg_id: int, command: int, payload: bytes, *, size: int | None = None) -> bytes:
+    return (
+        struct.pack("=HHIII", msg_id, command, 16 + len(payload) if size is None else size, 0, 0)
+        + payload
+    )
+
+
+@pytest.mark.parametrize("dropped", ["refused-write", "oversized"])
+async def test_requests_buffered_behind_dropped_bytes_are_answered(dropped: str) -> None:
+    # Found by the vfio_user_connection fuzz target: once the bytes of a refused request
+    # were dropped, the server waited for more bytes before looking at the requests
+    # already in its buffer; a client waiting for their replies waited for ever.
+    store = Store(capacity=1000)
+    first = message(3, Command.MIG_DATA_WRITE, write(b"r" * 600_000))  # ENOSPC: no room
+    if dropped == "oversized":  # over the server's message limit, sent whole anyway
+        first = message(3, Command.MIG_DATA_WRITE, b"o" * (LIMIT + 100))
+    with trio.fail_after(10):
+        async with serving(store.device) as path:
+            raw = await resuming(path)
+            await raw.send_raw(first + message(4, Command.DEVICE_FEATURE, get_state()))
+            refused, answered = await raw.receive(), await raw.receive()
+            raw.close()
+    assert refused.msg_id == 3 and refused.errno in (errno.ENOSPC, errno.EINVAL)
+    assert answered.msg_id == 4 and STATE.unpack(answered.payload)[2] == MigState.RESUMING
+
+
+@pytest.mark.parametrize("broken", ["header-below-16", "body-cut-short"])
+async def test_replies_queued_before_the_framing_breaks_are_sent(broken: str) -> None:
+    # Found by the vfio_user_connection fuzz target: the batched success replies of the
+    # requests handled before a framing error were dropped with the connection.
+    store = Store()
+    good = b"g" * 1000
+    tail = message(6, Command.MIG_DATA_WRITE, b"", size=8)
+    if broken == "body-cut-short":
+        tail = message(6, Command.MIG_DATA_WRITE, write(b"h" * 5000))[:3000]
+    with trio.fail_after(10):
+        async with serving(store.device) as path:
+            raw = await resuming(path)
+            # Sent and shut down with no scheduling point between: the server sees both
+            # at once, so it never waits (and flushes its replies) before the end.
+            os.write(raw.sock.fileno(), message(5, Command.MIG_DATA_WRITE, write(good)) + tail)
+            raw.sock.shutdown(socket.SHUT_WR)
+            got = await raw.receive()
+            with pytest.raises(EOFError):
+                await raw.receive()
+            raw.close()
+    assert got.msg_id == 5 and not got.is_error
+    torn = broken == "body-cut-short"
+    assert store.resets == ([ResetReason.TORN_WRITE] if torn else [])
+    assert store.state == (b"" if torn else good)
 
 
 async def test_client_gone_inside_a_body_resets_the_device_and_commits_nothing() -> None:

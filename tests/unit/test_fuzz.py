@@ -1,6 +1,9 @@
 """The fuzz targets in CI: the kept corpus replays clean, and a short seeded mutation run
 of every target finds nothing. Longer runs: ``python -m fuzz --seconds N`` (RELIABILITY.md).
 
+The vfio_user_connection target is shown to catch planted bugs in the server's connection
+(a reply skipped, a write committed before its body arrived, a torn write not reset).
+
 The framer target runs every implementation of the core on the same input and compares
 their events and error text, so these tests cover the C core too (and under ASan/UBSan in
 test_native_build.py, which replays the corpus with the sanitized build).
@@ -8,12 +11,17 @@ test_native_build.py, which replays the corpus with the sanitized build).
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import pytest
 
 import vfiomig._core as core
 from fuzz.engine import fuzz, load_corpus
 from fuzz.seeds import SEEDS
 from fuzz.targets import TARGETS, FuzzBug, fuzz_control, fuzz_framer
+from vfiomig.vfio_user._connection import Connection
+from vfiomig.vfio_user._migration import Migration
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -61,3 +69,48 @@ def test_framer_target_compares_implementations() -> None:
 def test_control_target_accounts_for_every_fd() -> None:
     for data in load_corpus("control"):
         fuzz_control(data)
+
+
+def _caught(target: str) -> list[str]:
+    """The FuzzBug texts the kept corpus of ``target`` raises."""
+    found = []
+    for data in load_corpus(target):
+        try:
+            TARGETS[target](data)
+        except FuzzBug as exc:
+            found.append(str(exc))
+    return found
+
+
+def test_connection_target_catches_a_skipped_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = Connection._answer
+    calls = itertools.count()
+
+    async def skipping(self: Connection, *args: Any, **kwargs: Any) -> None:
+        if next(calls) != 3:
+            await answer(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "_answer", skipping)
+    assert any("replies differ" in text for text in _caught("vfio_user_connection"))
+
+
+def test_connection_target_catches_a_commit_before_the_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target, commit = Migration.write_target, Migration.commit
+
+    def early(self: Migration, size: int) -> memoryview | None:
+        view = target(self, size)
+        if view is not None:
+            commit(self, size)  # before a byte of the body was received into it
+        return view
+
+    monkeypatch.setattr(Migration, "write_target", early)
+    monkeypatch.setattr(Migration, "commit", lambda self, size: None)
+    # The body then lands in bytes already committed.
+    assert any("changed after the commit" in text for text in _caught("vfio_user_connection"))
+
+
+def test_connection_target_catches_a_torn_write_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Connection, "_torn", lambda self, got, size: None)
+    assert any("emulator log differs" in text for text in _caught("vfio_user_connection"))

@@ -66,6 +66,8 @@ REPLY_BATCH_BYTES: Final = 2 * 1024 * 1024
 REPLY_BATCH_COUNT: Final = 64
 #: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
 DMA_REPLY_TIMEOUT: Final = 10.0
+#: How long the replies still queued for a client being dropped may take to send.
+LAST_REPLIES_TIMEOUT: Final = 1.0
 
 
 class ConnectionLost(Exception):
@@ -162,11 +164,35 @@ class Connection:
         return taken
 
     async def run(self) -> None:
+        """Serve requests until the client's stream ends.
+
+        Raises:
+            ConnectionLost: the stream cannot be framed any more; the replies queued for
+                the requests handled before that are sent first (within
+                `LAST_REPLIES_TIMEOUT`), so every request handled is answered.
+
+        Cancellation: a MIG_DATA_WRITE body being received into the emulator is torn
+        (the device is reset); the replies were sent before the server waited.
+        """
+        try:
+            await self._serve()
+        except ConnectionLost:
+            if self.replies:
+                with trio.move_on_after(LAST_REPLIES_TIMEOUT):
+                    try:
+                        await self._send_buffers([], [])
+                    except OSError:
+                        pass  # the client is gone: nobody to tell
+            raise
+
+    async def _serve(self) -> None:
         while True:
             if self.skip:
                 drop = min(self.skip, self.end - self.start)
                 self.start += drop
                 self.skip -= drop
+                if not self.skip:
+                    continue  # requests may be buffered behind the dropped bytes
             elif self.end - self.start >= HEADER_SIZE:
                 msg_id, command, size, flags, error_no = HEADER.unpack_from(self.buf, self.start)
                 if size < HEADER_SIZE:
