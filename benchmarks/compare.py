@@ -82,6 +82,7 @@ class Run:
     max_rss: int  # bytes, of the receiver
     cpu: float = 0.0  # user + system seconds of the receiver (less sensitive to neighbours)
     startup_cpu: float = 0.0  # ... of which before it was ready (outside the clock)
+    faults: int = 0  # minor page faults of the receiver after it was ready
 
 
 def _receiver_argv(
@@ -166,7 +167,7 @@ def run_once(kind: str, case: Case, *, seed: int = 1, extra: list[str] | None = 
             os.close(wfd)
         try:
             addr = wait_ready(ready, recv, timeout=30)[0]
-            startup = _cpu_seconds(recv.pid)
+            startup, startup_faults = _cpu_seconds(recv.pid), _minor_faults(recv.pid)
             t0 = time.perf_counter()
             send = start_sender(
                 addr, channels=case.channels, size=case.size, packet_size=case.packet, seed=seed
@@ -181,7 +182,8 @@ def run_once(kind: str, case: Case, *, seed: int = 1, extra: list[str] | None = 
                     f"{send.returncode}: {err[-2000:]} {serr.decode()[-500:]}"
                 )
             cpu = rusage.ru_utime + rusage.ru_stime
-            return Run(seconds, rusage.ru_maxrss * 1024, cpu - startup, startup)
+            faults = rusage.ru_minflt - startup_faults
+            return Run(seconds, rusage.ru_maxrss * 1024, cpu - startup, startup, faults)
         finally:
             for proc in (recv, drain):
                 if proc is not None:
@@ -199,6 +201,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of a running process so far (/proc/PID/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[7])
+
+
 def _wait4(proc: subprocess.Popen[bytes]) -> tuple[int, resource.struct_rusage]:
     # Read the receiver's output while waiting, then reap it with its own rusage.
     assert proc.stdout is not None
@@ -208,13 +215,18 @@ def _wait4(proc: subprocess.Popen[bytes]) -> tuple[int, resource.struct_rusage]:
     return status, rusage
 
 
+Medians = dict[Case, dict[str, float]]
+
+
 def compare(
     cases: list[Case], repeat: int, receivers: tuple[str, ...]
-) -> tuple[dict[Case, dict[str, float]], dict[Case, dict[str, float]]]:
-    """Median seconds and median receiver CPU seconds (after start-up, which is outside the
-    clock) per (case, receiver), runs interleaved across receivers."""
-    results: dict[Case, dict[str, float]] = {}
-    cpu: dict[Case, dict[str, float]] = {}
+) -> tuple[Medians, Medians, Medians]:
+    """Median seconds, median receiver CPU seconds and median receiver minor page faults
+    (both after start-up, which is outside the clock) per (case, receiver), runs
+    interleaved across receivers."""
+    results: Medians = {}
+    cpu: Medians = {}
+    faults: Medians = {}
     for case in cases:
         times: dict[str, list[Run]] = {k: [] for k in receivers}
         for i in range(repeat):
@@ -222,7 +234,8 @@ def compare(
                 times[kind].append(run_once(kind, case, seed=1 + i))
         results[case] = {k: float(np.median([r.seconds for r in v])) for k, v in times.items()}
         cpu[case] = {k: float(np.median([r.cpu for r in v])) for k, v in times.items()}
-    return results, cpu
+        faults[case] = {k: float(np.median([r.faults for r in v])) for k, v in times.items()}
+    return results, cpu, faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss:
         return rss_check(receivers)
     cases = [Case.parse(c, args.size) for c in (args.case or GOAL_CASES)]
-    results, cpu = compare(cases, args.repeat, receivers)
+    results, cpu, faults = compare(cases, args.repeat, receivers)
     print(
         f"{'case':<26}"
         + "".join(f"{k + ' GB/s':>13}" for k in receivers)
@@ -256,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'receiver CPU s (median)':<26}" + "".join(f"{k:>13}" for k in receivers))
     for case, med in cpu.items():
         print(f"{case!s:<26}" + "".join(f"{med[k]:>13.2f}" for k in receivers))
+    print(f"{'page faults (median)':<26}" + "".join(f"{k:>13}" for k in receivers))
+    for case, med in faults.items():
+        print(f"{case!s:<26}" + "".join(f"{med[k]:>13.0f}" for k in receivers))
     by_channels = {c: med for c, med in results.items() if c.packet == 1 << 20 and c.sink == "null"}
     if len(by_channels) > 1:
         for kind in receivers:
