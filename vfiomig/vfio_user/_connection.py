@@ -276,12 +276,7 @@ class Connection:
         try:
             target = migration.write_target(data_size)
         except OSError as exc:
-            log.debug(
-                "vfio-user: MIG_DATA_WRITE msg_id %d refused: %s",
-                msg_id,
-                exc,
-                extra=event("vfio_user_request_failed", command="MIG_DATA_WRITE", reason=str(exc)),
-            )
+            _log_failed("MIG_DATA_WRITE", msg_id, exc, "refused")
             await self._refuse(msg_id, WRITE, size, flags, _errno_of(exc))
             return True
         if target is None:
@@ -310,12 +305,7 @@ class Connection:
         try:
             migration.commit(data_size)
         except OSError as exc:
-            log.debug(
-                "vfio-user: MIG_DATA_WRITE msg_id %d failed: %s",
-                msg_id,
-                exc,
-                extra=event("vfio_user_request_failed", command="MIG_DATA_WRITE", reason=str(exc)),
-            )
+            _log_failed("MIG_DATA_WRITE", msg_id, exc)
             await self._answer(msg_id, WRITE, flags, size, _errno_of(exc))
         else:
             await self._answer(msg_id, WRITE, flags, size, None)
@@ -347,15 +337,7 @@ class Connection:
         try:
             reply = self.device.handle(self.session, command, payload, fds)
         except OSError as exc:
-            log.debug(
-                "vfio-user: %s msg_id %d failed: %s",
-                command_name(command),
-                msg_id,
-                exc,
-                extra=event(
-                    "vfio_user_request_failed", command=command_name(command), reason=str(exc)
-                ),
-            )
+            _log_failed(command_name(command), msg_id, exc)
             error = _errno_of(exc)
         except CloseConnection as exc:
             log.warning(
@@ -528,3 +510,15 @@ def _close_all(fds: list[int]) -> None:
             except OSError:
                 pass
     fds.clear()
+
+
+def _log_failed(command: str, msg_id: int, exc: BaseException, what: str = "failed") -> None:
+    """The debug line of a request answered with an errno."""
+    log.debug(
+        "vfio-user: %s msg_id %d %s: %s",
+        command,
+        msg_id,
+        what,
+        exc,
+        extra=event("vfio_user_request_failed", command=command, reason=str(exc)),
+    )
