@@ -263,15 +263,7 @@ class ControlServer:
                     await self._write_loop(conn)
                     nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, OSError, PacketError) as exc:
-            if conn.admitted:
-                log.warning(
-                    "control: %s dropped: %s",
-                    conn.label,
-                    exc,
-                    extra=event("control_dropped", peer=conn.label, reason=str(exc)),
-                )
-            else:
-                self.admission.refuse(conn.ticket, conn.label, str(exc))
+            self._ended(conn, "dropped", exc)
         finally:
             self.admission.release(conn.ticket)
             if conn.admitted:
@@ -303,18 +295,24 @@ class ControlServer:
                 if out.delivered is not None:
                     out.delivered.set()
         except (trio.BrokenResourceError, OSError) as exc:
-            self._lost(conn, exc)
+            self._ended(conn, "lost", exc)
 
-    def _lost(self, conn: Connection, exc: BaseException) -> None:
+    def _ended(self, conn: Connection, how: str, exc: BaseException) -> None:
+        """``conn`` ended by ``exc``: ``dropped`` (we ended it) or ``lost`` (the peer went
+        away). A client's end is a warning (event ``control_<how>``); a stranger's is
+        counted, and logged throttled."""
         if conn.admitted:
             log.warning(
-                "control: %s lost: %s",
+                "control: %s %s: %s",
                 conn.label,
+                how,
                 exc,
-                extra=event("control_lost", peer=conn.label, reason=str(exc)),
+                extra=event(f"control_{how}", peer=conn.label, reason=str(exc)),
             )
-        else:  # a stranger: counted, and logged throttled
-            self.admission.refuse(conn.ticket, conn.label, f"lost: {exc}")
+        else:
+            self.admission.refuse(
+                conn.ticket, conn.label, f"lost: {exc}" if how == "lost" else str(exc)
+            )
 
     async def _read_loop(self, conn: Connection, connection_scope: trio.CancelScope) -> None:
         decoder = proto.ControlDecoder(max_message=self.max_message)
@@ -355,18 +353,10 @@ class ControlServer:
                         return
             except proto.ControlFramingError as exc:
                 self._reply_error(conn, str(exc))
-                if conn.admitted:
-                    log.warning(
-                        "control: %s dropped: %s",
-                        conn.label,
-                        exc,
-                        extra=event("control_dropped", peer=conn.label, reason=str(exc)),
-                    )
-                else:
-                    self.admission.refuse(conn.ticket, conn.label, str(exc))
+                self._ended(conn, "dropped", exc)
                 conn.send.close()  # the writer sends the error, then the connection ends
             except (trio.BrokenResourceError, OSError) as exc:
-                self._lost(conn, exc)
+                self._ended(conn, "lost", exc)
                 connection_scope.cancel()
             finally:
                 self._close_fds(decoder.orphans)
