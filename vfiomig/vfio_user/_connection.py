@@ -37,6 +37,7 @@ import trio
 
 from vfiomig._logs import event
 from vfiomig.vfio_user._device import VfioUserDevice
+from vfiomig.vfio_user._handlers import mig_data_write_error
 from vfiomig.vfio_user._messages import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -44,7 +45,6 @@ from vfiomig.vfio_user._messages import (
     FLAG_TYPE_REPLY,
     HEADER,
     HEADER_SIZE,
-    MIG_DATA_HEADER_SIZE,
     SEND_BUFFER,
     command_name,
 )
@@ -266,11 +266,12 @@ class Connection:
         if migration is None or migration.buffer is None or not self.session.negotiated:
             return False
         argsz, data_size = MIG_SIZES.unpack_from(self.buf, self.start + HEADER_SIZE)
-        if (
-            data_size != size - DATA_HEAD_SIZE
-            or argsz < MIG_DATA_HEADER_SIZE + data_size
-            or data_size > self.session.client_max_data_xfer_size
+        carried = size - DATA_HEAD_SIZE
+        limit = self.session.client_max_data_xfer_size
+        if (  # exactly the data it says, none empty, and nothing the handler refuses
+            data_size != carried
             or data_size == 0
+            or mig_data_write_error(argsz, data_size, carried, limit) is not None
         ):
             return False
         try:

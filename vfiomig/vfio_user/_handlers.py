@@ -405,14 +405,24 @@ def _mig_data_write(
     argsz, size = unpack(_HEAD, payload, "mig data write")
     if dev.migration is None:
         raise _einval("mig data write: no migration")
-    if size > session.client_max_data_xfer_size:
-        raise _einval(f"mig data write size {size} (max {session.client_max_data_xfer_size})")
-    if argsz < _HEAD.size + size or len(payload) < _HEAD.size + size:
-        raise _einval(
-            f"mig data write size {size} argsz {argsz} carries {len(payload) - _HEAD.size}"
-        )
+    carried = len(payload) - _HEAD.size
+    problem = mig_data_write_error(argsz, size, carried, session.client_max_data_xfer_size)
+    if problem is not None:
+        raise _einval(problem)
     dev.migration.write(payload[_HEAD.size : _HEAD.size + size])
     return _reply()
+
+
+def mig_data_write_error(argsz: int, size: int, carried: int, client_max: int) -> str | None:
+    """Why a MIG_DATA_WRITE's arguments are refused with EINVAL, or None: ``size`` data
+    bytes said, ``carried`` bytes after its argsz/size head, ``client_max`` the client's
+    transfer limit. The one rule for the handler and the receive path straight into the
+    emulator (`vfiomig.vfio_user._connection`)."""
+    if size > client_max:
+        return f"mig data write size {size} (max {client_max})"
+    if argsz < _HEAD.size + size or carried < size:
+        return f"mig data write size {size} argsz {argsz} carries {carried}"
+    return None
 
 
 _Handler = Callable[["VfioUserDevice", Session, memoryview, list[int]], Reply]
