@@ -49,8 +49,8 @@ class Flow:
     than ``progress`` are kept, in order, for the caller.
     """
 
-    def __init__(self, options: PrecopyOptions, status: SendStatus | None = None) -> None:
-        self.status = status if status is not None else SendStatus()
+    def __init__(self, options: PrecopyOptions, status: SendStatus) -> None:
+        self.status = status
         self.window = options.window
         self.stall = options.stall
         self.sent: dict[tuple[str, int], int] = {}
@@ -128,7 +128,7 @@ async def precopy_phase(
     blobs: Mapping[tuple[str, int], bytes],
     options: PrecopyOptions,
     *,
-    status: SendStatus | None = None,
+    status: SendStatus,
 ) -> tuple[dict[str, PrecopyReport], list[dict[str, Any]]]:
     """Send the given precopy ``blobs``, run every device's precopy phase at once, then
     wait until the receiver wrote all of it. Returns each phase's report and the events

@@ -121,8 +121,8 @@ class _Writer:
         rate: float | None,
         progress: _Progress,
         hold: bool,
+        status: SendStatus,
         link: _Link | None = None,
-        status: SendStatus | None = None,
     ) -> None:
         self.stream = stream
         size = float("inf") if hold else CHANNEL_QUEUE
@@ -132,7 +132,7 @@ class _Writer:
         self.sent = 0
         self.progress = progress
         self.hold = hold
-        self.status = status if status is not None else SendStatus()
+        self.status = status
 
     async def run(self, channel: int, failures: list[SendError], scope: trio.CancelScope) -> None:
         if self.hold:
@@ -410,7 +410,7 @@ async def _send_channels(
                 host = addr.host if addr.kind == "tcp" else "localhost"
                 stream = trio.SSLStream(stream, tls, server_hostname=host)
             hold = order == "idx0-last" and i == 0
-            writers.append(_Writer(stream, rates[i], progress, hold, status=status))
+            writers.append(_Writer(stream, rates[i], progress, hold, status))
             status.channels += 1
             await stream.send_all(encode_handshake(uuid, i))
         if link_rate:
