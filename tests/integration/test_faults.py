@@ -141,6 +141,7 @@ async def test_sink_taking_one_byte_per_write(
             await super().write(list(chunks))
 
     sink = ListFdSink(w, owned=True, description="pipe")
+    sink.writes_nowait = False  # every batch through write(), the path under test
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain)

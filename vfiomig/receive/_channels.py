@@ -30,6 +30,7 @@ from vfiomig._core import (
     new_payload_buffer,
 )
 from vfiomig._logs import event
+from vfiomig.receive._loader import wake_loader
 from vfiomig.receive._session import Device, Session
 from vfiomig.transport import Pending
 
@@ -160,10 +161,10 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock)
         if done:
             session.progress += done
             # The loader re-checks take_ready() before it parks (no await in between), so
-            # only a parked loader needs a wakeup; one check per batch, not per packet.
+            # only a parked loader needs a wakeup (or its batches written from here, see
+            # `wake_loader`); one check per call, not per packet.
             for dev in pumped:
-                if dev.lot and dev.buf.has_ready():
-                    dev.lot.unpark_all()
+                wake_loader(session, dev)
         if status == PUMP_WOULD_BLOCK:
             await trio.lowlevel.wait_readable(sock)
             continue
@@ -212,8 +213,7 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock)
                 ),
             )
         session.progress += 1
-        if device.lot and buf.has_ready():
-            device.lot.unpark_all()
+        wake_loader(session, device)
         if not trace and (device.idstr, device.instance) not in routes:
             routes[device.idstr, device.instance] = buf
             pumped.append(device)

@@ -153,10 +153,12 @@ async def _load_stream(session: Session, device: Device) -> None:
     buf = device.buf
     timeout = session.config.sink_timeout
     trace = log.isEnabledFor(logging.DEBUG)  # once: the loop below is the hot path
+    device.nowait = sink.writes_nowait and not trace  # trace points come from here only
     writing: Ready | None = None
     with trio.CancelScope() as guard:
         while True:
-            ready = buf.take_ready()
+            ready = device.handoff or buf.take_ready()
+            device.handoff = None
             if ready is not None:
                 if ready.chunks:
                     sink.note_batch(ready.first_idx, ready.end_idx)
@@ -183,8 +185,15 @@ async def _load_stream(session: Session, device: Device) -> None:
             if device.input_ended is not None:  # everything before the gap is written
                 raise buf.incomplete_error(device.input_ended)
             starved = buf.gate_open
+            batches = device.nowait_batches
             t0 = trio.current_time()
             await device.lot.park()
+            if device.nowait_batches != batches:
+                # Channel tasks wrote while this task was parked and counted the waits
+                # between their batches; the last one lasts until now.
+                starved = device.starved_since is not None
+                t0 = device.starved_since or t0
+            device.starved_since = None
             if starved:
                 waited = trio.current_time() - t0
                 buf.starved_seconds += waited
@@ -209,6 +218,47 @@ async def _load_stream(session: Session, device: Device) -> None:
         device=device.name,
         idx=writing.first_idx,
     )
+
+
+def wake_loader(session: Session, device: Device) -> None:
+    """``device`` may have batches ready: if its loader is parked, write them from the
+    calling task when the sink `writes_nowait`, else wake the loader.
+
+    A loader that is not parked looks for batches itself before it parks again.
+    """
+    if not device.lot or not device.buf.has_ready():
+        return
+    if not device.nowait or session.failed:
+        device.lot.unpark_all()
+        return
+    buf = device.buf
+    sink = device.setup.sink
+    if device.starved_since is not None:
+        buf.starved_seconds += trio.current_time() - device.starved_since
+        device.starved_since = None
+    while (ready := buf.take_ready()) is not None:
+        if ready.chunks:
+            sink.note_batch(ready.first_idx, ready.end_idx)
+            try:
+                done = sink.write_nowait(ready.chunks)
+            except (OSError, SinkError) as exc:
+                ready.release()
+                session.fail(_write_error(device, ready, exc), device)
+                return
+            if not done:  # the loader writes the rest, waiting for room
+                device.handoff = ready
+                device.lot.unpark_all()
+                return
+        buf.written(ready.nbytes)
+        ready.release()
+        device.nowait_batches += 1
+        session.progress += 1
+    if session.room:
+        session.room.unpark_all()
+    if buf.finishable or device.input_ended is not None:
+        device.lot.unpark_all()
+    elif buf.gate_open:
+        device.starved_since = trio.current_time()
 
 
 def _write_error(device: Device, ready: Ready, exc: OSError | SinkError) -> SinkError:

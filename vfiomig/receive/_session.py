@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vfiomig._core import Budget, ReorderBuffer
+from vfiomig._core import Budget, Ready, ReorderBuffer
 from vfiomig._core._errors import AbortedError, PacketError, VfioMigError
 from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian
 from vfiomig._logs import event
@@ -164,6 +164,17 @@ class Device:
         #: Why no more packets can come while some are missing (every channel ended); the
         #: loader fails the device with it once it has written what is ready.
         self.input_ended: str | None = None
+        #: Set by the loader when its sink `writes_nowait` (and no -vv trace is on): while
+        #: the loader is parked with nothing to write, the channel tasks write ready
+        #: batches themselves (`vfiomig.receive._loader.wake_loader`).
+        self.nowait = False
+        #: A batch a channel task could not finish without blocking; the loader writes
+        #: the rest of it before anything else.
+        self.handoff: Ready | None = None
+        #: Batches written by channel tasks, and since when the stream has waited for its
+        #: next idx after the last of them (the loader's starved time while it was parked).
+        self.nowait_batches = 0
+        self.starved_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

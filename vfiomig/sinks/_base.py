@@ -6,7 +6,10 @@ in this order and never concurrently:
 1. ``start()`` once, before the first byte (a VFIO sink enters RESUMING here);
 2. ``write(chunks)`` any number of times with the stream in order (precopy bytes first,
    then multifd data in idx order); each call must consume every byte, looping on short
-   writes, before it returns;
+   writes, before it returns. A sink with ``writes_nowait`` also gets batches through
+   ``write_nowait(chunks)``, synchronously, from the channel task that completed them
+   while the loader is parked with nothing to write; the order is the same single
+   sequence, and no two calls ever overlap;
 3. ``finish()`` once, after the config blob went to the config target (a VFIO sink leaves
    RESUMING here, which is where the driver validates the stream);
 4. ``abort()`` instead of ``finish()`` when the device failed (a VFIO sink resets the
@@ -50,6 +53,22 @@ class Sink(abc.ABC):
         Cancellation: a cancel may leave a prefix of ``chunks`` written; the loader then
         fails the device, so a partial write is never reported as success.
         """
+
+    #: True when `write_nowait` can take batches: the receiver then writes them from the
+    #: channel task that completed them, while the loader is parked with nothing to write,
+    #: instead of waking the loader for each batch (a task switch per packet at 1 MiB).
+    writes_nowait: bool = False
+
+    def write_nowait(self, chunks: Sequence[Chunk]) -> bool:
+        """Write ``chunks`` now, without blocking and without awaiting; only called while
+        `writes_nowait` is true, after ``start`` and never during another call.
+
+        Returns True once every byte is written. False when a write would block: a `Run`
+        has then advanced its cursor past what went out, and the loader passes the same
+        batch to `write`, which goes on from there (a sink that cannot resume a batch
+        returns False before writing anything). Errors as for `write`.
+        """
+        return False
 
     def note_batch(self, first_idx: int, end_idx: int) -> None:  # noqa: B027 - optional hook
         """Called before each ``write``: its chunks carry data of idx ``first_idx ..

@@ -115,6 +115,19 @@ class FdSink(Sink):
         self._pipe_size = 0 if self._nonblocking else _pipe_size(fd)
         self._writer: PipeWriter | None = None
         self._closed = False
+        # A non-blocking fd (a socket, a pipe the caller made non-blocking) is written by
+        # the C core's runs, which keep a cursor; the pure core's lists go through write().
+        self.writes_nowait = self._nonblocking and Run is not None
+
+    def write_nowait(self, chunks: Sequence[Chunk]) -> bool:
+        if type(chunks) is not Run:
+            return False
+        while chunks.remaining:
+            try:
+                self.bytes_written += chunks.write_to(self.fd)
+            except BlockingIOError:
+                return False
+        return True
 
     async def write(self, chunks: Sequence[Chunk]) -> None:
         """Write all of ``chunks``.
@@ -203,11 +216,17 @@ class NullSink(Sink):
 
     description = "null:"
 
+    writes_nowait = True
+
     def __init__(self) -> None:
         self.bytes_written = 0
 
-    async def write(self, chunks: Sequence[Chunk]) -> None:
+    def write_nowait(self, chunks: Sequence[Chunk]) -> bool:
         self.bytes_written += chunks.nbytes if type(chunks) is Run else sum(map(len, chunks))
+        return True
+
+    async def write(self, chunks: Sequence[Chunk]) -> None:
+        self.write_nowait(chunks)
         await trio.lowlevel.checkpoint()
 
 
