@@ -16,9 +16,22 @@ from vfiomig._core import SinkError
 from vfiomig.receive import MigrationFailed, Session, serve_receiver
 from vfiomig.send import SendDevice, SendError
 from vfiomig.sinks._base import Sink
-from vfiomig.sinks._fd import ConfigDir, FdSink, open_fd_sink, open_file_sink, write_all
+from vfiomig.sinks._fd import (
+    ConfigDir,
+    FdSink,
+    NullSink,
+    open_fd_sink,
+    open_file_sink,
+    write_all,
+)
 from vfiomig.sources import SynthSource
-from vfiomig.testing import MemoryConfig, synth_bytes, synth_config
+from vfiomig.testing import (
+    MemoryConfig,
+    channel_streams,
+    device_packets,
+    synth_bytes,
+    synth_config,
+)
 
 UUID = bytes(range(16))
 F_SETPIPE_SZ = 1031
@@ -190,3 +203,96 @@ async def test_a_sink_that_stops_reading_fails_within_the_sink_timeout() -> None
     assert re.fullmatch(
         r"d/0: sink fd:stuck did not finish writing idx \d+\.\.\d+ within 0\.5 s", err
     ), err
+
+
+class _CountingFdSink(FdSink):
+    """An `FdSink` that counts which way each batch went."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, owned=True, description="fd:pipe")
+        self.nowait_done = 0
+        self.nowait_full = 0
+        self.writes = 0
+
+    def write_nowait(self, chunks):  # type: ignore[no-untyped-def]
+        done = super().write_nowait(chunks)
+        if done:
+            self.nowait_done += 1
+        else:
+            self.nowait_full += 1
+        return done
+
+    async def write(self, chunks):  # type: ignore[no-untyped-def]
+        self.writes += 1
+        await super().write(chunks)
+
+
+async def test_nowait_writes_hand_a_full_pipe_to_the_loader() -> None:
+    """A non-blocking pipe sink is written from the channel tasks; a batch the pipe has no
+    room for is finished by the loader, from where it stopped, and the stream arrives whole
+    and in order."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    got = bytearray()
+    t = drain_in_thread(r, got, step=1000)
+    sink = _CountingFdSink(w)
+    size = 600_000
+    setup = DeviceSetup("d", 0, sink, MemoryConfig())
+    cfg = ReceiverConfig(uuid=UUID, channels=2, devices=[setup])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(_serve, cfg)
+            await send_migration(
+                connect_to=session.bound,
+                channels=2,
+                uuid=UUID,
+                devices=[SendDevice("d", 0, SynthSource(size, 3))],
+                packet_size=5000,
+            )
+    t.join(10)
+    report = session.report()
+    assert report.ok, report
+    assert bytes(got) == synth_bytes(size, 3)
+    assert sink.bytes_written == size
+    if sink.writes_nowait:  # the C core: batches are runs that keep their cursor
+        assert sink.nowait_done and sink.nowait_full, vars(sink)
+        assert sink.writes >= sink.nowait_full  # each unfinished batch went to the loader
+    else:  # the pure core's lists go through write() only
+        assert sink.nowait_done == sink.nowait_full == 0 and sink.writes
+
+
+async def test_epipe_in_a_nowait_write_names_device_idx_and_errno() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.set_blocking(w, False)
+    sink = _CountingFdSink(w)
+    err = await failed_migration(sink, size=10_000, packet_size=4096)
+    assert err is not None
+    assert err.startswith("d/0: sink fd:pipe failed writing idx 0..")
+    assert err.endswith("Broken pipe (errno 32)")
+    assert sink.writes == 0 if sink.writes_nowait else sink.writes == 1
+
+
+async def test_starved_time_counts_the_waits_between_nowait_batches() -> None:
+    """A null sink is written from the channel task; the loader's starved time still counts
+    how long the stream waited for its next idx."""
+    state = synth_bytes(40_000, 1)
+    pk = device_packets("d", 0, state, synth_config(0), 4000)
+    first, rest = channel_streams(pk[:5], 1, UUID)[0], b"".join(pk[5:])
+    setup = DeviceSetup("d", 0, NullSink(), MemoryConfig())
+    cfg = ReceiverConfig(uuid=UUID, channels=1, devices=[setup])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(_serve, cfg)
+            host, port = session.bound[0][4:].rsplit(":", 1)
+            conn = await trio.open_tcp_stream(host, int(port))
+            await conn.send_all(first)
+            while session.devices["d", 0].buf.next_idx < 5:  # noqa: ASYNC110 - test polling
+                await trio.sleep(0.01)
+            await trio.sleep(0.3)
+            await conn.send_all(rest)
+            await conn.aclose()
+    row = session.report().devices[0]
+    assert row.loaded, row
+    assert 0.25 <= row.starved_seconds < 5, row
