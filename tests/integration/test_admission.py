@@ -21,7 +21,7 @@ from vfiomig import SessionReport
 from vfiomig._core._wire import encode_handshake
 from vfiomig.control import open_control_client
 from vfiomig.testing import MemorySink, channel_streams, device_packets
-from vfiomig.transport import Admission
+from vfiomig.transport import Admission, nonblocking_twin
 from vfiomig.transport._admission import BURST_GAP, RESERVE
 
 STATE = bytes(range(256)) * 64
@@ -315,3 +315,26 @@ def test_eviction_order_is_silence_then_bytes_then_age() -> None:
         assert c.evicted and not b.evicted
 
     trio.run(main, clock=trio.testing.MockClock())
+
+
+async def test_connections_waiting_together_are_accepted_together() -> None:
+    """Channels that connect at once are accepted in one go (no checkpoint per accept),
+    at most ``max_pending`` at a time, and none is lost between bursts."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(7)]
+    admission = Admission(5)
+    with nonblocking_twin(listener) as twin:
+        first = await admission.accept_burst(listener, twin)
+        assert len(first) == 5  # every one was waiting; the cap is max_pending
+        second = await admission.accept_burst(listener, twin)
+        assert len(second) == 2
+        peers = {s.socket.getpeername()[1] for s in first + second}
+        assert peers == {c.socket.getsockname()[1] for c in clients}
+        for s in first + second:
+            await s.aclose()
+    assert listener.socket.fileno() >= 0  # the twin's close left the listener open
+    for c in clients:
+        await c.aclose()
+    await listener.aclose()

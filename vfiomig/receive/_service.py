@@ -24,6 +24,7 @@ from vfiomig.sinks import ConfigTarget
 from vfiomig.transport import (
     MeteredStream,
     Pending,
+    nonblocking_twin,
     open_listener,
     parse_address,
     peer_label,
@@ -112,25 +113,32 @@ async def _accept_loop(
     (bounded, evicted when silent the longest) until its handshake is accepted."""
     admission = session.admission
     async with listener:
-        while True:
-            stream = await admission.accept(listener)
-            label = peer_label(stream, "channel")
-            try:
-                tune_socket(stream)
-            except OSError as exc:  # the peer is already gone
-                admission.refuse(None, label, f"socket unusable: {exc.strerror}")
-                await stream.aclose()
-                continue
-            if session.channels_accepted >= session.config.channels:
-                # Every channel id is taken: nothing more can be accepted.
-                admission.refuse(None, label, f"all {session.config.channels} channels are set up")
-                await stream.aclose()
-                continue
-            ticket = admission.enter(label)
-            if session.config.tls is not None:
-                nursery.start_soon(_run_tls_channel, session, stream, ticket)
-            else:
-                nursery.start_soon(run_channel, session, stream, ticket)
+        with nonblocking_twin(listener) as twin:
+            while True:
+                # No await between the accepts and the tasks: a cancel loses no stream.
+                for stream in await admission.accept_burst(listener, twin):
+                    _start_channel(session, stream, nursery)
+
+
+def _start_channel(session: Session, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+    admission = session.admission
+    label = peer_label(stream, "channel")
+    try:
+        tune_socket(stream)
+    except OSError as exc:  # the peer is already gone
+        admission.refuse(None, label, f"socket unusable: {exc.strerror}")
+        stream.socket.close()
+        return
+    if session.channels_accepted >= session.config.channels:
+        # Every channel id is taken: nothing more can be accepted.
+        admission.refuse(None, label, f"all {session.config.channels} channels are set up")
+        stream.socket.close()
+        return
+    ticket = admission.enter(label)
+    if session.config.tls is not None:
+        nursery.start_soon(_run_tls_channel, session, stream, ticket)
+    else:
+        nursery.start_soon(run_channel, session, stream, ticket)
 
 
 async def _run_tls_channel(session: Session, stream: trio.SocketStream, ticket: Pending) -> None:

@@ -15,6 +15,7 @@ from vfiomig.transport._admission import (
     Pending,
     Throttle,
     default_max_pending,
+    nonblocking_twin,
 )
 from vfiomig.transport._sockets import (
     Address,
@@ -44,6 +45,7 @@ __all__ = [
     "default_max_pending",
     "inherited_sockets",
     "listener_kind",
+    "nonblocking_twin",
     "open_listener",
     "options_to_contexts",
     "parse_address",

@@ -27,7 +27,10 @@ import errno
 import logging
 import math
 import os
+import socket
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -168,6 +171,26 @@ class Admission:
             if not _LIVE[self]:
                 del _LIVE[self]
 
+    async def accept_burst(
+        self, listener: trio.SocketListener, twin: socket.socket
+    ) -> list[trio.SocketStream]:
+        """The next connection of ``listener`` (as `accept`) and those already waiting
+        behind it, up to ``max_pending`` in all, the rest taken through ``twin``
+        (`nonblocking_twin`) without a checkpoint between them.
+
+        Channels that connect together then start together: an accept per scheduling
+        round, while the first channels stream, let a 16-channel sender's first channel run
+        150 ms ahead of its last, and its packets queue for the others meanwhile.
+        """
+        streams = [await self.accept(listener)]
+        while len(streams) < self.max_pending:
+            try:
+                conn, _ = twin.accept()
+            except OSError:  # none waiting; any other error is the next accept()'s
+                break
+            streams.append(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        return streams
+
     def _end_burst(self, now: float) -> None:
         if self._short_since is not None and now - self._short_last >= BURST_GAP:
             log.warning(
@@ -270,6 +293,18 @@ class Admission:
 #: The admissions of the process with an accept under way (and how many): an fd
 #: shortage is the whole process's, so eviction chooses among all of them.
 _LIVE: weakref.WeakKeyDictionary[Admission, int] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def nonblocking_twin(listener: trio.SocketListener) -> Iterator[socket.socket]:
+    """A non-blocking stdlib socket on a duplicate of ``listener``'s fd, for
+    `Admission.accept_burst`; closed on exit (the listener stays open)."""
+    twin = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    try:
+        twin.setblocking(False)
+        yield twin
+    finally:
+        twin.close()
 
 
 def _silence(ticket: Pending) -> tuple[float, int, int]:
