@@ -16,6 +16,7 @@ from vfiomig import (
     send_migration,
     serve_receiver,
 )
+from vfiomig._core._wire import VFIO_FLAG_CONFIG_STATE, encode_packet
 from vfiomig.receive import Session, SessionReport
 from vfiomig.send import SendError
 from vfiomig.sources import SynthSource
@@ -233,3 +234,36 @@ async def test_every_channel_ended_lists_missing_idx(seed: int) -> None:
         "0000:00:00.0/vfio/0: every channel ended: missing idx 3, 7 (2 packets)"
     )
     assert bytes(sinks[0].data) == state[:3000]  # everything up to the first gap, nothing more
+
+
+async def test_data_trickling_in_after_a_large_packet_is_not_held_back() -> None:
+    """Inside a large packet's data a TCP channel waits for much of what the packet still
+    needs (SO_RCVLOWAT); a large packet sent in pieces with pauses, then small packets one
+    at a time, each waited for: every one is written as soon as it is complete."""
+    sizes = [3000, 1_000_000, 3000, 3000, 3000, 3000]  # the first takes the slow path
+    state = synth_bytes(sum(sizes), 2)
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    packets = [
+        encode_packet("d", 0, i, 0, state[end - size : end])
+        for i, (size, end) in enumerate(zip(sizes, ends, strict=True))
+    ]
+    config = encode_packet("d", 0, len(sizes), VFIO_FLAG_CONFIG_STATE, synth_config(0))
+    sink = MemorySink()
+    devices = [DeviceSetup("d", 0, sink, MemoryConfig(sink))]
+    cfg = ReceiverConfig(uuid=UUID, channels=1, devices=devices, stall_timeout=5)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            session, outcome = await start(nursery, cfg)
+            conn = await open_channel(session)
+            await conn.send_all(channel_streams([], 1, UUID)[0])
+            for pk, end in zip(packets, ends, strict=True):
+                for i in range(0, len(pk), 100_000):  # the large one in pieces, with pauses
+                    await trio.sleep(0.02)
+                    await conn.send_all(pk[i : i + 100_000])
+                with trio.fail_after(2):  # a wakeup held back for more bytes: stuck here
+                    while len(sink.data) < end:  # noqa: ASYNC110 - test polling
+                        await trio.sleep(0.002)
+            await conn.send_all(config)
+            await conn.aclose()
+    assert isinstance(outcome[0], SessionReport) and outcome[0].ok, outcome
+    assert bytes(sink.data) == state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 
 import trio
@@ -43,6 +44,13 @@ RECEIVE_SIZE = 256 * 1024
 #: Bytes a channel receives in one `Framer.pump_recv` call before it lets other tasks run
 #: (the loaders, the other channels).
 PUMP_LIMIT = 1 << 20
+
+#: Inside a packet's data, a TCP channel asks to be woken only once this much of what the
+#: packet still needs has arrived (SO_RCVLOWAT), or all of it if less: a wakeup costs tens
+#: of microseconds of Python, and a fast link otherwise wakes the task for each segment.
+#: Below `LOWAT_MIN` still needed it is not worth a setsockopt.
+LOWAT_CAP = 512 * 1024
+LOWAT_MIN = 64 * 1024
 
 
 async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending) -> None:
@@ -146,6 +154,7 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock)
     # socket has, and this task only sleeps until it is readable again. TLS goes through
     # the stream, a receive at a time (`Framer.pump`).
     recv_now = _nonblocking_recv(sock.fileno()) if recv_into is not None else None
+    lowat = 1 if recv_now is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else 0
     trace = log.isEnabledFor(logging.DEBUG)  # checked once, not per packet
     # Devices whose packets the core takes whole, many per call (`Framer.pump`): a device
     # joins after its first packet on this channel went through the slow path below, so
@@ -166,6 +175,14 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock)
             for dev in pumped:
                 wake_loader(session, dev)
         if status == PUMP_WOULD_BLOCK:
+            if lowat:
+                # The bytes the packet in progress still needs will come (or the stream
+                # breaks, which wakes the task anyway), so waiting for them cannot stall.
+                want = framer.payload_remaining - framer.buffered
+                want = min(want, LOWAT_CAP) if want >= LOWAT_MIN else 1
+                if want != lowat:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                    lowat = want
             await trio.lowlevel.wait_readable(sock)
             continue
         if status == PUMP_NEED_DATA:
