@@ -226,8 +226,9 @@ PyObject *vfiomig_framer_idstr(Framer *self, const struct vfm_out *o);
 PyObject *vfiomig_framer_packet(Framer *self, const struct vfm_out *o);
 PyObject *vfiomig_Framer_next_event(Framer *self, PyObject *ignored);
 
-/* glue_framer_pump.c: the methods pump and pump_recv. */
+/* glue_framer_pump.c: the methods pump, pump_recv and defer_payload. */
 PyObject *vfiomig_Framer_pump(Framer *self, PyObject *routes);
 PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *vfiomig_Framer_defer_payload(Framer *self, PyObject *buf);
 
 #endif

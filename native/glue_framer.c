@@ -320,6 +320,7 @@ static PyMethodDef Framer_methods[] = {
     {"fail_truncated", (PyCFunction)Framer_fail_truncated, METH_NOARGS, NULL},
     {"pump", (PyCFunction)vfiomig_Framer_pump, METH_O, NULL},
     {"pump_recv", (PyCFunction)(void (*)(void))vfiomig_Framer_pump_recv, METH_FASTCALL, NULL},
+    {"defer_payload", (PyCFunction)vfiomig_Framer_defer_payload, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 

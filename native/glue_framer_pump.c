@@ -333,3 +333,49 @@ PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize
         }
     }
 }
+
+/* Framer.defer_payload(buf): the packet pump_recv returned with PUMP_HEADER, accepted by
+ * buf since, is received and delivered by the next pump_recv calls. */
+PyObject *vfiomig_Framer_defer_payload(Framer *self, PyObject *buf)
+{
+    if (!PyObject_TypeCheck(buf, &vfiomig_ReorderType)) {
+        PyErr_SetString(PyExc_TypeError, "defer_payload() takes a ReorderBuffer");
+        return NULL;
+    }
+    if (self->error)
+        return vfiomig_framer_reraise(self);
+    if (self->pending || self->pending_in_block) {
+        PyErr_SetString(PyExc_AssertionError, "one at a time");
+        return NULL;
+    }
+    if (self->f.state != VFM_S_PAYLOAD || !self->current) {
+        PyErr_SetString(PyExc_AssertionError, "no packet data to defer");
+        return NULL;
+    }
+    PyObject *v = PyObject_GetAttrString(self->current, "idx");
+    unsigned long idx = v ? PyLong_AsUnsignedLong(v) : 0;
+    Py_XDECREF(v);
+    if (PyErr_Occurred())
+        return NULL;
+    v = PyObject_GetAttrString(self->current, "size");
+    unsigned long long size = v ? PyLong_AsUnsignedLongLong(v) : 0;
+    Py_XDECREF(v);
+    if (PyErr_Occurred())
+        return NULL;
+    if (self->f.remaining != size) {
+        PyErr_SetString(PyExc_AssertionError, "the packet's data was read in part");
+        return NULL;
+    }
+    if (size < self->big) {
+        self->pending_in_block = 1;
+        self->pending_size = size;
+    } else {
+        self->pending = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)size);
+        if (!self->pending)
+            return NULL;
+        self->pending_got = 0;
+    }
+    self->pending_idx = (uint32_t)idx;
+    self->pending_buf = (Reorder *)Py_NewRef(buf);
+    Py_RETURN_NONE;
+}

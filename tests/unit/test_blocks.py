@@ -76,6 +76,10 @@ class _Channel:
             self.parked = hdr
             return False
         self.parked = None
+        self.routes[KEY] = buf
+        if hdr.size and self.rng.random() < 0.5:  # left to pump_recv, as a channel does
+            self.framer.defer_payload(buf)
+            return True
         data = bytearray(hdr.size)  # type: ignore[attr-defined]
         got = 0
         while got < len(data):

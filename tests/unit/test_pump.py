@@ -285,8 +285,17 @@ def run_pump_recv(
         if status == core.PUMP_END:
             break
         assert status == core.PUMP_HEADER
-        routes[hdr.idstr, hdr.instance] = _take_slow(f, hdr, bufs, out, fill, offer=True)
-        packets += 1
+        if not hdr.size or rng.random() < 0.5:  # read here, or left to the pump
+            routes[hdr.idstr, hdr.instance] = _take_slow(f, hdr, bufs, out, fill, offer=True)
+            packets += 1
+            continue
+        buf = bufs[hdr.idstr, hdr.instance]
+        while not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):
+            _drain(bufs, out)
+        f.defer_payload(buf)
+        with pytest.raises(AssertionError, match="one at a time"):
+            f.defer_payload(buf)
+        routes[hdr.idstr, hdr.instance] = buf
     _drain(bufs, out)
     return out, packets, statuses
 
@@ -393,3 +402,30 @@ def test_pump_recv_would_block_and_limit(core: types.ModuleType) -> None:
     assert f.pump_recv(two, {key: buf}, 5) == (core.PUMP_NEED_DATA, 1, None)
     assert f.pump_recv(two, {key: buf}, 5) == (core.PUMP_WOULD_BLOCK, 0, None)
     assert bytes(buf.take_ready().chunks[0]) == b"z" * 10
+
+
+@pytest.mark.parametrize("size", [100, 300_000])  # kept in the block / its own buffer
+def test_defer_payload_refuses_what_it_cannot_take(core: types.ModuleType, size: int) -> None:
+    f, bufs, _ = _channel(core, 1 << 30)
+    key = DEVICES[0]
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    pk = device_packets(key[0], key[1], data, wrap_config(b"c"), size)[0]
+    with pytest.raises(AssertionError, match="no packet data to defer"):
+        f.defer_payload(bufs[key])  # before any packet
+    f.feed(encode_handshake(UUID, 0))
+    assert f.next_event() is not core.NEED_DATA
+    rest = [pk[: len(pk) - size + 10]]  # the header and ten bytes of the data
+
+    def recv(view: memoryview) -> int:
+        if not rest:
+            raise BlockingIOError
+        chunk = rest.pop()
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
+    status, _, hdr = f.pump_recv(recv, {}, 1 << 30)
+    assert status == core.PUMP_HEADER and hdr.size == size
+    assert bufs[key].offer(hdr.version, hdr.idx, hdr.flags, hdr.size)
+    f.read_payload_into(memoryview(bytearray(4)))  # four bytes of its data taken here
+    with pytest.raises(AssertionError, match="read in part"):
+        f.defer_payload(bufs[key])

@@ -502,6 +502,21 @@ class Framer:
             else:
                 return status, done, header
 
+    def defer_payload(self, buf: ReorderBuffer) -> None:
+        """Leave the data of the packet `pump_recv` just returned with `PUMP_HEADER` (and
+        ``buf`` then accepted) to the next `pump_recv` calls: they receive it and deliver
+        it to ``buf`` like the packets they accept themselves."""
+        cur = self._current
+        assert self._pending is None and self._pending_in_buffer is None, "one at a time"
+        assert self._state == _PAYLOAD and cur is not None, "no packet data to defer"
+        assert self._remaining == cur.size, "the packet's data was read in part"
+        if cur.size < self._big:
+            self._pending_in_buffer = buf
+        else:
+            self._pending = new_payload_buffer(cur.size)
+            self._pending_got = 0
+            self._pending_buf = buf
+
     def _recv_buffer(self, recv_into: Callable[[memoryview], int], need: int) -> int:
         """Receive up to `RECV_CHUNK` bytes (or ``need``, if more) into the buffer; -1:
         would block."""
