@@ -202,6 +202,10 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
             buf = bufs[key]
             if not buf.offer(header.version, header.idx, header.flags, header.size):  # type: ignore[attr-defined]
                 raise FuzzBug("an offer was refused with an unlimited budget")
+            routes[key] = buf
+            if header.size and rng.random() < 0.5:  # its data left to pump_recv
+                framer.defer_payload(buf)
+                continue
             data = bytearray(header.size)
             got = 0
             while got < header.size:
@@ -209,7 +213,6 @@ def _run_pump_recv(impl: types.ModuleType, stream: bytes, seed: int, ram: bool) 
                 if got < header.size:
                     fill(rng.randint(1, 512))
             buf.deliver(header.idx, bytes(data))  # type: ignore[attr-defined]
-            routes[key] = buf
     except VfioMigError as exc:
         trace.append((type(exc).__name__, str(exc)))
     for key, buf in sorted(bufs.items()):
