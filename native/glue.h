@@ -152,6 +152,7 @@ typedef struct {
     PyObject *error;   /* the poisoning exception, or NULL */
     int gate_open, loaded, multifd_taken;
     double starved_seconds;
+    long long backlog_cap; /* > 0: offers refused past this many queued bytes */
     long long queued_packets, queued_bytes, peak_queued, received, written_bytes,
         written_packets, precopy_bytes, unwritten;
 } Reorder;

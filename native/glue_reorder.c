@@ -76,6 +76,7 @@ static int reorder_init(Reorder *self, PyObject *args, PyObject *kwds)
     self->precopy = PyList_New(0);
     self->gate_open = self->loaded = self->multifd_taken = 0;
     self->starved_seconds = 0.0;
+    self->backlog_cap = 0;
     self->queued_packets = self->queued_bytes = self->peak_queued = self->received = 0;
     self->written_bytes = self->written_packets = self->precopy_bytes = self->unwritten = 0;
     if (!self->precopy)
@@ -173,6 +174,8 @@ int vfiomig_reorder_offer(Reorder *self, uint32_t version, uint32_t idx, uint32_
             if (!budget_fits(b, (long long)size))
                 return 0;
         }
+        if (self->backlog_cap > 0 && self->queued_bytes + (long long)size > self->backlog_cap)
+            return 0;
     }
     if (!vfm_slot_add(&self->r, idx, size)) {
         PyErr_NoMemory();
@@ -592,6 +595,11 @@ static PyGetSetDef Reorder_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+static PyMemberDef Reorder_members[] = {
+    {"backlog_cap", T_LONGLONG, offsetof(Reorder, backlog_cap), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyMethodDef Reorder_methods[] = {
     {"offer", (PyCFunction)(void (*)(void))Reorder_offer, METH_FASTCALL, NULL},
     {"deliver", (PyCFunction)(void (*)(void))Reorder_deliver, METH_FASTCALL, NULL},
@@ -621,4 +629,5 @@ PyTypeObject vfiomig_ReorderType = {
     .tp_clear = (inquiry)reorder_clear,
     .tp_methods = Reorder_methods,
     .tp_getset = Reorder_getset,
+    .tp_members = Reorder_members,
 };

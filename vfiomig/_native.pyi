@@ -67,6 +67,7 @@ class Budget:
 
 class ReorderBuffer:
     starved_seconds: float
+    backlog_cap: int
     def __init__(self, name: str, budget: Budget) -> None: ...
     @property
     def name(self) -> str: ...

@@ -8,6 +8,8 @@ import re
 import pytest
 import trio
 
+import vfiomig.receive._channels as channels_module
+import vfiomig.receive._loader as loader_module
 from vfiomig import (
     DeviceSetup,
     MigrationFailed,
@@ -137,6 +139,42 @@ async def test_backpressure_with_idx0_last_stays_within_budget() -> None:
     assert bytes(sinks[0].data) == synth_bytes(size, 9)
     # budget, plus one packet (the device's next idx) and its config packet
     assert budget <= report.peak_queued_bytes <= budget + 65536 + len(synth_config(9))
+
+
+class _SlowSink(MemorySink):
+    """Takes 1 ms per 8 KiB: slower than the channels."""
+
+    async def write(self, chunks):  # type: ignore[no-untyped-def]
+        before = len(self.data)
+        await super().write(chunks)
+        await trio.sleep((len(self.data) - before) / 8e6)
+
+
+async def test_a_slow_sink_holds_the_channels_to_its_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the sink writes, the channel reads ahead only until the device holds
+    `SINK_BACKLOG`; the budget, 16 times larger, stays unused (the sender has it all
+    sent at once, so without the cap the queue grows to the whole state)."""
+    monkeypatch.setattr(loader_module, "SINK_BACKLOG", 256 * 1024)
+    monkeypatch.setattr(channels_module, "PUMP_LIMIT", 64 * 1024)
+    sink = _SlowSink()
+    size = 4 << 20
+    state = synth_bytes(size, 4)
+    stream = channel_streams(device_packets("d", 0, state, synth_config(0), 65536), 1, UUID)[0]
+    devs = [DeviceSetup("d", 0, sink, MemoryConfig(sink))]
+    config = ReceiverConfig(uuid=UUID, channels=1, devices=devs, max_queued=size)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            session, outcome = await start(nursery, config)
+            conn = await open_channel(session)
+            await conn.send_all(stream)
+            await conn.aclose()
+    report = outcome[0]
+    assert isinstance(report, SessionReport) and report.ok, report
+    assert bytes(sink.data) == state
+    # the backlog, what the channel reads before the loader first runs, the config
+    assert report.peak_queued_bytes <= 256 * 1024 + 64 * 1024 + 65536 + 4096, report
 
 
 async def test_stall_timeout_names_what_is_missing() -> None:

@@ -6,6 +6,7 @@ import fcntl
 import os
 import re
 import threading
+import time
 
 import pytest
 import trio
@@ -37,8 +38,11 @@ UUID = bytes(range(16))
 F_SETPIPE_SZ = 1031
 
 
-def drain_in_thread(fd: int, out: bytearray, step: int = 65536) -> threading.Thread:
+def drain_in_thread(
+    fd: int, out: bytearray, step: int = 65536, delay: float = 0.0
+) -> threading.Thread:
     def run() -> None:
+        time.sleep(delay)
         while chunk := os.read(fd, step):
             out.extend(chunk)
         os.close(fd)
@@ -232,10 +236,10 @@ async def test_nowait_writes_hand_a_full_pipe_to_the_loader() -> None:
     room for is finished by the loader, from where it stopped, and the stream arrives whole
     and in order."""
     r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    fcntl.fcntl(w, F_SETPIPE_SZ, 65536)
     os.set_blocking(w, False)
     got = bytearray()
-    t = drain_in_thread(r, got, step=1000)
+    t = drain_in_thread(r, got, step=1000, delay=0.3)  # the pipe fills first
     sink = _CountingFdSink(w)
     size = 600_000
     setup = DeviceSetup("d", 0, sink, MemoryConfig())

@@ -143,6 +143,27 @@ def test_budget_backpressure(core: types.ModuleType) -> None:
     assert buf.budget.peak == max(12, 6 + len(CFG))
 
 
+def test_backlog_cap_refuses_like_the_budget(core: types.ModuleType) -> None:
+    """A device's own cap, under the budget's exceptions: the next idx while the loader
+    is idle, and the config packet; 0 lifts it."""
+    buf = fresh(core, budget=1000)
+    buf.open_gate()
+    assert buf.backlog_cap == 0
+    buf.backlog_cap = 10
+    assert put(buf, 1, b"x" * 6)
+    assert not buf.offer(0, 2, 0, 6)  # 12 > 10, though the budget has room
+    assert put(buf, 0, b"y" * 6)  # the next idx, the loader idle: accepted over the cap
+    ready = buf.take_ready()
+    assert ready is not None and ready.nbytes == 12
+    assert not buf.offer(0, 2, 0, 1)  # the loader holds 12 unwritten: still over
+    buf.written(ready.nbytes)
+    assert put(buf, 2, b"z" * 6)
+    assert put(buf, 4, CFG, flags=1)  # the config packet is always accepted
+    assert not buf.offer(0, 3, 0, 6)  # idx 2 is not written yet: over the cap
+    buf.backlog_cap = 0
+    assert put(buf, 3, b"w" * 600)  # lifted: only the budget counts
+
+
 def test_next_idx_waits_while_the_previous_packet_is_written(core: types.ModuleType) -> None:
     """The next-idx exemption gives one packet of slack per device, not two (SPEC §2)."""
     buf = fresh(core, budget=4)

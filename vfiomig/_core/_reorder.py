@@ -134,6 +134,10 @@ class ReorderBuffer:
         self.gate_open = False
         self.loaded = False
         self.starved_seconds = 0.0
+        #: When above 0, `offer` also refuses a packet (under the same exceptions as the
+        #: budget) that would take this device's queued bytes past it: the receiver sets
+        #: it while the device's sink is busy, so that a slow sink does not fill the budget.
+        self.backlog_cap = 0
         self._slots: dict[int, Buffer | None] = {}  # idx -> data; None while in flight
         self._sizes: dict[int, int] = {}  # idx -> reserved size, for in-flight packets
         self._max_data_idx = -1
@@ -155,8 +159,8 @@ class ReorderBuffer:
         """Check a packet's header; reserve budget and return True if its data may be read.
 
         On False nothing changed: wait for `written` (or the gate) and offer again. The
-        next idx to write is accepted over budget only while the loader has nothing of
-        this device taken but unwritten.
+        next idx to write is accepted over budget (and `backlog_cap`) only while the loader
+        has nothing of this device taken but unwritten.
 
         Raises:
             PacketError: unknown version, invalid idx, duplicate, second config packet,
@@ -172,6 +176,8 @@ class ReorderBuffer:
         if not (flags & VFIO_FLAG_CONFIG_STATE or (idx == self.next_idx and self._unwritten == 0)):
             budget = self.budget
             if budget.queued + budget.slack + size > budget.limit:
+                return False
+            if 0 < self.backlog_cap < self._queued_bytes + size:
                 return False
         self._slots[idx] = None
         self._sizes[idx] = size
