@@ -99,26 +99,40 @@ async def _serve(
         pass
 
 
-async def failed_migration(
-    sink: Sink, *, size: int, packet_size: int, sink_timeout: float = 60.0
-) -> str | None:
-    """Send ``size`` bytes of device ``d`` into ``sink`` over one channel; return the
-    device's error. The sender may see the receiver close first: that is fine here."""
+async def migrate(
+    sink: Sink,
+    *,
+    size: int,
+    packet_size: int,
+    channels: int = 1,
+    seed: int = 1,
+    sink_timeout: float = 60.0,
+) -> Session:
+    """Send ``size`` bytes of device ``d`` (``synth:SIZE:SEED``) into ``sink``; return the
+    ended session. The sender may see the receiver close first: that is fine here."""
     setup = DeviceSetup("d", 0, sink, MemoryConfig())
-    cfg = ReceiverConfig(uuid=UUID, channels=1, devices=[setup], sink_timeout=sink_timeout)
+    cfg = ReceiverConfig(uuid=UUID, channels=channels, devices=[setup], sink_timeout=sink_timeout)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             session: Session = await nursery.start(_serve, cfg)
             try:
                 await send_migration(
                     connect_to=session.bound,
-                    channels=1,
+                    channels=channels,
                     uuid=UUID,
-                    devices=[SendDevice("d", 0, SynthSource(size, 1))],
+                    devices=[SendDevice("d", 0, SynthSource(size, seed))],
                     packet_size=packet_size,
                 )
             except SendError:
                 pass
+    return session
+
+
+async def failed_migration(
+    sink: Sink, *, size: int, packet_size: int, sink_timeout: float = 60.0
+) -> str | None:
+    """`migrate` over one channel; the device's error."""
+    session = await migrate(sink, size=size, packet_size=packet_size, sink_timeout=sink_timeout)
     return session.report().devices[0].error
 
 
@@ -242,18 +256,7 @@ async def test_nowait_writes_hand_a_full_pipe_to_the_loader() -> None:
     t = drain_in_thread(r, got, step=1000, delay=0.3)  # the pipe fills first
     sink = _CountingFdSink(w)
     size = 600_000
-    setup = DeviceSetup("d", 0, sink, MemoryConfig())
-    cfg = ReceiverConfig(uuid=UUID, channels=2, devices=[setup])
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(_serve, cfg)
-            await send_migration(
-                connect_to=session.bound,
-                channels=2,
-                uuid=UUID,
-                devices=[SendDevice("d", 0, SynthSource(size, 3))],
-                packet_size=5000,
-            )
+    session = await migrate(sink, size=size, packet_size=5000, channels=2, seed=3)
     t.join(10)
     report = session.report()
     assert report.ok, report
