@@ -181,8 +181,11 @@ async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock)
                 want = framer.payload_remaining - framer.buffered
                 want = min(want, LOWAT_CAP) if want >= LOWAT_MIN else 1
                 if want != lowat:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                    lowat = want
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                        lowat = want
+                    except OSError:  # a kernel without it for this socket: wait as before
+                        lowat = 0
             await trio.lowlevel.wait_readable(sock)
             continue
         if status == PUMP_NEED_DATA:
