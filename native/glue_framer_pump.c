@@ -201,6 +201,24 @@ static int data_recv_stops(Framer *self, Py_ssize_t n, long long done, PyObject 
     return 1;
 }
 
+/* The data of the accepted packet idx (size bytes) is pump_recv's to receive and deliver
+ * to buf: into the block if small, else into a buffer of its own; 0, or -1 with an error. */
+static int framer_pend(Framer *self, Reorder *buf, uint32_t idx, uint64_t size)
+{
+    if (size < self->big) {
+        self->pending_in_block = 1;
+        self->pending_size = size;
+    } else {
+        self->pending = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)size);
+        if (!self->pending)
+            return -1;
+        self->pending_got = 0;
+    }
+    self->pending_idx = idx;
+    self->pending_buf = (Reorder *)Py_NewRef(buf);
+    return 0;
+}
+
 PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -313,19 +331,8 @@ PyObject *vfiomig_Framer_pump_recv(Framer *self, PyObject *const *args, Py_ssize
             if (!hdr)
                 return NULL;
             Py_DECREF(hdr);
-            self->pending_idx = o.idx;
-            if (o.size < self->big) {
-                self->pending_in_block = 1;
-                self->pending_size = o.size;
-                self->pending_buf = (Reorder *)Py_NewRef(buf);
-                continue;
-            }
-            self->pending = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)o.size);
-            if (!self->pending)
+            if (framer_pend(self, buf, o.idx, o.size) < 0)
                 return NULL;
-            self->pending_got = 0;
-            self->pending_idx = o.idx;
-            self->pending_buf = (Reorder *)Py_NewRef(buf);
         } else if (status == PUMP_HEADER) {
             return pump_result(status, done, vfiomig_framer_packet(self, &o), 1);
         } else {
@@ -366,16 +373,7 @@ PyObject *vfiomig_Framer_defer_payload(Framer *self, PyObject *buf)
         PyErr_SetString(PyExc_AssertionError, "the packet's data was read in part");
         return NULL;
     }
-    if (size < self->big) {
-        self->pending_in_block = 1;
-        self->pending_size = size;
-    } else {
-        self->pending = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)size);
-        if (!self->pending)
-            return NULL;
-        self->pending_got = 0;
-    }
-    self->pending_idx = (uint32_t)idx;
-    self->pending_buf = (Reorder *)Py_NewRef(buf);
+    if (framer_pend(self, (Reorder *)buf, (uint32_t)idx, size) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }

@@ -493,12 +493,7 @@ class Framer:
                 received += n
             elif status == PUMP_ACCEPTED:
                 assert header is not None
-                if header.size < self._big:
-                    self._pending_in_buffer = routes[header.idstr, header.instance]
-                    continue
-                self._pending = new_payload_buffer(header.size)
-                self._pending_got = 0
-                self._pending_buf = routes[header.idstr, header.instance]
+                self._pend(routes[header.idstr, header.instance], header.size)
             else:
                 return status, done, header
 
@@ -510,10 +505,15 @@ class Framer:
         assert self._pending is None and self._pending_in_buffer is None, "one at a time"
         assert self._state == _PAYLOAD and cur is not None, "no packet data to defer"
         assert self._remaining == cur.size, "the packet's data was read in part"
-        if cur.size < self._big:
+        self._pend(buf, cur.size)
+
+    def _pend(self, buf: ReorderBuffer, size: int) -> None:
+        """The current packet's data (``size`` bytes) is `pump_recv`'s to receive and
+        deliver to ``buf``: in the buffer if small, else into a buffer of its own."""
+        if size < self._big:
             self._pending_in_buffer = buf
         else:
-            self._pending = new_payload_buffer(cur.size)
+            self._pending = new_payload_buffer(size)
             self._pending_got = 0
             self._pending_buf = buf
 
