@@ -193,18 +193,12 @@ async def _load_stream(session: Session, device: Device) -> None:
             if device.input_ended is not None:  # everything before the gap is written
                 raise buf.incomplete_error(device.input_ended)
             buf.backlog_cap = 0  # waiting for data: the channels may use the whole budget
-            starved = buf.gate_open
-            batches = device.nowait_batches
-            t0 = trio.current_time()
+            if buf.gate_open:  # starved from now; channel tasks that write close the wait
+                device.starved_since = trio.current_time()
             await device.lot.park()
-            if device.nowait_batches != batches:
-                # Channel tasks wrote while this task was parked and counted the waits
-                # between their batches; the last one lasts until now.
-                starved = device.starved_since is not None
-                t0 = device.starved_since or t0
-            device.starved_since = None
-            if starved:
-                waited = trio.current_time() - t0
+            since, device.starved_since = device.starved_since, None
+            if since is not None:  # the last wait lasts until now
+                waited = trio.current_time() - since
                 buf.starved_seconds += waited
                 if trace:
                     log.debug(
@@ -260,7 +254,6 @@ def wake_loader(session: Session, device: Device) -> None:
                 return
         buf.written(ready.nbytes)
         ready.release()
-        device.nowait_batches += 1
         session.progress += 1
     if session.room:
         session.room.unpark_all()

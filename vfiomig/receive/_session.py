@@ -171,9 +171,9 @@ class Device:
         #: A batch a channel task could not finish without blocking; the loader writes
         #: the rest of it before anything else.
         self.handoff: Ready | None = None
-        #: Batches written by channel tasks, and since when the stream has waited for its
-        #: next idx after the last of them (the loader's starved time while it was parked).
-        self.nowait_batches = 0
+        #: Since when the stream has waited for its next idx with the gate open: set by
+        #: the loader when it parks and by a channel task after the batches it wrote;
+        #: whoever writes or wakes next adds the wait to the starved time.
         self.starved_since: float | None = None
 
 
