@@ -120,11 +120,13 @@ class FdSink(Sink):
         self.writes_nowait = self._nonblocking and Run is not None
 
     def write_nowait(self, chunks: Sequence[Chunk]) -> bool:
-        if type(chunks) is not Run:
-            return False
-        while chunks.remaining:
+        return type(chunks) is Run and self._write_run(chunks)
+
+    def _write_run(self, run: Run) -> bool:
+        """Write a run from its cursor to the non-blocking fd; False when the fd is full."""
+        while run.remaining:
             try:
-                self.bytes_written += chunks.write_to(self.fd)
+                self.bytes_written += run.write_to(self.fd)
             except BlockingIOError:
                 return False
         return True
@@ -136,11 +138,8 @@ class FdSink(Sink):
         written in a worker thread that is not abandoned, so a cancel waits for it.
         """
         if self._nonblocking and type(chunks) is Run:
-            while chunks.remaining:
-                try:
-                    self.bytes_written += chunks.write_to(self.fd)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.fd)
+            while not self._write_run(chunks):  # goes on from the run's cursor
+                await trio.lowlevel.wait_writable(self.fd)
             await trio.lowlevel.checkpoint()
         elif self._nonblocking:
             views = [memoryview(c).cast("B") for c in chunks if len(c)]
