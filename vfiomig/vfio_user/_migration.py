@@ -33,10 +33,10 @@ class MigrationCallbacks(Protocol):
 
     ``transition`` gets each state entered, one arc at a time. ``read_data`` returns at
     most ``size`` bytes (empty at the end of the stream); a view of the emulator's own
-    memory is fine: the reply is sent whole before the server calls back again. ``write_data`` gets a view of
-    the received bytes (valid during the call only, no copy made) and returns how many it
-    took: all of them, or the write fails. An emulator may add `WriteBuffer` to have the
-    bodies received straight into its memory instead.
+    memory is fine: the reply is sent whole before the server calls back again.
+    ``write_data`` gets a view of the received bytes (valid during the call only, no copy
+    made) and returns how many it took: all of them, or the write fails. An emulator may
+    add `WriteBuffer` to have the bodies received straight into its memory instead.
     """
 
     def transition(self, state: MigState) -> None: ...

@@ -7,8 +7,9 @@ The data is never copied here: replies are received into an arena (a buffer of
 `ARENA_REPLIES` replies) and each reply's data is handed out as a read-only view of it.
 An arena that is full is retired, never written again while any view into it is alive
 (a caller may keep the views as long as it likes); it is reused once the last one is
-gone (the bytearray says so: it cannot change its size while views of it exist). Only the part of a reply that was already received when its arena filled up is
-copied into the next arena.
+gone (the bytearray says so: it cannot change its size while views of it exist). Only
+the part of a reply that was already received when its arena filled up is copied into
+the next arena.
 """
 
 from __future__ import annotations
