@@ -3,7 +3,6 @@ messages every connection shares (`vfiomig.control._server` serves them)."""
 
 from __future__ import annotations
 
-import array
 import logging
 import socket as stdsocket
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ import trio
 from vfiomig._logs import event
 from vfiomig.control import _proto as proto
 from vfiomig.receive import Device
-from vfiomig.transport import Pending
+from vfiomig.transport import Pending, received_fds
 
 log = logging.getLogger("vfiomig")
 
@@ -72,11 +71,7 @@ async def recv_with_fds(sock: trio.socket.SocketType, fds: list[int], label: str
     data, ancdata, flags, _ = await sock.recvmsg(
         RECEIVE_SIZE, stdsocket.CMSG_SPACE(MAX_FDS * 4), stdsocket.MSG_CMSG_CLOEXEC
     )
-    for level, kind, payload in ancdata:
-        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
+    fds.extend(received_fds(ancdata))
     if flags & stdsocket.MSG_CTRUNC:
         log.warning(
             "control: %s sent more than %d fds at once: the rest were closed",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket as stdsocket
 import ssl
 from typing import Any
@@ -53,6 +52,7 @@ from vfiomig.sinks import ConfigTarget
 from vfiomig.transport import (
     Admission,
     MeteredStream,
+    close_fds,
     listener_kind,
     open_listener,
     parse_address,
@@ -329,13 +329,13 @@ class ControlServer:
                     try:
                         decoder.feed(data, fds)
                         while (msg := decoder.next_message()) is not None:
-                            self._close_fds(decoder.orphans)
+                            close_fds(decoder.orphans)
                             if not conn.admitted and admits(msg) and not self._admit(conn):
                                 conn.send.close()  # the writer sends the error, then ends
                                 return
                             self._handle(conn, msg)
                     except proto.ControlMessageError as exc:
-                        self._close_fds(decoder.orphans)
+                        close_fds(decoder.orphans)
                         self._reply_error(conn, str(exc))
                         continue
                     if not data and not conn.admitted:
@@ -359,16 +359,8 @@ class ControlServer:
                 self._ended(conn, "lost", exc)
                 connection_scope.cancel()
             finally:
-                self._close_fds(decoder.orphans)
-                self._close_fds(decoder.pending_fds)
-
-    @staticmethod
-    def _close_fds(fds: list[int]) -> None:
-        while fds:
-            try:
-                os.close(fds.pop())
-            except OSError:
-                pass
+                close_fds(decoder.orphans)
+                close_fds(decoder.pending_fds)
 
     # -- commands ----------------------------------------------------------------------
 
@@ -455,7 +447,7 @@ class ControlServer:
                 extra=event("control_attach_fd", device.name, kind=msg.kind),
             )
         finally:
-            self._close_fds(fds)
+            close_fds(fds)
 
     def _device(self, conn: Connection, idstr: str, instance: int, what: str) -> Device | None:
         assert self._session is not None

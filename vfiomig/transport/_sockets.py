@@ -13,6 +13,7 @@ writable by others unless sticky (refused), and should be enterable only by the 
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -280,3 +281,24 @@ def peer_label(stream: trio.SocketStream, what: str) -> str:
     if isinstance(peer, tuple):
         return f"{what} from {peer[0]}:{peer[1]}"
     return f"{what} on unix socket"
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of the SCM_RIGHTS messages in ``recvmsg``'s ``ancdata``: the caller's to
+    close (a partial trailing int is ignored)."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close every fd in ``fds`` (errors ignored: the fd is gone either way) and empty it."""
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    fds.clear()

@@ -29,13 +29,13 @@ import errno
 import logging
 import os
 import socket
-import struct
 from collections.abc import Sequence
 from typing import Final
 
 import trio
 
 from vfiomig._logs import event
+from vfiomig.transport import close_fds, received_fds
 from vfiomig.vfio_user._device import VfioUserDevice
 from vfiomig.vfio_user._handlers import mig_data_write_error
 from vfiomig.vfio_user._messages import (
@@ -139,9 +139,9 @@ class Connection:
                 if self.replies:
                     await self._send_buffers([], [])
                 await trio.lowlevel.wait_readable(self.sock)
-        fds = _fds_of(ancdata)
+        fds = received_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
+            close_fds(fds)
             raise ConnectionLost("ancillary data was truncated")
         return nbytes, fds
 
@@ -157,7 +157,7 @@ class Connection:
             if start <= at < end:
                 taken += fds
             elif end <= at:
-                _close_all(fds)
+                close_fds(fds)
             else:
                 keep.append(chunk)
         self.fd_chunks = keep
@@ -219,7 +219,7 @@ class Connection:
                     self.start += size
                     try:
                         if flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
-                            _close_all(fds)
+                            close_fds(fds)
                             self._deliver(msg_id, command, flags, error_no, payload)
                         else:
                             await self._request(msg_id, command, flags, size, payload, fds)
@@ -247,7 +247,7 @@ class Connection:
 
     async def _refuse(self, msg_id: int, command: int, size: int, flags: int, code: int) -> None:
         """Answer the request at ``start`` with ``code`` and drop its ``size`` bytes."""
-        _close_all(self._take_fds(self.base + self.start))
+        close_fds(self._take_fds(self.base + self.start))
         have = min(self.end - self.start, size)
         self.start += have
         self.skip = size - have
@@ -282,7 +282,7 @@ class Connection:
             return True
         if target is None:
             return False
-        _close_all(self._take_fds(self.base + self.start))
+        close_fds(self._take_fds(self.base + self.start))
         body = self.start + DATA_HEAD_SIZE
         have = min(self.end - body, data_size)
         target[:have] = self.view[body : body + have]
@@ -291,7 +291,7 @@ class Connection:
         try:
             while got < data_size:
                 nbytes, fds = await self._recv(target[got:])
-                _close_all(fds)  # no message starts inside a body
+                close_fds(fds)  # no message starts inside a body
                 if not nbytes:
                     raise ConnectionLost(
                         f"client closed inside a MIG_DATA_WRITE body ({got} of {data_size} bytes)"
@@ -348,7 +348,7 @@ class Connection:
         else:
             parts, out_fds = reply.parts, reply.fds
         finally:
-            _close_all(fds)
+            close_fds(fds)
         await self._answer(msg_id, command, flags, size, error, parts, out_fds)
         if close:
             raise ConnectionLost("negotiation failed")
@@ -475,7 +475,7 @@ class Connection:
                 waiter.result = errno.ENOTCONN
                 waiter.event.set()
         for _, _, fds in self.fd_chunks:
-            _close_all(fds)
+            close_fds(fds)
         self.fd_chunks = []
 
 
@@ -492,25 +492,6 @@ class _Pending:
 
 def _errno_of(exc: OSError) -> int:
     return exc.errno if exc.errno and exc.errno > 0 else errno.EIO
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds += struct.unpack(f"={usable // 4}i", data[:usable])
-    return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    fds.clear()
 
 
 def _log_failed(command: str, msg_id: int, exc: BaseException, what: str = "failed") -> None:
