@@ -2,7 +2,8 @@
 connections, socket tuning, TLS, and admission (pending connections bounded, accept errors
 waited out).
 
-Owns every socket option and the rules for UNIX socket files (0600, refused directories).
+Owns every socket option, the parsing of fds received with SCM_RIGHTS, and the rules for
+UNIX socket files (0600, refused directories).
 May import: `vfiomig._core` (errors) and `vfiomig._logs`. Imported by every stage that opens a
 socket.
 """
