@@ -51,11 +51,7 @@ import trio.testing
 
 from fuzz.vfio_user_server import FuzzBug, sample_device
 from vfiomig.vfio_user import Capabilities, MigState, ResetReason, SharedMemory, VfioUserDevice
-from vfiomig.vfio_user._connection import _errno_of
-from vfiomig.vfio_user._messages import (
-    FEATURE_GET,
-    FEATURE_MIG_DEVICE_STATE,
-    FEATURE_SET,
+from vfiomig.vfio_user._header import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
     FLAG_TYPE_MASK,
@@ -63,11 +59,20 @@ from vfiomig.vfio_user._messages import (
     HEADER,
     HEADER_SIZE,
     Command,
-    Version,
 )
-from vfiomig.vfio_user._pipeline import DATA_HEAD_SIZE, MIG_SIZES, WRITE
-from vfiomig.vfio_user._server import serve_vfio_user_connection
-from vfiomig.vfio_user._session import CloseConnection, Session
+from vfiomig.vfio_user._migration_bodies import (
+    DATA_HEAD_SIZE,
+    FEATURE_GET,
+    FEATURE_MIG_DEVICE_STATE,
+    FEATURE_SET,
+    MIG_SIZES,
+    WRITE,
+)
+from vfiomig.vfio_user._version import Version
+from vfiomig.vfio_user.server._connection import _errno_of
+from vfiomig.vfio_user.server._handlers import handle
+from vfiomig.vfio_user.server._serve import serve_vfio_user_connection
+from vfiomig.vfio_user.server._session import CloseConnection, Session
 
 Log = list[tuple[str, object]]
 
@@ -293,7 +298,7 @@ def expect(stream: bytes, twin: VfioUserDevice, plan: bytes) -> bytes:
         payload = memoryview(stream)[pos + HEADER_SIZE : pos + size]
         pos += size
         try:
-            reply = twin.handle(session, command, payload, [])
+            reply = handle(twin, session, command, payload, [])
         except OSError as exc:
             if wants_reply:
                 replies += _reply(msg_id, command, _errno_of(exc))

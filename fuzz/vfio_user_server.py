@@ -28,8 +28,9 @@ from vfiomig.vfio_user import (
     pm_cap,
     vendor_cap,
 )
-from vfiomig.vfio_user._messages import Command
-from vfiomig.vfio_user._session import CloseConnection, Session
+from vfiomig.vfio_user._header import Command
+from vfiomig.vfio_user.server._handlers import handle
+from vfiomig.vfio_user.server._session import CloseConnection, Session
 
 PAGE = 4096
 _COMMANDS = [*Command, 0, 14, 99]
@@ -98,7 +99,7 @@ def fuzz_vfio_user_server(data: bytes) -> None:
             pos += 3 + length
             fds = [_make_fd(kind) for _ in range(nfds)]
             try:
-                reply = device.handle(session, command, payload, fds)
+                reply = handle(device, session, command, payload, fds)
             except CloseConnection:
                 session = Session()
             except OSError as exc:

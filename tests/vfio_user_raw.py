@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vfiomig.vfio_user._messages import Capabilities, Command, Version
-from vfiomig.vfio_user._protocol import HEADER
+from vfiomig.vfio_user._header import HEADER, Command
+from vfiomig.vfio_user._version import Capabilities, Version
 
 FLAG_REPLY = 0x1
 FLAG_ERROR = 0x20

@@ -33,7 +33,7 @@ from vfiomig.vfio_user import (
     VfioUserSource,
     open_vfio_user_client,
 )
-from vfiomig.vfio_user._sink import start_migration
+from vfiomig.vfio_user.client._sink import start_migration
 
 STREAM = 0x3000 + 8
 UUID = "5c6e8d2a-9b3f-4c1d-8e7a-6b5c4d3e2f10"

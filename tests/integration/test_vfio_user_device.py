@@ -23,8 +23,8 @@ from vfiomig.vfio_user import (
     SharedMemory,
     VfioUserDevice,
 )
-from vfiomig.vfio_user._messages import Capabilities, Command, DeviceFeature, MigDataWrite
-from vfiomig.vfio_user._wire import (
+from vfiomig.vfio_user._header import Command
+from vfiomig.vfio_user._layouts import (
     DMA_ACCESS,
     DMA_MAP,
     DMA_UNMAP,
@@ -34,6 +34,8 @@ from vfiomig.vfio_user._wire import (
     LOGGING_REPORT,
     REGION_INFO,
 )
+from vfiomig.vfio_user._migration_bodies import DeviceFeature, MigDataWrite
+from vfiomig.vfio_user._version import Capabilities
 
 PAGE = mmap.PAGESIZE
 ACCESS = struct.Struct("=QII")

@@ -13,7 +13,7 @@ import trio
 
 from tests.vfio_user_raw import RawClient
 from vfiomig.vfio_user import MigState, open_vfio_user_client, serve_vfio_user
-from vfiomig.vfio_user._messages import Command
+from vfiomig.vfio_user._header import Command
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "vfio-user-emulators.md"
 

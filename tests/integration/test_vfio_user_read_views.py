@@ -10,7 +10,7 @@ import trio
 
 from tests.integration.test_vfio_user_server import serving
 from vfiomig.vfio_user import MigState, VfioUserDevice, VfioUserSource
-from vfiomig.vfio_user._read_pipeline import ARENA_REPLIES, ReadPipeline
+from vfiomig.vfio_user.client._read_pipeline import ARENA_REPLIES, ReadPipeline
 
 LIMIT = 64 * 1024
 REPLIES = 12 * ARENA_REPLIES  # a dozen arenas' worth

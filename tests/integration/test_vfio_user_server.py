@@ -22,16 +22,11 @@ from vfiomig.vfio_user import (
     open_vfio_user_client,
     serve_vfio_user,
 )
-from vfiomig.vfio_user._messages import (
-    Capabilities,
-    Command,
-    DeviceFeature,
-    MigDataRead,
-    MigDataWrite,
-    RegionRead,
-    Version,
-)
-from vfiomig.vfio_user._protocol import HEADER, encode_message
+from vfiomig.vfio_user._header import HEADER, Command
+from vfiomig.vfio_user._layouts import RegionRead
+from vfiomig.vfio_user._migration_bodies import DeviceFeature, MigDataRead, MigDataWrite
+from vfiomig.vfio_user._protocol import encode_message
+from vfiomig.vfio_user._version import Capabilities, Version
 
 LIMIT = 1024  # the server's max_data_xfer_size in these tests
 

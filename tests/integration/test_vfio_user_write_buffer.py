@@ -25,7 +25,7 @@ from vfiomig.vfio_user import (
     VfioUserSink,
     serve_vfio_user,
 )
-from vfiomig.vfio_user._messages import FEATURE_GET, FEATURE_MIG_DEVICE_STATE, FEATURE_SET
+from vfiomig.vfio_user._migration_bodies import FEATURE_GET, FEATURE_MIG_DEVICE_STATE, FEATURE_SET
 
 LIMIT = 1 << 20
 MIG = struct.Struct("=II")

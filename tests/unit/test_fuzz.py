@@ -20,8 +20,8 @@ import vfiomig._core as core
 from fuzz.engine import fuzz, load_corpus
 from fuzz.seeds import SEEDS
 from fuzz.targets import TARGETS, FuzzBug, fuzz_control, fuzz_framer
-from vfiomig.vfio_user._connection import Connection
-from vfiomig.vfio_user._migration import Migration
+from vfiomig.vfio_user.server._connection import Connection
+from vfiomig.vfio_user.server._migration import Migration
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

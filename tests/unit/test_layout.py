@@ -55,6 +55,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _is_module(dotted: str) -> bool:
+    parts = dotted.split(".")
+    if parts[0] != "vfiomig":
+        return False
+    base = ROOT.joinpath(*parts[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
 def _imports(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), str(path))
     package = _module_name(path)
@@ -73,6 +81,9 @@ def _imports(path: Path) -> list[str]:
                 module = node.module or ""
             if module == "vfiomig":  # ``from vfiomig import _native``: modules
                 found += [f"vfiomig.{a.name}" for a in node.names]
+            elif submodules := [a.name for a in node.names if _is_module(f"{module}.{a.name}")]:
+                # ``from vfiomig.vfio_user import _fsm``: the module, not its package
+                found += [f"{module}.{name}" for name in submodules]
             else:
                 found.append(module)
     return [m for m in found if m == "vfiomig" or m.startswith("vfiomig.")]
@@ -123,3 +134,34 @@ def test_the_rule_itself_catches_an_upward_import(tmp_path: Path) -> None:
         fake.unlink()
     assert found == ["vfiomig.receive"]
     assert RANKS[_stage(found[0])] > RANKS["sinks"]
+
+
+def _vfio_user_room(module: str) -> str:
+    """``vfiomig.vfio_user.server._dma`` -> ``server``; the codec's modules -> ``codec``."""
+    parts = module.split(".")
+    if len(parts) > 2 and parts[2] in ("server", "client"):
+        return parts[2]
+    return "codec" if len(parts) > 2 else "__init__"
+
+
+def test_vfio_user_rooms_keep_to_their_role() -> None:
+    """Inside vfio_user: the codec imports neither room; the server library and the client
+    never import each other (only the package's ``__init__`` re-exports both)."""
+    allowed = {"codec": {"codec"}, "server": {"codec", "server"}, "client": {"codec", "client"}}
+    wrong = []
+    for path in _modules():
+        name = _module_name(path)
+        if _stage(name) != "vfio_user":
+            continue
+        mine = _vfio_user_room(name)
+        if mine == "__init__":
+            continue
+        for target in _imports(path):
+            if target == "vfiomig.vfio_user":
+                wrong.append(f"{name} ({mine}) imports the vfio_user package (both rooms)")
+                continue
+            if _stage(target) != "vfio_user":
+                continue
+            if _vfio_user_room(target) not in allowed[mine]:
+                wrong.append(f"{name} ({mine}) imports {target} ({_vfio_user_room(target)})")
+    assert not wrong, "vfio_user rooms crossed:\n" + "\n".join(wrong)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from vfiomig.vfio_user import Dma
-from vfiomig.vfio_user._wire import DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
+from vfiomig.vfio_user._layouts import DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
 
 PAGE = mmap.PAGESIZE
 RW = DMA_FLAG_READ | DMA_FLAG_WRITE

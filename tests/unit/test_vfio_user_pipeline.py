@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vfiomig._core._errors import VfioMigError
-from vfiomig.vfio_user._messages import HEADER
-from vfiomig.vfio_user._pipeline import WriteFailed, WritePipeline
-from vfiomig.vfio_user._read_pipeline import ReadPipeline
+from vfiomig.vfio_user._header import HEADER
+from vfiomig.vfio_user.client._pipeline import WriteFailed, WritePipeline
+from vfiomig.vfio_user.client._read_pipeline import ReadPipeline
 
 WRITE, READ = 18, 17
 REQUEST = struct.Struct("=HHIIIII")  # header + argsz, size

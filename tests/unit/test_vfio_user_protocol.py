@@ -12,36 +12,27 @@ from hypothesis import strategies as st
 
 from vfiomig._core._errors import PacketError
 from vfiomig.vfio_user import BarDevice, _fsm
-from vfiomig.vfio_user._device import Session, VfioUserDevice
-from vfiomig.vfio_user._messages import (
-    FLAG_ERROR,
-    FLAG_TYPE_REPLY,
-    Capabilities,
-    Command,
-    DeviceFeature,
-    Empty,
-    ErrorReply,
-    Malformed,
-    MigDataRead,
-    MigDataReadReply,
-    MigDataWrite,
-    MigrationCaps,
-    MigState,
-    Opaque,
-    ProtocolError,
+from vfiomig.vfio_user._header import FLAG_ERROR, FLAG_TYPE_REPLY, Command, ProtocolError
+from vfiomig.vfio_user._layouts import (
     RegionInfo,
     RegionRead,
     RegionReadReply,
     RegionWrite,
     RegionWriteReply,
-    Version,
 )
-from vfiomig.vfio_user._protocol import (
-    ClientConnection,
-    Header,
-    ServerConnection,
-    encode_message,
+from vfiomig.vfio_user._messages import Empty, ErrorReply, Malformed, Opaque
+from vfiomig.vfio_user._migration_bodies import (
+    DeviceFeature,
+    MigDataRead,
+    MigDataReadReply,
+    MigDataWrite,
+    MigState,
 )
+from vfiomig.vfio_user._protocol import ClientConnection, Header, ServerConnection, encode_message
+from vfiomig.vfio_user._version import Capabilities, MigrationCaps, Version
+from vfiomig.vfio_user.server._device import VfioUserDevice
+from vfiomig.vfio_user.server._handlers import handle
+from vfiomig.vfio_user.server._session import Session
 
 HDR = struct.Struct("=HHIII")
 
@@ -396,7 +387,7 @@ def test_server_garbage_parses_or_raises_our_error(
                     memoryview(msg.body.pack()) if hasattr(msg.body, "pack") else memoryview(b"")
                 )
                 try:
-                    reply = device.handle(session, msg.command, payload, [])
+                    reply = handle(device, session, msg.command, payload, [])
                 except OSError as exc:
                     assert exc.errno is not None and exc.errno > 0
                 else:

@@ -27,7 +27,7 @@ import trio
 from vfiomig._units import parse_size
 from vfiomig.transport import unix_socket_listening
 from vfiomig.vfio_user import MigState, VfioUserDevice, VfioUserSink, serve_vfio_user
-from vfiomig.vfio_user._sink import DEFAULT_MAX_WRITE
+from vfiomig.vfio_user.client._sink import DEFAULT_MAX_WRITE
 
 RING = 4 << 20
 _SERVE = "from vfiomig.bench._vfio_user import main; main()"

@@ -22,14 +22,14 @@ SINK_SCHEMES: dict[str, str] = {
     "fd": "vfiomig.sinks._fd:open_fd_sink",
     "vfio": "vfiomig.vfio._sink:open_vfio_sink",
     "attach": "vfiomig.control._attach:open_attach_sink",
-    "vfio-user": "vfiomig.vfio_user._sink:open_vfio_user_sink",
+    "vfio-user": "vfiomig.vfio_user.client._sink:open_vfio_user_sink",
 }
 
 SOURCE_SCHEMES: dict[str, str] = {
     "file": "vfiomig.sources._simple:open_file_source",
     "fd": "vfiomig.sources._simple:open_fd_source",
     "synth": "vfiomig.sources._simple:open_synth_source",
-    "vfio-user": "vfiomig.vfio_user._source:open_vfio_user_source",
+    "vfio-user": "vfiomig.vfio_user.client._source:open_vfio_user_source",
     "vfio": "vfiomig.vfio._source:open_vfio_source",
 }
 

@@ -1,45 +1,57 @@
-"""vfio-user (spec v0.9.2): a server library for Python device emulators, and the
-migration client, sink and source vfiomig uses.
+"""vfio-user (spec v0.9.2): a server library for Python device emulators, and the client
+that migrates their state. Three rooms, by role:
 
-Server side (see docs/vfio-user-emulators.md):
+- ``vfio_user`` itself (``_header``, ``_version``, ``_migration_bodies``, ``_layouts``,
+  ``_messages``, ``_protocol``, ``_fsm``): the sans-IO codec both sides share: the message
+  header and framing, VERSION and its capabilities, the migration bodies, the region/IRQ/DMA
+  layouts, the connection state machines and the migration state machine's arcs;
+- `vfiomig.vfio_user.server`: the library emulators are written on (`VfioUserDevice`,
+  `serve_vfio_user`, ...; docs/vfio-user-emulators.md);
+- `vfiomig.vfio_user.client`: what talks to a server (`open_vfio_user_client`, the
+  ``vfio-user:`` sink and source).
 
-- `VfioUserDevice` puts a device together: `PciConfig` (config space and capabilities:
-  `pm_cap`, `msi_cap`, `msix_cap`, `pcie_cap`, `vendor_cap`), `Region` (optionally backed
-  by mmappable `SharedMemory`), interrupt counts (`IrqIndex`), `MigrationCallbacks`
-  (with `WriteBuffer`: MIG_DATA_WRITE bodies received straight into the emulator's memory)
-  and a reset callback; the emulator reaches guest memory through ``device.dma`` (`Dma`) and
-  raises interrupts through ``device.irqs`` (`Irqs`);
-- `serve_vfio_user` serves it on a UNIX socket, one client at a time;
-- `Emulator` / `BarDevice`: the older migration-only emulator interface and its example.
-
-Client side: `open_vfio_user_client`, `open_vfio_user_sink`, `open_vfio_user_source`; the
-client's MIG_DATA_WRITE / MIG_DATA_READ pipelines (`_pipeline`, `_read_pipeline`) keep a
-window of messages in flight straight on the socket.
-The sans-IO codecs are `_messages`, `_protocol` and `_wire`.
+The names users import are re-exported here, so ``from vfiomig.vfio_user import
+VfioUserDevice`` keeps working; the codec imports neither room, and the rooms never import
+each other.
 """
 
-from vfiomig.vfio_user._bar_device import BarDevice
-from vfiomig.vfio_user._client import VfioUserClient, open_vfio_user_client
-from vfiomig.vfio_user._device import Emulator, VfioUserDevice
-from vfiomig.vfio_user._dma import Dma, DmaRegion, Sg
-from vfiomig.vfio_user._irqs import IrqIndex, Irqs
-from vfiomig.vfio_user._messages import Capabilities, Command, MigState, ProtocolError
-from vfiomig.vfio_user._migration import MigrationCallbacks, WriteBuffer
-from vfiomig.vfio_user._pci import (
+from vfiomig.vfio_user._header import Command, ProtocolError
+from vfiomig.vfio_user._migration_bodies import MigState
+from vfiomig.vfio_user._version import Capabilities
+from vfiomig.vfio_user.client import (
+    VfioUserClient,
+    VfioUserCommandError,
+    VfioUserSink,
+    VfioUserSource,
+    WriteFailed,
+    open_vfio_user_client,
+    open_vfio_user_sink,
+    open_vfio_user_source,
+)
+from vfiomig.vfio_user.server import (
+    BarDevice,
+    Dma,
+    DmaRegion,
+    Emulator,
+    IrqIndex,
+    Irqs,
+    MigrationCallbacks,
     PciCap,
     PciConfig,
+    Region,
+    ResetReason,
+    Sg,
+    SharedMemory,
+    VfioUserDevice,
+    WriteBuffer,
     msi_cap,
     msix_cap,
     pcie_cap,
     pm_cap,
+    serve_vfio_user,
+    serve_vfio_user_connection,
     vendor_cap,
 )
-from vfiomig.vfio_user._pipeline import VfioUserCommandError, WriteFailed
-from vfiomig.vfio_user._regions import Region, SharedMemory
-from vfiomig.vfio_user._server import serve_vfio_user, serve_vfio_user_connection
-from vfiomig.vfio_user._session import ResetReason
-from vfiomig.vfio_user._sink import VfioUserSink, open_vfio_user_sink
-from vfiomig.vfio_user._source import VfioUserSource, open_vfio_user_source
 
 __all__ = [
     "BarDevice",

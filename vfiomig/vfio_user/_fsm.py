@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from vfiomig.vfio_user._messages import MigState
+from vfiomig.vfio_user._migration_bodies import MigState
 
 S = MigState
 

@@ -18,20 +18,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from vfiomig.vfio_user._messages import (
+from vfiomig.vfio_user._header import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
     FLAG_TYPE_MASK,
     FLAG_TYPE_REPLY,
     HEADER,
     HEADER_SIZE,
-    Body,
-    ErrorReply,
-    Malformed,
     ProtocolError,
     command_name,
-    decode_body,
 )
+from vfiomig.vfio_user._messages import Body, ErrorReply, Malformed, decode_body
 
 Buffer = bytes | bytearray | memoryview
 

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
-from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE
+from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE
 
 Buffer = bytes | bytearray | memoryview
 

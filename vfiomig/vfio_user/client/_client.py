@@ -21,37 +21,31 @@ import trio
 
 from vfiomig._core._errors import SinkError
 from vfiomig.vfio_user import _fsm
-from vfiomig.vfio_user._messages import (
-    DEFAULT_MAX_DATA_XFER_SIZE,
-    MAJOR,
+from vfiomig.vfio_user._header import MAJOR, SEND_BUFFER, Command, ProtocolError, command_name
+from vfiomig.vfio_user._layouts import (
     MESSAGE_OVERHEAD,
-    SEND_BUFFER,
-    Body,
-    Capabilities,
-    Command,
-    DeviceFeature,
-    Empty,
-    ErrorReply,
-    MigDataRead,
-    MigDataReadReply,
-    MigState,
-    ProtocolError,
     RegionInfo,
     RegionRead,
     RegionReadReply,
     RegionWrite,
-    Version,
-    command_name,
 )
-from vfiomig.vfio_user._pipeline import (
+from vfiomig.vfio_user._messages import Body, Empty, ErrorReply
+from vfiomig.vfio_user._migration_bodies import (
+    DeviceFeature,
+    MigDataRead,
+    MigDataReadReply,
+    MigState,
+)
+from vfiomig.vfio_user._protocol import Buffer, ClientConnection
+from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE, Capabilities, Version
+from vfiomig.vfio_user.client._pipeline import (
     Tag,
     VfioUserCommandError,
     WriteFailed,
     WritePipeline,
     describe_errno,
 )
-from vfiomig.vfio_user._protocol import Buffer, ClientConnection
-from vfiomig.vfio_user._read_pipeline import ReadPipeline
+from vfiomig.vfio_user.client._read_pipeline import ReadPipeline
 
 DEFAULT_TIMEOUT: Final = 30.0
 #: MIG_DATA_WRITE/READ bytes in flight by default: the window is this many bytes' worth of

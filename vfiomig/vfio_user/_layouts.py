@@ -1,10 +1,12 @@
-"""Byte layouts of the vfio-user device commands (spec v0.9.2 and libvfio-user), sans-IO.
+"""Byte layouts of the vfio-user device commands (spec v0.9.2 and libvfio-user), sans-IO:
+device and region info, region access (REGION_READ / REGION_WRITE), IRQs, DMA and the
+DMA-logging features.
 
-`_messages` holds the migration subset (VERSION, DEVICE_FEATURE, MIG_DATA_*, REGION_*);
-this module adds what a whole device speaks: device and region info, IRQs, DMA and the
-DMA-logging features. Every reader takes a payload ``memoryview`` and raises
-`ProtocolError` when it is too short; values are returned unchecked (the server checks
-them against the device before any use). Everything is host byte order and packed.
+Every reader takes a payload ``memoryview`` and raises `ProtocolError` when it is too
+short; values are returned unchecked (the server checks them against the device before
+any use). The region access bodies have one class per direction, because the same
+command carries different fields each way (REGION_READ asks for ``count`` bytes and gets
+them back). Everything is host byte order and packed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from vfiomig.vfio_user._messages import ProtocolError
+from vfiomig.vfio_user._header import HEADER_SIZE, ProtocolError, short
 
 # DEVICE_GET_INFO
 DEVICE_INFO: Final = struct.Struct("=IIII")  # argsz, flags, num_regions, num_irqs
@@ -22,6 +24,7 @@ DEVICE_FLAGS_PCI: Final = 1 << 1
 
 # DEVICE_GET_REGION_INFO and its sparse-mmap capability
 REGION_INFO: Final = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
+REGION_INFO_SIZE: Final = REGION_INFO.size
 REGION_FLAG_READ: Final = 1 << 0
 REGION_FLAG_WRITE: Final = 1 << 1
 REGION_FLAG_MMAP: Final = 1 << 2
@@ -158,3 +161,127 @@ def bitmap_size(length: int, pgsize: int) -> int:
     whole u64 words (libvfio-user's ``get_bitmap_size``)."""
     pages = (length + pgsize - 1) // pgsize
     return (pages + 63) // 64 * 8
+
+
+# --------------------------------------------------------------------------- region access
+
+_REGION_ACCESS = struct.Struct("=QII")  # offset, region, count
+REGION_ACCESS_HEADER_SIZE: Final = _REGION_ACCESS.size
+#: Bytes a message adds around ``max_data_xfer_size`` bytes of data, at most.
+MESSAGE_OVERHEAD: Final = HEADER_SIZE + REGION_ACCESS_HEADER_SIZE
+
+
+def _region_access(payload: memoryview, what: str) -> tuple[int, int, int]:
+    """The ``u64 offset, u32 region, u32 count`` that starts every region access message."""
+    if len(payload) < REGION_ACCESS_HEADER_SIZE:
+        raise short(what, len(payload), REGION_ACCESS_HEADER_SIZE)
+    offset, region, count = _REGION_ACCESS.unpack_from(payload)
+    return offset, region, count
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRead:
+    """REGION_READ request: ``u64 offset, u32 region, u32 count``."""
+
+    region: int
+    offset: int
+    count: int
+
+    def pack(self) -> bytes:
+        return _REGION_ACCESS.pack(self.offset, self.region, self.count)
+
+    @classmethod
+    def unpack(cls, payload: memoryview) -> RegionRead:
+        offset, region, count = _region_access(payload, "region read")
+        return cls(region, offset, count)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionReadReply:
+    """REGION_READ reply: the request's fields, then ``count`` bytes."""
+
+    region: int
+    offset: int
+    count: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        return _REGION_ACCESS.pack(self.offset, self.region, self.count) + self.data
+
+    @classmethod
+    def unpack(cls, payload: memoryview) -> RegionReadReply:
+        offset, region, count = _region_access(payload, "region read reply")
+        room = len(payload) - REGION_ACCESS_HEADER_SIZE
+        if count > room:
+            raise ProtocolError(f"region read reply count {count} exceeds its {room} data bytes")
+        start = REGION_ACCESS_HEADER_SIZE
+        return cls(region, offset, count, bytes(payload[start : start + count]))
+
+
+@dataclass(frozen=True, slots=True)
+class RegionWrite:
+    """REGION_WRITE request: ``u64 offset, u32 region, u32 count``, then exactly ``count`` bytes."""
+
+    region: int
+    offset: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        return _REGION_ACCESS.pack(self.offset, self.region, len(self.data)) + self.data
+
+    @classmethod
+    def unpack(cls, payload: memoryview) -> RegionWrite:
+        offset, region, count = _region_access(payload, "region write")
+        room = len(payload) - REGION_ACCESS_HEADER_SIZE
+        if count != room:
+            raise ProtocolError(f"region write count {count} differs from its {room} data bytes")
+        return cls(region, offset, bytes(payload[REGION_ACCESS_HEADER_SIZE:]))
+
+
+@dataclass(frozen=True, slots=True)
+class RegionWriteReply:
+    """REGION_WRITE reply: ``u64 offset, u32 region, u32 count`` (bytes written)."""
+
+    region: int
+    offset: int
+    count: int
+
+    def pack(self) -> bytes:
+        return _REGION_ACCESS.pack(self.offset, self.region, self.count)
+
+    @classmethod
+    def unpack(cls, payload: memoryview) -> RegionWriteReply:
+        offset, region, count = _region_access(payload, "region write reply")
+        return cls(region, offset, count)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    """DEVICE_GET_REGION_INFO request and reply: ``struct vfio_region_info`` (32 bytes).
+
+    A request fills ``argsz`` (room for the reply) and ``index``; a reply may append
+    capabilities, which vfiomig does not use and drops.
+    """
+
+    argsz: int
+    index: int
+    flags: int = 0
+    cap_offset: int = 0
+    size: int = 0
+    offset: int = 0
+
+    @classmethod
+    def request(cls, index: int) -> RegionInfo:
+        return cls(REGION_INFO_SIZE, index)
+
+    def pack(self) -> bytes:
+        return REGION_INFO.pack(
+            self.argsz, self.flags, self.index, self.cap_offset, self.size, self.offset
+        )
+
+    @classmethod
+    def unpack(cls, payload: memoryview) -> RegionInfo:
+        if len(payload) < REGION_INFO_SIZE:
+            raise short("region info", len(payload), REGION_INFO_SIZE)
+        argsz, flags, index, cap_offset, size, offset = REGION_INFO.unpack_from(payload)
+        return cls(argsz, index, flags, cap_offset, size, offset)

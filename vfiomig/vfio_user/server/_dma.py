@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vfiomig.vfio_user._messages import Command
-from vfiomig.vfio_user._wire import DMA_ACCESS, DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
+from vfiomig.vfio_user._header import Command
+from vfiomig.vfio_user._layouts import DMA_ACCESS, DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
 
 PAGE: Final = mmap.PAGESIZE
 #: libvfio-user's MAX_DMA_REGIONS.

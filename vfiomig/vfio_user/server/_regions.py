@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vfiomig.vfio_user._wire import REGION_FLAG_READ, REGION_FLAG_WRITE
+from vfiomig.vfio_user._layouts import REGION_FLAG_READ, REGION_FLAG_WRITE
 
 Buffer = bytes | bytearray | memoryview
 #: ``read(offset, count)`` returns exactly ``count`` bytes.

@@ -21,15 +21,9 @@ from typing import Final
 import trio
 
 from vfiomig._core._errors import SinkError
-from vfiomig.vfio_user._messages import HEADER_SIZE, MIG_DATA_HEADER_SIZE
-from vfiomig.vfio_user._pipeline import (
-    DATA_HEAD,
-    MIG_SIZES,
-    READ,
-    SocketPipeline,
-    VfioUserCommandError,
-    describe_errno,
-)
+from vfiomig.vfio_user._header import HEADER_SIZE
+from vfiomig.vfio_user._migration_bodies import DATA_HEAD, MIG_DATA_HEADER_SIZE, MIG_SIZES, READ
+from vfiomig.vfio_user.client._pipeline import SocketPipeline, VfioUserCommandError, describe_errno
 
 #: Replies an arena holds.
 ARENA_REPLIES: Final = 8

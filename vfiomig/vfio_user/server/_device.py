@@ -9,8 +9,9 @@ both (`Dma.translate`/`get`/`read`/`write`, `Irqs.trigger`).
 The older migration-only `Emulator` protocol (regions by position, migration and reset
 callbacks in one object) still works: ``VfioUserDevice(emulator)`` adapts it.
 
-`VfioUserDevice.handle` turns one request into a `Reply` (sans-IO: `_server` does the
-I/O); the per-command rules are in `_handlers`.
+The device does not execute requests itself: `_handlers.handle` turns one request to a
+device into a `Reply` (sans-IO: `_connection` does the I/O), so the rules depend on the
+device and never the other way round.
 """
 
 from __future__ import annotations
@@ -19,26 +20,15 @@ import errno
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from vfiomig.vfio_user import _handlers
-from vfiomig.vfio_user._dma import MAX_REGIONS, Dma
-from vfiomig.vfio_user._irqs import IrqIndex, Irqs, MaskCallback
-from vfiomig.vfio_user._messages import (
-    DEFAULT_MAX_DATA_XFER_SIZE,
-    DEFAULT_PGSIZE,
-    MESSAGE_OVERHEAD,
-    MIGRATION_PRE_COPY,
-    MIGRATION_STOP_COPY,
-    MigState,
-)
-from vfiomig.vfio_user._migration import Migration, MigrationCallbacks
-from vfiomig.vfio_user._pci import CONFIG_REGION, NUM_REGIONS, PciConfig
-from vfiomig.vfio_user._regions import Buffer, Region
-from vfiomig.vfio_user._session import (
-    DEFAULT_MAX_MSG_FDS,
-    Reply,
-    ResetReason,
-    Session,
-)
+from vfiomig.vfio_user._layouts import MESSAGE_OVERHEAD
+from vfiomig.vfio_user._migration_bodies import MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, MigState
+from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_PGSIZE
+from vfiomig.vfio_user.server._dma import MAX_REGIONS, Dma
+from vfiomig.vfio_user.server._irqs import IrqIndex, Irqs, MaskCallback
+from vfiomig.vfio_user.server._migration import Migration, MigrationCallbacks
+from vfiomig.vfio_user.server._pci import CONFIG_REGION, NUM_REGIONS, PciConfig
+from vfiomig.vfio_user.server._regions import Buffer, Region
+from vfiomig.vfio_user.server._session import DEFAULT_MAX_MSG_FDS, ResetReason
 
 
 class Emulator(Protocol):
@@ -176,15 +166,3 @@ class VfioUserDevice:
             except OSError:
                 pass  # nobody is left to tell
         return fds
-
-    # ------------------------------------------------------------------ requests
-
-    def handle(self, session: Session, command: int, payload: memoryview, fds: list[int]) -> Reply:
-        """Execute one request. The handler takes the fds it keeps out of ``fds`` (the
-        caller closes what is left); the reply's ``parts`` may view ``payload``.
-
-        Raises:
-            OSError: the errno to answer with.
-            CloseConnection: answer, then drop the client.
-        """
-        return _handlers.handle(self, session, command, payload, fds)

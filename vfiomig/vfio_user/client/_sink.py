@@ -27,17 +27,10 @@ from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._logs import event
 from vfiomig._units import parse_size
 from vfiomig.sinks import Chunk, Sink
-from vfiomig.vfio_user._client import (
-    DEFAULT_TIMEOUT,
-    VfioUserClient,
-    open_vfio_user_client,
-)
-from vfiomig.vfio_user._messages import (
-    DEFAULT_MAX_DATA_XFER_SIZE,
-    MIGRATION_STOP_COPY,
-    MigState,
-)
-from vfiomig.vfio_user._pipeline import VfioUserCommandError
+from vfiomig.vfio_user._migration_bodies import MIGRATION_STOP_COPY, MigState
+from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE
+from vfiomig.vfio_user.client._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
+from vfiomig.vfio_user.client._pipeline import VfioUserCommandError
 
 log = logging.getLogger("vfiomig.vfio_user")
 

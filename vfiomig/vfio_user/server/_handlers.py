@@ -11,33 +11,10 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from vfiomig.vfio_user._messages import (
-    FEATURE_GET,
-    FEATURE_MASK,
-    FEATURE_MIG_DEVICE_STATE,
-    FEATURE_MIGRATION,
-    FEATURE_PROBE,
-    FEATURE_SET,
-    MAJOR,
-    NO_DATA_FD,
-    Capabilities,
-    Command,
-    MigrationCaps,
-    MigState,
-    ProtocolError,
-    Version,
-)
-from vfiomig.vfio_user._session import (
-    CLIENT_MAX_FDS_LIMIT,
-    MINOR,
-    CloseConnection,
-    Reply,
-    ResetReason,
-    Session,
-)
-from vfiomig.vfio_user._wire import (
+from vfiomig.vfio_user._header import MAJOR, Command, ProtocolError
+from vfiomig.vfio_user._layouts import (
     BITMAP,
     DEVICE_FLAGS_PCI,
     DEVICE_FLAGS_RESET,
@@ -65,9 +42,26 @@ from vfiomig.vfio_user._wire import (
     sparse_mmap_cap_size,
     unpack,
 )
-
-if TYPE_CHECKING:
-    from vfiomig.vfio_user._device import VfioUserDevice
+from vfiomig.vfio_user._migration_bodies import (
+    FEATURE_GET,
+    FEATURE_MASK,
+    FEATURE_MIG_DEVICE_STATE,
+    FEATURE_MIGRATION,
+    FEATURE_PROBE,
+    FEATURE_SET,
+    NO_DATA_FD,
+    MigState,
+)
+from vfiomig.vfio_user._version import Capabilities, MigrationCaps, Version
+from vfiomig.vfio_user.server._device import VfioUserDevice
+from vfiomig.vfio_user.server._session import (
+    CLIENT_MAX_FDS_LIMIT,
+    MINOR,
+    CloseConnection,
+    Reply,
+    ResetReason,
+    Session,
+)
 
 _HEAD: Final = struct.Struct("=II")  # argsz, flags (DEVICE_FEATURE) / argsz, size (MIG_DATA)
 _ACCESS: Final = struct.Struct("=QII")  # offset, region, count
@@ -91,6 +85,13 @@ def _reply(*parts: bytes | bytearray | memoryview, fds: list[int] | None = None)
 def handle(
     dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
 ) -> Reply:
+    """Execute one request to ``dev``. The handler takes the fds it keeps out of ``fds``
+    (the caller closes what is left); the reply's ``parts`` may view ``payload``.
+
+    Raises:
+        OSError: the errno to answer with.
+        CloseConnection: answer, then drop the client.
+    """
     if not session.negotiated:
         return _version(dev, session, command, payload, fds)
     if command == Command.VERSION:
@@ -417,7 +418,7 @@ def mig_data_write_error(argsz: int, size: int, carried: int, client_max: int) -
     """Why a MIG_DATA_WRITE's arguments are refused with EINVAL, or None: ``size`` data
     bytes said, ``carried`` bytes after its argsz/size head, ``client_max`` the client's
     transfer limit. The one rule for the handler and the receive path straight into the
-    emulator (`vfiomig.vfio_user._connection`)."""
+    emulator (`vfiomig.vfio_user.server._connection`)."""
     if size > client_max:
         return f"mig data write size {size} (max {client_max})"
     if argsz < _HEAD.size + size or carried < size:

@@ -26,10 +26,11 @@ from vfiomig._core._errors import ConfigStateError, UsageError, VfioMigError
 from vfiomig._core._wire import check_config_blob, wrap_config
 from vfiomig._logs import event
 from vfiomig.sources import Source
-from vfiomig.vfio_user._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
-from vfiomig.vfio_user._messages import DEFAULT_MAX_DATA_XFER_SIZE, MIGRATION_PRE_COPY, MigState
-from vfiomig.vfio_user._pipeline import VfioUserCommandError
-from vfiomig.vfio_user._sink import start_migration
+from vfiomig.vfio_user._migration_bodies import MIGRATION_PRE_COPY, MigState
+from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE
+from vfiomig.vfio_user.client._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
+from vfiomig.vfio_user.client._pipeline import VfioUserCommandError
+from vfiomig.vfio_user.client._sink import start_migration
 
 _CONFIG_OPTION: Final = ",config="
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias, TypeVar
@@ -35,16 +34,20 @@ from typing import Final, TypeAlias, TypeVar
 import trio
 
 from vfiomig._core._errors import SinkError
-from vfiomig.vfio_user._messages import (
+from vfiomig.vfio_user._header import (
     FLAG_ERROR,
     FLAG_TYPE_MASK,
     FLAG_TYPE_REPLY,
     HEADER,
     HEADER_SIZE,
-    MIG_DATA_HEADER_SIZE,
-    Command,
     ProtocolError,
     command_name,
+)
+from vfiomig.vfio_user._migration_bodies import (
+    DATA_HEAD,
+    DATA_HEAD_SIZE,
+    MIG_DATA_HEADER_SIZE,
+    WRITE,
 )
 from vfiomig.vfio_user._protocol import Buffer
 
@@ -53,11 +56,6 @@ CHECKPOINT_BYTES: Final = 1024 * 1024
 #: After a refused write, how long the replies of the writes behind it are awaited (a
 #: server may stop reading after an error); those still missing are counted unanswered.
 FAILURE_GRACE: Final = 2.0
-DATA_HEAD: Final = struct.Struct("=HHIIIII")  # header + MIG_DATA argsz, size
-DATA_HEAD_SIZE: Final = DATA_HEAD.size
-MIG_SIZES: Final = struct.Struct("=II")
-WRITE: Final = int(Command.MIG_DATA_WRITE)
-READ: Final = int(Command.MIG_DATA_READ)
 _T = TypeVar("_T")
 #: The idx range ``(first, end)`` a write's data came from, if known.
 Tag: TypeAlias = "tuple[int, int] | None"

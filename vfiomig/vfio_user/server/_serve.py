@@ -21,8 +21,8 @@ import trio
 
 from vfiomig._logs import event
 from vfiomig.transport import ACCEPT_CAPACITY_ERRNOS, Throttle
-from vfiomig.vfio_user._connection import Connection, ConnectionLost
-from vfiomig.vfio_user._device import Emulator, VfioUserDevice
+from vfiomig.vfio_user.server._connection import Connection, ConnectionLost
+from vfiomig.vfio_user.server._device import Emulator, VfioUserDevice
 
 log = logging.getLogger("vfiomig.vfio_user")
 

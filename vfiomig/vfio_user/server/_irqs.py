@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from vfiomig.vfio_user._wire import (
+from vfiomig.vfio_user._layouts import (
     IRQ_INFO_EVENTFD,
     IRQ_INFO_MASKABLE,
     IRQ_SET_ACTION_MASK,

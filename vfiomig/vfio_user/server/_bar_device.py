@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
-from vfiomig.vfio_user._messages import MigState
+from vfiomig.vfio_user._migration_bodies import MigState
 
 MAGIC: Final = b"VFMBARS1"
 _HEAD = struct.Struct("=8sI")

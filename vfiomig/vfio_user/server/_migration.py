@@ -22,7 +22,7 @@ import errno
 from typing import Protocol, cast
 
 from vfiomig.vfio_user import _fsm
-from vfiomig.vfio_user._messages import MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, MigState
+from vfiomig.vfio_user._migration_bodies import MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, MigState
 
 Buffer = bytes | bytearray | memoryview
 _STOPPED = frozenset({MigState.STOP, MigState.STOP_COPY})

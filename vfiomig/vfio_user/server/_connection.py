@@ -36,9 +36,7 @@ import trio
 
 from vfiomig._logs import event
 from vfiomig.transport import close_fds, received_fds
-from vfiomig.vfio_user._device import VfioUserDevice
-from vfiomig.vfio_user._handlers import mig_data_write_error
-from vfiomig.vfio_user._messages import (
+from vfiomig.vfio_user._header import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
     FLAG_TYPE_MASK,
@@ -48,9 +46,11 @@ from vfiomig.vfio_user._messages import (
     SEND_BUFFER,
     command_name,
 )
-from vfiomig.vfio_user._pipeline import DATA_HEAD_SIZE, MIG_SIZES, WRITE
-from vfiomig.vfio_user._regions import Buffer
-from vfiomig.vfio_user._session import CloseConnection, ResetReason, Session
+from vfiomig.vfio_user._migration_bodies import DATA_HEAD_SIZE, MIG_SIZES, WRITE
+from vfiomig.vfio_user.server._device import VfioUserDevice
+from vfiomig.vfio_user.server._handlers import handle, mig_data_write_error
+from vfiomig.vfio_user.server._regions import Buffer
+from vfiomig.vfio_user.server._session import CloseConnection, ResetReason, Session
 
 log = logging.getLogger("vfiomig.vfio_user")
 
@@ -336,7 +336,7 @@ class Connection:
         out_fds: list[int] = []
         error: int | None = None
         try:
-            reply = self.device.handle(self.session, command, payload, fds)
+            reply = handle(self.device, self.session, command, payload, fds)
         except OSError as exc:
             _log_failed(command_name(command), msg_id, exc)
             error = _errno_of(exc)
