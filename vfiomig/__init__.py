@@ -20,6 +20,8 @@ from vfiomig._core import (
     UsageError,
     VfioMigError,
 )
+from vfiomig._core._migstate import MigState
+from vfiomig._public import claim
 from vfiomig._version import __version__
 from vfiomig.receive import (
     DeviceReport,
@@ -54,6 +56,7 @@ __all__ = [
     "DeviceSetup",
     "FdSink",
     "HandshakeError",
+    "MigState",
     "MigrationFailed",
     "NullSink",
     "PacketError",
@@ -75,3 +78,5 @@ __all__ = [
     "send_migration",
     "serve_receiver",
 ]
+
+claim(__name__, globals(), __all__)

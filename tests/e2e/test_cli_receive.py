@@ -237,10 +237,15 @@ def test_refused_handshake_refuses_only_that_channel(tmp_path: Path, bad: bytes,
     code, _, err = rx.wait(timeout=20)
     assert code == 1
     assert why in err and "refused" in err
-    assert (
-        "0000:00:04.0/vfio/0: every channel ended: missing idx 1, 3, 5, 7 (4 packets); config packet not received"
-        in err
-    )
+    refused_second = "0000:00:04.0/vfio/0: every channel ended: missing idx 1, 3, 5, 7 (4 packets); config packet not received"
+    if bad == handshake(UUID, 0) and refused_second not in err:
+        # Two handshakes with id 0: the one the receiver reads first wins, and a loaded
+        # machine may read the second connection's first (both are accepted in one burst).
+        # Then the good stream was refused: idx 0, 2, ... are missing and nothing landed.
+        assert "every channel ended: missing idx 0, 2, 4, 6, 8 (5 packets)" in err, err
+        assert out_file(tmp_path, DEV, 0) == b""
+        return
+    assert refused_second in err, err
     assert STATE[:1024].startswith(out_file(tmp_path, DEV, 0))
 
 

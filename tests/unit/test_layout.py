@@ -22,6 +22,7 @@ RANKS: dict[str, int] = {
     "_units": 2,
     "_logs": 2,
     "_version": 2,
+    "_public": 2,
     "transport": 3,
     "sinks": 4,
     "sources": 4,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vfiomig._logs import event
+from vfiomig._public import claim
 
 from ._model import Bound, ConfigModel, DeviceModelSink, Overhead, lower_bound
 from ._runner import (
@@ -415,3 +416,5 @@ __all__ = [
     "lower_bound",
     "bench_main",
 ]
+
+claim(__name__, globals(), __all__)

@@ -8,8 +8,11 @@ May import: `vfiomig._core`, `vfiomig.transport`, `vfiomig.sinks`, `vfiomig.vfio
 `vfiomig.receive`.
 """
 
+from vfiomig._public import claim
 from vfiomig.control._attach import AttachSink
 from vfiomig.control._client import ControlClient, open_control_client
 from vfiomig.control._server import ControlServer, control_task
 
 __all__ = ["AttachSink", "ControlClient", "ControlServer", "control_task", "open_control_client"]
+
+claim(__name__, globals(), __all__)

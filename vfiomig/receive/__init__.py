@@ -9,6 +9,7 @@
 May import: `vfiomig._core`, `vfiomig._units`, `vfiomig.transport`, `vfiomig.sinks`.
 """
 
+from vfiomig._public import claim
 from vfiomig.receive._service import ExtraTask, serve_receiver
 from vfiomig.receive._session import (
     Device,
@@ -33,3 +34,5 @@ __all__ = [
     "SessionReport",
     "serve_receiver",
 ]
+
+claim(__name__, globals(), __all__)

@@ -9,6 +9,7 @@ May import: `vfiomig._core`, `vfiomig._units`, `vfiomig.transport`, `vfiomig.sou
 `vfiomig.control` (its client).
 """
 
+from vfiomig._public import claim
 from vfiomig.send._sender import ORDERS, send_migration
 from vfiomig.send._types import (
     PrecopyOptions,
@@ -29,3 +30,5 @@ __all__ = [
     "SendStatus",
     "send_migration",
 ]
+
+claim(__name__, globals(), __all__)

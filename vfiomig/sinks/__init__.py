@@ -7,6 +7,7 @@ protocol: the kernel VFIO sink in `vfiomig.vfio`, the vfio-user sink in `vfiomig
 May import: `vfiomig._core`, `vfiomig._units`.
 """
 
+from vfiomig._public import claim
 from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
 from vfiomig.sinks._callback import CallbackConfig, CallbackSink
 from vfiomig.sinks._fd import ConfigDir, FdSink, NullSink, config_file_name
@@ -22,3 +23,5 @@ __all__ = [
     "Sink",
     "config_file_name",
 ]
+
+claim(__name__, globals(), __all__)

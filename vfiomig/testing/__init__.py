@@ -8,6 +8,7 @@ Nothing in the receive or send path imports this package.
 May import: every stage below it (`_core` .. `send`).
 """
 
+from vfiomig._public import claim
 from vfiomig.testing._fake_saving import SavingModel
 from vfiomig.testing._fake_vfio import FakeVfioDevice
 from vfiomig.testing._helpers import (
@@ -33,3 +34,5 @@ __all__ = [
     "synth_config",
     "synth_sha256",
 ]
+
+claim(__name__, globals(), __all__)

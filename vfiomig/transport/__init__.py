@@ -8,6 +8,7 @@ May import: `vfiomig._core` (errors) and `vfiomig._logs`. Imported by every stag
 socket.
 """
 
+from vfiomig._public import claim
 from vfiomig.transport._admission import (
     ACCEPT_CAPACITY_ERRNOS,
     Admission,
@@ -59,3 +60,5 @@ __all__ = [
     "tune_socket",
     "unix_socket_listening",
 ]
+
+claim(__name__, globals(), __all__)

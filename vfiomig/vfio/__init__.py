@@ -7,7 +7,10 @@ per ioctl, an injectable ``ioctl`` so tests can put a fake device behind it:
 May import: `vfiomig._core`, `vfiomig._units`, `vfiomig.sinks`, `vfiomig.sources`.
 """
 
+from vfiomig._public import claim
 from vfiomig.vfio._sink import DataFdSink, VfioSink, open_vfio_sink
 from vfiomig.vfio._source import VfioSource, open_vfio_source
 
 __all__ = ["DataFdSink", "VfioSink", "VfioSource", "open_vfio_sink", "open_vfio_source"]
+
+claim(__name__, globals(), __all__)

@@ -15,6 +15,7 @@ VfioUserDevice`` keeps working; the codec imports neither room, and the rooms ne
 each other.
 """
 
+from vfiomig._public import claim
 from vfiomig.vfio_user._header import Command, ProtocolError
 from vfiomig.vfio_user._migration_bodies import MigState
 from vfiomig.vfio_user._version import Capabilities
@@ -89,3 +90,5 @@ __all__ = [
     "serve_vfio_user_connection",
     "vendor_cap",
 ]
+
+claim(__name__, globals(), __all__)

@@ -12,6 +12,7 @@ May import: the codec (``vfiomig.vfio_user._*``), `sinks`, `sources`, `transport
 `_logs`, `_units`; never the server library (``vfiomig.vfio_user.server``).
 """
 
+from vfiomig._public import claim
 from vfiomig.vfio_user.client._client import VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user.client._pipeline import VfioUserCommandError, WriteFailed
 from vfiomig.vfio_user.client._sink import VfioUserSink, open_vfio_user_sink
@@ -27,3 +28,5 @@ __all__ = [
     "open_vfio_user_sink",
     "open_vfio_user_source",
 ]
+
+claim(__name__, globals(), __all__)

@@ -18,6 +18,7 @@ May import: the codec (``vfiomig.vfio_user._*``), `transport`, `_core`, `_logs`;
 client (``vfiomig.vfio_user.client``).
 """
 
+from vfiomig._public import claim
 from vfiomig.vfio_user.server._bar_device import BarDevice
 from vfiomig.vfio_user.server._device import Emulator, VfioUserDevice
 from vfiomig.vfio_user.server._dma import Dma, DmaRegion, Sg
@@ -60,3 +61,5 @@ __all__ = [
     "serve_vfio_user_connection",
     "vendor_cap",
 ]
+
+claim(__name__, globals(), __all__)
