@@ -26,7 +26,7 @@ CASE = Case(
 )
 
 
-async def _failing_sender(job: dict[str, Any], out: dict[str, Any]) -> None:
+async def _failing_sender(job: dict[str, Any], out: dict[str, Any], clocks: Any = None) -> None:
     await trio.sleep(0.05)  # the receiver is listening; nothing ever connects
     raise RuntimeError("sender exited 1: boom")
 

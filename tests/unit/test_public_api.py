@@ -62,7 +62,6 @@ PUBLIC: dict[str, set[str]] = {
         "Models",
         "Overhead",
         "Run",
-        "add_parser",
         "bench_main",
         "lower_bound",
     },

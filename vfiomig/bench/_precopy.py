@@ -32,6 +32,7 @@ from vfiomig.control import ControlServer
 from vfiomig.receive import DeviceSetup, MigrationFailed, ReceiverConfig, Session, serve_receiver
 
 from ._model import ConfigModel, DeviceModelSink, lower_bound
+from ._plan import MIN_REPEATS, PRECOPY_DEVICE_BW, PRECOPY_SIZE, plural
 from ._report import _stats
 from ._runner import UUID, _sender
 
@@ -151,12 +152,13 @@ def table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
 
 async def run_precopy_bench(args: argparse.Namespace, out: Path) -> int:
     """Both modes, ``--repeats`` times, alternating; a table on stdout, JSON in ``out``."""
-    initial = (args.size or [48 << 20])[0]
-    bandwidth = args.device_bw or 64 * 2**20
+    initial = (args.size or [PRECOPY_SIZE])[0]
+    bandwidth = args.device_bw or PRECOPY_DEVICE_BW
+    repeats = args.repeats or MIN_REPEATS  # auto: no advice to firm up here
     config_seconds = 0.01 if args.config_time is None else args.config_time
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         model = device_model(initial, args.seed + repeat)
         for mode in MODES:
             row = await run_one(mode, model, bandwidth, args.write_latency, config_seconds)
@@ -170,7 +172,7 @@ async def run_precopy_bench(args: argparse.Namespace, out: Path) -> int:
         f"{_mib(initial // 6)}, {_mib(initial // 24)}, {_mib(initial // 96)} per round + "
         f"{_mib(initial // 12)} stop-copy; device model {bandwidth / 2**20:.0f} MiB/s, "
         f"config {config_seconds * 1000:g} ms; threshold {_mib(PRECOPY_THRESHOLD)}; "
-        f"{args.repeats} repeats, {time.perf_counter() - t0:.1f} s"
+        f"{plural(repeats, 'repeat')}, {time.perf_counter() - t0:.1f} s"
     )
     print(text)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, after the runs

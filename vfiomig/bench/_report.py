@@ -1,8 +1,12 @@
 """Statistics over repeats (numpy), the terminal table, the progress bar, CSV and JSON.
 
-A summary row is one (kind, case): min / median / max of each measure over its repeats.
+A summary row is one (kind, case): min / median / max of each measure over its repeats,
+the downtimes themselves (for `_advice`), and each process's share of CPU (`_cpu`).
 Ratios against the baselines pair runs of the same repeat index from the same bench
 invocation, then take the median of those ratios.
+
+The table has one section per group of cells that differ only in their channel count
+(the groups `_advice` answers for), under the models it ran with, and fits 100 columns.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import json
 import logging
 import math
 import sys
+import textwrap
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +26,7 @@ import numpy as np
 
 from vfiomig._logs import event
 
-from ._runner import Case, Run
+from ._runner import Case, Run, _size
 
 #: The bench's own lines; `bench_main` lets its INFO through without -v.
 log = logging.getLogger("vfiomig.bench")
@@ -36,6 +41,32 @@ MEASURES = (
     "cpu_seconds",
     "harness_fraction",
 )
+
+
+#: The table's width limit (a terminal or a commit message).
+WIDTH = 100
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+def _shares(run: Run) -> dict[str, float]:
+    """Receiver (rx) and sender (tx) CPU as fractions: ``busy`` ran, ``wanted`` ran or
+    waited for a CPU; ``tx_span`` the sender's sending time over the downtime;
+    ``starved_share`` the time the receiver's loaders waited for data over the downtime."""
+    send = run.sender_send_seconds
+    return {
+        "rx_busy": _div(run.cpu_seconds, run.downtime),
+        "rx_wanted": _div(run.cpu_seconds + run.cpu_wait_seconds, run.downtime),
+        "tx_busy": _div(run.sender_cpu_seconds, send),
+        "tx_wanted": _div(run.sender_cpu_seconds + run.sender_wait_seconds, send),
+        "tx_span": _div(send, run.downtime),
+        "starved_share": _div(run.starved_seconds, run.downtime),
+    }
+
+
+SHARES = ("rx_busy", "rx_wanted", "tx_busy", "tx_wanted", "tx_span", "starved_share")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -71,6 +102,10 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
         summary["bound_limit"] = ok[0].bound_limit if ok else ""
         for m in MEASURES:
             summary[m] = _stats([float(row[m]) for row in rows])
+        shares = [_shares(r) for r in ok]
+        for m in SHARES:
+            summary[m] = _stats([sh[m] for sh in shares])
+        summary["downtimes"] = sorted(r.downtime for r in ok)
         if kind == "vfiomig":
             base = seq.get(seq_key(case), {})
             # How much faster than the sequential stream (downtime ratio, > 1 is better).
@@ -90,35 +125,117 @@ def _fmt(v: float, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if math.isnan(v) else f"{v * scale:.{digits}f}"
 
 
-def table(summaries: list[dict[str, Any]]) -> str:
-    """The terminal table: medians, with the efficiency's min-max."""
-    head = (
-        f"{'kind':7} {'ch':>3} {'packet':>6} {'dev':>3} {'size':>6} {'order':10} {'tr':4}"
-        f" {'sink':13} {'downtime s':>10} {'MB/s':>7} {'bound s':>8} {'eff':>5} {'eff min-max':>11}"
-        f" {'peakQ MiB':>9} {'starv s':>7} {'cpu s':>6} {'harn %':>6} {'xSeq':>5} {'/C':>5}"
-    )
-    lines = [head, "-" * len(head)]
-    from ._runner import _size
+def _downtime(d: dict[str, float], unit: str) -> str:
+    """``221 (210-240)``: the median downtime with its min-max, in ms or (``s``) seconds
+    with one decimal."""
+    if math.isnan(d["median"]):
+        return "-"
+    v = [d[k] for k in ("median", "min", "max")]
+    t = [f"{x:.1f}" for x in v] if unit == "s" else [str(round(x * 1000)) for x in v]
+    return f"{t[0]} ({t[1]}-{t[2]})"
 
+
+def _pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v * 100:.0f}"
+
+
+#: (heading, width) of the table's columns; `row_cells` gives a summary's cells.
+COLUMNS = (
+    ("kind", 7),
+    ("ch", 3),
+    ("downtime ms", 19),
+    ("MB/s", 6),
+    ("bound ms", 8),
+    ("eff", 5),
+    ("peakQ", 6),
+    ("rx%", 4),
+    ("tx%", 4),
+    ("limit", 12),
+    ("xSeq", 5),
+    ("/C", 4),
+    ("n", 2),
+)
+
+
+def _case(s: dict[str, Any]) -> Case:
+    return Case(*(s[f.name] for f in fields(Case)))
+
+
+def section_title(s: dict[str, Any]) -> str:
+    """A group's heading: everything its rows share."""
+    dev = "device" if s["devices"] == 1 else "devices"
+    return (
+        f"{s['sink']} sink, {s['devices']} {dev} x {_size(s['size'])}, {_size(s['packet_size'])}"
+        f" packets, {s['order']}, {s['transport']}"
+    )
+
+
+def row_cells(s: dict[str, Any], limit: str = "", unit: str = "ms") -> list[str]:
+    """A summary's cells, in `COLUMNS` order; the downtime in ``unit`` (ms or s)."""
+    return [
+        s["kind"],
+        str(s["channels"]),
+        _downtime(s["downtime"], unit),
+        _fmt(s["throughput"]["median"], 1e-6, 0),
+        _fmt(s["bound"]["median"], 1000, 0),
+        _fmt(s["efficiency"]["median"]),
+        _fmt(s["peak_queued_bytes"]["median"], 2**-20, 1),
+        _pct(s["rx_busy"]["median"]),
+        _pct(s["tx_busy"]["median"]),
+        limit or "-",
+        _fmt(s.get("speedup_vs_seq", math.nan)),
+        _fmt(s.get("throughput_vs_cref", math.nan)),
+        str(s["ok"]),
+    ]
+
+
+def table(summaries: list[dict[str, Any]], header: list[str]) -> str:
+    """The terminal table: ``header`` (the models) first, then a section per group with
+    the sequential baseline, the vfiomig cells by channel count and the C reference, and
+    what limited each (a summary's ``limit``, `_advice.limit`)."""
+    # Milliseconds unless a run took 10 s or more: then seconds, for the column to fit.
+    slowest = max((s["downtime"]["max"] for s in summaries), default=0.0)
+    unit = "s" if slowest >= 10 else "ms"
+    columns = [(f"downtime {unit}", w) if i == 2 else (n, w) for i, (n, w) in enumerate(COLUMNS)]
+    head = " ".join(f"{name:>{w}}" if i else f"{name:{w}}" for i, (name, w) in
+                    enumerate(columns))  # fmt: skip
+    lines = [*header, ""]
+    sections: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    order = {"seq": 0, "vfiomig": 1, "cref": 2}
     for s in summaries:
-        eff = s["efficiency"]
-        lines.append(
-            f"{s['kind']:7} {s['channels']:>3} {_size(s['packet_size']):>6} {s['devices']:>3}"
-            f" {_size(s['size']):>6} {s['order']:10} {s['transport']:4} {s['sink']:13}"
-            f" {_fmt(s['downtime']['median'], digits=3):>10}"
-            f" {_fmt(s['throughput']['median'], 1e-6, 0):>7}"
-            f" {_fmt(s['bound']['median'], digits=3):>8}"
-            f" {_fmt(eff['median'], digits=3):>5}"
-            f" {_fmt(eff['min']) + '-' + _fmt(eff['max']):>11}"
-            f" {_fmt(s['peak_queued_bytes']['median'], 2**-20, 1):>9}"
-            f" {_fmt(s['starved_seconds']['median'], digits=3):>7}"
-            f" {_fmt(s['cpu_seconds']['median'], digits=2):>6}"
-            f" {_fmt(s['harness_fraction']['max'], 100, 3):>6}"
-            f" {_fmt(s.get('speedup_vs_seq', math.nan)):>5}"
-            f" {_fmt(s.get('throughput_vs_cref', math.nan)):>5}"
-            + (f"  FAILED {s['runs'] - s['ok']}/{s['runs']}" if s["ok"] < s["runs"] else "")
-        )
-    return "\n".join(lines)
+        if s["kind"] != "seq":
+            sections[section_title(s)].append(s)
+    for s in summaries:  # the sequential baseline heads each section it is the baseline of
+        if s["kind"] == "seq":
+            mine = [
+                t for t, rows in sections.items() if seq_key(_case(rows[0])) == seq_key(_case(s))
+            ]
+            for title in mine or [section_title(s)]:
+                sections[title].append(s)
+    for title, rows in sections.items():
+        lines += [title, "  " + head]
+        rows.sort(key=lambda s: (order.get(s["kind"], 3), s["channels"]))
+        for s in rows:
+            failed = f"FAILED {s['runs'] - s['ok']}/{s['runs']}" if s["ok"] < s["runs"] else ""
+            cells = row_cells(s, failed or s.get("limit", ""), unit)
+            line = " ".join(
+                f"{c:>{w}}" if i else f"{c:{w}}"
+                for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True))
+            )
+            lines.append("  " + line)
+        lines.append("")
+    lines.append(
+        "downtime: median (fastest-slowest repeat); eff: bound / downtime; peakQ: MiB queued"
+        " at most; rx% / tx%: the receiver's CPU over the downtime, the sender's over its"
+        " sending (100 = one CPU); xSeq: the sequential baseline's downtime over this; /C:"
+        " throughput over the C reference's; n: repeats"
+    )
+    return "\n".join(_wrap(ln) for ln in lines)
+
+
+def _wrap(line: str) -> str:
+    """A line longer than `WIDTH` broken at spaces (only the notes are that long)."""
+    return "\n".join(textwrap.wrap(line, WIDTH)) if len(line) > WIDTH else line
 
 
 def write_csv(path: Path, runs: list[Run]) -> None:
@@ -207,4 +324,14 @@ class Progress:
             self.stream.flush()
 
 
-__all__ = ["Progress", "summarise", "table", "write_csv", "write_json"]
+__all__ = [
+    "COLUMNS",
+    "WIDTH",
+    "Progress",
+    "row_cells",
+    "section_title",
+    "summarise",
+    "table",
+    "write_csv",
+    "write_json",
+]

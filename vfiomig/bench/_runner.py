@@ -10,30 +10,33 @@ A run is one transfer of one `Case` by one ``kind``:
 Downtime is measured on the receiving side, from the first packet header read to the last
 device loaded (its config replayed and its sink finished). On loopback the first header is
 read microseconds after it is sent; the sender's own start time is kept in the row too.
+
+CPU per process (`_cpu`): the receiver's over the downtime, the sender's from its first
+packet to its last, each with the time it spent runnable but waiting for a CPU.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from vfiomig.receive import DeviceSetup, MigrationFailed, ReceiverConfig, Session, serve_receiver
 
+from ._cpu import NO_USAGE, ProcClock, Usage, watch
 from ._model import ConfigModel, Overhead, lower_bound
 from ._seq import SeqReport, serve_sequential
-from ._sinks import SHM, SinkSet, open_sinks
+from ._sinks import SinkSet, open_sinks
 from ._vfio_user import lvu_server
 
 ORDERS = ("roundrobin", "random", "idx0-last", "slow")
@@ -93,7 +96,11 @@ class Run:
     efficiency: float = float("nan")
     peak_queued_bytes: int = 0
     starved_seconds: float = float("nan")
-    cpu_seconds: float = float("nan")
+    cpu_seconds: float = float("nan")  # the receiver's, over the downtime
+    cpu_wait_seconds: float = float("nan")  # the receiver runnable, waiting for a CPU
+    sender_cpu_seconds: float = float("nan")  # first packet to last
+    sender_wait_seconds: float = float("nan")
+    sender_send_seconds: float = float("nan")  # the sender's first packet to its last
     harness_seconds: float = 0.0
     late_seconds: float = 0.0
     sender_seconds: float = float("nan")
@@ -125,6 +132,10 @@ _ROW_FIELDS = (
     "peak_queued_bytes",
     "starved_seconds",
     "cpu_seconds",
+    "cpu_wait_seconds",
+    "sender_cpu_seconds",
+    "sender_wait_seconds",
+    "sender_send_seconds",
     "harness_seconds",
     "late_seconds",
     "sender_seconds",
@@ -188,14 +199,43 @@ def _devices(case: Case, seed: int) -> list[dict[str, Any]]:
     ]
 
 
-async def _sender(job: dict[str, Any], out: dict[str, Any]) -> None:
+async def _drain(stream: Any, into: list[bytes]) -> None:
+    async with stream:
+        while chunk := await stream.receive_some():
+            into.append(chunk)
+
+
+async def _sender(
+    job: dict[str, Any],
+    out: dict[str, Any],
+    clocks: list[ProcClock] | None = None,
+) -> None:
+    """Run the sender process on ``job``; its JSON line goes into ``out``. With
+    ``clocks``, its `ProcClock` is appended there and sampled while it lives."""
     argv = [sys.executable, "-m", "vfiomig.bench._sendproc", json.dumps(job)]
-    proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    stdout: list[bytes] = []
+    stderr: list[bytes] = []
+    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        async with trio.open_nursery() as nursery:
+            if clocks is not None:
+                clock = ProcClock(proc.pid)
+                clocks.append(clock)
+                nursery.start_soon(watch, [clock])
+            async with trio.open_nursery() as io:
+                io.start_soon(_drain, proc.stdout, stdout)
+                io.start_soon(_drain, proc.stderr, stderr)
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if proc.returncode is None:  # cancelled: the sender must not outlive its run
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"sender exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-400:]}"
-        )
-    out.update(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
+        text = b"".join(stderr).decode(errors="replace")
+        raise RuntimeError(f"sender exited {proc.returncode}: {text[-400:]}")
+    out.update(json.loads(b"".join(stdout).decode().strip().splitlines()[-1]))
 
 
 Ticker = Callable[[int, int], None]  # (bytes landed, bytes total)
@@ -238,16 +278,16 @@ async def _transfer(
     serve: Callable[[trio.TaskStatus[Any]], Awaitable[None]],
     job_for: Callable[[Any], dict[str, Any]],
     abort: Callable[[Any, trio.Nursery], None],
-) -> tuple[dict[str, Any], float]:
+) -> tuple[dict[str, Any], list[ProcClock]]:
     """One transfer of ``run``'s case into ``sinks``: start the receiver (``serve``, which
     reports its handle through ``task_status`` and its failures into ``failures``), run the
     sender process on ``job_for(handle)``, wait for the receiver to finish. On a failed
     sender ``abort(handle, nursery)`` stops the receiver. Sets ``run.late_seconds``; returns
-    the sender's report and the receiver's CPU seconds (this process, sender start to
-    receiver end)."""
+    the sender's report and the CPU clocks of the receiver (this process) and, when it
+    started, the sender."""
     total = run.case.size * run.case.devices
     sent: dict[str, Any] = {}
-    cpu = 0.0
+    clocks = [ProcClock(os.getpid())]
     finished = trio.Event()
 
     async def run_server(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -261,22 +301,36 @@ async def _transfer(
             async with trio.open_nursery() as nursery:
                 handle = await nursery.start(run_server)
                 job = job_for(handle)
-                cpu0 = time.process_time()
+                nursery.start_soon(watch, clocks[:1])
                 nursery.start_soon(_tick, sinks, total, ticker, overhead)
                 try:
-                    await _sender(job, sent)
+                    await _sender(job, sent, clocks)
                 except (RuntimeError, OSError) as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
                     abort(handle, nursery)
                 # The sender is done; the receiver may still be loading.
                 await finished.wait()
-                cpu = time.process_time() - cpu0
+                clocks[0].sample()  # the receiver's CPU up to its end
                 nursery.cancel_scope.cancel()
     except trio.TooSlowError:
         failures.append(f"timed out after {limit_seconds:.0f} s")
     finally:
         run.late_seconds = sinks.late_seconds()
-    return sent, cpu
+    return sent, clocks
+
+
+def _set_cpu(run: Run, sent: dict[str, Any], clocks: list[ProcClock], end: float) -> None:
+    """The receiver's CPU over the downtime (it ended at ``end``, trio time) and the
+    sender's from its first packet to its last (CLOCK_MONOTONIC, both processes); the
+    sampling during the downtime counts as harness time."""
+    offset = trio.current_time() - time.monotonic()
+    start = float(sent.get("t_first") or sent["t_start"])
+    rx = clocks[0].usage(start, end - offset)
+    run.harness_seconds += sum(c.cost(start, end - offset) for c in clocks)
+    tx: Usage = clocks[1].usage(start, float(sent["t_end"])) if len(clocks) > 1 else NO_USAGE
+    run.cpu_seconds, run.cpu_wait_seconds = rx.cpu, rx.wait
+    run.sender_cpu_seconds, run.sender_wait_seconds = tx.cpu, tx.wait
+    run.sender_send_seconds = float(sent["t_end"]) - start
 
 
 async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker: Ticker) -> Run:
@@ -330,7 +384,7 @@ async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker
             def abort(session: Session, nursery: trio.Nursery) -> None:
                 session.abort("the sender failed")
 
-            sent, cpu = await _transfer(
+            sent, clocks = await _transfer(
                 run,
                 sinks,
                 _timeout(case, models),
@@ -364,8 +418,8 @@ async def run_vfiomig(case: Case, models: Models, repeat: int, seed: int, ticker
     )
     if first_write is not None:
         run.first_write_delay = first_write - _first_sent(sent, session.started_at)
-    run.cpu_seconds = cpu
     run.harness_seconds = overhead.seconds
+    _set_cpu(run, sent, clocks, max(t for t in loaded if t is not None))
     run.sender_seconds = float(sent["t_end"]) - float(sent["t_start"])
     _set_bound(run, models, [d.bytes for d in report.devices], sent.get("channel_bytes", []), rates)
     return run
@@ -440,7 +494,7 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
                 nursery.cancel_scope.cancel()
 
             limit = _timeout(case, models) * case.devices
-            sent, cpu = await _transfer(
+            sent, clocks = await _transfer(
                 run, sinks, limit, ticker, overhead, failures, serve, job_for, abort
             )
             if failures or not reports:
@@ -452,73 +506,10 @@ async def run_sequential(case: Case, models: Models, repeat: int, seed: int, tic
     run.wire_bytes = int(sent["wire_bytes"])
     run.downtime = rep.loaded_at[-1] - _first_sent(sent, rep.started_at)
     run.throughput = run.bytes / run.downtime
-    run.cpu_seconds = cpu
     run.harness_seconds = overhead.seconds
+    _set_cpu(run, sent, clocks, rep.loaded_at[-1])
     run.sender_seconds = float(sent["t_end"]) - float(sent["t_start"])
     _set_bound(run, models, [case.size] * case.devices, [run.wire_bytes], [rate])
-    return run
-
-
-def load_cref() -> Any | None:
-    """The C reference runner (``benchmarks/cref``) when this is a source checkout."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "cref" / "__init__.py").is_file():
-        return None
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        return importlib.import_module("benchmarks.cref")
-    except ImportError:
-        return None
-
-
-def cref_reason(case: Case, models: Models) -> str | None:
-    """Why the C reference cannot run ``case``, or None when it can."""
-    if case.sink == "device":
-        return "the C reference has no device model"
-    if case.sink.startswith("vfio-user"):
-        return "the C reference has no vfio-user sink"
-    if case.order == "slow" or models.link_rate:
-        return "the C reference paces channels only at one common rate"
-    return None
-
-
-async def run_cref(cref: Any, case: Case, models: Models, repeat: int, seed: int) -> Run:
-    run = Run("cref", case, repeat, seed)
-    with tempfile.TemporaryDirectory(prefix="vfiomig-bench-", dir=SHM) as tmp:
-        output = {"null": "null", "pipe": "pipe", "tmpfs": os.path.join(tmp, "dev{instance}")}
-        cpu0 = os.times()
-        try:
-            result = await trio.to_thread.run_sync(
-                lambda: cref.run_transfer(
-                    channels=case.channels,
-                    size=case.size,
-                    packet_size=case.packet_size,
-                    output=output[case.sink],
-                    listen=_listen(case, tmp, "cref"),
-                    order=case.order,
-                    seed=seed,
-                    rate=int(models.channel_rate or 0),
-                    devices=case.devices,
-                    drainer=["cat"] if case.sink == "pipe" else None,
-                    timeout=_timeout(case, models),
-                )
-            )
-        except (RuntimeError, OSError, ValueError) as exc:
-            run.error = f"{type(exc).__name__}: {exc}"
-            return run
-        cpu1 = os.times()
-    rx = result.receiver
-    run.ok = True
-    run.bytes = int(rx["bytes"])
-    run.downtime = float(rx["seconds"])
-    run.throughput = run.bytes / run.downtime
-    run.peak_queued_bytes = int(rx.get("peak_queued_bytes", 0))
-    # Children's CPU: receiver, sender and drainer together (os.times counts reaped children).
-    run.cpu_seconds = (cpu1.children_user + cpu1.children_system) - (
-        cpu0.children_user + cpu0.children_system
-    )
-    run.sender_seconds = float(result.sender.get("seconds", float("nan")))
     return run
 
 
@@ -534,10 +525,7 @@ __all__ = [
     "Case",
     "Models",
     "Run",
-    "cref_reason",
     "expand",
-    "load_cref",
-    "run_cref",
     "run_sequential",
     "run_vfiomig",
     "seeds",

@@ -22,7 +22,7 @@ import trio
 from vfiomig._core._errors import UsageError
 from vfiomig._logs import configure_logging, event
 from vfiomig._version import __version__
-from vfiomig.cli import _receive, _send
+from vfiomig.cli import _bench, _receive, _send
 from vfiomig.cli._options import Parser, add_logging_options, size
 
 log = logging.getLogger("vfiomig")
@@ -56,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="synthetic state per device, with K/M/G/T suffixes (binary); default 384M",
     )
-
-    from vfiomig.bench import add_parser as add_bench_parser
-
-    add_bench_parser(sub, size)
+    _bench.add_parser(sub)
     for choice in sub.choices.values():  # also after the subcommand: vfiomig receive -v
         add_logging_options(choice, top=False)
     return parser
