@@ -14,10 +14,12 @@ def _rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def _bench(
+    tmp_path: Path, *args: str, plots: bool = False, repeats: str = "1"
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "vfiomig", "bench", "--repeats", "1", "--no-cref"]
-    argv += ["--no-plots", "--out", str(out), *args]
+    argv = [sys.executable, "-m", "vfiomig", "bench", "--repeats", repeats, "--no-cref"]
+    argv += [*([] if plots else ["--no-plots"]), "--out", str(out), *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return proc, out
@@ -52,7 +54,23 @@ def test_small_matrix_writes_csv_and_json(tmp_path: Path) -> None:
     summary = next(s for s in doc["summary"] if s["kind"] == "vfiomig" and s["sink"] == "device")
     assert summary["speedup_vs_seq"] is not None
     assert "harness overhead" in proc.stdout
-    assert "efficiency" in proc.stdout
+    # The table names its models, as bench.json does, and fits 100 columns.
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "models: " + doc["meta"]["models_text"][0]
+    assert lines[0] == "models: link: 32 MiB/s per channel, no total limit"  # the default
+    assert doc["meta"]["models"]["channel_rate"] == 32 * 2**20
+    assert lines[1].strip() == doc["meta"]["models_text"][1]
+    assert lines[1].strip().startswith("device: 16 MiB/s, 20 us per write; config load 5 ms")
+    text = [ln for ln in lines if not ln.startswith("wrote ")]  # paths are as long as they are
+    assert max(len(ln) for ln in text) <= 100, max(text, key=len)
+    assert "device sink, 1 device x 2M, 256K packets, roundrobin, tcp" in lines
+    assert "1 channels" not in proc.stdout and "1 devices" not in proc.stdout
+    # CPU per process: the receiver's and the sender's, for every run.
+    for r in doc["runs"]:
+        assert r["cpu_seconds"] >= 0 and r["sender_cpu_seconds"] >= 0, r
+        assert 0 < r["sender_send_seconds"] <= r["sender_seconds"]
+    assert all(s["limit"] for s in doc["summary"] if s["kind"] == "vfiomig")
+    assert {a["sink"] for a in doc["meta"]["advice"]} == {"device", "pipe"}
 
 
 def test_slow_channel_unix_tmpfs(tmp_path: Path) -> None:
@@ -92,3 +110,21 @@ def test_precopy_scenario_downtime_next_to_stop_copy(tmp_path: Path) -> None:
         assert 0 < r["efficiency"] <= 1.0
     assert pre["downtime"] < stop["downtime"]
     assert "| precopy | 14.0 MiB (2) | 1.5 MiB |" in proc.stdout
+
+
+def test_repeats_auto_and_the_plot(tmp_path: Path) -> None:
+    proc, out = _bench(
+        tmp_path,
+        *("--channels", "1,2", "--size", "1M", "--packet-sizes", "256K", "--devices", "1"),
+        *("--sinks", "null", "--no-seq", "--max-repeats", "4"),
+        plots=True,
+        repeats="auto",
+    )
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["meta"]["repeats"]["least"] == 3 and doc["meta"]["repeats"]["most"] == 4
+    assert all(3 <= s["ok"] <= 4 for s in doc["summary"])
+    (advice,) = doc["meta"]["advice"]
+    assert advice["channels"] in (1, 2) and advice["repeats"] >= 3
+    assert "How many channels" in proc.stdout
+    assert doc["meta"]["plots"] == [str(out / "downtime.png")]
+    assert (out / "downtime.png").stat().st_size > 5_000

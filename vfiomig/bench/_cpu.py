@@ -120,12 +120,12 @@ class ProcClock:
         self.pid = pid
         self.times: list[float] = []
         self.samples: list[tuple[float, float]] = []
-        self.costs: list[float] = []  # perf_counter seconds each sample took
+        self.costs: list[float] = []  # CPU seconds each sample took (this thread's)
         self._reader = _Schedstat(pid)
 
     def sample(self) -> bool:
         """Take one sample; False once the process is gone (its files are then closed)."""
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         now = time.monotonic()
         got = self._reader.read()
         if got is None:
@@ -133,7 +133,7 @@ class ProcClock:
             return False
         self.times.append(now)
         self.samples.append(got)
-        self.costs.append(time.perf_counter() - t0)
+        self.costs.append(time.thread_time() - t0)
         return True
 
     def close(self) -> None:

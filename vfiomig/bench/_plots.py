@@ -28,7 +28,7 @@ from ._runner import _size
 
 DPI = 80
 PANEL_W, PANEL_H = 4.6, 3.4
-BOUND_STYLE = {"color": "0.35", "linestyle": (0, (4, 3)), "linewidth": 1.4, "zorder": 4}
+BOUND_STYLE = {"color": "black", "linestyle": (0, (3, 3)), "linewidth": 1.2, "zorder": 4}
 PICK_STYLE = {"marker": "*", "s": 220, "color": "crimson", "zorder": 5, "edgecolor": "black"}
 
 
@@ -50,6 +50,9 @@ def _downtime(plt: Any, rows: list[dict[str, Any]], advice: list[Advice],
     sinks = sorted({p[0] for p in panels})
     devices = sorted({p[1] for p in panels})
     width = max(6.0, PANEL_W * len(devices))
+    # Milliseconds unless a run took 10 s or more, as in the table.
+    unit = 1.0 if max(s["downtime"]["max"] for s in rows) >= 10 else 1000.0
+    uname = "s" if unit == 1.0 else "ms"
     fig, axes = plt.subplots(
         len(sinks), len(devices), figsize=(width, PANEL_H * len(sinks) + 0.8),
         squeeze=False, layout="constrained",
@@ -65,20 +68,21 @@ def _downtime(plt: Any, rows: list[dict[str, Any]], advice: list[Advice],
                 cells.sort(key=lambda s: s["channels"])
                 xs = [s["channels"] for s in cells]
                 counts.update(xs)
-                med = [s["downtime"]["median"] * 1000 for s in cells]
-                lo = [m - s["downtime"]["min"] * 1000 for m, s in zip(med, cells, strict=True)]
-                hi = [s["downtime"]["max"] * 1000 - m for m, s in zip(med, cells, strict=True)]
-                ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, zorder=3,
-                            label=f"{_size(packet)} packets")  # fmt: skip
+                med = [s["downtime"]["median"] * unit for s in cells]
+                lo = [m - s["downtime"]["min"] * unit for m, s in zip(med, cells, strict=True)]
+                hi = [s["downtime"]["max"] * unit - m for m, s in zip(med, cells, strict=True)]
+                ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, zorder=3, linewidth=2.5,
+                            alpha=0.8, label=f"{_size(packet)} packets")  # fmt: skip
                 if all(s["bound_limit"] in ("device", "link") for s in cells):
-                    label = f"bound ({cells[0]['bound_limit']} model)"
-                    ax.plot(xs, [s["bound"]["median"] * 1000 for s in cells], **BOUND_STYLE,
+                    limits = list(dict.fromkeys(s["bound_limit"] for s in cells))
+                    label = f"bound ({', then '.join(limits)} model)"
+                    ax.plot(xs, [s["bound"]["median"] * unit for s in cells], **BOUND_STYLE,
                             label=None if bound_drawn else label)  # fmt: skip
                     bound_drawn = True
                 a = answers.get(group_key(cells[0]))
                 if a is not None:
                     pick = next(s for s in cells if s["channels"] == a.channels)
-                    ax.scatter([a.channels], [pick["downtime"]["median"] * 1000], **PICK_STYLE,
+                    ax.scatter([a.channels], [pick["downtime"]["median"] * unit], **PICK_STYLE,
                                label="the answer" if not told else None)  # fmt: skip
                     more = ", try more" if a.try_more else ""
                     told[_size(packet)] = f"{plural(a.channels, 'channel')} ({a.limit}{more})"
@@ -93,7 +97,7 @@ def _downtime(plt: Any, rows: list[dict[str, Any]], advice: list[Advice],
             ax.set_title(head, fontsize=9)
             ax.grid(True, alpha=0.3)
             ax.set_xlabel("channels")
-            ax.set_ylabel("downtime ms (median, min-max)")
+            ax.set_ylabel(f"downtime {uname} (median, min-max)")
             if lines:
                 ax.legend(fontsize=7, loc="upper right")
     _title(fig, f"vfiomig downtime ({what}); the answer: the fewest channels not slower"
