@@ -10,12 +10,14 @@ import pytest
 
 from tests.bench_summaries import summary
 from vfiomig.bench._advice import (
+    LIMITS,
     advice_lines,
     advise,
     limit,
     mann_whitney_p,
     needs_more,
 )
+from vfiomig.bench._report import COLUMNS
 
 
 def test_mann_whitney_exact() -> None:
@@ -116,9 +118,17 @@ def test_contention_and_a_starved_receiver() -> None:
     row = summary("vfiomig", 4, 1.0, bound=0.5, tx=0.3)
     row["tx_wanted"] = {"min": 0.95, "median": 0.95, "max": 0.95}  # ran 30 %, waited 65 %
     got, why = limit(row, cpus=2)
-    assert got == "CPU contention" and "waited 65%" in why
+    assert got == "contention" and "waited 65%" in why
     slow = summary("vfiomig", 4, 1.0, bound=0.5, tx_span=0.97, starved=0.7)
     assert limit(slow, cpus=2)[0] == "sender rate"
+    # Starved, but the receiver itself was busy: not the sender's fault alone.
+    busy = summary("vfiomig", 4, 1.0, bound=0.5, tx_span=0.97, starved=0.7, rx=0.6)
+    assert limit(busy, cpus=2)[0] == "waiting"
+
+
+def test_every_limit_fits_the_tables_column() -> None:
+    width = dict(COLUMNS)["limit"]
+    assert all(len(name) <= width for name in LIMITS)
 
 
 def test_more_repeats_only_where_the_spread_hides_the_answer() -> None:

@@ -15,9 +15,9 @@ packet size, order, transport), on the vfiomig rows' downtimes over their repeat
   fewer count) and no model bounds it, more may help: *try more channels*;
 - what limits the answer (`limit`): the device or link model when the run is within 10 %
   of its bound; else the receiver's or the sender's CPU when that process ran or waited for
-  a CPU most of the downtime (`_cpu`), or contention when it mostly waited; else the
-  sender when the receiver starved for data while it was still sending; else the waits
-  between the two ends.
+  a CPU most of the downtime (`_cpu`), or contention when one waited for a CPU a good
+  part of it; else the sender when the receiver, mostly idle, starved for data while the
+  sender was still sending; else the waits between the two ends.
 
 `needs_more` tells `--repeats auto` which groups to run again: where a difference that
 would matter is hidden by the spread, or a cell's spread is wide.
@@ -109,11 +109,29 @@ def at_bound(row: dict[str, Any]) -> bool:
     return not math.isnan(eff) and eff >= 1 - GOOD_ENOUGH
 
 
+#: What can limit a cell, as the table's limit column names it (12 columns at most).
+LIMITS = (
+    "device",
+    "link",
+    "both CPUs",
+    "receiver CPU",
+    "sender CPU",
+    "contention",
+    "sender rate",
+    "waiting",
+    "unknown",
+)
+#: A process that waited for a CPU this fraction of its window was held back by others.
+CONTENDED = 0.40
+
+
 def limit(row: dict[str, Any], cpus: int) -> tuple[str, str]:
-    """(what limits this cell, why we say so), from its medians: a model when the run is
-    near its bound; a process's CPU when it ran or waited to run most of the window and
-    ran at least half of it (waiting most of it is contention: the machine was busy); the
-    sender when the receiver's loaders starved for data while it was still sending."""
+    """(what limits this cell, one of `LIMITS`; why we say so), from its medians: a model
+    when the run is near its bound; a process's CPU when it ran or waited to run most of
+    its window and ran at least half of it; contention when a process waited for a CPU
+    `CONTENDED` of it (the machine was busy with other work); the sender when the
+    receiver's loaders starved for data while it was still sending and the receiver was
+    mostly idle; else the waits between the two ends."""
     eff = row["efficiency"]["median"]
     rx, tx = row["rx_wanted"]["median"], row["tx_wanted"]["median"]
     rx_busy, tx_busy = row["rx_busy"]["median"], row["tx_busy"]["median"]
@@ -131,10 +149,10 @@ def limit(row: dict[str, Any], cpus: int) -> tuple[str, str]:
         return "receiver CPU", said
     if tx_cpu:
         return "sender CPU", said
-    if rx >= SATURATED or tx >= SATURATED:
-        return "CPU contention", f"{said}: other work had the CPUs"
+    if max(rx - rx_busy, tx - tx_busy) >= CONTENDED:
+        return "contention", f"CPU contention: {said}"
     starved, span = row["starved_share"]["median"], row["tx_span"]["median"]
-    if span >= AT_BOUND and starved >= 0.5:
+    if span >= AT_BOUND and starved >= 0.5 and rx < 0.5:
         return "sender rate", (
             f"the loaders waited for data {starved:.0%} of the downtime while the sender was"
             f" still sending ({said})"
@@ -276,6 +294,7 @@ def needs_more(rows: list[dict[str, Any]]) -> bool:
 
 __all__ = [
     "GOOD_ENOUGH",
+    "LIMITS",
     "Advice",
     "advice_lines",
     "advise",
