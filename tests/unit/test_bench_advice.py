@@ -42,7 +42,7 @@ def test_an_answer_says_how_sure() -> None:
     # in every repeat.
     assert (a.channels, a.verdict, a.best) == (4, "within noise: best", 8)
     assert a.p_value == pytest.approx(0.05)
-    assert "best 8 channels 290 ms (284-296): the difference does not beat" in a.text
+    assert "best 8 channels 290 ms (284-296), but their ranges overlap (p = " in a.text
     assert "4 channels, 300 ms (294-306)" in a.text
     assert "faster than 2 channels 520 ms (510-530) beyond the spread" in a.text
     assert not a.try_more  # 8 is the best, but 4 reach it: the curve is flat there

@@ -217,9 +217,11 @@ def advise_group(
         reach = "bound" if at_bound(pick) else "best"
         verdict = f"within noise: {reach}"
         p = mann_whitney_p(best["downtimes"], pick["downtimes"])
+        overlap = min(pick["downtimes"]) <= max(best["downtimes"])
+        how = "their ranges overlap" if overlap else f"the difference is under {GOOD_ENOUGH:.0%}"
         parts.append(
-            f"within noise: fewest channels that reach the {reach}; best {_cell(best)}: the"
-            f" difference does not beat the spread, or is under {GOOD_ENOUGH:.0%} (p = {p:.2g})"
+            f"within noise: fewest channels that reach the {reach}; best {_cell(best)}, but"
+            f" {how} (p = {p:.2g} that noise alone ordered their repeats so)"
         )
     if below:
         prev = below[-1]
