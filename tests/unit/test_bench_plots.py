@@ -124,3 +124,18 @@ def test_the_qemu_plot_is_beside_qemus_published_downtimes(
     ours = ax.containers[0].lines[0]
     assert list(ours.get_ydata()) == pytest.approx([1.0, 0.5, 0.525, 0.55])
     assert sorted(ax.get_xticks()) == [1, 6, 8, 15]
+
+
+def test_qemu_table_beside_qemus_published_downtimes() -> None:
+    rows = [summary("seq", 1, 4.0)]
+    rows += [summary("vfiomig", c, d) for c, d in ((1, 4.0), (6, 2.0), (8, 2.1), (15, 2.2))]
+    lines, meta = qemu_table(rows, 4.0)
+    text = "\n".join(lines)
+    assert "QEMU ms" in lines[1]
+    single = next(ln for ln in lines if ln.strip().startswith("single"))
+    assert single.split() == ["single", "4000", "1000", "1.00", "|", "1900", "1.00"]
+    six = next(ln for ln in lines if ln.split()[0] == "6")
+    assert six.split() == ["6", "2000", "500", "0.50", "|", "1095", "0.58"]
+    assert "1104" in text and "1125" in text
+    assert meta["qemu_downtime_ms"] == {6: 1095, 8: 1104, 15: 1125}
+    assert meta["qemu_main_channel_ms"] == 1900

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from ._plan import (
     plan,
     plural,
 )
-from ._report import Progress, summarise, table, write_csv, write_json
+from ._report import WIDTH, Progress, summarise, table, write_csv, write_json
 from ._runner import Case, Models, Run, run_sequential, run_vfiomig, seeds
 from ._verdict import qemu_table
 
@@ -212,7 +213,7 @@ def _qemu_note(
         f"  (on QEMU's own scale the device model's bound is {bound_unscaled * 1000:.0f} ms;"
         " QEMU's downtimes include more than device state: compare the shape, not the values)"
     )
-    print("\n".join(lines))
+    print("\n".join(textwrap.fill(ln, WIDTH, subsequent_indent="  ") for ln in lines))
     q: dict[str, Any] = meta["qemu"]
     return q
 
