@@ -1,5 +1,5 @@
-"""What a bench run answers, in words: how many channels to use, and how the QEMU-shaped
-scenario compares with QEMU's own published downtimes.
+"""How the QEMU-shaped scenario compares with QEMU's own published downtimes (how many
+channels to use is `_advice`).
 
 QEMU's figures (reference/qemu-multifd-vfio.md §5, v3 cover letter, 4 ConnectX-7 VFs,
 ~400 MiB of device state): 1900 ms over the main channel alone, 1095 / 1104 / 1125 ms
@@ -11,7 +11,6 @@ single-stream downtime (QEMU's main channel, vfiomig's sequential baseline).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 #: QEMU v3, 4 VFs: downtime over the main channel only (no multifd), in ms.
@@ -25,38 +24,6 @@ GOOD_ENOUGH = 0.05
 def _median(s: dict[str, Any], measure: str) -> float:
     value: float = s[measure]["median"]
     return value
-
-
-def channel_advice(summaries: list[dict[str, Any]], models: dict[str, Any]) -> list[str]:
-    """For each (sink, devices, packet size, order, transport, size): the fewest channels
-    whose median downtime is within 5 % of the best, with what the models predict."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-    for s in summaries:
-        if s["kind"] == "vfiomig" and s["ok"] and not math.isnan(_median(s, "downtime")):
-            key = (s["sink"], s["devices"], s["packet_size"], s["order"], s["transport"], s["size"])
-            groups[key].append(s)
-    if not groups:
-        return []
-    lines = ["How many channels (fewest within 5% of the best median downtime):"]
-    rate = models.get("channel_rate")
-    for (sink, devices, packet, order, transport, size), rows in groups.items():
-        rows.sort(key=lambda s: s["channels"])
-        best = min(_median(s, "downtime") for s in rows)
-        pick = next(s for s in rows if _median(s, "downtime") <= best * (1 + GOOD_ENOUGH))
-        one = rows[0]
-        text = (
-            f"  {sink} sink, {devices} device(s) x {size >> 20} MiB, {packet >> 10} KiB packets,"
-            f" {order}, {transport}: {pick['channels']} channels"
-            f" ({_median(pick, 'downtime') * 1000:.0f} ms; {one['channels']} ch"
-            f" {_median(one, 'downtime') * 1000:.0f} ms)"
-        )
-        if rate and sink == "device" and models.get("device_bandwidth"):
-            need = math.ceil(devices * models["device_bandwidth"] / rate)
-            text += f"; the models saturate the devices from {need} channels"
-        elif rate and sink == "null":
-            text += "; the link model bounds it until this machine's CPU does"
-        lines.append(text)
-    return lines
 
 
 def qemu_table(summaries: list[dict[str, Any]], scale: float) -> tuple[list[str], dict[str, Any]]:
@@ -106,4 +73,4 @@ def qemu_table(summaries: list[dict[str, Any]], scale: float) -> tuple[list[str]
     return lines, meta
 
 
-__all__ = ["QEMU_DOWNTIME_MS", "QEMU_MAIN_CHANNEL_MS", "channel_advice", "qemu_table"]
+__all__ = ["QEMU_DOWNTIME_MS", "QEMU_MAIN_CHANNEL_MS", "qemu_table"]
