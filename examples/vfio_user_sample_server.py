@@ -123,8 +123,13 @@ class SampleServer:
                 log.error("vfu_irq_trigger() failed: %s", exc)
                 continue
             print("doing dma io", flush=True)
-            await self.do_dma_io(1, use_messages=False)
-            await self.do_dma_io(0, use_messages=True)
+            try:
+                await self.do_dma_io(1, use_messages=False)
+                await self.do_dma_io(0, use_messages=True)
+            except OSError as exc:
+                # The client's doing (a region it never mapped, a bad or missing reply to
+                # a DMA message, a disconnect): this DMA fails, the device carries on.
+                log.error("do_dma_io failed: %s", exc)
 
     # ------------------------------------------------------------------ DMA
 
@@ -141,7 +146,7 @@ class SampleServer:
         dma = self.device.dma
         region = self.slots[slot]
         if region is None:
-            raise RuntimeError(f"dma slot {slot} is empty")
+            raise OSError(errno.ENOENT, f"dma slot {slot} is empty")
         size, count = 1024, 4
         buf = bytearray(size * count)
         for i in range(count):
@@ -171,7 +176,7 @@ class SampleServer:
                 buf[i * size : (i + 2) * size] = view
                 dma.put(sgs[0], view)
         if zlib.crc32(buf) != crc1:
-            raise SystemExit("DMA write and DMA read mismatch")
+            raise OSError(errno.EIO, "DMA write and DMA read mismatch")
         log.debug("do_dma_io: %s success", "MESSAGE" if use_messages else "DIRECT")
 
     # ------------------------------------------------------------------ reset, migration

@@ -5,14 +5,23 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import random
 
 import pytest
 
 from vfiomig.vfio_user import Dma
 from vfiomig.vfio_user._layouts import DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
+from vfiomig.vfio_user.server._dirty import CHUNK_BYTES, CHUNK_PAGES, DirtyLog
+from vfiomig.vfio_user.server._dma import MAX_REGION_SIZE
 
 PAGE = mmap.PAGESIZE
 RW = DMA_FLAG_READ | DMA_FLAG_WRITE
+
+
+def memfd(size: int) -> int:
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    return fd
 
 
 def test_bitmap_size_is_whole_u64_words_like_libvfio_user() -> None:
@@ -37,8 +46,7 @@ def test_translate_spans_adjacent_regions_and_checks_access() -> None:
 
 def test_region_limit_and_views_outliving_an_unmap() -> None:
     dma = Dma(max_regions=1)
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, PAGE)
+    fd = memfd(PAGE)
     region = dma.map(0, PAGE, 0, RW, fd)
     os.close(fd)
     with pytest.raises(OSError) as exc:
@@ -63,7 +71,9 @@ def test_region_limit_and_views_outliving_an_unmap() -> None:
 )
 def test_dirty_bitmap_in_other_page_sizes(pgsize: int, expected: list[int]) -> None:
     dma = Dma()
-    dma.map(0, 8 * PAGE, 0, RW, None)
+    fd = memfd(8 * PAGE)
+    dma.map(0, 8 * PAGE, 0, RW, fd)
+    os.close(fd)
     dma.logging_start(PAGE, [])
     dma.mark_dirty(dma.translate(PAGE + 10, PAGE))  # touches pages 1 and 2
     size = bitmap_size(4 * PAGE, pgsize)
@@ -74,10 +84,75 @@ def test_dirty_bitmap_in_other_page_sizes(pgsize: int, expected: list[int]) -> N
 
 def test_logging_off_or_stopped_reports_einval() -> None:
     dma = Dma()
-    dma.map(0, PAGE, 0, RW, None)
+    fd = memfd(PAGE)
+    dma.map(0, PAGE, 0, RW, fd)
+    os.close(fd)
     with pytest.raises(OSError):
         dma.dirty_bitmap(0, PAGE, PAGE, 8)
     dma.logging_start(PAGE, [(0, PAGE)])
     dma.logging_stop()
     with pytest.raises(OSError):
         dma.dirty_bitmap(0, PAGE, PAGE, 8)
+
+
+def reference_bitmap(dirty: set[int], log: int, start: int, length: int, pgsize: int) -> bytes:
+    """The old bit-by-bit answer: output page k is dirty if a dirty logging page overlaps it."""
+    out = bytearray(bitmap_size(length, pgsize))
+    for k in range(length // pgsize):
+        lo, hi = (start + k * pgsize) // log, (start + (k + 1) * pgsize - 1) // log
+        if any(p in dirty for p in range(lo, hi + 1)):
+            out[k >> 3] |= 1 << (k & 7)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dirty_log_matches_the_bit_by_bit_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    log = PAGE << rng.randrange(3)
+    size = rng.choice([64, 300, CHUNK_PAGES + 100, 3 * CHUNK_PAGES]) * log
+    dirty_log = DirtyLog(size, log)
+    dirty: set[int] = set()
+    for _ in range(rng.randrange(1, 30)):
+        start = rng.randrange(size)
+        length = rng.randrange(1, min(size - start, rng.choice([10, 1000, 40 * log])) + 1)
+        dirty_log.mark(start, length)
+        dirty.update(range(start // log, (start + length - 1) // log + 1))
+    pgsize = rng.choice([512, PAGE // 2, PAGE, 2 * PAGE, 4 * PAGE, 16 * PAGE, 64 * PAGE])
+    npages = rng.randrange(1, min(size // pgsize, 5000) + 1)
+    start = rng.randrange(size // pgsize - npages + 1) * pgsize
+    length = npages * pgsize
+    expected = reference_bitmap(dirty, log, start, length, pgsize)
+    assert dirty_log.take(start, length, pgsize) == expected
+    cleared = set(range(start // log, (start + length - 1) // log + 1))
+    rest = bytearray(bitmap_size(size, log))
+    for page in dirty - cleared:
+        rest[page >> 3] |= 1 << (page & 7)
+    assert dirty_log.take(0, size, log) == rest  # what was reported is clean
+    assert dirty_log.chunks == {}  # and a clean log holds no memory
+
+
+def test_logging_allocates_only_where_the_emulator_writes() -> None:
+    """DMA_LOGGING_START over 64 regions of 8 TiB without fds, and one with: nothing
+    allocated; a report over 8 TiB in 1 TiB pages visits only what was dirtied."""
+    dma = Dma()
+    for i in range(63):
+        dma.map(i * MAX_REGION_SIZE, MAX_REGION_SIZE, 0, RW, None)
+    fd = memfd(MAX_REGION_SIZE)  # sparse: costs nothing until touched
+    base = 63 * MAX_REGION_SIZE
+    big = dma.map(base, MAX_REGION_SIZE, 0, RW, fd)
+    os.close(fd)
+    dma.logging_start(PAGE, [])
+    assert all(r.dirty is None for r in dma.regions if r is not big)
+    assert big.dirty is not None and big.dirty.nbytes == 0
+    (sg,) = dma.translate(base + 5 * (1 << 40) + 123, 2 * PAGE, write=True)
+    dma.mark_dirty([sg])
+    assert big.dirty.nbytes == CHUNK_BYTES
+    report = dma.dirty_bitmap(base, MAX_REGION_SIZE, 1 << 40, 8)
+    assert report == bytes([1 << 5]) + bytes(7)
+    assert big.dirty.nbytes == 0
+    with pytest.raises(OSError) as exc:
+        dma.dirty_bitmap(0, MAX_REGION_SIZE, 1 << 40, 8)  # no fd: the server never writes it
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(OSError):
+        dma.logging_start(2 * PAGE, [])  # another page size while logging
+    dma.logging_start(PAGE, [])  # the same: nothing changes

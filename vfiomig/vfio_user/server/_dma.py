@@ -10,7 +10,13 @@ Everything the client sends is checked first: a range must be non-empty, page al
 not wrap past 2**64, not overlap a mapped region; an fd must be a regular file long
 enough for the mapping (so that touching it cannot raise SIGBUS, unless the client
 truncates the file later: libvfio-user has the same exposure). Dirty pages are logged
-per region while DMA logging is on (`Dma.mark_dirty`, `Dma.put` of a writable view).
+while DMA logging is on (`Dma.mark_dirty`, `Dma.put` of a writable view) for the regions
+mapped with an fd, the only memory the server writes itself (as libvfio-user: the
+client sees its own writes for the DMA_WRITE messages), in a `DirtyLog` that costs
+nothing until the emulator writes (`_dirty`).
+
+A reply to the server's DMA_READ / DMA_WRITE must echo the address and count asked for
+and carry exactly the bytes read: anything else fails that one request with EIO.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Final
 
 from vfiomig.vfio_user._header import Command
 from vfiomig.vfio_user._layouts import DMA_ACCESS, DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
+from vfiomig.vfio_user.server._dirty import DirtyLog
 
 PAGE: Final = mmap.PAGESIZE
 #: libvfio-user's MAX_DMA_REGIONS.
@@ -50,7 +57,7 @@ class DmaRegion:
     flags: int
     offset: int
     mapping: mmap.mmap | None = None
-    dirty: bytearray | None = None  # one bit per logging page while logging is on
+    dirty: DirtyLog | None = None  # while logging is on, for a region mapped with an fd
     views: int = 0  # `Dma.get` views not yet `put`
 
     @property
@@ -122,8 +129,8 @@ class Dma:
         region = DmaRegion(iova, size, flags, offset)
         if fd is not None:
             region.mapping = _mmap(fd, size, offset, flags)
-        if self.log_pgsize:
-            region.dirty = bytearray(bitmap_size(size, self.log_pgsize))
+        if self.log_pgsize and region.mapping is not None:
+            region.dirty = DirtyLog(size, self.log_pgsize)
         self.regions.append(region)
         if self.on_map is not None:
             self.on_map(region)
@@ -149,7 +156,12 @@ class Dma:
     # ------------------------------------------------------------------ dirty logging
 
     def logging_start(self, pgsize: int, ranges: Sequence[tuple[int, int]]) -> None:
-        """DMA_LOGGING_START: every range (none: all) must be inside mapped regions."""
+        """DMA_LOGGING_START: every range (none: all) must be inside mapped regions.
+
+        Logging again in the same page size changes nothing (libvfio-user), in another
+        is EINVAL. Only regions mapped with an fd get a log, and it allocates nothing
+        until a page is dirtied.
+        """
         if pgsize < PAGE or pgsize & (pgsize - 1) or pgsize > MAX_REGION_SIZE:
             raise _fail(
                 errno.EINVAL, f"dma logging page size {pgsize:#x} (a power of 2 >= {PAGE:#x})"
@@ -157,9 +169,17 @@ class Dma:
         for iova, length in ranges:
             if not self._covered(iova, length):
                 raise _fail(errno.EINVAL, f"dma logging range {iova:#x}+{length:#x} is not mapped")
+        if self.log_pgsize:
+            if pgsize != self.log_pgsize:
+                raise _fail(
+                    errno.EINVAL,
+                    f"dma logging page size {pgsize:#x} while logging in {self.log_pgsize:#x}",
+                )
+            return
         self.log_pgsize = pgsize
         for region in self.regions:
-            region.dirty = bytearray(bitmap_size(region.size, pgsize))
+            if region.mapping is not None:
+                region.dirty = DirtyLog(region.size, pgsize)
 
     def logging_stop(self) -> None:
         self.log_pgsize = 0
@@ -189,26 +209,21 @@ class Dma:
                 errno.EINVAL, f"dirty bitmap range {iova:#x}+{length:#x} (page {pgsize:#x})"
             )
         region = self._region_of(iova, length)
-        if region is None or region.dirty is None:
+        if region is None:
             raise _fail(
                 errno.EINVAL, f"dirty bitmap range {iova:#x}+{length:#x} is not one mapped region"
+            )
+        if region.dirty is None:
+            raise _fail(
+                errno.EINVAL,
+                f"dirty bitmap range {iova:#x}+{length:#x}: region {region.iova:#x} was mapped "
+                "without an fd (the server never writes it)",
             )
         if size != bitmap_size(length, pgsize):
             raise _fail(
                 errno.EINVAL, f"dirty bitmap size {size} (expected {bitmap_size(length, pgsize)})"
             )
-        out = bytearray(size)
-        log = self.log_pgsize
-        bits = region.dirty
-        base = iova - region.iova
-        for page in range(length // pgsize):
-            first = (base + page * pgsize) // log
-            last = (base + (page + 1) * pgsize - 1) // log
-            if any(bits[b >> 3] & (1 << (b & 7)) for b in range(first, last + 1)):
-                out[page >> 3] |= 1 << (page & 7)
-        for b in range(base // log, (base + length - 1) // log + 1):
-            bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
-        return bytes(out)
+        return region.dirty.take(iova - region.iova, length, pgsize)
 
     def _region_of(self, iova: int, length: int) -> DmaRegion | None:
         for region in self.regions:
@@ -260,13 +275,10 @@ class Dma:
 
     def mark_dirty(self, sgs: Sequence[Sg]) -> None:
         """Log ``sgs`` as written (a no-op while logging is off)."""
-        log = self.log_pgsize
         for sg in sgs:
-            bits = sg.region.dirty
-            if not log or bits is None:
-                continue
-            for b in range(sg.start // log, (sg.start + sg.length - 1) // log + 1):
-                bits[b >> 3] |= 1 << (b & 7)
+            log = sg.region.dirty
+            if log is not None and sg.length > 0:
+                log.mark(sg.start, sg.length)
 
     async def read(self, sgs: Sequence[Sg]) -> bytes:
         """Read guest memory with DMA_READ messages (chunked to the client's limit).
@@ -280,13 +292,9 @@ class Dma:
         parts: list[memoryview] = []
         for sg in sgs:
             for addr, count in self._chunks(sg):
-                reply = memoryview(await self._send(Command.DMA_READ, DMA_ACCESS.pack(addr, count)))
-                if len(reply) < DMA_ACCESS.size + count:
-                    raise _fail(
-                        errno.EIO,
-                        f"dma read reply of {len(reply)} bytes (expected {DMA_ACCESS.size + count})",
-                    )
-                parts.append(reply[DMA_ACCESS.size : DMA_ACCESS.size + count])
+                reply = await self._send(Command.DMA_READ, DMA_ACCESS.pack(addr, count))
+                _check_reply("read", reply, addr, count, DMA_ACCESS.size + count)
+                parts.append(memoryview(reply)[DMA_ACCESS.size :])
         return b"".join(parts)
 
     async def write(self, sgs: Sequence[Sg], data: bytes | bytearray | memoryview) -> None:
@@ -304,9 +312,10 @@ class Dma:
             if not sg.writable:
                 raise _fail(errno.EACCES, f"dma write through a read-only sg at {sg.iova:#x}")
             for addr, count in self._chunks(sg):
-                await self._send(
+                reply = await self._send(
                     Command.DMA_WRITE, DMA_ACCESS.pack(addr, count) + view[pos : pos + count]
                 )
+                _check_reply("write", reply, addr, count, DMA_ACCESS.size)
                 pos += count
 
     def _chunks(self, sg: Sg) -> list[tuple[int, int]]:
@@ -320,6 +329,23 @@ class Dma:
         if self.messenger is None:
             raise _fail(errno.ENOTCONN, "no client is connected")
         return await self.messenger(command, payload)
+
+
+def _check_reply(what: str, reply: bytes, addr: int, count: int, expected: int) -> None:
+    """A DMA_READ / DMA_WRITE reply echoes the address and count asked for and is
+    ``expected`` bytes long (libvfio-user's client answers so); else EIO."""
+    if len(reply) != expected:
+        raise _fail(
+            errno.EIO,
+            f"dma {what} reply for {addr:#x}+{count:#x} of {len(reply)} bytes "
+            f"(expected {expected})",
+        )
+    got_addr, got_count = DMA_ACCESS.unpack_from(reply)
+    if (got_addr, got_count) != (addr, count):
+        raise _fail(
+            errno.EIO,
+            f"dma {what} reply for {got_addr:#x}+{got_count:#x} (asked {addr:#x}+{count:#x})",
+        )
 
 
 def _mmap(fd: int, size: int, offset: int, flags: int) -> mmap.mmap:

@@ -6,13 +6,23 @@ UNMASK follow VFIO: a masked vector that fires is remembered and delivered on UN
 Validation is libvfio-user's ``device_set_irqs_validate``: index, start and count within
 the table, one action and one data type, ERR/REQ take TRIGGER only with count <= 1,
 count 0 only as "disable all" (TRIGGER | DATA_NONE), fds only with DATA_EVENTFD and as
-many as ``count``.
+many as ``count``; and every fd must be an eventfd (a pipe or a socket could take the
+server's writes away or stall them).
+
+Signalling never blocks the server. An eventfd opened non-blocking (QEMU's, and those of
+vfiomig's client) is written as it is: a full one (its count at the maximum) refuses the
+write, and the interrupt is pending there anyway. A blocking one (libvfio-user's samples
+use them; its O_NONBLOCK flag is shared with the client, so the server cannot set it) is
+written only while its count, read from ``/proc/self/fdinfo``, leaves room: a full one is
+skipped the same way. What that cannot cover is a client that fills its own eventfd between
+the check and the write; no VMM writes its interrupt eventfds.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
@@ -30,6 +40,8 @@ from vfiomig.vfio_user._layouts import (
 )
 
 _ONE: Final = (1).to_bytes(8, "little")
+#: An eventfd's largest count: a write that would pass it blocks (or fails, non-blocking).
+EVENTFD_MAX: Final = 0xFFFF_FFFF_FFFF_FFFE
 
 
 class IrqIndex(enum.IntEnum):
@@ -159,6 +171,10 @@ class Irqs:
             raise _einval(f"{what}: count 0 is only TRIGGER | DATA_NONE")
         if fds and (req.data_type != IRQ_SET_DATA_EVENTFD or len(fds) != req.count):
             raise _einval(f"{what}: {len(fds)} fds")
+        for i, fd in enumerate(fds):
+            kind = fd_kind(fd)
+            if kind != EVENTFD_KIND:
+                raise _einval(f"{what}: fd {i} is {kind}, not an eventfd")
 
     # ------------------------------------------------------------------ emulator side
 
@@ -184,10 +200,7 @@ class Irqs:
     def _signal(self, index: IrqIndex, vector: int) -> None:
         fd = self._fds[index][vector]
         if fd is not None:
-            try:
-                os.write(fd, _ONE)
-            except OSError:
-                pass  # a full or broken eventfd belongs to the client
+            signal_eventfd(fd)
 
     def disable(self, index: IrqIndex) -> list[int]:
         """Forget every eventfd of ``index``; returns them for closing."""
@@ -200,3 +213,37 @@ class Irqs:
     def reset(self) -> list[int]:
         """Disable every index (client gone); returns the fds to close."""
         return [fd for index in IrqIndex for fd in self.disable(index)]
+
+
+#: What ``/proc/self/fd`` names an eventfd.
+EVENTFD_KIND: Final = "anon_inode:[eventfd]"
+
+
+def fd_kind(fd: int) -> str:
+    """What ``fd`` is, as ``/proc/self/fd`` names it (``anon_inode:[eventfd]``,
+    ``pipe:[N]``, ``socket:[N]``, a path); EBADF for a closed fd."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise OSError(errno.EBADF, f"fd {fd}: {exc.strerror}") from None
+
+
+def eventfd_count(fd: int) -> int:
+    """The count of the eventfd ``fd`` (``/proc/self/fdinfo``)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"eventfd-count:"):
+                return int(line.split(b":", 1)[1], 16)
+    raise OSError(errno.EINVAL, f"fd {fd} is not an eventfd")
+
+
+def signal_eventfd(fd: int) -> bool:
+    """Add 1 to the eventfd ``fd`` without ever blocking: False if it was full (the
+    reader has an interrupt pending already) or failed (both are the client's)."""
+    try:
+        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK and eventfd_count(fd) >= EVENTFD_MAX:
+            return False  # a blocking write would wait for the client to read
+        os.write(fd, _ONE)
+    except OSError:
+        return False
+    return True
