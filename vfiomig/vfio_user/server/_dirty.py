@@ -69,7 +69,7 @@ class DirtyLog:
         # no larger than an output page overlaps at most two: both are set. A larger one
         # spans a run: +1 at its first and -1 after its last, a running sum above 0 is dirty.
         spread = log > pgsize
-        out = np.zeros(npages + 1, np.int32 if spread else np.bool_)
+        out: npt.NDArray[np.int32] = np.zeros(npages + 1, np.int32 if spread else np.bool_)
         for index, lo, hi in self._spans(start // log, (start + length - 1) // log):
             chunk = self.chunks.get(index)
             if chunk is None:
