@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import struct
@@ -9,10 +11,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.vfio_user_raw import RawClient
-from vfiomig.vfio_user import MigState, open_vfio_user_client, serve_vfio_user
+from vfiomig.vfio_user import (
+    MigState,
+    VfioUserCommandError,
+    open_vfio_user_client,
+    serve_vfio_user,
+)
 from vfiomig.vfio_user._header import Command
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "vfio-user-emulators.md"
@@ -72,7 +80,39 @@ async def test_migratable_device_from_the_guide() -> None:
                 await client.write_data([stream])
                 await client.set_state(MigState.RUNNING)
                 assert await client.region_read(0, 0, 4) == struct.pack("<I", 42)
+                await client.region_write(0, 0, struct.pack("<I", 5))
+                # A pause after the migration keeps what the device did since: loading
+                # happens when leaving RESUMING, not on every move to STOP.
+                await client.set_state(MigState.STOP)
+                assert await client.region_read(0, 0, 4) == struct.pack("<I", 47)
+                await client.set_state(MigState.RUNNING)
+                assert await client.region_read(0, 0, 4) == struct.pack("<I", 47)
                 await client.reset()
                 assert await client.region_read(0, 0, 4) == bytes(4)
             nursery.cancel_scope.cancel()
     assert stream == struct.pack("<I", 42)
+
+
+async def test_the_emulators_error_text_is_logged_at_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transition that fails with ``OSError(EINVAL, text)``: the client gets EINVAL, the
+    device stays in RESUMING, and the operator reads the text in a WARNING line."""
+    dst = guide_namespace()["MigratableCounter"]()
+    caplog.set_level(logging.DEBUG, "vfiomig")
+    with tempfile.TemporaryDirectory(prefix="vug", dir="/tmp") as tmp, trio.fail_after(10):
+        path = os.path.join(tmp, "dst")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_vfio_user, path, dst.device)
+            async with await open_vfio_user_client(path) as client:
+                await client.set_state(MigState.RESUMING)
+                await client.write_data([b"abc"])
+                with pytest.raises(VfioUserCommandError) as exc:
+                    await client.set_state(MigState.RUNNING)
+                assert exc.value.errno == errno.EINVAL
+            nursery.cancel_scope.cancel()
+    assert dst.device.state == MigState.RESUMING
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "transition RESUMING -> STOP: counter state of 3 bytes" in line for line in warnings
+    ), warnings

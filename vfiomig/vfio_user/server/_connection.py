@@ -35,7 +35,7 @@ from typing import Final
 import trio
 
 from vfiomig._logs import event
-from vfiomig.transport import close_fds, received_fds
+from vfiomig.transport import Throttle, close_fds, received_fds
 from vfiomig.vfio_user._header import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -50,7 +50,12 @@ from vfiomig.vfio_user._migration_bodies import DATA_HEAD_SIZE, MIG_SIZES, WRITE
 from vfiomig.vfio_user.server._device import VfioUserDevice
 from vfiomig.vfio_user.server._handlers import handle, mig_data_write_error
 from vfiomig.vfio_user.server._regions import Buffer
-from vfiomig.vfio_user.server._session import CloseConnection, ResetReason, Session
+from vfiomig.vfio_user.server._session import (
+    CloseConnection,
+    EmulatorError,
+    ResetReason,
+    Session,
+)
 
 log = logging.getLogger("vfiomig.vfio_user")
 
@@ -100,6 +105,9 @@ class Connection:
         self.replied = 0  # request bytes they answer
         self.next_id = 0
         self.pending: dict[int, _Pending] = {}  # the server's own requests, by msg_id
+        #: The emulator's failures, at WARNING: a client repeating a failing request gets
+        #: one line per interval, with the count of the others.
+        self.emulator_failed = Throttle("vfio_user_emulator_failed", log)
 
     # ------------------------------------------------------------------ receiving
 
@@ -277,7 +285,7 @@ class Connection:
         try:
             target = migration.write_target(data_size)
         except OSError as exc:
-            _log_failed("MIG_DATA_WRITE", msg_id, exc, "refused")
+            _log_failed("MIG_DATA_WRITE", msg_id, exc, self.emulator_failed, "refused")
             await self._refuse(msg_id, WRITE, size, flags, _errno_of(exc))
             return True
         if target is None:
@@ -306,7 +314,7 @@ class Connection:
         try:
             migration.commit(data_size)
         except OSError as exc:
-            _log_failed("MIG_DATA_WRITE", msg_id, exc)
+            _log_failed("MIG_DATA_WRITE", msg_id, exc, self.emulator_failed)
             await self._answer(msg_id, WRITE, flags, size, _errno_of(exc))
         else:
             await self._answer(msg_id, WRITE, flags, size, None)
@@ -338,7 +346,7 @@ class Connection:
         try:
             reply = handle(self.device, self.session, command, payload, fds)
         except OSError as exc:
-            _log_failed(command_name(command), msg_id, exc)
+            _log_failed(command_name(command), msg_id, exc, self.emulator_failed)
             error = _errno_of(exc)
         except CloseConnection as exc:
             log.warning(
@@ -494,8 +502,15 @@ def _errno_of(exc: OSError) -> int:
     return exc.errno if exc.errno and exc.errno > 0 else errno.EIO
 
 
-def _log_failed(command: str, msg_id: int, exc: BaseException, what: str = "failed") -> None:
-    """The debug line of a request answered with an errno."""
+def _log_failed(
+    command: str, msg_id: int, exc: BaseException, warn: Throttle, what: str = "failed"
+) -> None:
+    """The line of a request answered with an errno: WARNING when the emulator's callback
+    failed (its text is the operator's only view of why: the reply carries an errno),
+    DEBUG for the requests the library refused itself."""
+    if isinstance(exc, EmulatorError):
+        warn("vfio-user: %s msg_id %d %s: %s", command, msg_id, what, exc.strerror)
+        return
     log.debug(
         "vfio-user: %s msg_id %d %s: %s",
         command,

@@ -25,23 +25,24 @@ from vfiomig.vfio_user._migration_bodies import MIGRATION_PRE_COPY, MIGRATION_ST
 from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_PGSIZE
 from vfiomig.vfio_user.server._dma import MAX_REGIONS, Dma
 from vfiomig.vfio_user.server._irqs import IrqIndex, Irqs, MaskCallback
-from vfiomig.vfio_user.server._migration import Migration, MigrationCallbacks
+from vfiomig.vfio_user.server._migration import Migration, MigrationCallbacks, Transition
 from vfiomig.vfio_user.server._pci import CONFIG_REGION, NUM_REGIONS, PciConfig
 from vfiomig.vfio_user.server._regions import Buffer, Region
-from vfiomig.vfio_user.server._session import DEFAULT_MAX_MSG_FDS, ResetReason
+from vfiomig.vfio_user.server._session import DEFAULT_MAX_MSG_FDS, ResetReason, emulator_error
 
 
 class Emulator(Protocol):
     """The migration-only emulator interface (kept for `BarDevice` and older code).
 
-    Regions are indexed by position in ``region_sizes``; ``transition``, ``read_data``
-    and ``write_data`` are `MigrationCallbacks`; fail with ``OSError(errno, text)``.
+    Regions are indexed by position in ``region_sizes``; ``transition`` (either form),
+    ``read_data`` and ``write_data`` are `MigrationCallbacks`; fail with ``OSError(errno, text)``.
     """
 
     @property
     def region_sizes(self) -> Sequence[int]: ...
 
-    def transition(self, state: MigState) -> None: ...
+    @property
+    def transition(self) -> Transition: ...
 
     def read_data(self, size: int) -> Buffer: ...
 
@@ -149,7 +150,10 @@ class VfioUserDevice:
     def do_reset(self, reason: ResetReason) -> None:
         """Run the reset callback, then put the migration state back to RUNNING."""
         if self.reset_callback is not None:
-            self.reset_callback(reason)
+            try:
+                self.reset_callback(reason)
+            except OSError as exc:
+                raise emulator_error(exc, f"reset ({reason.value})") from None
         if self.migration is not None:
             self.migration.reset()
 

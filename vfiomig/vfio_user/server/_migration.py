@@ -2,8 +2,9 @@
 
 The state starts RUNNING and changes through DEVICE_FEATURE SET MIG_DEVICE_STATE, one
 direct arc at a time along libvfio-user's paths (`_fsm`; libvfio-user has no P2P
-states, nor do we); each arc calls the emulator's ``transition``; if that fails the state
-stays at the last arc that worked. MIG_DATA_READ is served in PRE_COPY and STOP_COPY,
+states, nor do we); each arc calls the emulator's ``transition(old, new)`` (or, the older
+form, ``transition(new)``: told apart by how many arguments it requires); if that fails
+the state stays at the last arc that worked. MIG_DATA_READ is served in PRE_COPY and STOP_COPY,
 MIG_DATA_WRITE in RESUMING (EINVAL otherwise); a write the emulator takes only part of is
 EINVAL ("partial writes are not supported").
 
@@ -19,19 +20,28 @@ of it and a partly loaded device never runs.
 from __future__ import annotations
 
 import errno
+import inspect
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from vfiomig.vfio_user import _fsm
 from vfiomig.vfio_user._migration_bodies import MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, MigState
+from vfiomig.vfio_user.server._session import emulator_error
 
 Buffer = bytes | bytearray | memoryview
+#: ``transition(old, new)``: the arc walked. ``transition(new)`` is the older form.
+Transition = Callable[[MigState, MigState], None] | Callable[[MigState], None]
 _STOPPED = frozenset({MigState.STOP, MigState.STOP_COPY})
 
 
 class MigrationCallbacks(Protocol):
     """libvfio-user's ``vfu_migration_callbacks_t``; fail with ``OSError(errno, text)``.
 
-    ``transition`` gets each state entered, one arc at a time. ``read_data`` returns at
+    ``transition(old, new)`` is called for each arc walked, one at a time, before the
+    device is in ``new``: what to do often depends on where the device comes from (the
+    incoming state is complete when it leaves RESUMING, not whenever it enters STOP).
+    A ``transition(new)`` taking one argument (libvfio-user's form) gets only the state
+    entered; the state left is then ``device.state`` during the call. ``read_data`` returns at
     most ``size`` bytes (empty at the end of the stream); a view of the emulator's own
     memory is fine: the reply is sent whole before the server calls back again.
     ``write_data`` gets a view of the received bytes (valid during the call only, no copy
@@ -39,11 +49,28 @@ class MigrationCallbacks(Protocol):
     add `WriteBuffer` to have the bodies received straight into its memory instead.
     """
 
-    def transition(self, state: MigState) -> None: ...
+    @property
+    def transition(self) -> Transition: ...
 
     def read_data(self, size: int) -> Buffer: ...
 
     def write_data(self, data: memoryview) -> int: ...
+
+
+def two_state_transition(callback: Transition) -> Callable[[MigState, MigState], None]:
+    """``callback`` as ``transition(old, new)``: a callback that requires two positional
+    arguments (or takes ``*args``) gets both, one that requires one gets ``new``."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the older, one-state form
+        params = None
+    if params is not None:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        required = [p for p in params if p.kind in kinds and p.default is p.empty]
+        if len(required) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params):
+            return cast(Callable[[MigState, MigState], None], callback)
+    one = cast(Callable[[MigState], None], callback)
+    return lambda _old, new: one(new)
 
 
 class WriteBuffer(Protocol):
@@ -75,6 +102,7 @@ class Migration:
         self.callbacks = callbacks
         self.flags = flags
         self.state = MigState.RUNNING
+        self.transition = two_state_transition(callbacks.transition)
         has = callable(getattr(callbacks, "write_buffer", None))
         if has != callable(getattr(callbacks, "write_commit", None)):
             raise TypeError("migration callbacks need both write_buffer and write_commit")
@@ -98,20 +126,29 @@ class Migration:
                     errno.EINVAL,
                     f"migration state {self.state.name} -> {target.name} is not allowed",
                 )
-            self.callbacks.transition(step)
+            try:
+                self.transition(self.state, step)
+            except OSError as exc:
+                raise emulator_error(exc, f"transition {self.state.name} -> {step.name}") from None
             self.state = step
 
     def read(self, size: int) -> Buffer:
         if self.state not in (MigState.PRE_COPY, MigState.STOP_COPY):
             raise OSError(errno.EINVAL, f"mig data read in {self.state.name}")
-        data = self.callbacks.read_data(size)
+        try:
+            data = self.callbacks.read_data(size)
+        except OSError as exc:
+            raise emulator_error(exc, f"read_data({size}) in {self.state.name}") from None
         if len(data) > size:
             raise OSError(errno.EINVAL, f"read_data returned {len(data)} bytes (max {size})")
         return data
 
     def write(self, data: memoryview) -> None:
         self._check_resuming()
-        taken = self.callbacks.write_data(data)
+        try:
+            taken = self.callbacks.write_data(data)
+        except OSError as exc:
+            raise emulator_error(exc, f"write_data of {len(data)} bytes") from None
         if taken != len(data):
             raise OSError(errno.EINVAL, f"write_data took {taken} of {len(data)} bytes")
 
@@ -125,7 +162,10 @@ class Migration:
         self._check_resuming()
         if self.buffer is None:
             return None
-        view = self.buffer.write_buffer(size)
+        try:
+            view = self.buffer.write_buffer(size)
+        except OSError as exc:
+            raise emulator_error(exc, f"write_buffer({size})") from None
         if view is None:
             return None
         if view.readonly or not view.c_contiguous or view.nbytes < size:
@@ -139,7 +179,10 @@ class Migration:
     def commit(self, size: int) -> None:
         """The view `write_target` gave holds the next ``size`` bytes of the stream."""
         assert self.buffer is not None
-        self.buffer.write_commit(size)
+        try:
+            self.buffer.write_commit(size)
+        except OSError as exc:
+            raise emulator_error(exc, f"write_commit({size})") from None
 
     def reset(self) -> None:
         """Back to RUNNING without arcs (DEVICE_RESET; libvfio-user does the same)."""

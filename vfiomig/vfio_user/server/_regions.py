@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vfiomig.vfio_user._layouts import REGION_FLAG_READ, REGION_FLAG_WRITE
+from vfiomig.vfio_user.server._session import EmulatorError, emulator_error
 
 Buffer = bytes | bytearray | memoryview
 #: ``read(offset, count)`` returns exactly ``count`` bytes.
@@ -97,7 +98,10 @@ class Region:
 
     def do_read(self, offset: int, count: int) -> Buffer:
         if self.read is not None:
-            data = self.read(offset, count)
+            try:
+                data = self.read(offset, count)
+            except OSError as exc:
+                raise _failed(exc, "read", offset, count) from None
             if len(data) != count:
                 raise OSError(
                     errno.EINVAL, f"region read returned {len(data)} bytes (expected {count})"
@@ -109,8 +113,17 @@ class Region:
 
     def do_write(self, offset: int, data: memoryview) -> None:
         if self.write is not None:
-            self.write(offset, data)
+            try:
+                self.write(offset, data)
+            except OSError as exc:
+                raise _failed(exc, "write", offset, len(data)) from None
         elif self.memory is not None and self.writable:
             self.memory.view[offset : offset + len(data)] = data
         else:
             raise OSError(errno.EINVAL, "region is not writable")
+
+
+def _failed(exc: OSError, what: str, offset: int, count: int) -> EmulatorError:
+    if isinstance(exc, EmulatorError):
+        return exc
+    return emulator_error(exc, f"region {what} callback at {offset:#x}+{count:#x}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -43,6 +44,21 @@ class Reply:
 
     parts: list[Buffer] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)
+
+
+class EmulatorError(OSError):
+    """An ``OSError`` the emulator raised in one of its callbacks (``what``: which, and
+    the emulator's own text): the client gets its errno, the server logs it at WARNING."""
+
+
+def emulator_error(exc: OSError, what: str) -> EmulatorError:
+    """``exc`` from the emulator's ``what`` callback as an `EmulatorError` (cause kept)."""
+    text = exc.strerror if exc.strerror else str(exc)
+    error = EmulatorError(
+        exc.errno if exc.errno and exc.errno > 0 else errno.EIO, f"{what}: {text}"
+    )
+    error.__cause__ = exc
+    return error
 
 
 class CloseConnection(Exception):
