@@ -176,7 +176,8 @@ def _region_info(
         if mappable:
             flags |= REGION_FLAG_MMAP
         head = REGION_INFO.pack(full, flags, index, 0, region.size, 0)
-        return _reply(head)
+        # libvfio-user answers min(full, argsz) bytes, zeros where the caps did not fit.
+        return _reply(head, bytes(min(full, argsz) - REGION_INFO.size))
     assert region.memory is not None
     head = REGION_INFO.pack(
         full, flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS, index, REGION_INFO.size, region.size, 0
