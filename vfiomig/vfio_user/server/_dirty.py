@@ -65,44 +65,79 @@ class DirtyLog:
         """
         log = self.pgsize
         npages = length // pgsize
-        # Output pages [first, last] that each dirty logging page overlaps. A logging page
-        # no larger than an output page overlaps at most two: both are set. A larger one
-        # spans a run: +1 at its first and -1 after its last, a running sum above 0 is dirty.
-        spread = log > pgsize
-        out: npt.NDArray[np.int32] = np.zeros(npages + 1, np.int32 if spread else np.bool_)
-        for index, lo, hi in self._spans(start // log, (start + length - 1) // log):
-            chunk = self.chunks.get(index)
-            if chunk is None:
-                continue
-            bits = np.unpackbits(chunk, bitorder="little")[lo : hi + 1]
-            dirty = (np.flatnonzero(bits) + (index * CHUNK_PAGES + lo)).astype(np.int64)
-            if len(dirty):
-                first = np.maximum((dirty * log - start) // pgsize, 0)
-                last = np.minimum(((dirty + 1) * log - 1 - start) // pgsize, npages - 1)
-                if spread:
-                    np.add.at(out, first, 1)
-                    np.add.at(out, last + 1, -1)
-                else:
-                    out[first] = True
-                    out[last] = True
-            if lo == 0 and hi == CHUNK_PAGES - 1:
-                del self.chunks[index]
-            else:
-                _set(chunk, lo, hi, False)
-                if not chunk.any():
-                    del self.chunks[index]
-        dirty_pages = np.cumsum(out[:npages]) > 0 if spread else out[:npages]
-        packed = np.packbits(dirty_pages, bitorder="little").tobytes()
+        first, last = start // log, (start + length - 1) // log
+        if log > pgsize:
+            out = self._take_spread(first, last, start, pgsize, npages)
+        else:
+            out = self._take_combined(first, last, start, pgsize, npages)
+        packed = np.packbits(out[:npages], bitorder="little").tobytes()
         return packed + bytes(-(-npages // 64) * 8 - len(packed))
+
+    def _take_combined(
+        self, first: int, last: int, start: int, pgsize: int, npages: int
+    ) -> npt.NDArray[np.bool_]:
+        """Output pages of ``factor`` logging pages each, a chunk at a time: the bits
+        split where groups of ``factor`` start and each piece reduced with one
+        ``logical_or.reduceat`` (well under a millisecond per chunk whatever the factor,
+        so even a whole 8 TiB region dirty at 4 KiB, 8192 chunks, takes seconds, not
+        hours). Output boundaries not on a logging page (a region not aligned to the
+        logging page) cut one logging page each: that page, the first of a group, also
+        counts for the group before."""
+        factor = pgsize // self.pgsize
+        straddle = start % self.pgsize != 0
+        out = np.zeros(npages + 1, np.bool_)
+        for index, lo, hi in self._spans(first, last):
+            bits = np.unpackbits(self.chunks[index], bitorder="little")[lo : hi + 1]
+            at = index * CHUNK_PAGES + lo - first  # logging pages from ``first`` to bits[0]
+            starts = np.arange((-at) % factor, len(bits), factor, dtype=np.int64)
+            pieces = starts if len(starts) and starts[0] == 0 else np.r_[0, starts]
+            dirty = np.logical_or.reduceat(bits.astype(np.bool_), pieces)
+            out[(at + pieces) // factor] |= dirty
+            if straddle and len(starts):
+                groups = (at + starts) // factor
+                cut = groups > 0  # group 0's first page has no group before
+                out[groups[cut] - 1] |= bits[starts[cut]].astype(np.bool_)
+            self._clear(index, lo, hi)
+        return out
+
+    def _take_spread(
+        self, first: int, last: int, start: int, pgsize: int, npages: int
+    ) -> npt.NDArray[np.bool_]:
+        """Output pages smaller than a logging page: each dirty one sets a run (+1 at its
+        first output page, -1 after its last; a running sum above 0 is dirty). The output
+        is at most the report's bitmap, so this is bounded by the reply's size."""
+        log = self.pgsize
+        edges = np.zeros(npages + 1, np.int64)
+        for index, lo, hi in self._spans(first, last):
+            bits = np.unpackbits(self.chunks[index], bitorder="little")[lo : hi + 1]
+            dirty = np.flatnonzero(bits).astype(np.int64) + (index * CHUNK_PAGES + lo)
+            if len(dirty):
+                np.add.at(edges, np.maximum((dirty * log - start) // pgsize, 0), 1)
+                last_out = np.minimum(((dirty + 1) * log - 1 - start) // pgsize, npages - 1)
+                np.add.at(edges, last_out + 1, -1)
+            self._clear(index, lo, hi)
+        result: npt.NDArray[np.bool_] = np.cumsum(edges) > 0
+        return result
+
+    def _clear(self, index: int, lo: int, hi: int) -> None:
+        chunk = self.chunks[index]
+        if lo == 0 and hi == CHUNK_PAGES - 1:
+            del self.chunks[index]
+        else:
+            _set(chunk, lo, hi, False)
+            if not chunk.any():
+                del self.chunks[index]
 
     def _spans(self, first: int, last: int, *, existing: bool = True) -> list[tuple[int, int, int]]:
         """``(chunk index, first bit, last bit)`` for each chunk that pages ``first..last``
         cross: those that exist, or (``existing`` False, for `mark`) all of them."""
         lo_chunk, hi_chunk = first // CHUNK_PAGES, last // CHUNK_PAGES
-        if existing and hi_chunk - lo_chunk + 1 > len(self.chunks):  # wide range, few chunks
+        if not existing:
+            indexes = list(range(lo_chunk, hi_chunk + 1))
+        elif hi_chunk - lo_chunk + 1 > len(self.chunks):  # a wide range, few chunks
             indexes = sorted(i for i in self.chunks if lo_chunk <= i <= hi_chunk)
         else:
-            indexes = list(range(lo_chunk, hi_chunk + 1))
+            indexes = [i for i in range(lo_chunk, hi_chunk + 1) if i in self.chunks]
         spans = []
         for index in indexes:
             base = index * CHUNK_PAGES

@@ -1,26 +1,34 @@
 """The trio vfio-user server: the listening socket and one client at a time.
 
 ``serve_vfio_user(path, device)`` listens on a UNIX socket and serves one client at a
-time; a client that connects while another is served is accepted and closed at once
-(with a log line), not left waiting in the backlog. When a client goes away its DMA
+time (as libvfio-user does). A client that connects while another is served is not left
+waiting in the backlog: its first message gets the error EBUSY, so that it can say the
+server is busy (`REFUSAL_TIMEOUT`, at most `MAX_REFUSALS` such answers at once: past
+that a newcomer is closed at once), with a log line. When a client goes away its DMA
 mappings and eventfds are dropped (and the device reset, if it asked for that) and the
 next client is served. The device outlives every connection. What one connection does
 (framing, fds, batched replies, MIG_DATA_WRITE bodies) is `_connection`.
+
+A socket file left at ``path`` by a server that crashed is replaced; one where a server
+still listens, or a file that is not a socket, is not (`claim_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import select
 import socket
+import stat
 
 import trio
 
 from vfiomig._logs import event
-from vfiomig.transport import ACCEPT_CAPACITY_ERRNOS, Throttle
+from vfiomig.transport import ACCEPT_CAPACITY_ERRNOS, Throttle, unix_socket_listening
+from vfiomig.vfio_user._header import FLAG_ERROR, FLAG_TYPE_REPLY, HEADER, HEADER_SIZE
 from vfiomig.vfio_user.server._connection import Connection, ConnectionLost
 from vfiomig.vfio_user.server._device import Emulator, VfioUserDevice
 
@@ -31,6 +39,12 @@ _staging_ids = itertools.count()
 #: How long a new client waits for the previous one's task to finish when that client has
 #: already hung up (it is refused after that).
 HANDOVER_TIMEOUT = 2.0
+#: How long a refused client has to send its first message (and get EBUSY back).
+REFUSAL_TIMEOUT = 1.0
+#: Refused clients answered at once; more are closed without an answer.
+MAX_REFUSALS = 4
+#: The largest first message a refused client may send (a VERSION is far smaller).
+_REFUSAL_MAX_BYTES = 4096
 
 
 async def _accept(sock: trio.socket.SocketType, path: str) -> trio.socket.SocketType:
@@ -87,8 +101,7 @@ async def serve_vfio_user(
     try:
         await sock.bind(staging)
         sock.listen(8)
-        os.link(staging, path)  # EEXIST if the path is taken, as bind would say
-        os.unlink(staging)
+        claim_path(staging, path)
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
@@ -102,16 +115,28 @@ async def serve_vfio_user(
                 done = trio.Event()
                 refusals = Throttle("vfio_user_client_refused", log)
 
+                refusing = trio.Semaphore(MAX_REFUSALS)
+
                 async def serve(client: trio.socket.SocketType) -> None:
                     nonlocal current
+                    spoke = True
                     try:
                         with client:
-                            await serve_vfio_user_connection(client, device)
+                            spoke = await _serve_connection(client, device)
                     finally:
                         current = None
                         done.set()
-                        if once:
+                        # A connection that closed without a byte is a probe (another
+                        # server checking whether this path is alive), not the client.
+                        if once and spoke:
                             nursery.cancel_scope.cancel()
+
+                async def refuse(client: trio.socket.SocketType) -> None:
+                    try:
+                        with client, trio.move_on_after(REFUSAL_TIMEOUT):
+                            await _answer_busy(client)
+                    finally:
+                        refusing.release()
 
                 while True:
                     client = await _accept(sock, path)
@@ -122,7 +147,12 @@ async def serve_vfio_user(
                             await done.wait()
                     if current is not None:
                         refusals("vfio-user %s: refusing a client, one is being served", path)
-                        client.close()
+                        try:
+                            refusing.acquire_nowait()
+                        except trio.WouldBlock:
+                            client.close()
+                        else:
+                            nursery.start_soon(refuse, client)
                         continue
                     current = client
                     done = trio.Event()
@@ -142,6 +172,11 @@ async def serve_vfio_user_connection(sock: trio.socket.SocketType, device: VfioU
     exceptions other than ``OSError`` propagate. Cancellation: closes nothing but what
     this connection owns.
     """
+    await _serve_connection(sock, device)
+
+
+async def _serve_connection(sock: trio.socket.SocketType, device: VfioUserDevice) -> bool:
+    """`serve_vfio_user_connection`; True if the client sent anything at all."""
     conn = Connection(sock, device)
     device.dma.messenger = conn.request
     try:
@@ -161,3 +196,74 @@ async def serve_vfio_user_connection(sock: trio.socket.SocketType, device: VfioU
         conn.fail_pending()
         for fd in device.disconnected():
             os.close(fd)
+    return conn.base + conn.end > 0
+
+
+async def _answer_busy(client: trio.socket.SocketType) -> None:
+    """Read a refused client's first message and answer it with EBUSY (no reply if it
+    closes or sends something that is not a small request)."""
+    data = b""
+    while len(data) < HEADER_SIZE or len(data) < HEADER.unpack_from(data)[2]:
+        chunk = await client.recv(_REFUSAL_MAX_BYTES)
+        if not chunk:
+            return
+        data += chunk
+        if len(data) >= HEADER_SIZE:
+            size, flags = HEADER.unpack_from(data)[2:4]
+            if not HEADER_SIZE <= size <= _REFUSAL_MAX_BYTES or flags & FLAG_TYPE_REPLY:
+                return
+    msg_id, command = HEADER.unpack_from(data)[:2]
+    await client.send(
+        HEADER.pack(msg_id, command, HEADER_SIZE, FLAG_TYPE_REPLY | FLAG_ERROR, errno.EBUSY)
+    )
+
+
+def claim_path(staging: str, path: str) -> None:
+    """Give the listening socket bound at ``staging`` the name ``path``.
+
+    A socket file already at ``path`` where nothing listens (left by a server that
+    crashed) is replaced; EADDRINUSE where a server listens (bound there, as libvfio-user
+    binds, or linked there, as this library does: a connection is tried, which this
+    library's servers do not count as a client), EEXIST for a file that is not a socket.
+    """
+    for _ in range(3):  # the path may come and go while we look
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            pass
+        else:
+            os.unlink(staging)
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST, f"vfio-user {path}: the path exists and is not a socket"
+            )
+        if _listening(path):
+            raise OSError(errno.EADDRINUSE, f"vfio-user {path}: a server is listening there")
+        log.warning(
+            "vfio-user %s: replacing a socket nothing listens on (a server that crashed?)",
+            path,
+            extra=event("vfio_user_stale_socket", path=path),
+        )
+        os.rename(staging, path)  # atomic: the path is never missing for a client
+        return
+    raise OSError(errno.EADDRINUSE, f"vfio-user {path}: the path keeps changing")
+
+
+def _listening(path: str) -> bool:
+    """Something accepts connections at ``path``."""
+    if unix_socket_listening(path):
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except BlockingIOError:
+            return True  # its backlog is full: alive
+        return True
