@@ -107,7 +107,8 @@ class DirtyLog:
         first output page, -1 after its last; a running sum above 0 is dirty). The output
         is at most the report's bitmap, so this is bounded by the reply's size."""
         log = self.pgsize
-        edges = np.zeros(npages + 1, np.int64)
+        # At most two logging pages overlap an output page: int8 counts, one byte per page.
+        edges = np.zeros(npages + 1, np.int8)
         for index, lo, hi in self._spans(first, last):
             bits = np.unpackbits(self.chunks[index], bitorder="little")[lo : hi + 1]
             dirty = np.flatnonzero(bits).astype(np.int64) + (index * CHUNK_PAGES + lo)
@@ -116,7 +117,7 @@ class DirtyLog:
                 last_out = np.minimum(((dirty + 1) * log - 1 - start) // pgsize, npages - 1)
                 np.add.at(edges, last_out + 1, -1)
             self._clear(index, lo, hi)
-        result: npt.NDArray[np.bool_] = np.cumsum(edges) > 0
+        result: npt.NDArray[np.bool_] = np.cumsum(edges, dtype=np.int8) > 0
         return result
 
     def _clear(self, index: int, lo: int, hi: int) -> None:
