@@ -100,6 +100,10 @@ def _vfio_user_server() -> list[bytes]:
     logging = struct.pack("=IIQII", 24, 0x20006, 4096, 0, 0)
     report = struct.pack("=IIQQQ", 48, 0x10008, 0x10000, 0x2000, 4096)
     unmap = struct.pack("=IIQQQQ", 48, 1, 0x10000, 0x2000, 4096, 8)
+    tib = 1 << 40
+    huge_map = struct.pack("=IIQQQ", 32, 3, 0, 8 * tib, 8 * tib)
+    bare_map = struct.pack("=IIQQQ", 32, 3, 0, 16 * tib, 8 * tib)
+    huge_report = struct.pack("=IIQQQ", 48, 0x10008, 8 * tib, 8 * tib, tib)
     cfg = struct.pack("=QII", 0x10, 7, 4) + b"\xff\xff\xff\xff"
     return [
         bytes([0])
@@ -115,6 +119,17 @@ def _vfio_user_server() -> list[bytes]:
         + _record(Command.DMA_MAP, dma_map, 2, 3),
         bytes([1])
         + _record(Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", 80, 0, 2, 0, 0, 0)),
+        # a hostile VMM: a full blocking eventfd (kept: signalled after every request), a
+        # full pipe and a socket as eventfds (refused); 8 TiB with a sparse memfd, and
+        # without, then logging in 4 KiB pages and a report in 1 TiB pages
+        bytes([1])
+        + _record(Command.DEVICE_SET_IRQS, irqs, 2, 4)
+        + _record(Command.DEVICE_SET_IRQS, irqs, 2, 5)
+        + _record(Command.DEVICE_SET_IRQS, irqs, 2, 6)
+        + _record(Command.DMA_MAP, huge_map, 1, 7)
+        + _record(Command.DMA_MAP, bare_map)
+        + _record(Command.DEVICE_FEATURE, logging)
+        + _record(Command.DEVICE_FEATURE, huge_report),
     ]
 
 
@@ -169,6 +184,21 @@ def _vfio_user_connection() -> list[bytes]:
     ]
 
 
+def _vfio_user_dirty() -> list[bytes]:
+    """``[log shift][size]`` then ``[op][a][b][c]`` (`fuzz.vfio_user_dirty`): even ops
+    mark, odd ops report (``op >> 1 & 3`` pages of misalignment)."""
+    marks = bytes([0, 1, 7, 0, 0, 200, 255, 10, 2, 3, 0, 12, 0, 255, 40, 1])
+    reports = bytes([1, 0, 255, 3, 1, 1, 10, 0, 3, 0, 255, 7, 5, 2, 100, 5, 7, 0, 3, 6])
+    return [
+        bytes([0, 0]) + marks + reports,
+        bytes([1, 9]) + marks + reports + marks + bytes([3, 0, 255, 7]),
+        bytes([2, 255]) + reports + marks + bytes([1, 0, 0, 1]) + reports,
+        # 16 KiB logging pages, page 5 dirty, reported in 16 KiB pages from 4 KiB in: the
+        # logging page straddles output pages 4 and 5
+        bytes([2, 0, 0, 5, 0, 0, 3, 0, 15, 5]),
+    ]
+
+
 SEEDS = {
     "framer": _framer,
     "wire": _wire,
@@ -176,6 +206,7 @@ SEEDS = {
     "vfio_user": _vfio_user,
     "vfio_user_server": _vfio_user_server,
     "vfio_user_connection": _vfio_user_connection,
+    "vfio_user_dirty": _vfio_user_dirty,
 }
 
 

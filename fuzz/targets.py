@@ -17,6 +17,9 @@ error, never anything else, and never hangs. On top of that:
   stream cut anywhere, MIG_DATA_WRITE bodies received into the emulator's `WriteBuffer`
   (`fuzz.vfio_user_connection`): replies and the emulator's log equal a twin device's fed
   whole requests, a body cut short resets the device, no fd leaked.
+- ``vfio_user_dirty`` compares the server's sparse numpy dirty log with the page-by-page
+  definition (`fuzz.vfio_user_dirty`): marks anywhere in a region of several chunks,
+  reports in smaller and larger pages than the logging page, regions not aligned to it.
 - ``wire`` checks the handshake and the config blob checks.
 
 The first bytes of an input choose how it is sliced and configured, so that the fuzzer
@@ -33,6 +36,7 @@ from collections.abc import Callable
 
 import vfiomig._core as core
 from fuzz.vfio_user_connection import fuzz_vfio_user_connection
+from fuzz.vfio_user_dirty import fuzz_vfio_user_dirty
 from fuzz.vfio_user_server import FuzzBug, fuzz_vfio_user_server
 from vfiomig._core._errors import VfioMigError
 from vfiomig._core._wire import (
@@ -327,4 +331,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "vfio_user": fuzz_vfio_user,
     "vfio_user_server": fuzz_vfio_user_server,
     "vfio_user_connection": fuzz_vfio_user_connection,
+    "vfio_user_dirty": fuzz_vfio_user_dirty,
 }

@@ -21,6 +21,7 @@ from fuzz.engine import fuzz, load_corpus
 from fuzz.seeds import SEEDS
 from fuzz.targets import TARGETS, FuzzBug, fuzz_control, fuzz_framer
 from vfiomig.vfio_user.server._connection import Connection
+from vfiomig.vfio_user.server._dirty import DirtyLog
 from vfiomig.vfio_user.server._migration import Migration
 
 
@@ -114,3 +115,24 @@ def test_connection_target_catches_a_commit_before_the_body(
 def test_connection_target_catches_a_torn_write_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Connection, "_torn", lambda self, got, size: None)
     assert any("emulator log differs" in text for text in _caught("vfio_user_connection"))
+
+
+@pytest.mark.parametrize("bug", ["straddle", "spread", "clear"])
+def test_dirty_target_catches_a_wrong_report(monkeypatch: pytest.MonkeyPatch, bug: str) -> None:
+    take = DirtyLog.take
+
+    def planted(self: DirtyLog, start: int, length: int, pgsize: int) -> bytes:
+        if bug == "straddle":  # a region not aligned to the logging page taken as aligned
+            return take(self, start - start % self.pgsize, length, pgsize)
+        if bug == "spread" and pgsize < self.pgsize:  # small pages reported as large ones
+            got = take(self, start, length, pgsize)
+            return got[:1] + bytes(len(got) - 1)
+        if bug == "clear":  # reported pages stay dirty
+            chunks = {i: c.copy() for i, c in self.chunks.items()}
+            got = take(self, start, length, pgsize)
+            self.chunks = chunks
+            return got
+        return take(self, start, length, pgsize)
+
+    monkeypatch.setattr(DirtyLog, "take", planted)
+    assert any("report" in text for text in _caught("vfio_user_dirty"))
