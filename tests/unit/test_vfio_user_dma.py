@@ -158,3 +158,16 @@ def test_logging_allocates_only_where_the_emulator_writes() -> None:
     with pytest.raises(OSError):
         dma.logging_start(2 * PAGE, [])  # another page size while logging
     dma.logging_start(PAGE, [])  # the same: nothing changes
+
+
+def test_logging_ranges_must_lie_in_mapped_regions_adjacent_ones_joined() -> None:
+    dma = Dma()
+    for iova in (0x1000, 0x2000, 0x4000):
+        dma.map(iova, PAGE, 0, RW, None)
+    dma.logging_start(PAGE, [(0x1000, 2 * PAGE), (0x4000, PAGE), (0x1800, 0x1000)])
+    dma.logging_stop()
+    for bad in [(0x1000, 2 * PAGE + 1), (0x3000, 1), (0, PAGE), (0x1800, 0), ((1 << 64) - 1, 5)]:
+        with pytest.raises(OSError) as exc:
+            dma.logging_start(PAGE, [(0x1000, PAGE), bad])
+        assert exc.value.errno == errno.EINVAL
+    assert dma.log_pgsize == 0

@@ -21,6 +21,7 @@ and carry exactly the bytes read: anything else fails that one request with EIO.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -166,8 +167,9 @@ class Dma:
             raise _fail(
                 errno.EINVAL, f"dma logging page size {pgsize:#x} (a power of 2 >= {PAGE:#x})"
             )
+        covered = self._coverage()
         for iova, length in ranges:
-            if not self._covered(iova, length):
+            if not covered(iova, length):
                 raise _fail(errno.EINVAL, f"dma logging range {iova:#x}+{length:#x} is not mapped")
         if self.log_pgsize:
             if pgsize != self.log_pgsize:
@@ -186,16 +188,22 @@ class Dma:
         for region in self.regions:
             region.dirty = None
 
-    def _covered(self, iova: int, length: int) -> bool:
-        if length == 0 or iova + length > _U64:
-            return False
-        pos, end = iova, iova + length
+    def _coverage(self) -> Callable[[int, int], bool]:
+        """``covered(iova, length)``: the range lies in mapped regions, adjacent ones
+        joined. The regions are sorted once: a request may carry 64 Ki ranges."""
+        spans: list[list[int]] = []
         for region in sorted(self.regions, key=lambda r: r.iova):
-            if region.iova <= pos < region.end:
-                pos = region.end
-                if pos >= end:
-                    return True
-        return False
+            if spans and spans[-1][1] == region.iova:
+                spans[-1][1] = region.end
+            else:
+                spans.append([region.iova, region.end])
+        starts = [start for start, _ in spans]
+
+        def covered(iova: int, length: int) -> bool:
+            i = bisect.bisect_right(starts, iova) - 1
+            return length > 0 and i >= 0 and iova + length <= spans[i][1]
+
+        return covered
 
     def dirty_bitmap(self, iova: int, length: int, pgsize: int, size: int) -> bytes:
         """The dirty bitmap of ``iova+length`` (inside one region) in ``pgsize`` pages,
