@@ -6,11 +6,13 @@ import errno
 import mmap
 import os
 import random
+import tempfile
 
 import pytest
 
 from vfiomig.vfio_user import Dma
 from vfiomig.vfio_user._layouts import DMA_FLAG_READ, DMA_FLAG_WRITE, bitmap_size
+from vfiomig.vfio_user.server import _dma
 from vfiomig.vfio_user.server._dirty import CHUNK_BYTES, CHUNK_PAGES, DirtyLog
 from vfiomig.vfio_user.server._dma import MAX_REGION_SIZE
 
@@ -171,3 +173,20 @@ def test_logging_ranges_must_lie_in_mapped_regions_adjacent_ones_joined() -> Non
             dma.logging_start(PAGE, [(0x1000, PAGE), bad])
         assert exc.value.errno == errno.EINVAL
     assert dma.log_pgsize == 0
+
+
+def test_guest_memory_on_a_network_or_fuse_filesystem_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page fault on FUSE or NFS waits on another process or the network: the client
+    could stall the server at its first DMA. memfd and tmpfs are what VMMs use."""
+    fd = memfd(PAGE)
+    assert _dma._filesystem(fd) == ""  # a memfd: the kernel's internal mount
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as shm:
+        assert _dma._filesystem(shm.fileno()) == "tmpfs"
+    for kind in ("fuse.sshfs", "nfs4", "fuseblk"):
+        monkeypatch.setattr(_dma, "_filesystem", lambda _fd, kind=kind: kind)
+        with pytest.raises(OSError, match=f"on a {kind} filesystem") as exc:
+            Dma().map(0, PAGE, 0, RW, fd)
+        assert exc.value.errno == errno.EINVAL
+    os.close(fd)

@@ -356,6 +356,29 @@ def _check_reply(what: str, reply: bytes, addr: int, count: int, expected: int) 
         )
 
 
+#: Filesystems whose page faults wait on the network: touching guest memory kept there
+#: could stall the server for as long as a stranger likes (FUSE too: ``fuse*``).
+_REMOTE_FILESYSTEMS: Final = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "ncpfs", "virtiofs"}
+)
+
+
+def _filesystem(fd: int) -> str:
+    """The type of the filesystem ``fd`` lives on (``/proc/self/fdinfo`` and mountinfo);
+    "" for a file on no visible mount (a memfd: the kernel's internal shm mount)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+            mount = next((line.split()[1] for line in info if line.startswith(b"mnt_id:")), b"")
+        with open("/proc/self/mountinfo", "rb") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if fields and fields[0] == mount and b"-" in fields:
+                    return fields[fields.index(b"-") + 1].decode(errors="replace")
+    except OSError:
+        pass
+    return ""
+
+
 def _mmap(fd: int, size: int, offset: int, flags: int) -> mmap.mmap:
     try:
         st = os.fstat(fd)
@@ -363,6 +386,13 @@ def _mmap(fd: int, size: int, offset: int, flags: int) -> mmap.mmap:
         raise _fail(errno.EBADF, f"dma map fd: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise _fail(errno.EINVAL, f"dma map fd is not a regular file (mode {st.st_mode:#o})")
+    kind = _filesystem(fd)
+    if kind.startswith("fuse") or kind in _REMOTE_FILESYSTEMS:
+        raise _fail(
+            errno.EINVAL,
+            f"dma map fd is on a {kind} filesystem (a page fault there waits on another "
+            "process or the network)",
+        )
     if offset % PAGE or offset + size > st.st_size:
         raise _fail(
             errno.EINVAL, f"dma map offset {offset:#x}+{size:#x} (file size {st.st_size:#x})"
