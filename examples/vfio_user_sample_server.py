@@ -10,7 +10,8 @@ The same device: a PCI function dead:beef (subsystem cafe:babe) with
   messages, checking that what it reads back is what it wrote;
 - BAR1: 12 KiB of shared memory, the first and last pages mmappable by the client;
 - migration: the stream is BAR1 (in PRE_COPY) and BAR1 then BAR0 (in STOP_COPY); the
-  destination re-arms the timer from the migrated BAR0 when it starts RUNNING. Writes
+  destination checks that the whole stream arrived when it leaves RESUMING and re-arms
+  the timer from the migrated BAR0 when it starts RUNNING. Writes
   that fall within BAR1 are received straight into it (``write_buffer``).
 
 Like the C sample it serves one client and exits 0 when that client has gone, which is
@@ -59,6 +60,7 @@ class SampleServer:
         self.slots: list[DmaRegion | None] = [None] * NR_DMA_REGIONS
         self.state = MigState.RUNNING
         self.bytes_transferred = 0
+        self.rearm = False  # arm the timer from BAR0 when the device next runs
         self.deadline: float | None = None  # trio clock
         self.rearmed = trio.Event()
         self.device = VfioUserDevice(
@@ -184,28 +186,33 @@ class SampleServer:
     def reset(self, reason: ResetReason) -> None:
         log.debug("device reset callback (%s)", reason.value)
 
-    def transition(self, state: MigState) -> None:
-        log.debug("migration: transition to device state %d", state)
+    def transition(self, old: MigState, new: MigState) -> None:
+        log.debug("migration: transition to device state %d", new)
         expected = BAR1_SIZE + TIME.size
-        if state == MigState.STOP_COPY:
+        if new == MigState.STOP_COPY:
             log.debug("disable timer")
             self.deadline = None
             self.rearmed.set()
             self.bytes_transferred = 0
-        elif state in (MigState.PRE_COPY, MigState.RESUMING):
+            self.rearm = True  # if this device runs again (the migration failed)
+        elif new in (MigState.PRE_COPY, MigState.RESUMING):
             self.bytes_transferred = 0
-        elif state == MigState.STOP:
-            if self.state == MigState.STOP_COPY and self.bytes_transferred != expected:
-                raise OSError(
-                    errno.EINVAL, f"{self.bytes_transferred} bytes sent (expected {expected})"
-                )
-        elif state == MigState.RUNNING:
+        elif old == MigState.STOP_COPY and self.bytes_transferred != expected:
+            raise OSError(
+                errno.EINVAL, f"{self.bytes_transferred} bytes sent (expected {expected})"
+            )
+        elif old == MigState.RESUMING:
+            # The stream is complete when RESUMING ends (server.c checks it on every
+            # move to RUNNING, so a device that was never migrated could not pause).
             if self.bytes_transferred != expected:
                 raise OSError(
-                    errno.EINVAL, f"{self.bytes_transferred} bytes moved (expected {expected})"
+                    errno.EINVAL, f"{self.bytes_transferred} bytes received (expected {expected})"
                 )
+            self.rearm = True
+        if new == MigState.RUNNING and self.rearm:
+            self.rearm = False
             self.arm_timer(self.bar0)
-        self.state = state
+        self.state = new
 
     def _stream(self) -> bytes:
         return bytes(self.bar1.view) + TIME.pack(self.bar0)
