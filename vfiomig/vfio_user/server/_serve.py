@@ -40,7 +40,7 @@ _staging_ids = itertools.count()
 #: already hung up (it is refused after that).
 HANDOVER_TIMEOUT = 2.0
 #: How long a refused client has to send its first message (and get EBUSY back).
-REFUSAL_TIMEOUT = 1.0
+REFUSAL_TIMEOUT = 0.5
 #: Refused clients answered at once; more are closed without an answer.
 MAX_REFUSALS = 4
 #: The largest first message a refused client may send (a VERSION is far smaller).
