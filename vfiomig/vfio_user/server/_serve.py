@@ -28,7 +28,13 @@ import trio
 
 from vfiomig._logs import event
 from vfiomig.transport import ACCEPT_CAPACITY_ERRNOS, Throttle, unix_socket_listening
-from vfiomig.vfio_user._header import FLAG_ERROR, FLAG_TYPE_REPLY, HEADER, HEADER_SIZE
+from vfiomig.vfio_user._header import (
+    FLAG_ERROR,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER,
+    HEADER_SIZE,
+)
 from vfiomig.vfio_user.server._connection import Connection, ConnectionLost
 from vfiomig.vfio_user.server._device import Emulator, VfioUserDevice
 
@@ -114,7 +120,6 @@ async def serve_vfio_user(
                 current: trio.socket.SocketType | None = None
                 done = trio.Event()
                 refusals = Throttle("vfio_user_client_refused", log)
-
                 refusing = trio.Semaphore(MAX_REFUSALS)
 
                 async def serve(client: trio.socket.SocketType) -> None:
@@ -210,7 +215,7 @@ async def _answer_busy(client: trio.socket.SocketType) -> None:
         data += chunk
         if len(data) >= HEADER_SIZE:
             size, flags = HEADER.unpack_from(data)[2:4]
-            if not HEADER_SIZE <= size <= _REFUSAL_MAX_BYTES or flags & FLAG_TYPE_REPLY:
+            if not HEADER_SIZE <= size <= _REFUSAL_MAX_BYTES or flags & FLAG_TYPE_MASK:
                 return
     msg_id, command = HEADER.unpack_from(data)[:2]
     await client.send(
