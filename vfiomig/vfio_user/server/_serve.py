@@ -87,7 +87,14 @@ async def serve_vfio_user(
     task_status: trio.TaskStatus[VfioUserDevice] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` on a new UNIX socket at ``path``: until cancelled, or with
-    ``once`` until the first client has gone (as libvfio-user's samples do).
+    ``once`` until the first client has gone (as libvfio-user's samples do; a connection
+    that closes without sending a byte is a probe, not that client).
+
+    A socket file at ``path`` that nothing listens on is replaced (`claim_path`).
+
+    Raises:
+        OSError: EADDRINUSE when a server listens at ``path``; FileExistsError when
+            ``path`` is a file that is not a socket.
 
     ``device`` may be a bare `Emulator`; it is then wrapped in a `VfioUserDevice`.
     ``task_status.started`` reports the `VfioUserDevice` once the socket listens. The
