@@ -2,11 +2,11 @@
 
 The state starts RUNNING and changes through DEVICE_FEATURE SET MIG_DEVICE_STATE, one
 direct arc at a time along libvfio-user's paths (`_fsm`; libvfio-user has no P2P
-states, nor do we); each arc calls the emulator's ``transition(old, new)`` (or, the older
-form, ``transition(new)``: told apart by how many arguments it requires); if that fails
-the state stays at the last arc that worked. MIG_DATA_READ is served in PRE_COPY and STOP_COPY,
-MIG_DATA_WRITE in RESUMING (EINVAL otherwise); a write the emulator takes only part of is
-EINVAL ("partial writes are not supported").
+states, nor do we); each arc calls the emulator's ``transition(old, new)`` (or, the
+older form, ``transition(new)``: told apart by how many arguments it requires); if that
+fails the state stays at the last arc that worked. MIG_DATA_READ is served in PRE_COPY
+and STOP_COPY, MIG_DATA_WRITE in RESUMING (EINVAL otherwise); a write the emulator takes
+only part of is EINVAL ("partial writes are not supported").
 
 An emulator that keeps the state in memory of its own can also have the server receive
 each MIG_DATA_WRITE body straight into that memory (`WriteBuffer`): the server asks
@@ -41,9 +41,10 @@ class MigrationCallbacks(Protocol):
     device is in ``new``: what to do often depends on where the device comes from (the
     incoming state is complete when it leaves RESUMING, not whenever it enters STOP).
     A ``transition(new)`` taking one argument (libvfio-user's form) gets only the state
-    entered; the state left is then ``device.state`` during the call. ``read_data`` returns at
-    most ``size`` bytes (empty at the end of the stream); a view of the emulator's own
-    memory is fine: the reply is sent whole before the server calls back again.
+    entered; the state left is then ``device.state`` during the call. ``read_data``
+    returns at most ``size`` bytes (empty at the end of the stream); a view of the
+    emulator's own memory is fine: the reply is sent whole before the server calls back
+    again.
     ``write_data`` gets a view of the received bytes (valid during the call only, no copy
     made) and returns how many it took: all of them, or the write fails. An emulator may
     add `WriteBuffer` to have the bodies received straight into its memory instead.
