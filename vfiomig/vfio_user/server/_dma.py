@@ -26,7 +26,7 @@ import errno
 import mmap
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -326,12 +326,13 @@ class Dma:
                 _check_reply("write", reply, addr, count, DMA_ACCESS.size)
                 pos += count
 
-    def _chunks(self, sg: Sg) -> list[tuple[int, int]]:
+    def _chunks(self, sg: Sg) -> Iterator[tuple[int, int]]:
+        """``(address, count)`` of each message for ``sg``, one at a time: a client that
+        says it takes 1 byte per message must not make the server list a million."""
         step = max(1, self.client_max_xfer)
-        return [
-            (a, min(step, sg.iova + sg.length - a))
-            for a in range(sg.iova, sg.iova + sg.length, step)
-        ]
+        end = sg.iova + sg.length
+        for a in range(sg.iova, end, step):
+            yield a, min(step, end - a)
 
     async def _send(self, command: int, payload: bytes) -> bytes:
         if self.messenger is None:
