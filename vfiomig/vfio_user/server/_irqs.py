@@ -9,13 +9,13 @@ count 0 only as "disable all" (TRIGGER | DATA_NONE), fds only with DATA_EVENTFD 
 many as ``count``; and every fd must be an eventfd (a pipe or a socket could take the
 server's writes away or stall them).
 
-Signalling never blocks the server. An eventfd opened non-blocking (QEMU's, and those of
-vfiomig's client) is written as it is: a full one (its count at the maximum) refuses the
-write, and the interrupt is pending there anyway. A blocking one (libvfio-user's samples
-use them; its O_NONBLOCK flag is shared with the client, so the server cannot set it) is
-written only while its count, read from ``/proc/self/fdinfo``, leaves room: a full one is
-skipped the same way. What that cannot cover is a client that fills its own eventfd between
-the check and the write; no VMM writes its interrupt eventfds.
+Signalling never blocks the server. An eventfd opened non-blocking (QEMU's) is written as
+it is: a full one (its count at the maximum) refuses the write, and the interrupt is
+pending there anyway. A blocking one (libvfio-user's samples use them; its O_NONBLOCK flag
+is shared with the client, so the server cannot set it) is written only while its count,
+read from ``/proc/self/fdinfo``, leaves room: a full one is skipped the same way. What
+that cannot cover is a client that fills its own eventfd between the check and the write;
+no VMM writes its interrupt eventfds.
 """
 
 from __future__ import annotations
