@@ -376,13 +376,15 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
             out += body.data
         return bytes(out)
 
-    async def region_write(self, index: int, offset: int, data: Buffer) -> None:
-        """REGION_WRITE, split into transfers of at most `data_limit` bytes."""
+    async def region_write(self, index: int, offset: int, data: Buffer, *, what: str = "") -> None:
+        """REGION_WRITE, split into transfers of at most `data_limit` bytes; ``what``
+        names the step in an error (default: the region and offset)."""
         view = memoryview(data).cast("B")
         for start in range(0, len(view), self.data_limit):
             piece = bytes(view[start : start + self.data_limit])
             req = RegionWrite(index, offset + start, piece)
-            await self.request(Command.REGION_WRITE, req.pack(), f"region {index}")
+            step = what or f"region {index} at {offset + start:#x}"
+            await self.request(Command.REGION_WRITE, req.pack(), step)
 
     async def reset(self) -> None:
         """DEVICE_RESET."""
