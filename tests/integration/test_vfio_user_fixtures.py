@@ -134,7 +134,7 @@ async def test_dma_and_an_interrupt(vfio_user: VfioUserHarness) -> None:
         ram = await client.map_dma(0x100000, 0x4000)  # a memfd the device maps too
         [irq] = await client.set_irq_eventfds(MSI)
         client.guest.write(0x100000, b"hello, device!")
-        await client.region_write(0, 0, program(0x100000, 0x102ff8, 14))
+        await client.region_write(0, 0, program(0x100000, 0x102FF8, 14))
         assert await irq.wait() == 1
         assert client.guest.read(0x102FF8, 14) == b"hello, device!"
         assert await client.region_read(0, DONE, 4) == struct.pack("<I", 1)

@@ -480,6 +480,18 @@ async def open_vfio_user_client(
     )
     try:
         await client.negotiate()
+    except SinkError as exc:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        if exc.errno in (_errno.EPIPE, _errno.ECONNRESET):
+            # libvfio-user and vfiomig's server serve one client at a time and close
+            # any other at once: the usual reason for a hang-up before VERSION.
+            raise SinkError(
+                f"vfio-user {path}: the server hung up before answering VERSION: it serves "
+                f"one client at a time, is another one (a VMM) attached? ({exc.message})",
+                errno=_errno.EBUSY,
+            ) from exc
+        raise
     except BaseException:
         with trio.CancelScope(shield=True):
             await client.aclose()
