@@ -6,7 +6,10 @@ sparse-mmap BAR, and a migration that carries its PCI config space."""
 from __future__ import annotations
 
 import errno
+import re
 import struct
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -25,6 +28,7 @@ from vfiomig.vfio_user import (
     msi_cap,
 )
 
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "vfio-user-emulators.md"
 REGS = struct.Struct("<QQII")  # source iova, destination iova, length, doorbell
 DONE = 0x18  # u32: copies done
 MSI = IrqIndex.MSI
@@ -234,3 +238,15 @@ async def test_migration_carries_state_and_pci_config_space(vfio_user: VfioUserH
         0xFEBE0000,
     )
     assert dst.regs == src.regs
+
+
+async def test_the_guides_testing_section_runs(vfio_user: VfioUserHarness) -> None:
+    """The guide's device classes, then its "testing your device" test, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    namespace: dict[str, Any] = {"__name__": "guide"}
+    tests = [b for b in blocks if "async def test_" in b]
+    assert len(tests) == 1
+    for block in [b for b in blocks if "class " in b] + tests:
+        exec(compile(block, str(GUIDE), "exec"), namespace)
+    with trio.fail_after(20):
+        await namespace["test_counter"](vfio_user)
