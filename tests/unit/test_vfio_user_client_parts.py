@@ -8,7 +8,7 @@ import errno
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vfiomig._core._errors import ConfigStateError
@@ -22,7 +22,7 @@ from vfiomig.vfio_user._layouts import (
     sparse_mmap_cap,
 )
 from vfiomig.vfio_user._messages import Opaque
-from vfiomig.vfio_user._protocol import Header, Message
+from vfiomig.vfio_user._protocol import ClientConnection, Header, Message, encode_message
 from vfiomig.vfio_user.client import GuestMemory
 from vfiomig.vfio_user.client._config_space import decode, encode, replay_plan
 
@@ -166,3 +166,38 @@ def test_replay_writes_addresses_before_enables_and_the_command_last() -> None:
         (0x50, 4),
         (0x62, 2),
     )
+
+
+@given(st.binary(max_size=400), st.integers(1, 64))
+@example(encode_message(5, Command.DMA_READ, ACCESS.pack(0xFF0, 16)), 7)
+@example(encode_message(5, Command.DMA_WRITE, ACCESS.pack(0, 2) + b"ab"), 64)
+@example(encode_message(0, Command.DEVICE_GET_REGION_INFO, b"\0" * 40, reply=True), 3)
+def test_any_server_bytes_give_replies_requests_or_our_error(stream: bytes, step: int) -> None:
+    """A client fed garbage hands out replies and DMA requests or raises ProtocolError;
+    a DMA request it hands out is answered or refused with an errno, nothing else."""
+    client = ClientConnection(max_msg_size=512)
+    for command in (Command.DEVICE_GET_REGION_INFO, Command.DEVICE_GET_INFO):
+        client.send(command, b"")
+    memory = GuestMemory(max_count=64)
+    memory.allocate(0, 0x1000, flags=DMA_FLAG_READ, shared=False)
+    try:
+        for at in [*range(0, len(stream), step), len(stream)]:
+            client.receive_data(stream[at : at + step])
+            while (event := client.next_event()) is not None:
+                if isinstance(event, Message):
+                    assert event.command in (Command.DMA_READ, Command.DMA_WRITE)
+                    try:
+                        reply = memory.serve(event)
+                    except OSError as exc:
+                        assert exc.errno in (errno.EINVAL, errno.EFAULT, errno.EACCES)
+                    else:
+                        assert len(reply) >= 16
+                elif isinstance(event.body, RegionInfo):
+                    try:
+                        sparse_areas(event.body)
+                    except ProtocolError:
+                        pass
+    except ProtocolError:
+        pass
+    finally:
+        memory.close()

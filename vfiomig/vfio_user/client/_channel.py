@@ -55,6 +55,7 @@ class Channel:
         self.broken = False
         self._failure: BaseException | None = None
         self._eof = False
+        self._closed = False
         self._send_lock = trio.StrictFIFOLock()
         self._receiving = False
         self._round = trio.Event()
@@ -176,6 +177,10 @@ class Channel:
                     await self._round.wait()
                 else:
                     await self._receive_round()
+        except trio.ClosedResourceError:
+            if not self._closed:
+                raise
+            # The owner closed the client while we waited: the end of serving.
         finally:
             self.serving = False
 
@@ -281,5 +286,6 @@ class Channel:
         for _, fds in self._replies.values():
             close_fds(fds)
         self._replies.clear()
+        self._closed = True
         self.broken = True
         self._wake()

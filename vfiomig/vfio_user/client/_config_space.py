@@ -22,13 +22,18 @@ mastering start with every address in place.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Final
 
 from vfiomig._core._errors import ConfigStateError
+from vfiomig._logs import event
 from vfiomig.vfio_user._layouts import DEVICE_FLAGS_PCI
 from vfiomig.vfio_user.client._client import VfioUserClient
+from vfiomig.vfio_user.client._pipeline import VfioUserCommandError
+
+log = logging.getLogger("vfiomig.vfio_user")
 
 MAGIC: Final = 0x55504656
 VERSION: Final = 1
@@ -136,8 +141,18 @@ def _capabilities(space: bytes) -> list[tuple[int, int]]:
 
 
 async def read_config_space(client: VfioUserClient) -> bytes | None:
-    """The device's PCI config space (region 7), or None for a device that is not PCI."""
-    info = await client.device_info()
+    """The device's PCI config space (region 7), or None for a device that is not PCI or
+    refuses to say (logged: its config space does not travel)."""
+    try:
+        info = await client.device_info()
+    except VfioUserCommandError as exc:
+        log.warning(
+            "vfio-user %s: pci config space not carried: %s",
+            client.path,
+            exc,
+            extra=event("vfio_user_config_not_carried", reason=str(exc)),
+        )
+        return None
     if not info.flags & DEVICE_FLAGS_PCI or info.num_regions <= CONFIG_REGION:
         return None
     region = await client.region_info(CONFIG_REGION)

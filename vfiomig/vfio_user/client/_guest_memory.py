@@ -44,7 +44,10 @@ class GuestRegion:
         return self.iova + self.size
 
     def close(self) -> None:
-        self.memory.close()
+        try:
+            self.memory.close()
+        except BufferError:
+            pass  # a view of it is still held: the mapping goes with the last one
         os.close(self.fd)
 
 
