@@ -74,6 +74,12 @@ class CopyEngine:
 
     async def run(self) -> None:
         """The device's own task: DMA waits for the client, so not in a callback."""
+        try:
+            await self._copies()
+        finally:  # the end of the test: the memfd goes now, not when a GC cycle runs
+            self.scratch.close()
+
+    async def _copies(self) -> None:
         dma = self.device.dma
         async for src, dst, length in self.jobs:
             try:

@@ -487,9 +487,9 @@ async def open_vfio_user_client(
             # libvfio-user and vfiomig's server serve one client at a time and close
             # any other at once: the usual reason for a hang-up before VERSION.
             raise SinkError(
-                f"vfio-user {path}: the server hung up before answering VERSION: it serves "
-                f"one client at a time, is another one (a VMM) attached? ({exc.message})",
-                errno=_errno.EBUSY,
+                f"{exc.message}: the server hung up before answering VERSION (a vfio-user "
+                "server serves one client at a time: is another one, a VMM, attached?)",
+                errno=exc.errno,
             ) from exc
         raise
     except BaseException:
