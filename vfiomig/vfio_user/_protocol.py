@@ -243,6 +243,10 @@ class ClientConnection:
         self._pending[msg_id] = command
         return msg_id, data
 
+    def unsent(self, msg_id: int) -> None:
+        """Forget request ``msg_id``: none of its bytes went out (a cancelled send)."""
+        self._pending.pop(msg_id, None)
+
     def receive_data(self, data: Buffer) -> None:
         """Feed received bytes; ``b""`` means the server closed the connection."""
         self._framer.receive_data(data)

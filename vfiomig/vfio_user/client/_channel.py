@@ -60,6 +60,7 @@ class Channel:
         self._receiving = False
         self._round = trio.Event()
         self._replies: dict[int, tuple[Reply, list[int]]] = {}
+        self._abandoned: set[int] = set()  # msg_ids whose waiter was cancelled
         self._fed = 0  # stream bytes handed to ``conn``
         self._fd_chunks: list[tuple[int, int, list[int]]] = []  # (stream start, end, fds)
 
@@ -106,7 +107,12 @@ class Channel:
         """Send one request (``fds`` travel with its first byte); its msg_id."""
         self.check()
         msg_id, data = self.conn.send(command, payload)
-        await self._send_bytes(data, fds, command.name)
+        try:
+            await self._send_bytes(data, fds, command.name)
+        except BaseException:
+            if not self.broken:  # cancelled before its first byte: it was never sent
+                self.conn.unsent(msg_id)
+            raise
         return msg_id
 
     async def _send_bytes(self, data: bytes, fds: Sequence[int], what: str) -> None:
@@ -161,6 +167,14 @@ class Channel:
             )
             self.fail(err)
             raise err from exc
+        except BaseException:
+            # Cancelled: nobody takes this reply; it is dropped when it comes (its msg_id
+            # may be used again once it has).
+            if msg_id in self._replies:
+                close_fds(self._replies.pop(msg_id)[1])
+            else:
+                self._abandoned.add(msg_id)
+            raise
         return self._replies.pop(msg_id)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -242,7 +256,11 @@ class Channel:
                 break
             if isinstance(event, Reply):
                 fds = self._take_fds(start) if event.command in FD_REPLIES else []
-                self._replies[event.msg_id] = (event, fds)
+                if event.msg_id in self._abandoned:
+                    self._abandoned.discard(event.msg_id)
+                    close_fds(fds)
+                else:
+                    self._replies[event.msg_id] = (event, fds)
             else:
                 await self._answer(event)
         next_start = self._fed - self.conn.buffered
