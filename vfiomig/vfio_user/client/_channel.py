@@ -61,6 +61,9 @@ class Channel:
         self._round = trio.Event()
         self._replies: dict[int, tuple[Reply, list[int]]] = {}
         self._abandoned: set[int] = set()  # msg_ids whose waiter was cancelled
+        # One receive buffer for the channel's life (recvmsg would allocate its size anew
+        # for every call: a fresh mapping at this size).
+        self._rbuf = memoryview(bytearray(_RECEIVE_SIZE))
         self._fed = 0  # stream bytes handed to ``conn``
         self._fd_chunks: list[tuple[int, int, list[int]]] = []  # (stream start, end, fds)
 
@@ -215,12 +218,13 @@ class Channel:
         try:
             while True:
                 try:
-                    data, ancdata, flags, _ = self.sock.recvmsg(_RECEIVE_SIZE, _ANC_SIZE)
+                    nbytes, ancdata, flags, _ = self.sock.recvmsg_into([self._rbuf], _ANC_SIZE)
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.sock)
         except OSError as exc:
             raise self._io_error("receiving", exc) from exc
+        data = self._rbuf[:nbytes]  # copied into the connection's buffer below
         fds = received_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)
