@@ -142,3 +142,18 @@ async def test_the_client_leaves_no_fd_behind() -> None:
     memory.close()
     after = sorted(os.listdir("/proc/self/fd"))
     assert after == before
+
+
+async def test_a_request_cancelled_before_it_went_out_leaves_the_client_in_step() -> None:
+    bar, device = memory_device()
+    bar[:4] = b"abcd"
+    with trio.fail_after(20):
+        async with open_harness() as vfio_user:
+            path = await vfio_user.serve(device)
+            async with await open_vfio_user_client(path, reply_timeout=5) as client:
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await client.region_read(0, 0, 4)
+                assert not client.broken
+                assert client._channel.idle  # nothing outstanding: pipelines may run
+                assert await client.region_read(0, 0, 4) == b"abcd"

@@ -186,6 +186,11 @@ async def test_dirty_logging_reports_what_the_device_wrote(vfio_user: VfioUserHa
         bitmap = await client.dma_logging_report(0x400000, 0x8000, 0x1000)
         assert bitmap == bytes([0b0110_0000]) + bytes(7)  # pages 5 and 6
         assert await client.dma_logging_report(0x400000, 0x8000, 0x1000) == bytes(8)
+        # A copy into another mapping, then DMA_UNMAP returns that one's dirty pages.
+        other = await client.map_dma(0x500000, 0x4000)
+        await client.region_write(0, 0, program(0x400000, 0x502000, 0x10))
+        await irq.wait()
+        assert await client.unmap_dma(other, dirty_page_size=0x1000) == bytes([0b0100]) + bytes(7)
         await client.dma_logging_stop()
 
 

@@ -22,6 +22,7 @@ from vfiomig.transport import close_fds
 from vfiomig.vfio_user._device_info import DeviceInfo, IrqInfo, sparse_areas
 from vfiomig.vfio_user._header import Command, ProtocolError
 from vfiomig.vfio_user._layouts import (
+    BITMAP,
     DMA_FLAG_READ,
     DMA_FLAG_WRITE,
     DMA_MAP,
@@ -37,6 +38,7 @@ from vfiomig.vfio_user._layouts import (
     LOGGING_RANGE,
     LOGGING_REPORT,
     REGION_INFO_SIZE,
+    UNMAP_FLAG_GET_DIRTY_BITMAP,
     RegionInfo,
     bitmap_size,
 )
@@ -234,13 +236,32 @@ class DeviceCalls:
             raise
         return region
 
-    async def unmap_dma(self, region: GuestRegion) -> None:
-        """DMA_UNMAP ``region``; its memory is released once the server let go of it."""
-        payload = DMA_UNMAP.pack(DMA_UNMAP.size, 0, region.iova, region.size)
-        await self.request(
-            Command.DMA_UNMAP, payload, f"dma unmap {region.iova:#x}+{region.size:#x}"
+    async def unmap_dma(self, region: GuestRegion, *, dirty_page_size: int = 0) -> bytes:
+        """DMA_UNMAP ``region``; its memory is released once the server let go of it.
+
+        With ``dirty_page_size`` (and DMA logging on) the reply carries the region's dirty
+        bitmap in pages of that size (GET_DIRTY_BITMAP), which is returned; else ``b""``.
+        """
+        what = f"dma unmap {region.iova:#x}+{region.size:#x}"
+        if not dirty_page_size:
+            payload = DMA_UNMAP.pack(DMA_UNMAP.size, 0, region.iova, region.size)
+            await self.request(Command.DMA_UNMAP, payload, what)
+            self.guest.remove(region)
+            return b""
+        size = bitmap_size(region.size, dirty_page_size)
+        argsz = DMA_UNMAP.size + BITMAP.size + size
+        flags = UNMAP_FLAG_GET_DIRTY_BITMAP
+        payload = DMA_UNMAP.pack(argsz, flags, region.iova, region.size)
+        body = await self.request(
+            Command.DMA_UNMAP, payload + BITMAP.pack(dirty_page_size, size), what
         )
+        assert isinstance(body, Opaque)
+        if len(body.data) != argsz:
+            raise self._bad_reply(f"{what}: reply of {len(body.data)} bytes (expected {argsz})")
+        if BITMAP.unpack_from(body.data, DMA_UNMAP.size) != (dirty_page_size, size):
+            raise self._bad_reply(f"{what}: reply bitmap is for another page size")
         self.guest.remove(region)
+        return body.data[DMA_UNMAP.size + BITMAP.size :]
 
     # ------------------------------------------------------------------ dirty logging
 
