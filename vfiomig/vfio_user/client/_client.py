@@ -1,4 +1,7 @@
-"""A trio vfio-user client for the migration subset, driving `ClientConnection`.
+"""A trio vfio-user client, the VMM's side of the protocol: requests on a `Channel` (fds
+both ways, the server's DMA requests answered from `GuestMemory`), the device calls of
+`DeviceCalls`, migration (state changes, MIG_DATA_WRITE / MIG_DATA_READ pipelines), region
+access and reset.
 
 Every wait (connect, send, reply) is bounded by ``timeout`` and every call may be
 cancelled. Errors say who failed: an ERROR reply raises `VfioUserCommandError` (a
