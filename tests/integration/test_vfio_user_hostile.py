@@ -26,7 +26,14 @@ import trio
 from fuzz.vfio_user_server import sample_device
 from tests.integration.test_vfio_user_server import serving
 from tests.vfio_user_raw import RawClient, open_fds
-from vfiomig.vfio_user import IrqIndex, SharedMemory, VfioUserDevice, serve_vfio_user
+from vfiomig import SinkError
+from vfiomig.vfio_user import (
+    IrqIndex,
+    SharedMemory,
+    VfioUserDevice,
+    open_vfio_user_client,
+    serve_vfio_user,
+)
 from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user._layouts import (
     DMA_ACCESS,
@@ -345,6 +352,10 @@ async def test_a_busy_server_answers_ebusy() -> None:
             with pytest.raises(EOFError):
                 await second.receive()
             second.close()
+            # The library's client says so in words, not as a broken pipe.
+            with pytest.raises(SinkError, match="is serving another client") as caught:
+                await open_vfio_user_client(path)
+            assert caught.value.errno == errno.EBUSY
             await still_served(first)
             first.close()
 

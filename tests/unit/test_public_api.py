@@ -196,6 +196,11 @@ PUBLIC: dict[str, set[str]] = {
         "vendor_cap",
     },
     "vfiomig.vfio_user.client": {
+        "DeviceRegion",
+        "GuestMemory",
+        "GuestRegion",
+        "Interrupt",
+        "MappedRegion",
         "VfioUserClient",
         "VfioUserCommandError",
         "VfioUserSink",

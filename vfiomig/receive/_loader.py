@@ -86,9 +86,10 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
         # The finish step: config first, then the sink leaves its loading state.
         assert buf.config is not None
         log.info(
-            "%s: config load start (%d bytes)",
+            "%s: config load start (%d bytes, to %s)",
             device.name,
             len(buf.config),
+            config.description,
             extra=event(
                 "vfio_load_device_config_state_start",
                 device.name,
@@ -103,10 +104,33 @@ async def run_loader(session: Session, device: Device, config: ConfigTarget) -> 
             err = _sink_error(device, f"loading config to {config.description} failed", exc)
             err.idx = buf.config_idx
             raise err from exc
+        # What the device itself takes (a vfio-user device's PCI config space); the log
+        # says whether anything reached the device, not only the config target.
+        try:
+            with trio.fail_after(timeout):
+                replayed = await sink.load_config(bytes(buf.config))
+        except trio.TooSlowError as exc:
+            raise SinkError(
+                f"{device.name}: replaying config into {sink.description} took more than {timeout:g} s",
+                device=device.name,
+                idx=buf.config_idx,
+            ) from exc
+        except (OSError, SinkError) as exc:
+            err = _sink_error(device, f"replaying config into {sink.description} failed", exc)
+            err.idx = buf.config_idx
+            raise err from exc
+        into = f"{replayed} into {sink.description}" if replayed else "nothing into the device"
         log.info(
-            "%s: config load end",
+            "%s: config load end (blob to %s, %s)",
             device.name,
-            extra=event("vfio_load_device_config_state_end", device.name),
+            config.description,
+            into,
+            extra=event(
+                "vfio_load_device_config_state_end",
+                device.name,
+                target=config.description,
+                device_config=replayed,
+            ),
         )
         try:
             with trio.fail_after(timeout):

@@ -26,6 +26,8 @@ import abc
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeAlias
 
+import trio
+
 #: What a sink's ``write`` receives: bytes-like objects (bytes, bytearray, memoryview).
 Chunk: TypeAlias = "bytes | bytearray | memoryview"
 
@@ -75,6 +77,15 @@ class Sink(abc.ABC):
         end_idx - 1`` (``first_idx == end_idx`` for precopy data). A sink that confirms
         writes after ``write`` returned names a late refusal by it in `SinkError.idx`,
         which the loader keeps (default: nothing)."""
+
+    async def load_config(self, blob: bytes) -> str | None:
+        """Replay into the device what it takes itself of its config blob (markers
+        included), in the finish step after the config target got the blob and before
+        `finish`; returns what reached the device, for the log, or None when nothing did
+        (default: the blob is the config target's alone). A ``vfio-user:`` sink writes
+        the PCI config space a ``vfio-user:`` source carried back into the device."""
+        await trio.lowlevel.checkpoint()
+        return None
 
     async def finish(self) -> None:  # noqa: B027 - optional hook
         """Complete the stream after the config blob was loaded (default: nothing)."""

@@ -260,7 +260,7 @@ class RegionInfo:
     """DEVICE_GET_REGION_INFO request and reply: ``struct vfio_region_info`` (32 bytes).
 
     A request fills ``argsz`` (room for the reply) and ``index``; a reply may append
-    capabilities, which vfiomig does not use and drops.
+    capabilities (``caps``: every byte after the 32, unchecked; `sparse_areas` reads them).
     """
 
     argsz: int
@@ -269,10 +269,11 @@ class RegionInfo:
     cap_offset: int = 0
     size: int = 0
     offset: int = 0
+    caps: bytes = b""
 
     @classmethod
-    def request(cls, index: int) -> RegionInfo:
-        return cls(REGION_INFO_SIZE, index)
+    def request(cls, index: int, argsz: int = REGION_INFO_SIZE) -> RegionInfo:
+        return cls(argsz, index)
 
     def pack(self) -> bytes:
         return REGION_INFO.pack(
@@ -284,4 +285,5 @@ class RegionInfo:
         if len(payload) < REGION_INFO_SIZE:
             raise short("region info", len(payload), REGION_INFO_SIZE)
         argsz, flags, index, cap_offset, size, offset = REGION_INFO.unpack_from(payload)
-        return cls(argsz, index, flags, cap_offset, size, offset)
+        caps = bytes(payload[REGION_INFO_SIZE:])
+        return cls(argsz, index, flags, cap_offset, size, offset, caps)

@@ -25,6 +25,7 @@ from vfiomig.vfio_user._header import (
     FLAG_TYPE_REPLY,
     HEADER,
     HEADER_SIZE,
+    Command,
     ProtocolError,
     command_name,
 )
@@ -35,6 +36,8 @@ Buffer = bytes | bytearray | memoryview
 #: The largest message accepted by default: 1 MiB of data plus headers (libvfio-user's
 #: ``SERVER_MAX_MSG_SIZE`` is 1 MiB + 32).
 DEFAULT_MAX_MSG_SIZE: Final = 1024 * 1024 + 32
+#: The requests a server sends its client (spec: "Server to client").
+SERVER_REQUESTS: Final = frozenset({Command.DMA_READ, Command.DMA_WRITE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +243,18 @@ class ClientConnection:
         self._pending[msg_id] = command
         return msg_id, data
 
+    def unsent(self, msg_id: int) -> None:
+        """Forget request ``msg_id``: none of its bytes went out (a cancelled send)."""
+        self._pending.pop(msg_id, None)
+
     def receive_data(self, data: Buffer) -> None:
         """Feed received bytes; ``b""`` means the server closed the connection."""
         self._framer.receive_data(data)
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not handed out yet (the start of the next message)."""
+        return self._framer.buffered
 
     def next_reply(self) -> Reply | None:
         """The next reply, or None if more bytes are needed.
@@ -252,6 +264,15 @@ class ClientConnection:
                 outstanding request or with another command, a malformed body, or the
                 server closed the connection while replies were outstanding.
         """
+        event = self.next_event(requests=False)
+        assert not isinstance(event, Message)
+        return event
+
+    def next_event(self, *, requests: bool = True) -> Reply | Message | None:
+        """The next reply, or (with ``requests``) the next request the server sends us
+        (DMA_READ / DMA_WRITE: a `Message` with an `Opaque` body), or None if more bytes
+        are needed. Raises like `next_reply`; any other request from the server breaks
+        the protocol."""
         msg = self._framer.next_frame()
         if msg is None:
             if self._framer.eof and self._pending:
@@ -263,6 +284,8 @@ class ClientConnection:
                 )
             return None
         try:
+            if requests and not msg.header.is_reply and msg.command in SERVER_REQUESTS:
+                return msg
             return self._match(msg)
         except ProtocolError as exc:
             raise self._framer.poison(exc) from None
@@ -342,6 +365,7 @@ __all__ = [
     "Header",
     "Message",
     "Reply",
+    "SERVER_REQUESTS",
     "ServerConnection",
     "encode_message",
 ]

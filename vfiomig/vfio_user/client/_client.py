@@ -1,4 +1,7 @@
-"""A trio vfio-user client for the migration subset, driving `ClientConnection`.
+"""A trio vfio-user client, the VMM's side of the protocol: requests on a `Channel` (fds
+both ways, the server's DMA requests answered from `GuestMemory`), the device calls of
+`DeviceCalls`, migration (state changes, MIG_DATA_WRITE / MIG_DATA_READ pipelines), region
+access and reset.
 
 Every wait (connect, send, reply) is bounded by ``timeout`` and every call may be
 cancelled. Errors say who failed: an ERROR reply raises `VfioUserCommandError` (a
@@ -20,6 +23,7 @@ from typing import Final
 import trio
 
 from vfiomig._core._errors import SinkError
+from vfiomig.transport import close_fds
 from vfiomig.vfio_user import _fsm
 from vfiomig.vfio_user._header import MAJOR, SEND_BUFFER, Command, ProtocolError, command_name
 from vfiomig.vfio_user._layouts import (
@@ -31,13 +35,18 @@ from vfiomig.vfio_user._layouts import (
 )
 from vfiomig.vfio_user._messages import Body, Empty, ErrorReply
 from vfiomig.vfio_user._migration_bodies import (
+    MIG_DATA_HEADER_SIZE,
+    MIG_SIZES,
     DeviceFeature,
     MigDataRead,
     MigDataReadReply,
     MigState,
 )
-from vfiomig.vfio_user._protocol import Buffer, ClientConnection
+from vfiomig.vfio_user._protocol import Buffer
 from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE, Capabilities, Version
+from vfiomig.vfio_user.client._channel import Channel
+from vfiomig.vfio_user.client._device_calls import DeviceCalls
+from vfiomig.vfio_user.client._guest_memory import GuestMemory
 from vfiomig.vfio_user.client._pipeline import (
     Tag,
     VfioUserCommandError,
@@ -53,7 +62,6 @@ DEFAULT_TIMEOUT: Final = 30.0
 #: servers process them in order; a write sent behind a refused one still reaches the
 #: device, which is why a sink resets a device whose stream failed (see `_sink`).
 WINDOW_BYTES: Final = 8 * 1024 * 1024
-_RECEIVE_SIZE: Final = 64 * 1024
 
 
 def default_window(message_size: int) -> int:
@@ -61,15 +69,22 @@ def default_window(message_size: int) -> int:
     return max(2, min(256, WINDOW_BYTES // max(1, message_size)))
 
 
-class VfioUserClient(trio.abc.AsyncResource):
+class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
     """One connection to a vfio-user server, after VERSION negotiation.
 
-    Create with `open_vfio_user_client`. Not safe for concurrent use by several tasks.
+    Create with `open_vfio_user_client`. Several tasks may have requests outstanding at
+    once (see `_channel`); the MIG_DATA pipelines (`write_data`, `read_stream`) want the
+    socket to themselves and go one message at a time while `serve_requests` runs or
+    other requests are outstanding. The device side of the protocol (`device_info`,
+    `region`, `map_region`, `irq_info`, `set_irq_eventfds`, `map_dma`, the DMA logging
+    calls) comes from `_device_calls.DeviceCalls`.
 
     Attributes:
         server_capabilities: what the server's VERSION reply said.
         data_limit: the largest MIG_DATA/REGION transfer, min(ours, the server's).
         broken: True after an error that may leave replies out of step.
+        guest: the guest memory this client provides (`map_dma`), which answers the
+            server's DMA_READ / DMA_WRITE.
     """
 
     def __init__(
@@ -89,91 +104,41 @@ class VfioUserClient(trio.abc.AsyncResource):
         self.max_data_xfer_size = max_data_xfer_size
         self.server_capabilities = Capabilities()
         self.data_limit = max_data_xfer_size
-        self._broken = False
         self._sock = sock
-        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         limit = max(max_data_xfer_size, 64 * 1024) + MESSAGE_OVERHEAD
-        self._conn = ClientConnection(max_msg_size=limit)
+        self._channel = Channel(sock, self._where(), timeout=timeout, max_msg_size=limit)
+        self.guest = GuestMemory(max_count=max_data_xfer_size)
+        self._channel.on_request = self.guest.serve
+        self._interrupts = []
+        self._mapped = []
         self._writer: WritePipeline | None = None
         self._reader: ReadPipeline | None = None
 
     @property
     def broken(self) -> bool:
         """True after an error that may leave replies out of step."""
-        return self._broken or any(p is not None and p.broken for p in (self._writer, self._reader))
+        return self._channel.broken or any(
+            p is not None and p.broken for p in (self._writer, self._reader)
+        )
 
     @broken.setter
     def broken(self, value: bool) -> None:
-        self._broken = value
+        self._channel.broken = value
 
     @property
     def bytes_written(self) -> int:
         """MIG_DATA_WRITE bytes sent on this connection."""
         return 0 if self._writer is None else self._writer.offset
 
+    @property
+    def requests_served(self) -> int:
+        """DMA_READ / DMA_WRITE requests of the server answered (served or refused)."""
+        return self._channel.requests_served
+
     # ------------------------------------------------------------------ plumbing
 
     def _where(self) -> str:
         return f"vfio-user {self.path}"
-
-    def _io_error(self, what: str, exc: BaseException) -> SinkError:
-        self.broken = True
-        errno = getattr(exc, "errno", None) or _errno.EPIPE
-        return SinkError(
-            f"{self._where()}: {what} failed ({exc or type(exc).__name__})", errno=errno
-        )
-
-    async def _send(self, command: Command, payload: Buffer | Sequence[Buffer]) -> int:
-        if self.broken:
-            raise SinkError(f"{self._where()}: connection is unusable after an earlier error")
-        msg_id, data = self._conn.send(command, payload)
-        try:
-            with trio.fail_after(self.timeout):
-                await self._stream.send_all(data)
-        except trio.TooSlowError as exc:
-            self.broken = True
-            raise SinkError(
-                f"{self._where()}: sending {command.name} took longer than {self.timeout} s",
-                errno=_errno.ETIMEDOUT,
-            ) from exc
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise self._io_error(f"sending {command.name}", exc) from exc
-        except BaseException:
-            self.broken = True  # cancelled mid-message: the stream is out of step
-            raise
-        return msg_id
-
-    async def _next_reply(self) -> tuple[int, int, Body]:
-        try:
-            with trio.fail_after(self.timeout):
-                while True:
-                    reply = self._conn.next_reply()
-                    if reply is not None:
-                        return reply.msg_id, reply.command, reply.body
-                    data = await self._stream.receive_some(_RECEIVE_SIZE)
-                    if not data:
-                        self.broken = True
-                        raise SinkError(
-                            f"{self._where()}: server closed the connection with "
-                            f"{self._conn.pending} replies outstanding",
-                            errno=_errno.ECONNRESET,
-                        )
-                    self._conn.receive_data(data)
-        except trio.TooSlowError as exc:
-            self.broken = True
-            raise SinkError(
-                f"{self._where()}: no reply within {self.timeout} s "
-                f"({self._conn.pending} outstanding)",
-                errno=_errno.ETIMEDOUT,
-            ) from exc
-        except ProtocolError as exc:
-            self.broken = True
-            raise ProtocolError(f"{self._where()}: {exc}") from exc
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise self._io_error("receiving a reply", exc) from exc
-        except BaseException:
-            self.broken = True
-            raise
 
     def _command_error(self, command: int, errno: int, what: str = "") -> VfioUserCommandError:
         detail = f" ({what})" if what else ""
@@ -182,6 +147,17 @@ class VfioUserClient(trio.abc.AsyncResource):
             command=command,
             errno=errno or None,
         )
+
+    async def serve_requests(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Answer the server's DMA_READ / DMA_WRITE from `guest` for as long as the
+        connection lives (run it in a nursery: ``await nursery.start(client.serve_requests)``).
+        Without it they are answered only while some request waits for its reply.
+
+        Cancellation: safe; it waits between messages.
+        """
+        await self._channel.serve(task_status=task_status)
 
     async def flush(self, *, raise_errors: bool = True) -> None:
         """Wait for the reply of every MIG_DATA_WRITE in flight and collect the replies
@@ -197,18 +173,38 @@ class VfioUserClient(trio.abc.AsyncResource):
                 if raise_errors:
                     raise
 
-    async def request(self, command: Command, payload: Buffer, what: str = "") -> Body:
+    async def request(
+        self, command: Command, payload: Buffer | Sequence[Buffer], what: str = ""
+    ) -> Body:
         """Send one request and return its reply body; an ERROR reply raises.
 
         MIG_DATA messages still in flight are answered first; a refused write raises.
         """
+        body, fds = await self.request_fds(command, payload, what=what)
+        close_fds(fds)
+        return body
+
+    async def request_fds(
+        self,
+        command: Command,
+        payload: Buffer | Sequence[Buffer],
+        fds: Sequence[int] = (),
+        *,
+        what: str = "",
+    ) -> tuple[Body, list[int]]:
+        """`request` with ``fds`` sent along, returning the fds its reply carried too
+        (the caller's to close)."""
         if self._reader is not None or (self._writer is not None and self._writer.pending):
             await self.flush()
-        await self._send(command, payload)
-        _, got, body = await self._next_reply()
-        if isinstance(body, ErrorReply):
-            raise self._command_error(got, body.errno, what)
-        return body
+        for pipeline in (self._writer, self._reader):
+            if pipeline is not None and pipeline.broken:
+                self._channel.fail(SinkError(f"{self._where()}: a pipelined request failed"))
+        msg_id = await self._channel.send(command, payload, fds)
+        reply, got_fds = await self._channel.reply(msg_id, what or command.name)
+        if isinstance(reply.body, ErrorReply):
+            close_fds(got_fds)
+            raise self._command_error(reply.command, reply.body.errno, what)
+        return reply.body, got_fds
 
     # ------------------------------------------------------------------ commands
 
@@ -290,8 +286,11 @@ class VfioUserClient(trio.abc.AsyncResource):
         await trio.lowlevel.checkpoint_if_cancelled()
         cap = self.data_limit if limit is None else max(1, min(limit, self.data_limit))
         writer = self._writer
+        if writer is None and not self._channel.idle:
+            await self._write_one_by_one(chunks, cap, tag)
+            return
         if writer is None:
-            if self._reader is not None or self._conn.pending:
+            if self._reader is not None:
                 raise RuntimeError(f"{self._where()}: requests are outstanding")
             window = self.window or default_window(cap)
             writer = self._writer = WritePipeline(
@@ -309,13 +308,36 @@ class VfioUserClient(trio.abc.AsyncResource):
             writes = ((pieces, size, tag) for pieces, size, _, _ in _split(chunks, cap))
         await writer.write(writes)
 
+    async def _write_one_by_one(
+        self, chunks: Sequence[Buffer], cap: int, tag: tuple[int, int] | None
+    ) -> None:
+        """MIG_DATA_WRITE through the shared receiver, each waiting for its reply (while
+        `serve_requests` runs or other requests are outstanding)."""
+        for pieces, size, first, last in _split(chunks, cap):
+            head = MIG_SIZES.pack(MIG_DATA_HEADER_SIZE + size, size)
+            try:
+                await self.request(Command.MIG_DATA_WRITE, [head, *pieces])
+            except VfioUserCommandError as exc:
+                idx = None if tag is None else tag[0] + first
+                raise WriteFailed(
+                    f"{exc} (idx {idx}..{None if tag is None else tag[0] + last})"
+                    if tag is not None
+                    else exc.message,
+                    command=exc.command,
+                    errno=exc.errno,
+                    idx=idx,
+                ) from None
+
     async def read_stream(self, max_bytes: int) -> list[memoryview]:
         """The next pieces of the STOP_COPY stream (at most ``max_bytes`` in all), read
         with `window` MIG_DATA_READs of `data_limit` bytes in flight; ``[]`` at the end
         (the device returned 0 bytes)."""
         reader = self._reader
+        if reader is None and not self._channel.idle:
+            data = await self.read_data(max_bytes)
+            return [memoryview(data)] if data else []
         if reader is None:
-            if (self._writer is not None and self._writer.pending) or self._conn.pending:
+            if self._writer is not None and self._writer.pending:
                 raise RuntimeError(f"{self._where()}: requests are outstanding")
             window = self.window or default_window(self.data_limit)
             reader = self._reader = ReadPipeline(
@@ -357,13 +379,15 @@ class VfioUserClient(trio.abc.AsyncResource):
             out += body.data
         return bytes(out)
 
-    async def region_write(self, index: int, offset: int, data: Buffer) -> None:
-        """REGION_WRITE, split into transfers of at most `data_limit` bytes."""
+    async def region_write(self, index: int, offset: int, data: Buffer, *, what: str = "") -> None:
+        """REGION_WRITE, split into transfers of at most `data_limit` bytes; ``what``
+        names the step in an error (default: the region and offset)."""
         view = memoryview(data).cast("B")
         for start in range(0, len(view), self.data_limit):
             piece = bytes(view[start : start + self.data_limit])
             req = RegionWrite(index, offset + start, piece)
-            await self.request(Command.REGION_WRITE, req.pack(), f"region {index}")
+            step = what or f"region {index} at {offset + start:#x}"
+            await self.request(Command.REGION_WRITE, req.pack(), step)
 
     async def reset(self) -> None:
         """DEVICE_RESET."""
@@ -371,9 +395,14 @@ class VfioUserClient(trio.abc.AsyncResource):
         assert isinstance(body, Empty)
 
     async def aclose(self) -> None:
-        """Close the socket; idempotent. Replies still in flight are dropped."""
-        self.broken = True
-        await self._stream.aclose()
+        """Close the socket, the guest memory and the interrupts' eventfds; idempotent.
+        Replies still in flight are dropped."""
+        self._channel.close()
+        self._close_device_resources()
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> VfioUserClient:
         return self
@@ -454,6 +483,25 @@ async def open_vfio_user_client(
     )
     try:
         await client.negotiate()
+    except SinkError as exc:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        if exc.errno == _errno.EBUSY:
+            # vfiomig's server answers a second client's VERSION with EBUSY.
+            raise SinkError(
+                f"vfio-user {path}: the server is serving another client (a VMM?): it"
+                " answered VERSION with EBUSY; a vfio-user server serves one client at a time",
+                errno=exc.errno,
+            ) from exc
+        if exc.errno in (_errno.EPIPE, _errno.ECONNRESET):
+            # libvfio-user and vfiomig's server serve one client at a time and close
+            # any other at once: the usual reason for a hang-up before VERSION.
+            raise SinkError(
+                f"{exc.message}: the server hung up before answering VERSION (a vfio-user "
+                "server serves one client at a time: is another one, a VMM, attached?)",
+                errno=exc.errno,
+            ) from exc
+        raise
     except BaseException:
         with trio.CancelScope(shield=True):
             await client.aclose()

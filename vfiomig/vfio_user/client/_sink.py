@@ -5,7 +5,11 @@ MIGRATION (STOP_COPY required), SET RESUMING (walking RUNNING -> STOP -> RESUMIN
 MIG_DATA_WRITE in messages no larger than both sides' ``max_data_xfer_size`` nor
 ``max-write``, pipelined (a window of writes in flight, see `_pipeline`), SET STOP to
 finish (where the device validates the stream; an ERROR reply fails the device with its
-errno). ``abort`` resets the device, best effort.
+errno). ``abort`` resets the device, best effort. In the finish step, before SET STOP,
+`VfioUserSink.load_config` writes the PCI config space a ``vfio-user:`` source put in
+the config blob back into the device (`_config_space`: BARs and capability addresses
+before enable bits, the command register last); a blob without it (a VMM's, or an empty
+one) is left to the config target: with a VMM attached, the VMM owns config space.
 
 A refused write fails the device with that write's errno and the idx its data came
 from; writes already in flight behind it may have reached the device, which is why the
@@ -24,12 +28,15 @@ from typing import Final
 import trio
 
 from vfiomig._core._errors import SinkError, UsageError
+from vfiomig._core._wire import CONFIG_MARKER_SIZE
 from vfiomig._logs import event
 from vfiomig._units import parse_size
 from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio_user._migration_bodies import MIGRATION_STOP_COPY, MigState
 from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE
 from vfiomig.vfio_user.client._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
+from vfiomig.vfio_user.client._config_space import decode as decode_config
+from vfiomig.vfio_user.client._config_space import replay_config_space
 from vfiomig.vfio_user.client._pipeline import VfioUserCommandError
 
 log = logging.getLogger("vfiomig.vfio_user")
@@ -125,10 +132,37 @@ class VfioUserSink(Sink):
         await self.client.write_data(chunks, limit=self.max_write, tag=self._batch)
         self.bytes_written += sum(map(len, chunks))
 
+    async def load_config(self, blob: bytes) -> str | None:
+        """Write the PCI config space carried in ``blob`` into the device (RESUMING);
+        what was written, or None for a blob that carries none."""
+        space = decode_config(self.description, blob[CONFIG_MARKER_SIZE:-CONFIG_MARKER_SIZE])
+        if space is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        await self.client.flush()
+        count = await replay_config_space(self.client, space)
+        log.info(
+            "%s: pci config space replayed (%d registers, command %#06x)",
+            self.description,
+            count,
+            int.from_bytes(space[4:6], "little"),
+            extra=event("vfio_user_config_replayed", sink=self.description, registers=count),
+        )
+        return f"pci config space ({count} registers)"
+
     async def finish(self) -> None:
         """Wait for every write's reply, then SET STOP: the device validates the stream."""
         await self.client.flush()
-        await self.client.set_state(MigState.STOP)
+        try:
+            await self.client.set_state(MigState.STOP)
+        except VfioUserCommandError as exc:
+            # The emulator refused the state it was given; its own text is in its log.
+            raise VfioUserCommandError(
+                f"{exc.message}: the device refused the loaded state (its emulator's log says why)",
+                command=exc.command,
+                errno=exc.errno,
+                idx=exc.idx,
+            ) from exc
 
     async def abort(self) -> None:
         """Reset a device left in RESUMING (or a state it cannot report), best effort, on

@@ -10,8 +10,12 @@ runs: SET PRE_COPY first, and MIG_DATA_READs while it runs until the device retu
 (vfio-user has no precopy-info message: each round reads to that temporary end); then SET
 STOP_COPY as above. A failed migration sets RUNNING again (`abort`).
 
-The config blob comes from ``FILE`` when given: the whole blob, markers included, as
-``vfiomig receive --config-out`` writes it; otherwise it is an empty config body.
+The config blob: the device's PCI config space (region 7, read before STOP_COPY; see
+`_config_space`) between QEMU's markers, which a ``vfio-user:`` sink writes back into the
+destination device: a standalone migration (no VMM attached: a vfio-user server serves
+one client) carries it. ``config=FILE`` replaces it with the blob in ``FILE``, markers
+included, as ``vfiomig receive --config-out`` wrote it (say, a VMM's own config state);
+a device that is not PCI sends an empty config body.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from vfiomig.sources import Source
 from vfiomig.vfio_user._migration_bodies import MIGRATION_PRE_COPY, MigState
 from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE
 from vfiomig.vfio_user.client._client import DEFAULT_TIMEOUT, VfioUserClient, open_vfio_user_client
+from vfiomig.vfio_user.client._config_space import encode as encode_config
+from vfiomig.vfio_user.client._config_space import read_config_space
 from vfiomig.vfio_user.client._pipeline import VfioUserCommandError
 from vfiomig.vfio_user.client._sink import start_migration
 
@@ -57,6 +63,7 @@ class VfioUserSource(Source):
         self._max_data_xfer_size = max_data_xfer_size
         self._client: VfioUserClient | None = None
         self._ended = False
+        self._space: bytes | None = None  # PCI config space, read in `start`
 
     @property
     def client(self) -> VfioUserClient:
@@ -68,6 +75,10 @@ class VfioUserSource(Source):
         """Connect (unless the precopy phase did) and enter STOP_COPY."""
         if self._client is None:
             self._client = await self._connect()
+        if self.config_path is None:
+            # Before STOP_COPY, where region access is refused; with no VMM attached
+            # nothing changes config space after this.
+            self._space = await read_config_space(self._client)
         await start_migration(self._client, MigState.STOP_COPY)
 
     async def _connect(self) -> VfioUserClient:
@@ -132,7 +143,7 @@ class VfioUserSource(Source):
 
     async def config_blob(self) -> bytes:
         if self.config_path is None:
-            return wrap_config(b"")
+            return wrap_config(b"" if self._space is None else encode_config(self._space))
         blob = await trio.Path(self.config_path).read_bytes()
         try:
             check_config_blob(self.description, 0, blob)
