@@ -309,7 +309,7 @@ async def _run_receiver(
     async with trio.open_nursery() as nursery:
         session: Session | None = await nursery.start(serve)
         if ready_file and session is not None:
-            _write_ready_file(ready_file, session)
+            _write_ready_file(ready_file, session, control)
         if progress and session is not None:
             nursery.start_soon(draw_progress, session.done, lambda: receive_status(session))
     if usage:
@@ -326,9 +326,8 @@ async def _signal_task(
             session.abort(f"received {signal.Signals(signum).name}")
 
 
-def _write_ready_file(path: str, session: Session) -> None:
-    control = session.control_address
+def _write_ready_file(path: str, session: Session, control: ControlServer | None) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"data": session.bound, "control": control}, f)
+        json.dump({"data": session.bound, "control": control.bound if control else None}, f)
     os.replace(tmp, path)

@@ -8,19 +8,25 @@ is valid msgpack but not a valid message (not a map, no ``"type"``, a field of t
 type) raises `ControlMessageError` instead and leaves the decoder usable: the peer gets an
 ``error`` reply and the message is ignored. An unknown ``"type"`` decodes to `Unknown`.
 
-File descriptors (``attach-fd``) travel as SCM_RIGHTS with the bytes of their message. The
-kernel attaches them to the first byte of the sender's ``sendmsg`` and ends a ``recvmsg``
-after the segment that carries them, so the fds returned with a receive belong to the
-message that *starts* inside that receive's bytes. `ControlDecoder.feed` records each
-group of fds with the stream range it came with; an `AttachFd` takes the fds of the group
-whose range holds its first byte. Fds no message can claim any more are handed back in
-`ControlDecoder.orphans` for the I/O layer to close; this module never closes an fd.
+File descriptors (``attach-fd``) travel as SCM_RIGHTS. The kernel attaches them to the
+first byte of the sender's ``sendmsg`` and hands them out with whichever receive reads that
+byte, together with the bytes of any messages sent before it (a peer that sends ``hello``
+and then ``attach-fd`` without waiting for the reply gets both in one receive, with the
+fd), or with only the first piece of a message split across sends. So where an fd arrives
+says little about its message; the order says everything: SPEC.md §3 gives the fds, in the
+order received, to the messages that carry fds (``attach-fd``, one each), in the order
+decoded. A message of another type never takes one. `ControlDecoder.feed` queues the fds;
+each ``attach-fd`` (valid or not: a malformed one still carried its fd) takes the oldest.
+Fds beyond `MAX_UNCLAIMED` waiting for their message, and those of a poisoned decoder, are
+handed back in `ControlDecoder.orphans` for the I/O layer to close (with a warning naming
+the connection); this module never closes an fd.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
 import msgpack
@@ -39,6 +45,11 @@ _MAX_STR = 64 * 1024
 _MAX_CONTAINER = 64
 
 ATTACH_KINDS = ("data", "vfio-device")
+
+#: fds received and not yet claimed by an ``attach-fd``, at most; older ones are orphans.
+#: A peer sends an fd at the latest with its message's last byte, so only the fds of
+#: messages still in flight wait here.
+MAX_UNCLAIMED = 16
 
 
 class ControlFramingError(PacketError):
@@ -142,13 +153,6 @@ def parse_message(obj: object, fds: tuple[int, ...] = ()) -> Message:
     return Unknown(kind[:64])
 
 
-@dataclass(slots=True)
-class _FdGroup:
-    start: int  # stream offset of the first byte received with these fds
-    end: int  # offset just past the last one
-    fds: list[int] = field(default_factory=list)
-
-
 class ControlDecoder:
     """Splits a control byte stream into messages.
 
@@ -172,7 +176,7 @@ class ControlDecoder:
         # Where the next message starts. (The unpacker's ``tell`` also counts the bytes of
         # a message it has only partly parsed, so it is read only after a whole one.)
         self._start = 0
-        self._groups: list[_FdGroup] = []
+        self._fds: deque[int] = deque()  # received, not yet claimed, oldest first
         self._error: ControlFramingError | None = None
         #: fds no message can claim any more; the caller closes them.
         self.orphans: list[int] = []
@@ -186,8 +190,9 @@ class ControlDecoder:
         if self._error is not None:
             self.orphans.extend(fds)
             raise self._error
-        if fds:
-            self._groups.append(_FdGroup(self._fed, self._fed + len(data), list(fds)))
+        self._fds.extend(fds)
+        while len(self._fds) > MAX_UNCLAIMED:
+            self.orphans.append(self._fds.popleft())
         self._fed += len(data)
         if not data:
             return
@@ -205,7 +210,6 @@ class ControlDecoder:
         """
         if self._error is not None:
             raise self._error
-        start = self._start
         try:
             obj = next(self._unpacker)
         except StopIteration:
@@ -218,34 +222,20 @@ class ControlDecoder:
                 self._poison(f"control message above a size limit ({exc})")
             self._poison(f"control stream is not valid msgpack: {exc}")
         self._start = self._unpacker.tell()
-        fds = self._claim(start)
+        # The message's fd, claimed before it is validated: a malformed attach-fd still
+        # carried one, which must not shift to the next attach-fd.
+        carries = isinstance(obj, dict) and obj.get("type") == "attach-fd"
+        fds = (self._fds.popleft(),) if carries and self._fds else ()
         try:
-            msg = parse_message(obj, fds)
+            return parse_message(obj, fds)
         except ControlMessageError:
             self.orphans.extend(fds)
             raise
-        if fds and not isinstance(msg, AttachFd):
-            self.orphans.extend(fds)  # fds only travel with attach-fd
-        return msg
 
     @property
     def pending_fds(self) -> list[int]:
         """Every fd received and not yet claimed (to close when the connection ends)."""
-        return [fd for g in self._groups for fd in g.fds]
-
-    def _claim(self, start: int) -> tuple[int, ...]:
-        # Groups wholly before this message's first byte belonged to no message: orphans.
-        fds: tuple[int, ...] = ()
-        keep = []
-        for group in self._groups:
-            if group.end <= start:
-                self.orphans.extend(group.fds)
-            elif group.start <= start and not fds:
-                fds = tuple(group.fds)
-            else:
-                keep.append(group)
-        self._groups = keep
-        return fds
+        return list(self._fds)
 
     def _check_partial(self) -> None:
         # A message still incomplete with more than the limit buffered can never fit.
@@ -254,8 +244,8 @@ class ControlDecoder:
 
     def _poison(self, message: str) -> NoReturn:
         self._error = ControlFramingError(message)
-        self.orphans.extend(self.pending_fds)
-        self._groups = []
+        self.orphans.extend(self._fds)
+        self._fds.clear()
         raise self._error
 
 

@@ -17,8 +17,12 @@ that only listens should send a ``hello`` (it may be evicted under a flood other
 
 Config blobs (`config_target`): a ``config`` event is delivered before the device's finish
 step goes on. It goes only to connections that sent a valid message (a stranger must not
-take it); the loader waits until one of them wrote the event to its socket; if none is
-open, the event waits for the next one (bounded by the stall watchdog).
+take it); the loader waits until one of them wrote the event to its socket. If none is
+open, the event is kept for the next one: a peer that (re)connects gets the reply to its
+first message (``hello``) first, then every ``config`` event of the session so far. The
+wait warns every `CONFIG_WARN_INTERVAL` seconds and fails the device after the session's
+stall timeout, naming the undelivered config (the stall watchdog counts a loader inside
+its config target as busy, so this bound is the one that holds).
 
 Ending: when the session ends (every device loaded, a failure, or a cancel), this task
 keeps running, shielded, for at most ``flush_timeout`` seconds: it sends each connection
@@ -63,6 +67,8 @@ log = logging.getLogger("vfiomig")
 
 #: Control connections that have not sent a valid message yet, at most (by default).
 DEFAULT_MAX_PENDING = 8
+#: A config event no connection took yet is logged this often (seconds, at most).
+CONFIG_WARN_INTERVAL = 5.0
 
 
 class _ControlConfig(ConfigTarget):
@@ -78,7 +84,7 @@ class _ControlConfig(ConfigTarget):
             "instance": self.setup.instance,
             "data": data,
         }
-        await self.server.deliver(Out(proto.encode(msg), trio.Event()))
+        await self.server.deliver(Out(proto.encode(msg), trio.Event()), self.setup.name)
 
 
 class ControlServer:
@@ -118,7 +124,7 @@ class ControlServer:
         self.admission = Admission(max_pending, prefix="control: ")
         self._conns: set[Connection] = set()
         self._established = 0  # connections admitted and not yet closed
-        self._undelivered: list[Out] = []  # config events no connection delivered yet
+        self._configs: list[Out] = []  # config events so far, for connections admitted later
         self._finishing = trio.Event()
         self._stops: list[trio.CancelScope] = []  # the accept and progress loops
         self._session: Session | None = None
@@ -128,21 +134,57 @@ class ControlServer:
         """Connections refused so far (no room, garbage before a valid message)."""
         return self.admission.statistics().refused
 
+    def connection_counts(self) -> dict[str, int]:
+        """The control connections refused and evicted so far (session report fields)."""
+        st = self.admission.statistics()
+        return {"control_refused": st.refused, "control_evicted": st.evicted}
+
     def config_target(self, setup: DeviceSetup) -> ConfigTarget:
         """The config target sending ``setup``'s blob as a ``config`` event."""
         return _ControlConfig(self, setup)
 
-    async def deliver(self, out: Out) -> None:
-        """Queue ``out`` on every admitted connection (and on later ones) until one wrote it."""
+    async def deliver(self, out: Out, name: str) -> None:
+        """Queue config event ``out`` (of device ``name``) on every admitted connection
+        and on those admitted later, and wait until one wrote it to its socket.
+
+        Raises:
+            SinkError: no connection took it within the session's stall timeout.
+        """
         assert out.delivered is not None
-        self._undelivered.append(out)
-        try:
-            for conn in self._conns:
-                if conn.admitted:
-                    conn.queue(out)
-            await out.delivered.wait()
-        finally:
-            self._undelivered.remove(out)
+        self._configs.append(out)
+        for conn in self._conns:
+            if conn.admitted:
+                conn.queue(out)
+        timeout = self._session.config.stall_timeout if self._session is not None else 30.0
+        start = trio.current_time()
+        while True:
+            waited = trio.current_time() - start
+            with trio.move_on_after(min(CONFIG_WARN_INTERVAL, timeout / 3, timeout - waited)):
+                await out.delivered.wait()
+                return
+            waited = trio.current_time() - start
+            peers = sum(1 for c in self._conns if c.admitted)
+            if waited >= timeout:
+                raise SinkError(
+                    f"{name}: config event ({len(out.data)} bytes) undelivered: no control"
+                    f" connection took it within {timeout:g} s ({peers} connected)",
+                    device=name,
+                )
+            log.warning(
+                "%s: config event (%d bytes) waits for a control connection: %.0f of %g s",
+                name,
+                len(out.data),
+                waited,
+                timeout,
+                extra=event(
+                    "control_config_waiting",
+                    name,
+                    bytes=len(out.data),
+                    waited=round(waited, 3),
+                    timeout=timeout,
+                    peers=peers,
+                ),
+            )
 
     # -- the session task ----------------------------------------------------------------
 
@@ -156,11 +198,14 @@ class ControlServer:
         """
         listener, bound = await open_listener(self.address)
         self.bound = str(bound)
-        session.control_address = self.bound
-        session.control_admission = self.admission
         self._session = session
+        session.counters.append(self.connection_counts)
         session.listeners.append(self._on_event)
-        log.info("control: listening on %s", self.bound, extra=event("control_listening"))
+        log.info(
+            "control: listening on %s",
+            self.bound,
+            extra=event("control_listening", address=self.bound),
+        )
         task_status.started()
         shield = trio.CancelScope(shield=True)
         try:
@@ -243,8 +288,6 @@ class ControlServer:
         self.admission.admit(conn.ticket)
         self._established += 1
         conn.admitted = True
-        for out in self._undelivered:
-            conn.queue(out)
         return True
 
     async def _serve_connection(self, conn: Connection) -> None:
@@ -329,13 +372,20 @@ class ControlServer:
                     try:
                         decoder.feed(data, fds)
                         while (msg := decoder.next_message()) is not None:
-                            close_fds(decoder.orphans)
-                            if not conn.admitted and admits(msg) and not self._admit(conn):
+                            self._close_orphans(conn, decoder.orphans)
+                            if conn.admitted or not admits(msg):
+                                self._handle(conn, msg)
+                                continue
+                            if not self._admit(conn):
                                 conn.send.close()  # the writer sends the error, then ends
                                 return
+                            # The reply to its first message (hello) first, then the
+                            # config events it missed.
                             self._handle(conn, msg)
+                            for out in self._configs:
+                                conn.queue(out)
                     except proto.ControlMessageError as exc:
-                        close_fds(decoder.orphans)
+                        self._close_orphans(conn, decoder.orphans)
                         self._reply_error(conn, str(exc))
                         continue
                     if not data and not conn.admitted:
@@ -359,8 +409,20 @@ class ControlServer:
                 self._ended(conn, "lost", exc)
                 connection_scope.cancel()
             finally:
-                close_fds(decoder.orphans)
-                close_fds(decoder.pending_fds)
+                self._close_orphans(conn, decoder.orphans)
+                self._close_orphans(conn, decoder.pending_fds)
+
+    def _close_orphans(self, conn: Connection, fds: list[int]) -> None:
+        """Close the fds no ``attach-fd`` of ``conn`` claimed (and empty ``fds``)."""
+        if not fds:
+            return
+        log.warning(
+            "control: %s: closed %d fd(s) that no attach-fd claimed",
+            conn.label,
+            len(fds),
+            extra=event("control_fds_unclaimed", peer=conn.label, count=len(fds)),
+        )
+        close_fds(fds)
 
     # -- commands ----------------------------------------------------------------------
 

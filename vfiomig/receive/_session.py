@@ -213,14 +213,14 @@ class Session:
             else default_max_pending(config.channels),
             floor=config.channels + 4,  # out of fds: room for every channel still
         )
-        #: The control channel's, set by its task.
-        self.control_admission: Admission | None = None
+        #: Counts an extra task adds to the report and the progress events (the control
+        #: channel's refused and evicted connections): called at report time.
+        self.counters: list[Callable[[], dict[str, int]]] = []
         self.errors: list[VfioMigError] = []  # failures not tied to a device
         self.failed = False
         self.done = trio.Event()
         self.listeners: list[Callable[[SessionEvent], None]] = []
         self.bound: list[str] = []  # data listeners' real addresses
-        self.control_address: str | None = None  # set by the control channel task
         self.cancel_scope = trio.CancelScope()
 
     @property
@@ -228,15 +228,13 @@ class Session:
         return self.admission.statistics().refused
 
     def connection_counts(self) -> dict[str, int]:
-        """Refused and evicted connections so far, data and control (report fields)."""
+        """Refused and evicted connections so far: the data channels' and whatever the
+        extra tasks count (`counters`; the control channel's), as report fields."""
         data = self.admission.statistics()
-        control = self.control_admission.statistics() if self.control_admission else None
-        return {
-            "channels_refused": data.refused,
-            "channels_evicted": data.evicted,
-            "control_refused": control.refused if control else 0,
-            "control_evicted": control.evicted if control else 0,
-        }
+        counts = {"channels_refused": data.refused, "channels_evicted": data.evicted}
+        for counter in self.counters:
+            counts.update(counter())
+        return counts
 
     # -- routing and wakeups ---------------------------------------------------------
 
