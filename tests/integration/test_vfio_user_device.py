@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap
 import os
 import random
+import socket
 import struct
 from typing import Any
 
@@ -23,7 +25,7 @@ from vfiomig.vfio_user import (
     SharedMemory,
     VfioUserDevice,
 )
-from vfiomig.vfio_user._header import Command
+from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user._layouts import (
     DMA_ACCESS,
     DMA_MAP,
@@ -232,6 +234,35 @@ async def test_irqs_eventfds_trigger_mask_unmask_and_bounds() -> None:
                 raw.close()
                 await trio.sleep(0.05)
             assert device.irqs.eventfd(IrqIndex.MSI, 1) is None  # dropped with the client
+    finally:
+        for fd in efds:
+            os.close(fd)
+
+
+async def test_fds_go_with_their_message_when_one_read_takes_several() -> None:
+    """A request without fds and then SET_IRQS with two eventfds, both sent before the
+    server reads: one recvmsg returns both, and the fds belong to the second."""
+    device = make_device()
+    efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+    try:
+        with trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path)
+                info = struct.pack("=IIII", 16, 0, 2, 0)
+                irqs = set_irqs(TRIGGER_EVENTFD, IrqIndex.MSI, 1, 2)
+                twin = socket.socket(fileno=os.dup(raw.sock.fileno()))
+                with twin:  # synchronous sends: both are queued before the server runs
+                    twin.sendmsg([HEADER.pack(50, Command.DEVICE_GET_IRQ_INFO, 32, 0, 0) + info])
+                    twin.sendmsg(
+                        [HEADER.pack(51, Command.DEVICE_SET_IRQS, 16 + len(irqs), 0, 0) + irqs],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", efds))],
+                    )
+                first, second = await raw.receive(), await raw.receive()
+                assert (first.msg_id, first.errno) == (50, 0)
+                assert (second.msg_id, second.errno) == (51, 0), second
+                assert device.irqs.trigger(IrqIndex.MSI, 2)
+                assert [eventfd_value(fd) for fd in efds] == [0, 1]
+                raw.close()
     finally:
         for fd in efds:
             os.close(fd)

@@ -1,8 +1,10 @@
 """One vfio-user client connection of the server: framing, fds, requests, replies.
 
 One connection is one task that receives with ``recvmsg_into`` into a buffer of its own:
-fds arrive with the bytes they were sent with (SCM_RIGHTS) and go to the message whose
-header starts in that read; a request's payload is handed to the handler as a view of
+fds arrive with the read that took the first byte of the ``sendmsg`` they were sent with
+(SCM_RIGHTS), and the kernel ends that read with that send's bytes, so they go to the last
+message whose header starts in that read (not the first: a read may also hold requests
+sent before them); a request's payload is handed to the handler as a view of
 the buffer (a MIG_DATA_WRITE body reaches ``write_data`` without a copy). Requests are
 handled and answered in the order they arrive, so a client may pipeline them. Replies
 to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
@@ -153,18 +155,24 @@ class Connection:
             raise ConnectionLost("ancillary data was truncated")
         return nbytes, fds
 
-    def _take_fds(self, at: int) -> list[int]:
-        """The fds that came with the read the message at stream offset ``at`` starts in;
-        fds of reads in which no message started are closed."""
+    def _take_fds(self, at: int, size: int) -> list[int]:
+        """The fds of the message at stream offset ``at`` of ``size`` bytes: those of the
+        read it starts in, if it is the last message starting there (it runs to the read's
+        end). fds of reads no message can claim any more are closed, with a warning."""
         if not self.fd_chunks:
             return []
         taken: list[int] = []
         keep: list[tuple[int, int, list[int]]] = []
         for chunk in self.fd_chunks:
             start, end, fds = chunk
-            if start <= at < end:
+            if start <= at < end and at + size >= end:
                 taken += fds
             elif end <= at:
+                log.warning(
+                    "vfio-user: closed %d fd(s) that came with no message",
+                    len(fds),
+                    extra=event("vfio_user_fds_unclaimed", count=len(fds)),
+                )
                 close_fds(fds)
             else:
                 keep.append(chunk)
@@ -222,7 +230,7 @@ class Connection:
                 if self.end - self.start >= size:
                     self.wanted = HEADER_SIZE
                     at = self.start
-                    fds = self._take_fds(self.base + at)
+                    fds = self._take_fds(self.base + at, size)
                     payload = self.view[at + HEADER_SIZE : at + size]
                     self.start += size
                     try:
@@ -255,7 +263,7 @@ class Connection:
 
     async def _refuse(self, msg_id: int, command: int, size: int, flags: int, code: int) -> None:
         """Answer the request at ``start`` with ``code`` and drop its ``size`` bytes."""
-        close_fds(self._take_fds(self.base + self.start))
+        close_fds(self._take_fds(self.base + self.start, size))
         have = min(self.end - self.start, size)
         self.start += have
         self.skip = size - have
@@ -290,7 +298,7 @@ class Connection:
             return True
         if target is None:
             return False
-        close_fds(self._take_fds(self.base + self.start))
+        close_fds(self._take_fds(self.base + self.start, size))
         body = self.start + DATA_HEAD_SIZE
         have = min(self.end - body, data_size)
         target[:have] = self.view[body : body + have]
