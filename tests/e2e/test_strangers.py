@@ -130,13 +130,17 @@ Behaviour: TypeAlias = Callable[[trio.SocketStream], Awaitable[None]]
 
 
 async def _until_closed(stream: trio.SocketStream, every: float, byte: bytes) -> None:
-    """Send ``byte`` every ``every`` seconds (nothing if empty) until the peer closes."""
-    while True:
-        if byte:
-            await stream.send_all(byte)
-        with trio.move_on_after(every):
-            if not await stream.receive_some(4096):
-                return
+    """Send ``byte`` every ``every`` seconds (nothing if empty) until the peer closes (a
+    refused connection is reset)."""
+    try:
+        while True:
+            if byte:
+                await stream.send_all(byte)
+            with trio.move_on_after(every):
+                if not await stream.receive_some(4096):
+                    return
+    except trio.BrokenResourceError:
+        return
 
 
 async def idle(stream: trio.SocketStream) -> None:

@@ -49,8 +49,8 @@ async def test_the_real_channel_evicts_the_stranger_silent_the_longest() -> None
             )
             real = await connect(rx)  # the third: at the cap, one of the others must go
             await wait_for(lambda: admission.statistics().evicted == 1, "an eviction")
-            with trio.fail_after(2):
-                assert await idle.receive_some(10) == b""  # evicted: closed by the receiver
+            with trio.fail_after(2), pytest.raises(trio.BrokenResourceError, match="reset"):
+                await idle.receive_some(10)  # evicted: reset by the receiver (a refusal)
             await real.send_all(channel_streams(packets, 1, UUID)[0])
             await real.aclose()
             await rx.session.done.wait()
@@ -153,8 +153,8 @@ async def test_tls_handshakes_count_as_pending(tmp_path: Path) -> None:
             await wait_for(lambda: admission.statistics().pending == 2, "strangers pending")
             real = trio.SSLStream(await connect(rx), client, server_hostname="127.0.0.1")
             await wait_for(lambda: admission.statistics().evicted == 1, "an eviction")
-            with trio.fail_after(2):
-                assert await silent[0].receive_some(10) == b""  # the older one was evicted
+            with trio.fail_after(2), pytest.raises(trio.BrokenResourceError, match="reset"):
+                await silent[0].receive_some(10)  # the older one was evicted: reset
             await real.send_all(channel_streams(packets, 1, UUID)[0])
             await real.aclose()
             await rx.session.done.wait()

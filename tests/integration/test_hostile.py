@@ -97,7 +97,10 @@ async def test_connection_storm_is_refused_and_the_session_carries_on(snapshot: 
             for _ in range(100):  # loopback only, bounded
                 storm.append(await connect(rx))
             for s in storm[:50]:
-                await s.send_all(b"\x11\x22\x33\x44" + b"\0" * 60)  # bad handshakes
+                try:  # bad handshakes; an evicted connection was reset already
+                    await s.send_all(b"\x11\x22\x33\x44" + b"\0" * 60)
+                except trio.BrokenResourceError:
+                    pass
             streams = channel_streams(good(0), 2, UUID, seed=2)
             for s in streams:
                 conn = await connect(rx)

@@ -37,7 +37,7 @@ def test_handshake_layout_is_qemus_multifdinit() -> None:
         (b"\x11\x22\x33\x45" + encode_handshake(UUID, 0)[4:], "magic 0x11223345"),
         (encode_handshake(UUID, 0)[:4] + b"\0\0\0\2" + encode_handshake(UUID, 0)[8:], "version 2"),
         (encode_handshake(bytes(16), 0), "channel 0 has uuid 00000000-0000"),
-        (encode_handshake(UUID, 4), "channel id 4 is out of range (channels 4)"),
+        (encode_handshake(UUID, 4), "channel id 4 is not below the channel count 4"),
     ],
 )
 def test_handshake_refusals(raw: bytes, message: str) -> None:

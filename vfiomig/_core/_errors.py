@@ -39,6 +39,11 @@ class HandshakeError(PacketError):
     """A data channel's MultiFDInit_t handshake was refused (magic, version, uuid, id)."""
 
 
+class ChannelCountError(HandshakeError):
+    """A channel's id is not below the receiver's channel count: the sender opens more
+    channels than the receiver was told (QEMU's multifd-channels against --channels)."""
+
+
 class ConfigStateError(PacketError):
     """The config-state blob is malformed (markers missing) or arrived twice."""
 

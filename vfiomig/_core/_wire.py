@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Final, Literal
 
-from vfiomig._core._errors import ConfigStateError, HandshakeError
+from vfiomig._core._errors import ChannelCountError, ConfigStateError, HandshakeError
 
 MULTIFD_MAGIC: Final = 0x11223344
 MULTIFD_VERSION: Final = 1
@@ -77,7 +77,11 @@ def decode_handshake(data: bytes | bytearray | memoryview, *, uuid: bytes, chann
             f"channel {channel_id} has uuid {format_uuid(peer_uuid)} (expected {format_uuid(uuid)})"
         )
     if channel_id >= channels:
-        raise HandshakeError(f"channel id {channel_id} is out of range (channels {channels})")
+        raise ChannelCountError(
+            f"channel id {channel_id} is not below the channel count {channels}: the sender"
+            " opens more channels than this receiver expects (QEMU's multifd-channels must"
+            " equal --channels)"
+        )
     return int(channel_id)
 
 

@@ -2,7 +2,14 @@
 
 A channel task promises, when it returns, that its stream is closed and that everything
 it read was either handed to a reorder buffer or reported as an error. Handshake
-failures refuse only this channel; any error after the handshake fails the session.
+failures refuse only this channel (but a channel id beyond the channel count fails the
+session: the sender opens more channels than this receiver expects, and what they carry
+can never come); any error after the handshake fails the session.
+
+How it closes tells the sender the outcome (SPEC.md §5): a channel read to its end while
+the session stands is closed in order (FIN); a refused channel, and every channel of a
+failed session, is reset (RST), whatever its buffers held, so that a sender waiting for
+the close after its last byte cannot take a refusal for success.
 Until its handshake is accepted a channel is pending (`vfiomig.transport.Admission`):
 an eviction ends it then, and nothing it sent reaches a device.
 """
@@ -12,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -30,10 +37,11 @@ from vfiomig._core import (
     VfioMigError,
     new_payload_buffer,
 )
+from vfiomig._core._errors import ChannelCountError
 from vfiomig._logs import event
 from vfiomig.receive._loader import wake_loader
 from vfiomig.receive._session import Device, Session
-from vfiomig.transport import Pending
+from vfiomig.transport import Pending, reset_on_close
 
 log = logging.getLogger("vfiomig")
 
@@ -88,39 +96,26 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
 
     try:
         async with stream:
-            # Handshake: bounded in time, and a refusal closes only this channel.
-            ev = None
+            ended = False  # read to its end while the session stood: closed in order
             try:
-                with ticket.evictable(), trio.fail_after(cfg.handshake_timeout):
-                    while (ev := framer.next_event()) is NEED_DATA:
-                        ticket.note(await fill())
-            except trio.TooSlowError:
-                admission.refuse(ticket, label, f"no handshake within {cfg.handshake_timeout:g} s")
-                return
-            except (HandshakeError, StreamIncompleteError) as exc:
-                admission.refuse(ticket, label, str(exc))
-                return
-            except (OSError, trio.BrokenResourceError) as exc:  # e.g. a reset
-                admission.refuse(ticket, label, f"connection lost during the handshake: {exc}")
-                return
-            if ticket.evicted:
-                return
-            assert isinstance(ev, ChannelHello)
-            if ev.channel_id in session.channel_ids:
-                admission.refuse(ticket, label, f"channel id {ev.channel_id} already set up")
-                return
-            admission.admit(ticket)
-            session.channel_ids.add(ev.channel_id)
-            session.channels_accepted += 1
-            session.channels_open += 1
-            registered = True
-            log.info(
-                "channel %d: accepted from %s",
-                ev.channel_id,
-                label,
-                extra=event("channel_accepted", peer=label, channel=ev.channel_id),
-            )
-            await _read_packets(session, framer, fill, recv_into, sock)
+                hello = await _handshake(session, framer, fill, ticket)
+                if hello is not None:
+                    admission.admit(ticket)
+                    session.channel_ids.add(hello.channel_id)
+                    session.channels_accepted += 1
+                    session.channels_open += 1
+                    registered = True
+                    log.info(
+                        "channel %d: accepted from %s",
+                        hello.channel_id,
+                        label,
+                        extra=event("channel_accepted", peer=label, channel=hello.channel_id),
+                    )
+                    await _read_packets(session, framer, fill, recv_into, sock)
+                    ended = True
+            finally:
+                if not ended or session.failed:
+                    reset_on_close(stream)
     except VfioMigError as exc:
         session.fail(exc)
     except (OSError, trio.BrokenResourceError) as exc:
@@ -146,6 +141,41 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
         if registered:
             session.channels_open -= 1
             channel_closed(session)
+
+
+async def _handshake(
+    session: Session, framer: Framer, fill: Callable[[], Awaitable[int]], ticket: Pending
+) -> ChannelHello | None:
+    """The channel's handshake, bounded in time: its hello, or None when it was refused
+    (a refusal closes only this channel, but for a channel id beyond the count)."""
+    cfg = session.config
+    admission = session.admission
+    label = ticket.label
+    ev = None
+    try:
+        with ticket.evictable(), trio.fail_after(cfg.handshake_timeout):
+            while (ev := framer.next_event()) is NEED_DATA:
+                ticket.note(await fill())
+    except trio.TooSlowError:
+        admission.refuse(ticket, label, f"no handshake within {cfg.handshake_timeout:g} s")
+        return None
+    except ChannelCountError as exc:
+        admission.refuse(ticket, label, str(exc))
+        session.fail(exc)
+        return None
+    except (HandshakeError, StreamIncompleteError) as exc:
+        admission.refuse(ticket, label, str(exc))
+        return None
+    except (OSError, trio.BrokenResourceError) as exc:  # e.g. a reset
+        admission.refuse(ticket, label, f"connection lost during the handshake: {exc}")
+        return None
+    if ticket.evicted:
+        return None
+    assert isinstance(ev, ChannelHello)
+    if ev.channel_id in session.channel_ids:
+        admission.refuse(ticket, label, f"channel id {ev.channel_id} already set up")
+        return None
+    return ev
 
 
 async def _read_packets(session: Session, framer: Framer, fill, recv_into, sock) -> None:  # type: ignore[no-untyped-def]

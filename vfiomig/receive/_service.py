@@ -28,6 +28,7 @@ from vfiomig.transport import (
     open_listener,
     parse_address,
     peer_label,
+    reset_on_close,
     tune_socket,
 )
 
@@ -131,7 +132,13 @@ def _start_channel(session: Session, stream: trio.SocketStream, nursery: trio.Nu
         return
     if session.channels_accepted >= session.config.channels:
         # Every channel id is taken: nothing more can be accepted.
-        admission.refuse(None, label, f"all {session.config.channels} channels are set up")
+        admission.refuse(
+            None,
+            label,
+            f"all {session.config.channels} channels are set up (does the sender open more"
+            " channels than --channels?)",
+        )
+        reset_on_close(stream)
         stream.socket.close()
         return
     ticket = admission.enter(label)
@@ -159,11 +166,13 @@ async def _run_tls_channel(session: Session, stream: trio.SocketStream, ticket: 
         why = f"tls handshake failed: {exc.__cause__ or exc}"
     except BaseException:  # the session ended
         session.admission.release(ticket)
+        reset_on_close(stream)
         await trio.aclose_forcefully(stream)
         raise
     if why is not None or ticket.evicted:
         if why is not None:
             session.admission.refuse(ticket, ticket.label, why)
+        reset_on_close(stream)  # a refusal, not an orderly end
         await trio.aclose_forcefully(stream)
         return
     await run_channel(session, tls, ticket)

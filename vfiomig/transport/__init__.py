@@ -30,6 +30,7 @@ from vfiomig.transport._sockets import (
     parse_address,
     peer_label,
     received_fds,
+    reset_on_close,
     tune_socket,
     unix_socket_listening,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "parse_address",
     "peer_label",
     "received_fds",
+    "reset_on_close",
     "server_context",
     "tune_socket",
     "unix_socket_listening",

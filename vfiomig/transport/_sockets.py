@@ -19,6 +19,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+import struct
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -269,6 +270,23 @@ def tune_socket(stream: trio.abc.Stream, *, buffer_size: int | None = None) -> N
                 pass
     if sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6):
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+
+
+def reset_on_close(stream: trio.abc.Stream | trio.socket.SocketType) -> None:
+    """Make the next close of ``stream``'s socket a reset (SO_LINGER 0: RST, not FIN),
+    whatever its buffers hold, so that the peer cannot take it for an orderly end. Best
+    effort: a socket already gone is left as it is. A TLS stream's transport is found."""
+    # Through a TLS stream and a MeteredStream (``.stream``) to the socket stream.
+    while not isinstance(stream, trio.SocketStream | trio.socket.SocketType):
+        inner = getattr(stream, "transport_stream", None) or getattr(stream, "stream", None)
+        if inner is None:
+            return
+        stream = inner
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else stream
+    try:
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
 
 
 def peer_label(stream: trio.SocketStream, what: str) -> str:
