@@ -211,7 +211,13 @@ def test_systemd_socket_activate_hands_over_named_sockets(tmp_path: Path) -> Non
     while not (data.exists() and control.exists()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
-    # The receiver starts on the first connection (the control channel's, here).
-    _migrate(proc, [f"unix:{data}"], f"unix:{control}", tmp_path)
-    ready = json.loads((tmp_path / "ready.json").read_text())
+    # The receiver starts on the first connection (a control connection that leaves).
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.connect(str(control))
+    probe.close()
+    ready = _wait_ready(proc, tmp_path / "ready.json")
     assert ready == {"data": [f"unix:{data}"], "control": f"unix:{control}"}
+    _migrate(proc, [f"unix:{data}"], f"unix:{control}", tmp_path)
+    # The ready file goes with the process; the socket files are the supervisor's.
+    assert not (tmp_path / "ready.json").exists()
+    assert data.exists() and control.exists()

@@ -31,6 +31,15 @@ def test_bad_addresses(text: str) -> None:
         parse_address(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "right"),
+    [("tcp://10.0.0.2:4444", "tcp:10.0.0.2:4444"), ("unix:///run/x.sock", "unix:/run/x.sock")],
+)
+def test_uri_style_addresses_name_the_right_form(text: str, right: str) -> None:
+    with pytest.raises(UsageError, match=f"is a URI: write {right} "):
+        parse_address(text)
+
+
 def _env(**values: str) -> dict[str, str]:
     return {"PATH": "/bin", **values}
 

@@ -23,7 +23,7 @@ from vfiomig._core._errors import UsageError
 from vfiomig._logs import configure_logging, event
 from vfiomig._version import __version__
 from vfiomig.cli import _bench, _receive, _send
-from vfiomig.cli._options import Parser, add_logging_options, size
+from vfiomig.cli._options import Parser, add_logging_options, size, wants_json_logs
 
 log = logging.getLogger("vfiomig")
 
@@ -109,7 +109,11 @@ def run() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if wants_json_logs(words):
+        configure_logging(0, "json")  # so that a parsing error is a JSON line too
+        Parser.json_errors = True
+    args = parser.parse_args(words)
     configure_logging(args.verbose, args.log_format)
     keep_freed_memory()
     # The objects of start-up (modules, classes, the parser) live as long as the process:
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return trio.run(bench_main, args)
     except UsageError as exc:
-        log.error("error: %s", exc, extra=event("usage_error"))
+        log.error("error: %s", exc, extra=event("usage_error", reason=str(exc)))
         return 2
     except KeyboardInterrupt:
         log.error("interrupted", extra=event("interrupted"))

@@ -8,11 +8,13 @@ Help texts say each option's unit and default; sizes take the suffixes of
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Sequence
 from typing import NoReturn
 
 from vfiomig._core._errors import UsageError
 from vfiomig._core._wire import parse_uuid
-from vfiomig._logs import LOG_FORMATS
+from vfiomig._logs import LOG_FORMATS, event
 from vfiomig._units import parse_size
 from vfiomig.cli._specs import DeviceSpec, parse_device
 from vfiomig.transport import parse_address
@@ -22,10 +24,31 @@ SIZE_UNITS = "bytes, or with a K/M/G/T suffix (binary: 64M = 64MiB = 67108864)"
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors: ``vfiomig receive: error: argument --x: why``
-    and exit status 2 (the usage itself is one ``--help`` away)."""
+    and exit status 2 (the usage itself is one ``--help`` away). Under ``--log-format
+    json`` (`json_errors`, set before parsing) the line is a JSON log record (event
+    ``usage_error``), like every other error."""
+
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        text = f"{self.prog}: error: {message} (see {self.prog} --help)"
+        if Parser.json_errors:
+            logging.getLogger("vfiomig").error(
+                "%s", text, extra=event("usage_error", reason=message, command=self.prog)
+            )
+            self.exit(2)
+        self.exit(2, text + "\n")
+
+
+def wants_json_logs(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for ``--log-format json`` (looked at before parsing, so
+    that parsing errors come in that format too)."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-format=json" or (
+            arg == "--log-format" and i + 1 < len(argv) and argv[i + 1] == "json"
+        ):
+            return True
+    return False
 
 
 def size(text: str) -> int:

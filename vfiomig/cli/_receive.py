@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -19,6 +18,13 @@ import trio
 from vfiomig._core import VfioMigError
 from vfiomig._core._errors import UsageError
 from vfiomig._logs import event
+from vfiomig.cli._lifecycle import (
+    Notifier,
+    ReadyFile,
+    notify_progress,
+    signal_task,
+    status_line,
+)
 from vfiomig.cli._options import (
     ADDR_HELP,
     SIZE_UNITS,
@@ -32,7 +38,7 @@ from vfiomig.cli._options import (
     uuid,
 )
 from vfiomig.cli._progress import draw_progress, receive_status, wanted
-from vfiomig.cli._specs import DeviceSpec, open_sink
+from vfiomig.cli._specs import DeviceSpec, check_unique_devices, open_sink
 from vfiomig.receive import DeviceSetup, MigrationFailed, ReceiverConfig, Session, SessionReport
 from vfiomig.sinks import ConfigDir
 from vfiomig.transport import inherited_sockets, options_to_contexts
@@ -137,6 +143,13 @@ def add_parser(sub: Any) -> None:
         help="fail the session when nothing moves for this long after the first packet; default 30",
     )
     rx.add_argument(
+        "--first-channel-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="fail when no data channel came this long after the listeners opened (a line"
+        " is logged at intervals meanwhile); default: wait for ever, as QEMU's -incoming",
+    )
+    rx.add_argument(
         "--sink-timeout",
         type=seconds,
         default=60.0,
@@ -218,6 +231,7 @@ def _activated_addresses(args: argparse.Namespace) -> tuple[list[str], str | Non
 def run_receive(args: argparse.Namespace) -> int:
     listen, control_addr = _activated_addresses(args)
     specs: list[DeviceSpec] = args.device
+    check_unique_devices(specs)
     if args.config_out is None and control_addr is None:
         raise UsageError("no config target: pass --config-out DIR or --control ADDR")
     if args.config_out is not None and not os.path.isdir(args.config_out):
@@ -253,6 +267,7 @@ def run_receive(args: argparse.Namespace) -> int:
         ram_page_count=args.ram_page_count,
         tls=tls,
         max_pending=args.max_pending,
+        first_channel_timeout=args.first_channel_timeout,
     )
     control = None
     if control_addr is not None:
@@ -270,7 +285,11 @@ def run_receive(args: argparse.Namespace) -> int:
     # One line per failed device; a session-wide error is folded into those lines.
     failed: list[tuple[str | None, str]] = [(d.name, d.error) for d in report.devices if d.error]
     for name, line in failed or [(None, e) for e in report.errors]:
-        log.error("%s", line, extra=event("migration_failed", name))
+        row = next((d for d in report.devices if d.name == name), None)
+        fields: dict[str, object] = {"error": line}
+        if row is not None:
+            fields.update(bytes=row.bytes, packets=row.packets, loaded=row.loaded)
+        log.error("%s", line, extra=event("migration_failed", name, **fields))
     return 1
 
 
@@ -293,41 +312,64 @@ async def _run_receiver(
     extra: list[ExtraTask] = []
     if control is not None:
         extra.append(control.serve)
-    extra.append(_signal_task)
+    extra.append(signal_task)
     reports: list[SessionReport] = []
     usage: list[UsageError] = []
+    ready = ReadyFile(ready_file) if ready_file else None
+    notifier = Notifier.from_environ()
 
-    async def serve(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        task_status: trio.TaskStatus[Session | None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        started = _Started(task_status)
         try:
-            reports.append(await serve_receiver(config, task_status=task_status, extra_tasks=extra))
-        except MigrationFailed as exc:
+            reports.append(await serve_receiver(config, task_status=started, extra_tasks=extra))
+        except MigrationFailed as exc:  # possibly before every listener was up
             reports.append(exc.report)
         except UsageError as exc:  # e.g. an address already in use: exit 2, no traceback
             usage.append(exc)
-            task_status.started(None)  # type: ignore[arg-type]
+        if not started.done:
+            task_status.started(None)
 
-    async with trio.open_nursery() as nursery:
-        session: Session | None = await nursery.start(serve)
-        if ready_file and session is not None:
-            _write_ready_file(ready_file, session, control)
-        if progress and session is not None:
-            nursery.start_soon(draw_progress, session.done, lambda: receive_status(session))
+    try:
+        async with trio.open_nursery() as nursery:
+            session: Session | None = await nursery.start(serve)
+            if session is not None:
+                if ready is not None:
+                    ready.write(session, control)
+                notifier.send(READY="1", STATUS=status_line(session))
+                if notifier.enabled:
+                    nursery.start_soon(_notify_until_done, notifier, session)
+                if progress:
+                    nursery.start_soon(draw_progress, session.done, lambda: receive_status(session))
+    finally:
+        if ready is not None:
+            ready.remove()
+        if reports:
+            outcome = "every device loaded" if reports[0].ok else "the migration failed"
+            notifier.send(STOPPING="1", STATUS=outcome)
+        notifier.close()
     if usage:
         raise usage[0]
     return reports[0]
 
 
-async def _signal_task(
-    session: Session, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        task_status.started()
-        async for signum in signals:
-            session.abort(f"received {signal.Signals(signum).name}")
+class _Started:
+    """The task status `serve_receiver` reports to, remembering whether it did: a session
+    that fails before its listeners are all up (a sink that cannot start) must still
+    release the caller's ``nursery.start``."""
+
+    def __init__(self, status: trio.TaskStatus[Session | None]) -> None:
+        self.status = status
+        self.done = False
+
+    def started(self, value: Session | None = None) -> None:
+        self.done = True
+        self.status.started(value)
 
 
-def _write_ready_file(path: str, session: Session, control: ControlServer | None) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"data": session.bound, "control": control.bound if control else None}, f)
-    os.replace(tmp, path)
+async def _notify_until_done(notifier: Notifier, session: Session) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(notify_progress, notifier, session)
+        await session.done.wait()
+        nursery.cancel_scope.cancel()

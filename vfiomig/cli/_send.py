@@ -26,7 +26,7 @@ from vfiomig.cli._options import (
     uuid,
 )
 from vfiomig.cli._progress import draw_progress, send_status, wanted
-from vfiomig.cli._specs import DeviceSpec, open_source
+from vfiomig.cli._specs import DeviceSpec, check_unique_devices, open_source
 from vfiomig.transport import options_to_contexts
 
 log = logging.getLogger("vfiomig")
@@ -51,8 +51,10 @@ def add_parser(sub: Any) -> None:
         "send",
         help="send device state over multifd channels (QEMU's source side, for tests)",
         description="Send device state as QEMU's multifd channels carry it. Exit status: 0"
-        " every packet sent (and, with --control, every device loaded), 1 the migration"
-        " failed, 2 usage error. ADDR is tcp:HOST:PORT or unix:PATH.",
+        " the receiver took every byte (with --control: every device loaded; without: every"
+        " channel read to its end and closed in order by the receiver), 1 the migration"
+        " failed or the receiver refused it, 2 usage error. ADDR is tcp:HOST:PORT or"
+        " unix:PATH.",
     )
     tx.add_argument(
         "--connect",
@@ -160,6 +162,7 @@ def run_send(args: argparse.Namespace) -> int:
     from vfiomig.send import PrecopyOptions, SendDevice, SendReport, SendStatus, send_migration
 
     specs: list[DeviceSpec] = args.device
+    check_unique_devices(specs)
     devices = [SendDevice(s.idstr, s.instance, open_source(s.spec)) for s in specs]
     tls = options_to_contexts(args.tls_cert, args.tls_key, args.tls_ca, server=False)
     precopy: dict[tuple[str, int], bytes] = {}
@@ -171,9 +174,11 @@ def run_send(args: argparse.Namespace) -> int:
             raise UsageError(f"--precopy {spec.spec}: {exc.strerror}") from exc
 
     progress = wanted(args.verbose, args.log_format)
+    statuses: list[SendStatus] = []
 
     async def run() -> SendReport:
         status = SendStatus()
+        statuses.append(status)
         if not progress:
             return await _send(status)
         # The send runs beside the line, outside the nursery's error group: its errors
@@ -211,13 +216,23 @@ def run_send(args: argparse.Namespace) -> int:
 
     try:
         report = trio.run(run)
-    except (OSError, trio.BrokenResourceError) as exc:
-        log.error("send failed: %s", exc, extra=event("send_failed"))
-        return 1
-    except VfioMigError as exc:
+    except (OSError, trio.BrokenResourceError, VfioMigError) as exc:
         if isinstance(exc, UsageError):
             raise
-        log.error("send failed: %s", exc, extra=event("send_failed"))
+        from vfiomig.send._close import describe
+
+        message = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
+        log.error("send failed: %s", message, extra=event("send_failed", reason=message))
+        if args.json:
+            status = statuses[0] if statuses else None
+            summary = {
+                "ok": False,
+                "error": message,
+                "phase": status.phase if status else "connecting",
+                "sent_bytes": status.sent_bytes if status else 0,
+                "precopy_bytes": status.precopy_bytes if status else 0,
+            }
+            print(json.dumps(summary), flush=True)
         return 1
     if args.json:
         summary = {

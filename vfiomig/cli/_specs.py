@@ -50,6 +50,22 @@ class DeviceSpec:
 _INSTANCE = re.compile(r"[0-9]+")
 
 
+def check_unique_devices(specs: list[DeviceSpec]) -> None:
+    """Refuse a device named twice (before anything is opened).
+
+    Raises:
+        UsageError: naming the device and both specs.
+    """
+    seen: dict[tuple[str, int], DeviceSpec] = {}
+    for spec in specs:
+        first = seen.setdefault((spec.idstr, spec.instance), spec)
+        if first is not spec:
+            raise UsageError(
+                f"--device {spec.name} is given twice ({first.spec} and {spec.spec}):"
+                " each device once"
+            )
+
+
 def parse_device(text: str) -> DeviceSpec:
     """Split ``IDSTR[/INSTANCE]=SPEC``: the text up to the first ``=`` names the device,
     and its part after the last ``/`` is the instance when it is a decimal number."""

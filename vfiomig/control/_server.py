@@ -55,6 +55,7 @@ from vfiomig.receive import Device, DeviceSetup, ExtraTask, Session, SessionEven
 from vfiomig.sinks import ConfigTarget
 from vfiomig.transport import (
     Admission,
+    Listener,
     MeteredStream,
     close_fds,
     listener_kind,
@@ -242,15 +243,13 @@ class ControlServer:
             conn.send.close()
             conn.reader.cancel()
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
         with trio.CancelScope() as stop:
             self._stops.append(stop)
             async with listener:
                 await self._accept_connections(listener, nursery)
 
-    async def _accept_connections(
-        self, listener: trio.SocketListener, nursery: trio.Nursery
-    ) -> None:
+    async def _accept_connections(self, listener: Listener, nursery: trio.Nursery) -> None:
         while True:
             stream = await self.admission.accept(listener)
             label = peer_label(stream, "connection")

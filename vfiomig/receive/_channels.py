@@ -7,9 +7,10 @@ session: the sender opens more channels than this receiver expects, and what the
 can never come); any error after the handshake fails the session.
 
 How it closes tells the sender the outcome (SPEC.md §5): a channel read to its end while
-the session stands is closed in order (FIN); a refused channel, and every channel of a
-failed session, is reset (RST), whatever its buffers held, so that a sender waiting for
-the close after its last byte cannot take a refusal for success.
+the session stands (or still open when every device is loaded) is closed in order (FIN);
+a refused channel, and every channel of a failed session, is reset (RST), whatever its
+buffers held, so that a sender waiting for the close after its last byte cannot take a
+refusal for success.
 Until its handshake is accepted a channel is pending (`vfiomig.transport.Admission`):
 an eviction ends it then, and nothing it sent reaches a device.
 """
@@ -96,7 +97,7 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
 
     try:
         async with stream:
-            ended = False  # read to its end while the session stood: closed in order
+            hello = None
             try:
                 hello = await _handshake(session, framer, fill, ticket)
                 if hello is not None:
@@ -112,9 +113,10 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
                         extra=event("channel_accepted", peer=label, channel=hello.channel_id),
                     )
                     await _read_packets(session, framer, fill, recv_into, sock)
-                    ended = True
             finally:
-                if not ended or session.failed:
+                # Refused, or the session failed: reset. Read to its end, or cancelled
+                # because every device is loaded (its end may still be on the way): FIN.
+                if hello is None or session.failed:
                     reset_on_close(stream)
     except VfioMigError as exc:
         session.fail(exc)

@@ -11,6 +11,7 @@ from typing import TypeAlias
 import trio
 
 from vfiomig._core import StallError, UsageError
+from vfiomig._logs import event
 from vfiomig.receive._channels import check_missing, run_channel
 from vfiomig.receive._loader import run_loader
 from vfiomig.receive._session import (
@@ -22,6 +23,7 @@ from vfiomig.receive._session import (
 )
 from vfiomig.sinks import ConfigTarget
 from vfiomig.transport import (
+    Listener,
     MeteredStream,
     Pending,
     nonblocking_twin,
@@ -41,6 +43,9 @@ ExtraTask: TypeAlias = Callable[..., Awaitable[None]]
 #: When every channel ended before all ``--channels`` had come, wait this long for the
 #: rest before declaring the packets still missing lost.
 LATE_CHANNEL_GRACE = 2.0
+#: While no data channel came, a line says so this often (seconds; a quarter of the
+#: first-channel timeout when that is shorter).
+WAITING_LOG_INTERVAL = 60.0
 
 
 async def serve_receiver(
@@ -106,9 +111,7 @@ async def serve_receiver(
     return report
 
 
-async def _accept_loop(
-    session: Session, listener: trio.SocketListener, nursery: trio.Nursery
-) -> None:
+async def _accept_loop(session: Session, listener: Listener, nursery: trio.Nursery) -> None:
     """Accept data connections until cancelled; a shortage of fds is waited out (see
     `vfiomig.transport.Admission`), never an error. Every connection accepted is pending
     (bounded, evicted when silent the longest) until its handshake is accepted."""
@@ -179,16 +182,20 @@ async def _run_tls_channel(session: Session, stream: trio.SocketStream, ticket: 
 
 
 async def _watchdog(session: Session) -> None:
-    """Fail the session when nothing moved for ``stall_timeout`` seconds, and check for
-    missing packets once every channel ended before all of them had come."""
+    """Fail the session when nothing moved for ``stall_timeout`` seconds, or when no data
+    channel came within ``first_channel_timeout``; check for missing packets once every
+    channel ended before all of them had come."""
     timeout = session.config.stall_timeout
     tick = min(0.25, timeout / 4)
     last = session.progress
     since = trio.current_time()
     quiet_since: float | None = None
+    waiting = _FirstChannelWait(session, since)
     while True:
         await trio.sleep(tick)
         now = trio.current_time()
+        if not session.channels_accepted and waiting.check(now):
+            return
         if session.progress != last or not session.started or _sink_busy(session):
             last = session.progress
             since = now
@@ -207,6 +214,50 @@ async def _watchdog(session: Session) -> None:
                 check_missing(session, "every channel ended")
         else:
             quiet_since = None
+
+
+class _FirstChannelWait:
+    """The wait for the first data channel: a line at intervals, and the optional bound."""
+
+    def __init__(self, session: Session, start: float) -> None:
+        self.session = session
+        self.start = start
+        self.bound = session.config.first_channel_timeout
+        self.every = (
+            WAITING_LOG_INTERVAL
+            if self.bound is None
+            else min(WAITING_LOG_INTERVAL, max(self.bound / 4, 0.25))
+        )
+        self.next_line = start + self.every
+
+    def check(self, now: float) -> bool:
+        """Log when a line is due; True when the session failed for the bound."""
+        waited = now - self.start
+        where = ", ".join(self.session.bound)
+        if self.bound is not None and waited >= self.bound:
+            self.session.fail(
+                StallError(
+                    f"no data channel within {self.bound:g} s (listening on {where}):"
+                    " no sender came"
+                )
+            )
+            return True
+        if now >= self.next_line:
+            self.next_line += self.every
+            of = f" of {self.bound:g}" if self.bound is not None else ""
+            log.warning(
+                "no data channel yet: waited %.0f%s s (listening on %s)",
+                waited,
+                of,
+                where,
+                extra=event(
+                    "waiting_for_channels",
+                    waited=round(waited, 3),
+                    timeout=self.bound,
+                    listening=list(self.session.bound),
+                ),
+            )
+        return False
 
 
 def _sink_busy(session: Session) -> bool:

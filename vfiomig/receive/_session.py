@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vfiomig._core import Budget, Ready, ReorderBuffer
-from vfiomig._core._errors import AbortedError, PacketError, VfioMigError
+from vfiomig._core._errors import AbortedError, PacketError, UsageError, VfioMigError
 from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian
 from vfiomig._logs import event
 from vfiomig.sinks import ConfigTarget, Sink
@@ -53,6 +53,8 @@ class ReceiverConfig:
     ``max_pending``: data connections accepted whose handshake (TLS included) has not
     finished, at most; at the limit the one silent the longest is evicted (None:
     `default_max_pending`, 4 x channels + 16).
+    ``first_channel_timeout``: fail the session when no data channel was accepted this
+    long after the listeners opened (None: wait for ever, as QEMU's ``-incoming`` does).
     """
 
     uuid: bytes
@@ -70,6 +72,7 @@ class ReceiverConfig:
     config_target: Callable[[DeviceSetup], ConfigTarget] | None = None
     tls: ssl.SSLContext | None = None
     max_pending: int | None = None
+    first_channel_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +200,7 @@ class Session:
         for setup in config.devices:
             key = (setup.idstr, setup.instance)
             if key in self.devices:
-                raise ValueError(f"device {setup.name} is given twice")
+                raise UsageError(f"device {setup.name} is given twice")
             self.devices[key] = Device(setup, self.budget)
         self.room = trio.lowlevel.ParkingLot()  # channel readers waiting for budget
         self.progress = 0  # bumped on every packet, write or precopy: the stall watchdog's pulse

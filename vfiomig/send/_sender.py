@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from vfiomig._core._errors import UsageError, VfioMigError, os_error_text
+from vfiomig._core._errors import UsageError, VfioMigError
 from vfiomig._core._wire import (
     VFIO_FLAG_CONFIG_STATE,
     Endian,
@@ -38,6 +38,7 @@ from vfiomig._core._wire import (
     encode_vfio_header,
 )
 from vfiomig._logs import event
+from vfiomig.send._close import CLOSE_TIMEOUT, channel_error, describe, end_channels
 from vfiomig.send._control import send_with_control
 from vfiomig.send._types import (
     PrecopyOptions,
@@ -82,9 +83,7 @@ class _Link:
 
 
 def _cause(exc: BaseException) -> str:
-    while isinstance(exc.__cause__, OSError):
-        exc = exc.__cause__
-    return os_error_text(exc)
+    return describe(exc)
 
 
 async def _produce_guarded(
@@ -142,7 +141,8 @@ class _Writer:
         try:
             await self._send_queue()
         except (OSError, trio.BrokenResourceError) as exc:
-            failures.append(SendError(f"channel {channel}: sending failed: {_cause(exc)}"))
+            tls = isinstance(self.stream, trio.SSLStream)
+            failures.append(channel_error(channel, self.sent, exc, tls=tls))
             scope.cancel()
         finally:
             if not self.hold:
@@ -278,6 +278,7 @@ async def send_migration(
     precopy_options: PrecopyOptions | None = None,
     switchover: str = "switchover-start",
     control_timeout: float = 60.0,
+    close_timeout: float = CLOSE_TIMEOUT,
     status: SendStatus | None = None,
 ) -> SendReport:
     """Send every device's state over ``channels`` channels, config packet last.
@@ -295,17 +296,24 @@ async def send_migration(
             switchover; then wait (``control_timeout``) for ``done`` (see
             `vfiomig.send._control`).
         tls: a client context for every data channel and a TCP control channel.
+        close_timeout: after the last byte, how long the receiver may take to read each
+            channel to its end and close it (see `vfiomig.send._close`).
         status: updated in place as the send goes on (a progress display reads it); its
             ``done`` is set when this returns or raises.
 
     Raises:
         UsageError: bad arguments.
-        SendError: a channel could not connect or broke, or a source failed.
+        SendError: a channel could not connect, broke, or was not read to its end by the
+            receiver (a refusal, a failed migration), or a source failed.
         SourceError: a device failed in its precopy phase.
         ReceiverFailed: the receiver reported a failure (with ``control``).
 
     On any failure (and on cancel) every source is aborted (a VFIO device goes back to
     RUNNING) before it is closed; sources are always closed.
+
+    Success means the receiver took every byte: with ``control``, every device reported
+    ``loaded``; without, every channel was read to its end and closed in order by the
+    receiver (`vfiomig.send._close`).
 
     Cancellation: channels are closed; the receiver sees them end inside a packet.
     """
@@ -334,6 +342,7 @@ async def send_migration(
         channel_rates=channel_rates,
         link_rate=link_rate,
         tls=tls,
+        close_timeout=close_timeout,
     )
     try:
         if control is None:
@@ -379,6 +388,7 @@ async def _send_channels(
     link_rate: float | None,
     tls: ssl.SSLContext | None,
     status: SendStatus,
+    close_timeout: float = CLOSE_TIMEOUT,
     on_source_failure: Callable[[SourceFailed], Awaitable[None]] | None = None,
 ) -> SendReport:
     """The multifd data of every device (the sources are the caller's to close).
@@ -412,7 +422,11 @@ async def _send_channels(
             hold = order == "idx0-last" and i == 0
             writers.append(_Writer(stream, rates[i], progress, hold, status))
             status.channels += 1
-            await stream.send_all(encode_handshake(uuid, i))
+            try:  # under TLS, the handshake happens here
+                await stream.send_all(encode_handshake(uuid, i))
+            except (OSError, trio.BrokenResourceError) as exc:
+                tls_used = tls is not None
+                raise channel_error(i, 0, exc, tls=tls_used) from exc
         if link_rate:
             link = _Link(link_rate)
             for writer in writers:
@@ -446,6 +460,9 @@ async def _send_channels(
                 with trio.CancelScope(shield=True):
                     await on_source_failure(failures[0])  # before the channels end
             raise failures[0]
+        # Every byte is sent; success only once the receiver read each channel to its end.
+        status.phase = "waiting for the receiver"
+        await end_channels([w.stream for w in writers], [w.sent for w in writers], close_timeout)
     finally:
         with trio.CancelScope(shield=True):
             for writer in writers:

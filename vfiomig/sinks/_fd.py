@@ -270,7 +270,8 @@ class ConfigDir(ConfigTarget):
     """Writes the config blob to ``DIR/<idstr with / as _>.<instance>.config``.
 
     The file appears whole or not at all: it is written under a temporary name, synced and
-    renamed, so a reader never sees half a blob.
+    renamed, so a reader never sees half a blob; a write that fails (a full disk) removes
+    the temporary file.
     """
 
     def __init__(self, directory: str, idstr: str, instance: int) -> None:
@@ -284,8 +285,15 @@ class ConfigDir(ConfigTarget):
         tmp = self.path + ".part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            write_all(fd, [data])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            try:
+                write_all(fd, [data])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # gone already; the write's error is the one to report
+            raise

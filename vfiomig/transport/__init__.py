@@ -21,6 +21,8 @@ from vfiomig.transport._admission import (
 )
 from vfiomig.transport._sockets import (
     Address,
+    Listener,
+    UnixListener,
     check_socket_directory,
     close_fds,
     connect,
@@ -39,11 +41,13 @@ from vfiomig.transport._tls import client_context, options_to_contexts, server_c
 __all__ = [
     "ACCEPT_CAPACITY_ERRNOS",
     "Address",
+    "Listener",
     "Admission",
     "AdmissionStatistics",
     "MeteredStream",
     "Pending",
     "Throttle",
+    "UnixListener",
     "check_socket_directory",
     "close_fds",
     "client_context",

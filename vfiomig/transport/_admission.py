@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import trio
 
 from vfiomig._logs import event
+from vfiomig.transport._sockets import Listener
 
 log = logging.getLogger("vfiomig")
 
@@ -145,7 +146,7 @@ class Admission:
             accept_errors=self._accept_errors,
         )
 
-    async def accept(self, listener: trio.SocketListener) -> trio.SocketStream:
+    async def accept(self, listener: Listener) -> trio.SocketStream:
         """The next connection of ``listener``; waits out a shortage of fds or memory.
 
         Raises:
@@ -172,7 +173,7 @@ class Admission:
                 del _LIVE[self]
 
     async def accept_burst(
-        self, listener: trio.SocketListener, twin: socket.socket
+        self, listener: Listener, twin: socket.socket
     ) -> list[trio.SocketStream]:
         """The next connection of ``listener`` (as `accept`) and those already waiting
         behind it, up to ``max_pending`` in all, the rest taken through ``twin``
@@ -296,7 +297,7 @@ _LIVE: weakref.WeakKeyDictionary[Admission, int] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def nonblocking_twin(listener: trio.SocketListener) -> Iterator[socket.socket]:
+def nonblocking_twin(listener: Listener) -> Iterator[socket.socket]:
     """A non-blocking stdlib socket on a duplicate of ``listener``'s fd, for
     `Admission.accept_burst`; closed on exit (the listener stays open)."""
     twin = socket.socket(fileno=os.dup(listener.socket.fileno()))

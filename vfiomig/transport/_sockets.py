@@ -5,8 +5,11 @@ and `inherited_sockets` reads systemd's socket activation variables (LISTEN_FDS)
 receiver then listens where its supervisor bound, and reports the real addresses.
 
 Listeners bind to what they are told; a TCP address without a host binds to loopback.
-A UNIX socket is created with mode 0600, and a stale socket file at its path is replaced
-(any other kind of file there is an error, never overwritten). Its directory must not be
+A UNIX socket is created with mode 0600. A socket file at its path where a live listener
+answers is refused (another receiver serves there: taking its path would leave it
+running and unreachable); a stale one is replaced; any other kind of file there is an
+error, never overwritten. The listener removes its socket file when it is closed, if the
+file is still the one it bound. Its directory must not be
 writable by others unless sticky (refused), and should be enterable only by the user
 (a warning otherwise): see `check_socket_directory`.
 """
@@ -22,6 +25,7 @@ import stat
 import struct
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import trio
 
@@ -54,6 +58,9 @@ def parse_address(text: str) -> Address:
     """Parse ``tcp:HOST:PORT`` (``[v6]`` hosts allowed; empty host = 127.0.0.1),
     ``unix:PATH`` or ``fd:N`` (an inherited listening socket)."""
     kind, sep, rest = text.partition(":")
+    if kind in ("tcp", "unix") and rest.startswith("//"):
+        # libvirt's and QEMU's URI style (tcp://host:port): say the form we take.
+        raise UsageError(f"address {text!r} is a URI: write {kind}:{rest[2:]} (no //)")
     if kind == "unix" and sep and rest:
         return Address("unix", path=rest)
     if kind == "fd" and rest.isdigit():
@@ -66,7 +73,7 @@ def parse_address(text: str) -> Address:
     raise UsageError(f"address {text!r} must be tcp:HOST:PORT, unix:PATH or fd:N")
 
 
-async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.SocketListener, Address]:
+async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[Listener, Address]:
     """Bind and listen on ``addr``; return the listener and the address really bound.
 
     For ``fd:N`` the listener takes over the inherited socket (closed with it, no longer
@@ -78,6 +85,11 @@ async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.Socke
         check_socket_directory(addr.path)
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
+            if _listener_answers(addr.path):
+                raise UsageError(
+                    f"cannot listen on {addr}: a live listener answers there (another"
+                    " receiver?); stop it or choose another path"
+                )
             _remove_stale_socket(addr.path)
             # Bind under a 0177 umask so the socket is never reachable by others, not even
             # between bind() and a chmod().
@@ -87,10 +99,14 @@ async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.Socke
             finally:
                 os.umask(old)
             sock.listen(backlog)
+            st = os.stat(addr.path)
         except OSError as exc:
             sock.close()
             raise UsageError(f"cannot listen on {addr}: {exc.strerror}") from exc
-        return trio.SocketListener(sock), addr
+        except BaseException:
+            sock.close()
+            raise
+        return UnixListener(sock, addr.path, (st.st_dev, st.st_ino)), addr
     family = stdsocket.AF_INET6 if ":" in addr.host else stdsocket.AF_INET
     sock = trio.socket.socket(family, stdsocket.SOCK_STREAM)
     try:
@@ -101,6 +117,52 @@ async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[trio.Socke
         sock.close()
         raise UsageError(f"cannot listen on {addr}: {exc.strerror}") from exc
     return trio.SocketListener(sock), _bound_address(sock)
+
+
+class UnixListener(trio.abc.Listener[trio.SocketStream]):
+    """A `trio.SocketListener` on a socket file it created: closing it removes the file,
+    unless another process has put its own file there since."""
+
+    def __init__(self, sock: trio.socket.SocketType, path: str, ident: tuple[int, int]) -> None:
+        self.listener = trio.SocketListener(sock)
+        self.path = path
+        self._ident = ident
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.listener.socket
+
+    async def accept(self) -> trio.SocketStream:
+        return await self.listener.accept()
+
+    async def aclose(self) -> None:
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        except OSError:
+            pass  # removed already
+        await self.listener.aclose()
+
+
+#: What `open_listener` returns: a socket listener, one that owns its socket file for UNIX.
+Listener: TypeAlias = trio.SocketListener | UnixListener
+
+
+def _listener_answers(path: str) -> bool:
+    """Whether a listener accepts connections on the UNIX socket at ``path`` (a connect
+    that does not wait: refused or absent means none; a full backlog still answers)."""
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (BlockingIOError, InterruptedError):
+        return True  # listening, its backlog full
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _bound_address(sock: trio.socket.SocketType) -> Address:
