@@ -28,8 +28,8 @@ from vfiomig.send._types import SendError
 #: Default bound on the wait for the receiver's close after our last byte.
 CLOSE_TIMEOUT = 60.0
 
-#: The errnos of a peer that closed on us (a reset, or a write after its close).
-_CLOSED_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
+#: The errnos of a peer that closed on us (a reset; a write or a shutdown after it).
+_CLOSED_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN)
 
 _REFUSED_HINT = "it refused the channel or the migration failed; see the receiver's log"
 
