@@ -39,8 +39,10 @@ def describe(exc: BaseException) -> str:
     strerror and errno, found through trio's wrappers (``BrokenResourceError``, the
     group of a failed ``open_tcp_stream``)."""
     found = _os_error(exc)
+    if isinstance(found, ssl.SSLCertVerificationError):
+        return f"tls: {found.reason}: {found.verify_message}"
     if isinstance(found, ssl.SSLError):
-        return f"tls: {found.reason or found}" if found.reason else f"tls: {found}"
+        return f"tls: {found.reason}" if found.reason else f"tls: {found}"
     if found is not None:
         return os_error_text(found)
     return str(exc) or type(exc).__name__
