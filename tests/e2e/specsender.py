@@ -112,3 +112,55 @@ def spread(
     for k, p in enumerate(packets):
         streams[choose(k)] += p
     return [bytes(s) for s in streams]
+
+
+class ControlPeer:
+    """A VMM's control client written from SPEC.md §3 alone: msgpack maps on a UNIX
+    socket, one fd as SCM_RIGHTS with each ``attach-fd``, no waiting for replies unless
+    the test asks for an event."""
+
+    def __init__(self, path: str) -> None:
+        import msgpack
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.unpacker = msgpack.Unpacker(raw=False)
+        self.events: list[dict[str, object]] = []
+
+    @staticmethod
+    def encode(msg: dict[str, object]) -> bytes:
+        import msgpack
+
+        data = msgpack.packb(msg, use_bin_type=True)
+        assert isinstance(data, bytes)
+        return data
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """``data`` in as few sends as the kernel takes; ``fds`` go with the first."""
+        import array
+
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = self.sock.sendmsg([data], anc if fds else [])
+        self.sock.sendall(data[sent:])
+
+    def next_event(self, timeout: float = 30) -> dict[str, object]:
+        self.sock.settimeout(timeout)
+        while True:
+            for obj in self.unpacker:
+                self.events.append(obj)
+                return obj  # type: ignore[no-any-return]
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"control channel closed; events so far: {self.events}")
+            self.unpacker.feed(data)
+
+    def expect(self, kind: str, timeout: float = 30) -> dict[str, object]:
+        """The next event of type ``kind``, skipping ``progress``; anything else fails."""
+        while True:
+            ev = self.next_event(timeout)
+            if ev["type"] == kind:
+                return ev
+            assert ev["type"] == "progress", f"expected {kind}, got {ev}"
+
+    def close(self) -> None:
+        self.sock.close()
