@@ -14,16 +14,26 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vfiomig.cli._main import run as vfiomig_command
 
 
 class Forked:
-    """One forked ``vfiomig`` run; ``out`` and ``err`` are its stdout and stderr files."""
+    """One forked ``vfiomig`` run; ``out`` and ``err`` are its stdout and stderr files.
+    ``env`` is added to the child's environment and ``before`` runs in the child first
+    (a resource limit, say)."""
 
-    def __init__(self, argv: Sequence[str], logs: Path, name: str) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        logs: Path,
+        name: str,
+        *,
+        env: dict[str, str] | None = None,
+        before: Callable[[], None] | None = None,
+    ) -> None:
         self.out = logs / f"{name}.out"
         self.err = logs / f"{name}.err"
         out_fd = os.open(self.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -38,6 +48,9 @@ class Forked:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                os.environ.update(env or {})
+                if before is not None:
+                    before()
                 sys.argv = ["vfiomig", *argv]
                 vfiomig_command()
             finally:

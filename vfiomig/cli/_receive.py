@@ -229,9 +229,9 @@ def _activated_addresses(args: argparse.Namespace) -> tuple[list[str], str | Non
 
 
 def run_receive(args: argparse.Namespace) -> int:
-    listen, control_addr = _activated_addresses(args)
     specs: list[DeviceSpec] = args.device
     check_unique_devices(specs)
+    listen, control_addr = _activated_addresses(args)
     if args.config_out is None and control_addr is None:
         raise UsageError("no config target: pass --config-out DIR or --control ADDR")
     if args.config_out is not None and not os.path.isdir(args.config_out):
