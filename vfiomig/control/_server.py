@@ -15,14 +15,9 @@ connections are bounded by ``max_pending`` (default 8): at the limit, the one si
 longest is evicted, so connections that never speak cannot lock the VMM out. A monitor
 that only listens should send a ``hello`` (it may be evicted under a flood otherwise).
 
-Config blobs (`config_target`): a ``config`` event is delivered before the device's finish
-step goes on. It goes only to connections that sent a valid message (a stranger must not
-take it); the loader waits until one of them wrote the event to its socket. If none is
-open, the event is kept for the next one: a peer that (re)connects gets the reply to its
-first message (``hello``) first, then every ``config`` event of the session so far. The
-wait warns every `CONFIG_WARN_INTERVAL` seconds and fails the device after the session's
-stall timeout, naming the undelivered config (the stall watchdog counts a loader inside
-its config target as busy, so this bound is the one that holds).
+Config blobs (`config_target`): delivered as ``config`` events by a `ConfigHandover`
+(`vfiomig.control._config`): only to connections that sent a valid message, kept for one
+that (re)connects (after the reply to its first message), bounded by the stall timeout.
 
 Ending: when the session ends (every device loaded, a failure, or a cancel), this task
 keeps running, shielded, for at most ``flush_timeout`` seconds: it sends each connection
@@ -43,6 +38,7 @@ from vfiomig._core._errors import PacketError, SinkError
 from vfiomig._logs import event
 from vfiomig.control import _proto as proto
 from vfiomig.control._attach import AttachSink
+from vfiomig.control._config import ConfigHandover
 from vfiomig.control._connection import (
     RECEIVE_SIZE,
     Connection,
@@ -68,24 +64,6 @@ log = logging.getLogger("vfiomig")
 
 #: Control connections that have not sent a valid message yet, at most (by default).
 DEFAULT_MAX_PENDING = 8
-#: A config event no connection took yet is logged this often (seconds, at most).
-CONFIG_WARN_INTERVAL = 5.0
-
-
-class _ControlConfig(ConfigTarget):
-    def __init__(self, server: ControlServer, setup: DeviceSetup) -> None:
-        self.server = server
-        self.setup = setup
-        self.description = "control channel config event"
-
-    async def load_config(self, data: bytes) -> None:
-        msg = {
-            "type": "config",
-            "device": self.setup.idstr,
-            "instance": self.setup.instance,
-            "data": data,
-        }
-        await self.server.deliver(Out(proto.encode(msg), trio.Event()), self.setup.name)
 
 
 class ControlServer:
@@ -125,7 +103,7 @@ class ControlServer:
         self.admission = Admission(max_pending, prefix="control: ")
         self._conns: set[Connection] = set()
         self._established = 0  # connections admitted and not yet closed
-        self._configs: list[Out] = []  # config events so far, for connections admitted later
+        self.configs = ConfigHandover(self._admitted, lambda: self._stall_timeout)
         self._finishing = trio.Event()
         self._stops: list[trio.CancelScope] = []  # the accept and progress loops
         self._session: Session | None = None
@@ -142,50 +120,14 @@ class ControlServer:
 
     def config_target(self, setup: DeviceSetup) -> ConfigTarget:
         """The config target sending ``setup``'s blob as a ``config`` event."""
-        return _ControlConfig(self, setup)
+        return self.configs.target(setup)
 
-    async def deliver(self, out: Out, name: str) -> None:
-        """Queue config event ``out`` (of device ``name``) on every admitted connection
-        and on those admitted later, and wait until one wrote it to its socket.
+    def _admitted(self) -> list[Connection]:
+        return [c for c in self._conns if c.admitted]
 
-        Raises:
-            SinkError: no connection took it within the session's stall timeout.
-        """
-        assert out.delivered is not None
-        self._configs.append(out)
-        for conn in self._conns:
-            if conn.admitted:
-                conn.queue(out)
-        timeout = self._session.config.stall_timeout if self._session is not None else 30.0
-        start = trio.current_time()
-        while True:
-            waited = trio.current_time() - start
-            with trio.move_on_after(min(CONFIG_WARN_INTERVAL, timeout / 3, timeout - waited)):
-                await out.delivered.wait()
-                return
-            waited = trio.current_time() - start
-            peers = sum(1 for c in self._conns if c.admitted)
-            if waited >= timeout:
-                raise SinkError(
-                    f"{name}: config event ({len(out.data)} bytes) undelivered: no control"
-                    f" connection took it within {timeout:g} s ({peers} connected)",
-                    device=name,
-                )
-            log.warning(
-                "%s: config event (%d bytes) waits for a control connection: %.0f of %g s",
-                name,
-                len(out.data),
-                waited,
-                timeout,
-                extra=event(
-                    "control_config_waiting",
-                    name,
-                    bytes=len(out.data),
-                    waited=round(waited, 3),
-                    timeout=timeout,
-                    peers=peers,
-                ),
-            )
+    @property
+    def _stall_timeout(self) -> float:
+        return self._session.config.stall_timeout if self._session is not None else 30.0
 
     # -- the session task ----------------------------------------------------------------
 
@@ -381,8 +323,7 @@ class ControlServer:
                             # The reply to its first message (hello) first, then the
                             # config events it missed.
                             self._handle(conn, msg)
-                            for out in self._configs:
-                                conn.queue(out)
+                            self.configs.replay(conn)
                     except proto.ControlMessageError as exc:
                         self._close_orphans(conn, decoder.orphans)
                         self._reply_error(conn, str(exc))
