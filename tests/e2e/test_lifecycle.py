@@ -194,3 +194,24 @@ def test_usage_errors_are_one_line_text_or_json(args: list[str], message: str) -
     bad = _vfiomig("send", "--log-format", "json", "--channels", "0")
     assert bad.returncode == 2
     assert json.loads(bad.stderr)["event"] == "usage_error"
+
+
+def test_a_sink_that_cannot_start_is_one_line_every_run(tmp_path: Path) -> None:
+    """The sink fails before every listener and extra task is up: the one-line error,
+    never a trio traceback (it came in 2 of 3 runs on a slow machine)."""
+    run = rundir(tmp_path)
+    for n in range(5):
+        proc = Forked(
+            receive_argv(
+                tmp_path, "--device", f"{DEV}=vfio:/no/such/path", "--control",
+                f"unix:{run}/ctl{n}",
+            ),
+            tmp_path,
+            f"rx{n}",
+        )  # fmt: skip
+        assert proc.wait(20) == 1, proc.stderr
+        err = proc.stderr
+        assert "Traceback" not in err and "ExceptionGroup" not in err, err
+        assert f"{DEV}/0: starting sink vfio:/no/such/path failed" in err
+        assert json.loads(proc.stdout)["ok"] is False
+    assert list(run.iterdir()) == [] and not (tmp_path / "ready.json").exists()
