@@ -206,8 +206,10 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
         async with trio.open_nursery() as nursery:
             session, outcome = await start(nursery, config)
             senders = [SendDevice(d.idstr, d.instance, SynthSource(100_000, 1)) for d in devs]
-            # The sender may finish before the receiver fails (kernel buffers hold it all);
-            # if it does not, it must fail with one clear error.
+            # The receiver may read every channel to its end before its sink fails (the
+            # budget holds it all): then the sender saw orderly closes (without a control
+            # channel that is all it can know). If not, the channels were reset: one clear
+            # error saying so.
             try:
                 await send_migration(
                     connect_to=session.bound,
@@ -217,7 +219,11 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
                     packet_size=1000,
                 )
             except SendError as exc:
-                assert re.match(r"channel \d: sending failed", str(exc))
+                assert re.match(
+                    r"channel \d: the receiver closed the channel after \d+ bytes: it refused"
+                    r" the channel or the migration failed",
+                    str(exc),
+                ), str(exc)
     exc = outcome[0]
     assert isinstance(exc, MigrationFailed)
     dev = exc.report.devices[1]
