@@ -82,10 +82,6 @@ class _Link:
         self.sent = 0
 
 
-def _cause(exc: BaseException) -> str:
-    return describe(exc)
-
-
 async def _produce_guarded(
     failures: list[SendError], scope: trio.CancelScope, device: SendDevice, *args: Any
 ) -> None:
@@ -98,7 +94,7 @@ async def _produce_guarded(
         if isinstance(exc, SendError):
             failures.append(exc)
         else:
-            cause = str(exc) if isinstance(exc, VfioMigError) else _cause(exc)
+            cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
             failure = SourceFailed(
                 f"{device.name}: reading source {device.source.description} failed: {cause}"
             )
@@ -413,7 +409,7 @@ async def _send_channels(
             try:
                 stream: trio.abc.Stream = await connect(addr)
             except OSError as exc:
-                raise SendError(f"channel {i}: cannot connect to {addr}: {_cause(exc)}") from exc
+                raise SendError(f"channel {i}: cannot connect to {addr}: {describe(exc)}") from exc
             tune_socket(stream)
             if tls is not None:
                 # Over unix: the receiver's certificate must name localhost.
@@ -425,8 +421,7 @@ async def _send_channels(
             try:  # under TLS, the handshake happens here
                 await stream.send_all(encode_handshake(uuid, i))
             except (OSError, trio.BrokenResourceError) as exc:
-                tls_used = tls is not None
-                raise channel_error(i, 0, exc, tls=tls_used) from exc
+                raise channel_error(i, 0, exc, tls=tls is not None) from exc
         if link_rate:
             link = _Link(link_rate)
             for writer in writers:
