@@ -364,11 +364,12 @@ async def test_attach_fd_refused_closes_the_fd(tmp_path: Path) -> None:
 
 async def test_attach_timeout_fails_the_device(tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with running_receiver(tmp_path, [(IDSTR, 0, AttachSink(timeout=0.2))]) as rx:
+        async with running_receiver(tmp_path, [(IDSTR, 0, AttachSink(timeout=1.0))]) as rx:
             async with open_control_client(rx.control_address) as ctl:
+                await ctl.hello()  # events go to connections that spoke
                 error = await expect(ctl, "error")
                 assert error["message"] == (
-                    f"{IDSTR}/0: starting sink attach: failed: no attach-fd within 0.2 s"
+                    f"{IDSTR}/0: starting sink attach: failed: no attach-fd within 1 s"
                 )
                 assert (await expect(ctl, "done"))["ok"] is False
 

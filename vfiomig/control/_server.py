@@ -5,15 +5,19 @@ it listens on one address, accepts control connections and serves each with a re
 (commands, decoded by `vfiomig.control._proto.ControlDecoder`) and a writer (events).
 
 Several connections: up to ``max_connections`` at once (default 4); every connection may
-send commands and every connection gets every event, so a VMM and a monitor can both
-watch. A command's ``error`` reply goes only to the connection that sent it. No ``hello``
-is required before other commands; a ``hello`` with another version gets an ``error``.
+send commands and every connection that sent a valid message gets every event, so a VMM
+and a monitor can both watch. A command's ``error`` reply goes only to the connection
+that sent it. No ``hello`` is required before other commands; a ``hello`` with another
+version gets an ``error``. Events start after the reply to a connection's first message:
+a peer that (re)connects and says ``hello`` reads the reply first, whatever the session
+broadcast meanwhile (``done`` at the end goes to every connection).
 
 Strangers: a connection is pending (`vfiomig.transport.Admission`) until it sent its first
 valid message; only then does it take one of the ``max_connections`` places. Pending
 connections are bounded by ``max_pending`` (default 8): at the limit, the one silent the
 longest is evicted, so connections that never speak cannot lock the VMM out. A monitor
-that only listens should send a ``hello`` (it may be evicted under a flood otherwise).
+that only listens sends a ``hello`` first (it gets no events before, and may be evicted
+under a flood).
 
 Config blobs (`config_target`): delivered as ``config`` events by a `ConfigHandover`
 (`vfiomig.control._config`): only to connections that sent a valid message, kept for one
@@ -473,7 +477,8 @@ class ControlServer:
 
     def _broadcast(self, out: Out) -> None:
         for conn in self._conns:
-            conn.queue(out)
+            if conn.admitted:
+                conn.queue(out)
 
     def _on_event(self, event: SessionEvent) -> None:
         device = event.device
