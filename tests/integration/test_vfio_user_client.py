@@ -11,6 +11,7 @@ import tempfile
 
 import pytest
 import trio
+import trio.testing
 
 from vfiomig._core._errors import SinkError
 from vfiomig.testing.vfio_user import VfioUserHarness, open_harness
@@ -22,6 +23,7 @@ from vfiomig.vfio_user import (
     open_vfio_user_client,
 )
 from vfiomig.vfio_user._header import FLAG_ERROR, FLAG_TYPE_REPLY, HEADER, Command
+from vfiomig.vfio_user._layouts import region_info, sparse_mmap_cap
 from vfiomig.vfio_user._version import Capabilities, Version
 
 
@@ -159,3 +161,81 @@ async def test_a_request_cancelled_before_it_went_out_leaves_the_client_in_step(
                 assert not client.broken
                 assert client._channel.idle  # nothing outstanding: pipelines may run
                 assert await client.region_read(0, 0, 4) == b"abcd"
+
+
+async def fake_region_server(
+    path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer VERSION, then two pipelined GET_REGION_INFOs together: region 0's reply (no
+    fd) and region 1's (mmappable, its fd in the same sendmsg) back to back, so the client
+    reads both in one receive."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(1)
+    task_status.started()
+    conn, _ = await listener.accept()
+    with conn, listener:
+        head = await conn.recv(16)
+        msg_id, command, size, _, _ = HEADER.unpack(head)
+        await conn.recv(size - 16)
+        body = Version(0, 0, Capabilities()).pack()
+        await conn.send(HEADER.pack(msg_id, command, 16 + len(body), FLAG_TYPE_REPLY, 0) + body)
+        asked: dict[int, int] = {}  # region index -> msg_id
+        data = b""
+        while len(asked) < 2:
+            data += await conn.recv(4096)
+            while len(data) >= 16 and len(data) >= HEADER.unpack_from(data)[2]:
+                msg_id, command, size, _, _ = HEADER.unpack_from(data)
+                assert command == Command.DEVICE_GET_REGION_INFO
+                asked[struct.unpack_from("=I", data, 16 + 8)[0]] = msg_id
+                data = data[size:]
+        plain = region_info(argsz=32, flags=3, index=0, cap_offset=0, size=0x1000, offset=0)
+        cap = sparse_mmap_cap([(0, 0x1000)])
+        mappable = (
+            region_info(
+                argsz=32 + len(cap), flags=0xF, index=1, cap_offset=32, size=0x1000, offset=0
+            )
+            + cap
+        )
+        first = HEADER.pack(asked[0], Command.DEVICE_GET_REGION_INFO, 48, FLAG_TYPE_REPLY, 0)
+        second = HEADER.pack(
+            asked[1], Command.DEVICE_GET_REGION_INFO, 16 + len(mappable), FLAG_TYPE_REPLY, 0
+        )
+        memfd = os.memfd_create("bar1")
+        os.ftruncate(memfd, 0x1000)
+        try:
+            # Both sent without a checkpoint between them (the client runs in this
+            # thread too), on a dup of the non-blocking socket: nothing here can block.
+            raw = socket.socket(fileno=os.dup(conn.fileno()))
+            with raw:
+                raw.sendall(first + plain)
+                raw.sendmsg(
+                    [second + mappable],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", memfd))],
+                )
+        finally:
+            os.close(memfd)
+        await conn.recv(1)  # until the client hangs up
+
+
+async def test_an_fd_goes_to_the_reply_it_came_with_when_replies_are_read_together() -> None:
+    """Two pipelined REGION_INFO replies read in one receive: the fd is the second's (it
+    ends the read), not the first's (which merely starts in it)."""
+    with tempfile.TemporaryDirectory(prefix="vuc", dir="/tmp") as tmp, trio.fail_after(20):
+        path = os.path.join(tmp, "s")
+        got: dict[int, object] = {}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fake_region_server, path)
+            async with await open_vfio_user_client(path, reply_timeout=5) as client:
+
+                async def region0() -> None:
+                    got[0] = await client.region(0)
+
+                async def region1() -> None:
+                    got[1] = await client.map_region(1)
+
+                async with trio.open_nursery() as both:
+                    both.start_soon(region0)
+                    await trio.testing.wait_all_tasks_blocked()
+                    both.start_soon(region1)
+    assert 1 in got and 0 in got

@@ -259,7 +259,8 @@ class Channel:
             if event is None:
                 break
             if isinstance(event, Reply):
-                fds = self._take_fds(start) if event.command in FD_REPLIES else []
+                end = self._fed - self.conn.buffered
+                fds = self._take_fds(start, end) if event.command in FD_REPLIES else []
                 if event.msg_id in self._abandoned:
                     self._abandoned.discard(event.msg_id)
                     close_fds(fds)
@@ -276,9 +277,17 @@ class Channel:
                 keep.append(chunk)
         self._fd_chunks = keep
 
-    def _take_fds(self, at: int) -> list[int]:
-        for i, (start, end, fds) in enumerate(self._fd_chunks):
-            if start <= at < end:
+    def _take_fds(self, start: int, end: int) -> list[int]:
+        """The fds of the reply at stream bytes ``[start, end)``, if it carried any.
+
+        The kernel ends a receive at the end of the send that carried fds (a unix stream
+        socket never reads past an skb with SCM_RIGHTS), and a server sends a reply and
+        its fds in one ``sendmsg``: so a read's fds are the reply that holds the read's
+        last byte. A reply that merely starts in the read (replies sent earlier, read
+        together with it) takes none.
+        """
+        for i, (_, chunk_end, fds) in enumerate(self._fd_chunks):
+            if start < chunk_end <= end:
                 del self._fd_chunks[i]
                 return fds
         return []
