@@ -308,7 +308,9 @@ async def test_real_kernel_on_a_non_vfio_path(tmp_path: Path) -> None:
         assert str(info.value).startswith(
             f"vfio device {path}: binding the device to an iommufd failed: [Errno 25]"
         )
-        assert str(info.value).endswith("(not a VFIO device cdev)")
+        assert str(info.value).endswith(
+        "(not a VFIO device cdev; a group /dev/vfio/N takes vfio:/dev/vfio/N,device=NAME)"
+    )
         await sink.abort()
         await sink.aclose()
 
