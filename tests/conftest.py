@@ -1,5 +1,6 @@
 """Shared test settings: hypothesis profiles (``ci`` is the default; ``HYPOTHESIS_PROFILE=long``
-for longer runs), and the ``libvfio_user`` fixture (a real vfio-user peer)."""
+for longer runs), the ``libvfio_user`` fixture (a real vfio-user peer) and the
+``mtty_run`` fixture (Linux's mtty driver in a VM, a real kernel VFIO device)."""
 
 import os
 
@@ -8,6 +9,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.libvfio_user import BuildUnavailable, LibVfioUser
 from tests.libvfio_user import build as build_libvfio_user
+from tests.mtty_vm import GuestRun, VmUnavailable, run_guest
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -29,3 +31,18 @@ def libvfio_user() -> LibVfioUser:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"libvfio-user cannot be built here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def mtty_run() -> GuestRun:
+    """One VM boot running tests/mtty_guest.py against the mtty driver; its report.
+
+    Skips where ``../shared/tools/mtty-vm`` cannot run (not beside the checkout, not
+    root, not Debian 12); under CI (``CI`` set) that is a failure, never a skip.
+    """
+    try:
+        return run_guest()
+    except VmUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the mtty VM cannot run here: {exc}")

@@ -38,9 +38,9 @@ def group() -> Iterator[FakeVfioGroup]:
     stream = random.Random(3).randbytes(96)
     flags = uapi.VFIO_MIGRATION_STOP_COPY | uapi.VFIO_MIGRATION_P2P
     saving = SavingModel(initial=24, stop_copy=72)
-    with FakeVfioDevice(expected=stream, flags=flags, saving=saving) as dev:
-        with FakeVfioGroup(dev, name=NAME) as grp:
-            yield grp
+    dev = FakeVfioDevice(expected=stream, flags=flags, saving=saving)
+    with dev, FakeVfioGroup(dev, name=NAME) as grp:
+        yield grp
 
 
 def sink_of(grp: FakeVfioGroup, name: str = NAME) -> VfioSink:

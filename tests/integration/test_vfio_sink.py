@@ -309,8 +309,8 @@ async def test_real_kernel_on_a_non_vfio_path(tmp_path: Path) -> None:
             f"vfio device {path}: binding the device to an iommufd failed: [Errno 25]"
         )
         assert str(info.value).endswith(
-        "(not a VFIO device cdev; a group /dev/vfio/N takes vfio:/dev/vfio/N,device=NAME)"
-    )
+            "(not a VFIO device cdev; a group /dev/vfio/N takes vfio:/dev/vfio/N,device=NAME)"
+        )
         await sink.abort()
         await sink.aclose()
 

@@ -154,6 +154,8 @@ class FakeVfioDevice:
         self.stream_limit = stream_limit
         #: Every FSM arc the driver took, as (from, to); a reset is not an arc.
         self.arcs: list[tuple[MigState, MigState]] = []
+        #: Every arc the driver was asked to take, failed ones too (mtty logs each one).
+        self.steps: list[tuple[MigState, MigState]] = []
         #: Every ioctl, as (request, flags or None); for assertions.
         self.calls: list[tuple[int, int | None]] = []
         self.resets = 0
@@ -384,6 +386,7 @@ class FakeVfioDevice:
         return data_fd
 
     def _arc(self, cur: MigState, nxt: MigState) -> int:
+        self.steps.append((cur, nxt))
         code = self.fail_arcs.get((cur, nxt))
         if cur is RES and nxt is STOP:
             code = code or self._validate()
