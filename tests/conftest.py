@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.libvfio_user import BuildUnavailable, LibVfioUser
 from tests.libvfio_user import build as build_libvfio_user
-from tests.mtty_vm import GuestRun, VmUnavailable, run_guest
+from tests.mtty_vm import GuestRun, VmUnavailable, background, stop_background
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -33,6 +33,16 @@ def libvfio_user() -> LibVfioUser:
         pytest.skip(f"libvfio-user cannot be built here: {exc}")
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the mtty VM now if a collected test needs it: it runs while the others do."""
+    if any("mtty_run" in getattr(item, "fixturenames", ()) for item in session.items):
+        background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_background()
+
+
 @pytest.fixture(scope="session")
 def mtty_run() -> GuestRun:
     """One VM boot running tests/mtty_guest.py against the mtty driver; its report.
@@ -41,7 +51,7 @@ def mtty_run() -> GuestRun:
     root, not Debian 12); under CI (``CI`` set) that is a failure, never a skip.
     """
     try:
-        return run_guest()
+        return background().wait()
     except VmUnavailable as exc:
         if os.environ.get("CI"):
             raise

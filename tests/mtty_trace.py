@@ -9,7 +9,7 @@ after every SET, and the arcs the driver stepped (mtty logs each step with dev_d
 fake keeps `FakeVfioDevice.steps`). Data bytes themselves are not recorded (mtty's are
 its registers, the fake's pseudo-random): only their sizes.
 
-The guest program (tests/mtty_guest.py) runs it on a mtty device; tests/e2e/test_mtty.py
+The guest program (tests/mtty_guest.py) runs it on a mtty device; tests/vm/test_mtty.py
 compares that live trace with `fake_trace`, and tests/unit/test_fake_vs_mtty.py compares
 the trace recorded from the driver (tests/data/mtty-trace.json) with `fake_trace` in every
 host run. Where the two differ, the fake is wrong (or the driver changed).

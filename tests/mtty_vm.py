@@ -8,9 +8,13 @@ report. The tool's work directory is a per-machine cache keyed by the tool's tex
 the packages (about 80 s) and builds mtty.ko, later runs only boot. One VM at a time per
 cache (a lock), since the tool's first steps write into it.
 
-The ``mtty_run`` fixture in tests/conftest.py wraps it: it skips only where the tool
-cannot run (no tool beside the checkout, not root, not Debian 12), and never under CI
-(``CI=true``), where that is a failure.
+`background()` starts that run in a thread of the test process, once: tests/conftest.py
+starts it as soon as the collected tests need it, so that the VM (minutes of CPU under
+TCG on a fresh machine, package install included) runs while the rest of the suite does;
+tests/vm/ is collected last and waits for it. Its ``mtty_run`` fixture skips only where
+the tool cannot run (no tool beside the checkout, not root, not Debian 12), and never
+under CI (``CI=true``), where that is a failure. `Background.stop` ends a VM still
+running when the session ends (a test run interrupted, or the tests deselected late).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +70,11 @@ def _check() -> None:
         raise VmUnavailable("mtty-vm needs Debian 12 (its 6.12 kernel packages)")
 
 
-def run_guest() -> GuestRun:
-    """Boot once, run tests/mtty_guest.py, return its report (or raise with the log)."""
+def run_guest(started: Callable[[subprocess.Popen[str]], None] = lambda proc: None) -> GuestRun:
+    """Boot once, run tests/mtty_guest.py, return its report (or raise with the log).
+
+    ``started`` gets the tool's process (its own session: `Background.stop` kills the
+    whole group, QEMU included)."""
     _check()
     work = _cache_dir()
     out = work / "out" / uuid.uuid4().hex  # per run: test runs may share the cache
@@ -73,15 +83,21 @@ def run_guest() -> GuestRun:
     start = time.monotonic()
     with open(work / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             ["bash", str(TOOL), str(work), "--", "sh", "-c", guest],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=TIMEOUT,
-            check=False,
+            start_new_session=True,
         )
+        started(proc)
+        try:
+            log, _ = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            log, _ = proc.communicate()
+            log += f"\n(killed after {TIMEOUT} s)"
     seconds = time.monotonic() - start
-    log = proc.stdout + proc.stderr
     report_file = out / "report.json"
     try:
         if proc.returncode != 0 or not report_file.is_file():
@@ -94,3 +110,60 @@ def run_guest() -> GuestRun:
             name.unlink()
         out.rmdir()
     return GuestRun(report=report, seconds=seconds, log=log)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Background:
+    """`run_guest` in a daemon thread; `wait` for its result (or its exception)."""
+
+    def __init__(self) -> None:
+        self._result: GuestRun | None = None
+        self._error: BaseException | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread = threading.Thread(target=self._run, name="mtty-vm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = run_guest(started=self._started)
+        except BaseException as exc:  # handed to the waiting test
+            self._error = exc
+
+    def _started(self, proc: subprocess.Popen[str]) -> None:
+        self._proc = proc
+
+    def wait(self) -> GuestRun:
+        self._thread.join(TIMEOUT + 60)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the mtty VM run did not end within {TIMEOUT + 60} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _kill(self._proc)
+
+
+_background: Background | None = None
+
+
+def background() -> Background:
+    """The one background run of this test session, started on the first call."""
+    global _background
+    if _background is None:
+        _background = Background()
+    return _background
+
+
+def stop_background() -> None:
+    if _background is not None:
+        _background.stop()

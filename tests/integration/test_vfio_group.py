@@ -1,7 +1,7 @@
 """``vfio:/dev/vfio/GROUP,device=NAME``: the sink and source opened through the
 group/container API, against the fake group (`FakeVfioGroup`) around the fake device.
 
-The same form runs against Linux's mtty driver in tests/e2e/test_mtty.py; here, the
+The same form runs against Linux's mtty driver in tests/vm/test_mtty.py; here, the
 calls' order and every refusal the kernel gives. No fd is left open (autouse fixture).
 """
 

@@ -1,7 +1,7 @@
 """The fake kernel device against a trace recorded from Linux's mtty driver.
 
 tests/data/mtty-trace.json is tests/mtty_trace.py's script as the driver answered it
-(recorded in the VM of tests/e2e/test_mtty.py, which also compares the live driver with
+(recorded in the VM of tests/vm/test_mtty.py, which also compares the live driver with
 the fake). Here, without a VM: the fake set up as mtty must give the same trace, call for
 call: errnos, data fds and their flags, states, the arcs stepped.
 """

@@ -110,9 +110,19 @@ class _DataFd:
             os.close(self.fd)
 
 
+#: What a data fd write's errno means when a driver uses it to refuse the stream (the
+#: bytes came from our own buffers, so EFAULT is never ours: Linux's mtty sample answers
+#: it to a header not its own, ENOMEM to a stream longer than its state).
+_WRITE_NOTES = {
+    errno.EFAULT: " (the driver refused the stream: not its device's state?)",
+    errno.ENOMEM: " (the driver refused the stream: longer than its device's state?)",
+}
+
+
 def _write_error(name: str, data: _DataFd, exc: OSError) -> SinkError:
+    note = _WRITE_NOTES.get(exc.errno or 0, "")
     return SinkError(
-        f"vfio device {name}: data fd write failed at byte {data.written}: {exc}",
+        f"vfio device {name}: data fd write failed at byte {data.written}: {exc}{note}",
         errno=exc.errno,
     )
 
