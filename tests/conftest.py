@@ -2,6 +2,7 @@
 for longer runs), the ``libvfio_user`` fixture (a real vfio-user peer) and the
 ``mtty_run`` fixture (Linux's mtty driver in a VM, a real kernel VFIO device)."""
 
+import faulthandler
 import os
 
 import pytest
@@ -50,6 +51,9 @@ def mtty_run() -> GuestRun:
     Skips where ``../shared/tools/mtty-vm`` cannot run (not beside the checkout, not
     root, not Debian 12); under CI (``CI`` set) that is a failure, never a skip.
     """
+    # The wait may take minutes (the first run installs packages) and has its own bound:
+    # faulthandler's per-test dump (faulthandler_timeout) would only print its stacks.
+    faulthandler.cancel_dump_traceback_later()
     try:
         return background().wait()
     except VmUnavailable as exc:

@@ -181,3 +181,15 @@ async def test_a_group_path_without_device_says_how() -> None:
             await sink.start()
         await sink.aclose()
     assert "takes vfio:/dev/vfio/N,device=NAME" in str(info.value)
+
+
+async def test_a_noiommu_group_gets_the_noiommu_model() -> None:
+    """/dev/vfio/noiommu-N (vfio's unsafe no-IOMMU mode): type1 is not offered there."""
+    with FakeVfioDevice() as dev, FakeVfioGroup(dev, noiommu=True) as grp:
+        assert os.path.basename(grp.path).startswith("noiommu-")
+        sink = sink_of(grp, grp.name)
+        with trio.fail_after(TIMEOUT):
+            await sink.start()
+            await sink.aclose()
+        assert grp.iommu_type == uapi.VFIO_NOIOMMU_IOMMU
+        assert uapi.VFIO_CHECK_EXTENSION not in [r for r, _ in grp.calls]

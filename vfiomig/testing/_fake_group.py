@@ -8,7 +8,8 @@ the device's own ioctl:
 
 - on the container (an open fd on `container_path`, a temporary file): GET_API_VERSION
   -> 0; CHECK_EXTENSION -> 1 for the IOMMU types in ``iommu_types`` (type1 and type1v2
-  by default, as on a kernel with vfio_iommu_type1; mdev devices use them too), 0 else;
+  by default, as on a kernel with vfio_iommu_type1; mdev devices use them too; noiommu
+  alone for a ``noiommu=True`` group, whose file is named ``noiommu-*``), 0 else;
   SET_IOMMU -> EINVAL without a group in the container or once a model is set, ENODEV
   for a type no driver offers;
 - on the group (an open fd on `path`): GET_STATUS -> VIABLE (unless ``viable=False``)
@@ -41,6 +42,7 @@ from vfiomig.vfio._uapi import (
     VFIO_GROUP_GET_DEVICE_FD,
     VFIO_GROUP_GET_STATUS,
     VFIO_GROUP_SET_CONTAINER,
+    VFIO_NOIOMMU_IOMMU,
     VFIO_SET_IOMMU,
     VFIO_TYPE1_IOMMU,
     VFIO_TYPE1v2_IOMMU,
@@ -66,16 +68,22 @@ class FakeVfioGroup:
         device: FakeVfioDevice,
         *,
         name: str = "00000000-0000-0000-0000-000000000001",
-        iommu_types: Iterable[int] = (VFIO_TYPE1_IOMMU, VFIO_TYPE1v2_IOMMU),
+        iommu_types: Iterable[int] | None = None,
         viable: bool = True,
+        noiommu: bool = False,
     ) -> None:
         if device.cdev:
             raise ValueError("a group's device is opened through the group, not as a cdev")
         self.device = device
         self.name = name
+        if iommu_types is None:
+            iommu_types = (
+                (VFIO_NOIOMMU_IOMMU,) if noiommu else (VFIO_TYPE1_IOMMU, VFIO_TYPE1v2_IOMMU)
+            )
         self.iommu_types = frozenset(iommu_types)
         self.viable = viable
-        self.path, self._group_id = _temp_file("fake-vfio-group-")
+        # A noiommu group's node is /dev/vfio/noiommu-N: the name is how a user tells.
+        self.path, self._group_id = _temp_file("noiommu-" if noiommu else "fake-vfio-group-")
         self.container_path, self._container_id = _temp_file("fake-vfio-container-")
         #: The container fd the group joined, and the IOMMU type that container got.
         self.group_fd: int | None = None
