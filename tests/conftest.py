@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.libvfio_user import BuildUnavailable, LibVfioUser
 from tests.libvfio_user import build as build_libvfio_user
-from tests.mtty_vm import GuestRun, VmUnavailable, background, stop_background
+from tests.mtty_vm import GuestRun, VmUnavailable, background, stop_background, summary
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -42,6 +42,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     stop_background()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    line = summary()
+    if line is not None:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

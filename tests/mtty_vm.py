@@ -124,6 +124,10 @@ class Background:
     """`run_guest` in a daemon thread; `wait` for its result (or its exception)."""
 
     def __init__(self) -> None:
+        #: When the run started, and how long tests were blocked waiting for it: what the VM
+        #: added to the suite's wall time (the rest ran beside the other tests).
+        self.started = time.monotonic()
+        self.waited = 0.0
         self._result: GuestRun | None = None
         self._error: BaseException | None = None
         self._proc: subprocess.Popen[str] | None = None
@@ -140,7 +144,9 @@ class Background:
         self._proc = proc
 
     def wait(self) -> GuestRun:
+        start = time.monotonic()
         self._thread.join(TIMEOUT + 60)
+        self.waited += time.monotonic() - start
         if self._thread.is_alive():
             raise RuntimeError(f"the mtty VM run did not end within {TIMEOUT + 60} s")
         if self._error is not None:
@@ -167,3 +173,16 @@ def background() -> Background:
 def stop_background() -> None:
     if _background is not None:
         _background.stop()
+
+
+def summary() -> str | None:
+    """One line for the end of the test run: the VM's time and what it added."""
+    run = _background
+    if run is None or run._result is None:
+        return None
+    result = run._result
+    guest = result.report.get("seconds", {}).get("total")
+    return (
+        f"mtty VM: {result.seconds:.0f} s in the background (guest work {guest} s); "
+        f"tests waited {run.waited:.0f} s for it"
+    )
