@@ -300,9 +300,7 @@ async def _failures() -> dict[str, Any]:
         await sink.aclose()
         holder.close()
     out["group_busy"]["state_after"] = dst.state()
-    wrong = Mdev.__new__(Mdev)
-    wrong.uuid, wrong.group = str(uuid.uuid4()), dst.group
-    sink = VfioSink.open(wrong.group, device=wrong.uuid)
+    sink = VfioSink.open(dst.group, device=str(uuid.uuid4()))  # a name the group lacks
     try:
         await sink.start()
         out["no_such_device"] = {"error": None}
