@@ -36,7 +36,7 @@ def run(model_json: str, prefix: str, argv: list[str]) -> int:
         iommu = fake.iommu_path
 
         def open_fake(arg: str) -> _source.VfioSource:
-            path, fd = _source.parse_spec("source", arg)
+            path, fd, _ = _source.parse_spec("source", arg)
             assert path == fake.path and fd is None, arg
             return _source.VfioSource.open(path, ioctl=fake.ioctl, read=fake.read, iommu_path=iommu)
 

@@ -308,7 +308,9 @@ async def test_real_kernel_on_a_non_vfio_path(tmp_path: Path) -> None:
         assert str(info.value).startswith(
             f"vfio device {path}: binding the device to an iommufd failed: [Errno 25]"
         )
-        assert str(info.value).endswith("(not a VFIO device cdev)")
+        assert str(info.value).endswith(
+            "(not a VFIO device cdev; a group /dev/vfio/N takes vfio:/dev/vfio/N,device=NAME)"
+        )
         await sink.abort()
         await sink.aclose()
 
@@ -546,3 +548,29 @@ async def test_data_fd_sink_borrowed_and_errors() -> None:
         await sink.aclose()
     os.fstat(w)  # borrowed: still open
     os.close(w)
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "note"),
+    [
+        ("header", errno.EFAULT, "not its device's state?"),
+        ("overlong", errno.ENOMEM, "longer than its device's state?"),
+    ],
+)
+async def test_a_driver_that_checks_the_stream_as_it_comes(case: str, code: int, note: str) -> None:
+    """As Linux's mtty sample does: EFAULT from the write that completes a header not the
+    device's own, ENOMEM from one that would go past the state's size. The device is reset
+    (it stays in RESUMING otherwise), and the error says the driver refused the stream."""
+    good = stream_of(60)
+    data = bytes([good[0] ^ 1]) + good[1:] if case == "header" else good + b"!"
+    with FakeVfioDevice(expected=good, header_size=24, stream_limit=60) as dev:
+        sink = sink_for(dev)
+        with trio.fail_after(TIMEOUT):
+            await sink.start()
+            with pytest.raises(SinkError) as info:
+                await sink.write([data])
+            await sink.abort()
+            await sink.aclose()
+        assert info.value.errno == code
+        assert str(info.value).endswith(f"(the driver refused the stream: {note})")
+        assert (state(dev), dev.resets, dev.loaded) == (S.RUNNING, 1, None)

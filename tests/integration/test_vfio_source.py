@@ -6,6 +6,7 @@ the receiver."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -20,7 +21,7 @@ from vfiomig import MigrationFailed, SendDevice, SourceError, send_migration
 from vfiomig.send import PrecopyOptions, SendError, SendReport
 from vfiomig.send._control import ReceiverFailed
 from vfiomig.testing import FakeVfioDevice
-from vfiomig.testing._fake_saving import SavingModel
+from vfiomig.testing._fake_saving import PrecopyEnd, SavingModel
 from vfiomig.vfio import VfioSink, VfioSource
 from vfiomig.vfio import _uapi as uapi
 from vfiomig.vfio._uapi import MigState as S
@@ -75,9 +76,14 @@ def saved(fake: FakeVfioDevice) -> bytes:
     return bytes(fake.saving_session.saved)
 
 
-@pytest.mark.parametrize("precopy", [True, False])
-async def test_fake_device_to_fake_device_byte_identical(tmp_path: Path, precopy: bool) -> None:
-    with devices() as pair:
+@pytest.mark.parametrize(("precopy", "end"), [(True, "ENOMSG"), (True, "EOF"), (False, "ENOMSG")])
+async def test_fake_device_to_fake_device_byte_identical(
+    tmp_path: Path, precopy: bool, end: PrecopyEnd
+) -> None:
+    """``end``: how a precopy round ends, ENOMSG as the uAPI documents (mlx5) or a 0-byte
+    read as Linux's mtty sample gives (its data fd gives more after STOP_COPY)."""
+    model = dataclasses.replace(MODEL, precopy_end=end)
+    with devices(saving=model) as pair:
         with trio.fail_after(30):
             async with receiver(tmp_path, pair) as rx:
                 options = PrecopyOptions(threshold=10_000, rounds=8 if precopy else 0)

@@ -117,6 +117,7 @@ PUBLIC: dict[str, set[str]] = {
     },
     "vfiomig.testing": {
         "FakeVfioDevice",
+        "FakeVfioGroup",
         "MemoryConfig",
         "MemorySink",
         "SavingModel",

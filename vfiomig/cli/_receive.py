@@ -51,7 +51,8 @@ log = logging.getLogger("vfiomig")
 SINK_HELP = (
     "a device to load and where (repeat for more devices): IDSTR is QEMU's idstr"
     " (0000:00:04.0/vfio), INSTANCE its instance (default 0); SINK is file:PATH, null:, fd:N,"
-    " vfio:PATH (a VFIO device cdev), vfio:fd:N (a VFIO device fd), vfio-user:SOCKPATH"
+    " vfio:PATH (a VFIO device cdev), vfio:/dev/vfio/GROUP,device=NAME (a VFIO device of"
+    " a group, for kernels without iommufd), vfio:fd:N (a VFIO device fd), vfio-user:SOCKPATH"
     "[,max-write=SIZE] (default 32K), or attach:[SECONDS] (the fd arrives with the control"
     " channel's attach-fd, kind vfio-device or data; wait at most SECONDS, default 60;"
     " needs --control)"

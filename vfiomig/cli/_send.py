@@ -34,7 +34,8 @@ log = logging.getLogger("vfiomig")
 SOURCE_HELP = (
     "a device to send and where its state comes from (repeat for more devices): SOURCE is"
     " synth:SIZE[:SEED] (synthetic state; SEED default 0), file:PATH, fd:N,"
-    " vfio:PATH or vfio:fd:N (a kernel VFIO device: PRE_COPY when offered and --control,"
+    " vfio:PATH, vfio:/dev/vfio/GROUP,device=NAME or vfio:fd:N (a kernel VFIO device: a"
+    " cdev, a device of a group, an inherited fd; PRE_COPY when offered and --control,"
     " then STOP_COPY), or vfio-user:SOCKPATH[,config=FILE] (a vfio-user server's device)"
 )
 

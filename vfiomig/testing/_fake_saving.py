@@ -7,7 +7,9 @@ STOP_COPY keep it). What it reads follows a `SavingModel`:
 - in PRE_COPY, ``initial`` bytes of initial data, then what the running device dirtied:
   ``dirty(k)`` more bytes become readable when VFIO_MIG_GET_PRECOPY_INFO is called for the
   (k+2)-th time (time passes between two queries; the first one sees only initial data).
-  With nothing readable a read fails with ENOMSG, the uAPI's temporary end of stream;
+  With nothing readable a read fails with ENOMSG, the uAPI's temporary end of stream
+  (mlx5), or returns 0 with ``precopy_end="EOF"`` (Linux's mtty sample, whose data fd
+  gives more after STOP_COPY all the same);
 - the ioctl reports ``(initial_bytes, dirty_bytes)`` of what is still unread, unless
   ``reported_dirty(k)`` makes it lie about dirty_bytes (no data behind the lie);
 - entering STOP_COPY appends ``stop_copy`` bytes after whatever is still unread; once
@@ -30,13 +32,16 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 import numpy as np
 
 #: Bytes per round: a list (0 after its end) or a function of the round number.
 PerRound: TypeAlias = "Sequence[int] | Callable[[int], int]"
 
+
+#: How a PRE_COPY read says "nothing more for now": the uAPI's ENOMSG, or a 0-byte read.
+PrecopyEnd: TypeAlias = Literal["ENOMSG", "EOF"]
 
 #: The length of the block the data is cut from (a prime).
 PERIOD = 1_048_583
@@ -69,6 +74,7 @@ class SavingModel:
     seed: int = 0
     max_read: int | None = None
     read_errno_at: tuple[int, int] | None = None
+    precopy_end: PrecopyEnd = "ENOMSG"
 
 
 @dataclass
@@ -124,7 +130,7 @@ class SavingSession:
 
     def read(self, n: int) -> bytes:
         if not self._pending:
-            if self.stop_copy:
+            if self.stop_copy or self.model.precopy_end == "EOF":
                 return b""
             raise _oserror(errno.ENOMSG)
         if self.model.max_read is not None:

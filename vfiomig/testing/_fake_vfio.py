@@ -36,6 +36,12 @@ closed fd, EBADFD for another file); a second bind, or a bind while another fd o
 device is bound (the VMM has it), is EINVAL. `open` then returns an fd already bound, as
 the VMM's would be.
 
+What the stream must be, checked as a driver does on the fly (as Linux's mtty sample
+does): ``header_size`` (with ``expected``: the write that completes the first
+``header_size`` bytes fails with EFAULT when they differ from ``expected``'s, its bytes
+kept, as mtty keeps them) and ``stream_limit`` (a write that would take the stream past
+it fails with ENOMEM, nothing taken).
+
 Faults: ``max_write`` (short writes), ``write_errno_at`` (an errno from the write that
 would reach a byte offset), ``would_block`` (EAGAIN from the next N writes),
 ``stop_errno`` (RESUMING -> STOP fails regardless of the data), ``fail_arcs`` (any arc
@@ -130,6 +136,8 @@ class FakeVfioDevice:
         path: str | None = None,
         cdev: bool = False,
         saving: SavingModel | None = None,
+        header_size: int = 0,
+        stream_limit: int | None = None,
     ) -> None:
         self.migration = migration
         self.flags = flags
@@ -142,8 +150,12 @@ class FakeVfioDevice:
         self.fail_arcs = dict(fail_arcs or {})
         self.error_on_failure = error_on_failure
         self.nonblocking_data_fd = nonblocking_data_fd
+        self.header_size = header_size
+        self.stream_limit = stream_limit
         #: Every FSM arc the driver took, as (from, to); a reset is not an arc.
         self.arcs: list[tuple[MigState, MigState]] = []
+        #: Every arc the driver was asked to take, failed ones too (mtty logs each one).
+        self.steps: list[tuple[MigState, MigState]] = []
         #: Every ioctl, as (request, flags or None); for assertions.
         self.calls: list[tuple[int, int | None]] = []
         self.resets = 0
@@ -228,8 +240,13 @@ class FakeVfioDevice:
 
     # -- the ioctl function ----------------------------------------------------------------
 
-    def ioctl(self, fd: int, request: int, buf: bytearray | None) -> int:
+    def ioctl(self, fd: int, request: int, arg: bytearray | int | None) -> int:
         """`vfiomig.vfio._uapi.IoctlFn`: answers as the kernel would, or raises OSError."""
+        # Every request here but the reset takes a pointer: an int is an address the fake
+        # cannot read (the kernel's copy_from_user would fault), the reset ignores it.
+        buf = arg if isinstance(arg, bytearray) else None
+        if isinstance(arg, int) and request != VFIO_DEVICE_RESET:
+            raise _oserror(errno.EFAULT)
         with self._lock:
             if request == VFIO_MIG_GET_PRECOPY_INFO:
                 self.calls.append((request, None))
@@ -369,6 +386,7 @@ class FakeVfioDevice:
         return data_fd
 
     def _arc(self, cur: MigState, nxt: MigState) -> int:
+        self.steps.append((cur, nxt))
         code = self.fail_arcs.get((cur, nxt))
         if cur is RES and nxt is STOP:
             code = code or self._validate()
@@ -453,6 +471,9 @@ class FakeVfioDevice:
                 self.would_block -= 1
                 raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
             view = memoryview(data)
+            pos = len(session.received)
+            if self.stream_limit is not None and pos + len(view) > self.stream_limit:
+                raise _oserror(errno.ENOMEM)  # mtty_resume_write: past its data size
             n = min(len(view), fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
             if self.max_write is not None:
                 n = min(n, self.max_write)
@@ -465,6 +486,8 @@ class FakeVfioDevice:
             written = os.write(fd, view[:n])  # the real write; the pipe is empty here
             self._drain(session)
             self.write_sizes.append(written)
+            if self._bad_header(pos, pos + written, bytes(session.received)):
+                raise _oserror(errno.EFAULT)  # the bytes stay received, as in mtty
             return written
 
     def read(self, fd: int, n: int) -> bytes:
@@ -479,6 +502,14 @@ class FakeVfioDevice:
             if saving is not None and identity == saving.pipe:
                 return saving.read(n)
         return os.read(fd, n)
+
+    def _bad_header(self, before: int, after: int, received: bytes) -> bool:
+        """The write that took the stream from ``before`` to ``after`` completed a header
+        that differs from ``expected``'s."""
+        size = self.header_size
+        if not size or self.expected is None or not before < size <= after:
+            return False
+        return received[:size] != self.expected[:size]
 
     @staticmethod
     def _drain(session: _Session) -> None:

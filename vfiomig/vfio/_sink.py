@@ -31,7 +31,7 @@ import trio
 from vfiomig._core._errors import SinkError
 from vfiomig.sinks import Chunk, Sink
 from vfiomig.vfio import _uapi as uapi
-from vfiomig.vfio._device import IOMMU_PATH, DeviceFd, parse_spec
+from vfiomig.vfio._device import CONTAINER_PATH, IOMMU_PATH, DeviceFd, parse_spec
 from vfiomig.vfio._uapi import IoctlFn, MigState, state_name
 
 #: ``write(fd, data) -> count``, as ``os.write``.
@@ -110,9 +110,19 @@ class _DataFd:
             os.close(self.fd)
 
 
+#: What a data fd write's errno means when a driver uses it to refuse the stream (the
+#: bytes came from our own buffers, so EFAULT is never ours: Linux's mtty sample answers
+#: it to a header not its own, ENOMEM to a stream longer than its state).
+_WRITE_NOTES = {
+    errno.EFAULT: " (the driver refused the stream: not its device's state?)",
+    errno.ENOMEM: " (the driver refused the stream: longer than its device's state?)",
+}
+
+
 def _write_error(name: str, data: _DataFd, exc: OSError) -> SinkError:
+    note = _WRITE_NOTES.get(exc.errno or 0, "")
     return SinkError(
-        f"vfio device {name}: data fd write failed at byte {data.written}: {exc}",
+        f"vfio device {name}: data fd write failed at byte {data.written}: {exc}{note}",
         errno=exc.errno,
     )
 
@@ -134,6 +144,8 @@ class VfioSink(Sink):
         ioctl: IoctlFn = uapi.sys_ioctl,
         write: WriteFn = os.write,
         iommu_path: str = IOMMU_PATH,
+        group_device: str | None = None,
+        container_path: str = CONTAINER_PATH,
     ) -> None:
         self._dev = DeviceFd(
             path=path,
@@ -142,6 +154,8 @@ class VfioSink(Sink):
             ioctl=ioctl,
             iommu_path=iommu_path,
             error=SinkError,
+            group_device=group_device,
+            container_path=container_path,
         )
         self._ioctl = ioctl
         self._write = write
@@ -162,16 +176,27 @@ class VfioSink(Sink):
         cls,
         path: str,
         *,
+        device: str | None = None,
         ioctl: IoctlFn = uapi.sys_ioctl,
         write: WriteFn = os.write,
         iommu_path: str = IOMMU_PATH,
+        container_path: str = CONTAINER_PATH,
     ) -> VfioSink:
         """A sink for the device cdev at ``path`` (``/dev/vfio/devices/vfioN``): opened in
         `start` and bound to a new iommufd (``iommu_path``) before any other ioctl, as the
-        kernel requires of a cdev; both closed in `aclose`. A device the VMM already has
-        open cannot be bound a second time: give the VMM's fd instead (``vfio:fd:N`` or
-        ``attach-fd``)."""
-        return cls(path=path, ioctl=ioctl, write=write, iommu_path=iommu_path)
+        kernel requires of a cdev; both closed in `aclose`. With ``device``, ``path`` is a
+        group (``/dev/vfio/GROUP``) and ``device`` the name of one of its devices: the
+        group joins a new container (``container_path``) and hands out the device fd.
+        A device the VMM already has open cannot be opened a second time either way:
+        give the VMM's fd instead (``vfio:fd:N`` or ``attach-fd``)."""
+        return cls(
+            path=path,
+            ioctl=ioctl,
+            write=write,
+            iommu_path=iommu_path,
+            group_device=device,
+            container_path=container_path,
+        )
 
     @classmethod
     def from_device_fd(
@@ -386,10 +411,11 @@ class DataFdSink(Sink):
 
 
 def open_vfio_sink(arg: str) -> Sink:
-    """The ``vfio:`` spec: ``vfio:PATH`` opens a device path; ``vfio:fd:N`` uses an
-    inherited device fd N, which the sink then owns."""
-    path, fd = parse_spec("sink", arg)
-    if fd is not None:
-        return VfioSink.from_device_fd(fd, owned=True)
-    assert path is not None
-    return VfioSink.open(path)
+    """The ``vfio:`` spec: ``vfio:PATH`` opens a device cdev; ``vfio:GROUP,device=NAME``
+    a device of a group (the container API); ``vfio:fd:N`` uses an inherited device fd
+    N, which the sink then owns."""
+    spec = parse_spec("sink", arg)
+    if spec.fd is not None:
+        return VfioSink.from_device_fd(spec.fd, owned=True)
+    assert spec.path is not None
+    return VfioSink.open(spec.path, device=spec.group_device)

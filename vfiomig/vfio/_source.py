@@ -37,7 +37,7 @@ from vfiomig._core._errors import SourceError
 from vfiomig._logs import event
 from vfiomig.sources import PrecopyInfo, Source
 from vfiomig.vfio import _uapi as uapi
-from vfiomig.vfio._device import IOMMU_PATH, DeviceFd, parse_spec
+from vfiomig.vfio._device import CONTAINER_PATH, IOMMU_PATH, DeviceFd, parse_spec
 from vfiomig.vfio._uapi import IoctlFn, MigState, state_name
 
 log = logging.getLogger("vfiomig")
@@ -65,6 +65,8 @@ class VfioSource(Source):
         ioctl: IoctlFn = uapi.sys_ioctl,
         read: ReadFn = os.read,
         iommu_path: str = IOMMU_PATH,
+        group_device: str | None = None,
+        container_path: str = CONTAINER_PATH,
     ) -> None:
         self._dev = DeviceFd(
             path=path,
@@ -73,6 +75,8 @@ class VfioSource(Source):
             ioctl=ioctl,
             iommu_path=iommu_path,
             error=SourceError,
+            group_device=group_device,
+            container_path=container_path,
         )
         self._read = read
         self.name = self._dev.name
@@ -90,12 +94,23 @@ class VfioSource(Source):
         cls,
         path: str,
         *,
+        device: str | None = None,
         ioctl: IoctlFn = uapi.sys_ioctl,
         read: ReadFn = os.read,
         iommu_path: str = IOMMU_PATH,
+        container_path: str = CONTAINER_PATH,
     ) -> VfioSource:
-        """A source for the device cdev at ``path``, bound to a new iommufd on first use."""
-        return cls(path=path, ioctl=ioctl, read=read, iommu_path=iommu_path)
+        """A source for the device cdev at ``path``, bound to a new iommufd on first use;
+        with ``device``, ``path`` is a group and ``device`` one of its devices, opened
+        through a new container (as `VfioSink.open`)."""
+        return cls(
+            path=path,
+            ioctl=ioctl,
+            read=read,
+            iommu_path=iommu_path,
+            group_device=device,
+            container_path=container_path,
+        )
 
     @classmethod
     def from_device_fd(
@@ -330,10 +345,11 @@ class VfioSource(Source):
 
 
 def open_vfio_source(arg: str) -> Source:
-    """The ``vfio:`` source spec: ``vfio:PATH`` opens a device cdev; ``vfio:fd:N`` uses an
-    inherited device fd N, which the source then owns."""
-    path, fd = parse_spec("source", arg)
-    if fd is not None:
-        return VfioSource.from_device_fd(fd, owned=True)
-    assert path is not None
-    return VfioSource.open(path)
+    """The ``vfio:`` source spec: ``vfio:PATH`` opens a device cdev;
+    ``vfio:GROUP,device=NAME`` a device of a group (the container API); ``vfio:fd:N``
+    uses an inherited device fd N, which the source then owns."""
+    spec = parse_spec("source", arg)
+    if spec.fd is not None:
+        return VfioSource.from_device_fd(spec.fd, owned=True)
+    assert spec.path is not None
+    return VfioSource.open(spec.path, device=spec.group_device)

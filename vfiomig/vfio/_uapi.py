@@ -20,13 +20,27 @@ from typing import TypeAlias
 from vfiomig._core._migstate import MigState as MigState
 from vfiomig._core._migstate import state_name as state_name
 
-#: ``ioctl(fd, request, buf)``: ``buf`` is mutated in place (the kernel writes results
-#: back into it); ``None`` means an ``_IO()`` call without argument (VFIO_DEVICE_RESET).
-IoctlFn: TypeAlias = Callable[[int, int, "bytearray | None"], int]
+#: ``ioctl(fd, request, arg)``: a ``bytearray`` is mutated in place (the kernel writes
+#: results back into it); an ``int`` is passed by value (VFIO_CHECK_EXTENSION,
+#: VFIO_SET_IOMMU); ``None`` means an ``_IO()`` call without argument (VFIO_DEVICE_RESET).
+IoctlFn: TypeAlias = Callable[[int, int, "bytearray | int | None"], int]
 
 # ioctl request numbers: _IO(';', 100 + n), no size encoded, so argsz travels in the buffer.
 VFIO_TYPE = 0x3B
 VFIO_BASE = 100
+# The container (/dev/vfio/vfio) and group (/dev/vfio/N) API, for kernels without iommufd.
+VFIO_GET_API_VERSION = 0x3B64  # on the container: VFIO_API_VERSION
+VFIO_CHECK_EXTENSION = 0x3B65  # on the container, int arg: > 0 if the IOMMU type is there
+VFIO_SET_IOMMU = 0x3B66  # on the container, int arg: the IOMMU type (a group attached first)
+VFIO_GROUP_GET_STATUS = 0x3B67  # struct vfio_group_status: argsz, flags
+VFIO_GROUP_SET_CONTAINER = 0x3B68  # pointer to the container fd (s32)
+VFIO_GROUP_GET_DEVICE_FD = 0x3B6A  # NUL-terminated device name; returns the device fd
+VFIO_API_VERSION = 0
+VFIO_TYPE1_IOMMU = 1
+VFIO_TYPE1v2_IOMMU = 3
+VFIO_NOIOMMU_IOMMU = 8
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
 VFIO_DEVICE_RESET = 0x3B6F
 VFIO_DEVICE_FEATURE = 0x3B75
 #: _IO(';', 100 + 18), Linux 6.6+: a device opened from its cdev (/dev/vfio/devices/vfioN)
@@ -62,10 +76,13 @@ _BIND_IOMMUFD = struct.Struct("=IIiI")
 _PRECOPY_INFO = struct.Struct("=IIQQ")
 
 
-def sys_ioctl(fd: int, request: int, buf: bytearray | None) -> int:
-    """The real ioctl: ``fcntl.ioctl`` with the buffer mutated in place."""
+def sys_ioctl(fd: int, request: int, buf: bytearray | int | None) -> int:
+    """The real ioctl: ``fcntl.ioctl`` with the buffer mutated in place (its return value
+    is the kernel's, e.g. the new fd of VFIO_GROUP_GET_DEVICE_FD)."""
     if buf is None:
         return int(fcntl.ioctl(fd, request, 0))
+    if isinstance(buf, int):
+        return int(fcntl.ioctl(fd, request, buf))
     return int(fcntl.ioctl(fd, request, buf, True))
 
 
@@ -158,3 +175,45 @@ def get_precopy_info(data_fd: int, *, ioctl: IoctlFn = sys_ioctl) -> tuple[int, 
     ioctl(data_fd, VFIO_MIG_GET_PRECOPY_INFO, buf)
     _, _, initial, dirty = _PRECOPY_INFO.unpack(buf)
     return int(initial), int(dirty)
+
+
+# -- the group/container API ---------------------------------------------------------------
+
+_GROUP_STATUS = struct.Struct("=II")
+_S32 = struct.Struct("=i")
+
+
+def get_api_version(container: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_GET_API_VERSION on ``/dev/vfio/vfio``: `VFIO_API_VERSION` on every kernel."""
+    return ioctl(container, VFIO_GET_API_VERSION, None)
+
+
+def check_extension(container: int, iommu_type: int, *, ioctl: IoctlFn = sys_ioctl) -> bool:
+    """VFIO_CHECK_EXTENSION: whether the container can use ``iommu_type``."""
+    return ioctl(container, VFIO_CHECK_EXTENSION, iommu_type) > 0
+
+
+def set_iommu(container: int, iommu_type: int, *, ioctl: IoctlFn = sys_ioctl) -> None:
+    """VFIO_SET_IOMMU: give the container its IOMMU model (after a group joined it)."""
+    ioctl(container, VFIO_SET_IOMMU, iommu_type)
+
+
+def group_status(group: int, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_GROUP_GET_STATUS: the ``VFIO_GROUP_FLAGS_*`` bits (VIABLE: every device of
+    the group is bound to a VFIO driver or to none)."""
+    buf = bytearray(_GROUP_STATUS.pack(_GROUP_STATUS.size, 0))
+    ioctl(group, VFIO_GROUP_GET_STATUS, buf)
+    return int(_GROUP_STATUS.unpack(buf)[1])
+
+
+def group_set_container(group: int, container: int, *, ioctl: IoctlFn = sys_ioctl) -> None:
+    """VFIO_GROUP_SET_CONTAINER: the group joins the container (unset when the group fd
+    closes)."""
+    ioctl(group, VFIO_GROUP_SET_CONTAINER, bytearray(_S32.pack(container)))
+
+
+def group_get_device_fd(group: int, name: str, *, ioctl: IoctlFn = sys_ioctl) -> int:
+    """VFIO_GROUP_GET_DEVICE_FD: a new device fd (O_CLOEXEC, the caller owns it) for the
+    group's device ``name`` (a PCI address, an mdev uuid). EINVAL until the container has
+    an IOMMU model; ENODEV for a name the group does not hold."""
+    return ioctl(group, VFIO_GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
