@@ -42,7 +42,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(found, ssl.SSLCertVerificationError):
         return f"tls: {found.reason}: {found.verify_message}"
     if isinstance(found, ssl.SSLError):
-        return f"tls: {found.reason}" if found.reason else f"tls: {found}"
+        reason = getattr(found, "reason", None)  # set by the ssl module, not by SSLError()
+        return f"tls: {reason}" if reason else f"tls: {found}"
     if found is not None:
         return os_error_text(found)
     return str(exc) or type(exc).__name__
@@ -87,6 +88,13 @@ def channel_error(channel: int, sent: int, exc: BaseException, *, tls: bool = Fa
         )
     elif tls and isinstance(_os_error(exc), ssl.SSLError):
         text = f"channel {channel}: tls handshake failed after {sent} bytes: {cause}"
+    elif tls and _os_error(exc) is None:
+        # trio's TLS stream, once broken (the receiver's alert or close seen by another
+        # call), raises a bare BrokenResourceError: no errno or TLS text is left to give.
+        text = (
+            f"channel {channel}: the tls channel broke after {sent} bytes (the receiver"
+            f" closed it or sent an alert): {_REFUSED_HINT} ({cause})"
+        )
     else:
         text = f"channel {channel}: sending failed after {sent} bytes: {cause}"
     error = SendError(text)
