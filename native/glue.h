@@ -22,6 +22,7 @@
 #include <sys/uio.h>
 
 #include "vfiomig_core.h"
+#include "vfiomig_outbox.h"
 #include "vfiomig_reorder.h"
 
 /* -- the reference's objects and interned names (set by module.c at import) ---------- */
@@ -43,6 +44,9 @@ extern PyTypeObject vfiomig_FramerType;     /* glue_framer.c */
 extern PyTypeObject vfiomig_PipeWriterType; /* glue_pipe_writer.c */
 extern PyTypeObject vfiomig_BlockType;      /* glue_block.c */
 extern PyTypeObject vfiomig_RunType;        /* glue_run.c */
+extern PyTypeObject vfiomig_SendBufferType; /* glue_send_buffer.c */
+extern PyTypeObject vfiomig_HeadersType;    /* glue_send_buffer.c: PacketHeaders */
+extern PyTypeObject vfiomig_OutboxType;     /* glue_outbox.c */
 
 /* -- Budget ------------------------------------------------------------------------- */
 
@@ -139,6 +143,31 @@ int vfiomig_run_take_slot(Run *r, struct vfm_slot *s);
 int vfiomig_run_iov(Run *r, struct iovec **iov, size_t *niov);
 /* A writer thread has the run's iovecs: release() refuses until it is done. */
 void vfiomig_run_set_busy(Run *r, int busy);
+
+/* -- the sending side: pooled buffers, packet headers, channel outboxes --------------- */
+
+/* A buffer a source reads into (writable buffer protocol); pins: queued packets whose
+ * data is in it (busy while > 0). */
+typedef struct {
+    PyObject_HEAD
+    unsigned char *mem;
+    Py_ssize_t size, pins, exports;
+} SendBuffer;
+
+/* One channel's queue of packets (vfiomig_outbox.h); a packet's owner is a strong
+ * reference to its SendBuffer (pinned) or to a memoryview holding its data's export. */
+typedef struct {
+    PyObject_HEAD
+    struct vfm_outbox ob;
+    int sending; /* inside send() without the GIL: the queue must not change */
+} Outbox;
+
+/* glue_outbox.c: queue a packet of len bytes at data (in owner, at off) with its header
+ * built by the caller through the returned slot's hdr; takes a new reference to owner
+ * (pinning a SendBuffer).  The slot, or NULL with an error. */
+struct vfm_out_packet *vfiomig_outbox_push(Outbox *self, PyObject *owner,
+                                           const unsigned char *data, size_t off, size_t len);
+void vfiomig_outbox_commit(Outbox *self);
 
 /* -- ReorderBuffer ------------------------------------------------------------------ */
 

@@ -84,7 +84,8 @@ PyMODINIT_FUNC PyInit__native(void)
     if (import_names() < 0 || PyType_Ready(&vfiomig_FramerType) < 0 ||
         PyType_Ready(&vfiomig_BudgetType) < 0 || PyType_Ready(&vfiomig_ReorderType) < 0 ||
         PyType_Ready(&vfiomig_PipeWriterType) < 0 || PyType_Ready(&vfiomig_BlockType) < 0 ||
-        PyType_Ready(&vfiomig_RunType) < 0)
+        PyType_Ready(&vfiomig_RunType) < 0 || PyType_Ready(&vfiomig_SendBufferType) < 0 ||
+        PyType_Ready(&vfiomig_HeadersType) < 0 || PyType_Ready(&vfiomig_OutboxType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
@@ -93,7 +94,10 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddObjectRef(m, "Budget", (PyObject *)&vfiomig_BudgetType) < 0 ||
         PyModule_AddObjectRef(m, "ReorderBuffer", (PyObject *)&vfiomig_ReorderType) < 0 ||
         PyModule_AddObjectRef(m, "PipeWriter", (PyObject *)&vfiomig_PipeWriterType) < 0 ||
-        PyModule_AddObjectRef(m, "Run", (PyObject *)&vfiomig_RunType) < 0) {
+        PyModule_AddObjectRef(m, "Run", (PyObject *)&vfiomig_RunType) < 0 ||
+        PyModule_AddObjectRef(m, "SendBuffer", (PyObject *)&vfiomig_SendBufferType) < 0 ||
+        PyModule_AddObjectRef(m, "PacketHeaders", (PyObject *)&vfiomig_HeadersType) < 0 ||
+        PyModule_AddObjectRef(m, "Outbox", (PyObject *)&vfiomig_OutboxType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

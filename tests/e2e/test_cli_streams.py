@@ -206,8 +206,34 @@ def test_send_draws_its_status_line_on_a_terminal(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     drawn = reader.result(timeout=10)
     assert proc.returncode == 0 and json.loads(out)["ok"] is True
-    assert "stop-copy:" in drawn and "MiB sent, 2 channels open" in drawn
+    assert "stop-copy:" in drawn and "of 2.0 MiB sent" in drawn and "2 channels open" in drawn
+    assert " GB/s, 0:00:0" in drawn and " left, " in drawn  # the rate and the time left
     assert drawn.endswith("\r")
+    code, _, err = rx.wait()
+    assert code == 0, err
+
+
+def test_send_json_writes_progress_events_on_stderr(tmp_path: Path) -> None:
+    """Off a terminal, ``vfiomig send --json``: a send_progress object a second on stderr
+    (paced to last ~2 s), the last one with every byte sent; the summary alone on stdout."""
+    rx = Receiver(
+        tmp_path,
+        ["--channels", "2", "--uuid", UUID_TEXT, "--config-out", str(tmp_path), "--json",
+         "--device", f"{DEV}=null:"],
+    )  # fmt: skip
+    proc = _vfiomig(
+        "send", "--connect", rx.data, "--channels", "2", "--uuid", UUID_TEXT,
+        "--device", f"{DEV}=synth:4MiB:3", "--packet-size", "64KiB", "--channel-rate", "1MiB",
+        "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert len(events) >= 2 and {e["event"] for e in events} == {"send_progress"}
+    total = (4 << 20) + 288 * 64
+    assert all(e["total_bytes"] == total for e in events)
+    assert any(0 < e["sent_bytes"] < total and e["rate"] > 0 for e in events)
+    assert events[-1]["sent_bytes"] > total and events[-1]["phase"] == "done"
     code, _, err = rx.wait()
     assert code == 0, err
 

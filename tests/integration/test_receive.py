@@ -227,9 +227,11 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
     exc = outcome[0]
     assert isinstance(exc, MigrationFailed)
     dev = exc.report.devices[1]
-    assert dev.error is not None and dev.error.startswith(
-        "0000:00:01.0/vfio/1: sink memory failed writing idx 5.."
-    )
+    # The failing write is the batch holding idx 5 (bytes 5000..5999); how many packets
+    # the batch holds depends on how fast they came.
+    assert dev.error is not None
+    m = re.match(r"0000:00:01\.0/vfio/1: sink memory failed writing idx (\d+)\.\.(\d+)", dev.error)
+    assert m is not None and int(m[1]) <= 5 <= int(m[2]), dev.error
     assert "Input/output error (errno 5)" in dev.error
     assert bytes(bad.data) == synth_bytes(100_000, 1)[: len(bad.data)]
     assert bad.calls[-2:] == ["abort", "aclose"]

@@ -107,9 +107,11 @@ async def migrate(
     channels: int = 1,
     seed: int = 1,
     sink_timeout: float = 60.0,
+    channel_rate: float | None = None,
 ) -> Session:
-    """Send ``size`` bytes of device ``d`` (``synth:SIZE:SEED``) into ``sink``; return the
-    ended session. The sender may see the receiver close first: that is fine here."""
+    """Send ``size`` bytes of device ``d`` (``synth:SIZE:SEED``) into ``sink``, each channel
+    paced to ``channel_rate`` if given; return the ended session. The sender may see the
+    receiver close first: that is fine here."""
     setup = DeviceSetup("d", 0, sink, MemoryConfig())
     cfg = ReceiverConfig(uuid=UUID, channels=channels, devices=[setup], sink_timeout=sink_timeout)
     with trio.fail_after(20):
@@ -122,6 +124,7 @@ async def migrate(
                     uuid=UUID,
                     devices=[SendDevice("d", 0, SynthSource(size, seed))],
                     packet_size=packet_size,
+                    channel_rate=channel_rate,
                 )
             except SendError:
                 pass
@@ -256,7 +259,9 @@ async def test_nowait_writes_hand_a_full_pipe_to_the_loader() -> None:
     t = drain_in_thread(r, got, step=1000, delay=0.3)  # the pipe fills first
     sink = _CountingFdSink(w)
     size = 600_000
-    session = await migrate(sink, size=size, packet_size=5000, channels=2, seed=3)
+    # Paced, so that packets trickle in while the loader is parked (the channel tasks then
+    # write): an unpaced sender can deliver the whole state before the first batch.
+    session = await migrate(sink, size=size, packet_size=5000, channels=2, seed=3, channel_rate=2e6)
     t.join(10)
     report = session.report()
     assert report.ok, report

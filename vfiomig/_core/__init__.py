@@ -40,15 +40,31 @@ from vfiomig._core._framer import (
     RamSkipped,
     new_payload_buffer,
 )
+from vfiomig._core._outbox import IOV_MAX, PACKET_HEADER_SIZE, Outbox, PacketHeaders, SendBuffer
 from vfiomig._core._reorder import Budget, DeviceStatistics, Ready, ReorderBuffer
 
 #: The pure-Python twins of everything in `_ACCELERATED`.
 _reference = types.SimpleNamespace(
-    Budget=Budget, Framer=Framer, ReorderBuffer=ReorderBuffer, new_payload_buffer=new_payload_buffer
+    Budget=Budget,
+    Framer=Framer,
+    ReorderBuffer=ReorderBuffer,
+    new_payload_buffer=new_payload_buffer,
+    Outbox=Outbox,
+    PacketHeaders=PacketHeaders,
+    SendBuffer=SendBuffer,
 )
 
 #: What the C core replaces of the Python reference (same names, signatures and errors).
-_ACCELERATED = ("Budget", "Framer", "ReorderBuffer", "new_payload_buffer")
+_ACCELERATED = (
+    "Budget",
+    "Framer",
+    "ReorderBuffer",
+    "SendBuffer",
+    "new_payload_buffer",
+    "Outbox",
+    "PacketHeaders",
+    "SendBuffer",
+)
 
 
 def _load_native() -> types.ModuleType | None:
@@ -84,11 +100,16 @@ if _native is not None and os.environ.get("VFIOMIG_PUREPYTHON") != "1":
     Budget = _native.Budget  # type: ignore[misc]
     ReorderBuffer = _native.ReorderBuffer  # type: ignore[misc]
     new_payload_buffer = _native.new_payload_buffer
+    Outbox = _native.Outbox  # type: ignore[misc]
+    PacketHeaders = _native.PacketHeaders  # type: ignore[misc]
+    SendBuffer = _native.SendBuffer  # type: ignore[misc]
     IMPLEMENTATION = "native"
 
 __all__ = [
     "IMPLEMENTATION",
+    "IOV_MAX",
     "NEED_DATA",
+    "PACKET_HEADER_SIZE",
     "PUMP_ACCEPTED",
     "PUMP_END",
     "PUMP_HEADER",
@@ -103,11 +124,14 @@ __all__ = [
     "DeviceStatistics",
     "Framer",
     "HandshakeError",
+    "Outbox",
+    "PacketHeaders",
     "PacketError",
     "PacketHeader",
     "RamSkipped",
     "Ready",
     "ReorderBuffer",
+    "SendBuffer",
     "SinkError",
     "SourceError",
     "StallError",

@@ -2,9 +2,15 @@
 
 Throughput runs put the sender in its own process so that it does not share the
 receiver's interpreter (this machine has 2 cores). The JSON argument says what to send;
-one JSON line on stdout says what was sent. Its source costs nothing per byte: every
-packet is the same seeded block, handed over without a copy, so the receiver, the sink
-model or the link model is the limit, not the synthetic state generator.
+one JSON line on stdout says what was sent. Its source costs next to nothing per byte:
+every packet is the same seeded block, copied into the sender's buffers a buffer at a
+time, so the receiver, the sink model or the link model is the limit, not the synthetic
+state generator.
+
+What the line gives bench besides the bytes and times: ``cpu_seconds``, this process's CPU
+time (every thread) from just before the send to its end, and ``busy``, that over the
+wall time of the send (``t_end - t_start``). A sender near 1.0 busy used a whole core:
+that cell's limit may have been the sender rather than the receiver.
 """
 
 from __future__ import annotations
@@ -41,18 +47,35 @@ class PatternSource(Source):
         self.seed = seed
         self.left = size
         self.first_read: float | None = None  # time.monotonic() of the first read
+        self._tiled = b""
         self.description = f"pattern:{size}:{seed}"
 
-    async def read(self, max_bytes: int) -> bytes:
+    fills_buffers = True
+
+    def _started(self) -> None:
         if self.first_read is None:
-            # The sender reads a packet right before it queues it for a channel: this is
+            # The sender reads right before it queues packets for the channels: this is
             # when the first packet starts on its way (after every channel's handshake).
             self.first_read = time.monotonic()
+
+    async def read(self, max_bytes: int) -> bytes:
+        self._started()
         n = min(max_bytes, self.left, len(self.block))
         self.left -= n
         await trio.lowlevel.checkpoint()
         # A whole-block slice is the block itself: no copy per packet.
         return self.block if n == len(self.block) else self.block[:n]
+
+    async def read_into(self, buf: memoryview) -> int:
+        # The sender's buffers hold whole packets: the block repeated, one copy a buffer.
+        self._started()
+        n = min(len(buf), self.left)
+        if len(self._tiled) < n:
+            self._tiled = self.block * -(-len(buf) // len(self.block))
+        buf[:n] = memoryview(self._tiled)[:n]
+        self.left -= n
+        await trio.lowlevel.checkpoint()
+        return n
 
     async def config_blob(self) -> bytes:
         return wrap_config(np.random.default_rng([self.seed, 0xC0F16]).bytes(256))
@@ -146,7 +169,11 @@ def _first(sources: list[PatternSource]) -> float | None:
 
 def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
+    cpu0 = time.process_time()
     result = trio.run(_run, job)
+    result["cpu_seconds"] = time.process_time() - cpu0
+    wall = result["t_end"] - result["t_start"]
+    result["busy"] = result["cpu_seconds"] / wall if wall > 0 else 0.0
     print(json.dumps(result), flush=True)
     return 0
 

@@ -25,7 +25,7 @@ from vfiomig.cli._options import (
     size,
     uuid,
 )
-from vfiomig.cli._progress import draw_progress, send_status, wanted
+from vfiomig.cli._progress import SendProgress, draw_progress, emit_events, wanted
 from vfiomig.cli._specs import DeviceSpec, check_unique_devices, open_source
 from vfiomig.transport import options_to_contexts
 
@@ -154,9 +154,24 @@ def add_parser(sub: Any) -> None:
     tx.add_argument(
         "--json",
         action="store_true",
-        help="print a JSON summary on stdout (bytes, packets, seconds, the receiver's events);"
-        " default: no summary",
+        help="print a JSON summary on stdout (bytes, packets, seconds, cpu_seconds, the"
+        " receiver's events) and, when stderr is not a terminal, a send_progress event a"
+        " second on stderr (one JSON object a line); default: neither",
     )
+
+
+def _wire_total(devices: list[Any], packet_size: int) -> int | None:
+    """The multifd bytes the send will put on the wire, headers included, when every
+    source knows its length (the config packets, a few hundred bytes, left out)."""
+    from vfiomig._core import PACKET_HEADER_SIZE
+
+    total = 0
+    for dev in devices:
+        size = dev.source.size_hint()
+        if size is None:
+            return None
+        total += size + PACKET_HEADER_SIZE * -(-size // packet_size)
+    return total
 
 
 def run_send(args: argparse.Namespace) -> int:
@@ -176,17 +191,23 @@ def run_send(args: argparse.Namespace) -> int:
 
     progress = wanted(args.verbose, args.log_format)
     statuses: list[SendStatus] = []
+    # On a terminal a progress line; otherwise, with --json, progress events on stderr.
+    events = args.json and not progress
 
     async def run() -> SendReport:
         status = SendStatus()
         statuses.append(status)
-        if not progress:
+        if not progress and not events:
             return await _send(status)
+        view = SendProgress(status, _wire_total(devices, args.packet_size))
         # The send runs beside the line, outside the nursery's error group: its errors
         # reach the handlers below as themselves.
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(draw_progress, status.done, lambda: send_status(status))
+            if progress:
+                nursery.start_soon(draw_progress, status.done, view.line)
+            else:
+                nursery.start_soon(emit_events, status.done, view.event)
             try:
                 report = await _send(status)
             except Exception as exc:
@@ -238,7 +259,7 @@ def run_send(args: argparse.Namespace) -> int:
     if args.json:
         summary = {
             "ok": True,
-            **{k: getattr(report, k) for k in ("bytes", "packets", "seconds")},
+            **{k: getattr(report, k) for k in ("bytes", "packets", "seconds", "cpu_seconds")},
             "receiver": [
                 {k: v for k, v in e.items() if k != "data"} for e in report.control_events
             ],

@@ -1,7 +1,9 @@
 """The sending side: packetise each device's source and spread it over the channels.
 
 - `_types`: `SendDevice`, `SendReport`, `SendStatus` (progress as it goes), `SendError`;
-- `_sender`: `send_migration`: channels, orders (QEMU's round-robin and others), pacing;
+- `_sender`: `send_migration`: channels, orders (QEMU's round-robin and others), the
+  producers that read each source and spread its packets;
+- `_channel`: one data channel's writer: its `Outbox`, batched writes, pacing;
 - `_control`: drives the receiver's control channel around the multifd data (hello,
   precopy, switchover, then the receiver's events);
 - `_precopy`: one device's precopy phase (rounds of PRE_COPY data as ``precopy`` messages).

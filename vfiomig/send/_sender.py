@@ -15,29 +15,33 @@ Orders (``order=``):
   other channel has sent everything or is blocked by the receiver's flow control. With a
   budget smaller than the state, idx 0 thus arrives as late as the receiver allows.
 
-The sender streams: it holds at most a few packets per channel, never the whole state.
+The sender streams: it holds at most `CHANNEL_QUEUE` packets or `CHUNK` bytes per channel
+(a little more while a chunk is being spread), never the whole state. Each channel's
+packets wait in its `Outbox` (the core's: header and data, the data not copied), which the
+channel's task writes in batches, one ``sendmsg`` per IOV_MAX iovecs with the C core; a
+stream source is read a `CHUNK` at a time into pooled buffers, each cut into packets and
+spread over the channels with one call. The channel of every packet is chosen in the
+same order as a packet-at-a-time sender would, so each channel carries the same bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import trio
 
+from vfiomig import _core as core
 from vfiomig._core._errors import UsageError, VfioMigError
-from vfiomig._core._wire import (
-    VFIO_FLAG_CONFIG_STATE,
-    Endian,
-    encode_device_header,
-    encode_handshake,
-    encode_vfio_header,
-)
+from vfiomig._core._wire import VFIO_FLAG_CONFIG_STATE, Endian, encode_handshake
 from vfiomig._logs import event
+from vfiomig.send._channel import CHUNK, Link, Progress, Writer
 from vfiomig.send._close import CLOSE_TIMEOUT, channel_error, describe, end_channels
 from vfiomig.send._control import send_with_control
 from vfiomig.send._types import (
@@ -48,38 +52,17 @@ from vfiomig.send._types import (
     SendStatus,
     SourceFailed,
 )
+from vfiomig.sources import Source
 from vfiomig.transport import connect, parse_address, tune_socket
 
 log = logging.getLogger("vfiomig")
 
 ORDERS = ("roundrobin", "random", "shuffle", "idx0-last")
 
-#: Packets queued per channel writer before a producer waits.
+#: Packets a channel's queue holds before a producer waits (or `CHUNK` bytes, if more).
 CHANNEL_QUEUE = 4
-#: idx0-last: a channel stuck in one send this long counts as blocked by the receiver.
-BLOCKED_AFTER = 0.3
 #: The longest a source's abort (its device back to running) may take after a failure.
 ABORT_TIMEOUT = 10.0
-
-
-_Packet = tuple[bytes, bytes | bytearray | memoryview]  # (multifd + VFIO header, data)
-
-
-class _Progress:
-    """Sends completed by the channels other than a held one (idx0-last)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.open = 0
-
-
-class _Link:
-    """The shared link of a total rate: every channel's bytes count against it."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.start = trio.current_time()
-        self.sent = 0
 
 
 async def _produce_guarded(
@@ -87,9 +70,6 @@ async def _produce_guarded(
 ) -> None:
     try:
         await _produce(device, *args)
-    except trio.BrokenResourceError:
-        # A channel writer failed and closed its queue; it recorded why.
-        scope.cancel()
     except (OSError, VfioMigError) as exc:
         if isinstance(exc, SendError):
             failures.append(exc)
@@ -103,106 +83,80 @@ async def _produce_guarded(
         scope.cancel()
 
 
-class _Writer:
-    """One channel: a queue of packets and the task that sends them in queue order.
-
-    A writer with ``hold`` set sends nothing until the other channels have all finished
-    or made no progress for `BLOCKED_AFTER` seconds (blocked by the receiver).
-    """
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        rate: float | None,
-        progress: _Progress,
-        hold: bool,
-        status: SendStatus,
-        link: _Link | None = None,
-    ) -> None:
-        self.stream = stream
-        size = float("inf") if hold else CHANNEL_QUEUE
-        self.send, self.receive = trio.open_memory_channel[_Packet](size)
-        self.rate = rate
-        self.link = link
-        self.sent = 0
-        self.progress = progress
-        self.hold = hold
-        self.status = status
-
-    async def run(self, channel: int, failures: list[SendError], scope: trio.CancelScope) -> None:
-        if self.hold:
-            await self._wait_for_others()
-        else:
-            self.progress.open += 1
-        try:
-            await self._send_queue()
-        except (OSError, trio.BrokenResourceError) as exc:
-            tls = isinstance(self.stream, trio.SSLStream)
-            failures.append(channel_error(channel, self.sent, exc, tls=tls))
-            scope.cancel()
-        finally:
-            if not self.hold:
-                self.progress.open -= 1
-
-    async def _wait_for_others(self) -> None:
-        last, since = -1, trio.current_time()
-        while self.progress.open or last < 0:
-            await trio.sleep(BLOCKED_AFTER / 6)
-            now = trio.current_time()
-            if self.progress.count != last:
-                last, since = self.progress.count, now
-            elif now - since >= BLOCKED_AFTER:
-                return
-
-    async def _send_queue(self) -> None:
-        start = trio.current_time()
-        link = self.link
-        status = self.status
-        async with self.receive:
-            async for header, data in self.receive:
-                # Pace to the link model before sending: a packet leaves once the link
-                # could have carried it, so no channel is ever ahead of rate * elapsed
-                # and the receiver cannot beat bytes / rate.
-                n = len(header) + len(data)
-                self.sent += n
-                if self.rate:
-                    await trio.sleep_until(start + self.sent / self.rate)
-                if link is not None:
-                    link.sent += n
-                    await trio.sleep_until(link.start + link.sent / link.rate)
-                await self.stream.send_all(header)
-                if data:
-                    await self.stream.send_all(data)
-                status.sent_bytes += n
-                if not self.hold:
-                    self.progress.count += 1
-        self.done = True
-
-
 class _Dispatcher:
-    """Chooses the channel of each packet according to the order."""
+    """Chooses the channel of each packet according to the order, and holds producers
+    back while a channel's queue is over its limit."""
 
-    def __init__(self, writers: list[_Writer], order: str, seed: int) -> None:
+    def __init__(self, writers: list[Writer], order: str, seed: int, limit: int) -> None:
         self.writers = writers
+        self.outboxes = [w.outbox for w in writers]
         self.order = order
         self.rng = random.Random(seed)
         self.next = 0
-        self.held: list[_Packet] = []  # idx0-last: idx 0 packets, sent last on channel 0
+        for w in writers:
+            w.limit = limit
 
-    async def dispatch(self, packet: _Packet, idx: int) -> None:
-        writers = self.writers
+    def choices(self, idx: int, count: int) -> bytes:
+        """The channels of the packets ``idx`` .. ``idx + count - 1`` of one device, in
+        the order they are queued (one byte each)."""
+        n = len(self.writers)
+        if self.order == "roundrobin":
+            first = self.next % n
+            self.next += count
+            return _cycle(range(n), first, count)
         if self.order == "idx0-last":
-            if idx == 0:
-                await writers[0].send.send(packet)
-                return
-            choice = 1 + self.next % (len(writers) - 1)
-            self.next += 1
-        elif self.order == "roundrobin":
-            choice = self.next % len(writers)
-            self.next += 1
-        else:
-            choice = self.rng.randrange(len(writers))
-        await writers[choice].send.send(packet)
+            head = b""
+            if idx == 0:  # idx 0 waits on channel 0, which sends it last
+                head, count = b"\0", count - 1
+            first = self.next % (n - 1)
+            self.next += count
+            return head + _cycle(range(1, n), first, count)
+        return bytes(self.rng.randrange(n) for _ in range(count))
+
+    def put(self, headers: Any, data: Any, idx: int, flags: int = 0) -> bytes:
+        """Queue one packet on its channel; the channel chosen (one byte)."""
+        choice = self.choices(idx, 1)
+        headers.put(self.outboxes[choice[0]], data, idx, flags)
+        return choice
+
+    async def queued(self, choices: bytes) -> None:
+        """Packets went to the channels in ``choices``: wake their writers, then wait
+        until none of them holds more than its limit."""
+        chosen = [self.writers[c] for c in set(choices)]
+        for w in chosen:
+            w.wake()
+        for w in chosen:
+            while not w.hold and w.outbox.queued_bytes > w.limit:
+                await w.room.park()
+
+
+def _cycle(values: range, first: int, count: int) -> bytes:
+    """``count`` values of ``values`` from position ``first``, cycling."""
+    pattern = _PATTERNS.get(values)
+    if pattern is None or len(pattern) < first + count:
+        pattern = bytes(values) * (-(-(first + count) // len(values)) + 1)
+        _PATTERNS[values] = pattern
+    return pattern[first : first + count]
+
+
+#: `_cycle`'s patterns, by range: a chunk's channel choices are one slice of one of them.
+_PATTERNS: dict[range, bytes] = {}
+
+
+class _Pool:
+    """The buffers a stream source is read into, each reused once no packet uses it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buffers: list[Any] = []
+
+    def get(self) -> Any:
+        for buf in self.buffers:
+            if not buf.busy:
+                return buf
+        buf = core.SendBuffer(self.size)
+        self.buffers.append(buf)
+        return buf
 
 
 async def _produce(
@@ -215,34 +169,14 @@ async def _produce(
     counts: dict[str, tuple[int, int]],
 ) -> None:
     source = device.source
-    idx = 0
-    nbytes = 0
-    pending: list[tuple[_Packet, int]] = []
-
-    def packet(idx: int, flags: int, data: bytes | bytearray | memoryview) -> _Packet:
-        header = encode_device_header(device.idstr, device.instance, 12 + len(data))
-        return header + encode_vfio_header(idx, flags, endian=endian), data
-
-    async def flush() -> None:
-        if dispatcher.order == "shuffle":
-            rng.shuffle(pending)
-        for item, i in pending:
-            await dispatcher.dispatch(item, i)
-        pending.clear()
-
+    headers = core.PacketHeaders(device.idstr, device.instance, endian)
     await source.start()
-    while True:
-        data = await source.read(packet_size)
-        if not data:
-            break
-        pending.append((packet(idx, 0, data), idx))
-        nbytes += len(data)
-        idx += 1
-        if len(pending) >= (window if dispatcher.order == "shuffle" else 1):
-            await flush()
-    await flush()
+    if dispatcher.order != "shuffle" and source.fills_buffers:
+        nbytes, idx = await _produce_chunks(source, headers, dispatcher, packet_size)
+    else:
+        nbytes, idx = await _produce_packets(source, headers, dispatcher, packet_size, window, rng)
     blob = await source.config_blob()
-    await dispatcher.dispatch(packet(idx, VFIO_FLAG_CONFIG_STATE, blob), idx)
+    await dispatcher.queued(dispatcher.put(headers, blob, idx, VFIO_FLAG_CONFIG_STATE))
     await source.finish()
     counts[device.name] = (nbytes, idx + 1)
     log.info(
@@ -252,6 +186,62 @@ async def _produce(
         idx + 1,
         extra=event("send_device_queued", device.name, bytes=nbytes, packets=idx + 1),
     )
+
+
+async def _produce_chunks(
+    source: Source, headers: Any, dispatcher: _Dispatcher, packet_size: int
+) -> tuple[int, int]:
+    """A stream source: read into pooled buffers of whole packets, each spread over the
+    channels in one call. Returns (data bytes, packets)."""
+    size = packet_size * max(1, CHUNK // packet_size)
+    pool = _Pool(size)
+    nbytes = idx = 0
+    while True:
+        buf = pool.get()
+        n = await source.read_into(memoryview(buf))
+        if n:
+            count = -(-n // packet_size)
+            choices = dispatcher.choices(idx, count)
+            headers.spread(buf, n, packet_size, idx, dispatcher.outboxes, choices)
+            nbytes += n
+            idx += count
+            await dispatcher.queued(choices)
+        if n < size:  # a short read is the end of the stream
+            return nbytes, idx
+
+
+async def _produce_packets(
+    source: Source,
+    headers: Any,
+    dispatcher: _Dispatcher,
+    packet_size: int,
+    window: int,
+    rng: random.Random,
+) -> tuple[int, int]:
+    """One read per packet (a device's reads are its packets; the shuffle order).
+    Returns (data bytes, packets)."""
+    nbytes = idx = 0
+    pending: list[tuple[bytes | bytearray | memoryview, int]] = []
+    batch = window if dispatcher.order == "shuffle" else 1
+
+    async def flush() -> None:
+        if dispatcher.order == "shuffle":
+            rng.shuffle(pending)
+        for data, i in pending:
+            await dispatcher.queued(dispatcher.put(headers, data, i))
+        pending.clear()
+
+    while True:
+        data = await source.read(packet_size)
+        if not data:
+            break
+        pending.append((data, idx))
+        nbytes += len(data)
+        idx += 1
+        if len(pending) >= batch:
+            await flush()
+    await flush()
+    return nbytes, idx
 
 
 async def send_migration(
@@ -322,6 +312,7 @@ async def send_migration(
     if packet_size < 1:
         raise UsageError(f"packet size {packet_size} is too small")
     status = status if status is not None else SendStatus()
+    cpu_start = time.process_time()
     multifd = partial(
         _send_channels,
         status=status,
@@ -342,18 +333,20 @@ async def send_migration(
     )
     try:
         if control is None:
-            return await multifd()
-        return await send_with_control(
-            control,
-            tls=tls,
-            precopy=precopy or {},
-            precopy_options=precopy_options or PrecopyOptions(),
-            switchover=switchover,
-            events_timeout=control_timeout,
-            devices=devices,
-            send=multifd,
-            status=status,
-        )
+            report = await multifd()
+        else:
+            report = await send_with_control(
+                control,
+                tls=tls,
+                precopy=precopy or {},
+                precopy_options=precopy_options or PrecopyOptions(),
+                switchover=switchover,
+                events_timeout=control_timeout,
+                devices=devices,
+                send=multifd,
+                status=status,
+            )
+        return dataclasses.replace(report, cpu_seconds=time.process_time() - cpu_start)
     except BaseException:
         with trio.CancelScope(shield=True):
             for device in devices:
@@ -395,13 +388,13 @@ async def _send_channels(
     addresses = [parse_address(a) for a in connect_to]
     status.phase = "connecting"
     start = trio.current_time()
-    writers: list[_Writer] = []
-    progress = _Progress()
+    writers: list[Writer] = []
+    progress = Progress()
     rates = [channel_rate] * channels
     for i, override in enumerate((channel_rates or [])[:channels]):
         if override is not None:
             rates[i] = override
-    link: _Link | None = None
+    link: Link | None = None
     failures: list[SendError] = []
     try:
         for i in range(channels):
@@ -416,17 +409,19 @@ async def _send_channels(
                 host = addr.host if addr.kind == "tcp" else "localhost"
                 stream = trio.SSLStream(stream, tls, server_hostname=host)
             hold = order == "idx0-last" and i == 0
-            writers.append(_Writer(stream, rates[i], progress, hold, status))
+            writers.append(Writer(stream, rates[i], progress, hold, status))
             status.channels += 1
             try:  # under TLS, the handshake happens here
                 await stream.send_all(encode_handshake(uuid, i))
             except (OSError, trio.BrokenResourceError) as exc:
                 raise channel_error(i, 0, exc, tls=tls is not None) from exc
         if link_rate:
-            link = _Link(link_rate)
+            link = Link(link_rate)
             for writer in writers:
                 writer.link = link
-        dispatcher = _Dispatcher(writers, order, seed)
+        chunk = packet_size * max(1, CHUNK // packet_size)
+        limit = max(CHANNEL_QUEUE * (core.PACKET_HEADER_SIZE + packet_size), chunk)
+        dispatcher = _Dispatcher(writers, order, seed, limit)
         status.phase = "stop-copy"
         counts: dict[str, tuple[int, int]] = {}
         async with trio.open_nursery() as nursery:
@@ -449,7 +444,7 @@ async def _send_channels(
                         counts,
                     )
             for writer in writers:
-                await writer.send.aclose()
+                writer.close()
         if failures:
             if isinstance(failures[0], SourceFailed) and on_source_failure is not None:
                 with trio.CancelScope(shield=True):

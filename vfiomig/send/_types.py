@@ -67,6 +67,8 @@ class SendReport:
     control_events: tuple[dict[str, object], ...] = ()
     #: With ``control``: each precopy device's phase, by device name.
     precopy: dict[str, PrecopyReport] = field(default_factory=dict)
+    #: CPU seconds of this process (every thread) during the send (`time.process_time`).
+    cpu_seconds: float = 0.0
 
 
 @dataclass(slots=True)

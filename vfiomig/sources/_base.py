@@ -1,7 +1,9 @@
 """The source interface: where `vfiomig send` reads one device's state from.
 
 The sender calls ``start()``, then ``read(n)`` until it returns an empty buffer (end of
-the data stream), then ``config_blob()`` for the config packet, then ``finish()`` and
+the data stream) - or, for a source that `fills_buffers` (a stream whose packet boundaries
+are the sender's to choose: synthetic state, a file, a pipe), ``read_into(buf)`` until it
+returns less than the buffer holds - then ``config_blob()`` for the config packet, then ``finish()`` and
 finally ``aclose()`` (always, also after a failure). When the migration failed, here or
 at the receiver, ``abort()`` comes before ``aclose()``.
 
@@ -35,6 +37,10 @@ class Source(abc.ABC):
     """One device's state stream on the sending side."""
 
     description: str = "source"
+    #: Whether `read_into` fills the sender's buffers: the stream is cut into packets of
+    #: the packet size wherever the sender likes. False: each `read` is one packet (a
+    #: device's reads, as QEMU sends them).
+    fills_buffers: bool = False
 
     async def start_precopy(self) -> bool:
         """Enter the precopy phase if the device offers one; False (the default): none."""
@@ -56,6 +62,16 @@ class Source(abc.ABC):
     async def read(self, max_bytes: int) -> bytes | bytearray | memoryview:
         """Return up to ``max_bytes`` of the stream; an empty result means the end. A
         memoryview must stay valid (and unchanged) for as long as the caller keeps it."""
+
+    async def read_into(self, buf: memoryview) -> int:
+        """With `fills_buffers`: fill ``buf`` with the next bytes of the stream and return
+        how many; fewer than ``len(buf)`` only at the end of the stream (0: nothing left)."""
+        raise NotImplementedError(f"{self.description} does not fill buffers")
+
+    def size_hint(self) -> int | None:
+        """The bytes the stream still holds, when that is known before reading them (a
+        progress line's time left); None (the default) when it is not."""
+        return None
 
     async def config_blob(self) -> bytes:
         """Return the whole config blob, markers included (default: an empty body)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import trio
@@ -26,19 +27,33 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _base(seed: int) -> np.ndarray:
+    """The seed's random base block, already XORed with each word's position key."""
+    base = _BASE.get(seed)
+    if base is None:
+        rng = np.random.default_rng(seed)
+        base = rng.integers(0, 2**64, SYNTH_BLOCK // 8, dtype=np.uint64) ^ _WORD_INDEX
+        _BASE.clear()
+        _BASE[seed] = base
+    return base
+
+
+def _key(seed: int, block: int) -> np.uint64:
+    return np.uint64(_splitmix64(seed * 0x100000001B3 + block))
+
+
 def synth_block(seed: int, block: int) -> bytes:
     """Block ``block`` of the synthetic state with ``seed``.
 
     A seeded random base block, XORed word by word with a per-block key and the word's
     position: every block differs, and producing one runs at memory speed.
     """
-    base = _BASE.get(seed)
-    if base is None:
-        base = np.random.default_rng(seed).integers(0, 2**64, SYNTH_BLOCK // 8, dtype=np.uint64)
-        _BASE.clear()
-        _BASE[seed] = base
-    key = np.uint64(_splitmix64(seed * 0x100000001B3 + block))
-    return (base ^ key ^ _WORD_INDEX).tobytes()
+    return (_base(seed) ^ _key(seed, block)).tobytes()
+
+
+def synth_block_into(seed: int, block: int, out: memoryview) -> None:
+    """`synth_block` written straight into ``out`` (``SYNTH_BLOCK`` bytes)."""
+    np.bitwise_xor(_base(seed), _key(seed, block), out=np.frombuffer(out, dtype=np.uint64))
 
 
 _WORD_INDEX = np.arange(SYNTH_BLOCK // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -72,6 +87,28 @@ class SynthSource(Source):
         await trio.lowlevel.checkpoint()
         return bytes(out)
 
+    fills_buffers = True
+
+    def size_hint(self) -> int:
+        return self.size - self._offset
+
+    async def read_into(self, buf: memoryview) -> int:
+        n = min(len(buf), self.size - self._offset)
+        done = 0
+        while done < n:
+            b, off = divmod(self._offset, SYNTH_BLOCK)
+            k = min(n - done, SYNTH_BLOCK - off)
+            if k == SYNTH_BLOCK:  # a whole block: made in place
+                synth_block_into(self.seed, b, buf[done : done + k])
+            else:
+                if b != self._block_no:
+                    self._block, self._block_no = synth_block(self.seed, b), b
+                buf[done : done + k] = self._block[off : off + k]
+            done += k
+            self._offset += k
+        await trio.lowlevel.checkpoint()
+        return n
+
     async def config_blob(self) -> bytes:
         return wrap_config(synth_config_body(self.seed))
 
@@ -84,15 +121,51 @@ class FdSource(Source):
         self.owned = owned
         self.description = description
         self._closed = False
+        try:
+            self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self._regular = False
+
+    fills_buffers = True
 
     async def read(self, max_bytes: int) -> bytes:
         return await trio.to_thread.run_sync(os.read, self.fd, max_bytes)
+
+    async def read_into(self, buf: memoryview) -> int:
+        if self._regular:
+            # A regular file is read from the page cache (or a read-ahead away): a copy,
+            # cheaper here than a worker thread's round trip per buffer.
+            n = _fill(self.fd, buf)
+            await trio.lowlevel.checkpoint()
+            return n
+        return await trio.to_thread.run_sync(_fill, self.fd, buf)
+
+    def size_hint(self) -> int | None:
+        """A regular file's bytes from the current offset; None for a pipe or a socket."""
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return max(st.st_size - os.lseek(self.fd, 0, os.SEEK_CUR), 0)
+        except OSError:
+            return None
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
             if self.owned:
                 os.close(self.fd)
+
+
+def _fill(fd: int, buf: memoryview) -> int:
+    """Read ``fd`` into ``buf`` until it is full or the stream ends (a worker thread's)."""
+    done = 0
+    while done < len(buf):
+        n = os.readv(fd, [buf[done:]])
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def open_file_source(path: str) -> FdSource:

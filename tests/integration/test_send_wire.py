@@ -1,0 +1,219 @@
+"""The sender's bytes on the wire, channel by channel, against the sender before issue 23.
+
+`GOLDEN` holds the sha256 of every channel's byte stream (after its handshake) as the
+per-packet sender of main 894000e wrote them, for every order, odd and even packet sizes,
+both header byte orders, paced and unpaced, from each kind of stream source. The batched
+sender must write exactly the same bytes, with either core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+import vfiomig._core as core_module
+import vfiomig.send._channel as channel_module
+import vfiomig.send._sender as sender_module
+from vfiomig._core._wire import HANDSHAKE_SIZE
+from vfiomig.send import SendDevice, send_migration
+from vfiomig.sources import SynthSource
+from vfiomig.sources._simple import open_file_source
+
+UUID = bytes(range(16))
+IDSTR = "0000:00:04.0/vfio"
+
+#: name -> (source, size, packet_size, channels, order, extra send_migration arguments)
+CASES: dict[str, tuple[str, int, int, int, str, dict[str, Any]]] = {
+    "rr-1ch-4k": ("synth", 300_000, 4096, 1, "roundrobin", {}),
+    "rr-3ch-1000": ("synth", 300_123, 1000, 3, "roundrobin", {}),
+    "rr-4ch-64k": ("synth", (1 << 20) + 77, 65536, 4, "roundrobin", {}),
+    "rr-4ch-1m": ("synth", 3 << 20, 1 << 20, 4, "roundrobin", {}),
+    "rr-3ch-host": ("synth", 200_000, 3000, 3, "roundrobin", {"endian": "host"}),
+    "random-3ch-1000": ("synth", 200_001, 1000, 3, "random", {"seed": 7}),
+    "random-4ch-64k": ("synth", 1 << 20, 65536, 4, "random", {"seed": 3}),
+    "shuffle-3ch-1000": ("synth", 200_001, 1000, 3, "shuffle", {"seed": 5, "window": 5}),
+    "shuffle-2ch-4k": ("synth", 300_000, 4096, 2, "shuffle", {"seed": 1}),
+    "idx0last-3ch-1000": ("synth", 200_001, 1000, 3, "idx0-last", {}),
+    "idx0last-2ch-64k": ("synth", 1 << 20, 65536, 2, "idx0-last", {}),
+    "paced-3ch-4k": ("synth", 200_000, 4096, 3, "roundrobin", {"channel_rate": 50e6}),
+    "linkpaced-2ch-4k": ("synth", 200_000, 4096, 2, "random", {"link_rate": 50e6, "seed": 2}),
+    "file-3ch-1000": ("file", 150_007, 1000, 3, "roundrobin", {}),
+    "file-4ch-64k": ("file", (1 << 20) + 5, 65536, 4, "roundrobin", {}),
+    "file-2ch-shuffle": ("file", 100_000, 3000, 2, "shuffle", {"seed": 9, "window": 4}),
+    "empty-2ch": ("synth", 0, 4096, 2, "roundrobin", {}),
+}
+
+
+def file_state(size: int) -> bytes:
+    return np.random.default_rng(size).bytes(size)
+
+
+async def capture(
+    tmp: Path, source: str, size: int, packet: int, channels: int, order: str, **extra: Any
+) -> list[str]:
+    """Send one device over ``channels`` loopback channels; the sha256 of each channel's
+    bytes after its handshake, by channel id."""
+    streams: dict[int, hashlib._Hash] = {}
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+
+    async def drain(stream: trio.SocketStream) -> None:
+        async with stream:
+            hello = b""
+            while len(hello) < HANDSHAKE_SIZE:
+                chunk = await stream.receive_some(HANDSHAKE_SIZE - len(hello))
+                assert chunk
+                hello += chunk
+            h = streams.setdefault(hello[24], hashlib.sha256())
+            while chunk := await stream.receive_some(1 << 20):
+                h.update(chunk)
+
+    if source == "synth":
+        src: Any = SynthSource(size, seed=11)
+    else:
+        path = tmp / "state"
+        path.write_bytes(file_state(size))
+        src = open_file_source(str(path))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_accept, listener, channels, drain, nursery)
+            await send_migration(
+                connect_to=[f"tcp:127.0.0.1:{port}"],
+                channels=channels,
+                uuid=UUID,
+                devices=[SendDevice(IDSTR, 2, src)],
+                packet_size=packet,
+                order=order,
+                **extra,
+            )
+        await listener.aclose()
+    return [streams[i].hexdigest() for i in range(channels)]
+
+
+async def _accept(listener: trio.SocketListener, n: int, drain: Any, nursery: trio.Nursery) -> None:
+    for _ in range(n):
+        nursery.start_soon(drain, await listener.accept())
+
+
+def _golden_now(tmp: Path) -> dict[str, list[str]]:
+    """Today's digests for every case (how `GOLDEN` was made)."""
+    return {
+        name: trio.run(lambda c=case: capture(tmp, *c[:5], **c[5])) for name, case in CASES.items()
+    }
+
+
+GOLDEN: dict[str, list[str]] = {
+    "rr-1ch-4k": [
+        "c9ffffc726f8ddea81a472a9a0642a2c636c3943e24752074a2a18a54746e9a9",
+    ],
+    "rr-3ch-1000": [
+        "7b00cb821507f63d77a2302d1abcb143cfe51faf96b9c09205b8708a7b051ecf",
+        "f1042de29a9707312e5f353cba884c94a84d4d65e7357e07473f4c38bc19f1d2",
+        "434600617e54766f9252fc5d6b785b971bd17c5d7e55417bb5c8e12703c9a1ab",
+    ],
+    "rr-4ch-64k": [
+        "1a82c348bbfc85bbb59562b64ebe8e22a1cc95fa1388162ce9f7bd20f2960390",
+        "60276880a480d8c540fa71a319e476e188c17f5ab6402d7677d117fcd3e9df0e",
+        "819ac76e6cf85517a215d0fe9ec6fefd33381be2e95845dfea7d11cb9be7a742",
+        "c5e4323a2fa98440d33cd3bb542bc2412e43fc41dc05522e5c7721f1f24419fe",
+    ],
+    "rr-4ch-1m": [
+        "7da61bac0522c2b0da95214075ff62603de3cfc2d012265a321e8c53ae7a953d",
+        "4eb4f680394cecb74d1a5434b73d44c26486da67fd3e8dbd5d654e3660dad885",
+        "e611557c81de011e2db7a125d6ef444b189a619520f721cf2301cc1cb478888f",
+        "b2c33a54b7b8c21228b1b89bd5fda8b1a6f469c0fa6fa93b4ec6966bf0bbc23b",
+    ],
+    "rr-3ch-host": [
+        "3bafbda520ad158abc84cd82eb179626cb2446332f89f7033a01abd780c9f359",
+        "113d25243c9bce7fdaeb0b756752cf9565270d46543186a7d5129883b36143a1",
+        "7df8dd62139e434be3737301ee28aaefd74d90072810512f1b47513b50da85e4",
+    ],
+    "random-3ch-1000": [
+        "1ddc74abdc1650c62c079963a9636158ff8bea952a476554e0b30918ccda9e32",
+        "37b6542a90e20259f2b9d80dc9ce7640ea9d5586e6e4d758584a0afc43c636f8",
+        "a789a6c33d8635c4ad339614ec92688fc272a34372bcb238aed6101b2195ae6a",
+    ],
+    "random-4ch-64k": [
+        "c9baa6548f1d6deb6d4f0fbe7439f69e203e222f26cd962093016a8650ff990b",
+        "f9f215dd84bc781894ac8fa4b550a96e9549a96cfc5ee7afb3f460716bf69baa",
+        "df509391617c72a37d67cb536f09d934164323157c183f696901d51a171828ad",
+        "42c091738162bc84e7385a533eaf4a79d34d5c63f2712760048d7d3ab44d129f",
+    ],
+    "shuffle-3ch-1000": [
+        "23ae5481804deced1c37cf3692e6d08d2803f3e21df1fdf3c02bba2312b76dad",
+        "48de718064e870d765ea87e31532aff9d92a74211b30f6d1671b4ed13e9ddf92",
+        "7141d529b5df979fefa5a0b6ea991344d784c5a6c071bc2956ef8cf42fda5738",
+    ],
+    "shuffle-2ch-4k": [
+        "b016da9887a345247b13b77c13041b8b99fac98b8299bb626079a1601d20307a",
+        "0764da3d0de0aff2ad098f38da92dd8dd249b70782e009f13ead08613bfd0e83",
+    ],
+    "idx0last-3ch-1000": [
+        "8e87e2c03c50150040677b58543ea469e26dd1613db419a7b189576d1b6809d7",
+        "6eb56e586a0ff110e16300c0cacea23ddc55a65808ddaa1844bf978b4b8ca7e6",
+        "77932a90c6656f2967cf7681336b5f31b56d0c9172968287b0db1e6083ea786b",
+    ],
+    "idx0last-2ch-64k": [
+        "8e8a8f4cd400758c39ba9947e8a5890d4231f4fb10b654c8567a8549e60fc6bd",
+        "eeefbbdd89edb5911c6b0be9b1f65277535e6de9b2d673a306ed8db4a89e7cb6",
+    ],
+    "paced-3ch-4k": [
+        "6b3dc4b35a2684702dfc3d292f0a83e71b13c6860d41fbb2ed8580fb437af27c",
+        "a4f0d267b7c9b0a2ede1bb99b56328a101c98f97261a7925e880c2f40053a35b",
+        "ddf576d1c460bb69ae5c126859bc6ef6b9ed639c3fd68496c4480601bdf8d939",
+    ],
+    "linkpaced-2ch-4k": [
+        "edce064f759d9cbfa6bdfc2bb3efd31088eb512f5d6f26d24e219d6c694339cf",
+        "a7877a74680f7d59cbe79a6e6776733070bd354fb12068ce066121dd9497081c",
+    ],
+    "file-3ch-1000": [
+        "beadcdaf74891d99661fe3bb2c2b7a1141bbbe3ca0e1cfb0ceef069a8468cd25",
+        "e548553bd82d4dfa303168961dd702d8abf8a8d0b039b3c30ff916cfe6660407",
+        "a6a2ca8aa06097241be7c4811dfcc5e8294dd0b85828cdf66cb946bbd1863b78",
+    ],
+    "file-4ch-64k": [
+        "9d2a5d68900e5251b22f4ff91ddd5a88edca49776d80368ff8969f72ef571d21",
+        "1460414b46cc0e82d5717b06a1134cb96de790d26e7020ddbe795b726dcf5079",
+        "0180af7cb0d23cb9ee2ae52fb062603719d2a14c18b3dcfc49ab8f7b34bbebe2",
+        "af70d01068e31cf427540f1c84074fbaecd46429afe2a65e6a9e1041eb637c70",
+    ],
+    "file-2ch-shuffle": [
+        "219ad3da8df1f5e0f0550d647e495a2a9b336635e8708a1cbc1b0746da1d64f6",
+        "1ba6f08723bd05f2c15b6ca72eab2c69cdba6429e3626c1b39f368e67077073c",
+    ],
+    "empty-2ch": [
+        "097a303b5cb3be7ca2e632376c1bd04c7e65f9550e56d4f2fbe9744475e60e02",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    ],
+}
+
+
+@pytest.fixture(params=sorted(core_module.IMPLEMENTATIONS))
+def sender_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The sender with each core (its outboxes, headers and buffers)."""
+    impl = core_module.IMPLEMENTATIONS[request.param]
+    monkeypatch.setattr(sender_module, "core", impl)
+    monkeypatch.setattr(channel_module, "core", impl)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_wire_bytes_unchanged(name: str, tmp_path: Path, sender_core: str) -> None:
+    source, size, packet, channels, order, extra = CASES[name]
+    got = trio.run(lambda: capture(tmp_path, source, size, packet, channels, order, **extra))
+    assert got == GOLDEN[name]
+
+
+if __name__ == "__main__":
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        print(json.dumps(_golden_now(Path(d)), indent=4))
+    os._exit(0)
