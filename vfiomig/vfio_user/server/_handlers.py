@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from vfiomig.vfio_user._header import MAJOR, Command, ProtocolError
+from vfiomig.vfio_user._header import HEADER_SIZE, MAJOR, Command, ProtocolError
 from vfiomig.vfio_user._layouts import (
     BITMAP,
     DEVICE_FLAGS_PCI,
@@ -54,6 +54,7 @@ from vfiomig.vfio_user._migration_bodies import (
 )
 from vfiomig.vfio_user._version import Capabilities, MigrationCaps, Version
 from vfiomig.vfio_user.server._device import VfioUserDevice
+from vfiomig.vfio_user.server._regions import Buffer
 from vfiomig.vfio_user.server._session import (
     CLIENT_MAX_FDS_LIMIT,
     MINOR,
@@ -67,6 +68,7 @@ _HEAD: Final = struct.Struct("=II")  # argsz, flags (DEVICE_FEATURE) / argsz, si
 _ACCESS: Final = struct.Struct("=QII")  # offset, region, count
 _STATE: Final = struct.Struct("=II")
 _U64: Final = struct.Struct("=Q")
+_FAST_MIN: Final = HEADER_SIZE + _ACCESS.size
 
 #: Commands executed while the device is in STOP or STOP_COPY (libvfio-user).
 ALLOWED_WHEN_STOPPED: Final = frozenset(
@@ -252,6 +254,49 @@ def _region_access(
         region.do_write(offset, payload[_ACCESS.size :])
         return Reply([head], [])
     return Reply([head, region.do_read(offset, count)], [])
+
+
+#: The largest access the fast path takes (a register; larger ones take the full path).
+FAST_ACCESS_MAX: Final = 64
+
+
+def region_access_fast(
+    dev: VfioUserDevice, buf: memoryview, at: int, size: int, write: bool
+) -> Buffer | None:
+    """The hot path of a small REGION_READ / REGION_WRITE whose message (``size`` bytes)
+    starts at ``buf[at]``: the data read (empty for a write), or None before any callback
+    ran when the request needs the full rules of `handle` (anything unusual or wrong:
+    it then gets the same checks and error text as always).
+
+    Raises:
+        OSError: the region callback failed (the errno to answer with).
+    """
+    if size < _FAST_MIN:
+        return None
+    offset, index, count = _ACCESS.unpack_from(buf, at + HEADER_SIZE)
+    region = dev.regions.get(index)
+    migration = dev.migration
+    if (
+        region is None
+        or index >= dev.num_regions
+        or not 0 < count <= FAST_ACCESS_MAX
+        or count > dev.max_data_xfer_size
+        or offset + count > region.size
+        or (migration is not None and migration.state == MigState.STOP_COPY)
+    ):
+        return None
+    if write:
+        if size - _FAST_MIN != count:
+            return None
+        data = buf[at + _FAST_MIN : at + size]
+        try:
+            region.do_write(offset, data)
+        finally:
+            data.release()
+        return b""
+    if size != _FAST_MIN:
+        return None
+    return region.do_read(offset, count)
 
 
 def _region_read(
