@@ -54,6 +54,7 @@ from vfiomig.vfio_user.server._device import VfioUserDevice
 from vfiomig.vfio_user.server._handlers import (
     handle,
     mig_data_write_error,
+    needs_quiesce,
     region_access_fast,
 )
 from vfiomig.vfio_user.server._regions import Buffer
@@ -399,6 +400,8 @@ class Connection:
         out_fds: list[int] = []
         error: int | None = None
         try:
+            if needs_quiesce(self.device, self.session, command, payload):
+                await self.device.quiesce(command_name(command))
             reply = handle(self.device, self.session, command, payload, fds)
         except OSError as exc:
             _log_failed(command_name(command), msg_id, exc, self.emulator_failed)

@@ -54,7 +54,11 @@ from vfiomig.vfio_user._migration_bodies import (
 )
 from vfiomig.vfio_user._version import Capabilities, MigrationCaps, Version
 from vfiomig.vfio_user.server._device import VfioUserDevice
-from vfiomig.vfio_user.server._regions import Buffer
+from vfiomig.vfio_user.server._regions import (
+    IO_FD_FLAG_DATAMATCH,
+    IO_FD_TYPE_IOEVENTFD,
+    Buffer,
+)
 from vfiomig.vfio_user.server._session import (
     CLIENT_MAX_FDS_LIMIT,
     MINOR,
@@ -69,11 +73,28 @@ _ACCESS: Final = struct.Struct("=QII")  # offset, region, count
 _STATE: Final = struct.Struct("=II")
 _U64: Final = struct.Struct("=Q")
 _FAST_MIN: Final = HEADER_SIZE + _ACCESS.size
+#: vfio_user_sub_region_ioeventfd: offset, size, fd_index, type, flags, shadow fd index,
+#: shadow offset, datamatch.
+SUB_REGION_IOEVENTFD: Final = struct.Struct("=QQIIIIQQ")
+#: REGION_WRITE_MULTI: the count, then each write (QEMU's VFIOUserWROne): offset, region,
+#: count and up to 8 data bytes.
+_MULTI_COUNT: Final = struct.Struct("=Q")
+_MULTI_ONE: Final = struct.Struct("=QII8s")
+MULTI_MAX: Final = 200
 
 #: Commands executed while the device is in STOP or STOP_COPY (libvfio-user).
 ALLOWED_WHEN_STOPPED: Final = frozenset(
-    {Command.REGION_READ, Command.REGION_WRITE, Command.DEVICE_FEATURE, Command.MIG_DATA_READ}
+    {
+        Command.REGION_READ,
+        Command.REGION_WRITE,
+        Command.REGION_WRITE_MULTI,
+        Command.DEVICE_FEATURE,
+        Command.MIG_DATA_READ,
+    }
 )
+
+
+_QUIESCE_COMMANDS: Final = frozenset({Command.DMA_MAP, Command.DMA_UNMAP, Command.DEVICE_RESET})
 
 
 def _einval(text: str) -> OSError:
@@ -110,6 +131,20 @@ def handle(
         raise _einval(exc.message) from None
 
 
+def needs_quiesce(dev: VfioUserDevice, session: Session, command: int, payload: memoryview) -> bool:
+    """Whether the request changes what a running emulator depends on, so that it must
+    be quiet first (libvfio-user's ``should_quiesce``): DMA_MAP, DMA_UNMAP, DEVICE_RESET
+    and a DEVICE_FEATURE SET of the migration state."""
+    if dev.quiesce_callback is None or not session.negotiated:
+        return False
+    if command in _QUIESCE_COMMANDS:
+        return True
+    if command == Command.DEVICE_FEATURE and len(payload) >= _HEAD.size:
+        flags: int = _HEAD.unpack_from(payload)[1]
+        return flags & FEATURE_SET != 0 and flags & FEATURE_MASK == FEATURE_MIG_DEVICE_STATE
+    return False
+
+
 def _version(
     dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
 ) -> Reply:
@@ -142,6 +177,7 @@ def _version(
         max_data_xfer_size=dev.max_data_xfer_size,
         pgsizes=dev.pgsize,
         migration=mig,
+        write_multiple=True,
     )
     return _reply(Version(MAJOR, min(req.minor, MINOR), ours).pack())
 
@@ -182,7 +218,12 @@ def _region_info(
         return _reply(head, bytes(min(full, argsz) - REGION_INFO.size))
     assert region.memory is not None
     head = REGION_INFO.pack(
-        full, flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS, index, REGION_INFO.size, region.size, 0
+        full,
+        flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS,
+        index,
+        REGION_INFO.size,
+        region.size,
+        region.memory.offset,
     )
     return _reply(head, sparse_mmap_cap(region.areas), fds=[region.memory.fd])
 
@@ -190,6 +231,8 @@ def _region_info(
 def _region_io_fds(
     dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
 ) -> Reply:
+    # libvfio-user's handle_device_get_region_io_fds: the sub-regions and their fds when
+    # argsz has room for all of them, else only the argsz needed and the count.
     argsz, flags, index, count = unpack(IO_FDS, payload, "region io fds")
     if flags or count:
         raise _einval(f"region io fds flags {flags:#x} count {count} (both 0)")
@@ -198,7 +241,35 @@ def _region_io_fds(
         raise _einval(f"region io fds index {index} is not a region")
     if not IO_FDS.size <= argsz <= dev.max_data_xfer_size:
         raise _einval(f"region io fds argsz {argsz} (min {IO_FDS.size})")
-    return _reply(IO_FDS.pack(IO_FDS.size, 0, index, 0))  # no ioeventfds: "none"
+    subs = region.ioeventfds
+    full = IO_FDS.size + len(subs) * SUB_REGION_IOEVENTFD.size
+    head = IO_FDS.pack(full, 0, index, len(subs))
+    if not subs or argsz < full:
+        return _reply(head)
+    out_fds: list[int] = []
+    parts: list[bytes] = [head]
+    for sub in subs:
+        if sub.fd not in out_fds:
+            out_fds.append(sub.fd)
+        match = sub.datamatch is not None
+        parts.append(
+            SUB_REGION_IOEVENTFD.pack(
+                sub.offset,
+                sub.size,
+                out_fds.index(sub.fd),
+                IO_FD_TYPE_IOEVENTFD,
+                IO_FD_FLAG_DATAMATCH if match else 0,
+                0,
+                0,
+                sub.datamatch or 0,
+            )
+        )
+    if len(out_fds) > session.client_max_msg_fds:
+        raise _einval(
+            f"region io fds index {index}: {len(out_fds)} fds "
+            f"(the client takes {session.client_max_msg_fds})"
+        )
+    return _reply(*parts, fds=out_fds)
 
 
 def _irq_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
@@ -309,6 +380,27 @@ def _region_write(
     dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
 ) -> Reply:
     return _region_access(dev, session, payload, fds, True)
+
+
+def _region_write_multi(
+    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
+) -> Reply:
+    # QEMU's posted writes, batched: each goes through the REGION_WRITE rules, in order;
+    # the first that fails stops the rest (its errno is the reply's).
+    (count,) = unpack(_MULTI_COUNT, payload, "region write multi")
+    if not 0 < count <= MULTI_MAX or len(payload) != _MULTI_COUNT.size + count * _MULTI_ONE.size:
+        raise _einval(
+            f"region write multi of {count} writes in {len(payload)} bytes (max {MULTI_MAX})"
+        )
+    for i in range(count):
+        offset, index, size, data = _MULTI_ONE.unpack_from(
+            payload, _MULTI_COUNT.size + i * _MULTI_ONE.size
+        )
+        if size > len(data):
+            raise _einval(f"region write multi {i}: count {size} (max {len(data)})")
+        one = memoryview(_ACCESS.pack(offset, index, size) + data[:size])
+        _region_access(dev, session, one, fds, True)
+    return _reply()
 
 
 # --------------------------------------------------------------------------- DMA
@@ -481,6 +573,7 @@ _HANDLERS: Final[dict[int, _Handler]] = {
     Command.DEVICE_SET_IRQS: _set_irqs,
     Command.REGION_READ: _region_read,
     Command.REGION_WRITE: _region_write,
+    Command.REGION_WRITE_MULTI: _region_write_multi,
     Command.DMA_MAP: _dma_map,
     Command.DMA_UNMAP: _dma_unmap,
     Command.DEVICE_RESET: _reset,
