@@ -1,0 +1,509 @@
+"""libvfio-user's device features in the server library, driven over real UNIX sockets:
+ioeventfds, 64-bit / prefetchable BARs, config-space callbacks with veto, capabilities at
+chosen offsets and extended capabilities, mmap areas from the emulator's fd, quiesce, FLR,
+the enabled interrupt type, per-type IRQ state callbacks and REGION_WRITE_MULTI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from tests.vfio_user_raw import RawClient
+from vfiomig.vfio_user import (
+    FileMemory,
+    IrqIndex,
+    PciCap,
+    PciConfig,
+    PciExtCap,
+    Region,
+    ResetReason,
+    VfioUserDevice,
+    pcie_cap,
+    serve_vfio_user,
+    vendor_cap,
+)
+from vfiomig.vfio_user._header import Command
+from vfiomig.vfio_user._layouts import DMA_MAP, DMA_UNMAP, IO_FDS, IRQ_SET, REGION_INFO
+from vfiomig.vfio_user._version import Capabilities
+
+PAGE = mmap.PAGESIZE
+ACCESS = struct.Struct("=QII")
+SUB = struct.Struct("=QQIIIIQQ")
+MULTI_ONE = struct.Struct("=QII8s")
+TRIGGER_EVENTFD = 0x20 | 0x4
+MASK_NONE = 0x08 | 0x1
+
+
+@asynccontextmanager
+async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "s")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_vfio_user, path, device)
+            yield path
+            nursery.cancel_scope.cancel()
+
+
+async def read(raw: RawClient, index: int, offset: int, count: int) -> bytes:
+    got = await raw.call(Command.REGION_READ, ACCESS.pack(offset, index, count))
+    assert not got.is_error, got
+    return got.payload[ACCESS.size :]
+
+
+async def write(raw: RawClient, index: int, offset: int, data: bytes) -> int:
+    return await raw.errno_of(Command.REGION_WRITE, ACCESS.pack(offset, index, len(data)) + data)
+
+
+def u32(data: bytes) -> int:
+    return int.from_bytes(data, "little")
+
+
+def bar_region(size: int) -> Region:
+    return Region(size, read=lambda o, c: bytes(c), write=lambda o, d: None)
+
+
+# --------------------------------------------------------------------------- ioeventfds
+
+
+async def test_region_io_fds_hand_the_emulators_eventfds_to_the_client() -> None:
+    device = VfioUserDevice(pci=PciConfig(0x1234, 1), regions={0: bar_region(0x1000)})
+    doorbell, other = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        device.create_ioeventfd(0, doorbell, 0x10, 4)
+        device.create_ioeventfd(0, doorbell, 0x14, 4, datamatch=7)
+        device.create_ioeventfd(0, other, 0x20, 8)
+        with pytest.raises(ValueError, match="ioeventfd at 0xffe"):
+            device.create_ioeventfd(0, other, 0xFFE, 4)
+        with trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path, caps=Capabilities(max_msg_fds=8))
+                full = IO_FDS.size + 3 * SUB.size
+                # Too small an argsz: the size needed and the count, no fds (libvfio-user).
+                got = await raw.call(Command.DEVICE_GET_REGION_IO_FDS, IO_FDS.pack(16, 0, 0, 0))
+                assert IO_FDS.unpack(got.payload) == (full, 0, 0, 3) and got.fds == []
+                got = await raw.call(Command.DEVICE_GET_REGION_IO_FDS, IO_FDS.pack(full, 0, 0, 0))
+                assert not got.is_error and len(got.fds) == 2
+                subs = [SUB.unpack_from(got.payload, IO_FDS.size + i * SUB.size) for i in range(3)]
+                assert [(s[0], s[1], s[4], s[7]) for s in subs] == [
+                    (0x10, 4, 0, 0),
+                    (0x14, 4, 1, 7),
+                    (0x20, 8, 0, 0),
+                ]
+                assert subs[0][2] == subs[1][2] != subs[2][2]
+                # The VMM (KVM) signals the fd on a guest write; the emulator reads it.
+                os.eventfd_write(got.fds[subs[0][2]], 1)
+                os.eventfd_write(got.fds[subs[2][2]], 5)
+                assert os.eventfd_read(doorbell) == 1 and os.eventfd_read(other) == 5
+                # A region without ioeventfds: "none".
+                got = await raw.call(Command.DEVICE_GET_REGION_IO_FDS, IO_FDS.pack(64, 0, 7, 0))
+                assert IO_FDS.unpack(got.payload) == (16, 0, 7, 0)
+                for fd in got.fds:
+                    os.close(fd)
+                raw.close()
+    finally:
+        os.close(doorbell)
+        os.close(other)
+
+
+async def test_region_io_fds_refuse_more_fds_than_the_client_takes() -> None:
+    device = VfioUserDevice(pci=PciConfig(0x1234, 1), regions={0: bar_region(0x1000)})
+    fds = [os.eventfd(0) for _ in range(2)]
+    try:
+        for i, fd in enumerate(fds):
+            device.create_ioeventfd(0, fd, 4 * i, 4)
+        with trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path)  # max_msg_fds 1
+                payload = IO_FDS.pack(IO_FDS.size + 2 * SUB.size, 0, 0, 0)
+                assert await raw.errno_of(Command.DEVICE_GET_REGION_IO_FDS, payload) == errno.EINVAL
+                raw.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- BARs
+
+
+async def test_64bit_prefetchable_bars_size_and_decode() -> None:
+    pci = PciConfig(0x1234, 1, bars64=frozenset({0}), prefetchable=frozenset({0, 3}))
+    device = VfioUserDevice(
+        pci=pci, regions={0: bar_region(8 << 30), 2: bar_region(0x100), 3: bar_region(0x1000)}
+    )
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            got = await raw.call(
+                Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(32, 0, 0, 0, 0, 0)
+            )
+            assert REGION_INFO.unpack(got.payload)[4] == 8 << 30
+            assert u32(await read(raw, 7, 0x10, 4)) == 0xC  # 64-bit, prefetchable
+            assert u32(await read(raw, 7, 0x18, 4)) == 0x0  # BAR2: 32-bit
+            assert u32(await read(raw, 7, 0x1C, 4)) == 0x8  # BAR3: prefetchable
+            for offset in (0x10, 0x14, 0x18, 0x1C):  # sizing: all ones, read the mask back
+                assert await write(raw, 7, offset, b"\xff" * 4) == 0
+            assert u32(await read(raw, 7, 0x10, 4)) == 0x0000000C
+            assert u32(await read(raw, 7, 0x14, 4)) == 0xFFFFFFFE  # 8 GiB: bit 33 up
+            assert u32(await read(raw, 7, 0x18, 4)) == 0xFFFFFF00
+            assert u32(await read(raw, 7, 0x1C, 4)) == 0xFFFFF008
+            assert await write(raw, 7, 0x10, struct.pack("<II", 0, 0x4)) == 0
+            assert pci.bar(0) == 0x4_0000_0000
+            raw.close()
+
+
+def test_bar_layouts_that_cannot_be_are_refused() -> None:
+    with pytest.raises(ValueError, match="needs a 64-bit bar"):
+        VfioUserDevice(pci=PciConfig(1, 1), regions={0: bar_region(4 << 30)})
+    with pytest.raises(ValueError, match="bar 0 cannot be 64-bit"):
+        VfioUserDevice(
+            pci=PciConfig(1, 1, bars64=frozenset({0})),
+            regions={0: bar_region(PAGE), 1: bar_region(PAGE)},
+        )
+
+
+# --------------------------------------------------------------------------- config callbacks
+
+
+async def test_config_read_and_write_callbacks_answer_and_veto() -> None:
+    seen: list[tuple[int, bytes]] = []
+    cap_writes: list[tuple[int, bytes]] = []
+
+    def on_read(offset: int, count: int) -> bytes | None:
+        return b"\xab\xcd"[:count] if offset == 0x2C and count <= 2 else None
+
+    def before_write(offset: int, data: memoryview) -> None:
+        if offset == 0x04 and data[0] & 0x4:
+            raise OSError(errno.EPERM, "no bus mastering here")
+
+    def cap_read(offset: int, count: int) -> bytes:
+        return bytes(range(offset, offset + count))
+
+    def cap_write(offset: int, data: memoryview) -> None:
+        cap_writes.append((offset, bytes(data)))
+
+    hooked = PciCap(0x09, bytes(14), read=cap_read, write=cap_write)
+    pci = PciConfig(
+        0x1234,
+        1,
+        caps=[hooked],
+        on_read=on_read,
+        before_write=before_write,
+        on_write=lambda offset, data: seen.append((offset, data)),
+    )
+    device = VfioUserDevice(pci=pci, regions={0: bar_region(PAGE)})
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            assert await read(raw, 7, 0x2C, 2) == b"\xab\xcd"  # answered by on_read
+            assert await read(raw, 7, 0x00, 2) == b"\x34\x12"  # stored content
+            assert await write(raw, 7, 0x04, b"\x04\x00") == errno.EPERM  # vetoed
+            assert pci.command == 0 and seen == []
+            assert await write(raw, 7, 0x04, b"\x02\x00") == 0
+            assert pci.command == 2 and seen == [(0x04, b"\x02\x00")]
+            assert await read(raw, 7, 0x40, 4) == bytes(range(4))  # the cap's own read
+            assert await write(raw, 7, 0x44, b"\x99") == 0
+            assert cap_writes == [(4, b"\x99")]
+            raw.close()
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+async def test_capabilities_at_chosen_offsets_and_extended_capabilities() -> None:
+    pci = PciConfig(
+        0x1234,
+        1,
+        express=True,
+        caps=[pcie_cap(), vendor_cap(b"late"), PciCap(0x05, bytes(12), offset=0xC0)],
+        ext_caps=[
+            PciExtCap(0x0001, bytes(44), version=2),
+            PciExtCap(0x000B, b"vfio", offset=0x200),
+        ],
+    )
+    device = VfioUserDevice(pci=pci, regions={0: bar_region(PAGE)})
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            got = await raw.call(
+                Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(32, 0, 7, 0, 0, 0)
+            )
+            assert REGION_INFO.unpack(got.payload)[4] == 4096
+            chain, pos = [], (await read(raw, 7, 0x34, 1))[0]
+            while pos:
+                cap_id, pos_next = await read(raw, 7, pos, 2)
+                chain.append((pos, cap_id))
+                pos = pos_next
+            assert chain == [(0x40, 0x10), (0x7C, 0x09), (0xC0, 0x05)]
+            ext, pos = [], 0x100
+            while pos:
+                header = u32(await read(raw, 7, pos, 4))
+                ext.append((pos, header & 0xFFFF, header >> 16 & 0xF))
+                pos = header >> 20
+            assert ext == [(0x100, 0x0001, 2), (0x200, 0x000B, 1)]
+            assert await read(raw, 7, 0x204, 4) == b"vfio"
+            raw.close()
+
+
+def test_capability_layouts_that_cannot_be_are_refused() -> None:
+    def build(**kwargs: object) -> None:
+        VfioUserDevice(pci=PciConfig(1, 1, **kwargs), regions={})  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="overlaps"):
+        build(caps=[PciCap(0x05, bytes(12), offset=0x60), PciCap(0x09, bytes(4), offset=0x68)])
+    with pytest.raises(ValueError, match="4-aligned"):
+        build(caps=[PciCap(0x05, bytes(4), offset=0x62)])
+    with pytest.raises(ValueError, match="need express=True"):
+        build(ext_caps=[PciExtCap(1, bytes(4))])
+    with pytest.raises(ValueError, match="the first is at 0x100"):
+        build(express=True, ext_caps=[PciExtCap(1, bytes(4), offset=0x180)])
+
+
+# --------------------------------------------------------------------------- FLR
+
+
+async def test_initiate_flr_resets_the_device() -> None:
+    reasons: list[ResetReason] = []
+    pci = PciConfig(0x1234, 1, express=True, caps=[pcie_cap()])
+    device = VfioUserDevice(pci=pci, regions={0: bar_region(PAGE)}, reset=reasons.append)
+    exp = pci.cap_offsets[0x10]
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            assert u32(await read(raw, 7, exp + 4, 4)) & 1 << 28  # FLR capable
+            assert await write(raw, 7, exp + 8, struct.pack("<H", 0x0010)) == 0
+            assert reasons == []
+            assert await write(raw, 7, exp + 8, struct.pack("<H", 0x8010)) == 0
+            assert reasons == [ResetReason.PCI_FLR]
+            assert u32(await read(raw, 7, exp + 8, 2)) == 0x0010  # the bit reads back 0
+            raw.close()
+
+
+# --------------------------------------------------------------------------- mmap from an fd
+
+
+async def test_region_memory_from_the_emulators_fd_and_offset() -> None:
+    fd = os.memfd_create("emulator")
+    os.ftruncate(fd, 4 * PAGE)
+    os.pwrite(fd, b"bar four", 2 * PAGE)
+    memory = FileMemory(fd, 2 * PAGE, offset=2 * PAGE)
+    device = VfioUserDevice(pci=PciConfig(0x1234, 1), regions={4: Region(2 * PAGE, memory=memory)})
+    try:
+        with trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path)
+                assert await read(raw, 4, 0, 8) == b"bar four"  # served from the memory
+                got = await raw.call(
+                    Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(128, 0, 4, 0, 0, 0)
+                )
+                assert len(got.fds) == 1
+                _, flags, _, _, size, offset = REGION_INFO.unpack_from(got.payload)
+                assert (size, offset) == (2 * PAGE, 2 * PAGE)
+                with mmap.mmap(got.fds[0], PAGE, offset=offset) as client_view:
+                    assert client_view[:8] == b"bar four"
+                    client_view[8:12] = b"!!!!"
+                assert memory.view[8:12] == b"!!!!"  # the emulator sees the client's write
+                os.close(got.fds[0])
+                raw.close()
+    finally:
+        memory.close()
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- quiesce
+
+
+def dma_map(iova: int) -> bytes:
+    return DMA_MAP.pack(DMA_MAP.size, 0x3, 0, iova, PAGE)
+
+
+async def test_quiesce_holds_the_request_until_the_device_is_quiet() -> None:
+    asked: list[str] = []
+    wanted = trio.Event()
+
+    def quiesce() -> bool:
+        nonlocal wanted
+        asked.append("quiesce")
+        wanted.set()
+        return False  # "later": the test says when, with device.quiesced()
+
+    async def quiet_after_asked(errno_: int = 0) -> None:
+        nonlocal wanted
+        await wanted.wait()
+        wanted = trio.Event()
+        device.quiesced(errno_)
+
+    device = VfioUserDevice(
+        pci=PciConfig(0x1234, 1),
+        regions={0: bar_region(PAGE)},
+        quiesce=quiesce,
+        reset=lambda reason: asked.append(reason.value),
+    )
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            msg_id = await raw.send(Command.DMA_MAP, dma_map(0x10000))
+            await wanted.wait()
+            with trio.move_on_after(0.2):
+                await raw.receive()
+                pytest.fail("DMA_MAP answered before the device said it was quiet")
+            assert asked == ["quiesce"] and device.dma.regions == []
+            await quiet_after_asked()
+            got = await raw.receive()
+            assert got.msg_id == msg_id and not got.is_error and len(device.dma.regions) == 1
+            async with trio.open_nursery() as nursery:  # reset: quiesce first, then reset
+                nursery.start_soon(quiet_after_asked)
+                assert await raw.errno_of(Command.DEVICE_RESET, b"") == 0
+            assert asked == ["quiesce", "quiesce", "device-reset"]
+            # The device fails to quiesce: its errno goes to the client, nothing unmapped.
+            unmap = DMA_UNMAP.pack(DMA_UNMAP.size, 0, 0x10000, PAGE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(quiet_after_asked, errno.EIO)
+                assert await raw.errno_of(Command.DMA_UNMAP, unmap) == errno.EIO
+            assert len(device.dma.regions) == 1
+            raw.close()
+
+
+async def test_quiesce_is_bounded() -> None:
+    device = VfioUserDevice(
+        pci=PciConfig(0x1234, 1),
+        regions={0: bar_region(PAGE)},
+        quiesce=lambda: False,
+        quiesce_timeout=0.2,
+    )
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            assert await raw.errno_of(Command.DMA_MAP, dma_map(0x10000)) == errno.EBUSY
+            assert device.dma.regions == []
+            # Region access never waits for a quiesce.
+            assert await read(raw, 0, 0, 4) == bytes(4)
+            raw.close()
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+def set_irqs(flags: int, index: int, start: int, count: int) -> bytes:
+    return IRQ_SET.pack(IRQ_SET.size, flags, index, start, count)
+
+
+async def test_trigger_enabled_uses_the_type_the_guest_enabled() -> None:
+    states: list[tuple[str, int, int, bool]] = []
+    device = VfioUserDevice(
+        pci=PciConfig(0x1234, 1),
+        regions={0: bar_region(PAGE)},
+        irqs={IrqIndex.INTX: 1, IrqIndex.MSI: 2, IrqIndex.MSIX: 4},
+        irq_state={
+            IrqIndex.MSIX: lambda start, count, masked: states.append(
+                ("msix", start, count, masked)
+            ),
+            IrqIndex.MSI: lambda start, count, masked: states.append(("msi", start, count, masked)),
+        },
+    )
+    msi, msix = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        with trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path)
+                assert device.irqs.trigger_enabled(0) is None  # nothing wired
+                msi_set = set_irqs(TRIGGER_EVENTFD, IrqIndex.MSI, 1, 1)
+                assert await raw.errno_of(Command.DEVICE_SET_IRQS, msi_set, [msi]) == 0
+                assert device.irqs.trigger_enabled(1) == IrqIndex.MSI
+                assert os.eventfd_read(msi) == 1
+                msix_set = set_irqs(TRIGGER_EVENTFD, IrqIndex.MSIX, 3, 1)
+                assert await raw.errno_of(Command.DEVICE_SET_IRQS, msix_set, [msix]) == 0
+                assert device.irqs.trigger_enabled(3) == IrqIndex.MSIX
+                assert os.eventfd_read(msix) == 1
+                with pytest.raises(BlockingIOError):
+                    os.eventfd_read(msi)
+                mask = set_irqs(MASK_NONE, IrqIndex.MSIX, 2, 2)
+                assert await raw.errno_of(Command.DEVICE_SET_IRQS, mask) == 0
+                assert states == [("msix", 2, 2, True)]
+                raw.close()
+    finally:
+        os.close(msi)
+        os.close(msix)
+
+
+# --------------------------------------------------------------------------- WRITE_MULTI
+
+
+async def test_region_write_multi_applies_each_write_in_order() -> None:
+    bar = bytearray(64)
+
+    def bar_write(offset: int, data: memoryview) -> None:
+        bar[offset : offset + len(data)] = data
+
+    device = VfioUserDevice(
+        pci=PciConfig(0x1234, 1),
+        regions={0: Region(64, read=lambda o, c: bar[o : o + c], write=bar_write)},
+    )
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = RawClient(await _connect(path))
+            got = await raw.call(
+                Command.VERSION, struct.pack("=HH", 0, 2) + b'{"capabilities":{}}\0'
+            )
+            caps = json.loads(got.payload[4:].rstrip(b"\0"))["capabilities"]
+            assert caps["write_multiple"] is True
+            writes = [(0, 4, b"abcd"), (8, 8, b"12345678"), (2, 2, b"XY")]
+            body = struct.pack("=Q", len(writes)) + b"".join(
+                MULTI_ONE.pack(offset, 0, count, data) for offset, count, data in writes
+            )
+            assert await raw.errno_of(Command.REGION_WRITE_MULTI, body) == 0
+            assert bar[:16] == b"abXY" + bytes(4) + b"12345678"
+            # Each write takes the REGION_WRITE rules: past the end stops the batch there.
+            bad = (
+                struct.pack("=Q", 2)
+                + MULTI_ONE.pack(20, 0, 1, b"Z")
+                + MULTI_ONE.pack(62, 0, 4, b"")
+            )
+            assert await raw.errno_of(Command.REGION_WRITE_MULTI, bad) == errno.EINVAL
+            assert bar[20:21] == b"Z"
+            too_long = struct.pack("=Q", 1) + MULTI_ONE.pack(0, 0, 9, b"")
+            assert await raw.errno_of(Command.REGION_WRITE_MULTI, too_long) == errno.EINVAL
+            empty = struct.pack("=Q", 0)
+            assert await raw.errno_of(Command.REGION_WRITE_MULTI, empty) == errno.EINVAL
+            raw.close()
+
+
+async def _connect(path: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(path)
+    return sock
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+async def test_small_register_access_errors_match_the_full_path() -> None:
+    def fail(offset: int, count: int) -> bytes:
+        raise OSError(errno.ENODEV, "the register is gone")
+
+    device = VfioUserDevice(pci=PciConfig(0x1234, 1), regions={0: Region(PAGE, read=fail)})
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            assert await raw.errno_of(Command.REGION_READ, ACCESS.pack(0, 0, 4)) == errno.ENODEV
+            assert await raw.errno_of(Command.REGION_READ, ACCESS.pack(0, 0, 4096)) == errno.ENODEV
+            past = ACCESS.pack(PAGE - 2, 0, 4)
+            assert await raw.errno_of(Command.REGION_READ, past) == errno.EINVAL
+            assert (
+                await raw.errno_of(Command.REGION_WRITE, ACCESS.pack(0, 0, 4) + b"1")
+                == errno.EINVAL
+            )
+            assert (
+                await raw.errno_of(Command.REGION_WRITE, ACCESS.pack(0, 0, 4) + b"1234")
+                == errno.EINVAL
+            )
+            assert await read(raw, 7, 0, 4) == b"\x34\x12\x01\x00"
+            raw.close()
