@@ -11,13 +11,14 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from tests.vfio_user_raw import RawClient
+from tests.vfio_user_raw import RawClient, SyncClient
 from vfiomig.vfio_user import (
     FileMemory,
     IrqIndex,
@@ -29,6 +30,7 @@ from vfiomig.vfio_user import (
     VfioUserDevice,
     pcie_cap,
     serve_vfio_user,
+    start_vfio_user_thread,
     vendor_cap,
 )
 from vfiomig.vfio_user._header import Command
@@ -306,6 +308,7 @@ async def test_region_memory_from_the_emulators_fd_and_offset() -> None:
                 )
                 assert len(got.fds) == 1
                 _, flags, _, _, size, offset = REGION_INFO.unpack_from(got.payload)
+                assert flags & 0x4  # mmappable
                 assert (size, offset) == (2 * PAGE, 2 * PAGE)
                 with mmap.mmap(got.fds[0], PAGE, offset=offset) as client_view:
                     assert client_view[:8] == b"bar four"
@@ -507,3 +510,56 @@ async def test_small_register_access_errors_match_the_full_path() -> None:
             )
             assert await read(raw, 7, 0, 4) == b"\x34\x12\x01\x00"
             raw.close()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_a_device_served_from_its_own_thread() -> None:
+    """No trio in this test: the server runs in its thread, the VMM is a blocking client
+    here, and another plain thread triggers interrupts and reads guest memory."""
+    bar = bytearray(16)
+    device = VfioUserDevice(
+        pci=PciConfig(0x1234, 1),
+        regions={0: Region(16, read=lambda o, c: bar[o : o + c])},
+        irqs={IrqIndex.MSI: 1},
+    )
+    guest = bytes(range(256)) * 16
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "s")
+        handle = start_vfio_user_thread(path, device)
+        with pytest.raises(RuntimeError, match="failed to start"):
+            start_vfio_user_thread(path, device)  # the path is taken
+        try:
+            vmm = SyncClient(path)
+            bar[:4] = b"ping"
+            got = vmm.call(Command.REGION_READ, ACCESS.pack(0, 0, 4))
+            assert got.payload[ACCESS.size :] == b"ping"
+            assert not vmm.call(Command.DMA_MAP, dma_map(0x10000)).is_error
+            wire = set_irqs(TRIGGER_EVENTFD, IrqIndex.MSI, 0, 1)
+            assert not vmm.call(Command.DEVICE_SET_IRQS, wire, [efd]).is_error
+            results: dict[str, object] = {}
+
+            def emulator() -> None:
+                results["irq"] = handle.trigger_enabled(0)
+                results["dma"] = handle.dma_read(0x10000 + 16, 32)
+
+            worker = threading.Thread(target=emulator)
+            worker.start()
+            request = vmm.receive()  # the server's DMA_READ, answered from "guest memory"
+            assert request.command == Command.DMA_READ
+            addr, count = struct.unpack("=QQ", request.payload)
+            offset = addr - 0x10000
+            vmm.reply(request, request.payload + guest[offset : offset + count])
+            worker.join(10)
+            assert results == {"irq": IrqIndex.MSI, "dma": guest[16:48]}
+            assert os.eventfd_read(efd) == 1
+            vmm.close()
+        finally:
+            handle.stop()
+            os.close(efd)
+        assert not os.path.exists(path)
+        handle.stop()  # again: a no-op
+        with pytest.raises(RuntimeError, match="not running"):
+            handle.trigger(IrqIndex.MSI, 0)
