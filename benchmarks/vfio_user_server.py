@@ -13,7 +13,11 @@ for both, so its cost is in both figures (the ratio understates the servers' gap
 Measured per operation: a 4-byte REGION_READ round trip, and one 4 KiB DMA_READ (from
 the server's request to the client's reply arriving and being consumed by the server,
 timed at the client over K of them). Reported as microseconds and Python / C ratio,
-the best of R rounds.
+the best of R rounds; beside each, the server process's CPU time per operation
+(user + system, from /proc/PID/stat over the same runs): on a loaded machine the wall
+time is mostly waiting for a CPU, and a server that spends more CPU per operation waits
+longer, so the CPU figure says what the server itself costs. The load average is printed
+with the figures.
 """
 
 from __future__ import annotations
@@ -142,21 +146,40 @@ def start(
     raise RuntimeError(f"{cmd[0]} did not listen on {path}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+KEYS = ("region_read_us", "dma_read_us", "region_read_cpu_us", "dma_read_cpu_us")
+
+
 def measure(
-    clients: dict[str, Client], reads: int, dma: int, rounds: int
+    clients: dict[str, Client], pids: dict[str, int], reads: int, dma: int, rounds: int
 ) -> dict[str, dict[str, float]]:
     """Best of ``rounds`` per server; the servers take turns within each round, so that
-    both see the same machine load (the ratio is the figure to trust on a busy host)."""
-    best = {name: {"region_read_us": float("inf"), "dma_read_us": float("inf")} for name in clients}
+    both see the same machine load (the ratio is the figure to trust on a busy host).
+    CPU per operation is over all rounds (clock ticks are too coarse for one)."""
+    best = {name: {key: float("inf") for key in KEYS[:2]} for name in clients}
+    cpu = {name: [0.0, 0.0] for name in clients}
     for client in clients.values():  # warm up
         client.region_reads(min(reads, 1000))
         client.dma_reads(min(dma, 200))
     for _ in range(rounds):
         for name, client in clients.items():
-            best[name]["region_read_us"] = min(
-                best[name]["region_read_us"], client.region_reads(reads) * 1e6
-            )
-            best[name]["dma_read_us"] = min(best[name]["dma_read_us"], client.dma_reads(dma) * 1e6)
+            start = cpu_seconds(pids[name])
+            wall = client.region_reads(reads)
+            middle = cpu_seconds(pids[name])
+            best[name]["region_read_us"] = min(best[name]["region_read_us"], wall * 1e6)
+            wall = client.dma_reads(dma)
+            cpu[name][0] += middle - start
+            cpu[name][1] += cpu_seconds(pids[name]) - middle
+            best[name]["dma_read_us"] = min(best[name]["dma_read_us"], wall * 1e6)
+    for name in clients:
+        best[name]["region_read_cpu_us"] = cpu[name][0] / (reads * rounds) * 1e6
+        best[name]["dma_read_cpu_us"] = cpu[name][1] / (dma * rounds) * 1e6
     return best
 
 
@@ -183,22 +206,27 @@ def main() -> None:
         ]
         try:
             clients = {name: Client(str(work / f"{name}.sock")) for name in ("c", "python")}
-            results = measure(clients, args.reads, args.dma, args.rounds)
+            pids = {"c": procs[0].pid, "python": procs[1].pid}
+            results = measure(clients, pids, args.reads, args.dma, args.rounds)
         finally:
             for proc in procs:
                 proc.kill()
                 proc.wait()
-    ratios = {key: results["python"][key] / results["c"][key] for key in results["c"]}
+    ratios = {key: results["python"][key] / max(results["c"][key], 1e-9) for key in KEYS}
+    load = Path("/proc/loadavg").read_text().split()[:3]
     if args.json:
-        print(json.dumps({"results": results, "python_over_c": ratios}))
+        print(json.dumps({"results": results, "python_over_c": ratios, "loadavg": load}))
         return
-    print(f"{'operation':<28}{'C (us)':>10}{'Python (us)':>13}{'Python/C':>10}")
+    print(f"load average {' '.join(load)}")
+    print(f"{'operation':<34}{'C (us)':>10}{'Python (us)':>13}{'Python/C':>10}")
     for key, label in (
         ("region_read_us", "REGION_READ 4 B round trip"),
         ("dma_read_us", "DMA_READ 4 KiB"),
+        ("region_read_cpu_us", "REGION_READ server CPU"),
+        ("dma_read_cpu_us", "DMA_READ server CPU"),
     ):
         print(
-            f"{label:<28}{results['c'][key]:>10.1f}{results['python'][key]:>13.1f}{ratios[key]:>10.2f}"
+            f"{label:<34}{results['c'][key]:>10.1f}{results['python'][key]:>13.1f}{ratios[key]:>10.2f}"
         )
 
 
