@@ -33,9 +33,10 @@ from vfiomig.vfio_user import (
     start_vfio_user_thread,
     vendor_cap,
 )
-from vfiomig.vfio_user._header import Command
+from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user._layouts import DMA_MAP, DMA_UNMAP, IO_FDS, IRQ_SET, REGION_INFO
 from vfiomig.vfio_user._version import Capabilities
+from vfiomig.vfio_user.server._connection import Connection, _Pending
 
 PAGE = mmap.PAGESIZE
 ACCESS = struct.Struct("=QII")
@@ -563,3 +564,32 @@ def test_a_device_served_from_its_own_thread() -> None:
         handle.stop()  # again: a no-op
         with pytest.raises(RuntimeError, match="not running"):
             handle.trigger(IrqIndex.MSI, 0)
+
+
+# --------------------------------------------------------------------------- DMA replies
+
+
+async def test_a_dma_reply_already_there_is_taken_by_the_requesting_task() -> None:
+    """`Connection._take_reply` on a real socket pair: only the next message, only whole,
+    only the reply it waits for; whatever follows stays in the socket for the connection's
+    task (in order)."""
+    ours, theirs = trio.socket.socketpair(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    conn = Connection(ours, VfioUserDevice(pci=PciConfig(0x1234, 1)))
+    conn.idle = True
+    waiter = _Pending(Command.DMA_READ)
+    conn.pending[5] = waiter
+    reply = HEADER.pack(5, Command.DMA_READ, 16 + 20, 0x1, 0) + bytes(16) + b"data"
+    request = HEADER.pack(9, Command.DEVICE_RESET, 16, 0, 0)
+    try:
+        await theirs.send(reply[:30])  # not whole yet
+        conn._take_reply(5, waiter)
+        assert waiter.result is None
+        await theirs.send(reply[30:] + request)
+        conn._take_reply(6, _Pending(Command.DMA_READ))  # not the reply that one waits for
+        conn._take_reply(5, waiter)
+        assert waiter.result == bytes(16) + b"data" and conn.base == len(reply)
+        assert conn.sock.recv(64) == request  # left for the connection's task
+    finally:
+        conn.sock.close()
+        ours.close()
+        theirs.close()

@@ -121,6 +121,7 @@ class Connection:
         #: one line per interval, with the count of the others.
         self.emulator_failed = Throttle("vfio_user_emulator_failed", log)
         self.wait_first = False  # skip the next recvmsg's try (see `_recv`)
+        self.idle = False  # parked in `_receive` between messages (see `_take_reply`)
 
     # ------------------------------------------------------------------ receiving
 
@@ -138,7 +139,13 @@ class Connection:
         # into a whole 1 MiB buffer costs ~140 us more per call than into 64 KiB.
         want = max(_RECV_WINDOW, self.wanted - (self.end - self.start))
         window = self.view[self.end : min(len(self.buf), self.end + want)]
-        nbytes, fds = await self._recv(window)
+        # Between messages, the next thing this task does with the stream is this read:
+        # an emulator task may take its DMA reply off the socket first (`_take_reply`).
+        self.idle = self.start == self.end and not self.skip
+        try:
+            nbytes, fds = await self._recv(window)
+        finally:
+            self.idle = False
         if fds:
             at = self.base + self.end
             self.fd_chunks.append((at, at + max(nbytes, 1), fds))
@@ -522,6 +529,8 @@ class Connection:
         self.pending[msg_id] = waiter
         try:
             await self._send(msg_id, command, [payload], [], None, reply=False)
+            if waiter.result is None and self.idle:
+                self._take_reply(msg_id, waiter)
             if waiter.result is None:  # the reply may have come while the send waited
                 with trio.move_on_after(DMA_REPLY_TIMEOUT):
                     await waiter.wait()
@@ -534,6 +543,39 @@ class Connection:
         if isinstance(result, int):
             raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
         return result
+
+    def _take_reply(self, msg_id: int, waiter: _Pending) -> None:
+        """Take the reply to ``msg_id`` off the socket in the requesting task, if it is
+        already there whole and is the next message of the stream.
+
+        Only while the connection's task is parked between messages (``idle``): the next
+        message is then the one it would read next, and taking it here saves that task's
+        wakeup and the hand-over (two scheduler rounds per DMA). A client that answers
+        before the emulator's task gets the CPU back (a busy host, a pipelining client)
+        finds its reply taken at once; otherwise nothing is consumed (the bytes are only
+        peeked) and the connection's task delivers it as usual.
+        """
+        scratch = self.view[self.end :]  # where that task would receive them
+        try:
+            seen = self.sock.recv_into(scratch, len(scratch), socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        if seen < HEADER_SIZE:
+            return
+        rid, command, size, flags, error_no = HEADER.unpack_from(scratch)
+        if (
+            rid != msg_id
+            or command != waiter.command
+            or flags & FLAG_TYPE_MASK != FLAG_TYPE_REPLY
+            or not HEADER_SIZE <= size <= seen
+        ):
+            return  # not ours, or not whole yet: the connection's task reads it
+        nbytes, ancdata, _, _ = self.sock.recvmsg_into([scratch[:size]], _ANC_SIZE)
+        if ancdata:
+            close_fds(received_fds(ancdata))  # a reply carries none
+        assert nbytes == size  # peeked whole; nothing else reads this socket meanwhile
+        self.base += size  # stream bytes that never were in ``buf``
+        self._deliver(rid, command, flags, error_no, scratch[HEADER_SIZE:size])
 
     def _deliver(
         self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
