@@ -1,6 +1,7 @@
 """vfiomig's Python vfio-user server against libvfio-user's C server, on the same client.
 
     .venv/bin/python -m benchmarks.vfio_user_server [--reads N] [--dma K] [--rounds R]
+        [--baseline CHECKOUT]
 
 Both servers expose the same device: BAR0 of 4 KiB answers reads, and a write of a u32
 K to it makes the server do K DMA reads of 4 KiB from the client's first DMA region
@@ -132,11 +133,16 @@ def build_c_server(work: Path) -> tuple[Path, dict[str, str]]:
 
 
 def start(
-    cmd: list[str], path: Path, env: dict[str, str] | None = None, *, lvu: bool = False
+    cmd: list[str],
+    path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    lvu: bool = False,
+    cwd: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a server and wait until it listens: libvfio-user (``lvu``) binds, then
     listens (the socket table tells); vfiomig's server links its path once listening."""
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stderr=subprocess.DEVNULL)
     ready = unix_socket_listening if lvu else os.path.exists
     for _ in range(400):
         if ready(str(path)):
@@ -190,6 +196,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", metavar="SOCK", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="also run the Python server of another checkout (e.g. main's worktree), same run",
+    )
     args = parser.parse_args()
     if args.serve:
         import trio
@@ -200,34 +211,46 @@ def main() -> None:
         work = Path(tmp)
         exe, env = build_c_server(work)
         python = [sys.executable, "-m", "benchmarks.vfio_user_server", "--serve"]
-        procs = [
-            start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True),
-            start([*python, str(work / "python.sock")], work / "python.sock"),
-        ]
+        procs = {
+            "c": start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True),
+            "python": start([*python, str(work / "python.sock")], work / "python.sock"),
+        }
+        if args.baseline:
+            tree = os.path.abspath(args.baseline)
+            procs["baseline"] = start(
+                [*python, str(work / "baseline.sock")],
+                work / "baseline.sock",
+                {**os.environ, "PYTHONPATH": tree},
+                cwd=tree,
+            )
         try:
-            clients = {name: Client(str(work / f"{name}.sock")) for name in ("c", "python")}
-            pids = {"c": procs[0].pid, "python": procs[1].pid}
+            clients = {name: Client(str(work / f"{name}.sock")) for name in procs}
+            pids = {name: proc.pid for name, proc in procs.items()}
             results = measure(clients, pids, args.reads, args.dma, args.rounds)
         finally:
-            for proc in procs:
+            for proc in procs.values():
                 proc.kill()
                 proc.wait()
-    ratios = {key: results["python"][key] / max(results["c"][key], 1e-9) for key in KEYS}
+    ratios = {
+        name: {key: results[name][key] / max(results["c"][key], 1e-9) for key in KEYS}
+        for name in results
+        if name != "c"
+    }
     load = Path("/proc/loadavg").read_text().split()[:3]
     if args.json:
-        print(json.dumps({"results": results, "python_over_c": ratios, "loadavg": load}))
+        print(json.dumps({"results": results, "over_c": ratios, "loadavg": load}))
         return
     print(f"load average {' '.join(load)}")
-    print(f"{'operation':<34}{'C (us)':>10}{'Python (us)':>13}{'Python/C':>10}")
+    names = [name for name in results if name != "c"]
+    print(f"{'operation':<30}{'C (us)':>9}" + "".join(f"{n + ' (us)':>16}{'/C':>7}" for n in names))
     for key, label in (
         ("region_read_us", "REGION_READ 4 B round trip"),
         ("dma_read_us", "DMA_READ 4 KiB"),
         ("region_read_cpu_us", "REGION_READ server CPU"),
         ("dma_read_cpu_us", "DMA_READ server CPU"),
     ):
-        print(
-            f"{label:<34}{results['c'][key]:>10.1f}{results['python'][key]:>13.1f}{ratios[key]:>10.2f}"
-        )
+        row = "".join(f"{results[n][key]:>16.1f}{ratios[n][key]:>7.2f}" for n in names)
+        print(f"{label:<30}{results['c'][key]:>9.1f}{row}")
 
 
 async def serve_python(path: str) -> None:
