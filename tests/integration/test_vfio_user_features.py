@@ -20,6 +20,7 @@ import trio
 
 from tests.vfio_user_raw import RawClient, SyncClient
 from vfiomig.vfio_user import (
+    DmaRegion,
     FileMemory,
     IrqIndex,
     PciCap,
@@ -593,3 +594,28 @@ async def test_a_dma_reply_already_there_is_taken_by_the_requesting_task() -> No
         conn.sock.close()
         ours.close()
         theirs.close()
+
+
+async def test_the_unmapping_at_disconnect_waits_for_quiet_too() -> None:
+    events: list[str] = []
+    unmapped = trio.Event()
+
+    def quiesce() -> bool:
+        events.append(f"quiesce with {len(device.dma.regions)} mapped")
+        return True  # quiet at once
+
+    def on_unmap(region: DmaRegion) -> None:
+        events.append(f"unmap {region.iova:#x}")
+        unmapped.set()
+
+    device = VfioUserDevice(
+        pci=PciConfig(0x1234, 1), regions={0: bar_region(PAGE)}, quiesce=quiesce
+    )
+    device.dma.on_unmap = on_unmap
+    with trio.fail_after(10):
+        async with serving(device) as path:
+            raw = await RawClient.connect(path)
+            assert await raw.errno_of(Command.DMA_MAP, dma_map(0x10000)) == 0
+            raw.close()
+            await unmapped.wait()
+    assert events == ["quiesce with 0 mapped", "quiesce with 1 mapped", "unmap 0x10000"]
