@@ -6,10 +6,14 @@ import array
 import os
 import socket
 import struct
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
+from vfiomig.vfio_user import VfioUserDevice, serve_vfio_user
 from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user._version import Capabilities, Version
 
@@ -178,3 +182,14 @@ class SyncClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@asynccontextmanager
+async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
+    """``device`` served on a fresh short socket path until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "s")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_vfio_user, path, device)
+            yield path
+            nursery.cancel_scope.cancel()

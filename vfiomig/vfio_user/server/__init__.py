@@ -12,9 +12,11 @@ written on trio (`VfioUserThread`). `Emulator` / `BarDevice`: the older migratio
 interface and its example.
 
 Inside: `_serve` listens and accepts, `_connection` serves one client (framing, fds,
-batched replies, MIG_DATA_WRITE bodies received into a `WriteBuffer`), `_handlers` holds
-the per-command rules (sans-IO) over the device's parts (`_device`, `_pci`, `_regions`,
-`_dma`, `_irqs`, `_migration`), `_session` what the handlers share per client, `_thread` the threaded server.
+batched replies, the fast path of register accesses, MIG_DATA_WRITE bodies received into
+a `WriteBuffer`), `_server_requests` the DMA_READ / DMA_WRITE it sends for emulator
+tasks, `_handlers` and `_region_handlers` the per-command rules (sans-IO) over the
+device's parts (`_device`, `_pci`, `_regions`, `_dma`, `_irqs`, `_migration`), `_session`
+what the handlers share per client, `_thread` the server in a thread of its own.
 
 May import: the codec (``vfiomig.vfio_user._*``), `transport`, `_core`, `_logs`; never the
 client (``vfiomig.vfio_user.client``).

@@ -8,7 +8,9 @@ sent before them); a request's payload is handed to the handler as a view of
 the buffer (a MIG_DATA_WRITE body reaches ``write_data`` without a copy). Requests are
 handled and answered in the order they arrive, so a client may pipeline them. Replies
 to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
-`Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task.
+`Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task
+(`_server_requests`, the base class that sends them). Small register accesses take a
+fast path: checked, handed to the region and answered with one ``send``.
 
 A MIG_DATA_WRITE to an emulator with a `WriteBuffer` skips the buffer: once its 24 bytes
 of headers are in (and pass the handler's checks), the body bytes already received are
@@ -51,13 +53,18 @@ from vfiomig.vfio_user._header import (
 )
 from vfiomig.vfio_user._migration_bodies import DATA_HEAD_SIZE, MIG_SIZES, WRITE
 from vfiomig.vfio_user.server._device import VfioUserDevice
-from vfiomig.vfio_user.server._handlers import (
-    handle,
-    mig_data_write_error,
-    needs_quiesce,
-    region_access_fast,
-)
+from vfiomig.vfio_user.server._handlers import handle, mig_data_write_error, needs_quiesce
+from vfiomig.vfio_user.server._region_handlers import region_access_fast
 from vfiomig.vfio_user.server._regions import Buffer
+
+# ANC_SIZE: room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever
+# truncated into a leak, all are closed unless a handler keeps them.
+from vfiomig.vfio_user.server._server_requests import (
+    ANC_SIZE,
+    ConnectionLost,
+    ServerRequests,
+    _Pending,
+)
 from vfiomig.vfio_user.server._session import (
     CloseConnection,
     EmulatorError,
@@ -68,9 +75,6 @@ from vfiomig.vfio_user.server._session import (
 log = logging.getLogger("vfiomig.vfio_user")
 
 
-#: Room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever truncated
-#: into a leak, all are closed unless a handler keeps them.
-_ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
 _RECV_WINDOW: Final = 64 * 1024
 #: Bare-header replies are sent at the latest once they answer this many request bytes
 #: (a quarter of the vfiomig client's default window: it always has writes to send).
@@ -81,17 +85,11 @@ REGION_WRITE: Final = Command.REGION_WRITE
 _FAST_COMMANDS: Final = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
 _FAST_REPLY: Final = HEADER_SIZE + 16  # header and the access head it echoes
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)  # an int: the IntFlag's & costs microseconds
-#: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
-DMA_REPLY_TIMEOUT: Final = 10.0
 #: How long the replies still queued for a client being dropped may take to send.
 LAST_REPLIES_TIMEOUT: Final = 1.0
 
 
-class ConnectionLost(Exception):
-    """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
-
-
-class Connection:
+class Connection(ServerRequests):
     """One client: receives, frames and answers its requests in order (`run`)."""
 
     def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
@@ -169,7 +167,7 @@ class Connection:
             await trio.lowlevel.wait_readable(self.sock)
         while True:
             try:
-                nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], _ANC_SIZE)
+                nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], ANC_SIZE)
                 break
             except BlockingIOError:
                 if self.replies:
@@ -270,7 +268,7 @@ class Connection:
                     try:
                         if flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
                             close_fds(fds)
-                            self._deliver(msg_id, command, flags, error_no, payload)
+                            self.deliver(msg_id, command, flags, error_no, payload)
                         else:
                             await self._request(msg_id, command, flags, size, payload, fds)
                     finally:
@@ -294,7 +292,7 @@ class Connection:
             data = region_access_fast(self.device, self.view, at, size, command == REGION_WRITE)
         except OSError as exc:
             self.start += size
-            _log_failed(command_name(command), msg_id, exc)
+            _log_failed(command_name(command), msg_id, exc, self.emulator_failed)
             await self._answer(msg_id, command, 0, size, _errno_of(exc))
             return True
         if data is None:
@@ -514,120 +512,11 @@ class Connection:
         finally:
             self.send_lock.release()
 
-    async def request(self, command: int, payload: bytes) -> bytes:
-        """Send a DMA_READ / DMA_WRITE to the client and wait for its reply payload.
-
-        Raises:
-            OSError: the client's errno, ENOTCONN if it went away, ETIMEDOUT after
-                `DMA_REPLY_TIMEOUT` seconds. Cancellation: the reply is ignored.
-        """
-        while self.next_id in self.pending:
-            self.next_id = (self.next_id + 1) & 0xFFFF
-        msg_id = self.next_id
-        self.next_id = (self.next_id + 1) & 0xFFFF
-        waiter = _Pending(command)
-        self.pending[msg_id] = waiter
-        try:
-            await self._send(msg_id, command, [payload], [], None, reply=False)
-            if waiter.result is None and self.idle:
-                self._take_reply(msg_id, waiter)
-            if waiter.result is None:  # the reply may have come while the send waited
-                with trio.move_on_after(DMA_REPLY_TIMEOUT):
-                    await waiter.wait()
-        finally:
-            waiter.task = None
-            del self.pending[msg_id]
-        result = waiter.result
-        if result is None:
-            raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
-        if isinstance(result, int):
-            raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
-        return result
-
-    def _take_reply(self, msg_id: int, waiter: _Pending) -> None:
-        """Take the reply to ``msg_id`` off the socket in the requesting task, if it is
-        already there whole and is the next message of the stream.
-
-        Only while the connection's task is parked between messages (``idle``): the next
-        message is then the one it would read next, and taking it here saves that task's
-        wakeup and the hand-over (two scheduler rounds per DMA). A client that answers
-        before the emulator's task gets the CPU back (a busy host, a pipelining client)
-        finds its reply taken at once; otherwise nothing is consumed (the bytes are only
-        peeked) and the connection's task delivers it as usual.
-        """
-        scratch = self.view[self.end :]  # where that task would receive them
-        try:
-            seen = self.sock.recv_into(scratch, len(scratch), socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        if seen < HEADER_SIZE:
-            return
-        rid, command, size, flags, error_no = HEADER.unpack_from(scratch)
-        if (
-            rid != msg_id
-            or command != waiter.command
-            or flags & FLAG_TYPE_MASK != FLAG_TYPE_REPLY
-            or not HEADER_SIZE <= size <= seen
-        ):
-            return  # not ours, or not whole yet: the connection's task reads it
-        nbytes, ancdata, _, _ = self.sock.recvmsg_into([scratch[:size]], _ANC_SIZE)
-        if ancdata:
-            close_fds(received_fds(ancdata))  # a reply carries none
-        assert nbytes == size  # peeked whole; nothing else reads this socket meanwhile
-        self.base += size  # stream bytes that never were in ``buf``
-        self._deliver(rid, command, flags, error_no, scratch[HEADER_SIZE:size])
-
-    def _deliver(
-        self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
-    ) -> None:
-        waiter = self.pending.get(msg_id)
-        if waiter is None or waiter.result is not None or waiter.command != command:
-            raise ConnectionLost(
-                f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
-            )
-        error = error_no if 0 < error_no < 4096 else errno.EIO
-        waiter.result = error if flags & FLAG_ERROR else bytes(payload)
-        waiter.wake()
-        self.wait_first = self.start == self.end
-
     def fail_pending(self) -> None:
-        for waiter in self.pending.values():
-            if waiter.result is None:  # a reply that arrived stays (its task has not run yet)
-                waiter.result = errno.ENOTCONN
-                waiter.wake()
+        self.fail_requests()
         for _, _, fds in self.fd_chunks:
             close_fds(fds)
         self.fd_chunks = []
-
-
-class _Pending:
-    """One DMA_READ / DMA_WRITE waiting for the client's reply (payload or errno). The
-    waiting task is parked and rescheduled directly: an Event's parking lot costs more
-    than the rest of the hand-over."""
-
-    __slots__ = ("command", "result", "task")
-
-    def __init__(self, command: int) -> None:
-        self.command = command
-        self.result: bytes | int | None = None
-        self.task: trio.lowlevel.Task | None = None
-
-    async def wait(self) -> None:
-        """Park until `wake` (returns at once if the result is in). Cancellable."""
-        if self.result is not None:
-            return
-        self.task = trio.lowlevel.current_task()
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            self.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def wake(self) -> None:
-        task, self.task = self.task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
 
 
 def _errno_of(exc: OSError) -> int:

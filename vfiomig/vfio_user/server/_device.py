@@ -227,7 +227,11 @@ class VfioUserDevice:
             return
         self._quiet, self._quiet_errno = trio.Event(), 0
         try:
-            if not self.quiesce_callback():
+            try:
+                quiet = self.quiesce_callback()
+            except OSError as exc:
+                raise emulator_error(exc, f"quiesce ({what})") from None
+            if not quiet:
                 with trio.move_on_after(self.quiesce_timeout):
                     await self._quiet.wait()
                 if not self._quiet.is_set():

@@ -35,8 +35,9 @@ from vfiomig.vfio_user._header import (
     HEADER,
     HEADER_SIZE,
 )
-from vfiomig.vfio_user.server._connection import Connection, ConnectionLost
+from vfiomig.vfio_user.server._connection import Connection
 from vfiomig.vfio_user.server._device import Emulator, VfioUserDevice
+from vfiomig.vfio_user.server._server_requests import ConnectionLost
 
 log = logging.getLogger("vfiomig.vfio_user")
 
