@@ -1,6 +1,7 @@
 """vfiomig's Python vfio-user server against libvfio-user's C server, on the same client.
 
     .venv/bin/python -m benchmarks.vfio_user_server [--reads N] [--dma K] [--rounds R]
+        [--baseline CHECKOUT]
 
 Both servers expose the same device: BAR0 of 4 KiB answers reads, and a write of a u32
 K to it makes the server do K DMA reads of 4 KiB from the client's first DMA region
@@ -13,7 +14,11 @@ for both, so its cost is in both figures (the ratio understates the servers' gap
 Measured per operation: a 4-byte REGION_READ round trip, and one 4 KiB DMA_READ (from
 the server's request to the client's reply arriving and being consumed by the server,
 timed at the client over K of them). Reported as microseconds and Python / C ratio,
-the best of R rounds.
+the best of R rounds; beside each, the server process's CPU time per operation
+(user + system, from /proc/PID/stat over the same runs): on a loaded machine the wall
+time is mostly waiting for a CPU, and a server that spends more CPU per operation waits
+longer, so the CPU figure says what the server itself costs. The load average is printed
+with the figures.
 """
 
 from __future__ import annotations
@@ -128,11 +133,16 @@ def build_c_server(work: Path) -> tuple[Path, dict[str, str]]:
 
 
 def start(
-    cmd: list[str], path: Path, env: dict[str, str] | None = None, *, lvu: bool = False
+    cmd: list[str],
+    path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    lvu: bool = False,
+    cwd: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a server and wait until it listens: libvfio-user (``lvu``) binds, then
     listens (the socket table tells); vfiomig's server links its path once listening."""
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stderr=subprocess.DEVNULL)
     ready = unix_socket_listening if lvu else os.path.exists
     for _ in range(400):
         if ready(str(path)):
@@ -142,21 +152,40 @@ def start(
     raise RuntimeError(f"{cmd[0]} did not listen on {path}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+KEYS = ("region_read_us", "dma_read_us", "region_read_cpu_us", "dma_read_cpu_us")
+
+
 def measure(
-    clients: dict[str, Client], reads: int, dma: int, rounds: int
+    clients: dict[str, Client], pids: dict[str, int], reads: int, dma: int, rounds: int
 ) -> dict[str, dict[str, float]]:
     """Best of ``rounds`` per server; the servers take turns within each round, so that
-    both see the same machine load (the ratio is the figure to trust on a busy host)."""
-    best = {name: {"region_read_us": float("inf"), "dma_read_us": float("inf")} for name in clients}
+    both see the same machine load (the ratio is the figure to trust on a busy host).
+    CPU per operation is over all rounds (clock ticks are too coarse for one)."""
+    best = {name: {key: float("inf") for key in KEYS[:2]} for name in clients}
+    cpu = {name: [0.0, 0.0] for name in clients}
     for client in clients.values():  # warm up
         client.region_reads(min(reads, 1000))
         client.dma_reads(min(dma, 200))
     for _ in range(rounds):
         for name, client in clients.items():
-            best[name]["region_read_us"] = min(
-                best[name]["region_read_us"], client.region_reads(reads) * 1e6
-            )
-            best[name]["dma_read_us"] = min(best[name]["dma_read_us"], client.dma_reads(dma) * 1e6)
+            start = cpu_seconds(pids[name])
+            wall = client.region_reads(reads)
+            middle = cpu_seconds(pids[name])
+            best[name]["region_read_us"] = min(best[name]["region_read_us"], wall * 1e6)
+            wall = client.dma_reads(dma)
+            cpu[name][0] += middle - start
+            cpu[name][1] += cpu_seconds(pids[name]) - middle
+            best[name]["dma_read_us"] = min(best[name]["dma_read_us"], wall * 1e6)
+    for name in clients:
+        best[name]["region_read_cpu_us"] = cpu[name][0] / (reads * rounds) * 1e6
+        best[name]["dma_read_cpu_us"] = cpu[name][1] / (dma * rounds) * 1e6
     return best
 
 
@@ -167,6 +196,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", metavar="SOCK", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="also run the Python server of another checkout (e.g. main's worktree), same run",
+    )
     args = parser.parse_args()
     if args.serve:
         import trio
@@ -177,29 +211,46 @@ def main() -> None:
         work = Path(tmp)
         exe, env = build_c_server(work)
         python = [sys.executable, "-m", "benchmarks.vfio_user_server", "--serve"]
-        procs = [
-            start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True),
-            start([*python, str(work / "python.sock")], work / "python.sock"),
-        ]
+        procs = {
+            "c": start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True),
+            "python": start([*python, str(work / "python.sock")], work / "python.sock"),
+        }
+        if args.baseline:
+            tree = os.path.abspath(args.baseline)
+            procs["baseline"] = start(
+                [*python, str(work / "baseline.sock")],
+                work / "baseline.sock",
+                {**os.environ, "PYTHONPATH": tree},
+                cwd=tree,
+            )
         try:
-            clients = {name: Client(str(work / f"{name}.sock")) for name in ("c", "python")}
-            results = measure(clients, args.reads, args.dma, args.rounds)
+            clients = {name: Client(str(work / f"{name}.sock")) for name in procs}
+            pids = {name: proc.pid for name, proc in procs.items()}
+            results = measure(clients, pids, args.reads, args.dma, args.rounds)
         finally:
-            for proc in procs:
+            for proc in procs.values():
                 proc.kill()
                 proc.wait()
-    ratios = {key: results["python"][key] / results["c"][key] for key in results["c"]}
+    ratios = {
+        name: {key: results[name][key] / max(results["c"][key], 1e-9) for key in KEYS}
+        for name in results
+        if name != "c"
+    }
+    load = Path("/proc/loadavg").read_text().split()[:3]
     if args.json:
-        print(json.dumps({"results": results, "python_over_c": ratios}))
+        print(json.dumps({"results": results, "over_c": ratios, "loadavg": load}))
         return
-    print(f"{'operation':<28}{'C (us)':>10}{'Python (us)':>13}{'Python/C':>10}")
+    print(f"load average {' '.join(load)}")
+    names = [name for name in results if name != "c"]
+    print(f"{'operation':<30}{'C (us)':>9}" + "".join(f"{n + ' (us)':>16}{'/C':>7}" for n in names))
     for key, label in (
         ("region_read_us", "REGION_READ 4 B round trip"),
         ("dma_read_us", "DMA_READ 4 KiB"),
+        ("region_read_cpu_us", "REGION_READ server CPU"),
+        ("dma_read_cpu_us", "DMA_READ server CPU"),
     ):
-        print(
-            f"{label:<28}{results['c'][key]:>10.1f}{results['python'][key]:>13.1f}{ratios[key]:>10.2f}"
-        )
+        row = "".join(f"{results[n][key]:>16.1f}{ratios[n][key]:>7.2f}" for n in names)
+        print(f"{label:<30}{results['c'][key]:>9.1f}{row}")
 
 
 async def serve_python(path: str) -> None:

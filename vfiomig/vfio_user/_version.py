@@ -31,6 +31,8 @@ class Capabilities:
     max_data_xfer_size: int | None = DEFAULT_MAX_DATA_XFER_SIZE
     pgsizes: int | None = DEFAULT_PGSIZE
     migration: MigrationCaps | None = None
+    #: REGION_WRITE_MULTI is understood (QEMU's client batches posted writes with it).
+    write_multiple: bool | None = None
 
     @property
     def data_xfer_limit(self) -> int:
@@ -55,6 +57,8 @@ class Capabilities:
             if self.migration.max_bitmap_size is not None:
                 mig["max_bitmap_size"] = self.migration.max_bitmap_size
             caps["migration"] = mig
+        if self.write_multiple is not None:
+            caps["write_multiple"] = self.write_multiple
         return json.dumps({"capabilities": caps}, separators=(",", ":")).encode() + b"\0"
 
     @classmethod
@@ -76,6 +80,9 @@ class Capabilities:
         caps = top.get("capabilities", {})
         if not isinstance(caps, dict):
             raise ProtocolError(f"version field capabilities is a json {type(caps).__name__}")
+        multi = caps.get("write_multiple")
+        if multi is not None and not isinstance(multi, bool):
+            raise ProtocolError(f"version field write_multiple is a json {type(multi).__name__}")
         mig = caps.get("migration")
         if mig is not None and not isinstance(mig, dict):
             raise ProtocolError(f"version field migration is a json {type(mig).__name__}")
@@ -89,6 +96,7 @@ class Capabilities:
                 pgsize=_json_uint(mig, "pgsize", 1),
                 max_bitmap_size=_json_uint(mig, "max_bitmap_size", 0),
             ),
+            write_multiple=multi,
         )
 
 

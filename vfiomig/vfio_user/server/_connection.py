@@ -8,7 +8,9 @@ sent before them); a request's payload is handed to the handler as a view of
 the buffer (a MIG_DATA_WRITE body reaches ``write_data`` without a copy). Requests are
 handled and answered in the order they arrive, so a client may pipeline them. Replies
 to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
-`Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task.
+`Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task
+(`_server_requests`, the base class that sends them). Small register accesses take a
+fast path: checked, handed to the region and answered with one ``send``.
 
 A MIG_DATA_WRITE to an emulator with a `WriteBuffer` skips the buffer: once its 24 bytes
 of headers are in (and pass the handler's checks), the body bytes already received are
@@ -46,12 +48,23 @@ from vfiomig.vfio_user._header import (
     HEADER,
     HEADER_SIZE,
     SEND_BUFFER,
+    Command,
     command_name,
 )
 from vfiomig.vfio_user._migration_bodies import DATA_HEAD_SIZE, MIG_SIZES, WRITE
 from vfiomig.vfio_user.server._device import VfioUserDevice
-from vfiomig.vfio_user.server._handlers import handle, mig_data_write_error
+from vfiomig.vfio_user.server._handlers import handle, mig_data_write_error, needs_quiesce
+from vfiomig.vfio_user.server._region_handlers import region_access_fast
 from vfiomig.vfio_user.server._regions import Buffer
+
+# ANC_SIZE: room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever
+# truncated into a leak, all are closed unless a handler keeps them.
+from vfiomig.vfio_user.server._server_requests import (
+    ANC_SIZE,
+    ConnectionLost,
+    ServerRequests,
+    _Pending,
+)
 from vfiomig.vfio_user.server._session import (
     CloseConnection,
     EmulatorError,
@@ -62,26 +75,21 @@ from vfiomig.vfio_user.server._session import (
 log = logging.getLogger("vfiomig.vfio_user")
 
 
-#: Room for the most fds one recvmsg can carry (SCM_MAX_FD): none are ever truncated
-#: into a leak, all are closed unless a handler keeps them.
-_ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
 _RECV_WINDOW: Final = 64 * 1024
 #: Bare-header replies are sent at the latest once they answer this many request bytes
 #: (a quarter of the vfiomig client's default window: it always has writes to send).
 REPLY_BATCH_BYTES: Final = 2 * 1024 * 1024
 #: ... or once this many are queued.
 REPLY_BATCH_COUNT: Final = 64
-#: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
-DMA_REPLY_TIMEOUT: Final = 10.0
+REGION_WRITE: Final = Command.REGION_WRITE
+_FAST_COMMANDS: Final = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
+_FAST_REPLY: Final = HEADER_SIZE + 16  # header and the access head it echoes
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)  # an int: the IntFlag's & costs microseconds
 #: How long the replies still queued for a client being dropped may take to send.
 LAST_REPLIES_TIMEOUT: Final = 1.0
 
 
-class ConnectionLost(Exception):
-    """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
-
-
-class Connection:
+class Connection(ServerRequests):
     """One client: receives, frames and answers its requests in order (`run`)."""
 
     def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
@@ -110,6 +118,8 @@ class Connection:
         #: The emulator's failures, at WARNING: a client repeating a failing request gets
         #: one line per interval, with the count of the others.
         self.emulator_failed = Throttle("vfio_user_emulator_failed", log)
+        self.wait_first = False  # skip the next recvmsg's try (see `_recv`)
+        self.idle = False  # parked in `_receive` between messages (see `_take_reply`)
 
     # ------------------------------------------------------------------ receiving
 
@@ -127,7 +137,13 @@ class Connection:
         # into a whole 1 MiB buffer costs ~140 us more per call than into 64 KiB.
         want = max(_RECV_WINDOW, self.wanted - (self.end - self.start))
         window = self.view[self.end : min(len(self.buf), self.end + want)]
-        nbytes, fds = await self._recv(window)
+        # Between messages, the next thing this task does with the stream is this read:
+        # an emulator task may take its DMA reply off the socket first (`_take_reply`).
+        self.idle = self.start == self.end and not self.skip
+        try:
+            nbytes, fds = await self._recv(window)
+        finally:
+            self.idle = False
         if fds:
             at = self.base + self.end
             self.fd_chunks.append((at, at + max(nbytes, 1), fds))
@@ -141,16 +157,24 @@ class Connection:
         self.calls += 1
         if self.calls % 64 == 0:
             await trio.lowlevel.checkpoint()  # let the emulator's tasks run under load
+        if self.wait_first:
+            # The last bytes were a reply to one of our DMA requests: the client has
+            # nothing more to say until the emulator's task sends the next one, so a
+            # recvmsg now would only fail (a syscall and an exception per DMA).
+            self.wait_first = False
+            if self.replies:
+                await self._send_buffers([], [])
+            await trio.lowlevel.wait_readable(self.sock)
         while True:
             try:
-                nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], _ANC_SIZE)
+                nbytes, ancdata, flags, _ = self.sock.recvmsg_into([window], ANC_SIZE)
                 break
             except BlockingIOError:
                 if self.replies:
                     await self._send_buffers([], [])
                 await trio.lowlevel.wait_readable(self.sock)
-        fds = received_fds(ancdata)
-        if flags & socket.MSG_CTRUNC:
+        fds = received_fds(ancdata) if ancdata else []
+        if flags & _MSG_CTRUNC:
             close_fds(fds)
             raise ConnectionLost("ancillary data was truncated")
         return nbytes, fds
@@ -230,13 +254,21 @@ class Connection:
                 if self.end - self.start >= size:
                     self.wanted = HEADER_SIZE
                     at = self.start
+                    if (
+                        command in _FAST_COMMANDS
+                        and not flags
+                        and not self.fd_chunks
+                        and self.session.negotiated
+                        and await self._fast_access(msg_id, command, size)
+                    ):
+                        continue
                     fds = self._take_fds(self.base + at, size)
                     payload = self.view[at + HEADER_SIZE : at + size]
                     self.start += size
                     try:
                         if flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
                             close_fds(fds)
-                            self._deliver(msg_id, command, flags, error_no, payload)
+                            self.deliver(msg_id, command, flags, error_no, payload)
                         else:
                             await self._request(msg_id, command, flags, size, payload, fds)
                     finally:
@@ -250,6 +282,37 @@ class Connection:
                 if self.replies:  # a client that shut down its sending side still reads
                     await self._send_buffers([], [])
                 return
+
+    async def _fast_access(self, msg_id: int, command: int, size: int) -> bool:
+        """A small register access (the message at ``start``) served without the general
+        dispatch: checked, executed and answered with one ``send`` when the socket takes
+        it; False, with nothing done, when it needs the full rules (`_request`)."""
+        at = self.start
+        try:
+            data = region_access_fast(self.device, self.view, at, size, command == REGION_WRITE)
+        except OSError as exc:
+            self.start += size
+            _log_failed(command_name(command), msg_id, exc, self.emulator_failed)
+            await self._answer(msg_id, command, 0, size, _errno_of(exc))
+            return True
+        if data is None:
+            return False
+        self.start += size
+        reply = (
+            HEADER.pack(msg_id, command, _FAST_REPLY + len(data), FLAG_TYPE_REPLY, 0)
+            + self.buf[at + HEADER_SIZE : at + _FAST_REPLY]
+            + data
+        )
+        if not self.replies and not self.send_lock.locked():
+            try:
+                sent = self.sock.send(reply)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(reply):
+                return True
+            reply = reply[sent:]
+        await self._send_buffers([reply], [])
+        return True
 
     async def _oversized(self, msg_id: int, command: int, size: int, flags: int) -> None:
         log.debug(
@@ -352,6 +415,8 @@ class Connection:
         out_fds: list[int] = []
         error: int | None = None
         try:
+            if needs_quiesce(self.device, self.session, command, payload):
+                await self.device.quiesce(command_name(command))
             reply = handle(self.device, self.session, command, payload, fds)
         except OSError as exc:
             _log_failed(command_name(command), msg_id, exc, self.emulator_failed)
@@ -447,63 +512,11 @@ class Connection:
         finally:
             self.send_lock.release()
 
-    async def request(self, command: int, payload: bytes) -> bytes:
-        """Send a DMA_READ / DMA_WRITE to the client and wait for its reply payload.
-
-        Raises:
-            OSError: the client's errno, ENOTCONN if it went away, ETIMEDOUT after
-                `DMA_REPLY_TIMEOUT` seconds. Cancellation: the reply is ignored.
-        """
-        while self.next_id in self.pending:
-            self.next_id = (self.next_id + 1) & 0xFFFF
-        msg_id = self.next_id
-        self.next_id = (self.next_id + 1) & 0xFFFF
-        waiter = _Pending(command)
-        self.pending[msg_id] = waiter
-        try:
-            await self._send(msg_id, command, [payload], [], None, reply=False)
-            with trio.move_on_after(DMA_REPLY_TIMEOUT):
-                await waiter.event.wait()
-        finally:
-            del self.pending[msg_id]
-        result = waiter.result
-        if result is None:
-            raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
-        if isinstance(result, int):
-            raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
-        return result
-
-    def _deliver(
-        self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
-    ) -> None:
-        waiter = self.pending.get(msg_id)
-        if waiter is None or waiter.result is not None or waiter.command != command:
-            raise ConnectionLost(
-                f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
-            )
-        error = error_no if 0 < error_no < 4096 else errno.EIO
-        waiter.result = error if flags & FLAG_ERROR else bytes(payload)
-        waiter.event.set()
-
     def fail_pending(self) -> None:
-        for waiter in self.pending.values():
-            if waiter.result is None:  # a reply that arrived stays (its task has not run yet)
-                waiter.result = errno.ENOTCONN
-                waiter.event.set()
+        self.fail_requests()
         for _, _, fds in self.fd_chunks:
             close_fds(fds)
         self.fd_chunks = []
-
-
-class _Pending:
-    """One DMA_READ / DMA_WRITE waiting for the client's reply (payload or errno)."""
-
-    __slots__ = ("command", "event", "result")
-
-    def __init__(self, command: int) -> None:
-        self.command = command
-        self.event = trio.Event()
-        self.result: bytes | int | None = None
 
 
 def _errno_of(exc: OSError) -> int:

@@ -3,7 +3,8 @@
 Each handler checks every length, offset, count, index and flag before use, and raises
 ``OSError(errno)`` for the error reply. Reply sizes are libvfio-user's to the byte: its
 client reads replies with MSG_WAITALL into buffers sized for them, so a reply longer or
-shorter than libvfio-user's would break its framing.
+shorter than libvfio-user's would break its framing. The region commands' rules are in
+`_region_handlers`.
 """
 
 from __future__ import annotations
@@ -24,22 +25,16 @@ from vfiomig.vfio_user._layouts import (
     FEATURE_DMA_LOGGING_REPORT,
     FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP,
-    IO_FDS,
     IRQ_INFO,
     LOGGING_CONTROL,
     LOGGING_RANGE,
     LOGGING_REPORT,
-    REGION_FLAG_CAPS,
-    REGION_FLAG_MMAP,
-    REGION_INFO,
     UNMAP_FLAG_ALL,
     UNMAP_FLAG_GET_DIRTY_BITMAP,
     DmaMap,
     DmaUnmap,
     IrqSet,
     bitmap_size,
-    sparse_mmap_cap,
-    sparse_mmap_cap_size,
     unpack,
 )
 from vfiomig.vfio_user._migration_bodies import (
@@ -50,10 +45,16 @@ from vfiomig.vfio_user._migration_bodies import (
     FEATURE_PROBE,
     FEATURE_SET,
     NO_DATA_FD,
-    MigState,
 )
 from vfiomig.vfio_user._version import Capabilities, MigrationCaps, Version
 from vfiomig.vfio_user.server._device import VfioUserDevice
+from vfiomig.vfio_user.server._region_handlers import (
+    region_info,
+    region_io_fds,
+    region_read,
+    region_write,
+    region_write_multi,
+)
 from vfiomig.vfio_user.server._session import (
     CLIENT_MAX_FDS_LIMIT,
     MINOR,
@@ -64,14 +65,22 @@ from vfiomig.vfio_user.server._session import (
 )
 
 _HEAD: Final = struct.Struct("=II")  # argsz, flags (DEVICE_FEATURE) / argsz, size (MIG_DATA)
-_ACCESS: Final = struct.Struct("=QII")  # offset, region, count
 _STATE: Final = struct.Struct("=II")
 _U64: Final = struct.Struct("=Q")
 
 #: Commands executed while the device is in STOP or STOP_COPY (libvfio-user).
 ALLOWED_WHEN_STOPPED: Final = frozenset(
-    {Command.REGION_READ, Command.REGION_WRITE, Command.DEVICE_FEATURE, Command.MIG_DATA_READ}
+    {
+        Command.REGION_READ,
+        Command.REGION_WRITE,
+        Command.REGION_WRITE_MULTI,
+        Command.DEVICE_FEATURE,
+        Command.MIG_DATA_READ,
+    }
 )
+
+
+_QUIESCE_COMMANDS: Final = frozenset({Command.DMA_MAP, Command.DMA_UNMAP, Command.DEVICE_RESET})
 
 
 def _einval(text: str) -> OSError:
@@ -108,6 +117,20 @@ def handle(
         raise _einval(exc.message) from None
 
 
+def needs_quiesce(dev: VfioUserDevice, session: Session, command: int, payload: memoryview) -> bool:
+    """Whether the request changes what a running emulator depends on, so that it must
+    be quiet first (libvfio-user's ``should_quiesce``): DMA_MAP, DMA_UNMAP, DEVICE_RESET
+    and a DEVICE_FEATURE SET of the migration state."""
+    if dev.quiesce_callback is None or not session.negotiated:
+        return False
+    if command in _QUIESCE_COMMANDS:
+        return True
+    if command == Command.DEVICE_FEATURE and len(payload) >= _HEAD.size:
+        flags: int = _HEAD.unpack_from(payload)[1]
+        return flags & FEATURE_SET != 0 and flags & FEATURE_MASK == FEATURE_MIG_DEVICE_STATE
+    return False
+
+
 def _version(
     dev: VfioUserDevice, session: Session, command: int, payload: memoryview, fds: list[int]
 ) -> Reply:
@@ -140,6 +163,7 @@ def _version(
         max_data_xfer_size=dev.max_data_xfer_size,
         pgsizes=dev.pgsize,
         migration=mig,
+        write_multiple=True,
     )
     return _reply(Version(MAJOR, min(req.minor, MINOR), ours).pack())
 
@@ -157,48 +181,6 @@ def _device_info(
     return _reply(DEVICE_INFO.pack(DEVICE_INFO.size, flags, dev.num_regions, 5))
 
 
-def _region_info(
-    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
-) -> Reply:
-    argsz, _flags, index = unpack(REGION_INFO, payload, "region info")[:3]
-    if argsz < REGION_INFO.size:
-        raise _einval(f"region info argsz {argsz} (min {REGION_INFO.size})")
-    if index >= dev.num_regions:
-        raise _einval(f"region info index {index} (max {dev.num_regions - 1})")
-    region = dev.regions.get(index)
-    if region is None or region.size == 0:
-        return _reply(REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
-    flags = region.flags
-    mappable = region.memory is not None and bool(region.areas) and session.client_max_msg_fds >= 1
-    caps = sparse_mmap_cap_size(len(region.areas)) if mappable else 0
-    full = REGION_INFO.size + caps
-    if not mappable or argsz < full:
-        if mappable:
-            flags |= REGION_FLAG_MMAP
-        head = REGION_INFO.pack(full, flags, index, 0, region.size, 0)
-        # libvfio-user answers min(full, argsz) bytes, zeros where the caps did not fit.
-        return _reply(head, bytes(min(full, argsz) - REGION_INFO.size))
-    assert region.memory is not None
-    head = REGION_INFO.pack(
-        full, flags | REGION_FLAG_MMAP | REGION_FLAG_CAPS, index, REGION_INFO.size, region.size, 0
-    )
-    return _reply(head, sparse_mmap_cap(region.areas), fds=[region.memory.fd])
-
-
-def _region_io_fds(
-    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
-) -> Reply:
-    argsz, flags, index, count = unpack(IO_FDS, payload, "region io fds")
-    if flags or count:
-        raise _einval(f"region io fds flags {flags:#x} count {count} (both 0)")
-    region = dev.regions.get(index) if index < dev.num_regions else None
-    if region is None or not region.flags:
-        raise _einval(f"region io fds index {index} is not a region")
-    if not IO_FDS.size <= argsz <= dev.max_data_xfer_size:
-        raise _einval(f"region io fds argsz {argsz} (min {IO_FDS.size})")
-    return _reply(IO_FDS.pack(IO_FDS.size, 0, index, 0))  # no ioeventfds: "none"
-
-
 def _irq_info(dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]) -> Reply:
     argsz, _flags, index, _count = unpack(IRQ_INFO, payload, "irq info")
     if argsz < IRQ_INFO.size:
@@ -214,56 +196,6 @@ def _set_irqs(dev: VfioUserDevice, session: Session, payload: memoryview, fds: l
     kept = set(given) - set(released)
     fds[:] = [fd for fd in fds if fd not in kept] + [fd for fd in released if fd not in given]
     return _reply()
-
-
-# --------------------------------------------------------------------------- regions
-
-
-def _region_access(
-    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int], write: bool
-) -> Reply:
-    # The hot path of an emulator: checks first, error text only when one fails.
-    if len(payload) < _ACCESS.size:
-        raise _einval(f"region access payload of {len(payload)} bytes (min {_ACCESS.size})")
-    offset, index, count = _ACCESS.unpack_from(payload)
-    region = dev.regions.get(index) if index < dev.num_regions else None
-    carried = len(payload) - _ACCESS.size
-    if (
-        region is None
-        or count > dev.max_data_xfer_size
-        or offset + count > region.size
-        or (write and carried != count)
-        or (dev.migration is not None and dev.migration.state == MigState.STOP_COPY)
-    ):
-        what = f"region {index} {'write' if write else 'read'} {offset:#x}+{count:#x}"
-        if region is None:
-            raise _einval(f"{what}: no such region")
-        if count > dev.max_data_xfer_size:
-            raise _einval(f"{what}: count (max {dev.max_data_xfer_size:#x})")
-        if offset + count > region.size:
-            raise _einval(f"{what}: past the end ({region.size:#x})")
-        if write and carried != count:
-            raise _einval(f"{what}: carries {carried} bytes")
-        raise _einval(f"{what}: device in STOP_COPY")
-    if count == 0:
-        return _reply()
-    head = payload[: _ACCESS.size]
-    if write:
-        region.do_write(offset, payload[_ACCESS.size :])
-        return Reply([head], [])
-    return Reply([head, region.do_read(offset, count)], [])
-
-
-def _region_read(
-    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
-) -> Reply:
-    return _region_access(dev, session, payload, fds, False)
-
-
-def _region_write(
-    dev: VfioUserDevice, session: Session, payload: memoryview, fds: list[int]
-) -> Reply:
-    return _region_access(dev, session, payload, fds, True)
 
 
 # --------------------------------------------------------------------------- DMA
@@ -430,12 +362,13 @@ def mig_data_write_error(argsz: int, size: int, carried: int, client_max: int) -
 _Handler = Callable[["VfioUserDevice", Session, memoryview, list[int]], Reply]
 _HANDLERS: Final[dict[int, _Handler]] = {
     Command.DEVICE_GET_INFO: _device_info,
-    Command.DEVICE_GET_REGION_INFO: _region_info,
-    Command.DEVICE_GET_REGION_IO_FDS: _region_io_fds,
+    Command.DEVICE_GET_REGION_INFO: region_info,
+    Command.DEVICE_GET_REGION_IO_FDS: region_io_fds,
     Command.DEVICE_GET_IRQ_INFO: _irq_info,
     Command.DEVICE_SET_IRQS: _set_irqs,
-    Command.REGION_READ: _region_read,
-    Command.REGION_WRITE: _region_write,
+    Command.REGION_READ: region_read,
+    Command.REGION_WRITE: region_write,
+    Command.REGION_WRITE_MULTI: region_write_multi,
     Command.DMA_MAP: _dma_map,
     Command.DMA_UNMAP: _dma_unmap,
     Command.DEVICE_RESET: _reset,

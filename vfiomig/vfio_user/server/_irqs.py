@@ -56,6 +56,10 @@ class IrqIndex(enum.IntEnum):
 
 #: Called with ``(index, start, count, masked)`` on MASK / UNMASK.
 MaskCallback = Callable[[IrqIndex, int, int, bool], None]
+#: One interrupt type's ``(start, count, masked)`` (``vfu_setup_irq_state_callback``).
+IrqStateCallback = Callable[[int, int, bool], None]
+#: The types `Irqs.trigger_enabled` tries, in order (the guest enables one at a time).
+_ENABLED_ORDER: Final = (IrqIndex.MSIX, IrqIndex.MSI, IrqIndex.INTX)
 
 
 def _einval(text: str) -> OSError:
@@ -68,9 +72,15 @@ class Irqs:
     Args:
         counts: vectors per index (absent: 0). ERR and REQ have at most 1.
         on_mask: told about MASK / UNMASK requests (optional).
+        on_state: per type, told about that type's MASK / UNMASK (after ``on_mask``).
     """
 
-    def __init__(self, counts: Mapping[IrqIndex, int], on_mask: MaskCallback | None = None) -> None:
+    def __init__(
+        self,
+        counts: Mapping[IrqIndex, int],
+        on_mask: MaskCallback | None = None,
+        on_state: Mapping[IrqIndex, IrqStateCallback] | None = None,
+    ) -> None:
         self.counts = {index: int(counts.get(index, 0)) for index in IrqIndex}
         for index, count in self.counts.items():
             limit = (
@@ -81,6 +91,7 @@ class Irqs:
             if not 0 <= count <= limit:
                 raise ValueError(f"irq index {index.name} count {count} (max {limit})")
         self.on_mask = on_mask
+        self.on_state = dict(on_state or {})
         self._fds: dict[IrqIndex, list[int | None]] = {
             i: [None] * c for i, c in self.counts.items()
         }
@@ -121,6 +132,9 @@ class Irqs:
                     self._signal(index, v)
             if self.on_mask is not None:
                 self.on_mask(index, req.start, req.count, masked)
+            state = self.on_state.get(index)
+            if state is not None:
+                state(req.start, req.count, masked)
             return list(fds)
         # TRIGGER
         if req.data_type == IRQ_SET_DATA_NONE and req.count == 0:
@@ -196,6 +210,20 @@ class Irqs:
             return False
         self._signal(index, vector)
         return True
+
+    def trigger_enabled(self, vector: int = 0) -> IrqIndex | None:
+        """Raise ``vector`` of the interrupt type the guest enabled (``vfu_irq_trigger``):
+        MSI-X, else MSI, else INTx, whichever has eventfds wired; returns that type, or
+        None when the client wired none of them (nothing is raised then).
+
+        Raises:
+            IndexError: the enabled type has no such vector.
+        """
+        for index in _ENABLED_ORDER:
+            if any(fd is not None for fd in self._fds[index]):
+                self.trigger(index, vector, strict=False)
+                return index
+        return None
 
     def _signal(self, index: IrqIndex, vector: int) -> None:
         fd = self._fds[index][vector]

@@ -1,9 +1,16 @@
 """Device regions: what REGION_READ/WRITE reach and what GET_REGION_INFO describes.
 
-A `Region` is a size plus the emulator's access callbacks, optionally backed by
-`SharedMemory` (a memfd the server mmaps and hands to the client with GET_REGION_INFO, so
-that the client may mmap the areas listed in ``mmap_areas``, the sparse-mmap capability).
-A region with memory and no callbacks is served from that memory.
+A `Region` is a size plus the emulator's access callbacks, optionally backed by memory
+the client may mmap: `SharedMemory` (a memfd the library makes) or `FileMemory` (the
+emulator's own fd and offset, like ``vfu_setup_region(fd, offset)``). The server maps it
+too and hands the fd to the client with GET_REGION_INFO (with the file offset), so that
+the client may mmap the areas listed in ``mmap_areas`` (the sparse-mmap capability). A
+region with memory and no callbacks is served from that memory.
+
+A region may also have ioeventfds (`IoEventFd`, ``vfu_create_ioeventfd``): eventfds the
+emulator owns, handed to the client with DEVICE_GET_REGION_IO_FDS, which the VMM signals
+on a guest write to that offset (KVM does it without leaving the kernel) instead of
+sending a REGION_WRITE. Shadow ioeventfds are not offered.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +32,37 @@ ReadCallback = Callable[[int, int], Buffer]
 WriteCallback = Callable[[int, memoryview], None]
 
 
-class SharedMemory:
+class FileMemory:
+    """``size`` bytes of the emulator's file ``fd`` from ``offset`` (both page aligned),
+    mapped here (``view``) and shareable with the client.
+
+    The fd stays the emulator's: `close` releases the mapping only. A regular file must
+    be long enough for the range (so that touching the mapping cannot fault).
+    """
+
+    def __init__(self, fd: int, size: int, offset: int = 0) -> None:
+        if size <= 0 or size % mmap.PAGESIZE or offset < 0 or offset % mmap.PAGESIZE:
+            raise ValueError(
+                f"file memory {offset:#x}+{size:#x} (page aligned, {mmap.PAGESIZE:#x})"
+            )
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+            raise ValueError(
+                f"file memory {offset:#x}+{size:#x} past the end of the file ({st.st_size:#x})"
+            )
+        self.fd = fd
+        self.size = size
+        self.offset = offset
+        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
+        self.view = memoryview(self._map)
+
+    def close(self) -> None:
+        if not self._map.closed:
+            self.view.release()
+            self._map.close()
+
+
+class SharedMemory(FileMemory):
     """``size`` bytes of memfd memory, mapped here and shareable with the client.
 
     ``view`` is the server's mapping. `close` releases the fd and the mapping.
@@ -33,22 +71,35 @@ class SharedMemory:
     def __init__(self, size: int, name: str = "vfio-user-region") -> None:
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError(f"shared memory size {size:#x} (a multiple of {mmap.PAGESIZE:#x})")
-        self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, size)
-            self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+            os.ftruncate(fd, size)
+            super().__init__(fd, size)
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
-        self.view = memoryview(self._map)
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.view.release()
-            self._map.close()
+            super().close()
             os.close(self.fd)
             self.fd = -1
+
+
+#: VFIO_USER_IO_FD_TYPE_IOEVENTFD and the datamatch flag of a sub-region.
+IO_FD_TYPE_IOEVENTFD = 0
+IO_FD_FLAG_DATAMATCH = 1
+
+
+@dataclass(frozen=True, slots=True)
+class IoEventFd:
+    """An eventfd the VMM signals on a guest write of ``size`` bytes at ``offset`` of the
+    region (only a write of ``datamatch``, if given). The emulator owns and reads it."""
+
+    fd: int
+    offset: int
+    size: int
+    datamatch: int | None = None
 
 
 @dataclass(slots=True)
@@ -59,23 +110,25 @@ class Region:
         size: bytes; REGION_READ/WRITE past it are EINVAL before any callback runs.
         read / write: the access callbacks (fail with ``OSError(errno, text)``); a
             missing one makes that access EINVAL, unless ``memory`` serves it.
-        memory: backing the client may mmap (``mmap_areas``: offset/size pairs inside
-            the region, page aligned; default: the whole region).
+        memory: backing the client may mmap (`SharedMemory` or `FileMemory`;
+            ``mmap_areas``: offset/size pairs inside the region, page aligned; default:
+            the whole region).
         writable / readable: the flags GET_REGION_INFO reports.
     """
 
     size: int
     read: ReadCallback | None = None
     write: WriteCallback | None = None
-    memory: SharedMemory | None = None
+    memory: FileMemory | None = None
     mmap_areas: Sequence[tuple[int, int]] | None = None
     readable: bool = True
     writable: bool = True
     areas: list[tuple[int, int]] = field(default_factory=list, init=False)
+    ioeventfds: list[IoEventFd] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.size < 0 or self.size >= 1 << 32:
-            raise ValueError(f"region size {self.size:#x} (max {(1 << 32) - 1:#x})")
+        if self.size < 0 or self.size >= 1 << 63:
+            raise ValueError(f"region size {self.size:#x} (max {(1 << 63) - 1:#x})")
         if self.memory is None:
             if self.mmap_areas:
                 raise ValueError("mmap areas need shared memory")

@@ -35,8 +35,9 @@ from vfiomig.vfio_user._header import (
     HEADER,
     HEADER_SIZE,
 )
-from vfiomig.vfio_user.server._connection import Connection, ConnectionLost
+from vfiomig.vfio_user.server._connection import Connection
 from vfiomig.vfio_user.server._device import Emulator, VfioUserDevice
+from vfiomig.vfio_user.server._server_requests import ConnectionLost
 
 log = logging.getLogger("vfiomig.vfio_user")
 
@@ -206,6 +207,14 @@ async def _serve_connection(sock: trio.socket.SocketType, device: VfioUserDevice
         )
     finally:
         conn.fail_pending()
+        if device.dma.regions and device.quiesce_callback is not None:
+            # The mappings go: the emulator must be quiet first, as for a DMA_UNMAP
+            # (bounded by its quiesce_timeout, even while the server is cancelled).
+            with trio.CancelScope(shield=True):
+                try:
+                    await device.quiesce("the client's disconnect")
+                except OSError:
+                    pass  # logged; the client is gone either way
         for fd in device.disconnected():
             os.close(fd)
     return conn.base + conn.end > 0

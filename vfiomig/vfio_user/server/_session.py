@@ -24,6 +24,8 @@ class ResetReason(enum.Enum):
 
     DEVICE_RESET = "device-reset"  # the client sent DEVICE_RESET
     LOST_CONNECTION = "lost-connection"  # the client went away (see reset_on_disconnect)
+    #: The client set Initiate FLR in the PCI Express capability (``VFU_RESET_PCI_FLR``).
+    PCI_FLR = "pci-flr"
     #: A MIG_DATA_WRITE body received into the emulator's `WriteBuffer` did not arrive
     #: whole: the stream has a hole, the state loaded so far must go.
     TORN_WRITE = "torn-write"

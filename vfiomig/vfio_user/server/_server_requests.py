@@ -1,0 +1,180 @@
+"""The server's own requests to its client: the DMA_READ / DMA_WRITE an emulator's task
+sends through `Dma.read` / `Dma.write` (`ServerRequests.request`), and their replies.
+
+A request is sent on the connection's socket and its task parks until the reply comes,
+matched by msg_id (`_Pending`). The connection's task delivers replies it frames
+(`ServerRequests.deliver`); a requesting task also takes its reply off the socket itself
+when it is already there whole and next (`ServerRequests._take_reply`), which saves the
+hand-over between the two tasks. `Connection` (``_connection``) is the rest: receiving,
+framing, answering.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from vfiomig.transport import close_fds, received_fds
+from vfiomig.vfio_user._header import (
+    FLAG_ERROR,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER,
+    HEADER_SIZE,
+    command_name,
+)
+from vfiomig.vfio_user.server._regions import Buffer
+
+#: How long an emulator's DMA_READ / DMA_WRITE waits for the client's reply.
+DMA_REPLY_TIMEOUT: Final = 10.0
+#: Room for the most fds one recvmsg can carry (SCM_MAX_FD).
+ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
+
+
+class ConnectionLost(Exception):
+    """The client's byte stream cannot be framed any more (or it sent a stray reply)."""
+
+
+class ServerRequests:
+    """The request half of a connection (a base of `Connection`, which owns the state
+    declared here: the socket, its receive buffer and where the next message starts)."""
+
+    sock: socket.socket
+    view: memoryview
+    start: int
+    end: int
+    base: int
+    idle: bool
+    wait_first: bool
+    next_id: int
+    pending: dict[int, _Pending]
+
+    async def _send(
+        self,
+        msg_id: int,
+        command: int,
+        parts: Sequence[Buffer],
+        fds: Sequence[int],
+        error: int | None,
+        *,
+        reply: bool = True,
+    ) -> None:
+        raise NotImplementedError  # `Connection._send`
+
+    async def request(self, command: int, payload: bytes) -> bytes:
+        """Send a DMA_READ / DMA_WRITE to the client and wait for its reply payload.
+
+        Raises:
+            OSError: the client's errno, ENOTCONN if it went away, ETIMEDOUT after
+                `DMA_REPLY_TIMEOUT` seconds. Cancellation: the reply is ignored.
+        """
+        while self.next_id in self.pending:
+            self.next_id = (self.next_id + 1) & 0xFFFF
+        msg_id = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        waiter = _Pending(command)
+        self.pending[msg_id] = waiter
+        try:
+            await self._send(msg_id, command, [payload], [], None, reply=False)
+            if waiter.result is None and self.idle:
+                self._take_reply(msg_id, waiter)
+            if waiter.result is None:  # the reply may have come while the send waited
+                with trio.move_on_after(DMA_REPLY_TIMEOUT):
+                    await waiter.wait()
+        finally:
+            waiter.task = None
+            del self.pending[msg_id]
+        result = waiter.result
+        if result is None:
+            raise OSError(errno.ETIMEDOUT, f"{command_name(command)} got no reply")
+        if isinstance(result, int):
+            raise OSError(result, f"{command_name(command)} failed: {os.strerror(result)}")
+        return result
+
+    def _take_reply(self, msg_id: int, waiter: _Pending) -> None:
+        """Take the reply to ``msg_id`` off the socket in the requesting task, if it is
+        already there whole and is the next message of the stream.
+
+        Only while the connection's task is parked between messages (``idle``): the next
+        message is then the one it would read next, and taking it here saves that task's
+        wakeup and the hand-over (two scheduler rounds per DMA). A client that answers
+        before the emulator's task gets the CPU back (a busy host, a pipelining client)
+        finds its reply taken at once; otherwise nothing is consumed (the bytes are only
+        peeked) and the connection's task delivers it as usual.
+        """
+        scratch = self.view[self.end :]  # where that task would receive them
+        try:
+            seen = self.sock.recv_into(scratch, len(scratch), socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        if seen < HEADER_SIZE:
+            return
+        rid, command, size, flags, error_no = HEADER.unpack_from(scratch)
+        if (
+            rid != msg_id
+            or command != waiter.command
+            or flags & FLAG_TYPE_MASK != FLAG_TYPE_REPLY
+            or not HEADER_SIZE <= size <= seen
+        ):
+            return  # not ours, or not whole yet: the connection's task reads it
+        nbytes, ancdata, _, _ = self.sock.recvmsg_into([scratch[:size]], ANC_SIZE)
+        if ancdata:
+            close_fds(received_fds(ancdata))  # a reply carries none
+        assert nbytes == size  # peeked whole; nothing else reads this socket meanwhile
+        self.base += size  # stream bytes that never were in ``buf``
+        self.deliver(rid, command, flags, error_no, scratch[HEADER_SIZE:size])
+
+    def deliver(
+        self, msg_id: int, command: int, flags: int, error_no: int, payload: memoryview
+    ) -> None:
+        waiter = self.pending.get(msg_id)
+        if waiter is None or waiter.result is not None or waiter.command != command:
+            raise ConnectionLost(
+                f"client sent a {command_name(command)} reply to msg_id {msg_id}, not outstanding"
+            )
+        error = error_no if 0 < error_no < 4096 else errno.EIO
+        waiter.result = error if flags & FLAG_ERROR else bytes(payload)
+        waiter.wake()
+        self.wait_first = self.start == self.end
+
+    def fail_requests(self) -> None:
+        """The client is gone: every request still waiting fails with ENOTCONN."""
+        for waiter in self.pending.values():
+            if waiter.result is None:  # a reply that arrived stays (its task has not run yet)
+                waiter.result = errno.ENOTCONN
+                waiter.wake()
+
+
+class _Pending:
+    """One DMA_READ / DMA_WRITE waiting for the client's reply (payload or errno). The
+    waiting task is parked and rescheduled directly: an Event's parking lot costs more
+    than the rest of the hand-over."""
+
+    __slots__ = ("command", "result", "task")
+
+    def __init__(self, command: int) -> None:
+        self.command = command
+        self.result: bytes | int | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        """Park until `wake` (returns at once if the result is in). Cancellable."""
+        if self.result is not None:
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def wake(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
