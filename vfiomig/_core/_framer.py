@@ -35,6 +35,7 @@ from vfiomig._core._wire import (
     VFIO_HEADER_SIZE,
     Endian,
     decode_handshake,
+    device_name,
     vfio_header_struct,
 )
 
@@ -322,7 +323,7 @@ class Framer:
         if raw[-1] != 0:
             raise PacketError(f"{self._name()}: packet idstr is not nul-terminated")
         idstr = raw[: raw.index(0)].decode("utf-8", "backslashreplace")
-        name = f"{idstr}/{instance}"
+        name = device_name(idstr, instance)
         if size > self._cap:
             raise PacketError(f"{name}: packet size {size} is above the cap ({self._cap})")
         if size < VFIO_HEADER_SIZE:
@@ -576,10 +577,10 @@ class Framer:
         # Data received counts whether read or still buffered (`pump_recv` keeps a packet
         # smaller than a quarter of its buffer in it until it is whole).
         got = cur.size - self._remaining + min(self._end - self._pos, self._remaining)
+        name = device_name(cur.idstr, cur.instance)
         return StreamIncompleteError(
-            f"{cur.idstr}/{cur.instance}: channel ended inside packet idx {cur.idx}"
-            f" ({got} of {cur.size} bytes)",
-            device=f"{cur.idstr}/{cur.instance}",
+            f"{name}: channel ended inside packet idx {cur.idx} ({got} of {cur.size} bytes)",
+            device=name,
             idx=cur.idx,
         )
 
