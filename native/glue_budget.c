@@ -28,23 +28,6 @@ void vfiomig_budget_leave(Budget *b, PyObject *reorder)
         }
 }
 
-int vfiomig_budget_compact(Budget *b)
-{
-    /* A compaction scans every queued packet: it runs again only once the slack grew by
-     * an eighth of the limit since the last one (blocks retired, packets written from
-     * them), not on every refused offer of a channel waiting for room. */
-    if (b->slack < b->compacted_at)
-        b->compacted_at = b->slack;
-    if (b->compacted_at >= 0 && b->slack - b->compacted_at < (b->limit + 7) / 8)
-        return 0;
-    int all = b->slack > b->limit;
-    for (Py_ssize_t i = 0; i < b->nmembers; i++)
-        if (vfiomig_reorder_compact((Reorder *)b->members[i], all) < 0)
-            return -1;
-    b->compacted_at = b->slack;
-    return 0;
-}
-
 static void budget_dealloc(Budget *self)
 {
     PyMem_Free(self->members); /* every member holds the budget: none is left */
