@@ -12,11 +12,11 @@ int vfiomig_py_import(void)
         PyObject **dst;
         const char *module, *name;
     } imports[] = {
-        {&vfiomig_py.need_data, "vfiomig._core._framer", "NEED_DATA"},
-        {&vfiomig_py.hello, "vfiomig._core._framer", "ChannelHello"},
-        {&vfiomig_py.header, "vfiomig._core._framer", "PacketHeader"},
-        {&vfiomig_py.ram, "vfiomig._core._framer", "RamSkipped"},
-        {&vfiomig_py.end, "vfiomig._core._framer", "ChannelEnd"},
+        {&vfiomig_py.need_data, "vfiomig._core._events", "NEED_DATA"},
+        {&vfiomig_py.hello, "vfiomig._core._events", "ChannelHello"},
+        {&vfiomig_py.header, "vfiomig._core._events", "PacketHeader"},
+        {&vfiomig_py.ram, "vfiomig._core._events", "RamSkipped"},
+        {&vfiomig_py.end, "vfiomig._core._events", "ChannelEnd"},
         {&vfiomig_py.decode_handshake, "vfiomig._core._wire", "decode_handshake"},
         {&vfiomig_py.vfio_error, "vfiomig._core._errors", "VfioMigError"},
         {&vfiomig_py.packet_error, "vfiomig._core._errors", "PacketError"},

@@ -12,7 +12,7 @@ import trio
 
 from tests.integration.faults import CONFIG, UUID, Snapshot, connect, idstr, receiver
 from vfiomig import SessionReport
-from vfiomig._core._framer import BUFFER_SIZE
+from vfiomig._core._events import BUFFER_SIZE
 from vfiomig._core._wire import encode_device_header, encode_handshake, encode_packet
 from vfiomig.testing import MemorySink, channel_streams, device_packets
 

@@ -29,7 +29,7 @@ from vfiomig._core._errors import (
     UsageError,
     VfioMigError,
 )
-from vfiomig._core._framer import (
+from vfiomig._core._events import (
     NEED_DATA,
     PUMP_ACCEPTED,
     PUMP_END,
@@ -39,11 +39,11 @@ from vfiomig._core._framer import (
     RECV_CHUNK,
     ChannelEnd,
     ChannelHello,
-    Framer,
     PacketHeader,
     RamSkipped,
     new_payload_buffer,
 )
+from vfiomig._core._framer import Framer
 from vfiomig._core._reorder import Budget, DeviceStatistics, Ready, ReorderBuffer
 
 #: The pure-Python twins of everything in `_ACCELERATED`.
