@@ -246,9 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(json.dumps(row | {"server_cpu_s": cpu_s, "client_cpu_s": client_s}))
         else:
             shown = ", ".join(f"{r:.0f}" for r in runs)
-            cpu = "" if cpu_s is None else f"  [CPU s: server {cpu_s:.2f}"
-            cpu += "" if client_s is None else f", client {client_s:.2f}"
-            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){cpu}{']' if cpu else ''}")
+            note = "" if cpu_s is None else f"  [CPU s: server {cpu_s:.2f}"
+            note += "" if client_s is None else f", client {client_s:.2f}"
+            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){note}{']' if note else ''}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ CPU: list[float] = []  # the data phase's CPU seconds (user + sys)
 
 async def write(path: str, max_write: int, total: int, window: int) -> tuple[float, int]:
     kwargs = {"window": window} if window else {}
-    sink = VfioUserSink(path, max_write=max_write, **kwargs)  # type: ignore[arg-type]
+    sink = VfioUserSink(path, max_write=max_write, **kwargs)
     await sink.start()
     chunk = memoryview(b"\x5a" * CHUNK)
     t0 = time.perf_counter()

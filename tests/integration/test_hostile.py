@@ -102,9 +102,9 @@ async def test_connection_storm_is_refused_and_the_session_carries_on(snapshot: 
                 except trio.BrokenResourceError:
                     pass
             streams = channel_streams(good(0), 2, UUID, seed=2)
-            for s in streams:
+            for stream in streams:
                 conn = await connect(rx)
-                await conn.send_all(s)
+                await conn.send_all(stream)
                 await conn.aclose()
             await rx.session.done.wait()
             for s in storm:
