@@ -1,6 +1,7 @@
 /* glue_budget.c - vfiomig._native.Budget: queued-bytes accounting shared by a session's
  * devices (twin of vfiomig._core._reorder.Budget; add/release are inline in glue.h), with
- * the slack of the receive blocks its packets pin and the compaction that frees it. */
+ * the slack of the receive blocks its packets pin, and its members (the reorder buffers
+ * that share it) for the compaction that frees that slack (glue_compact.c). */
 #include "glue.h"
 
 int vfiomig_budget_join(Budget *b, PyObject *reorder)

@@ -1,6 +1,7 @@
 /* glue_reorder.c - vfiomig._native.ReorderBuffer over the plain-C vfiomig_reorder: the
- * twin of vfiomig._core._reorder.ReorderBuffer (same methods, properties, error text).
- * offer/deliver are exported for the framer's pump (glue_framer_pump.c). */
+ * twin of vfiomig._core._reorder.ReorderBuffer (same methods, properties, error text):
+ * lifecycle, offer/deliver (exported for the framer's pump, glue_framer_pump.c), the gate,
+ * properties; the loader's side is glue_reorder_take.c, the reports glue_reorder_report.c. */
 #include "glue.h"
 
 static void reorder_drop_slots(Reorder *self)
