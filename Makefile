@@ -24,9 +24,10 @@ demo: $(STAMP)
 # start (they inherit the variable). Measured: these files, and only these, construct a
 # selected core object in-process. Not again under pure: tests/unit (its `core` fixture
 # already runs every core test on both cores, ASan/UBSan included), and what never
-# touches the selected core: the vfio-user server library and its libvfio-user client
-# test, the VFIO sink against the fake kernel device, the C reference receiver, bench's
-# parser, and test_sdist (it builds the package from its sdist).
+# touches the selected core: the vfio-user server library, the vfio-user client and its
+# libvfio-user tests, the VFIO sink against the fake kernel device, the C reference
+# receiver, bench's parser, the systemd units' check, and test_sdist (it builds the
+# package from its sdist).
 PURE_TESTS := \
 	tests/integration/test_admission.py \
 	tests/integration/test_bench_runs.py \
@@ -43,10 +44,14 @@ PURE_TESTS := \
 	tests/e2e/test_cli_receive.py \
 	tests/e2e/test_cli_streams.py \
 	tests/e2e/test_cli_vfio_source.py \
+	tests/e2e/test_control_peer.py \
 	tests/e2e/test_libvfio_user_interop.py \
+	tests/e2e/test_lifecycle.py \
+	tests/e2e/test_send_refused.py \
 	tests/e2e/test_sidecar.py \
 	tests/e2e/test_socket_activation.py \
 	tests/e2e/test_strangers.py \
+	tests/e2e/test_vfio_user_config_space.py \
 	tests/e2e/test_vfio_user_examples.py
 
 # lint and typecheck first: they fail the build in seconds, before the suite's minutes.
