@@ -447,7 +447,7 @@ async def test_abort_never_raises_even_if_reset_fails() -> None:
 
         calls = []
 
-        def broken(fd: int, request: int, buf: bytearray | None) -> int:
+        def broken(fd: int, request: int, buf: bytearray | int | None) -> int:
             calls.append(request)
             raise OSError(errno.EIO, "gone")
 
