@@ -65,8 +65,8 @@ def case_identical(tmp: Path, size: int, channels: int, packet_size: int) -> boo
     devices = ["0000:00:04.0/vfio", "0000:00:05.0/vfio"]
     args = ["--listen", "tcp:127.0.0.1:0", "--channels", str(channels), "--uuid", UUID]
     args += ["--config-out", str(tmp), "--json"]
-    for d in devices:
-        args += ["--device", f"{d}=file:{tmp / (d.replace('/', '_') + '.out')}"]
+    for dev in devices:
+        args += ["--device", f"{dev}=file:{tmp / (dev.replace('/', '_') + '.out')}"]
     proc, ready = start_receiver(tmp, args)
     npk = size // packet_size
     configs = [config_blob(random.Random(d).randbytes(700)) for d in range(len(devices))]

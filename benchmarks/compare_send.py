@@ -52,8 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import Case, _receiver_argv, _wait4, parse_size
+from benchmarks.compare import Case, _receiver_argv, _wait4
 from benchmarks.cref import DEFAULT_IDSTR, DEFAULT_UUID, build, start_sender, wait_ready
+from vfiomig._units import parse_size
 
 SENDERS = ("cref", "send")
 GOAL_CASES = [

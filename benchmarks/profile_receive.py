@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.compare import Case, _receiver_argv
 from benchmarks.cref import start_sender, wait_ready
+from vfiomig._units import parse_size
 
 _STARTUP = ("_bootstrap", "argparse", "attr/_make", "dataclasses.py", "_cli.py:main")
 
@@ -73,8 +74,6 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--size", default=None)
     args = ap.parse_args()
-    from benchmarks.compare import parse_size
-
     case = Case.parse(args.case + ":null", parse_size(args.size) if args.size else None)
     print(f"# {case} ({'pure' if args.pure else 'default'} core), self time of leaf frames")
     for name, pct in profile(case, pure=args.pure, top=args.top, native=args.native):

@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.compare import Case, _receiver_argv, parse_size
+from benchmarks.compare import Case, _receiver_argv
 from benchmarks.cref import DEFAULT_IDSTR, DEFAULT_UUID, start_sender, wait_ready
+from vfiomig._units import parse_size
 
 GROUPS = (
     ("kernel: copy into the socket", lambda dso, sym, stack: sym == "_copy_from_iter"),

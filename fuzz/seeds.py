@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from pathlib import Path
+from typing import Any
 
 from fuzz.engine import CORPUS
 from fuzz.targets import UUID
@@ -61,7 +62,7 @@ def _wire() -> list[bytes]:
 
 
 def _control() -> list[bytes]:
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"type": "hello", "version": 1},
         {"type": "precopy", "device": DEV, "instance": 0, "data": b"pre"},
         {"type": "data-complete", "device": DEV, "instance": 0},

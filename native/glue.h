@@ -25,7 +25,7 @@
 #include "vfiomig_outbox.h"
 #include "vfiomig_reorder.h"
 
-/* -- the reference's objects and interned names (set by module.c at import) ---------- */
+/* -- the reference's objects and interned names (set by glue_py.c at import) ---------- */
 
 struct vfiomig_py {
     PyObject *need_data, *hello, *header, *ram, *end, *decode_handshake;
@@ -35,6 +35,9 @@ struct vfiomig_py {
         *str_size, *str_uuid, *str_channels, *str_device;
 };
 extern struct vfiomig_py vfiomig_py;
+/* glue_py.c: fill vfiomig_py (module init, before anything uses it); 0, or -1 with an
+ * error. */
+int vfiomig_py_import(void);
 
 /* -- the types (module.c readies them and adds them to the module) -------------------- */
 
@@ -92,11 +95,11 @@ static inline int budget_release(Budget *b, long long n)
     return 0;
 }
 
-/* glue_budget.c: add or remove a ReorderBuffer from the members (0, or -1 with an error);
- * compact copies the packets out of sparse retired blocks, or out of all of them when
- * their free parts alone exceed the limit (0, or -1 with an error). */
+/* glue_budget.c: add or remove a ReorderBuffer from the members (0, or -1 with an error). */
 int vfiomig_budget_join(Budget *b, PyObject *reorder);
 void vfiomig_budget_leave(Budget *b, PyObject *reorder);
+/* glue_compact.c: copy the packets out of the members' sparse retired blocks, or out of all
+ * retired blocks when their free parts alone exceed the limit (0, or -1 with an error). */
 int vfiomig_budget_compact(Budget *b);
 
 /* -- Block: a receive block whose packets are handed on without a copy ----------------
@@ -151,7 +154,8 @@ void vfiomig_run_set_busy(Run *r, int busy);
 typedef struct {
     PyObject_HEAD
     unsigned char *mem;
-    Py_ssize_t size, pins, exports;
+    Py_ssize_t size, exports;
+    long pins; /* counted by the outbox's packets (vfm_out_packet.pins) */
 } SendBuffer;
 
 /* One channel's queue of packets (vfiomig_outbox.h); a packet's owner is a strong
@@ -163,9 +167,10 @@ typedef struct {
 } Outbox;
 
 /* glue_outbox.c: queue a packet of len bytes at data (in owner, at off) with its header
- * built by the caller through the returned slot's hdr; takes a new reference to owner
- * (pinning a SendBuffer).  The slot, or NULL with an error. */
-struct vfm_out_packet *vfiomig_outbox_push(Outbox *self, PyObject *owner,
+ * built by the caller through the returned slot's hdr; takes a new reference to owner,
+ * and one unit of *pins (a SendBuffer's pin count; NULL for none) until the packet is
+ * sent or dropped.  The outbox knows no buffer type.  The slot, or NULL with an error. */
+struct vfm_out_packet *vfiomig_outbox_push(Outbox *self, PyObject *owner, long *pins,
                                            const unsigned char *data, size_t off, size_t len);
 void vfiomig_outbox_commit(Outbox *self);
 
@@ -196,9 +201,36 @@ int vfiomig_reorder_deliver(Reorder *self, uint32_t idx, PyObject *data, Py_ssiz
 int vfiomig_reorder_deliver_block(Reorder *self, uint32_t idx, Block *b, size_t off,
                                   uint64_t len);
 
-/* glue_reorder.c: copy the packets held in sparse retired blocks (all retired blocks if
- * all) into bytes of their own; 0, or -1 with an error. */
-int vfiomig_reorder_compact(Reorder *self, int all);
+/* Let go of a slot's data: a packet's own object, or its bytes in a block (glue_reorder.c
+ * when it drops its slots, glue_compact.c when it copies a packet out of its block). */
+static inline void slot_drop_data(struct vfm_slot *s)
+{
+    PyObject *data = (PyObject *)s->data;
+    if (!data)
+        return;
+    s->data = NULL;
+    if (s->in_block) {
+        s->in_block = 0;
+        vfiomig_block_release((Block *)data, s->size);
+    } else {
+        Py_DECREF(data);
+    }
+}
+
+/* Raise the exception that poisoned the buffer again; -1. */
+static inline int reorder_reraise(Reorder *self)
+{
+    PyErr_SetObject((PyObject *)Py_TYPE(self->error), self->error);
+    return -1;
+}
+
+/* glue_reorder_take.c: the loader's side (methods has_ready, take_ready, written and
+ * mark_loaded) and whether the device can finish (config last, everything written). */
+PyObject *vfiomig_Reorder_has_ready(Reorder *self, PyObject *ignored);
+PyObject *vfiomig_Reorder_take_ready(Reorder *self, PyObject *ignored);
+PyObject *vfiomig_Reorder_written(Reorder *self, PyObject *arg);
+PyObject *vfiomig_Reorder_mark_loaded(Reorder *self, PyObject *ignored);
+int vfiomig_reorder_finishable(Reorder *self);
 
 /* glue_reorder_report.c: the methods missing, incomplete_error and statistics. */
 PyObject *vfiomig_Reorder_missing(Reorder *self, PyObject *args, PyObject *kwds);
@@ -242,7 +274,8 @@ static inline uint8_t *framer_data(Framer *self)
     return self->blk->data;
 }
 
-/* glue_framer.c: grow or compact the receive buffer so that n more bytes fit; 0 or -1. */
+/* glue_block.c: grow or compact the receive buffer so that n more bytes fit (a block whose
+ * packets are held is retired and the unread tail moved to a new one); 0 or -1. */
 int vfiomig_framer_make_room(Framer *self, size_t n);
 
 /* glue_framer_events.c.  reraise, raise_truncated and error raise (the latter two poison

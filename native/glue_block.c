@@ -1,5 +1,6 @@
 /* glue_block.c - the receive blocks of the framers (see Block in glue.h): memory, the
- * pool, the views, the live bytes and the budget charge of a retired block.
+ * pool, the views, the live bytes and the budget charge of a retired block, and the room
+ * a framer makes in its block (vfiomig_framer_make_room: grown, compacted, or retired).
  *
  * A Block is exported only through vfiomig_block_view (armed for one export); any other
  * request for its buffer (memoryview(view.obj)) is refused, so every packet view is one
@@ -141,3 +142,46 @@ PyTypeObject vfiomig_BlockType = {
     .tp_dealloc = (destructor)block_dealloc,
     .tp_as_buffer = &block_as_buffer,
 };
+
+/* -- a framer's room in its block --------------------------------------------------- */
+
+/* Here rather than in glue_framer.c: the framer's ingress and its pump both ask for room,
+ * and this is where a block holding packets is retired and its tail moved to a new one. */
+int vfiomig_framer_make_room(Framer *self, size_t n)
+{
+    Block *b = self->blk;
+    if (self->f.end + n <= b->cap)
+        return 0;
+    size_t live = self->f.end - self->f.pos;
+    if (live + n > (size_t)PY_SSIZE_T_MAX) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (Py_REFCNT(b) > 1) { /* packets of it are held: move the tail to a new block */
+        Block *nb = vfiomig_block_new(live + n > self->block_size ? live + n : self->block_size);
+        if (!nb)
+            return -1;
+        memcpy(nb->data, b->data + self->f.pos, live);
+        vfiomig_block_retire(b);
+        self->blk = nb;
+        Py_DECREF(b);
+        self->f.pos = 0;
+        self->f.end = live;
+        return 0;
+    }
+    if (self->f.pos) {
+        memmove(b->data, b->data + self->f.pos, live);
+        self->f.pos = 0;
+        self->f.end = live;
+    }
+    if (live + n > b->cap) {
+        uint8_t *d = PyMem_RawRealloc(b->data, live + n);
+        if (!d) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->data = d;
+        b->cap = live + n;
+    }
+    return 0;
+}

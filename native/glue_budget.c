@@ -1,6 +1,7 @@
 /* glue_budget.c - vfiomig._native.Budget: queued-bytes accounting shared by a session's
  * devices (twin of vfiomig._core._reorder.Budget; add/release are inline in glue.h), with
- * the slack of the receive blocks its packets pin and the compaction that frees it. */
+ * the slack of the receive blocks its packets pin, and its members (the reorder buffers
+ * that share it) for the compaction that frees that slack (glue_compact.c). */
 #include "glue.h"
 
 int vfiomig_budget_join(Budget *b, PyObject *reorder)
@@ -26,23 +27,6 @@ void vfiomig_budget_leave(Budget *b, PyObject *reorder)
             b->members[i] = b->members[--b->nmembers];
             return;
         }
-}
-
-int vfiomig_budget_compact(Budget *b)
-{
-    /* A compaction scans every queued packet: it runs again only once the slack grew by
-     * an eighth of the limit since the last one (blocks retired, packets written from
-     * them), not on every refused offer of a channel waiting for room. */
-    if (b->slack < b->compacted_at)
-        b->compacted_at = b->slack;
-    if (b->compacted_at >= 0 && b->slack - b->compacted_at < (b->limit + 7) / 8)
-        return 0;
-    int all = b->slack > b->limit;
-    for (Py_ssize_t i = 0; i < b->nmembers; i++)
-        if (vfiomig_reorder_compact((Reorder *)b->members[i], all) < 0)
-            return -1;
-    b->compacted_at = b->slack;
-    return 0;
 }
 
 static void budget_dealloc(Budget *self)

@@ -107,45 +107,6 @@ static int framer_init(Framer *self, PyObject *args, PyObject *kwds)
 
 /* -- ingress ------------------------------------------------------------------------ */
 
-int vfiomig_framer_make_room(Framer *self, size_t n)
-{
-    Block *b = self->blk;
-    if (self->f.end + n <= b->cap)
-        return 0;
-    size_t live = self->f.end - self->f.pos;
-    if (live + n > (size_t)PY_SSIZE_T_MAX) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (Py_REFCNT(b) > 1) { /* packets of it are held: move the tail to a new block */
-        Block *nb = vfiomig_block_new(live + n > self->block_size ? live + n : self->block_size);
-        if (!nb)
-            return -1;
-        memcpy(nb->data, b->data + self->f.pos, live);
-        vfiomig_block_retire(b);
-        self->blk = nb;
-        Py_DECREF(b);
-        self->f.pos = 0;
-        self->f.end = live;
-        return 0;
-    }
-    if (self->f.pos) {
-        memmove(b->data, b->data + self->f.pos, live);
-        self->f.pos = 0;
-        self->f.end = live;
-    }
-    if (live + n > b->cap) {
-        uint8_t *d = PyMem_RawRealloc(b->data, live + n);
-        if (!d) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        b->data = d;
-        b->cap = live + n;
-    }
-    return 0;
-}
-
 static PyObject *Framer_feed(Framer *self, PyObject *arg)
 {
     Py_buffer view;

@@ -14,10 +14,7 @@
 
 static void release_owner(void *owner)
 {
-    PyObject *o = owner;
-    if (Py_IS_TYPE(o, &vfiomig_SendBufferType))
-        ((SendBuffer *)o)->pins--;
-    Py_DECREF(o);
+    Py_DECREF((PyObject *)owner);
 }
 
 static int check_idle(Outbox *self)
@@ -29,7 +26,7 @@ static int check_idle(Outbox *self)
     return 0;
 }
 
-struct vfm_out_packet *vfiomig_outbox_push(Outbox *self, PyObject *owner,
+struct vfm_out_packet *vfiomig_outbox_push(Outbox *self, PyObject *owner, long *pins,
                                            const unsigned char *data, size_t off, size_t len)
 {
     struct vfm_out_packet *p;
@@ -41,10 +38,11 @@ struct vfm_out_packet *vfiomig_outbox_push(Outbox *self, PyObject *owner,
         PyErr_NoMemory();
         return NULL;
     }
-    if (Py_IS_TYPE(owner, &vfiomig_SendBufferType))
-        ((SendBuffer *)owner)->pins++;
+    if (pins)
+        (*pins)++; /* given back by the plain outbox when the packet is sent or dropped */
     Py_INCREF(owner);
     p->owner = owner;
+    p->pins = pins;
     p->data = data;
     p->off = off;
     p->len = len;

@@ -69,7 +69,7 @@ static PyObject *SendBuffer_get_busy(SendBuffer *self, void *Py_UNUSED(c))
 
 static PyObject *SendBuffer_get_pins(SendBuffer *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromSsize_t(self->pins);
+    return PyLong_FromLong(self->pins);
 }
 
 static PyBufferProcs SendBuffer_as_buffer = {
@@ -193,7 +193,7 @@ static PyObject *Headers_put(Headers *self, PyObject *args, PyObject *kwds)
         Py_DECREF(mv);
         return PyErr_Format(PyExc_ValueError, "packet of %zd bytes is too large", v->len);
     }
-    p = vfiomig_outbox_push(out, mv, v->buf, 0, (size_t)v->len);
+    p = vfiomig_outbox_push(out, mv, NULL, v->buf, 0, (size_t)v->len);
     Py_DECREF(mv); /* the queue holds it */
     if (!p)
         return NULL;
@@ -249,7 +249,8 @@ static PyObject *Headers_spread(Headers *self, PyObject *args)
         size_t off = (size_t)(i * packet_size);
         size_t len = (size_t)(length - i * packet_size < packet_size ? length - i * packet_size
                                                                      : packet_size);
-        struct vfm_out_packet *p = vfiomig_outbox_push(ob, bufobj, buf->mem + off, off, len);
+        struct vfm_out_packet *p =
+            vfiomig_outbox_push(ob, bufobj, &buf->pins, buf->mem + off, off, len);
         if (!p)
             goto out; /* the packets queued so far stay queued: memory ran out */
         vfm_header_build(p->hdr, self->prefix, self->instance, (uint32_t)len,

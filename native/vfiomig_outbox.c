@@ -117,6 +117,8 @@ size_t vfm_outbox_advance(struct vfm_outbox *ob, size_t n, void (*release)(void 
         if (done < size)
             break;
         done -= size;
+        if (p->pins)
+            (*p->pins)--;
         release(p->owner);
         ob->head = ob->head + 1 == ob->cap ? 0 : ob->head + 1;
         ob->count--;
@@ -130,7 +132,10 @@ size_t vfm_outbox_advance(struct vfm_outbox *ob, size_t n, void (*release)(void 
 void vfm_outbox_clear(struct vfm_outbox *ob, void (*release)(void *owner))
 {
     while (ob->count) {
-        release(ob->ring[ob->head].owner);
+        struct vfm_out_packet *p = &ob->ring[ob->head];
+        if (p->pins)
+            (*p->pins)--;
+        release(p->owner);
         ob->head = ob->head + 1 == ob->cap ? 0 : ob->head + 1;
         ob->count--;
     }

@@ -22,6 +22,7 @@
 
 struct vfm_out_packet {
     void *owner;               /* released through vfm_outbox_advance's callback */
+    long *pins; /* a count this packet holds one of while queued (its buffer's), or NULL */
     const unsigned char *data; /* len bytes after the header */
     size_t len;
     size_t off; /* where data starts in its owner (for views of it) */

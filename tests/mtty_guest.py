@@ -130,7 +130,7 @@ class Mdev:
         try:
             assert dev.fd is not None
             fd = dev.fd
-            regs = {
+            regs: dict[str, Any] = {
                 name: os.pread(fd, 1, offset)[0]
                 for name, offset in (("scr", UART_SCR), ("lcr", UART_LCR), ("mcr", UART_MCR))
             }
@@ -152,7 +152,7 @@ class Kmsg:
         os.lseek(self.fd, 0, os.SEEK_END)
 
     def arcs(self) -> list[str]:
-        out = []
+        out: list[str] = []
         while True:
             try:
                 record = os.read(self.fd, 8192).decode(errors="replace")

@@ -1,7 +1,8 @@
 """The C core (native/): the same contract as the Python reference it accelerates.
 
 `Framer`, `Budget`, `ReorderBuffer` and `new_payload_buffer` are their namesakes in
-`vfiomig._core._framer` and `vfiomig._core._reorder`: same signatures, events and error text.
+`vfiomig._core._framer` (with `_parser` and `_events`) and `vfiomig._core._reorder`: same
+signatures, events and error text.
 A native `ReorderBuffer` takes a native `Budget`; a native `Framer.pump` routes to native
 buffers only.
 """
@@ -10,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import overload
 
 from vfiomig._core._errors import StreamIncompleteError, VfioMigError
-from vfiomig._core._framer import Event, PacketHeader, _NeedData
+from vfiomig._core._events import Event, PacketHeader, _NeedData
 from vfiomig._core._reorder import Buffer, DeviceStatistics, Ready
 from vfiomig._core._wire import Endian
 

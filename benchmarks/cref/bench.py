@@ -17,6 +17,7 @@ import statistics
 import time
 
 from benchmarks.cref import run_transfer
+from vfiomig._units import parse_size
 
 
 def _cpu_idle(interval: float = 0.3) -> float:
@@ -41,12 +42,6 @@ def _wait_quiet(limit: float, threshold: float = 0.9) -> float:
     return idle
 
 
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -59,7 +54,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
     args = parser.parse_args()
 
-    for packet_size in [_size(p) for p in args.packet_sizes.split(",")]:
+    for packet_size in [parse_size(p) for p in args.packet_sizes.split(",")]:
         for output in args.outputs.split(","):
             for mode in args.modes.split(","):
                 figures, idles, peaks, cpu_rates = [], [], [], []
@@ -67,7 +62,7 @@ def main() -> None:
                     idles.append(_wait_quiet(args.quiet_wait))
                     result = run_transfer(
                         channels=args.channels,
-                        size=_size(args.size),
+                        size=parse_size(args.size),
                         packet_size=packet_size,
                         output="pipe" if output.startswith("pipe") else output,
                         drainer=["cat"] if output == "pipe-cat" else None,

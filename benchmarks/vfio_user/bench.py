@@ -34,6 +34,7 @@ from pathlib import Path
 
 from benchmarks.cref.bench import _wait_quiet
 from tests.libvfio_user import build as build_libvfio_user
+from vfiomig._units import parse_size
 from vfiomig.transport import unix_socket_listening
 
 HERE = Path(__file__).resolve().parent
@@ -159,6 +160,8 @@ def cases(size: str, base: str, base_window: int = 1) -> list[Case]:
     """Every case; the "before" ones run the baseline tree with ``base_window`` in flight
     (1: the one-at-a-time client; 0: the baseline's default window)."""
     py = [sys.executable, str(HERE / "pyclient.py"), "SOCK"]
+    # pyclient takes bytes: it also runs on the baseline tree, which has no vfiomig._units.
+    total, k32, m1 = (str(parse_size(s)) for s in (size, "32K", "1M"))
     c = [str(BUILD / "vu_client"), "SOCK"]
     bwin = str(base_window)
     bw = "default window" if base_window == 0 else f"{base_window} in flight"
@@ -167,18 +170,18 @@ def cases(size: str, base: str, base_window: int = 1) -> list[Case]:
         Case("raw UNIX socket, 32 KiB messages, 16 in flight", "", [str(BUILD / "vu_raw"), "32K", size, "16"]),
         Case("libvfio-user <- C client, 32 KiB writes, 16 in flight", "lvu", [*c, "write", "32K", size, "16"]),
         Case("libvfio-user <- C client, 32 KiB writes, 64 in flight", "lvu", [*c, "write", "32K", size, "64"]),
-        Case(f"libvfio-user <- vfiomig sink before (32 KiB, {bw})", "lvu", [*py, "write", "32K", size, bwin], base),
-        Case("libvfio-user <- vfiomig sink (32 KiB, default window)", "lvu", [*py, "write", "32K", size, "0"]),
+        Case(f"libvfio-user <- vfiomig sink before (32 KiB, {bw})", "lvu", [*py, "write", k32, total, bwin], base),
+        Case("libvfio-user <- vfiomig sink (32 KiB, default window)", "lvu", [*py, "write", k32, total, "0"]),
         Case("libvfio-user -> C client, 1 MiB reads, 4 in flight", "lvu", [*c, "read", "1M", "0", "4"]),
         Case(f"libvfio-user -> vfiomig source before (1 MiB, {bw})", "lvu", [*py, "read", "0", "0", bwin], base),
         Case("libvfio-user -> vfiomig source (1 MiB, default window)", "lvu", [*py, "read", "0", "0", "0"]),
         Case("vfiomig server <- C client, 1 MiB writes, 4 in flight", "own", [*c, "write", "1M", size, "4"]),
-        Case(f"vfiomig server <- vfiomig sink before (1 MiB, {bw})", "own", [*py, "write", "1M", size, bwin], base),
-        Case("vfiomig server <- vfiomig sink (1 MiB, default window)", "own", [*py, "write", "1M", size, "0"]),
+        Case(f"vfiomig server <- vfiomig sink before (1 MiB, {bw})", "own", [*py, "write", m1, total, bwin], base),
+        Case("vfiomig server <- vfiomig sink (1 MiB, default window)", "own", [*py, "write", m1, total, "0"]),
         Case("storing server, write_data <- C client, 1 MiB writes, 4 in flight", "store", [*c, "write", "1M", size, "4"]),
         Case("storing server, write_buffer <- C client, 1 MiB writes, 4 in flight", "store-direct", [*c, "write", "1M", size, "4"]),
-        Case("storing server, write_data <- vfiomig sink (1 MiB, default window)", "store", [*py, "write", "1M", size, "0"]),
-        Case("storing server, write_buffer <- vfiomig sink (1 MiB, default window)", "store-direct", [*py, "write", "1M", size, "0"]),
+        Case("storing server, write_data <- vfiomig sink (1 MiB, default window)", "store", [*py, "write", m1, total, "0"]),
+        Case("storing server, write_buffer <- vfiomig sink (1 MiB, default window)", "store-direct", [*py, "write", m1, total, "0"]),
         Case("vfiomig server -> C client, 1 MiB reads, 4 in flight", "own", [*c, "read", "1M", "0", "4"]),
         Case(f"vfiomig server -> vfiomig source before (1 MiB, {bw})", "own", [*py, "read", "0", "0", bwin], base),
         Case("vfiomig server -> vfiomig source (1 MiB, default window)", "own", [*py, "read", "0", "0", "0"]),
@@ -243,9 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(json.dumps(row | {"server_cpu_s": cpu_s, "client_cpu_s": client_s}))
         else:
             shown = ", ".join(f"{r:.0f}" for r in runs)
-            cpu = "" if cpu_s is None else f"  [CPU s: server {cpu_s:.2f}"
-            cpu += "" if client_s is None else f", client {client_s:.2f}"
-            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){cpu}{']' if cpu else ''}")
+            note = "" if cpu_s is None else f"  [CPU s: server {cpu_s:.2f}"
+            note += "" if client_s is None else f", client {client_s:.2f}"
+            print(f"{medians[name]:8.0f} MiB/s  {name}  ({shown}){note}{']' if note else ''}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """vfiomig's vfio-user sink or source against a server, timing the data phase.
 
-    python benchmarks/vfio_user/pyclient.py SOCK write MAX_WRITE TOTAL WINDOW
+    python benchmarks/vfio_user/pyclient.py SOCK write MAX_WRITE TOTAL WINDOW   # bytes
     python benchmarks/vfio_user/pyclient.py SOCK read 0 0 WINDOW
 
 Uses only `VfioUserSink` / `VfioUserSource` as the receive and send paths do (writes of
@@ -21,14 +21,6 @@ import trio
 from vfiomig.vfio_user import VfioUserSink, VfioUserSource
 
 CHUNK = 1 << 20
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``32K``, ``1M``, ``1G`` or plain bytes (no vfiomig import: the baseline tree's
-    helpers live elsewhere)."""
-    return int(text[:-1]) * _UNITS[text[-1]] if text[-1] in _UNITS else int(text)
-
 
 BATCH = 16
 CPU: list[float] = []  # the data phase's CPU seconds (user + sys)
@@ -36,7 +28,7 @@ CPU: list[float] = []  # the data phase's CPU seconds (user + sys)
 
 async def write(path: str, max_write: int, total: int, window: int) -> tuple[float, int]:
     kwargs = {"window": window} if window else {}
-    sink = VfioUserSink(path, max_write=max_write, **kwargs)  # type: ignore[arg-type]
+    sink = VfioUserSink(path, max_write=max_write, **kwargs)
     await sink.start()
     chunk = memoryview(b"\x5a" * CHUNK)
     t0 = time.perf_counter()
@@ -73,7 +65,7 @@ async def read(path: str, window: int) -> tuple[float, int]:
 def main() -> None:
     path, mode, max_write, total, window = sys.argv[1:6]
     if mode == "write":
-        run = write(path, parse_size(max_write), parse_size(total), int(window))
+        run = write(path, int(max_write), int(total), int(window))
     else:
         run = read(path, int(window))
     seconds, moved = trio.run(lambda: run)

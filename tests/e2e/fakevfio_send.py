@@ -21,6 +21,7 @@ from vfiomig.cli._main import main
 from vfiomig.testing import FakeVfioDevice
 from vfiomig.testing._fake_saving import SavingModel
 from vfiomig.vfio import _source
+from vfiomig.vfio._device import parse_spec
 from vfiomig.vfio._uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 
 
@@ -36,18 +37,18 @@ def run(model_json: str, prefix: str, argv: list[str]) -> int:
         iommu = fake.iommu_path
 
         def open_fake(arg: str) -> _source.VfioSource:
-            path, fd, _ = _source.parse_spec("source", arg)
+            path, fd, _ = parse_spec("source", arg)
             assert path == fake.path and fd is None, arg
             return _source.VfioSource.open(path, ioctl=fake.ioctl, read=fake.read, iommu_path=iommu)
 
-        _source.open_vfio_source = open_fake  # type: ignore[assignment]
+        _source.open_vfio_source = open_fake
         code = main([a.replace("{device}", fake.path) for a in argv])
         session = fake.saving_session
         with open(prefix + ".saved", "wb") as f:
             f.write(b"" if session is None else bytes(session.saved))
-        with open(prefix + ".json", "w") as f:
+        with open(prefix + ".json", "w") as out:
             arcs = [[a.name, b.name] for a, b in fake.arcs]
-            json.dump({"state": fake.state.name, "arcs": arcs, "resets": fake.resets}, f)
+            json.dump({"state": fake.state.name, "arcs": arcs, "resets": fake.resets}, out)
     return code
 
 

@@ -423,3 +423,21 @@ def test_fd_sink_broken_pipe_fails_with_errno(tmp_path: Path) -> None:
         re.M,
     ), err
     assert "Traceback" not in err
+
+
+def test_the_processes_run_the_core_the_environment_asks_for() -> None:
+    """`make test` runs these tests on each core by the environment alone: a process the
+    tests start inherits it (a second pass that silently ran the C core tests nothing)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import vfiomig; print(vfiomig.IMPLEMENTATION)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    if os.environ.get("VFIOMIG_PUREPYTHON") == "1":
+        assert out == "python"
+    elif os.environ.get("VFIOMIG_REQUIRE_NATIVE") == "1":
+        assert out == "native"
+    else:
+        assert out in ("python", "native")

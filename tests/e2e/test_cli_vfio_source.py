@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def send(
     )
 
 
-def fake_result(tmp: Path) -> tuple[dict[str, object], bytes]:
+def fake_result(tmp: Path) -> tuple[dict[str, Any], bytes]:
     return json.loads((tmp / "fake.json").read_text()), (tmp / "fake.saved").read_bytes()
 
 

@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -126,7 +126,8 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
             rx.proc.wait()
 
 
-Behaviour: TypeAlias = Callable[[trio.SocketStream], Awaitable[None]]
+# Coroutine, not Awaitable: what start_soon takes (a task runs a coroutine).
+Behaviour: TypeAlias = Callable[[trio.SocketStream], Coroutine[Any, Any, None]]
 
 
 async def _until_closed(stream: trio.SocketStream, every: float, byte: bytes) -> None:
@@ -309,7 +310,10 @@ async def test_fd_exhaustion_on_accept_is_waited_out(spawn: Callable[..., Receiv
     rx = spawn("emfile", "--max-pending", "2000")
     flood = Flood()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(flood.run, [(rx.data, DATA_STRANGERS, [idle, trickle])])
+        targets: list[tuple[str, int, list[Behaviour]]] = [
+            (rx.data, DATA_STRANGERS, [idle, trickle])
+        ]
+        nursery.start_soon(flood.run, targets)
         with trio.fail_after(60):
             while "Too many open files" not in rx.stderr():  # noqa: ASYNC110 - polling another process
                 await trio.sleep(0.05)

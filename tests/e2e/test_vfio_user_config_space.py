@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -31,7 +32,7 @@ def guide_device() -> Any:
     return namespace["MigratableCounter"]()
 
 
-async def cli(*args: str) -> trio.CompletedProcess[bytes]:
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     cmd = [sys.executable, "-m", "vfiomig", *args]
     return await trio.run_process(cmd, check=False, capture_stdout=True, capture_stderr=True)
 
@@ -40,7 +41,7 @@ async def migrate(tmp: str, src_path: str, dst_path: str, source_extra: str = ""
     """``vfiomig receive`` and ``vfiomig send`` processes, one device; the receiver's log."""
     session = str(uuid.uuid4())
     ready = Path(tmp) / "ready.json"
-    results: dict[str, trio.CompletedProcess[bytes]] = {}
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
 
     async def receive() -> None:
         results["receive"] = await cli(
@@ -61,7 +62,8 @@ async def migrate(tmp: str, src_path: str, dst_path: str, source_extra: str = ""
         )  # fmt: skip
     for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr.decode())
-    return results["receive"].stderr.decode()
+    err: bytes = results["receive"].stderr
+    return err.decode()
 
 
 async def test_send_receive_processes_carry_command_bars_and_msi() -> None:

@@ -104,8 +104,8 @@ def test_libvfio_user_sample_client_runs_against_the_python_sample_server(
                 source.communicate()  # reaps it and closes its stdout pipe
             source_log.close()
         err = (work / "source.err").read_text()
-        dest = Path(f"{status}.err").read_text()
-        report = f"client stdout:\n{stdout}\nclient stderr:\n{stderr}\nsource:\n{err}\ndestination:\n{dest}"
+        dest_log = Path(f"{status}.err").read_text()
+        report = f"client stdout:\n{stdout}\nclient stderr:\n{stderr}\nsource:\n{err}\ndestination:\n{dest_log}"
         assert client_run.returncode == 0, report
         assert sorted(status.read_text().split("\n")) == ["", "client 0", "server 0"], report
         assert stdout.count("client: INTx triggered!") == 2, report
@@ -114,4 +114,4 @@ def test_libvfio_user_sample_client_runs_against_the_python_sample_server(
         assert source.returncode == 0, report
         assert out.count("doing dma io") == 1, report
         # The destination took BAR1's data straight into BAR1 (its WriteBuffer).
-        assert "bytes received straight into BAR1" in dest, report
+        assert "bytes received straight into BAR1" in dest_log, report

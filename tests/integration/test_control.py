@@ -362,14 +362,29 @@ async def test_attach_fd_refused_closes_the_fd(tmp_path: Path) -> None:
             os.close(first[0])
 
 
+class _AttachWhenTold(AttachSink):
+    """An attach: sink whose wait for the fd (and its timer) starts when the test says, not
+    when the session starts: the control client is connected by then."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.go = trio.Event()
+
+    async def start(self) -> None:
+        await self.go.wait()
+        await super().start()
+
+
 async def test_attach_timeout_fails_the_device(tmp_path: Path) -> None:
+    sink = _AttachWhenTold(timeout=0.2)
     with trio.fail_after(10):
-        async with running_receiver(tmp_path, [(IDSTR, 0, AttachSink(timeout=1.0))]) as rx:
+        async with running_receiver(tmp_path, [(IDSTR, 0, sink)]) as rx:
             async with open_control_client(rx.control_address) as ctl:
                 await ctl.hello()  # events go to connections that spoke
+                sink.go.set()
                 error = await expect(ctl, "error")
                 assert error["message"] == (
-                    f"{IDSTR}/0: starting sink attach: failed: no attach-fd within 1 s"
+                    f"{IDSTR}/0: starting sink attach: failed: no attach-fd within 0.2 s"
                 )
                 assert (await expect(ctl, "done"))["ok"] is False
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-import vfiomig.sinks._fd as fd_module
 from tests.integration.faults import (
     CONFIG,
     UUID,
@@ -123,7 +122,7 @@ async def test_sink_taking_one_byte_per_write(
         calls += 1
         return os.write(fd, bytes(views[0][:1]))
 
-    monkeypatch.setattr(fd_module.os, "writev", one_byte)
+    monkeypatch.setattr(os, "writev", one_byte)  # as sinks._fd calls it
     state = STATE[:6000]
 
     async def drain() -> None:
@@ -145,7 +144,7 @@ async def test_sink_taking_one_byte_per_write(
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain)
-            async with receiver([sink], channels=1) as rx:  # type: ignore[list-item]
+            async with receiver([sink], channels=1) as rx:
                 conn = await connect(rx)
                 await conn.send_all(channel_streams(packets(0, state), 1, UUID)[0])
                 await conn.aclose()
@@ -169,11 +168,14 @@ class SlowSink(MemorySink):
 
 async def test_very_slow_sink_is_not_a_stall(snapshot: Snapshot) -> None:
     # Each write takes longer than the stall timeout: the loader is busy, which is progress.
-    sink = SlowSink(0.6)
-    with trio.fail_after(20):
-        async with receiver([sink], channels=2, stall_timeout=0.4, max_queued=4 * PACKET) as rx:
-            for s in channel_streams(packets(0, STATE[:8000]), 2, UUID, seed=1):
-                conn = await connect(rx)
+    # Both channels are connected before either sends: one that ended while the other had
+    # not come yet would start the late-channel grace (the stall timeout, at most).
+    sink = SlowSink(1.2)
+    with trio.fail_after(30):
+        async with receiver([sink], channels=2, stall_timeout=1.0, max_queued=4 * PACKET) as rx:
+            streams = channel_streams(packets(0, STATE[:8000]), 2, UUID, seed=1)
+            conns = [await connect(rx) for _ in streams]
+            for conn, s in zip(conns, streams, strict=True):
                 await conn.send_all(s)
                 await conn.aclose()
     assert isinstance(rx.outcome[0], SessionReport), str(rx.outcome[0])

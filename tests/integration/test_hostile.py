@@ -12,7 +12,7 @@ import trio
 
 from tests.integration.faults import CONFIG, UUID, Snapshot, connect, idstr, receiver
 from vfiomig import SessionReport
-from vfiomig._core._framer import BUFFER_SIZE
+from vfiomig._core._events import BUFFER_SIZE
 from vfiomig._core._wire import encode_device_header, encode_handshake, encode_packet
 from vfiomig.testing import MemorySink, channel_streams, device_packets
 
@@ -102,9 +102,9 @@ async def test_connection_storm_is_refused_and_the_session_carries_on(snapshot: 
                 except trio.BrokenResourceError:
                     pass
             streams = channel_streams(good(0), 2, UUID, seed=2)
-            for s in streams:
+            for stream in streams:
                 conn = await connect(rx)
-                await conn.send_all(s)
+                await conn.send_all(stream)
                 await conn.aclose()
             await rx.session.done.wait()
             for s in storm:

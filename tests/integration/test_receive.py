@@ -224,9 +224,9 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
                     r" the channel or the migration failed",
                     str(exc),
                 ), str(exc)
-    exc = outcome[0]
-    assert isinstance(exc, MigrationFailed)
-    dev = exc.report.devices[1]
+    failed = outcome[0]
+    assert isinstance(failed, MigrationFailed)
+    dev = failed.report.devices[1]
     # The failing write is the batch holding idx 5 (bytes 5000..5999); how many packets
     # the batch holds depends on how fast they came.
     assert dev.error is not None
@@ -235,7 +235,7 @@ async def test_sink_failure_names_device_and_idx_and_aborts() -> None:
     assert "Input/output error (errno 5)" in dev.error
     assert bytes(bad.data) == synth_bytes(100_000, 1)[: len(bad.data)]
     assert bad.calls[-2:] == ["abort", "aclose"]
-    other = exc.report.devices[0]
+    other = failed.report.devices[0]
     assert other.loaded or other.error == f"{other.name}: not loaded: {dev.error}"
 
 

@@ -8,6 +8,7 @@ sender must write exactly the same bytes, with either core.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -103,9 +104,10 @@ async def _accept(listener: trio.SocketListener, n: int, drain: Any, nursery: tr
 
 def _golden_now(tmp: Path) -> dict[str, list[str]]:
     """Today's digests for every case (how `GOLDEN` was made)."""
-    return {
-        name: trio.run(lambda c=case: capture(tmp, *c[:5], **c[5])) for name, case in CASES.items()
-    }
+    digests = {}
+    for name, case in CASES.items():
+        digests[name] = trio.run(functools.partial(capture, tmp, *case[:5], **case[5]))
+    return digests
 
 
 GOLDEN: dict[str, list[str]] = {

@@ -445,12 +445,16 @@ async def test_abort_never_raises_even_if_reset_fails() -> None:
         sink = sink_for(dev)
         await sink.start()
 
-        def broken(fd: int, request: int, buf: bytearray | None) -> int:
+        calls = []
+
+        def broken(fd: int, request: int, buf: bytearray | int | None) -> int:
+            calls.append(request)
             raise OSError(errno.EIO, "gone")
 
-        sink._ioctl = broken  # the device vanished
+        sink._dev.ioctl = broken  # the device vanished
         await sink.abort()
         await sink.aclose()
+        assert calls  # abort went to the device, and its failure stayed inside
 
 
 async def test_abort_before_start_does_nothing() -> None:

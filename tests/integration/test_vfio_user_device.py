@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from fuzz.vfio_user_server import sample_device
 from tests.integration.test_vfio_user_server import serving
@@ -232,7 +233,7 @@ async def test_irqs_eventfds_trigger_mask_unmask_and_bounds() -> None:
                     os.close(fd)
                 assert open_fds() == before
                 raw.close()
-                await trio.sleep(0.05)
+                await trio.testing.wait_all_tasks_blocked()  # the server saw the hang-up
             assert device.irqs.eventfd(IrqIndex.MSI, 1) is None  # dropped with the client
     finally:
         for fd in efds:
@@ -497,7 +498,7 @@ async def test_one_client_at_a_time_the_next_after_a_disconnect() -> None:
             second.close()
             assert await first.errno_of(Command.REGION_READ, region_read(0, 0, 4)) == 0
             first.close()
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the server saw the hang-up
             third = await RawClient.connect(path)
             assert await third.errno_of(Command.REGION_READ, region_read(0, 0, 4)) == 0
             third.close()
@@ -514,7 +515,7 @@ async def test_lost_connection_resets_only_if_the_emulator_asks(reset_on_disconn
             resuming = DeviceFeature.set_state(MigState.RESUMING).pack()
             assert await raw.errno_of(Command.DEVICE_FEATURE, resuming) == 0
             raw.close()
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the server saw the hang-up
             assert device.state == (MigState.RUNNING if reset_on_disconnect else MigState.RESUMING)
     lost = [ResetReason.LOST_CONNECTION] if reset_on_disconnect else []
     assert reasons == [ResetReason.DEVICE_RESET, *lost]
@@ -572,7 +573,7 @@ async def test_disconnect_mid_message_and_oversized_messages() -> None:
             )
             os.close(efd)
             raw.close()
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the server saw the hang-up
             assert open_fds() == before
             again = await RawClient.connect(path)
             assert await again.errno_of(Command.REGION_READ, region_read(0, 0, 4)) == 0
@@ -615,6 +616,6 @@ async def test_no_fd_leaks_after_thousands_of_hostile_messages() -> None:
                     for fd in fds + got.fds:
                         os.close(fd)
                 raw.close()
-                await trio.sleep(0.05)
+                await trio.testing.wait_all_tasks_blocked()  # the server saw the hang-up
                 assert open_fds() == baseline
             assert device.dma.regions == []

@@ -10,6 +10,7 @@ import socket
 import tempfile
 
 import trio
+import trio.testing
 
 from tests.integration.faults import open_fds
 from vfiomig.vfio_user import (
@@ -70,7 +71,7 @@ async def test_extra_clients_are_refused_at_once_while_one_is_served() -> None:
                 # sees the holder hung up and hands its place over).
                 async with await open_vfio_user_client(path, reply_timeout=5) as client:
                     assert await client.get_state() == MigState.RUNNING
-                await trio.sleep(0.1)  # the server closes its side of the client
+                await trio.testing.wait_all_tasks_blocked()  # the server closed its side of it
                 after = len(open_fds())
                 nursery.cancel_scope.cancel()
     assert after == before

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from vfiomig.vfio_user import (
     BarDevice,
@@ -494,7 +495,7 @@ async def test_large_read_replies_survive_a_slow_reader() -> None:
             await raw.stream.send_all(
                 b"".join(encode_message(i, Command.MIG_DATA_READ, request) for i in range(count))
             )
-            await trio.sleep(0.2)  # the server fills the socket and waits for room
+            await trio.testing.wait_all_tasks_blocked()  # the server filled the socket: it waits
             for i in range(count):
                 hdr, payload = await raw.receive()
                 assert (hdr[0], hdr[4]) == (i, 0)

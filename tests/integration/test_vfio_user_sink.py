@@ -496,7 +496,7 @@ async def test_source_read_stops_at_zero_bytes() -> None:
             await source.start()
             parts: list[bytes] = []
             while data := await source.read(10):
-                parts.append(data)
+                parts.append(bytes(data))
             assert await source.read(10) == b""
             await source.finish()
             await source.aclose()
@@ -557,15 +557,14 @@ async def test_a_refusal_is_seen_while_a_large_write_is_blocked() -> None:
             nursery.start_soon(front)
             sink = VfioUserSink(path, max_write=1 << 20, reply_timeout=30, window=16)
             await sink.start()
-            t0 = trio.current_time()
-            with trio.fail_after(5), pytest.raises(SinkError) as info:
+            # No clock: a refusal seen only when the 30 s send timeout ends the write fails
+            # with that timeout's error instead of the server's EIO checked below.
+            with trio.fail_after(60), pytest.raises(SinkError) as info:
                 await sink.write([bytes(64 << 20)])
                 await sink.finish()
-            waited = trio.current_time() - t0
             await sink.aclose()
             nursery.cancel_scope.cancel()
         listener.close()
-    assert waited < 5
     assert info.value.errno == errno.EIO
     assert "MIG_DATA_WRITE (1048576 bytes at stream offset 0) failed with errno 5" in str(
         info.value

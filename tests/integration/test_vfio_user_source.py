@@ -6,6 +6,7 @@ receive session whose sink keeps every byte in order."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import trio
@@ -15,9 +16,21 @@ from tests.libvfio_user import LibVfioUser
 from vfiomig import SendDevice, send_migration
 from vfiomig.send import PrecopyOptions
 from vfiomig.testing import MemorySink
-from vfiomig.vfio_user import VfioUserSource
+from vfiomig.vfio_user import VfioUserClient, VfioUserSource
 
 BAR1, BAR0 = 0x3000, 8
+#: BAR1's contents, written before the migration; BAR0 (the sample's time_t) stays 0.
+PATTERN = random.Random(1).randbytes(BAR1)
+
+
+class _PatternedSource(VfioUserSource):
+    """The source, with BAR1 written through its own connection before PRE_COPY: the
+    state then says which bytes went where, not just how many."""
+
+    async def _connect(self) -> VfioUserClient:
+        client = await super()._connect()
+        await client.region_write(1, 0, PATTERN)
+        return client
 
 
 async def test_libvfio_user_server_as_a_pre_copy_source(
@@ -33,7 +46,7 @@ async def test_libvfio_user_server_as_a_pre_copy_source(
                     connect_to=[rx.data_address],
                     channels=2,
                     uuid=UUID,
-                    devices=[SendDevice(IDSTR, 0, VfioUserSource(sock))],
+                    devices=[SendDevice(IDSTR, 0, _PatternedSource(sock))],
                     packet_size=4096,
                     control=rx.control_address,
                     precopy_options=PrecopyOptions(threshold=0, rounds=4),
@@ -53,7 +66,8 @@ async def test_libvfio_user_server_as_a_pre_copy_source(
         "converged",
     )
     assert report.bytes == BAR1 + BAR0
-    assert len(sink.data) == BAR1 + BAR1 + BAR0 and "finish" in sink.calls
+    # Precopy: BAR1; STOP_COPY: BAR1 again, then BAR0.
+    assert bytes(sink.data) == PATTERN + PATTERN + bytes(BAR0) and "finish" in sink.calls
     # The server walked RUNNING -> PRE_COPY -> STOP_AND_COPY -> STOP (its own numbering:
     # PRE_COPY 3, STOP_AND_COPY 2, STOP 0), and its STOP asserts that all 12296 bytes of
     # STOP_COPY data were read. It exits cleanly when the client hangs up.

@@ -5,6 +5,7 @@ the answer (a model, a process's CPU, contention, the sender)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -108,7 +109,7 @@ def test_try_more_channels_when_the_best_is_the_largest() -> None:
         ({}, "waiting"),
     ],
 )
-def test_what_limits_a_cell(kw: dict[str, float], what: str) -> None:
+def test_what_limits_a_cell(kw: dict[str, Any], what: str) -> None:
     row = summary("vfiomig", 4, 1.0, **({"bound": 0.5} | kw))
     got, why = limit(row, cpus=2)
     assert got == what, why

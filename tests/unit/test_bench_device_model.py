@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import pytest
 import trio
 import trio.testing
@@ -11,9 +14,12 @@ from vfiomig.bench import ConfigModel, DeviceModelSink, Overhead
 MiB = 2**20
 
 
-def _run(fn: object) -> float:
+T = TypeVar("T")
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
     clock = trio.testing.MockClock(autojump_threshold=0)
-    return trio.run(fn, clock=clock)  # type: ignore[arg-type]
+    return trio.run(fn, clock=clock)
 
 
 def test_back_to_back_writes_take_bytes_over_bandwidth_plus_latency() -> None:

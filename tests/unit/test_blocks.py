@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import vfiomig._core as core_module
+from vfiomig._core import PacketHeader, Ready, ReorderBuffer
 from vfiomig._core._wire import encode_handshake, encode_packet, wrap_config
 
 pytestmark = pytest.mark.skipif(
@@ -58,7 +59,7 @@ class _Channel:
         self.framer.feed(self.stream[:64])
         assert isinstance(self.framer.next_event(), native.ChannelHello)
         self.routes: dict[tuple[str, int], object] = {}
-        self.parked: object | None = None  # a header refused for budget
+        self.parked: PacketHeader | None = None  # a header refused for budget
         self.ended = False
 
     def recv(self, view: memoryview) -> int:
@@ -69,10 +70,10 @@ class _Channel:
         self.pos += n
         return n
 
-    def slow_path(self, buf: object, hdr: object) -> bool:
+    def slow_path(self, buf: ReorderBuffer, hdr: PacketHeader) -> bool:
         """The channel task's slow path for a header pump_recv handed back: offer (or
         park), read the data, deliver; the device then joins the fast path."""
-        if not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):  # type: ignore[attr-defined]
+        if not buf.offer(hdr.version, hdr.idx, hdr.flags, hdr.size):
             self.parked = hdr
             return False
         self.parked = None
@@ -80,7 +81,7 @@ class _Channel:
         if hdr.size and self.rng.random() < 0.5:  # left to pump_recv, as a channel does
             self.framer.defer_payload(buf)
             return True
-        data = bytearray(hdr.size)  # type: ignore[attr-defined]
+        data = bytearray(hdr.size)
         got = 0
         while got < len(data):
             got += self.framer.read_payload_into(memoryview(data)[got:])
@@ -88,11 +89,11 @@ class _Channel:
                 with self.framer.get_buffer(4096) as view:
                     n = self.recv(view)
                 self.framer.commit(n)
-        buf.deliver(hdr.idx, bytes(data))  # type: ignore[attr-defined]
+        buf.deliver(hdr.idx, bytes(data))
         self.routes[KEY] = buf
         return True
 
-    def receive(self, buf: object, limit: int) -> None:
+    def receive(self, buf: ReorderBuffer, limit: int) -> None:
         if self.ended or (self.parked is not None and not self.slow_path(buf, self.parked)):
             return
         status, _done, hdr = self.framer.pump_recv(self.recv, self.routes, limit)
@@ -123,9 +124,9 @@ class BlocksMachine(RuleBasedStateMachine):
         self.buf = native.ReorderBuffer(f"{KEY[0]}/{KEY[1]}", self.budget)
         self.buf.open_gate()
         self.channels = [_Channel(c, p, rng) for c, p in enumerate(per)]
-        self.taken: object | None = None  # a batch taken, not yet written
+        self.taken: Ready | None = None  # a batch taken, not yet written
         self.kept: list[memoryview] = []  # views a sink still holds after the write
-        self.held: list[object] = []  # runs written, not yet released (a late loader)
+        self.held: list[Run] = []  # runs written, not yet released (a late loader)
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, 4096)  # short writes
         self.written = bytearray()
@@ -145,11 +146,11 @@ class BlocksMachine(RuleBasedStateMachine):
             self.taken = self.buf.take_ready()
             if self.taken is None:
                 return
-            run = self.taken.chunks  # type: ignore[attr-defined]
-            assert isinstance(run, Run) and run.nbytes == self.taken.nbytes  # type: ignore[attr-defined]
+            run = self.taken.chunks
+            assert isinstance(run, Run) and run.nbytes == self.taken.nbytes
             if not through_fd:
                 for c in run:
-                    assert isinstance(c, bytes) or c.readonly
+                    assert isinstance(c, bytes) or (isinstance(c, memoryview) and c.readonly)
                     self.written += c
                 return
             while run.remaining:
@@ -164,12 +165,13 @@ class BlocksMachine(RuleBasedStateMachine):
         """Report the run written; release it now, or leave it to a late loader (held,
         released later in any order); the sink may keep views of its chunks."""
         if self.taken is not None:
-            self.buf.written(self.taken.nbytes)  # type: ignore[attr-defined]
-            run = self.taken.chunks  # type: ignore[attr-defined]
+            self.buf.written(self.taken.nbytes)
+            run = self.taken.chunks
+            assert isinstance(run, Run)
             if keep:
                 self.kept += [c for c in run if isinstance(c, memoryview)]
             if release:
-                self.taken.release()  # type: ignore[attr-defined]
+                self.taken.release()
                 assert run.released and run.remaining == 0
                 with pytest.raises(ValueError, match="released"):
                     run[0]
@@ -194,7 +196,7 @@ class BlocksMachine(RuleBasedStateMachine):
         b = self.budget
         assert b.queued >= 0 and b.slack >= 0
         # held by the sink or a late loader, outside the budget
-        kept = sum(len(v) for v in self.kept) + sum(r.nbytes for r in self.held)  # type: ignore[attr-defined]
+        kept = sum(len(v) for v in self.kept) + sum(r.nbytes for r in self.held)
         assert b.queued + b.slack <= b.limit + MAX_PACKET + CHANNELS * BLOCK + kept
 
     @invariant()
@@ -224,7 +226,7 @@ class BlocksMachine(RuleBasedStateMachine):
         self.buf.mark_loaded()
         assert self.budget.queued == 0
         while self.held:
-            self.held.pop().release()  # type: ignore[attr-defined]
+            self.held.pop().release()
         os.close(self.pipe_r)
         os.close(self.pipe_w)
         self.channels.clear()
@@ -234,7 +236,7 @@ class BlocksMachine(RuleBasedStateMachine):
 
 def test_blocks_state_machine() -> None:
     BlocksMachine.TestCase.settings = settings(
-        max_examples=min(80, settings.default.max_examples),
+        max_examples=min(80, settings().max_examples),
         stateful_step_count=60,
         deadline=None,
     )
@@ -253,7 +255,7 @@ def test_a_packet_view_is_read_only_and_its_block_not_exportable() -> None:
     (view,) = ready.chunks
     assert isinstance(view, memoryview) and view.readonly and bytes(view) == b"x" * 3000
     with pytest.raises(TypeError):
-        view[0] = 0  # type: ignore[index]
+        view[0] = 0
     with pytest.raises(BufferError):
         memoryview(view.obj)  # the block itself is never handed out
 

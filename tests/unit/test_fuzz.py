@@ -19,7 +19,8 @@ import pytest
 import vfiomig._core as core
 from fuzz.engine import fuzz, load_corpus
 from fuzz.seeds import SEEDS
-from fuzz.targets import TARGETS, FuzzBug, fuzz_control, fuzz_framer
+from fuzz.targets import TARGETS, fuzz_control, fuzz_framer
+from fuzz.vfio_user_server import FuzzBug
 from vfiomig.vfio_user.server._connection import Connection
 from vfiomig.vfio_user.server._dirty import DirtyLog
 from vfiomig.vfio_user.server._migration import Migration

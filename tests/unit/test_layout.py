@@ -1,8 +1,9 @@
 """The package layout's import directions (ARCHITECTURE.md): each stage imports only the
-stages below it, never upward and never sideways into a peer stage.
+stages below it, never upward and never sideways into a peer stage, and no module imports
+itself through others (no import circle, inside a stage either).
 
 Every ``import`` in every module counts, also those inside functions (a lazy import is
-still a dependency).
+still a dependency) and those only for the type checker.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ast
 from pathlib import Path
 
 import vfiomig
+from tests.unit.graphs import circles
 
 ROOT = Path(vfiomig.__file__).parent
 
@@ -64,30 +66,58 @@ def _is_module(dotted: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def _imports(path: Path) -> list[str]:
+def _imports(path: Path, module: str | None = None) -> list[str]:
+    """The vfiomig modules and packages ``path`` imports (``module``: its dotted name, by
+    default from where it lies in the package). ``from vfiomig.vfio_user import _fsm``
+    imports the module, not its package; the package too when a name is not a module."""
+    found: list[str] = []
+    for target, names in _import_pairs(path, module):
+        subs = [f"{target}.{n}" for n in names if _is_module(f"{target}.{n}")]
+        found += subs
+        if len(subs) < len(names) or not names:
+            found.append(target)
+    return found
+
+
+def _import_pairs(path: Path, module: str | None = None) -> list[tuple[str, list[str]]]:
+    """Each import of ``path`` as (the module it names, the names it takes from it)."""
     tree = ast.parse(path.read_text(), str(path))
-    package = _module_name(path)
+    package = module or _module_name(path)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
-    found: list[str] = []
+    found: list[tuple[str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [a.name for a in node.names]
+            found += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
                 base = base[: len(base) - (node.level - 1)]
-                module = ".".join(base + ([node.module] if node.module else []))
+                target = ".".join(base + ([node.module] if node.module else []))
             else:
-                module = node.module or ""
-            if module == "vfiomig":  # ``from vfiomig import _native``: modules
-                found += [f"vfiomig.{a.name}" for a in node.names]
-            elif submodules := [a.name for a in node.names if _is_module(f"{module}.{a.name}")]:
-                # ``from vfiomig.vfio_user import _fsm``: the module, not its package
-                found += [f"{module}.{name}" for name in submodules]
+                target = node.module or ""
+            if target == "vfiomig":  # ``from vfiomig import _native``: modules
+                found += [(f"vfiomig.{a.name}", []) for a in node.names]
             else:
-                found.append(module)
-    return [m for m in found if m == "vfiomig" or m.startswith("vfiomig.")]
+                found.append((target, [a.name for a in node.names]))
+    return [(m, names) for m, names in found if m == "vfiomig" or m.startswith("vfiomig.")]
+
+
+def _import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules it imports. ``from pkg import name`` counts as an import of
+    ``pkg.name`` when that is a module (the package's ``__init__`` is not involved), else
+    of ``pkg``; the C core is a leaf."""
+    known = set(modules) | {"vfiomig._native"}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for target, names in _import_pairs(path, name):
+            subs = {f"{target}.{n}" for n in names} & known
+            edges |= subs
+            if len(subs) < len(names) or not names:
+                edges.add(target)
+        graph[name] = (edges & known) - {name}
+    return graph
 
 
 def _modules() -> list[Path]:
@@ -124,15 +154,19 @@ def test_no_module_outgrows_its_concept() -> None:
     assert not big, f"modules over 600 lines: {big}"
 
 
+def test_no_import_circle() -> None:
+    modules = {_module_name(p): p for p in _modules()}
+    graph = _import_graph(modules)
+    assert graph["vfiomig.receive._loader"] >= {"vfiomig.receive._session", "vfiomig._core"}
+    assert circles(graph) == []
+
+
 def test_the_rule_itself_catches_an_upward_import(tmp_path: Path) -> None:
     """The checker sees function-level and relative imports (a test that cannot fail is
-    no test)."""
-    fake = ROOT / "sinks" / "_probe_layout.py"
+    no test). The probe lies outside the package, named as if it were inside."""
+    fake = tmp_path / "_probe_layout.py"
     fake.write_text("def f():\n    from ..receive import serve_receiver\n")
-    try:
-        found = _imports(fake)
-    finally:
-        fake.unlink()
+    found = _imports(fake, "vfiomig.sinks._probe_layout")
     assert found == ["vfiomig.receive"]
     assert RANKS[_stage(found[0])] > RANKS["sinks"]
 
@@ -166,3 +200,25 @@ def test_vfio_user_rooms_keep_to_their_role() -> None:
             if _vfio_user_room(target) not in allowed[mine]:
                 wrong.append(f"{name} ({mine}) imports {target} ({_vfio_user_room(target)})")
     assert not wrong, "vfio_user rooms crossed:\n" + "\n".join(wrong)
+
+
+def test_the_circle_check_sees_a_circle_through_lazy_and_relative_imports(
+    tmp_path: Path,
+) -> None:
+    a = tmp_path / "_a.py"
+    b = tmp_path / "_b.py"
+    c = tmp_path / "_c.py"
+    a.write_text("from vfiomig.sinks import _b\n")
+    b.write_text("def f():\n    from . import _c\n")
+    c.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._a import X\n")
+    names = {f"vfiomig.sinks.{p.stem}": p for p in (a, b, c)}
+    graph = _import_graph(names)
+    assert circles(graph) == [sorted(names)]
+    c.write_text("import vfiomig.sinks\n")  # the package, not a module of the probe
+    assert circles(_import_graph(names)) == []
+
+
+def test_circles_finds_each_group_and_self_loops() -> None:
+    graph = {"a": {"b"}, "b": {"a", "c"}, "c": {"d"}, "d": {"c"}, "e": {"e"}, "f": {"a"}}
+    assert sorted(circles(graph)) == [["a", "b"], ["c", "d"], ["e"]]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []

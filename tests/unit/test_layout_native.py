@@ -2,13 +2,18 @@
 
 No C file or header over 650 lines; the plain-C core (vfiomig_core, vfiomig_reorder)
 includes no Python header; Python headers only in glue.h, glue_*.c and module.c; every
-name visible outside its file carries a project prefix (vfiomig_ glue, vfm_ core).
+name visible outside its file carries a project prefix (vfiomig_ glue, vfm_ core); no
+circle between files, of includes or of calls (a file uses a name another one defines
+without static: glue_reorder.c calls glue_budget.c's join, so glue_budget.c calls nothing
+of glue_reorder.c, directly or through others).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from tests.unit.graphs import circles
 
 NATIVE = Path(__file__).resolve().parents[2] / "native"
 MAX_LINES = 650
@@ -17,6 +22,8 @@ PYTHON_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](Python\.h|structmember\.h|g
 # A file-scope line that is neither static nor a type, directive, label or block end.
 _SKIP = re.compile(r"(static\b|typedef\b|#|/\*|\*|}|\w+:$|(enum|struct|union)\s*\w*\s*\{)")
 _NAME = re.compile(r"(\w+)\s*(\(|\[|=|;)")
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
 
 
 def _sources() -> list[Path]:
@@ -62,3 +69,42 @@ def test_every_name_outside_static_has_a_project_prefix() -> None:
 def test_global_names_finds_non_static_definitions() -> None:
     src = "static int a(void)\n{\n}\nint leak(void)\n{\n}\nPyObject *also = NULL;\nout:\n"
     assert _global_names(src) == ["leak", "also"]
+
+
+def _unit_graph(texts: dict[str, str]) -> dict[str, set[str]]:
+    """File -> the files it includes and, for a .c file, the other .c files whose
+    non-static names it uses (a header only declares them)."""
+    defined: dict[str, str] = {}
+    for name, text in texts.items():
+        if name.endswith(".c"):
+            for n in _global_names(text):
+                defined.setdefault(n, name)
+    graph: dict[str, set[str]] = {}
+    for name, text in texts.items():
+        code = _COMMENT.sub(" ", text)
+        words = set(re.findall(r"\w+", code)) if name.endswith(".c") else set()
+        uses = {defined[w] for w in words if w in defined}
+        includes = set(_LOCAL_INCLUDE.findall(code)) & set(texts)
+        graph[name] = (uses | includes) - {name}
+    return graph
+
+
+def test_no_circle_between_files() -> None:
+    graph = _unit_graph({p.name: p.read_text() for p in _sources()})
+    # It sees the calls it must: the reorder buffer joins its budget, the pump offers.
+    assert {"glue_budget.c", "glue_compact.c"} <= graph["glue_reorder.c"]
+    assert "glue_reorder.c" in graph["glue_framer_pump.c"]
+    assert circles(graph) == []
+
+
+def test_the_circle_check_sees_calls_and_includes() -> None:
+    texts = {
+        "a.c": '#include "a.h"\nint vfiomig_a(void)\n{\n    return vfiomig_b();\n}\n',
+        "b.c": '#include "a.h"\nint vfiomig_b(void)\n{\n    return vfiomig_a(); /* vfiomig_c */\n}\n',
+        "c.c": "int vfiomig_c(void)\n{\n    return 0;\n}\n",
+        "a.h": '#include "b.h"\n',
+        "b.h": '#include "a.h"\n',
+    }
+    graph = _unit_graph(texts)
+    assert graph["b.c"] == {"a.c", "a.h"}  # the comment's name is no call
+    assert sorted(circles(graph)) == [["a.c", "b.c"], ["a.h", "b.h"]]

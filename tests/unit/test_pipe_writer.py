@@ -41,7 +41,12 @@ def test_batches_arrive_whole_and_in_order() -> None:
     expected = bytearray()
     try:
         for i in range(20):
-            chunks = [bytes([i]) * 70000, b"", bytearray(b"x" * (i * 311)), memoryview(b"yz")]
+            chunks: list[bytes | bytearray | memoryview] = [
+                bytes([i]) * 70000,
+                b"",
+                bytearray(b"x" * (i * 311)),
+                memoryview(b"yz"),
+            ]
             writer.submit(chunks)
             with pytest.raises(RuntimeError, match="in flight"):
                 writer.submit([b"no"])
@@ -112,7 +117,7 @@ def test_not_a_pipe_and_bad_chunks() -> None:
     writer = PipeWriter(wfd)
     try:
         with pytest.raises(TypeError):
-            writer.submit([b"ok", 3])
+            writer.submit([b"ok", 3])  # type: ignore[list-item]  # what the type forbids
         assert not writer.busy
         with pytest.raises(RuntimeError, match="without a batch"):
             writer.result()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import vfiomig
+import vfiomig.vfio_user
 from vfiomig import _core
 
 PUBLIC: dict[str, set[str]] = {
@@ -272,7 +273,7 @@ def test_every_public_package_is_pinned() -> None:
 
 
 def _public_objects() -> list[tuple[str, str, object]]:
-    out = []
+    out: list[tuple[str, str, object]] = []
     for namespace in sorted(PUBLIC):
         module = importlib.import_module(namespace)
         for name in module.__all__:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vfiomig._core._framer import Framer
 from vfiomig._core._wire import encode_handshake, encode_packet, encode_ram_packet, wrap_config
 from vfiomig.testing import device_packets
 
@@ -151,8 +152,8 @@ def test_pump_results_are_identical_across_cores() -> None:
     assert all(r == results[0] for r in results)
 
 
-def _hello(core: types.ModuleType, rest: bytes) -> object:
-    f = core.Framer(uuid=UUID, channels=4)
+def _hello(core: types.ModuleType, rest: bytes) -> Framer:
+    f: Framer = core.Framer(uuid=UUID, channels=4)
     f.feed(encode_handshake(UUID, 1) + rest)
     assert isinstance(f.next_event(), core.ChannelHello)
     return f
@@ -196,12 +197,13 @@ def test_pump_statuses(core: types.ModuleType) -> None:
     f = _hello(core, pkts[0] + pkts[2] + pkts[1][:-3])
     # idx 0 is next: accepted despite a zero budget; idx 2 is refused for budget.
     status, done, hdr = f.pump({key: buf})
-    assert (status, done, hdr.idx) == (core.PUMP_HEADER, 1, 2)
+    assert hdr is not None and (status, done, hdr.idx) == (core.PUMP_HEADER, 1, 2)
     f.take_payload()
     ready = buf.take_ready()
     buf.written(ready.nbytes)  # idx 1 is over budget: accepted only once the loader is idle
     f2 = _hello(core, pkts[1][:-3])
     status, done, hdr = f2.pump({key: buf})
+    assert hdr is not None
     assert (status, done, hdr.idx, f2.buffered) == (core.PUMP_ACCEPTED, 0, 1, 7)
     f3 = _hello(core, b"")
     f3.feed(b"")

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit import sim
+from vfiomig._core._reorder import ReorderBuffer
 from vfiomig._core._wire import wrap_config
 from vfiomig.testing import channel_streams, device_packets
 
@@ -15,19 +16,19 @@ UUID = bytes(range(16))
 CFG = wrap_config(b"config-body")
 
 
-def fresh(core: types.ModuleType, budget: int = 1 << 30) -> object:
-    buf = core.ReorderBuffer("dev/0", core.Budget(budget))
+def fresh(core: types.ModuleType, budget: int = 1 << 30) -> ReorderBuffer:
+    buf: ReorderBuffer = core.ReorderBuffer("dev/0", core.Budget(budget))
     return buf
 
 
-def put(buf, idx: int, data: bytes, flags: int = 0) -> bool:  # type: ignore[no-untyped-def]
+def put(buf: ReorderBuffer, idx: int, data: bytes, flags: int = 0) -> bool:
     if not buf.offer(0, idx, flags, len(data)):
         return False
     buf.deliver(idx, data)
     return True
 
 
-def drain(buf) -> bytes:  # type: ignore[no-untyped-def]
+def drain(buf: ReorderBuffer) -> bytes:
     out = bytearray()
     while (r := buf.take_ready()) is not None:
         for c in r.chunks:

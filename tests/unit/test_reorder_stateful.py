@@ -36,21 +36,21 @@ from hypothesis.stateful import (
 )
 
 import vfiomig._core as core_module
-from vfiomig._core import VfioMigError
+from vfiomig._core import Ready, ReorderBuffer, VfioMigError
 from vfiomig._core._wire import VFIO_IDX_INVALID, wrap_config
 
 MAX_PACKET = 40
 
 
 class _Dev:
-    def __init__(self, buf: object, sizes: list[int]) -> None:
+    def __init__(self, buf: ReorderBuffer, sizes: list[int]) -> None:
         self.buf = buf
         self.sizes = sizes  # data idx 0..N-1; config idx N
         self.n = len(sizes)
         self.offered: set[int] = set()  # accepted offers
         self.written = bytearray()  # what the loader wrote (precopy and data, in order)
         self.expected_precopy = bytearray()
-        self.taken: object | None = None  # a batch taken, not yet written
+        self.taken: Ready | None = None  # a batch taken, not yet written
         self.multifd_taken = False
         self.config_offered = False
         self.config_idx: int | None = None
@@ -218,9 +218,9 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
             dev = self.devs[d]
             if dev.taken is None:
                 return
-            dev.buf.written(dev.taken.nbytes)  # type: ignore[attr-defined]
-            if dev.taken.precopy:  # type: ignore[attr-defined]
-                dev.precopy_queued -= dev.taken.nbytes  # type: ignore[attr-defined]
+            dev.buf.written(dev.taken.nbytes)
+            if dev.taken.precopy:
+                dev.precopy_queued -= dev.taken.nbytes
             dev.taken = None
             if dev.buf.finishable:
                 dev.buf.mark_loaded()
@@ -265,7 +265,7 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
                 buf = dev.buf
                 buf.open_gate()
                 if dev.taken is not None:
-                    buf.written(dev.taken.nbytes)  # type: ignore[attr-defined]
+                    buf.written(dev.taken.nbytes)
                 for idx in sorted(dev.undelivered):
                     buf.deliver(idx, wrap_config(b"c") if idx == dev.n else dev.data(idx))
                 for idx in range(dev.n + 1):
@@ -293,9 +293,9 @@ def _machine(impl: types.ModuleType) -> type[RuleBasedStateMachine]:
 def test_reorder_state_machine(name: str) -> None:
     machine = _machine(core_module.IMPLEMENTATIONS[name])
     machine.TestCase.settings = settings(
-        max_examples=min(60, settings.default.max_examples * 2 // 5)
-        if settings.default.max_examples <= 150
-        else settings.default.max_examples,
+        max_examples=min(60, settings().max_examples * 2 // 5)
+        if settings().max_examples <= 150
+        else settings().max_examples,
         stateful_step_count=40,
         deadline=None,
     )

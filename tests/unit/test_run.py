@@ -16,6 +16,7 @@ import pytest
 import trio
 
 import vfiomig._core as core
+from vfiomig._core import Run
 from vfiomig.sinks import FdSink, NullSink
 
 pytestmark = pytest.mark.skipif(core.IMPLEMENTATION != "native", reason="no native core")
@@ -30,7 +31,7 @@ PACKETS: list[bytes | bytearray | memoryview] = [
 STREAM = b"".join(bytes(p) for p in PACKETS)
 
 
-def _run() -> object:
+def _run() -> Run:
     buf = core.ReorderBuffer("dev/0", core.Budget(1 << 30))
     buf.open_gate()
     for i, p in enumerate(PACKETS):
@@ -39,20 +40,22 @@ def _run() -> object:
     ready = buf.take_ready()
     assert ready is not None and ready.nbytes == len(STREAM)
     assert (ready.first_idx, ready.end_idx) == (0, len(PACKETS))
-    return ready.chunks
+    run = ready.chunks
+    assert isinstance(run, Run)
+    return run
 
 
 def test_a_run_is_the_sequence_of_its_chunks() -> None:
     run = _run()
     assert type(run).__name__ == "Run"
     chunks = [p for p in PACKETS if len(p)]  # zero-length packets are never written
-    assert len(run) == len(chunks)  # type: ignore[arg-type]
-    assert [bytes(c) for c in run] == [bytes(c) for c in chunks]  # type: ignore[attr-defined]
-    assert run[0] is PACKETS[0] and bytes(run[-1]) == bytes(chunks[-1])  # type: ignore[index]
-    assert [bytes(c) for c in run[1:3]] == [b"b" * 3000, b"c" * 5]  # type: ignore[index]
+    assert len(run) == len(chunks)
+    assert [bytes(c) for c in run] == [bytes(c) for c in chunks]
+    assert run[0] is PACKETS[0] and bytes(run[-1]) == bytes(chunks[-1])
+    assert [bytes(c) for c in run[1:3]] == [b"b" * 3000, b"c" * 5]
     with pytest.raises(IndexError):
-        run[len(chunks)]  # type: ignore[index]
-    assert run.nbytes == run.remaining == len(STREAM)  # type: ignore[attr-defined]
+        run[len(chunks)]
+    assert run.nbytes == run.remaining == len(STREAM)
 
 
 def test_write_to_carries_on_across_short_writes() -> None:
@@ -62,16 +65,16 @@ def test_write_to_carries_on_across_short_writes() -> None:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
         out = bytearray()
         writes = 0
-        while run.remaining:  # type: ignore[attr-defined]
+        while run.remaining:
             try:
-                n = run.write_to(w)  # type: ignore[attr-defined]
+                n = run.write_to(w)
                 assert 0 < n <= 4096
                 writes += 1
             except BlockingIOError:
                 pass
             out += os.read(r, 1 << 16)
         assert bytes(out) == STREAM and writes > 60
-        assert run.write_to(w) == 0  # type: ignore[attr-defined]  # nothing left
+        assert run.write_to(w) == 0  # nothing left
     finally:
         os.close(r)
         os.close(w)
@@ -82,19 +85,19 @@ def test_write_errors_and_release() -> None:
     r, w = os.pipe()
     os.close(w)
     with pytest.raises(OSError) as info:
-        run.write_to(w)  # type: ignore[attr-defined]
+        run.write_to(w)
     assert info.value.errno == errno.EBADF
     os.close(r)
     r, w = os.pipe()
     os.close(r)
     with pytest.raises(BrokenPipeError):
-        run.write_to(w)  # type: ignore[attr-defined]
+        run.write_to(w)
     os.close(w)
-    assert run.remaining == len(STREAM)  # type: ignore[attr-defined]  # nothing was written
-    run.release()  # type: ignore[attr-defined]
-    run.release()  # type: ignore[attr-defined]  # idempotent
-    assert run.released and run.remaining == 0 and len(run) == 0  # type: ignore[attr-defined,arg-type]
-    for call in (lambda: run[0], lambda: run.write_to(1)):  # type: ignore[attr-defined,index]
+    assert run.remaining == len(STREAM)  # nothing was written
+    run.release()
+    run.release()  # idempotent
+    assert run.released and run.remaining == 0 and len(run) == 0
+    for call in (lambda: run[0], lambda: run.write_to(1)):
         with pytest.raises(ValueError, match="released"):
             call()
 
@@ -115,9 +118,9 @@ def test_the_pipe_writer_writes_a_run_whole_and_keeps_it_pinned() -> None:
     writer = PipeWriter(w)
     out = bytearray()
     try:
-        writer.submit(run)  # type: ignore[arg-type]
+        writer.submit(run)
         with pytest.raises(ValueError, match="being written"):
-            run.release()  # type: ignore[attr-defined]
+            run.release()
         n = None
         while n is None:
             readable, _, _ = select.select([r, writer.done_fd], [], [], 10)
@@ -126,7 +129,7 @@ def test_the_pipe_writer_writes_a_run_whole_and_keeps_it_pinned() -> None:
             if writer.done_fd in readable:
                 n = writer.result()
         assert n == len(STREAM)
-        run.release()  # type: ignore[attr-defined]  # free again once the batch is done
+        run.release()  # free again once the batch is done
     finally:
         writer.close()
         os.close(w)
@@ -143,13 +146,13 @@ def test_sinks_write_a_run_from_c(tmp_path: object, kind: str) -> None:
     async def main() -> bytes:
         if kind == "null":
             null = NullSink()
-            await null.write(run)  # type: ignore[arg-type]
+            await null.write(run)
             return STREAM[: null.bytes_written]
         if kind == "file":
             path = os.path.join(str(tmp_path), "out")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             sink = FdSink(fd, owned=True)
-            await sink.write(run)  # type: ignore[arg-type]
+            await sink.write(run)
             await sink.aclose()
             return await trio.Path(path).read_bytes()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -164,7 +167,7 @@ def test_sinks_write_a_run_from_c(tmp_path: object, kind: str) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain)
-            await sink.write(run)  # type: ignore[arg-type]
+            await sink.write(run)
         await sink.aclose()
         os.close(r)
         assert sink.bytes_written == len(STREAM)

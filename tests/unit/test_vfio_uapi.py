@@ -23,12 +23,12 @@ class Recorder:
     """An ioctl function that records (fd, request, bytes in) and writes a reply."""
 
     def __init__(self, reply: dict[int, bytes] | None = None) -> None:
-        self.calls: list[tuple[int, int, bytes | None]] = []
+        self.calls: list[tuple[int, int, bytes | int | None]] = []
         self.reply = reply or {}  # offset -> bytes written back into the buffer
 
-    def __call__(self, fd: int, request: int, buf: bytearray | None) -> int:
-        self.calls.append((fd, request, None if buf is None else bytes(buf)))
-        if buf is not None:
+    def __call__(self, fd: int, request: int, buf: bytearray | int | None) -> int:
+        self.calls.append((fd, request, buf if buf is None or isinstance(buf, int) else bytes(buf)))
+        if isinstance(buf, bytearray):
             for off, data in self.reply.items():
                 buf[off : off + len(data)] = data
         return 0
@@ -118,7 +118,7 @@ def test_reset_has_no_argument() -> None:
 
 
 def test_oserror_escapes_unchanged() -> None:
-    def failing(fd: int, request: int, buf: bytearray | None) -> int:
+    def failing(fd: int, request: int, buf: bytearray | int | None) -> int:
         raise OSError(errno.EINVAL, "bad")
 
     with pytest.raises(OSError) as info:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import example, given
@@ -34,7 +35,7 @@ def request(command: Command, payload: bytes) -> Message:
 
 
 @pytest.fixture
-def guest() -> GuestMemory:
+def guest() -> Iterator[GuestMemory]:
     memory = GuestMemory(max_count=0x2000)
     memory.allocate(0x10000, 0x2000, flags=DMA_FLAG_READ | DMA_FLAG_WRITE, shared=True)
     memory.allocate(0x20000, 0x1000, flags=DMA_FLAG_READ, shared=False)

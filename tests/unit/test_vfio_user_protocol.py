@@ -28,7 +28,13 @@ from vfiomig.vfio_user._migration_bodies import (
     MigDataWrite,
     MigState,
 )
-from vfiomig.vfio_user._protocol import ClientConnection, Header, ServerConnection, encode_message
+from vfiomig.vfio_user._protocol import (
+    ClientConnection,
+    Header,
+    Message,
+    ServerConnection,
+    encode_message,
+)
 from vfiomig.vfio_user._version import Capabilities, MigrationCaps, Version
 from vfiomig.vfio_user.server._device import VfioUserDevice
 from vfiomig.vfio_user.server._handlers import handle
@@ -37,7 +43,7 @@ from vfiomig.vfio_user.server._session import Session
 HDR = struct.Struct("=HHIII")
 
 
-def server_receive(data: bytes, *, max_msg_size: int = 1 << 20) -> list:
+def server_receive(data: bytes, *, max_msg_size: int = 1 << 20) -> list[Message]:
     conn = ServerConnection(max_msg_size=max_msg_size)
     conn.receive_data(data)
     out = []
@@ -204,7 +210,7 @@ def test_pipelined_replies_match_in_any_order() -> None:
         encode_message(i, Command.MIG_DATA_WRITE, b"", reply=True) for i in reversed(ids)
     )
     client.receive_data(replies)
-    got = [r.msg_id for r in iter(client.next_reply, None)]  # type: ignore[union-attr]
+    got = [r.msg_id for r in iter(client.next_reply, None)]
     assert got == list(reversed(ids))
     assert client.pending == 0
 

@@ -4,6 +4,9 @@ This is the one selection point between the pure-Python reference and the C core
 (``vfiomig._native``): ``VFIOMIG_PUREPYTHON=1`` forces Python, ``VFIOMIG_REQUIRE_NATIVE=1``
 makes a missing C core an error instead of a fallback. `IMPLEMENTATION` says which is in use.
 
+The sinks take the C core's I/O helpers from here too: `PipeWriter` (a blocking pipe written
+from a thread of its own) and `Run` (the type of `Ready.chunks`), None with the pure core.
+
 `IMPLEMENTATIONS` maps each implementation available in this process to a namespace with the
 core's whole surface, so that tests run every core test against both.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import types
+from typing import TYPE_CHECKING
 
 from vfiomig._core._errors import (
     AbortedError,
@@ -25,7 +29,7 @@ from vfiomig._core._errors import (
     UsageError,
     VfioMigError,
 )
-from vfiomig._core._framer import (
+from vfiomig._core._events import (
     NEED_DATA,
     PUMP_ACCEPTED,
     PUMP_END,
@@ -35,11 +39,11 @@ from vfiomig._core._framer import (
     RECV_CHUNK,
     ChannelEnd,
     ChannelHello,
-    Framer,
     PacketHeader,
     RamSkipped,
     new_payload_buffer,
 )
+from vfiomig._core._framer import Framer
 from vfiomig._core._outbox import IOV_MAX, PACKET_HEADER_SIZE, Outbox, PacketHeaders, SendBuffer
 from vfiomig._core._reorder import Budget, DeviceStatistics, Ready, ReorderBuffer
 
@@ -104,6 +108,14 @@ if _native is not None and os.environ.get("VFIOMIG_PUREPYTHON") != "1":
     PacketHeaders = _native.PacketHeaders  # type: ignore[misc]
     SendBuffer = _native.SendBuffer  # type: ignore[misc]
     IMPLEMENTATION = "native"
+
+if TYPE_CHECKING:
+    from vfiomig._native import PipeWriter as PipeWriter
+    from vfiomig._native import Run as Run
+elif IMPLEMENTATION == "native":
+    PipeWriter, Run = _native.PipeWriter, _native.Run
+else:  # the pure core writes pipes from the event loop, and its batches are lists
+    PipeWriter = Run = None
 
 __all__ = [
     "IMPLEMENTATION",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import trio
 
+from vfiomig._core._wire import device_name
 from vfiomig.cli._progress import bar, draw_progress
 from vfiomig.receive import DeviceSetup, ReceiverConfig, Session, SessionReport, serve_receiver
 from vfiomig.send import SendDevice, send_migration
@@ -105,7 +106,7 @@ async def _demo(size: int, progress: bool) -> int:
         match = got == want and cfg.data == synth_config(seed)
         ok = ok and match
         print(
-            f"  {idstr}/{inst}: {dev.bytes / 2**20:.0f} MiB in {dev.packets} packets,"
+            f"  {device_name(idstr, inst)}: {dev.bytes / 2**20:.0f} MiB in {dev.packets} packets,"
             f" starved {dev.starved_seconds * 1000:.0f} ms, sha256 {got[:16]}..."
             f" {'verified' if match else 'MISMATCH (expected ' + want[:16] + '...)'}"
         )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiomig._core._errors import UsageError
+from vfiomig._core._wire import device_name
 from vfiomig.sinks import Sink
 from vfiomig.sources import Source
 
@@ -44,7 +45,7 @@ class DeviceSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.idstr}/{self.instance}"
+        return device_name(self.idstr, self.instance)
 
 
 _INSTANCE = re.compile(r"[0-9]+")

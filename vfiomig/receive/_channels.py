@@ -39,6 +39,7 @@ from vfiomig._core import (
     new_payload_buffer,
 )
 from vfiomig._core._errors import ChannelCountError
+from vfiomig._core._wire import device_name
 from vfiomig._logs import event
 from vfiomig.receive._loader import wake_loader
 from vfiomig.receive._session import Device, Session
@@ -123,7 +124,7 @@ async def run_channel(session: Session, stream: trio.abc.Stream, ticket: Pending
     except (OSError, trio.BrokenResourceError) as exc:
         cur = framer.current
         if cur is not None:
-            name = f"{cur.idstr}/{cur.instance}"
+            name = device_name(cur.idstr, cur.instance)
             session.fail(
                 StreamIncompleteError(
                     f"{name}: channel {framer.channel_id} broke inside packet idx {cur.idx}: {exc}",

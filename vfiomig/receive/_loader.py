@@ -1,8 +1,15 @@
 """One loader task per device: writes its stream in order, then the finish step.
 
-The loader is the only task that takes data out of its device's reorder buffer and the
-only caller of its sink. It promises, when it returns or is cancelled, that the sink was
-finished (device loaded) or aborted, and closed.
+The loader owns its device's sink: it alone starts, finishes, aborts and closes it, and
+it writes the batches its device's reorder buffer makes ready. The one other writer is a
+channel task, for a sink that `writes_nowait`: while the loader is parked with nothing to
+write, the task that made batches ready writes them synchronously (`wake_loader`). Both
+go through the same batch steps (`_take_batch`, `_batch_written`, the starved clock in
+`_starved_from` / `_starved_until_now`), with no await between taking a batch and writing
+it, so the sink sees one sequence in idx order and never two calls at once.
+
+The loader promises, when it returns or is cancelled, that the sink was finished (device
+loaded) or aborted, and closed.
 """
 
 from __future__ import annotations
@@ -177,6 +184,8 @@ async def _load_stream(session: Session, device: Device) -> None:
 
     One cancel scope bounds every write: its deadline is set for a write and lifted after
     it (a ``trio.fail_after`` per batch cost about as much Python as the rest of a batch).
+    While it is parked, channel tasks may write batches in its place (`wake_loader`); a
+    batch one of them could not finish without blocking comes back as ``device.handoff``.
 
     Cancellation: propagates; a write cut short leaves the device failed.
     """
@@ -188,13 +197,9 @@ async def _load_stream(session: Session, device: Device) -> None:
     writing: Ready | None = None
     with trio.CancelScope() as guard:
         while True:
-            ready = device.handoff or buf.take_ready()
-            device.handoff = None
+            ready = _take_batch(device, trace)
             if ready is not None:
                 if ready.chunks:
-                    sink.note_batch(ready.first_idx, ready.end_idx)
-                    if trace:
-                        _trace_write(device, ready, "load_start")
                     writing = ready
                     guard.deadline = trio.current_time() + timeout
                     buf.backlog_cap = SINK_BACKLOG
@@ -204,39 +209,16 @@ async def _load_stream(session: Session, device: Device) -> None:
                         raise _write_error(device, ready, exc) from exc
                     guard.deadline = math.inf
                     writing = None
-                buf.written(ready.nbytes)
-                if trace and ready.chunks:
-                    _trace_write(device, ready, "load_end")
-                ready.release()  # the receive blocks it pinned go back to the channels
-                session.progress += 1
-                if session.room:
-                    session.room.unpark_all()
+                _batch_written(session, device, ready, trace)
                 continue
             if buf.finishable:
                 return
             if device.input_ended is not None:  # everything before the gap is written
                 raise buf.incomplete_error(device.input_ended)
             buf.backlog_cap = 0  # waiting for data: the channels may use the whole budget
-            if buf.gate_open:  # starved from now; channel tasks that write close the wait
-                device.starved_since = trio.current_time()
+            _starved_from(device)  # channel tasks that write close the wait
             await device.lot.park()
-            since, device.starved_since = device.starved_since, None
-            if since is not None:  # the last wait lasts until now
-                waited = trio.current_time() - since
-                buf.starved_seconds += waited
-                if trace:
-                    log.debug(
-                        "%s: starved %.6f s at idx %d",
-                        device.name,
-                        waited,
-                        buf.next_idx,
-                        extra=event(
-                            "vfio_load_state_device_buffer_starved",
-                            device.name,
-                            idx=buf.next_idx,
-                            seconds=waited,
-                        ),
-                    )
+            _starved_until_now(device, trace)
     # Only the guard's deadline ends the loop this way: a write took too long.
     assert writing is not None
     raise SinkError(
@@ -251,7 +233,9 @@ def wake_loader(session: Session, device: Device) -> None:
     """``device`` may have batches ready: if its loader is parked, write them from the
     calling task when the sink `writes_nowait`, else wake the loader.
 
-    A loader that is not parked looks for batches itself before it parks again.
+    A loader that is not parked looks for batches itself before it parks again. A batch
+    the sink cannot take without blocking goes to the loader as ``device.handoff`` (its
+    note already given), and the loader writes the rest of it before anything else.
     """
     if not device.lot or not device.buf.has_ready():
         return
@@ -260,12 +244,9 @@ def wake_loader(session: Session, device: Device) -> None:
         return
     buf = device.buf
     sink = device.setup.sink
-    if device.starved_since is not None:
-        buf.starved_seconds += trio.current_time() - device.starved_since
-        device.starved_since = None
-    while (ready := buf.take_ready()) is not None:
+    _starved_until_now(device, False)  # device.nowait: no trace points
+    while (ready := _take_batch(device, False)) is not None:
         if ready.chunks:
-            sink.note_batch(ready.first_idx, ready.end_idx)
             try:
                 done = sink.write_nowait(ready.chunks)
             except (OSError, SinkError) as exc:
@@ -276,15 +257,67 @@ def wake_loader(session: Session, device: Device) -> None:
                 device.handoff = ready
                 device.lot.unpark_all()
                 return
-        buf.written(ready.nbytes)
-        ready.release()
-        session.progress += 1
-    if session.room:
-        session.room.unpark_all()
+        _batch_written(session, device, ready, False)
     if buf.finishable or device.input_ended is not None:
         device.lot.unpark_all()
-    elif buf.gate_open:
+    else:
+        _starved_from(device)
+
+
+def _take_batch(device: Device, trace: bool) -> Ready | None:
+    """The next batch to write: one a channel task handed back, else the buffer's next
+    ready run; the sink is told its idx range (`Sink.note_batch`) once per batch."""
+    ready = device.handoff
+    if ready is not None:  # noted before it was handed back
+        device.handoff = None
+        return ready
+    ready = device.buf.take_ready()
+    if ready is not None and ready.chunks:
+        device.setup.sink.note_batch(ready.first_idx, ready.end_idx)
+        if trace:
+            _trace_write(device, ready, "load_start")
+    return ready
+
+
+def _batch_written(session: Session, device: Device, ready: Ready, trace: bool) -> None:
+    """After every byte of ``ready`` reached the sink: its bytes leave the budget, its
+    receive blocks go back to the channels, and channels waiting for room wake."""
+    device.buf.written(ready.nbytes)
+    if trace and ready.chunks:
+        _trace_write(device, ready, "load_end")
+    ready.release()  # the receive blocks it pinned go back to the channels
+    session.progress += 1
+    if session.room:
+        session.room.unpark_all()
+
+
+def _starved_from(device: Device) -> None:
+    """Nothing left to write: with the gate open the stream waits for its next idx from
+    now, until a writer (the loader or a channel task) closes the wait."""
+    if device.buf.gate_open:
         device.starved_since = trio.current_time()
+
+
+def _starved_until_now(device: Device, trace: bool) -> None:
+    """Close the starved wait, if one is open: add it to the device's starved time."""
+    since, device.starved_since = device.starved_since, None
+    if since is None:
+        return
+    waited = trio.current_time() - since
+    device.buf.starved_seconds += waited
+    if trace:
+        log.debug(
+            "%s: starved %.6f s at idx %d",
+            device.name,
+            waited,
+            device.buf.next_idx,
+            extra=event(
+                "vfio_load_state_device_buffer_starved",
+                device.name,
+                idx=device.buf.next_idx,
+                seconds=waited,
+            ),
+        )
 
 
 def _write_error(device: Device, ready: Ready, exc: OSError | SinkError) -> SinkError:

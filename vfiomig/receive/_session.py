@@ -18,7 +18,7 @@ import trio
 
 from vfiomig._core import Budget, Ready, ReorderBuffer
 from vfiomig._core._errors import AbortedError, PacketError, UsageError, VfioMigError
-from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian
+from vfiomig._core._wire import DEFAULT_PACKET_CAP, Endian, device_name
 from vfiomig._logs import event
 from vfiomig.sinks import ConfigTarget, Sink
 from vfiomig.transport import Admission, default_max_pending
@@ -37,7 +37,7 @@ class DeviceSetup:
 
     @property
     def name(self) -> str:
-        return f"{self.idstr}/{self.instance}"
+        return device_name(self.idstr, self.instance)
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vfiomig._core._errors import VfioMigError
+from vfiomig._core._wire import device_name
 from vfiomig.sources import Source
 
 
@@ -20,7 +21,7 @@ class SendDevice:
 
     @property
     def name(self) -> str:
-        return f"{self.idstr}/{self.instance}"
+        return device_name(self.idstr, self.instance)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
 """The sink and config-target interfaces: where one device's reassembled state goes.
 
-A loader task (see ``vfiomig.receive._loader``) is the only caller of a device's sink. It calls,
-in this order and never concurrently:
+A device's loader task (see ``vfiomig.receive._loader``) makes every call to its sink but
+one kind: for a sink with ``writes_nowait``, channel tasks also write batches through
+``write_nowait`` while the loader is parked (below). The calls come in this order and
+never concurrently:
 
 1. ``start()`` once, before the first byte (a VFIO sink enters RESUMING here);
 2. ``write(chunks)`` any number of times with the stream in order (precopy bytes first,

@@ -21,17 +21,13 @@ from collections.abc import Sequence
 
 import trio
 
-from vfiomig import _core
+# PipeWriter and Run are None with the pure-Python core: it writes pipes from the event
+# loop, and its batches are lists.
+from vfiomig._core import PipeWriter, Run
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig.sinks._base import Chunk, ConfigTarget, Sink
 
 _IOV_MAX = 1024
-
-if _core.IMPLEMENTATION == "native":
-    from vfiomig._native import PipeWriter, Run
-else:  # the pure-Python build writes pipes from the event loop, and its batches are lists
-    PipeWriter = None  # type: ignore[assignment,misc]
-    Run = None  # type: ignore[assignment,misc]
 
 
 def write_all(fd: int, chunks: Sequence[Chunk]) -> int:

@@ -157,7 +157,6 @@ class VfioSink(Sink):
             group_device=group_device,
             container_path=container_path,
         )
-        self._ioctl = ioctl
         self._write = write
         self._data: _DataFd | None = None
         self._written = 0  # bytes of data fds already closed
@@ -331,7 +330,7 @@ class VfioSink(Sink):
         if fd is None or not self._moved:
             return "device untouched"
         try:
-            state: int | None = uapi.get_state(fd, ioctl=self._ioctl)
+            state: int | None = uapi.get_state(fd, ioctl=self._dev.ioctl)
         except OSError:
             state = None
         seen = "unknown" if state is None else state_name(state)
@@ -339,7 +338,7 @@ class VfioSink(Sink):
             return f"device in {seen}"
         self._session = False
         try:
-            uapi.reset(fd, ioctl=self._ioctl)
+            uapi.reset(fd, ioctl=self._dev.ioctl)
         except OSError as exc:
             return f"device in {seen}, reset failed: {exc}"
         return f"device was in {seen}, reset"
