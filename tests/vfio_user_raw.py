@@ -186,10 +186,12 @@ class SyncClient:
 
 @asynccontextmanager
 async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
-    """``device`` served on a fresh short socket path until the block ends."""
+    """``device`` served on a fresh short socket path (AF_UNIX paths are limited to 108
+    bytes) until the block ends; the server removes its socket file when it stops."""
     with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
         path = os.path.join(tmp, "s")
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_vfio_user, path, device)
             yield path
             nursery.cancel_scope.cancel()
+        assert not await trio.Path(path).exists()

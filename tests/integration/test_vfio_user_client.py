@@ -68,6 +68,15 @@ async def test_tasks_share_one_client(vfio_user: VfioUserHarness) -> None:
     assert b"".join(got[o] for o in sorted(got)) == bytes(bar)
 
 
+async def answer_version(conn: trio.socket.SocketType) -> None:
+    """A fake server's side of VERSION: read the client's, answer with ours."""
+    head = await conn.recv(16)
+    msg_id, command, size, _, _ = HEADER.unpack(head)
+    await conn.recv(size - 16)
+    body = Version(0, 0, Capabilities()).pack()
+    await conn.send(HEADER.pack(msg_id, command, 16 + len(body), FLAG_TYPE_REPLY, 0) + body)
+
+
 async def fake_server(
     path: str,
     requests: list[bytes],
@@ -83,11 +92,7 @@ async def fake_server(
     task_status.started()
     conn, _ = await listener.accept()
     with conn, listener:
-        head = await conn.recv(16)
-        msg_id, command, size, _, _ = HEADER.unpack(head)
-        await conn.recv(size - 16)
-        body = Version(0, 0, Capabilities()).pack()
-        await conn.send(HEADER.pack(msg_id, command, 16 + len(body), FLAG_TYPE_REPLY, 0) + body)
+        await answer_version(conn)
         for i, payload in enumerate(requests):
             command = Command.DMA_WRITE if len(payload) > 16 else Command.DMA_READ
             await conn.send(HEADER.pack(100 + i, command, 16 + len(payload), 0, 0) + payload)
@@ -175,11 +180,7 @@ async def fake_region_server(
     task_status.started()
     conn, _ = await listener.accept()
     with conn, listener:
-        head = await conn.recv(16)
-        msg_id, command, size, _, _ = HEADER.unpack(head)
-        await conn.recv(size - 16)
-        body = Version(0, 0, Capabilities()).pack()
-        await conn.send(HEADER.pack(msg_id, command, 16 + len(body), FLAG_TYPE_REPLY, 0) + body)
+        await answer_version(conn)
         asked: dict[int, int] = {}  # region index -> msg_id
         data = b""
         while len(asked) < 2:

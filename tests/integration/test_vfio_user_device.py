@@ -16,8 +16,7 @@ import trio
 import trio.testing
 
 from fuzz.vfio_user_server import sample_device
-from tests.integration.test_vfio_user_server import serving
-from tests.vfio_user_raw import RawClient, open_fds
+from tests.vfio_user_raw import RawClient, open_fds, serving
 from vfiomig.vfio_user import (
     IrqIndex,
     MigState,

@@ -24,8 +24,7 @@ import pytest
 import trio
 
 from fuzz.vfio_user_server import sample_device
-from tests.integration.test_vfio_user_server import serving
-from tests.vfio_user_raw import RawClient, open_fds
+from tests.vfio_user_raw import RawClient, open_fds, serving
 from vfiomig import SinkError
 from vfiomig.vfio_user import (
     IrqIndex,

@@ -8,7 +8,7 @@ import random
 
 import trio
 
-from tests.integration.test_vfio_user_server import serving
+from tests.vfio_user_raw import serving
 from vfiomig.vfio_user import MigState, VfioUserDevice, VfioUserSource
 from vfiomig.vfio_user.client._read_pipeline import ARENA_REPLIES, ReadPipeline
 

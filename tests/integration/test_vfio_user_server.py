@@ -6,14 +6,12 @@ import errno
 import os
 import socket
 import struct
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
+from tests.vfio_user_raw import serving
 from vfiomig.vfio_user import (
     BarDevice,
     MigState,
@@ -21,7 +19,6 @@ from vfiomig.vfio_user import (
     VfioUserCommandError,
     VfioUserDevice,
     open_vfio_user_client,
-    serve_vfio_user,
 )
 from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user._layouts import RegionRead
@@ -30,18 +27,6 @@ from vfiomig.vfio_user._protocol import encode_message
 from vfiomig.vfio_user._version import Capabilities, Version
 
 LIMIT = 1024  # the server's max_data_xfer_size in these tests
-
-
-@asynccontextmanager
-async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
-    """A server on a fresh short socket path (AF_UNIX paths are limited to 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="vu", dir="/tmp") as tmp:
-        path = os.path.join(tmp, "s")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_vfio_user, path, device)
-            yield path
-            nursery.cancel_scope.cancel()
-        assert not await trio.Path(path).exists()
 
 
 def bar_device(sizes: tuple[int, ...] = (0x300, 8)) -> tuple[BarDevice, VfioUserDevice]:

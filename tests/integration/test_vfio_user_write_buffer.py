@@ -14,8 +14,7 @@ import tempfile
 import pytest
 import trio
 
-from tests.integration.test_vfio_user_server import serving
-from tests.vfio_user_raw import RawClient
+from tests.vfio_user_raw import RawClient, serving
 from vfiomig.vfio_user import (
     Capabilities,
     Command,
