@@ -71,24 +71,20 @@ def _os_error(exc: BaseException) -> OSError | None:
     return best
 
 
-def _closed_by_receiver(exc: BaseException) -> bool:
-    found = _os_error(exc)
-    return isinstance(found, OSError) and found.errno in _CLOSED_ERRNOS
-
-
 def channel_error(channel: int, sent: int, exc: BaseException, *, tls: bool = False) -> SendError:
     """The failure of data channel ``channel`` after ``sent`` bytes on it."""
     if isinstance(exc, SendError):
         return exc
     cause = describe(exc)
-    if _closed_by_receiver(exc):
+    found = _os_error(exc)  # what the cause chain says, looked up once for every case
+    if isinstance(found, OSError) and found.errno in _CLOSED_ERRNOS:
         text = (
             f"channel {channel}: the receiver closed the channel after {sent} bytes:"
             f" {_REFUSED_HINT} ({cause})"
         )
-    elif tls and isinstance(_os_error(exc), ssl.SSLError):
+    elif tls and isinstance(found, ssl.SSLError):
         text = f"channel {channel}: tls handshake failed after {sent} bytes: {cause}"
-    elif tls and _os_error(exc) is None:
+    elif tls and found is None:
         # trio's TLS stream, once broken (the receiver's alert or close seen by another
         # call), raises a bare BrokenResourceError: no errno or TLS text is left to give.
         text = (
