@@ -36,8 +36,8 @@ from vfiomig.vfio_user import (
 )
 from vfiomig.vfio_user._header import Command
 from vfiomig.vfio_user.server._dirty import CHUNK_BYTES
+from vfiomig.vfio_user.server._eventfds import EVENTFD_MAX
 from vfiomig.vfio_user.server._handlers import handle
-from vfiomig.vfio_user.server._irqs import EVENTFD_MAX
 from vfiomig.vfio_user.server._session import CloseConnection, Session
 
 PAGE = 4096

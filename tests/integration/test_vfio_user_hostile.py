@@ -7,6 +7,7 @@ client once this one goes, with the server's memory within the bound the guide s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -16,7 +17,9 @@ import os
 import socket
 import struct
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,9 @@ from vfiomig.vfio_user._layouts import (
     LOGGING_REPORT,
 )
 from vfiomig.vfio_user._migration_bodies import DeviceFeature
+from vfiomig.vfio_user.server import _eventfds
 from vfiomig.vfio_user.server._dma import MAX_REGION_SIZE
-from vfiomig.vfio_user.server._irqs import EVENTFD_MAX
+from vfiomig.vfio_user.server._eventfds import EVENTFD_MAX
 
 PAGE = mmap.PAGESIZE
 TIB = 1 << 40
@@ -156,6 +160,120 @@ async def test_a_full_eventfd_never_stalls_the_server(blocking: bool) -> None:
                 raw.close()
     finally:
         os.close(efd)
+
+
+def _full_blocking_eventfds(count: int) -> list[int]:
+    efds = [os.eventfd(0, 0) for _ in range(count)]
+    for efd in efds:
+        os.write(efd, EVENTFD_MAX.to_bytes(8, "little"))
+    return efds
+
+
+@contextlib.contextmanager
+def _rescued(efds: list[int], after: float) -> Iterator[None]:
+    """Read each eventfd once, ``after`` seconds from now, unless the test is done first: a
+    server that does write a full blocking eventfd from its loop is stuck until then, so a
+    regression fails the test's timing assertion instead of hanging the suite."""
+    done = threading.Event()
+
+    def rescue() -> None:
+        if not done.wait(after):
+            for efd in efds:
+                os.set_blocking(efd, False)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(efd, 8)
+
+    thread = threading.Thread(target=rescue, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+async def _wait_until(predicate: Callable[[], bool], what: str) -> None:
+    with trio.move_on_after(10):
+        while not predicate():  # noqa: ASYNC110 - state of other threads, no trio event
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"waited 10 s for {what}")
+
+
+async def test_an_eventfd_filled_after_the_check_never_stalls_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race a count check cannot close: the client fills its blocking eventfd between
+    the server's look at /proc fdinfo and its write (forced here: the check is told the
+    count is 0). The write goes to a signaller thread, so the trigger returns at once and
+    the client is served while it holds the eventfd full; a second trigger is the same
+    pending interrupt (one write in flight); once the client reads, the write lands, and
+    the fds the signaller held are all closed again."""
+    monkeypatch.setattr(_eventfds, "eventfd_state", lambda fd: (0, None))
+    (efd,) = _full_blocking_eventfds(1)
+    device = make_device()
+    try:
+        with _rescued([efd], after=8), trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path)
+                wire = set_irqs(TRIGGER_EVENTFD, IrqIndex.MSI, 0, 1)
+                assert await raw.errno_of(Command.DEVICE_SET_IRQS, wire, [efd]) == 0
+                before = open_fds()
+                started = time.monotonic()
+                assert device.irqs.trigger(IrqIndex.MSI, 0) is True
+                assert device.irqs.trigger(IrqIndex.MSI, 0) is True
+                await still_served(raw)
+                assert time.monotonic() - started < 2, "the trigger waited for the client"
+                assert _eventfds.SIGNALLERS.busy() == 1
+                assert int.from_bytes(os.read(efd, 8), "little") == EVENTFD_MAX
+                assert int.from_bytes(os.read(efd, 8), "little") == 1
+                await _wait_until(lambda: _eventfds.SIGNALLERS.busy() == 0, "the write")
+                assert open_fds() == before
+                raw.close()
+    finally:
+        os.close(efd)
+
+
+async def test_stuck_signallers_are_capped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that keep their blocking eventfds full hold at most the cap of signaller
+    threads: past it an interrupt on another blocking eventfd is refused (False, one
+    warning), the server serves on, and a client that goes away while its write is stuck
+    leaves nothing behind once the eventfd is read."""
+    monkeypatch.setattr(_eventfds, "eventfd_state", lambda fd: (0, None))
+    monkeypatch.setattr(_eventfds.SIGNALLERS, "limit", 2)
+    efds = _full_blocking_eventfds(3)
+    device = make_device()
+    try:
+        with _rescued(efds, after=8), trio.fail_after(10):
+            async with serving(device) as path:
+                raw = await RawClient.connect(path)
+                wire = set_irqs(TRIGGER_EVENTFD, IrqIndex.MSI, 0, 3)
+                assert await raw.errno_of(Command.DEVICE_SET_IRQS, wire, efds) == 0
+                assert device.irqs.trigger(IrqIndex.MSI, 0) is True
+                assert device.irqs.trigger(IrqIndex.MSI, 1) is True
+                await _wait_until(lambda: _eventfds.SIGNALLERS.threads() == 2, "two threads")
+                assert device.irqs.trigger(IrqIndex.MSI, 2) is False
+                assert device.irqs.trigger(IrqIndex.MSI, 2) is False
+                stuck = [r for r in caplog.records if "stuck on clients" in r.getMessage()]
+                assert len(stuck) == 1, stuck
+                assert _eventfds.SIGNALLERS.threads() == 2
+                await still_served(raw)
+                raw.close()
+                # the client's fds are gone from the server; its writes are still stuck
+                await _wait_until(lambda: device.irqs.eventfd(IrqIndex.MSI, 0) is None, "reset")
+                assert _eventfds.SIGNALLERS.busy() == 2
+                held = open_fds()
+                for efd in efds[:2]:
+                    assert int.from_bytes(os.read(efd, 8), "little") == EVENTFD_MAX
+                    assert int.from_bytes(os.read(efd, 8), "little") == 1
+                await _wait_until(lambda: _eventfds.SIGNALLERS.busy() == 0, "the writes")
+                assert int.from_bytes(os.read(efds[2], 8), "little") == EVENTFD_MAX
+                assert open_fds() == held - 2, "the signallers' copies were not closed"
+    finally:
+        for efd in efds:
+            os.close(efd)
 
 
 # --------------------------------------------------------------------------- dirty logging

@@ -9,21 +9,15 @@ count 0 only as "disable all" (TRIGGER | DATA_NONE), fds only with DATA_EVENTFD 
 many as ``count``; and every fd must be an eventfd (a pipe or a socket could take the
 server's writes away or stall them).
 
-Signalling never blocks the server. An eventfd opened non-blocking (QEMU's) is written as
-it is: a full one (its count at the maximum) refuses the write, and the interrupt is
-pending there anyway. A blocking one (libvfio-user's samples use them; its O_NONBLOCK flag
-is shared with the client, so the server cannot set it) is written only while its count,
-read from ``/proc/self/fdinfo``, leaves room: a full one is skipped the same way. What
-that cannot cover is a client that fills its own eventfd between the check and the write;
-no VMM writes its interrupt eventfds.
+Signalling never blocks the server: `signal_eventfd` (module ``_eventfds``) writes a
+non-blocking eventfd directly and hands a blocking one (libvfio-user's samples make them)
+to a small, capped pool of threads, so a client that never reads its eventfd stalls none.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
-import fcntl
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -38,10 +32,7 @@ from vfiomig.vfio_user._layouts import (
     IRQ_SET_DATA_NONE,
     IrqSet,
 )
-
-_ONE: Final = (1).to_bytes(8, "little")
-#: An eventfd's largest count: a write that would pass it blocks (or fails, non-blocking).
-EVENTFD_MAX: Final = 0xFFFF_FFFF_FFFF_FFFE
+from vfiomig.vfio_user.server._eventfds import EVENTFD_KIND, fd_kind, signal_eventfd
 
 
 class IrqIndex(enum.IntEnum):
@@ -193,7 +184,8 @@ class Irqs:
     # ------------------------------------------------------------------ emulator side
 
     def trigger(self, index: IrqIndex, vector: int = 0, *, strict: bool = True) -> bool:
-        """Raise a vector: True if delivered (or held while masked), False if no eventfd.
+        """Raise a vector: True if delivered (or held while masked), False if not: no
+        eventfd (``strict=False``), or its eventfd full or refused (`signal_eventfd`).
 
         Raises:
             IndexError: no such vector.
@@ -208,8 +200,7 @@ class Irqs:
             if strict:
                 raise OSError(errno.ENOENT, f"irq {index.name} vector {vector} has no eventfd")
             return False
-        self._signal(index, vector)
-        return True
+        return self._signal(index, vector)
 
     def trigger_enabled(self, vector: int = 0) -> IrqIndex | None:
         """Raise ``vector`` of the interrupt type the guest enabled (``vfu_irq_trigger``):
@@ -225,10 +216,9 @@ class Irqs:
                 return index
         return None
 
-    def _signal(self, index: IrqIndex, vector: int) -> None:
+    def _signal(self, index: IrqIndex, vector: int) -> bool:
         fd = self._fds[index][vector]
-        if fd is not None:
-            signal_eventfd(fd)
+        return fd is not None and signal_eventfd(fd)
 
     def disable(self, index: IrqIndex) -> list[int]:
         """Forget every eventfd of ``index``; returns them for closing."""
@@ -241,37 +231,3 @@ class Irqs:
     def reset(self) -> list[int]:
         """Disable every index (client gone); returns the fds to close."""
         return [fd for index in IrqIndex for fd in self.disable(index)]
-
-
-#: What ``/proc/self/fd`` names an eventfd.
-EVENTFD_KIND: Final = "anon_inode:[eventfd]"
-
-
-def fd_kind(fd: int) -> str:
-    """What ``fd`` is, as ``/proc/self/fd`` names it (``anon_inode:[eventfd]``,
-    ``pipe:[N]``, ``socket:[N]``, a path); EBADF for a closed fd."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError as exc:
-        raise OSError(errno.EBADF, f"fd {fd}: {exc.strerror}") from None
-
-
-def eventfd_count(fd: int) -> int:
-    """The count of the eventfd ``fd`` (``/proc/self/fdinfo``)."""
-    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
-        for line in info:
-            if line.startswith(b"eventfd-count:"):
-                return int(line.split(b":", 1)[1], 16)
-    raise OSError(errno.EINVAL, f"fd {fd} is not an eventfd")
-
-
-def signal_eventfd(fd: int) -> bool:
-    """Add 1 to the eventfd ``fd`` without ever blocking: False if it was full (the
-    reader has an interrupt pending already) or failed (both are the client's)."""
-    try:
-        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK and eventfd_count(fd) >= EVENTFD_MAX:
-            return False  # a blocking write would wait for the client to read
-        os.write(fd, _ONE)
-    except OSError:
-        return False
-    return True
