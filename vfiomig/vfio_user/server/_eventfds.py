@@ -104,6 +104,12 @@ class Signallers:
         with self._cond:
             return self._threads
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no write is queued or in flight; False if
+        some still are (stuck on a client's full eventfd)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)
+
     def signal(self, key: object, fd: int) -> bool:
         """Write 1 to ``fd`` from a signaller thread: True if handed over (or a write to the
         same eventfd, ``key``, is in flight already), False if every thread is stuck."""
@@ -151,6 +157,8 @@ class Signallers:
                 with self._cond:
                     self._pending.discard(key)
                     self._refusing = False
+                    if not self._pending:
+                        self._cond.notify_all()
 
 
 #: The process's signallers (every server and device shares the cap).
