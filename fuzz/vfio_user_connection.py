@@ -49,7 +49,7 @@ from typing import Final
 import trio
 import trio.testing
 
-from fuzz.vfio_user_server import FuzzBug, sample_device
+from fuzz.vfio_user_server import FuzzBug, count_fds, sample_device
 from vfiomig.vfio_user import Capabilities, MigState, ResetReason, SharedMemory, VfioUserDevice
 from vfiomig.vfio_user._header import (
     FLAG_ERROR,
@@ -425,10 +425,6 @@ async def _session(
     return bytes(received)
 
 
-def _count_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def fuzz_vfio_user_connection(data: bytes) -> None:
     if len(data) < HEAD_SIZE:
         return
@@ -440,12 +436,12 @@ def fuzz_vfio_user_connection(data: bytes) -> None:
         twin = sample_device(memories[0], migration=twin_store, reset=twin_store.reset)
         device = sample_device(memories[1], migration=store, reset=store.reset)
         owed = expect(stream, twin, plan)
-        before = _count_fds()
+        before = count_fds()
         try:
             got = trio.run(_timed, stream, version_end, mode, random.Random(seed), device)
         except trio.TooSlowError:
             raise FuzzBug(f"no end after {TIMEOUT} s") from None
-        after = _count_fds()
+        after = count_fds()
         if after != before:
             raise FuzzBug(f"{after - before:+d} fds after the client went away")
         store.check_area()

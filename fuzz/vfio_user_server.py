@@ -118,7 +118,7 @@ def _emulate(device: VfioUserDevice) -> None:
         raise FuzzBug(f"dirty logs hold {held} bytes for {len(mapped)} dirtied pages")
 
 
-def _count_fds() -> int:
+def count_fds() -> int:
     """Open fds once no eventfd write holds a dup (none can stick here: a full eventfd is
     skipped, and nothing else fills one)."""
     if not SIGNALLERS.wait_idle(5):
@@ -132,7 +132,7 @@ def fuzz_vfio_user_server(data: bytes) -> None:
     memory = SharedMemory(2 * PAGE)
     keep: list[int] = []
     try:
-        before = _count_fds()
+        before = count_fds()
         device = sample_device(memory)
         session = Session(negotiated=bool(data[0] & 1))
         pos = 1
@@ -164,7 +164,7 @@ def fuzz_vfio_user_server(data: bytes) -> None:
             os.close(fd)
         if device.dma.regions:
             raise FuzzBug(f"{len(device.dma.regions)} dma regions survive the client")
-        after = _count_fds() - len(keep)
+        after = count_fds() - len(keep)
         if after != before:
             raise FuzzBug(f"{after - before:+d} fds after the client went away")
     finally:

@@ -16,6 +16,7 @@ import trio
 from vfiomig.vfio_user import VfioUserDevice, serve_vfio_user
 from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user._version import Capabilities, Version
+from vfiomig.vfio_user.server._eventfds import SIGNALLERS
 
 FLAG_REPLY = 0x1
 FLAG_ERROR = 0x20
@@ -125,8 +126,11 @@ class RawClient:
         self.fds = []
 
 
-def open_fds() -> int:
-    """How many fds this process has open."""
+def open_fds(settled: bool = True) -> int:
+    """How many fds this process has open; ``settled``: once no interrupt write to a blocking
+    eventfd is in flight (each holds a dup of its eventfd for a moment)."""
+    if settled:
+        SIGNALLERS.wait_idle(5)
     return len(os.listdir("/proc/self/fd"))
 
 
