@@ -14,31 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.receive_args import DEV, UUID_TEXT, out_file, receive_args
 from tests.e2e.specsender import Receiver, config_blob, handshake, packet, send_streams, spread
 
 UUID = bytes.fromhex("5c6e8d2a9b3f4c1d8e7a6b5c4d3e2f10")
-UUID_TEXT = "5c6e8d2a-9b3f-4c1d-8e7a-6b5c4d3e2f10"
-DEV = "0000:00:04.0/vfio"
 
 
 def packets_of(idstr: str, instance: int, state: bytes, config: bytes, size: int) -> list[bytes]:
     chunks = [state[i : i + size] for i in range(0, len(state), size)]
     out = [packet(idstr, instance, i, 0, c) for i, c in enumerate(chunks)]
     return [*out, packet(idstr, instance, len(chunks), 1, config)]
-
-
-def receive_args(
-    tmp: Path, devices: list[tuple[str, int]], channels: int, *extra: str
-) -> list[str]:
-    args = ["--channels", str(channels), "--uuid", UUID_TEXT, "--config-out", str(tmp), "--json"]
-    for idstr, inst in devices:
-        path = tmp / f"{idstr.replace('/', '_')}.{inst}.out"
-        args += ["--device", f"{idstr}/{inst}=file:{path}"]
-    return args + list(extra)
-
-
-def out_file(tmp: Path, idstr: str, inst: int) -> bytes:
-    return (tmp / f"{idstr.replace('/', '_')}.{inst}.out").read_bytes()
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.receive_args import DEV, UUID_TEXT, out_file, receive_args
 from tests.e2e.specsender import Receiver
-from tests.e2e.test_cli_receive import DEV, UUID_TEXT, out_file, receive_args
 
 
 def send(

@@ -3,6 +3,7 @@ raw data channels."""
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -13,13 +14,17 @@ from typing import Any
 import trio
 
 from vfiomig import DeviceSetup, MigrationFailed, ReceiverConfig, SessionReport, serve_receiver
-from vfiomig.control import ControlServer
+from vfiomig.control import ControlClient, ControlServer
 from vfiomig.receive import Session
 from vfiomig.sinks import Sink
+from vfiomig.testing import channel_streams, device_packets, synth_config
 from vfiomig.transport import connect, parse_address
 
 UUID = bytes(range(16))
 IDSTR = "0000:00:04.0/vfio"
+STATE = random.Random(1).randbytes(200_000)
+CONFIG = synth_config(3)
+PRECOPY = b"precopy-bytes:" + bytes(range(256)) * 4
 
 
 @dataclass
@@ -101,3 +106,21 @@ async def send_channel(
         except trio.BrokenResourceError:
             if not may_be_cut:
                 raise
+
+
+def streams(idstr: str = IDSTR, state: bytes = STATE, channels: int = 2) -> list[bytes]:
+    return channel_streams(device_packets(idstr, 0, state, CONFIG, 16384), channels, UUID)
+
+
+async def expect(ctl: ControlClient, kind: str) -> dict[str, Any]:
+    """The next event of ``kind``; progress and config events on the way are skipped
+    (and, waiting for ``done``, error and loaded events)."""
+    skip = {"done": ("progress", "error", "config", "loaded"), "config": ("progress",)}.get(
+        kind, ("progress", "config")
+    )
+    while True:
+        event = await ctl.next_event()
+        assert event is not None, f"connection closed while waiting for {kind}"
+        if event["type"] == kind:
+            return event
+        assert event["type"] in skip, event

@@ -13,10 +13,16 @@ import pytest
 import trio
 import trio.lowlevel
 
-from tests.integration.control_helpers import IDSTR, running_receiver, send_channel
+from tests.integration.control_helpers import (
+    CONFIG,
+    IDSTR,
+    expect,
+    running_receiver,
+    send_channel,
+    streams,
+)
+from tests.integration.control_helpers import STATE as CONTROL_STATE
 from tests.integration.faults import UUID, Snapshot, connect, idstr, receiver, reset
-from tests.integration.test_control import CONFIG, expect, streams
-from tests.integration.test_control import STATE as CONTROL_STATE
 from vfiomig import SessionReport
 from vfiomig._core._wire import encode_handshake
 from vfiomig.control import open_control_client

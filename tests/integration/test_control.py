@@ -4,42 +4,28 @@
 from __future__ import annotations
 
 import os
-import random
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
 import trio
 import trio.testing
 
-from tests.integration.control_helpers import IDSTR, UUID, running_receiver, send_channel
+from tests.integration.control_helpers import (
+    CONFIG,
+    IDSTR,
+    PRECOPY,
+    STATE,
+    UUID,
+    expect,
+    running_receiver,
+    send_channel,
+    streams,
+)
 from vfiomig import MigrationFailed, SessionReport
 from vfiomig.control import AttachSink, ControlClient, open_control_client
-from vfiomig.testing import MemorySink, channel_streams, device_packets, synth_config
-
-STATE = random.Random(1).randbytes(200_000)
-CONFIG = synth_config(3)
-PRECOPY = b"precopy-bytes:" + bytes(range(256)) * 4
-
-
-def streams(idstr: str = IDSTR, state: bytes = STATE, channels: int = 2) -> list[bytes]:
-    return channel_streams(device_packets(idstr, 0, state, CONFIG, 16384), channels, UUID)
-
-
-async def expect(ctl: ControlClient, kind: str) -> dict[str, Any]:
-    """The next event of ``kind``; progress and config events on the way are skipped
-    (and, waiting for ``done``, error and loaded events)."""
-    skip = {"done": ("progress", "error", "config", "loaded"), "config": ("progress",)}.get(
-        kind, ("progress", "config")
-    )
-    while True:
-        event = await ctl.next_event()
-        assert event is not None, f"connection closed while waiting for {kind}"
-        if event["type"] == kind:
-            return event
-        assert event["type"] in skip, event
+from vfiomig.testing import MemorySink, channel_streams, device_packets
 
 
 async def test_hello_reply(tmp_path: Path) -> None:

@@ -13,8 +13,17 @@ import pytest
 import trio
 import trustme
 
-from tests.integration.control_helpers import IDSTR, UUID, running_receiver, send_channel
-from tests.integration.test_control import CONFIG, PRECOPY, STATE, expect, streams
+from tests.integration.control_helpers import (
+    CONFIG,
+    IDSTR,
+    PRECOPY,
+    STATE,
+    UUID,
+    expect,
+    running_receiver,
+    send_channel,
+    streams,
+)
 from vfiomig import MigrationFailed, SendDevice, SessionReport, VfioMigError, send_migration
 from vfiomig._core._wire import encode_handshake
 from vfiomig.control import AttachSink, open_control_client

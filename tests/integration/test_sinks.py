@@ -13,11 +13,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from tests.integration.sink_helpers import UUID, failed_migration, migrate, serve_ignoring_failure
 from vfiomig import CallbackConfig, CallbackSink, DeviceSetup, ReceiverConfig, send_migration
 from vfiomig._core import SinkError
-from vfiomig.receive import MigrationFailed, Session, serve_receiver
-from vfiomig.send import SendDevice, SendError
-from vfiomig.sinks._base import Sink
+from vfiomig.receive import Session
+from vfiomig.send import SendDevice
 from vfiomig.sinks._fd import (
     ConfigDir,
     FdSink,
@@ -35,7 +35,6 @@ from vfiomig.testing import (
     synth_config,
 )
 
-UUID = bytes(range(16))
 F_SETPIPE_SZ = 1031
 
 
@@ -89,55 +88,6 @@ async def test_epipe_through_the_loader_names_device_idx_and_errno() -> None:
     assert err is not None
     assert err.startswith("d/0: sink fd:7 failed writing idx 0..")
     assert err.endswith("Broken pipe (errno 32)")
-
-
-async def _serve(
-    config: ReceiverConfig, task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED
-) -> None:
-    try:
-        await serve_receiver(config, task_status=task_status)
-    except MigrationFailed:
-        pass
-
-
-async def migrate(
-    sink: Sink,
-    *,
-    size: int,
-    packet_size: int,
-    channels: int = 1,
-    seed: int = 1,
-    sink_timeout: float = 60.0,
-    channel_rate: float | None = None,
-) -> Session:
-    """Send ``size`` bytes of device ``d`` (``synth:SIZE:SEED``) into ``sink``, each channel
-    paced to ``channel_rate`` if given; return the ended session. The sender may see the
-    receiver close first: that is fine here."""
-    setup = DeviceSetup("d", 0, sink, MemoryConfig())
-    cfg = ReceiverConfig(uuid=UUID, channels=channels, devices=[setup], sink_timeout=sink_timeout)
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(_serve, cfg)
-            try:
-                await send_migration(
-                    connect_to=session.bound,
-                    channels=channels,
-                    uuid=UUID,
-                    devices=[SendDevice("d", 0, SynthSource(size, seed))],
-                    packet_size=packet_size,
-                    channel_rate=channel_rate,
-                )
-            except SendError:
-                pass
-    return session
-
-
-async def failed_migration(
-    sink: Sink, *, size: int, packet_size: int, sink_timeout: float = 60.0
-) -> str | None:
-    """`migrate` over one channel; the device's error."""
-    session = await migrate(sink, size=size, packet_size=packet_size, sink_timeout=sink_timeout)
-    return session.report().devices[0].error
 
 
 async def test_file_sink_truncates_and_config_dir_is_atomic(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -198,7 +148,7 @@ async def test_callback_sink_and_config_in_the_library(asynchronous: bool) -> No
     config = ReceiverConfig(uuid=UUID, channels=3, devices=[setup])
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(_serve, config)
+            session: Session = await nursery.start(serve_ignoring_failure, config)
             await send_migration(
                 connect_to=session.bound,
                 channels=3,
@@ -300,7 +250,7 @@ async def test_starved_time_counts_the_waits_between_nowait_batches(
     cfg = ReceiverConfig(uuid=UUID, channels=1, devices=[setup])
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(_serve, cfg)
+            session: Session = await nursery.start(serve_ignoring_failure, cfg)
             host, port = session.bound[0][4:].rsplit(":", 1)
             conn = await trio.open_tcp_stream(host, int(port))
             await conn.send_all(first)

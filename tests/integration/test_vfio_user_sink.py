@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from tests.integration.test_sinks import failed_migration
+from tests.integration.sink_helpers import failed_migration
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._core._wire import wrap_config
 from vfiomig.cli._specs import open_sink, open_source

@@ -222,3 +222,38 @@ def test_circles_finds_each_group_and_self_loops() -> None:
     graph = {"a": {"b"}, "b": {"a", "c"}, "c": {"d"}, "d": {"c"}, "e": {"e"}, "f": {"a"}}
     assert sorted(circles(graph)) == [["a", "b"], ["c", "d"], ["e"]]
     assert circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def _imports_of_test_modules(path: Path) -> list[str]:
+    """The ``tests.*.test_*`` modules ``path`` imports, at any depth of the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
+        found += [
+            n for n in names if n.startswith("tests.") and n.split(".")[-1].startswith("test_")
+        ]
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in a helpers module (STYLE.md rule 16): a test module that
+    imports another runs the other's import-time setup and ties two files' fixtures."""
+    tests = ROOT.parent / "tests"
+    bad = {
+        str(p.relative_to(tests)): got
+        for p in sorted(tests.rglob("*.py"))
+        if (got := _imports_of_test_modules(p))
+    }
+    assert not bad, f"test modules imported by other files: {bad}"
+
+
+def test_the_test_import_rule_sees_a_planted_import(tmp_path: Path) -> None:
+    planted = tmp_path / "test_x.py"
+    planted.write_text("def f():\n    from tests.integration.test_sinks import migrate\n")
+    assert _imports_of_test_modules(planted) == ["tests.integration.test_sinks"]
