@@ -61,6 +61,7 @@ from vfiomig.vfio_user.server._regions import Buffer
 # truncated into a leak, all are closed unless a handler keeps them.
 from vfiomig.vfio_user.server._server_requests import (
     ANC_SIZE,
+    BriefWait,
     ConnectionLost,
     ServerRequests,
     _Pending,
@@ -120,6 +121,7 @@ class Connection(ServerRequests):
         self.emulator_failed = Throttle("vfio_user_emulator_failed", log)
         self.wait_first = False  # skip the next recvmsg's try (see `_recv`)
         self.idle = False  # parked in `_receive` between messages (see `_take_reply`)
+        self.brief_wait = BriefWait()
 
     # ------------------------------------------------------------------ receiving
 
@@ -172,7 +174,8 @@ class Connection(ServerRequests):
             except BlockingIOError:
                 if self.replies:
                     await self._send_buffers([], [])
-                await trio.lowlevel.wait_readable(self.sock)
+                if not self.brief_wait(self.sock):
+                    await trio.lowlevel.wait_readable(self.sock)
         fds = received_fds(ancdata) if ancdata else []
         if flags & _MSG_CTRUNC:
             close_fds(fds)
