@@ -85,6 +85,7 @@ REPLY_BATCH_COUNT: Final = 64
 REGION_WRITE: Final = Command.REGION_WRITE
 _FAST_COMMANDS: Final = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
 _FAST_REPLY: Final = HEADER_SIZE + 16  # header and the access head it echoes
+_JOIN_MAX: Final = 8 * 1024  # messages up to this size are copied into one send
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)  # an int: the IntFlag's & costs microseconds
 #: How long the replies still queued for a client being dropped may take to send.
 LAST_REPLIES_TIMEOUT: Final = 1.0
@@ -478,6 +479,17 @@ class Connection(ServerRequests):
             size += part.nbytes if isinstance(part, memoryview) else len(part)
         flags = (FLAG_TYPE_REPLY if reply else 0) | (FLAG_ERROR if error is not None else 0)
         head = HEADER.pack(msg_id, command, size, flags, error or 0)
+        if size <= _JOIN_MAX and not fds and not self.replies and not self.send_lock.locked():
+            # A small message (a DMA request, most replies) in one send of one copy: the
+            # lock and the scatter list cost more than the copy.
+            message = b"".join([head, *parts])
+            try:
+                sent = self.sock.send(message)
+            except BlockingIOError:
+                sent = 0
+            if sent < size:
+                await self._send_buffers([memoryview(message)[sent:]], [])
+            return
         await self._send_buffers([head, *parts], fds)
 
     async def _send_buffers(self, buffers: list[Buffer], fds: Sequence[int]) -> None:
