@@ -63,6 +63,11 @@ class BriefWait:
         self.misses = 0
         self.skipped = 0
 
+    @property
+    def active(self) -> bool:
+        """False while the waits are skipped (after `BRIEF_MISSES` that saw nothing)."""
+        return self.misses < BRIEF_MISSES
+
     def __call__(self, sock: socket.socket) -> bool:
         """Whether ``sock`` became readable within `BRIEF_WAIT` (False at once when a
         task is ready to run, a deadline falls due sooner, or the waits do not pay).
@@ -134,12 +139,12 @@ class ServerRequests:
         self.pending[msg_id] = waiter
         try:
             await self._send(msg_id, command, [payload], [], None, reply=False)
-            if (
-                waiter.result is None
-                and self.idle
-                and not self._take_reply(msg_id, waiter)
-                and self.brief_wait(self.sock)
-            ):
+            if waiter.result is None and self.idle:
+                # One look for the reply: after a brief wait while those pay (a client on
+                # another core answers within microseconds), else at once (a client the
+                # host ran before this task got the CPU back has answered already).
+                if self.brief_wait.active:
+                    self.brief_wait(self.sock)
                 self._take_reply(msg_id, waiter)
             if waiter.result is None:  # the reply may have come while the send waited
                 with trio.move_on_after(DMA_REPLY_TIMEOUT):
