@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import socket
 import struct
 import tempfile
 from collections.abc import Awaitable
@@ -36,7 +37,12 @@ from vfiomig.vfio_user import (
 from vfiomig.vfio_user._header import HEADER, Command
 from vfiomig.vfio_user.client import GuestRegion
 from vfiomig.vfio_user.server._connection import Connection
-from vfiomig.vfio_user.server._server_requests import _Pending
+from vfiomig.vfio_user.server._server_requests import (
+    BRIEF_MISSES,
+    BRIEF_PROBE,
+    BriefWait,
+    _Pending,
+)
 
 PAGE = mmap.PAGESIZE
 ACCESS = struct.Struct("=QII")
@@ -314,6 +320,30 @@ async def test_a_small_write_whose_data_does_not_match_its_count_is_refused() ->
             short = ACCESS.pack(0, 0, 4) + b"1"
             assert await raw.errno_of(Command.REGION_WRITE, short) == errno.EINVAL
             raw.close()
+
+
+async def test_brief_waits_give_way_and_stop_when_they_do_not_pay() -> None:
+    """`BriefWait` on a real socket pair: it sees bytes already there, never blocks while
+    a task is ready to run, and after `BRIEF_MISSES` empty waits tries only one in
+    `BRIEF_PROBE` until one sees the client again."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    brief = BriefWait()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)  # runnable until this task checkpoints
+            assert not brief(ours) and brief.misses == 0  # gave way, counted no miss
+            await trio.lowlevel.checkpoint()
+        for i in range(BRIEF_MISSES):
+            assert not brief(ours) and brief.misses == i + 1  # nothing came
+        assert not brief.active
+        theirs.send(b"x")
+        assert [brief(ours) for _ in range(BRIEF_PROBE)] == [False] * (BRIEF_PROBE - 1) + [True]
+        assert brief.active and brief.misses == 0  # the probe saw the client again
+        assert brief(ours)  # bytes already there
+    finally:
+        ours.close()
+        theirs.close()
 
 
 # --------------------------------------------------------------------------- threads
