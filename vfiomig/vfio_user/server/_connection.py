@@ -10,7 +10,9 @@ handled and answered in the order they arrive, so a client may pipeline them. Re
 to the server's own DMA_READ / DMA_WRITE requests (sent by emulator tasks through
 `Dma.read` / `Dma.write`) are matched by msg_id and handed to the waiting task
 (`_server_requests`, the base class that sends them). Small register accesses take a
-fast path: checked, handed to the region and answered with one ``send``.
+fast path: checked, handed to the region and answered with one ``send``. A read that
+finds the socket empty waits briefly in one select() (`BriefWait`) before it parks in
+trio's scheduler: a client with one request in flight answers within microseconds.
 
 A MIG_DATA_WRITE to an emulator with a `WriteBuffer` skips the buffer: once its 24 bytes
 of headers are in (and pass the handler's checks), the body bytes already received are

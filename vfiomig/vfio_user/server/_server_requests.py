@@ -4,8 +4,9 @@ sends through `Dma.read` / `Dma.write` (`ServerRequests.request`), and their rep
 A request is sent on the connection's socket and its task parks until the reply comes,
 matched by msg_id (`_Pending`). The connection's task delivers replies it frames
 (`ServerRequests.deliver`); a requesting task also takes its reply off the socket itself
-when it is already there whole and next (`ServerRequests._take_reply`), which saves the
-hand-over between the two tasks. `Connection` (``_connection``) is the rest: receiving,
+when it is already there whole and next (`ServerRequests._take_reply`), or comes within
+a brief wait (`BriefWait`, shared with the connection's reads), which saves the hand-over
+between the two tasks. `Connection` (``_connection``) is the rest: receiving,
 framing, answering.
 """
 
