@@ -134,60 +134,6 @@ def open_fds(settled: bool = True) -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class SyncClient:
-    """A blocking client for tests without trio (a VMM in a plain thread): requests out,
-    whole messages in, fds with them."""
-
-    def __init__(self, path: str, *, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buf = bytearray()
-        self.next_id = 1
-        got = self.call(Command.VERSION, Version(0, 2, Capabilities(max_msg_fds=8)).pack())
-        assert not got.is_error, got
-
-    def send(self, command: int, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
-        msg_id, self.next_id = self.next_id, self.next_id + 1
-        anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
-        data = HEADER.pack(msg_id, command, 16 + len(payload), 0, 0) + payload
-        sent = self.sock.sendmsg([data], anc)
-        self.sock.sendall(data[sent:])
-        return msg_id
-
-    def receive(self) -> Received:
-        fds: list[int] = []
-        while True:
-            if len(self.buf) >= 16:
-                msg_id, command, size, flags, error_no = HEADER.unpack_from(self.buf)
-                if len(self.buf) >= size:
-                    payload = bytes(self.buf[16:size])
-                    del self.buf[:size]
-                    return Received(msg_id, command, flags, error_no, payload, fds)
-            data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += list(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) // 4 * 4]))
-            if not data:
-                raise EOFError
-            self.buf += data
-
-    def call(self, command: int, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> Received:
-        msg_id = self.send(command, payload, fds)
-        got = self.receive()
-        assert got.msg_id == msg_id and got.command == command, got
-        return got
-
-    def reply(self, request: Received, payload: bytes) -> None:
-        head = HEADER.pack(request.msg_id, request.command, 16 + len(payload), FLAG_REPLY, 0)
-        self.sock.sendall(head + payload)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @asynccontextmanager
 async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
     """``device`` served on a fresh short socket path (AF_UNIX paths are limited to 108

@@ -211,6 +211,7 @@ PUBLIC: dict[str, set[str]] = {
         "GuestRegion",
         "Interrupt",
         "MappedRegion",
+        "RegionIoFd",
         "VfioUserClient",
         "VfioUserCommandError",
         "VfioUserSink",

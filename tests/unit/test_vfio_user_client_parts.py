@@ -1,6 +1,6 @@
 """The client's sans-IO parts: answering the server's DMA requests from guest memory (every
-field checked), reading GET_REGION_INFO capabilities, and the PCI config space blob and
-its replay order."""
+field checked), reading GET_REGION_INFO capabilities and GET_REGION_IO_FDS replies, and
+the PCI config space blob and its replay order."""
 
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ from vfiomig.vfio_user._header import Command, ProtocolError
 from vfiomig.vfio_user._layouts import (
     DMA_FLAG_READ,
     DMA_FLAG_WRITE,
+    IO_FDS,
     REGION_INFO,
+    SUB_REGION_IOEVENTFD,
     RegionInfo,
     sparse_mmap_cap,
 )
 from vfiomig.vfio_user._messages import Opaque
 from vfiomig.vfio_user._protocol import ClientConnection, Header, Message, encode_message
-from vfiomig.vfio_user.client import GuestMemory
+from vfiomig.vfio_user.client import GuestMemory, RegionIoFd
 from vfiomig.vfio_user.client._config_space import decode, encode, replay_plan
+from vfiomig.vfio_user.client._io_fds import parse_io_fds
 
 ACCESS = struct.Struct("=QQ")
 
@@ -202,3 +205,33 @@ def test_any_server_bytes_give_replies_requests_or_our_error(stream: bytes, step
         pass
     finally:
         memory.close()
+
+
+# --------------------------------------------------------------------------- region io fds
+
+
+def io_fds_reply(index: int, subs: list[tuple[int, int, int, int, int, int]]) -> bytes:
+    """(offset, size, fd index, type, flags, datamatch) each."""
+    body = b"".join(
+        SUB_REGION_IOEVENTFD.pack(offset, size, fd_index, kind, flags, 0, 0, match)
+        for offset, size, fd_index, kind, flags, match in subs
+    )
+    return IO_FDS.pack(IO_FDS.size + len(body), 0, index, len(subs)) + body
+
+
+def test_region_io_fds_replies_are_read_with_every_index_checked() -> None:
+    reply = io_fds_reply(0, [(0x10, 4, 1, 0, 0, 0), (0x14, 4, 0, 0, 1, 7)])
+    assert parse_io_fds(0, reply, [30, 31]) == [
+        RegionIoFd(0x10, 4, 31, None),
+        RegionIoFd(0x14, 4, 30, 7),
+    ]
+    with pytest.raises(ProtocolError, match="fd index 2 of 2 fds"):
+        parse_io_fds(0, io_fds_reply(0, [(0, 4, 2, 0, 0, 0)]), [30, 31])
+    with pytest.raises(ProtocolError, match="type 1"):
+        parse_io_fds(0, io_fds_reply(0, [(0, 4, 0, 1, 0, 0)]), [30])
+    with pytest.raises(ProtocolError, match="reply is for region 3"):
+        parse_io_fds(0, io_fds_reply(3, []), [])
+    with pytest.raises(ProtocolError, match="for 2 sub-regions"):
+        parse_io_fds(0, reply[:-1], [30, 31])
+    with pytest.raises(ProtocolError, match="of 8 bytes"):
+        parse_io_fds(0, reply[:8], [])

@@ -35,6 +35,19 @@ SPARSE_AREA: Final = struct.Struct("=QQ")  # offset, size
 
 # DEVICE_GET_REGION_IO_FDS: request and reply head (argsz, flags, index, count)
 IO_FDS: Final = struct.Struct("=IIII")
+#: vfio_user_sub_region_ioeventfd: offset, size, fd_index, type, flags, shadow fd index,
+#: shadow offset, datamatch.
+SUB_REGION_IOEVENTFD: Final = struct.Struct("=QQIIIIQQ")
+#: VFIO_USER_IO_FD_TYPE_IOEVENTFD and the datamatch flag of a sub-region.
+IO_FD_TYPE_IOEVENTFD: Final = 0
+IO_FD_FLAG_DATAMATCH: Final = 1
+
+# REGION_WRITE_MULTI: the count, then each write (QEMU's VFIOUserWROne): offset, region,
+# count and up to 8 data bytes.
+MULTI_COUNT: Final = struct.Struct("=Q")
+MULTI_ONE: Final = struct.Struct("=QII8s")
+#: The most writes in one REGION_WRITE_MULTI (QEMU's VFIO_USER_MULTI_MAX).
+MULTI_MAX: Final = 200
 
 # DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS
 IRQ_INFO: Final = struct.Struct("=IIII")  # argsz, flags, index, count

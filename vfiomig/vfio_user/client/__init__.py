@@ -4,8 +4,8 @@
 `ClientConnection` on a `_channel` that carries fds both ways and answers the server's
 DMA_READ / DMA_WRITE from the `GuestMemory` the client provides; the device calls
 (`_device_calls`: info, regions and their mmappable areas (`DeviceRegion`,
-`MappedRegion`), interrupts on eventfds (`Interrupt`), DMA_MAP of memfds (`GuestRegion`),
-dirty logging); migration state changes; its MIG_DATA_WRITE / MIG_DATA_READ pipelines
+`MappedRegion`), their ioeventfds (`RegionIoFd`), REGION_WRITE_MULTI, interrupts on
+eventfds (`Interrupt`) and their masks, DMA_MAP of memfds (`GuestRegion`), dirty logging); migration state changes; its MIG_DATA_WRITE / MIG_DATA_READ pipelines
 (`_pipeline`, `_read_pipeline`) keep a window of messages in flight straight on the socket,
 read data handed out as views of receive arenas. On it: the ``vfio-user:SOCKPATH`` sink
 (`open_vfio_user_sink`) that loads a device's state, and the source (`open_vfio_user_source`)
@@ -21,6 +21,7 @@ from vfiomig._public import claim
 from vfiomig.vfio_user.client._client import VfioUserClient, open_vfio_user_client
 from vfiomig.vfio_user.client._guest_memory import GuestMemory, GuestRegion
 from vfiomig.vfio_user.client._interrupts import Interrupt
+from vfiomig.vfio_user.client._io_fds import RegionIoFd
 from vfiomig.vfio_user.client._pipeline import VfioUserCommandError, WriteFailed
 from vfiomig.vfio_user.client._regions import DeviceRegion, MappedRegion
 from vfiomig.vfio_user.client._sink import VfioUserSink, open_vfio_user_sink
@@ -32,6 +33,7 @@ __all__ = [
     "GuestRegion",
     "Interrupt",
     "MappedRegion",
+    "RegionIoFd",
     "VfioUserClient",
     "VfioUserCommandError",
     "VfioUserSink",

@@ -8,7 +8,7 @@ wakes the others when a round is done; `serve` keeps a receiver running while no
 is outstanding, so the server's DMA requests are answered at any time (a VMM's job).
 
 fds that come with the bytes (SCM_RIGHTS) go to the first message that takes fds (a
-DEVICE_GET_REGION_INFO reply) whose header starts in the read they came with; fds that
+DEVICE_GET_REGION_INFO or GET_REGION_IO_FDS reply) whose header starts in the read they came with; fds that
 no message took are closed. Every wait is bounded by ``timeout``; after a broken socket,
 bytes that break the protocol or a cancel inside a message the channel is ``broken``
 and every later call raises.
@@ -33,7 +33,7 @@ from vfiomig.vfio_user._protocol import Buffer, ClientConnection, Message, Reply
 _ANC_SIZE: Final = socket.CMSG_SPACE(253 * 4)
 _RECEIVE_SIZE: Final = 256 * 1024
 #: Replies that carry fds.
-FD_REPLIES: Final = frozenset({Command.DEVICE_GET_REGION_INFO})
+FD_REPLIES: Final = frozenset({Command.DEVICE_GET_REGION_INFO, Command.DEVICE_GET_REGION_IO_FDS})
 
 #: Answers one server request: the reply payload, or raises ``OSError(errno)``.
 RequestHandler = Callable[[Message], Buffer]

@@ -95,6 +95,7 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
         timeout: float,
         max_data_xfer_size: int,
         window: int | None,
+        max_msg_fds: int = 1,
     ) -> None:
         if window is not None and window < 1:
             raise ValueError(f"window {window} is below 1")
@@ -102,6 +103,7 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
         self.timeout = timeout
         self.window = window
         self.max_data_xfer_size = max_data_xfer_size
+        self.max_msg_fds = max_msg_fds
         self.server_capabilities = Capabilities()
         self.data_limit = max_data_xfer_size
         self._sock = sock
@@ -111,6 +113,7 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
         self._channel.on_request = self.guest.serve
         self._interrupts = []
         self._mapped = []
+        self._io_fds = []
         self._writer: WritePipeline | None = None
         self._reader: ReadPipeline | None = None
 
@@ -210,7 +213,9 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
 
     async def negotiate(self) -> None:
         """VERSION: advertise our limits, learn the server's."""
-        ours = Capabilities(max_msg_fds=1, max_data_xfer_size=self.max_data_xfer_size)
+        ours = Capabilities(
+            max_msg_fds=self.max_msg_fds, max_data_xfer_size=self.max_data_xfer_size
+        )
         body = await self.request(Command.VERSION, Version(MAJOR, 0, ours).pack())
         assert isinstance(body, Version)
         if body.major != MAJOR:
@@ -446,12 +451,14 @@ async def open_vfio_user_client(
     reply_timeout: float = DEFAULT_TIMEOUT,
     max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
     window: int | None = None,
+    max_msg_fds: int = 1,
 ) -> VfioUserClient:
     """Connect to the vfio-user server at ``path`` and negotiate VERSION.
 
     ``reply_timeout`` bounds every single wait of the client's life: the connect, each
     send and each reply. ``max_data_xfer_size`` is what we advertise (libvfio-user bounds MIG_DATA_* by it) and
-    the most we send in one message.
+    the most we send in one message. ``max_msg_fds``: the most fds we take in one reply
+    (advertised; GET_REGION_IO_FDS needs one per distinct ioeventfd).
 
     Cancellation: safe; a half-open connection is closed.
     """
@@ -480,6 +487,7 @@ async def open_vfio_user_client(
         timeout=reply_timeout,
         max_data_xfer_size=max_data_xfer_size,
         window=window,
+        max_msg_fds=max_msg_fds,
     )
     try:
         await client.negotiate()

@@ -1,7 +1,8 @@
 """The VMM's side of a vfio-user device, as calls on `VfioUserClient` (its `DeviceCalls`
 base): learn the device (DEVICE_GET_INFO, GET_REGION_INFO with its sparse-mmap areas,
-GET_IRQ_INFO), mmap a region's areas through the fd the server passes, wire interrupts to
-eventfds (SET_IRQS), give the device guest memory (DMA_MAP / DMA_UNMAP of memfds the
+GET_IRQ_INFO), mmap a region's areas through the fd the server passes, take its
+ioeventfds (GET_REGION_IO_FDS), batch posted writes (REGION_WRITE_MULTI), wire interrupts
+to eventfds and mask them (SET_IRQS), give the device guest memory (DMA_MAP / DMA_UNMAP of memfds the
 client owns, `GuestMemory`), and dirty-page logging (DEVICE_FEATURE DMA_LOGGING_*).
 
 Every reply is checked before use; a malformed one breaks the connection
@@ -30,13 +31,19 @@ from vfiomig.vfio_user._layouts import (
     FEATURE_DMA_LOGGING_REPORT,
     FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP,
+    IO_FDS,
     IRQ_SET,
+    IRQ_SET_ACTION_MASK,
     IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_UNMASK,
     IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
     LOGGING_CONTROL,
     LOGGING_RANGE,
     LOGGING_REPORT,
+    MULTI_COUNT,
+    MULTI_MAX,
+    MULTI_ONE,
     REGION_INFO_SIZE,
     UNMAP_FLAG_GET_DIRTY_BITMAP,
     RegionInfo,
@@ -53,6 +60,7 @@ from vfiomig.vfio_user._protocol import Buffer
 from vfiomig.vfio_user._version import Capabilities
 from vfiomig.vfio_user.client._guest_memory import GuestMemory, GuestRegion
 from vfiomig.vfio_user.client._interrupts import Interrupt
+from vfiomig.vfio_user.client._io_fds import RegionIoFd, parse_io_fds
 from vfiomig.vfio_user.client._regions import DeviceRegion, MappedRegion
 
 #: The largest GET_REGION_INFO reply asked for (the server says how much it needs).
@@ -68,6 +76,7 @@ class DeviceCalls:
     server_capabilities: Capabilities
     _interrupts: list[Interrupt]
     _mapped: list[MappedRegion]
+    _io_fds: list[int]
 
     # Provided by the client.
     def _where(self) -> str:
@@ -169,6 +178,46 @@ class DeviceCalls:
             raise self._bad_reply(f"irq {index} info: reply is for index {info.index}")
         return info
 
+    async def region_io_fds(self, index: int) -> list[RegionIoFd]:
+        """DEVICE_GET_REGION_IO_FDS: the ioeventfds of region ``index`` (empty if it has
+        none), asked twice as a VMM does: for the size the reply needs, then for it. Their
+        fds are the client's (closed with it). The server refuses (EINVAL) to send more
+        fds than the client's ``max_msg_fds``."""
+        what = f"region {index} io fds"
+        body = await self.request(
+            Command.DEVICE_GET_REGION_IO_FDS, IO_FDS.pack(IO_FDS.size, 0, index, 0), what
+        )
+        assert isinstance(body, Opaque)
+        if len(body.data) < IO_FDS.size:
+            raise self._bad_reply(f"{what} reply of {len(body.data)} bytes")
+        argsz, _, _, count = IO_FDS.unpack_from(body.data)
+        if not count:
+            return []
+        body, fds = await self.request_fds(
+            Command.DEVICE_GET_REGION_IO_FDS, IO_FDS.pack(argsz, 0, index, 0), what=what
+        )
+        self._io_fds += fds
+        assert isinstance(body, Opaque)
+        try:
+            return parse_io_fds(index, body.data, fds)
+        except ProtocolError as exc:
+            raise self._bad_reply(exc.message) from None
+
+    async def region_write_multi(self, writes: Sequence[tuple[int, int, Buffer]]) -> None:
+        """REGION_WRITE_MULTI (QEMU's batched posted writes): each ``(index, offset,
+        data)``, ``data`` of 1 to 8 bytes, applied in order by the server; the first that
+        fails stops the rest and its errno raises `VfioUserCommandError`. At most
+        `MULTI_MAX` writes, to a server that offers ``write_multiple`` (VERSION)."""
+        if not 0 < len(writes) <= MULTI_MAX:
+            raise ValueError(f"region write multi of {len(writes)} writes (1 to {MULTI_MAX})")
+        parts = [MULTI_COUNT.pack(len(writes))]
+        for index, offset, data in writes:
+            piece = bytes(data)
+            if not 0 < len(piece) <= 8:
+                raise ValueError(f"region write multi of {len(piece)} bytes (1 to 8)")
+            parts.append(MULTI_ONE.pack(offset, index, len(piece), piece))
+        await self.request(Command.REGION_WRITE_MULTI, b"".join(parts), "region write multi")
+
     # ------------------------------------------------------------------ interrupts
 
     async def set_irq_eventfds(self, index: int, start: int = 0, count: int = 1) -> list[Interrupt]:
@@ -199,6 +248,14 @@ class DeviceCalls:
             raise
         self._interrupts += made
         return made
+
+    async def mask_irqs(self, index: int, start: int, count: int, *, masked: bool = True) -> None:
+        """SET_IRQS MASK (or UNMASK with ``masked=False``) | DATA_NONE of vectors
+        ``start .. start+count-1`` of IRQ ``index``."""
+        action = IRQ_SET_ACTION_MASK if masked else IRQ_SET_ACTION_UNMASK
+        head = IRQ_SET.pack(IRQ_SET.size, IRQ_SET_DATA_NONE | action, index, start, count)
+        word = "mask" if masked else "unmask"
+        await self.request(Command.DEVICE_SET_IRQS, head, f"irq {index} {word} {start}+{count}")
 
     async def disable_irqs(self, index: int) -> None:
         """SET_IRQS TRIGGER | DATA_NONE with count 0: the device forgets every eventfd of
@@ -308,4 +365,6 @@ class DeviceCalls:
         for mapped in self._mapped:
             mapped.close()
         self._mapped.clear()
+        close_fds(self._io_fds)
+        self._io_fds.clear()
         self.guest.close()

@@ -14,33 +14,27 @@ from typing import Final
 
 from vfiomig.vfio_user._header import HEADER_SIZE
 from vfiomig.vfio_user._layouts import (
+    IO_FD_FLAG_DATAMATCH,
+    IO_FD_TYPE_IOEVENTFD,
     IO_FDS,
+    MULTI_COUNT,
+    MULTI_MAX,
+    MULTI_ONE,
     REGION_FLAG_CAPS,
     REGION_FLAG_MMAP,
     REGION_INFO,
+    SUB_REGION_IOEVENTFD,
     sparse_mmap_cap,
     sparse_mmap_cap_size,
     unpack,
 )
 from vfiomig.vfio_user._migration_bodies import MigState
 from vfiomig.vfio_user.server._device import VfioUserDevice
-from vfiomig.vfio_user.server._regions import (
-    IO_FD_FLAG_DATAMATCH,
-    IO_FD_TYPE_IOEVENTFD,
-    Buffer,
-)
+from vfiomig.vfio_user.server._regions import Buffer
 from vfiomig.vfio_user.server._session import Reply, Session
 
 _ACCESS: Final = struct.Struct("=QII")  # offset, region, count
 _FAST_MIN: Final = HEADER_SIZE + _ACCESS.size
-#: vfio_user_sub_region_ioeventfd: offset, size, fd_index, type, flags, shadow fd index,
-#: shadow offset, datamatch.
-SUB_REGION_IOEVENTFD: Final = struct.Struct("=QQIIIIQQ")
-#: REGION_WRITE_MULTI: the count, then each write (QEMU's VFIOUserWROne): offset, region,
-#: count and up to 8 data bytes.
-_MULTI_COUNT: Final = struct.Struct("=Q")
-_MULTI_ONE: Final = struct.Struct("=QII8s")
-MULTI_MAX: Final = 200
 
 
 def _einval(text: str) -> OSError:
@@ -223,14 +217,14 @@ def region_write_multi(
 ) -> Reply:
     # QEMU's posted writes, batched: each goes through the REGION_WRITE rules, in order;
     # the first that fails stops the rest (its errno is the reply's).
-    (count,) = unpack(_MULTI_COUNT, payload, "region write multi")
-    if not 0 < count <= MULTI_MAX or len(payload) != _MULTI_COUNT.size + count * _MULTI_ONE.size:
+    (count,) = unpack(MULTI_COUNT, payload, "region write multi")
+    if not 0 < count <= MULTI_MAX or len(payload) != MULTI_COUNT.size + count * MULTI_ONE.size:
         raise _einval(
             f"region write multi of {count} writes in {len(payload)} bytes (max {MULTI_MAX})"
         )
     for i in range(count):
-        offset, index, size, data = _MULTI_ONE.unpack_from(
-            payload, _MULTI_COUNT.size + i * _MULTI_ONE.size
+        offset, index, size, data = MULTI_ONE.unpack_from(
+            payload, MULTI_COUNT.size + i * MULTI_ONE.size
         )
         if size > len(data):
             raise _einval(f"region write multi {i}: count {size} (max {len(data)})")

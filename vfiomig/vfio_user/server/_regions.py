@@ -86,11 +86,6 @@ class SharedMemory(FileMemory):
             self.fd = -1
 
 
-#: VFIO_USER_IO_FD_TYPE_IOEVENTFD and the datamatch flag of a sub-region.
-IO_FD_TYPE_IOEVENTFD = 0
-IO_FD_FLAG_DATAMATCH = 1
-
-
 @dataclass(frozen=True, slots=True)
 class IoEventFd:
     """An eventfd the VMM signals on a guest write of ``size`` bytes at ``offset`` of the
