@@ -65,7 +65,7 @@ async def test_a_channel_reset_resets_the_other_channels() -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receiver)
-            with pytest.raises(SendError, match="^channel 1: the receiver closed the channel"):
+            with pytest.raises(SendError, match=r"^channel 1: the receiver closed the channel"):
                 await send_migration(
                     connect_to=[f"tcp:127.0.0.1:{port}"],
                     channels=2,

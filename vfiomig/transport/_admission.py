@@ -286,13 +286,15 @@ class Admission:
         return free + len(self._evictable(trio.current_time()))
 
     async def wait_for_place(self) -> None:
-        """Return once `places` is above zero: a place frees, or a pending connection
-        comes out of its grace (or its unread bytes are read: its owner runs within a
-        scheduling round, `EVICT_SLEEP`)."""
+        """Return once `places` is above zero: a place frees, a pending connection comes
+        out of its grace, or one past it has its unread bytes read (its owner runs
+        within a scheduling round: looked at again after `EVICT_SLEEP`)."""
         while not self.places():
             now = trio.current_time()
-            ends = [t.accepted + self.grace for t in self._pending]
-            until = min((end for end in ends if end > now), default=now + EVICT_SLEEP)
+            if self._aged(now):  # past their grace, so bytes unread: read any moment
+                until = now + EVICT_SLEEP
+            else:
+                until = min(t.accepted for t in self._pending) + self.grace
             with trio.move_on_at(until):
                 await self._left.park()
 
