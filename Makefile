@@ -28,8 +28,9 @@ demo: $(STAMP)
 # libvfio-user tests, the VFIO sink against the fake kernel device, the C reference
 # receiver, bench's parser, the systemd units' check, and test_sdist (it builds the
 # package from its sdist). The sender selects its core too (Outbox, PacketHeaders,
-# SendBuffer): test_send_wire (the same wire bytes from either core) and
-# test_send_refused (every refusal exits 1) run on both.
+# SendBuffer): test_send_wire (the same wire bytes from either core),
+# test_send_failure (a failed channel resets the others) and test_send_refused (every
+# refusal exits 1) run on both.
 PURE_TESTS := \
 	tests/integration/test_admission.py \
 	tests/integration/test_bench_runs.py \
@@ -38,6 +39,7 @@ PURE_TESTS := \
 	tests/integration/test_faults.py \
 	tests/integration/test_hostile.py \
 	tests/integration/test_receive.py \
+	tests/integration/test_send_failure.py \
 	tests/integration/test_send_wire.py \
 	tests/integration/test_sinks.py \
 	tests/integration/test_soak.py \

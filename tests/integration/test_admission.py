@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from tests.integration.control_helpers import (
     CONFIG,
@@ -24,11 +26,11 @@ from tests.integration.control_helpers import (
 from tests.integration.control_helpers import STATE as CONTROL_STATE
 from tests.integration.faults import UUID, Snapshot, connect, idstr, receiver, reset
 from vfiomig import SessionReport
-from vfiomig._core._wire import encode_handshake
+from vfiomig._core._wire import HANDSHAKE_SIZE, encode_handshake
 from vfiomig.control import open_control_client
 from vfiomig.testing import MemorySink, channel_streams, device_packets
 from vfiomig.transport import Admission, nonblocking_twin
-from vfiomig.transport._admission import BURST_GAP, RESERVE
+from vfiomig.transport._admission import BURST_GAP, EVICT_GRACE, RESERVE
 
 STATE = bytes(range(256)) * 64
 
@@ -313,6 +315,7 @@ def test_eviction_order_is_silence_then_bytes_then_age() -> None:
     async def main() -> None:
         admission = Admission(3)
         a, b, c = (admission.enter(x) for x in "abc")
+        await trio.sleep(EVICT_GRACE)  # all out of their grace
         b.note(1)  # b spoke last: kept longest
         # a and c are equally silent (both at their accept time, the same clock reading
         # here), neither sent a byte: the older goes first.
@@ -321,7 +324,7 @@ def test_eviction_order_is_silence_then_bytes_then_age() -> None:
         admission.enter("e")
         assert c.evicted and not b.evicted
 
-    trio.run(main, clock=trio.testing.MockClock())
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def test_connections_waiting_together_are_accepted_together() -> None:
@@ -345,3 +348,76 @@ async def test_connections_waiting_together_are_accepted_together() -> None:
     for c in clients:
         await c.aclose()
     await listener.aclose()
+
+
+def _connect_now(rx) -> socket.socket:  # type: ignore[no-untyped-def]
+    """A blocking connect, done without a checkpoint: the receiver sees it only at the
+    test's next one (the kernel completes it from the listener's backlog)."""
+    return socket.create_connection(rx.address)
+
+
+async def test_a_flood_at_the_cap_never_evicts_a_channel_in_its_grace(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The real channel and strangers fill the pending places; more strangers arrive at
+    once, before the real channel's handshake: with the clock stopped (all of them in
+    their grace), none is evicted and the newcomers wait in the backlog. Once its
+    handshake comes the real channel is admitted and a stranger takes its place; once
+    the grace is over the strangers are evicted for the newcomers as before.
+
+    Before the grace, the burst at the cap evicted every pending connection, the real
+    one first (the oldest of equally silent ones): the migration failed under floods."""
+    sink = MemorySink()
+    packets = device_packets(idstr(0), 0, STATE, CONFIG, 1000)
+    stream = channel_streams(packets, 1, UUID)[0]
+    # Two channels, so that a stranger after the real one is not refused outright (all
+    # channels set up); the real one carries every packet.
+    async with receiver([sink], channels=2, max_pending=4, handshake_timeout=30) as rx:
+        admission = rx.session.admission
+        real = _connect_now(rx)
+        strangers = [_connect_now(rx) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert admission.statistics().pending == 4
+        strangers += [_connect_now(rx) for _ in range(4)]  # a burst at the cap
+        await trio.testing.wait_all_tasks_blocked()
+        stats = admission.statistics()
+        assert (stats.pending, stats.evicted) == (4, 0)
+        real.sendall(stream[:HANDSHAKE_SIZE])
+        await trio.testing.wait_all_tasks_blocked()
+        stats = admission.statistics()
+        assert (stats.admitted, stats.pending, stats.evicted) == (1, 4, 0)
+        mock_clock.jump(EVICT_GRACE)  # the strangers come out of their grace
+        await trio.testing.wait_all_tasks_blocked()
+        stats = admission.statistics()
+        assert (stats.admitted, stats.pending, stats.evicted) == (1, 4, 3)
+        real.sendall(stream[HANDSHAKE_SIZE:])
+        real.shutdown(socket.SHUT_WR)
+        await rx.session.done.wait()
+    report = rx.outcome[0]
+    assert isinstance(report, SessionReport), str(report)
+    assert bytes(sink.data) == STATE
+    real.close()
+    for s in strangers:
+        s.close()
+
+
+def test_a_connection_with_bytes_unread_is_not_evicted() -> None:
+    """Past its grace, a pending connection whose bytes wait unread in its socket (its
+    owner has not run since they came) is not silent: the other one goes."""
+
+    async def main() -> None:
+        admission = Admission(2)
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        with a, b, c, d:
+            busy = admission.enter("busy", trio.socket.from_stdlib_socket(a))
+            idle = admission.enter("idle", trio.socket.from_stdlib_socket(c))
+            assert admission.places() == 0  # both in their grace
+            await trio.sleep(EVICT_GRACE)
+            b.send(b"\x11\x22\x33\x44")  # for busy, not read yet
+            assert admission.places() == 1
+            admission.enter("new")
+            assert idle.evicted and not busy.evicted
+            assert admission.places() == 0  # busy is all that is past its grace
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -169,7 +169,8 @@ def add_parser(sub: Any) -> None:
         type=positive_int,
         metavar="N",
         help="data connections whose handshake has not finished, at most; at the limit the"
-        " one silent the longest is closed; default 4 x --channels + 16",
+        " one silent the longest is closed (not within 0.25 s of its accept: new ones wait"
+        " in the listen backlog); default 4 x --channels + 16",
     )
     rx.add_argument(
         "--endian",

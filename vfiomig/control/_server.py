@@ -15,7 +15,8 @@ broadcast meanwhile (``done`` at the end goes to every connection).
 Strangers: a connection is pending (`vfiomig.transport.Admission`) until it sent its first
 valid message; only then does it take one of the ``max_connections`` places. Pending
 connections are bounded by ``max_pending`` (default 8): at the limit, the one silent the
-longest is evicted, so connections that never speak cannot lock the VMM out. A monitor
+longest is evicted (past its grace, `vfiomig.transport.Admission`), so connections that
+never speak cannot lock the VMM out. A monitor
 that only listens sends a ``hello`` first (it gets no events before, and may be evicted
 under a flood).
 
@@ -219,7 +220,9 @@ class ControlServer:
                 await stream.aclose()
                 continue
             send, receive = trio.open_memory_channel[Out](math.inf)
-            conn = Connection(stream, label, send, receive, self.admission.enter(label))
+            conn = Connection(
+                stream, label, send, receive, self.admission.enter(label, stream.socket)
+            )
             self._conns.add(conn)
             nursery.start_soon(self._serve_connection, conn)
 

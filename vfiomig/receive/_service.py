@@ -144,7 +144,7 @@ def _start_channel(session: Session, stream: trio.SocketStream, nursery: trio.Nu
         reset_on_close(stream)
         stream.socket.close()
         return
-    ticket = admission.enter(label)
+    ticket = admission.enter(label, stream.socket)
     if session.config.tls is not None:
         nursery.start_soon(_run_tls_channel, session, stream, ticket)
     else:

@@ -50,8 +50,9 @@ async def send_with_control(
     send: Callable[..., Awaitable[SendReport]],
     status: SendStatus,
 ) -> SendReport:
-    """Drive the receiver's control channel around ``send(on_source_failure=...)`` (the
-    multifd data; the hook sends ``abort`` with a failed source's error).
+    """Drive the receiver's control channel around ``send(on_failure=...)`` (the multifd
+    data; the hook sends ``abort`` with the sender's own failure, a source's or a
+    channel's, before the channels break, so that the receiver fails at once and says why).
 
     Raises:
         ReceiverFailed: the receiver reported a failure.
@@ -86,7 +87,7 @@ async def send_with_control(
         failure: BaseException | None = None
         report: SendReport | None = None
         try:
-            report = await send(on_source_failure=lambda exc: _tell_abort(ctl, str(exc)))
+            report = await send(on_failure=lambda exc: _tell_abort(ctl, str(exc)))
         except Exception as exc:  # any failure (even a group): re-raised below
             # The receiver may have failed and closed the channels: its events say why.
             failure = exc
@@ -123,8 +124,14 @@ async def send_with_control(
         raise failure  # the root cause; the receiver's errors follow from it
     if ok is False:
         errors = [str(e.get("message")) for e in kept if e["type"] == "error"]
+        if failure is None:
+            raise ReceiverFailed("receiver failed: " + ("; ".join(errors) or "no error given"))
+        # Our own failure first (what this side saw: a channel reset, a timeout), then
+        # the receiver's errors, less the echo of our abort.
+        own = str(failure)
+        theirs = [e for e in errors if own not in e]
         raise ReceiverFailed(
-            "receiver failed: " + ("; ".join(errors) or "no error given")
+            f"{own}; receiver failed: " + ("; ".join(theirs) or "it aborted the migration")
         ) from failure
     if failure is not None:
         raise failure

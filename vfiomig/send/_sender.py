@@ -53,7 +53,7 @@ from vfiomig.send._types import (
     SourceFailed,
 )
 from vfiomig.sources import Source
-from vfiomig.transport import connect, parse_address, tune_socket
+from vfiomig.transport import connect, parse_address, reset_on_close, tune_socket
 
 log = logging.getLogger("vfiomig")
 
@@ -301,7 +301,7 @@ async def send_migration(
     ``loaded``; without, every channel was read to its end and closed in order by the
     receiver (`vfiomig.send._close`).
 
-    Cancellation: channels are closed; the receiver sees them end inside a packet.
+    Cancellation: channels are reset; the receiver sees them break.
     """
     if order not in ORDERS:
         raise UsageError(f"order {order!r} is unknown (known: {', '.join(ORDERS)})")
@@ -378,12 +378,20 @@ async def _send_channels(
     tls: ssl.SSLContext | None,
     status: SendStatus,
     close_timeout: float = CLOSE_TIMEOUT,
-    on_source_failure: Callable[[SourceFailed], Awaitable[None]] | None = None,
+    on_failure: Callable[[SendError], Awaitable[None]] | None = None,
 ) -> SendReport:
     """The multifd data of every device (the sources are the caller's to close).
 
-    ``on_source_failure`` runs, shielded, when a source failed, before the channels are
-    closed (the control driver tells the receiver why before it sees them end).
+    ``on_failure`` runs, shielded, when the send failed (a source, a channel's connect,
+    send or end), before the channels are reset: the control driver tells the receiver
+    why before it sees them break, so that its error is the sender's cause, not a
+    channel cut short.
+
+    A channel ends in order (FIN) only after the receiver read it to its end; on any
+    failure or cancel every channel is reset (SO_LINGER 0), whatever it still holds, so
+    that the receiver never takes a cut stream for an orderly end: a FIN between two
+    packets would read as the end of the channel, and one inside a packet as a sender
+    that stopped mid-packet rather than one that failed elsewhere.
     """
     addresses = [parse_address(a) for a in connect_to]
     status.phase = "connecting"
@@ -396,6 +404,7 @@ async def _send_channels(
             rates[i] = override
     link: Link | None = None
     failures: list[SendError] = []
+    ended = False  # every channel was read to its end and closed by the receiver
     try:
         for i in range(channels):
             addr = addresses[i % len(addresses)]
@@ -446,17 +455,24 @@ async def _send_channels(
             for writer in writers:
                 writer.close()
         if failures:
-            if isinstance(failures[0], SourceFailed) and on_source_failure is not None:
-                with trio.CancelScope(shield=True):
-                    await on_source_failure(failures[0])  # before the channels end
             raise failures[0]
         # Every byte is sent; success only once the receiver read each channel to its end.
         status.phase = "waiting for the receiver"
         await end_channels([w.stream for w in writers], [w.sent for w in writers], close_timeout)
+        ended = True
+    except SendError as exc:
+        if on_failure is not None:
+            with trio.CancelScope(shield=True):
+                await on_failure(exc)  # before the channels break
+        raise
     finally:
         with trio.CancelScope(shield=True):
             for writer in writers:
-                await writer.stream.aclose()
+                if ended:
+                    await writer.stream.aclose()
+                else:  # failed or cancelled: reset, never an orderly end (see above)
+                    reset_on_close(writer.stream)
+                    await trio.aclose_forcefully(writer.stream)
         status.channels = 0
     total = sum(b for b, _ in counts.values())
     packets = sum(p for _, p in counts.values())

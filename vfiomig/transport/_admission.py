@@ -9,6 +9,15 @@ the oldest; among equals the one that sent the fewest bytes) is evicted: its own
 handshake at once, so it is the least silent connection and gets in while strangers keep
 coming.
 
+"At once" must not depend on how fast strangers come: a flood turns the cap over in a
+few milliseconds (a burst of accepts at the cap evicted every connection of the burst
+before, their handshakes still unread in their sockets). So a connection is evictable
+only once it is `EVICT_GRACE` seconds past its accept *and* none of its bytes wait unread
+in its socket (its owner has not run since they came). At the cap with none evictable,
+the listener accepts nothing until a place frees or a connection comes out of its grace:
+newcomers wait in the kernel's backlog, in order, and a real peer whose handshake came
+within the grace is never evicted, however many strangers arrive.
+
 Accept errors that mean the process or the system is out of something (EMFILE, ENFILE,
 ENOBUFS, ENOMEM, as trio's ``serve_listeners`` treats them) never end the accept loop.
 Pending connections are evicted to free their fds: fds are the process's, so the ones
@@ -24,10 +33,13 @@ after `BURST_GAP` quiet seconds. Refusals and evictions log at most one line per
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import math
 import os
 import socket
+import struct
+import termios
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +65,11 @@ LOG_INTERVAL = 5.0
 BURST_GAP = 5.0
 #: Pending connections evicted when a burst of accept errors starts: fds kept free.
 RESERVE = 8
+#: Seconds after its accept during which a pending connection is never evicted: the time
+#: a real peer has to get its handshake to us (it sends it as soon as it connected), and
+#: what a stranger's place lasts at least (so the cap turns over at most ``max_pending /
+#: EVICT_GRACE`` times a second).
+EVICT_GRACE = 0.25
 
 
 def default_max_pending(channels: int) -> int:
@@ -78,18 +95,24 @@ class Pending:
 
     __slots__ = (
         "_scope",
+        "accepted",
         "done",
         "evicted",
         "label",
         "last_active",
         "received",
         "seq",
+        "sock",
     )
 
-    def __init__(self, label: str, now: float, seq: int) -> None:
+    def __init__(
+        self, label: str, now: float, seq: int, sock: trio.socket.SocketType | None = None
+    ) -> None:
         self.label = label
         self.seq = seq  # order of accept: the tie-break between equals
+        self.sock = sock  # to see bytes that came but are not read yet (None: unknown)
         self._scope = trio.CancelScope()
+        self.accepted = now
         self.last_active = now  # accepted, or its latest byte
         self.received = 0
         self.evicted = False
@@ -119,13 +142,17 @@ class Admission:
     follow it.
     """
 
-    def __init__(self, max_pending: int, *, floor: int = 4, prefix: str = "") -> None:
+    def __init__(
+        self, max_pending: int, *, floor: int = 4, prefix: str = "", grace: float = EVICT_GRACE
+    ) -> None:
         if max_pending < 1 or floor < 1:
             raise ValueError(f"max_pending {max_pending} or floor {floor} is below 1")
         self.max_pending = max_pending
         self.floor = min(floor, max_pending)
         self.prefix = prefix
+        self.grace = grace
         self._pending: set[Pending] = set()
+        self._left = trio.lowlevel.ParkingLot()  # `wait_for_place`, woken when one leaves
         self._seq = 0
         self._admitted = 0
         self._refused = 0
@@ -149,6 +176,9 @@ class Admission:
     async def accept(self, listener: Listener) -> trio.SocketStream:
         """The next connection of ``listener``; waits out a shortage of fds or memory.
 
+        Waits first for a place (`wait_for_place`): at the cap with every pending
+        connection in its grace, the next one waits in the kernel's backlog.
+
         Raises:
             OSError: any accept error other than `ACCEPT_CAPACITY_ERRNOS` (the listener
                 is broken).
@@ -158,6 +188,7 @@ class Admission:
         _LIVE[self] = _LIVE.get(self, 0) + 1
         try:
             while True:
+                await self.wait_for_place()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
@@ -176,15 +207,16 @@ class Admission:
         self, listener: Listener, twin: socket.socket
     ) -> list[trio.SocketStream]:
         """The next connection of ``listener`` (as `accept`) and those already waiting
-        behind it, up to ``max_pending`` in all, the rest taken through ``twin``
-        (`nonblocking_twin`) without a checkpoint between them.
+        behind it, as many as there are places (`places`, at least the first), the rest
+        taken through ``twin`` (`nonblocking_twin`) without a checkpoint between them.
 
         Channels that connect together then start together: an accept per scheduling
         round, while the first channels stream, let a 16-channel sender's first channel run
         150 ms ahead of its last, and its packets queue for the others meanwhile.
         """
         streams = [await self.accept(listener)]
-        while len(streams) < self.max_pending:
+        room = self.places()  # none entered yet: the first one takes one of them
+        while len(streams) < room:
             try:
                 conn, _ = twin.accept()
             except OSError:  # none waiting; any other error is the next accept()'s
@@ -227,14 +259,44 @@ class Admission:
         else:
             await trio.sleep(ACCEPT_RETRY_SLEEP)
 
-    def enter(self, label: str) -> Pending:
-        """Register a connection just accepted; at the cap, evict another one first."""
+    def enter(self, label: str, sock: trio.socket.SocketType | None = None) -> Pending:
+        """Register a connection just accepted (``sock``: its socket, whose unread bytes
+        keep it from eviction); at the cap, evict another one first.
+
+        At the cap with none evictable (every one in its grace or with bytes unread), the
+        connection enters over the cap: that happens only when another listener of this
+        admission took the last place while this one's accept waited, so the cap is
+        passed by at most one connection per extra listener, and no connection in its
+        grace is ever evicted.
+        """
         while len(self._pending) >= self.max_pending:
-            self._evict(f"pending limit {self.max_pending}")
+            victim = self._victim()
+            if victim is None:
+                break
+            self._evict_ticket(victim, f"pending limit {self.max_pending}")
         self._seq += 1
-        ticket = Pending(label, trio.current_time(), self._seq)
+        ticket = Pending(label, trio.current_time(), self._seq, sock)
         self._pending.add(ticket)
         return ticket
+
+    def places(self) -> int:
+        """How many connections `enter` can take now without passing the cap: the free
+        places and the evictable connections."""
+        free = max(0, self.max_pending - len(self._pending))
+        return free + len(self._evictable(trio.current_time()))
+
+    async def wait_for_place(self) -> None:
+        """Return once `places` is above zero: a place frees, a pending connection comes
+        out of its grace, or one past it has its unread bytes read (its owner runs
+        within a scheduling round: looked at again after `EVICT_SLEEP`)."""
+        while not self.places():
+            now = trio.current_time()
+            if self._aged(now):  # past their grace, so bytes unread: read any moment
+                until = now + EVICT_SLEEP
+            else:
+                until = min(t.accepted for t in self._pending) + self.grace
+            with trio.move_on_at(until):
+                await self._left.park()
 
     def admit(self, ticket: Pending) -> None:
         """``ticket``'s handshake is done: it no longer counts as pending."""
@@ -260,9 +322,22 @@ class Admission:
     def _leave(self, ticket: Pending) -> None:
         ticket.done = True
         self._pending.discard(ticket)
+        if self._left:
+            self._left.unpark_all()
 
-    def _evict(self, why: str) -> None:
-        self._evict_ticket(min(self._pending, key=_silence), why)
+    def _aged(self, now: float) -> list[Pending]:
+        """The pending connections past their grace, silent the longest first."""
+        return sorted((t for t in self._pending if now - t.accepted >= self.grace), key=_silence)
+
+    def _evictable(self, now: float) -> list[Pending]:
+        """The pending connections past their grace with no bytes unread, silent the
+        longest first."""
+        return [t for t in self._aged(now) if not _unread(t)]
+
+    def _victim(self) -> Pending | None:
+        """The evictable connection silent the longest, if any (one FIONREAD each, in
+        eviction order, until one has nothing unread)."""
+        return next((t for t in self._aged(trio.current_time()) if not _unread(t)), None)
 
     def _evict_ticket(self, victim: Pending, why: str) -> None:
         self._leave(victim)
@@ -313,12 +388,25 @@ def _silence(ticket: Pending) -> tuple[float, int, int]:
     return (ticket.last_active, ticket.received, ticket.seq)
 
 
+def _unread(ticket: Pending) -> int:
+    """Bytes in ``ticket``'s socket that its owner has not read yet (0 when unknown)."""
+    if ticket.sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(ticket.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:  # closed already
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
 def _free(count: int, why: str) -> int:
-    """Evict up to ``count`` pending connections, silent the longest of any admission,
-    and lower their admissions' caps (`Admission._hold`); the number evicted."""
+    """Evict up to ``count`` pending connections, silent the longest of any admission
+    (evictable ones only: past their grace, nothing unread), and lower their admissions'
+    caps (`Admission._hold`); the number evicted."""
     owners: dict[Admission, int] = {}
+    now = trio.current_time()
     for _ in range(count):
-        candidates = [(t, a) for a in _LIVE for t in a._pending]
+        candidates = [(t, a) for a in _LIVE for t in a._evictable(now)[:1]]
         if not candidates:
             break
         ticket, owner = min(candidates, key=lambda c: _silence(c[0]))

@@ -73,7 +73,18 @@ def parse_address(text: str) -> Address:
     raise UsageError(f"address {text!r} must be tcp:HOST:PORT, unix:PATH or fd:N")
 
 
-async def open_listener(addr: Address, *, backlog: int = 64) -> tuple[Listener, Address]:
+#: Connections the kernel holds for a listener until they are accepted (capped by
+#: net.core.somaxconn). Admission accepts at most ``max_pending / EVICT_GRACE`` silent
+#: strangers a second under a flood, so they queue here: with 64 the queue was full and
+#: the kernel dropped a real peer's SYN, sent again only after 1 s, then 2, 4 s (under the
+#: e2e flood the sender's four channels took 1 to 4 s to connect; with 1024, a few ms).
+#: Queued connections cost kernel memory, not the process's fds.
+LISTEN_BACKLOG = 1024
+
+
+async def open_listener(
+    addr: Address, *, backlog: int = LISTEN_BACKLOG
+) -> tuple[Listener, Address]:
     """Bind and listen on ``addr``; return the listener and the address really bound.
 
     For ``fd:N`` the listener takes over the inherited socket (closed with it, no longer
