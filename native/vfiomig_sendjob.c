@@ -4,14 +4,20 @@
 #include "vfiomig_sendjob.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
+/* A blocking send wakes this often (SO_SNDTIMEO) to see whether the job was cancelled. */
+#define VFM_SJ_WAKE_US 100000
 
 static uint64_t splitmix64(uint64_t x)
 {
@@ -32,12 +38,12 @@ void vfm_synth_fill(unsigned char *out, const uint64_t *base, uint64_t seed, uin
         uint64_t key = splitmix64(seed * 0x100000001B3ull + block);
         unsigned char *dst = out + done;
 
-        if (in % 8 == 0 && k % 8 == 0) {
-            const uint64_t *src = base + in / 8;
-            for (size_t w = 0; w < k / 8; w++) {
-                uint64_t v = src[w] ^ key;
-                memcpy(dst + 8 * w, &v, 8);
-            }
+        if (in % 8 == 0 && k % 8 == 0 && (uintptr_t)dst % 8 == 0) {
+            /* the common case (a pooled buffer, packets of whole words): vectorised */
+            const uint64_t *restrict src = base + in / 8;
+            uint64_t *restrict d = (uint64_t *)(void *)dst;
+            for (size_t w = 0; w < k / 8; w++)
+                d[w] = src[w] ^ key;
         } else {
             for (size_t i = 0; i < k; i++) {
                 uint64_t pos = in + i, v = base[pos / 8] ^ key;
@@ -59,7 +65,7 @@ static void fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, 
 
     if (job->failed)
         return;
-    job->failed = 1;
+    __atomic_store_n(&job->failed, 1, __ATOMIC_RELEASE);
     job->error = what;
     job->error_who = who;
     job->error_errno = err;
@@ -101,16 +107,24 @@ static int wait_fd(struct vfm_sendjob *job, int fd, short events)
 
 /* -- channels ------------------------------------------------------------------------ */
 
-/* Send the whole iovec array; *sent counts what the socket took.  0 or an errno. */
-static int send_all(struct vfm_sendjob *job, int fd, struct iovec *iov, size_t cnt,
-                    uint64_t *sent)
+/* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
+ * blocking socket (see blocking()) sleeps in the kernel, as cref_send's do, and wakes at
+ * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
+static int send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
+                    size_t cnt, uint64_t *sent)
 {
+    int flags = MSG_NOSIGNAL | (blocking ? 0 : MSG_DONTWAIT);
+
     while (cnt) {
         struct msghdr mh = {.msg_iov = iov, .msg_iovlen = cnt};
-        ssize_t n = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n;
+
+        if (__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE))
+            return ECANCELED;
+        n = sendmsg(fd, &mh, flags);
         if (n < 0) {
             int err = errno;
-            if (err == EINTR)
+            if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK)))
                 continue;
             if (err != EAGAIN && err != EWOULDBLOCK)
                 return err;
@@ -139,6 +153,35 @@ static int send_all(struct vfm_sendjob *job, int fd, struct iovec *iov, size_t c
 }
 
 /* What a thread is started with: its job and its channel or device number. */
+/* Make a channel's socket blocking, with SO_SNDTIMEO as the cancel check's period, for
+ * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
+struct sock_mode {
+    int flags;
+    struct timeval timeout;
+};
+
+static int blocking(int fd, struct sock_mode *saved)
+{
+    struct timeval tv = {.tv_sec = 0, .tv_usec = VFM_SJ_WAKE_US};
+    socklen_t len = sizeof(saved->timeout);
+
+    saved->flags = fcntl(fd, F_GETFL);
+    if (saved->flags < 0 || getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, &len) ||
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
+        return 0;
+    if (fcntl(fd, F_SETFL, saved->flags & ~O_NONBLOCK)) {
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+        return 0;
+    }
+    return 1;
+}
+
+static void restore(int fd, const struct sock_mode *saved)
+{
+    fcntl(fd, F_SETFL, saved->flags);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+}
+
 struct thread_arg {
     struct vfm_sendjob *job;
     unsigned id;
@@ -152,6 +195,8 @@ static void *chan_main(void *arg)
     struct vfm_sj_entry batch[VFM_SJ_BATCH];
     unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE] = malloc(VFM_SJ_BATCH * sizeof(*hdrs));
     struct iovec iov[2 * VFM_SJ_BATCH];
+    struct sock_mode saved;
+    int is_blocking = blocking(ch->fd, &saved);
 
     free(arg);
     pthread_mutex_lock(&job->lock);
@@ -184,7 +229,7 @@ static void *chan_main(void *arg)
                 iov[cnt++].iov_len = e->len;
             }
         }
-        err = send_all(job, ch->fd, iov, cnt, &sent);
+        err = send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
         pthread_mutex_lock(&job->lock);
         if (err) {
             if (err == ECANCELED)
@@ -204,6 +249,8 @@ static void *chan_main(void *arg)
         ch->sent_bytes += sent;
         pthread_cond_broadcast(&job->room);
     }
+    if (is_blocking)
+        restore(ch->fd, &saved); /* before the job is done: trio has it back as it was */
     thread_exit(job);
     pthread_mutex_unlock(&job->lock);
     free(hdrs);
@@ -300,6 +347,50 @@ static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev 
     }
 }
 
+/* A regular file is mapped whole instead of read into buffers: its packets point into
+ * the page cache, which the socket copies from (one copy fewer).  The stream is the file
+ * from the descriptor's offset to its size now; the offset is left at that end, as
+ * reading it would.  Not mapped (read instead): anything else, an empty file, a failure. */
+static void map_file(struct vfm_sj_dev *dev)
+{
+    struct stat st;
+    off_t pos;
+    void *map;
+
+    if (dev->kind != VFM_SJ_FD || fstat(dev->fd, &st) || !S_ISREG(st.st_mode))
+        return;
+    pos = lseek(dev->fd, 0, SEEK_CUR);
+    if (pos < 0 || st.st_size <= pos)
+        return;
+    map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, dev->fd, 0);
+    if (map == MAP_FAILED)
+        return;
+    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
+    dev->map = map;
+    dev->map_len = (size_t)st.st_size;
+    dev->map_pos = (uint64_t)pos;
+}
+
+/* The next chunk of a mapped file (lock not needed: the reader's own fields). */
+static ssize_t next_mapped(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                           const unsigned char **data)
+{
+    uint64_t left = dev->map_len - dev->map_pos;
+    size_t n = left < job->chunk ? (size_t)left : job->chunk;
+
+    *data = dev->map + dev->map_pos;
+#ifdef MADV_POPULATE_READ
+    if (n) { /* fault the chunk in here, in one call, not page by page in the senders */
+        uintptr_t start = (uintptr_t)*data & ~(uintptr_t)4095;
+        madvise((void *)start, (uintptr_t)*data + n - start, MADV_POPULATE_READ);
+    }
+#endif
+    dev->map_pos += n;
+    if (dev->map_pos == dev->map_len)
+        lseek(dev->fd, (off_t)dev->map_len, SEEK_SET);
+    return (ssize_t)n;
+}
+
 static void *reader_main(void *arg)
 {
     struct vfm_sendjob *job = ((struct thread_arg *)arg)->job;
@@ -309,19 +400,27 @@ static void *reader_main(void *arg)
     unsigned char used[256];
 
     free(arg);
+    map_file(dev);
     pthread_mutex_lock(&job->lock);
     for (;;) {
-        struct vfm_sj_buf *buf = get_buffer(job, dev, id);
+        struct vfm_sj_buf *buf = NULL;
+        const unsigned char *data;
         ssize_t n;
         int more;
 
-        if (!buf)
-            break;
-        buf->pins++; /* ours while we read into it */
-        pthread_mutex_unlock(&job->lock);
-        n = fill(job, dev, buf->data, job->chunk);
-        pthread_mutex_lock(&job->lock);
-        buf->pins--;
+        if (dev->map) {
+            n = next_mapped(job, dev, &data);
+        } else {
+            buf = get_buffer(job, dev, id);
+            if (!buf)
+                break;
+            buf->pins++; /* ours while we read into it */
+            pthread_mutex_unlock(&job->lock);
+            n = fill(job, dev, buf->data, job->chunk);
+            pthread_mutex_lock(&job->lock);
+            buf->pins--;
+            data = buf->data;
+        }
         if (n < 0) {
             if (n == -ECANCELED)
                 fail(job, VFM_SJ_CANCELLED, id, 0, 0);
@@ -334,7 +433,7 @@ static void *reader_main(void *arg)
         memset(used, 0, sizeof(used));
         for (size_t off = 0; off < (size_t)n; off += job->packet_size) {
             size_t len = (size_t)n - off < job->packet_size ? (size_t)n - off : job->packet_size;
-            int c = queue_packet(job, dev, buf, buf->data + off, (uint32_t)len, idx++, 0);
+            int c = queue_packet(job, dev, buf, data + off, (uint32_t)len, idx++, 0);
             if (c < 0) {
                 fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
                 break;
@@ -485,6 +584,8 @@ void vfm_sendjob_free(struct vfm_sendjob *job)
             free(dev->bufs);
             free(dev->base);
             free(dev->config);
+            if (dev->map)
+                munmap(dev->map, dev->map_len);
         }
         free(job->devs);
     }

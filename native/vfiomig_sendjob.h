@@ -45,6 +45,9 @@ struct vfm_sj_dev {
     int fd, poll; /* VFM_SJ_FD: poll for input before each read (a pipe, a socket) */
     uint64_t size, offset, seed; /* VFM_SJ_SYNTH */
     uint64_t *base;              /* VFM_SJ_SYNTH: the seed's block, VFM_SYNTH_BLOCK bytes */
+    unsigned char *map;          /* VFM_SJ_FD, a regular file: mapped whole (map_file) */
+    size_t map_len;
+    uint64_t map_pos;
     unsigned char *config;
     size_t config_len;
     uint64_t bytes;   /* data bytes queued */
