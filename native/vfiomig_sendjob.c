@@ -379,7 +379,7 @@ static ssize_t next_mapped(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
     size_t n = left < job->chunk ? (size_t)left : job->chunk;
 
     *data = dev->map + dev->map_pos;
-#ifdef MADV_POPULATE_READ
+#if defined(MADV_POPULATE_READ) && !defined(VFM_NO_POPULATE)
     if (n) { /* fault the chunk in here, in one call, not page by page in the senders */
         uintptr_t start = (uintptr_t)*data & ~(uintptr_t)4095;
         madvise((void *)start, (uintptr_t)*data + n - start, MADV_POPULATE_READ);
