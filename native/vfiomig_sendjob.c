@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -197,8 +198,11 @@ static void *chan_main(void *arg)
     struct iovec iov[2 * VFM_SJ_BATCH];
     struct sock_mode saved;
     int is_blocking = blocking(ch->fd, &saved);
+    char name[16];
 
     free(arg);
+    snprintf(name, sizeof(name), "vfm-send-%u", id);
+    pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
     pthread_mutex_lock(&job->lock);
     if (!hdrs)
         fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
@@ -398,8 +402,11 @@ static void *reader_main(void *arg)
     struct vfm_sj_dev *dev = &job->devs[id];
     uint32_t idx = 0;
     unsigned char used[256];
+    char name[16];
 
     free(arg);
+    snprintf(name, sizeof(name), "vfm-read-%u", id);
+    pthread_setname_np(pthread_self(), name);
     map_file(dev);
     pthread_mutex_lock(&job->lock);
     for (;;) {
