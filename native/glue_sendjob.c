@@ -20,7 +20,7 @@ typedef struct {
 } SendJob;
 
 /* One device: (idstr, instance, endian, source, config); source is ("synth", size, seed,
- * base) or ("fd", fd, poll).  0, or -1 with an error. */
+ * base), ("pattern", size, block) or ("fd", fd, poll).  0, or -1 with an error. */
 static int parse_device(struct vfm_sj_dev *dev, PyObject *item)
 {
     const char *idstr, *endian, *kind;
@@ -77,6 +77,22 @@ static int parse_device(struct vfm_sj_dev *dev, PyObject *item)
         dev->kind = VFM_SJ_SYNTH;
         dev->size = size;
         dev->seed = seed;
+    } else if (!strcmp(kind, "pattern")) {
+        unsigned long long size;
+        Py_buffer block;
+        if (!PyArg_ParseTuple(source, "sKy*:pattern source", &kind, &size, &block))
+            goto out;
+        dev->pattern = block.len ? malloc((size_t)block.len) : NULL;
+        if (dev->pattern)
+            memcpy(dev->pattern, block.buf, (size_t)block.len);
+        dev->pattern_len = (size_t)block.len;
+        PyBuffer_Release(&block);
+        if (!dev->pattern) {
+            PyErr_SetString(PyExc_ValueError, "a pattern is a non-empty block");
+            goto out;
+        }
+        dev->kind = VFM_SJ_PATTERN;
+        dev->size = size;
     } else if (!strcmp(kind, "fd")) {
         int fd, poll;
         if (!PyArg_ParseTuple(source, "sip:fd source", &kind, &fd, &poll))

@@ -1,5 +1,5 @@
-/* vfiomig_sendjob.c - the sender's C send path: reader and channel threads (see
- * vfiomig_sendjob.h). */
+/* vfiomig_sendjob.c - the sender's C send path: reader and channel threads and the job
+ * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c. */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
 
@@ -12,51 +12,12 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
 /* A blocking send wakes this often (SO_SNDTIMEO) to see whether the job was cancelled. */
 #define VFM_SJ_WAKE_US 100000
-
-static uint64_t splitmix64(uint64_t x)
-{
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
-void vfm_synth_fill(unsigned char *out, const uint64_t *base, uint64_t seed, uint64_t off,
-                    size_t n)
-{
-    size_t done = 0;
-
-    while (done < n) {
-        uint64_t block = off / VFM_SYNTH_BLOCK, in = off % VFM_SYNTH_BLOCK;
-        size_t k = n - done < VFM_SYNTH_BLOCK - in ? n - done : (size_t)(VFM_SYNTH_BLOCK - in);
-        uint64_t key = splitmix64(seed * 0x100000001B3ull + block);
-        unsigned char *dst = out + done;
-
-        if (in % 8 == 0 && k % 8 == 0 && (uintptr_t)dst % 8 == 0) {
-            /* the common case (a pooled buffer, packets of whole words): vectorised */
-            const uint64_t *restrict src = base + in / 8;
-            uint64_t *restrict d = (uint64_t *)(void *)dst;
-            for (size_t w = 0; w < k / 8; w++)
-                d[w] = src[w] ^ key;
-        } else {
-            for (size_t i = 0; i < k; i++) {
-                uint64_t pos = in + i, v = base[pos / 8] ^ key;
-                unsigned char word[8];
-                memcpy(word, &v, 8);
-                dst[i] = word[pos % 8];
-            }
-        }
-        done += k;
-        off += k;
-    }
-}
 
 /* The first failure wins; every thread is told (lock held). */
 static void fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, int err,
@@ -89,23 +50,6 @@ static void thread_exit(struct vfm_sendjob *job)
     }
 }
 
-/* Wait until fd has events or the job is cancelled: 0, or ECANCELED, or an errno. */
-static int wait_fd(struct vfm_sendjob *job, int fd, short events)
-{
-    struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = job->cancel_fd, .events = POLLIN}};
-
-    for (;;) {
-        if (poll(p, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (p[1].revents)
-            return ECANCELED;
-        return 0; /* ready, or an error the next call reports */
-    }
-}
-
 /* -- channels ------------------------------------------------------------------------ */
 
 /* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
@@ -129,7 +73,7 @@ static int send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec 
                 continue;
             if (err != EAGAIN && err != EWOULDBLOCK)
                 return err;
-            err = wait_fd(job, fd, POLLOUT);
+            err = vfm_sj_wait_fd(job, fd, POLLOUT);
             if (err)
                 return err;
             continue;
@@ -196,6 +140,8 @@ static void *chan_main(void *arg)
     struct vfm_sj_entry batch[VFM_SJ_BATCH];
     unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE] = malloc(VFM_SJ_BATCH * sizeof(*hdrs));
     struct iovec iov[2 * VFM_SJ_BATCH];
+    /* synthetic data is made here, right before it is sent: still in this core's cache */
+    unsigned char *scratch = malloc(VFM_SJ_BATCH_BYTES + job->packet_size);
     struct sock_mode saved;
     int is_blocking = blocking(ch->fd, &saved);
     char name[16];
@@ -204,10 +150,10 @@ static void *chan_main(void *arg)
     snprintf(name, sizeof(name), "vfm-send-%u", id);
     pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
     pthread_mutex_lock(&job->lock);
-    if (!hdrs)
+    if (!hdrs || !scratch)
         fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
     for (;;) {
-        size_t n = 0, cnt = 0, bytes = 0;
+        size_t n = 0, cnt = 0, bytes = 0, made = 0;
         uint64_t sent = 0;
         int err;
 
@@ -229,7 +175,13 @@ static void *chan_main(void *arg)
             iov[cnt].iov_base = hdrs[i];
             iov[cnt++].iov_len = VFM_PACKET_HEADER_SIZE;
             if (e->len) {
-                iov[cnt].iov_base = (void *)e->data;
+                const unsigned char *data = e->data;
+                if (!data) {
+                    vfm_synth_fill(scratch + made, e->dev->base, e->dev->seed, e->src, e->len);
+                    data = scratch + made;
+                    made += e->len;
+                }
+                iov[cnt].iov_base = (void *)data;
                 iov[cnt++].iov_len = e->len;
             }
         }
@@ -258,14 +210,15 @@ static void *chan_main(void *arg)
     thread_exit(job);
     pthread_mutex_unlock(&job->lock);
     free(hdrs);
+    free(scratch);
     return NULL;
 }
 
 /* Queue a packet on the next channel of the round robin (lock held); its channel, or -1
  * when memory ran out. */
 static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
-                        struct vfm_sj_buf *buf, const unsigned char *data, uint32_t len,
-                        uint32_t idx, uint32_t flags)
+                        struct vfm_sj_buf *buf, const unsigned char *data, uint64_t src,
+                        uint32_t len, uint32_t idx, uint32_t flags)
 {
     unsigned c = (unsigned)(job->next % job->nchan);
     struct vfm_sj_chan *ch = &job->chans[c];
@@ -283,7 +236,8 @@ static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
         ch->head = 0;
     }
     ch->ring[(ch->head + ch->count) % ch->cap] = (struct vfm_sj_entry){
-        .data = data, .buf = buf, .dev = dev, .len = len, .idx = idx, .flags = flags};
+        .data = data, .src = src, .buf = buf, .dev = dev, .len = len, .idx = idx,
+        .flags = flags};
     ch->count++;
     ch->queued_bytes += VFM_PACKET_HEADER_SIZE + len;
     if (buf)
@@ -294,38 +248,6 @@ static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
 }
 
 /* -- readers ------------------------------------------------------------------------- */
-
-/* Fill up to n bytes from the device's source; the bytes, or -errno. */
-static ssize_t fill(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
-                    size_t n)
-{
-    size_t done = 0;
-
-    if (dev->kind == VFM_SJ_SYNTH) {
-        size_t k = dev->size - dev->offset < n ? (size_t)(dev->size - dev->offset) : n;
-        vfm_synth_fill(out, dev->base, dev->seed, dev->offset, k);
-        dev->offset += k;
-        return (ssize_t)k;
-    }
-    while (done < n) {
-        ssize_t r;
-        if (dev->poll) {
-            int err = wait_fd(job, dev->fd, POLLIN);
-            if (err)
-                return -err;
-        }
-        r = read(dev->fd, out + done, n - done);
-        if (r < 0) {
-            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            break;
-        done += (size_t)r;
-    }
-    return (ssize_t)done;
-}
 
 /* A free buffer of the device's pool, or NULL once the job failed (lock held; waits). */
 static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
@@ -351,50 +273,6 @@ static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev 
     }
 }
 
-/* A regular file is mapped whole instead of read into buffers: its packets point into
- * the page cache, which the socket copies from (one copy fewer).  The stream is the file
- * from the descriptor's offset to its size now; the offset is left at that end, as
- * reading it would.  Not mapped (read instead): anything else, an empty file, a failure. */
-static void map_file(struct vfm_sj_dev *dev)
-{
-    struct stat st;
-    off_t pos;
-    void *map;
-
-    if (dev->kind != VFM_SJ_FD || fstat(dev->fd, &st) || !S_ISREG(st.st_mode))
-        return;
-    pos = lseek(dev->fd, 0, SEEK_CUR);
-    if (pos < 0 || st.st_size <= pos)
-        return;
-    map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, dev->fd, 0);
-    if (map == MAP_FAILED)
-        return;
-    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
-    dev->map = map;
-    dev->map_len = (size_t)st.st_size;
-    dev->map_pos = (uint64_t)pos;
-}
-
-/* The next chunk of a mapped file (lock not needed: the reader's own fields). */
-static ssize_t next_mapped(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
-                           const unsigned char **data)
-{
-    uint64_t left = dev->map_len - dev->map_pos;
-    size_t n = left < job->chunk ? (size_t)left : job->chunk;
-
-    *data = dev->map + dev->map_pos;
-#if defined(MADV_POPULATE_READ) && !defined(VFM_NO_POPULATE)
-    if (n) { /* fault the chunk in here, in one call, not page by page in the senders */
-        uintptr_t start = (uintptr_t)*data & ~(uintptr_t)4095;
-        madvise((void *)start, (uintptr_t)*data + n - start, MADV_POPULATE_READ);
-    }
-#endif
-    dev->map_pos += n;
-    if (dev->map_pos == dev->map_len)
-        lseek(dev->fd, (off_t)dev->map_len, SEEK_SET);
-    return (ssize_t)n;
-}
-
 static void *reader_main(void *arg)
 {
     struct vfm_sendjob *job = ((struct thread_arg *)arg)->job;
@@ -407,23 +285,34 @@ static void *reader_main(void *arg)
     free(arg);
     snprintf(name, sizeof(name), "vfm-read-%u", id);
     pthread_setname_np(pthread_self(), name);
-    map_file(dev);
+    vfm_sj_map_file(dev);
+    int err = vfm_sj_tile_pattern(job, dev);
     pthread_mutex_lock(&job->lock);
-    for (;;) {
+    if (err)
+        fail(job, VFM_SJ_SOURCE, id, err, 0);
+    while (!job->failed) {
         struct vfm_sj_buf *buf = NULL;
-        const unsigned char *data;
+        const unsigned char *data = NULL;
+        uint64_t src = 0;
         ssize_t n;
         int more;
 
-        if (dev->map) {
-            n = next_mapped(job, dev, &data);
+        if (dev->kind == VFM_SJ_SYNTH) { /* the channels' threads make it */
+            uint64_t left = dev->size - dev->offset;
+            n = (ssize_t)(left < job->chunk ? left : job->chunk);
+            src = dev->offset;
+            dev->offset += (uint64_t)n;
+        } else if (dev->map) {
+            n = vfm_sj_next_mapped(job, dev, &data);
+        } else if (dev->tiled) {
+            n = vfm_sj_next_tiled(job, dev, &data);
         } else {
             buf = get_buffer(job, dev, id);
             if (!buf)
                 break;
             buf->pins++; /* ours while we read into it */
             pthread_mutex_unlock(&job->lock);
-            n = fill(job, dev, buf->data, job->chunk);
+            n = vfm_sj_read(job, dev, buf->data, job->chunk);
             pthread_mutex_lock(&job->lock);
             buf->pins--;
             data = buf->data;
@@ -440,7 +329,8 @@ static void *reader_main(void *arg)
         memset(used, 0, sizeof(used));
         for (size_t off = 0; off < (size_t)n; off += job->packet_size) {
             size_t len = (size_t)n - off < job->packet_size ? (size_t)n - off : job->packet_size;
-            int c = queue_packet(job, dev, buf, data + off, (uint32_t)len, idx++, 0);
+            int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
+                                 (uint32_t)len, idx++, 0);
             if (c < 0) {
                 fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
                 break;
@@ -456,7 +346,7 @@ static void *reader_main(void *arg)
             break;
     }
     if (!job->failed) {
-        if (queue_packet(job, dev, NULL, dev->config, (uint32_t)dev->config_len, idx,
+        if (queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
                          VFM_FLAG_CONFIG) < 0)
             fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
         else
@@ -591,6 +481,8 @@ void vfm_sendjob_free(struct vfm_sendjob *job)
             free(dev->bufs);
             free(dev->base);
             free(dev->config);
+            free(dev->pattern);
+            free(dev->tiled);
             if (dev->map)
                 munmap(dev->map, dev->map_len);
         }

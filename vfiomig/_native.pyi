@@ -171,8 +171,8 @@ class SendJob:
 
     ``devices``: ``(idstr, instance, endian, source, config_blob)`` each, ``source`` being
     ``("synth", size, seed, base)`` (``base``: the seed's 1 MiB block as
-    `vfiomig.sources` makes it) or ``("fd", fd, poll)`` (``poll``: wait for input before
-    each read, a pipe). Each source is read ``chunk`` bytes (whole packets) at a time and
+    `vfiomig.sources` makes it), ``("pattern", size, block)`` (the block repeated: bench's
+    source) or ``("fd", fd, poll)`` (``poll``: wait for input before each read, a pipe). Each source is read ``chunk`` bytes (whole packets) at a time and
     its packets queued on ``fds`` in QEMU's round robin; a reader waits while a channel it
     used holds more than ``limit`` bytes. `fileno` is readable once every thread is about
     to exit; `cancel` stops them soon, `join` waits for them (the GIL released).

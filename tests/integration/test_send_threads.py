@@ -6,16 +6,19 @@ it writes are checked in test_send_wire.py, a whole migration in test_receive.py
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from vfiomig import _core as core
 from vfiomig._core._wire import HANDSHAKE_SIZE
+from vfiomig.bench._sendproc import PatternSource
 from vfiomig.send import SendDevice, SendError, send_migration
 from vfiomig.send._types import SourceFailed
 from vfiomig.sources import SynthSource
@@ -49,9 +52,10 @@ async def serve(
     *,
     reset_after: int | None = None,
     read: bool = True,
+    hashes: dict[int, Any] | None = None,
 ) -> None:
-    """Accept ``n`` channels; drain each (or not), or reset channel 1 after
-    ``reset_after`` bytes of data."""
+    """Accept ``n`` channels; drain each (or not; into ``hashes``, by channel), or reset
+    channel 1 after ``reset_after`` bytes of data."""
 
     async def one(stream: trio.SocketStream) -> None:
         async with stream:
@@ -61,8 +65,12 @@ async def serve(
             if not read:
                 await trio.sleep_forever()
             got = 0
+            h = hashlib.sha256()
+            if hashes is not None:
+                hashes[hello[24]] = h
             while chunk := await stream.receive_some(1 << 16):
                 got += len(chunk)
+                h.update(chunk)
                 if reset_after is not None and hello[24] == 1 and got >= reset_after:
                     linger = struct.pack("ii", 1, 0)
                     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
@@ -73,7 +81,13 @@ async def serve(
 
 
 async def run_send(
-    source: object, channels: int = 2, *, reset_after: int | None = None, read: bool = True
+    source: object,
+    channels: int = 2,
+    *,
+    reset_after: int | None = None,
+    read: bool = True,
+    hashes: dict[int, Any] | None = None,
+    packet_size: int = 65536,
 ) -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
@@ -81,7 +95,9 @@ async def run_send(
     with listener.socket:  # closed however this ends
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                lambda: serve(listener, channels, nursery, reset_after=reset_after, read=read)
+                lambda: serve(
+                    listener, channels, nursery, reset_after=reset_after, read=read, hashes=hashes
+                )
             )
             try:
                 await send_migration(
@@ -89,7 +105,7 @@ async def run_send(
                     channels=channels,
                     uuid=UUID,
                     devices=[SendDevice(IDSTR, 0, source)],  # type: ignore[arg-type]
-                    packet_size=65536,
+                    packet_size=packet_size,
                     close_timeout=5,
                 )
             except SendError as exc:
@@ -129,6 +145,24 @@ async def test_synth_file_and_pipe_sources_take_the_threads(tmp_path: Path) -> N
                 await run_send(source)
     assert chosen == [True, True, True]
     assert send_threads() == []
+
+
+@pytest.mark.parametrize(("block", "packet"), [(4096, 4096), (7000, 3000)])
+async def test_bench_pattern_source_writes_the_trio_senders_bytes(
+    block: int, packet: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench's pattern source: packets pointing into one tiled chunk (the block divides
+    the chunk, as bench's block is its packet) or copied (it does not); either way the
+    bytes of the trio sender."""
+    got = []
+    for threads in ("1", "0"):
+        monkeypatch.setenv("VFIOMIG_SEND_THREADS", threads)
+        hashes: dict[int, Any] = {}
+        source = PatternSource((3 << 20) + 123, block, 5)
+        with trio.fail_after(30):
+            await run_send(source, 3, hashes=hashes, packet_size=packet)
+        got.append([hashes[i].hexdigest() for i in range(3)])
+    assert got[0] == got[1]
 
 
 async def test_a_reset_channel_fails_the_send_naming_it() -> None:

@@ -70,7 +70,8 @@ class Source(abc.ABC):
 
     def native_stream(self) -> tuple[object, ...] | None:
         """How the C send path (`vfiomig._core.SendJob`) reads this stream itself:
-        ``("synth", size, seed, base)`` or ``("fd", fd, poll)``; None (the default): it
+        ``("synth", size, seed, base)``, ``("pattern", size, block)`` or
+        ``("fd", fd, poll)`` (see `vfiomig._native.SendJob`); None (the default): it
         cannot, and the trio sender reads it. A source that says how promises that
         `start`, `config_blob` and `finish` do not depend on the reading (the sender calls
         them around the C threads' reads), and that nothing was read from it yet."""
