@@ -147,19 +147,23 @@ async def test_synth_file_and_pipe_sources_take_the_threads(tmp_path: Path) -> N
     assert send_threads() == []
 
 
-@pytest.mark.parametrize(("block", "packet"), [(4096, 4096), (7000, 3000)])
-async def test_bench_pattern_source_writes_the_trio_senders_bytes(
-    block: int, packet: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("kind", "block", "packet"),
+    [("pattern", 4096, 4096), ("pattern", 7000, 3000), ("synth", 0, 1001), ("synth", 0, 5)],
+)
+async def test_sources_write_the_trio_senders_bytes(
+    kind: str, block: int, packet: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bench's pattern source: packets pointing into one tiled chunk (the block divides
-    the chunk, as bench's block is its packet) or copied (it does not); either way the
-    bytes of the trio sender."""
+    """bench's pattern source (packets pointing into one tiled chunk, whatever the block)
+    and synthetic state cut at offsets that are not whole words (made word by word
+    otherwise): the bytes of the trio sender."""
     got = []
     for threads in ("1", "0"):
         monkeypatch.setenv("VFIOMIG_SEND_THREADS", threads)
         hashes: dict[int, Any] = {}
-        source = PatternSource((3 << 20) + 123, block, 5)
-        with trio.fail_after(30):
+        size = (1 << 20) + 123 if packet < 100 else (3 << 20) + 123
+        source = PatternSource(size, block, 5) if kind == "pattern" else SynthSource(size, 9)
+        with trio.fail_after(60):
             await run_send(source, 3, hashes=hashes, packet_size=packet)
         got.append([hashes[i].hexdigest() for i in range(3)])
     assert got[0] == got[1]
