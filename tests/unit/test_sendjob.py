@@ -18,7 +18,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def device(source: tuple[object, ...], config: bytes = b"CFG") -> tuple[object, ...]:
+def device(
+    source: tuple[object, ...], config: bytes = b"CFG"
+) -> tuple[str, int, str, tuple[object, ...], bytes]:
     return ("dev", 3, "be", source, config)
 
 
@@ -51,7 +53,7 @@ def test_a_small_job_over_a_socket_pair() -> None:
     a, b = socket.socketpair()
     with a, b:
         base = _base(4)
-        assert len(memoryview(base).cast("B")) == SYNTH_BLOCK
+        assert base.nbytes == SYNTH_BLOCK
         job = core.SendJob([a.fileno()], 4096, 8192, 1 << 20, [device(("synth", 10_000, 4, base))])
         job.start()
         with pytest.raises(RuntimeError):
