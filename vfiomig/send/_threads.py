@@ -11,8 +11,9 @@ backpressure: a reader waits while a channel it used holds more than the same li
 
 This task only starts the job, waits for its descriptor (readable once the threads are
 done) and copies its counters into the `SendStatus` now and then. A cancel (SIGTERM, a
-failure elsewhere) cancels the job, whose threads wake from any wait at once, and joins
-them before it returns: no thread outlives the call.
+failure elsewhere) cancels the job, whose threads wake from any wait at once (from a
+blocking send within its 100 ms ``SO_SNDTIMEO``), and joins them before it returns: no
+thread outlives the call.
 
 The trio sender stays, chosen automatically, for what the threads do not do: the pure
 core, TLS, pacing (``channel_rate``, ``channel_rates``, ``link_rate``), every order but
@@ -98,7 +99,7 @@ async def send_threaded(
             _copy_counters(job, writers, status, base)
     finally:
         if not job.finished:
-            job.cancel()  # each thread wakes from its wait at once: the join is short
+            job.cancel()  # a thread sees it at once, or within 100 ms in a send: short join
         job.join()
         _copy_counters(job, writers, status, base)
     error = job.error
