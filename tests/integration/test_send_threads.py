@@ -53,9 +53,12 @@ async def serve(
     reset_after: int | None = None,
     read: bool = True,
     hashes: dict[int, Any] | None = None,
+    endings: dict[int, str] | None = None,
 ) -> None:
     """Accept ``n`` channels; drain each (or not; into ``hashes``, by channel), or reset
-    channel 1 after ``reset_after`` bytes of data."""
+    channel 1 after ``reset_after`` bytes of data; how each drained channel ended (``fin``
+    or ``reset``) goes into ``endings``, by channel."""
+    endings = {} if endings is None else endings
 
     async def one(stream: trio.SocketStream) -> None:
         async with stream:
@@ -68,13 +71,19 @@ async def serve(
             h = hashlib.sha256()
             if hashes is not None:
                 hashes[hello[24]] = h
-            while chunk := await stream.receive_some(1 << 16):
-                got += len(chunk)
-                h.update(chunk)
-                if reset_after is not None and hello[24] == 1 and got >= reset_after:
-                    linger = struct.pack("ii", 1, 0)
-                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-                    return  # closed with SO_LINGER 0: a reset
+            try:
+                while chunk := await stream.receive_some(1 << 16):
+                    got += len(chunk)
+                    h.update(chunk)
+                    if reset_after is not None and hello[24] == 1 and got >= reset_after:
+                        linger = struct.pack("ii", 1, 0)
+                        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                        endings[hello[24]] = "reset by us"
+                        return  # closed with SO_LINGER 0: a reset
+            except trio.BrokenResourceError:
+                endings[hello[24]] = "reset"  # a failed sender resets its channels
+            else:
+                endings[hello[24]] = "fin"
 
     for _ in range(n):
         nursery.start_soon(one, await listener.accept())
@@ -87,6 +96,7 @@ async def run_send(
     reset_after: int | None = None,
     read: bool = True,
     hashes: dict[int, Any] | None = None,
+    endings: dict[int, str] | None = None,
     packet_size: int = 65536,
 ) -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
@@ -96,7 +106,13 @@ async def run_send(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 lambda: serve(
-                    listener, channels, nursery, reset_after=reset_after, read=read, hashes=hashes
+                    listener,
+                    channels,
+                    nursery,
+                    reset_after=reset_after,
+                    read=read,
+                    hashes=hashes,
+                    endings=endings,
                 )
             )
             try:
@@ -110,6 +126,10 @@ async def run_send(
                 )
             except SendError as exc:
                 failure = exc
+                if endings is not None:  # how the other channels end, seen by their readers
+                    with trio.move_on_after(5):
+                        while len(endings) < channels:  # noqa: ASYNC110 - no event per channel
+                            await trio.sleep(0.01)
             finally:
                 nursery.cancel_scope.cancel()
     if failure is not None:
@@ -170,9 +190,11 @@ async def test_sources_write_the_trio_senders_bytes(
 
 
 async def test_a_reset_channel_fails_the_send_naming_it() -> None:
+    endings: dict[int, str] = {}
     with trio.fail_after(30), pytest.raises(SendError) as info:
-        await run_send(SynthSource(256 << 20, 1), reset_after=200_000)
+        await run_send(SynthSource(256 << 20, 1), reset_after=200_000, endings=endings)
     text = str(info.value)
+    assert endings == {0: "reset", 1: "reset by us"}, "channel 0 must be reset, never ended"
     assert text.startswith("channel 1: ") and "\n" not in text
     assert "reset" in text or "Broken pipe" in text, text
     assert send_threads() == []
@@ -181,8 +203,10 @@ async def test_a_reset_channel_fails_the_send_naming_it() -> None:
 async def test_a_source_read_error_names_the_device_and_the_cause(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # read(2): EISDIR
     source = FdSource(fd, owned=True, description=f"fd:{fd}")
+    endings: dict[int, str] = {}
     with trio.fail_after(30), pytest.raises(SourceFailed) as info:
-        await run_send(source)
+        await run_send(source, endings=endings)
+    assert endings == {0: "reset", 1: "reset"}, endings
     text = str(info.value)
     assert text.startswith(
         f"{IDSTR}/0: reading source fd:{fd} failed: Is a directory (errno 21)"
