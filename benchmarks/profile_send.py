@@ -64,6 +64,7 @@ def _samples(data: Path) -> collections.Counter[str]:
         for name, match in GROUPS:
             if match(dso, sym, stack):
                 counts[name] += 1
+                counts[f"{name}\0{sym}"] += 1  # each group's leaf symbols, for --top
                 break
     return counts
 
@@ -145,14 +146,18 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--size", default="8G")
     ap.add_argument("--cref", action="store_true", help="profile cref_send instead")
+    ap.add_argument("--top", type=int, default=0, help="each group's N leaf symbols too")
     args = ap.parse_args()
     case = Case.parse(args.case, parse_size(args.size))
     counts = profile(case, args.seconds, args.cref)
-    total = sum(counts.values())
+    total = sum(n for k, n in counts.items() if "\0" not in k)
     who = "cref_send" if args.cref else "vfiomig send"
     print(f"# {who}, {case} ({total} samples at 2 kHz over {args.seconds} s)")
     for name, _ in GROUPS:
         print(f"{100 * counts[name] / total:6.1f}%  {name}")
+        syms = [(k.split("\0")[1], n) for k, n in counts.most_common() if k.startswith(name + "\0")]
+        for sym, n in syms[: args.top]:
+            print(f"{'':8}{100 * n / total:5.1f}%  {sym}")
     return 0
 
 

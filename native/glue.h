@@ -50,6 +50,7 @@ extern PyTypeObject vfiomig_RunType;        /* glue_run.c */
 extern PyTypeObject vfiomig_SendBufferType; /* glue_send_buffer.c */
 extern PyTypeObject vfiomig_HeadersType;    /* glue_send_buffer.c: PacketHeaders */
 extern PyTypeObject vfiomig_OutboxType;     /* glue_outbox.c */
+extern PyTypeObject vfiomig_SendJobType;    /* glue_sendjob.c */
 
 /* -- Budget ------------------------------------------------------------------------- */
 

@@ -32,7 +32,8 @@ PyMODINIT_FUNC PyInit__native(void)
         PyType_Ready(&vfiomig_BudgetType) < 0 || PyType_Ready(&vfiomig_ReorderType) < 0 ||
         PyType_Ready(&vfiomig_PipeWriterType) < 0 || PyType_Ready(&vfiomig_BlockType) < 0 ||
         PyType_Ready(&vfiomig_RunType) < 0 || PyType_Ready(&vfiomig_SendBufferType) < 0 ||
-        PyType_Ready(&vfiomig_HeadersType) < 0 || PyType_Ready(&vfiomig_OutboxType) < 0)
+        PyType_Ready(&vfiomig_HeadersType) < 0 || PyType_Ready(&vfiomig_OutboxType) < 0 ||
+        PyType_Ready(&vfiomig_SendJobType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
@@ -44,7 +45,8 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddObjectRef(m, "Run", (PyObject *)&vfiomig_RunType) < 0 ||
         PyModule_AddObjectRef(m, "SendBuffer", (PyObject *)&vfiomig_SendBufferType) < 0 ||
         PyModule_AddObjectRef(m, "PacketHeaders", (PyObject *)&vfiomig_HeadersType) < 0 ||
-        PyModule_AddObjectRef(m, "Outbox", (PyObject *)&vfiomig_OutboxType) < 0) {
+        PyModule_AddObjectRef(m, "Outbox", (PyObject *)&vfiomig_OutboxType) < 0 ||
+        PyModule_AddObjectRef(m, "SendJob", (PyObject *)&vfiomig_SendJobType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

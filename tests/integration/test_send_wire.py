@@ -3,7 +3,11 @@
 `GOLDEN` holds the sha256 of every channel's byte stream (after its handshake) as the
 per-packet sender of main 894000e wrote them, for every order, odd and even packet sizes,
 both header byte orders, paced and unpaced, from each kind of stream source. The batched
-sender must write exactly the same bytes, with either core.
+sender must write exactly the same bytes, with either core, and so must the C send path
+(`vfiomig.send._threads`, chosen for round robin, unpaced, from synth, file and pipe
+sources): each case runs with the pure core, the C core's trio sender
+(``VFIOMIG_SEND_THREADS=0``) and the C core as chosen. A pipe carries the bytes of the
+file case of the same size, so it has that case's digests.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,11 @@ import trio
 import vfiomig._core as core_module
 import vfiomig.send._channel as channel_module
 import vfiomig.send._sender as sender_module
+import vfiomig.send._threads as threads_module
 from vfiomig._core._wire import HANDSHAKE_SIZE
 from vfiomig.send import SendDevice, send_migration
 from vfiomig.sources import SynthSource
-from vfiomig.sources._simple import open_file_source
+from vfiomig.sources._simple import FdSource, open_file_source
 
 UUID = bytes(range(16))
 IDSTR = "0000:00:04.0/vfio"
@@ -48,6 +54,8 @@ CASES: dict[str, tuple[str, int, int, int, str, dict[str, Any]]] = {
     "file-4ch-64k": ("file", (1 << 20) + 5, 65536, 4, "roundrobin", {}),
     "file-2ch-shuffle": ("file", 100_000, 3000, 2, "shuffle", {"seed": 9, "window": 4}),
     "empty-2ch": ("synth", 0, 4096, 2, "roundrobin", {}),
+    "pipe-4ch-64k": ("pipe", (1 << 20) + 5, 65536, 4, "roundrobin", {}),
+    "pipe-3ch-1000": ("pipe", 150_007, 1000, 3, "roundrobin", {}),
 }
 
 
@@ -75,8 +83,20 @@ async def capture(
             while chunk := await stream.receive_some(1 << 20):
                 h.update(chunk)
 
+    writer: Callable[[], None] | None = None
     if source == "synth":
         src: Any = SynthSource(size, seed=11)
+    elif source == "pipe":  # fed by a thread, in writes of odd sizes
+        rfd, wfd = os.pipe()
+        src = FdSource(rfd, owned=True, description="pipe")
+        data = file_state(size)
+
+        def feed() -> None:
+            with os.fdopen(wfd, "wb", buffering=0) as f:
+                for i in range(0, len(data), 77_777):
+                    f.write(data[i : i + 77_777])
+
+        writer = feed
     else:
         path = tmp / "state"
         path.write_bytes(file_state(size))
@@ -84,6 +104,8 @@ async def capture(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_accept, listener, channels, drain, nursery)
+            if writer is not None:
+                nursery.start_soon(trio.to_thread.run_sync, writer)
             await send_migration(
                 connect_to=[f"tcp:127.0.0.1:{port}"],
                 channels=channels,
@@ -196,13 +218,26 @@ GOLDEN: dict[str, list[str]] = {
 }
 
 
-@pytest.fixture(params=sorted(core_module.IMPLEMENTATIONS))
+GOLDEN["pipe-4ch-64k"] = GOLDEN["file-4ch-64k"]
+GOLDEN["pipe-3ch-1000"] = GOLDEN["file-3ch-1000"]
+
+SENDERS = sorted(core_module.IMPLEMENTATIONS) + (
+    ["native-trio"] if "native" in core_module.IMPLEMENTATIONS else []
+)
+
+
+@pytest.fixture(params=SENDERS)
 def sender_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The sender with each core (its outboxes, headers and buffers)."""
-    impl = core_module.IMPLEMENTATIONS[request.param]
+    """The sender with each core (its outboxes, headers and buffers; the C send path's
+    `SendJob`, which the pure core has not), and the C core's trio sender."""
+    name = str(request.param)
+    if name == "native-trio":
+        monkeypatch.setenv("VFIOMIG_SEND_THREADS", "0")
+    impl = core_module.IMPLEMENTATIONS[name.removesuffix("-trio")]
     monkeypatch.setattr(sender_module, "core", impl)
     monkeypatch.setattr(channel_module, "core", impl)
-    return str(request.param)
+    monkeypatch.setattr(threads_module, "core", impl)
+    return name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

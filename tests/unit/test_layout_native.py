@@ -17,7 +17,15 @@ from tests.unit.graphs import circles
 
 NATIVE = Path(__file__).resolve().parents[2] / "native"
 MAX_LINES = 650
-PLAIN_C = ("vfiomig_core.c", "vfiomig_core.h", "vfiomig_reorder.c", "vfiomig_reorder.h")
+PLAIN_C = (
+    "vfiomig_core.c",
+    "vfiomig_core.h",
+    "vfiomig_reorder.c",
+    "vfiomig_reorder.h",
+    "vfiomig_sendjob.c",
+    "vfiomig_sendjob.h",
+    "vfiomig_sendsrc.c",
+)
 PYTHON_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](Python\.h|structmember\.h|glue\.h)[>"]', re.M)
 # A file-scope line that is neither static nor a type, directive, label or block end.
 _SKIP = re.compile(r"(static\b|typedef\b|#|/\*|\*|}|\w+:$|(enum|struct|union)\s*\w*\s*\{)")

@@ -5,7 +5,9 @@ This is the one selection point between the pure-Python reference and the C core
 makes a missing C core an error instead of a fallback. `IMPLEMENTATION` says which is in use.
 
 The sinks take the C core's I/O helpers from here too: `PipeWriter` (a blocking pipe written
-from a thread of its own) and `Run` (the type of `Ready.chunks`), None with the pure core.
+from a thread of its own) and `Run` (the type of `Ready.chunks`), None with the pure core;
+so does the sender: `SendJob` (stream sources read and sent by C threads), None with the
+pure core.
 
 `IMPLEMENTATIONS` maps each implementation available in this process to a namespace with the
 core's whole surface, so that tests run every core test against both.
@@ -112,10 +114,12 @@ if _native is not None and os.environ.get("VFIOMIG_PUREPYTHON") != "1":
 if TYPE_CHECKING:
     from vfiomig._native import PipeWriter as PipeWriter
     from vfiomig._native import Run as Run
+    from vfiomig._native import SendJob as SendJob
 elif IMPLEMENTATION == "native":
-    PipeWriter, Run = _native.PipeWriter, _native.Run
-else:  # the pure core writes pipes from the event loop, and its batches are lists
-    PipeWriter = Run = None
+    PipeWriter, Run, SendJob = _native.PipeWriter, _native.Run, _native.SendJob
+else:  # the pure core writes pipes from the event loop, its batches are lists, and it
+    # sends from trio tasks
+    PipeWriter = Run = SendJob = None
 
 __all__ = [
     "IMPLEMENTATION",

@@ -44,6 +44,7 @@ from vfiomig._logs import event
 from vfiomig.send._channel import CHUNK, Link, Progress, Writer
 from vfiomig.send._close import CLOSE_TIMEOUT, channel_error, describe, end_channels
 from vfiomig.send._control import send_with_control
+from vfiomig.send._threads import native_streams, send_threaded
 from vfiomig.send._types import (
     PrecopyOptions,
     SendDevice,
@@ -430,30 +431,28 @@ async def _send_channels(
                 writer.link = link
         chunk = packet_size * max(1, CHUNK // packet_size)
         limit = max(CHANNEL_QUEUE * (core.PACKET_HEADER_SIZE + packet_size), chunk)
-        dispatcher = _Dispatcher(writers, order, seed, limit)
         status.phase = "stop-copy"
         counts: dict[str, tuple[int, int]] = {}
-        async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
-            for i, writer in enumerate(writers):
-                nursery.start_soon(writer.run, i, failures, scope)
-            async with trio.open_nursery() as producers:
-                for n, device in enumerate(devices):
-                    rng = random.Random(seed * 7919 + n)
-                    producers.start_soon(
-                        _produce_guarded,
-                        failures,
-                        scope,
-                        device,
-                        dispatcher,
-                        packet_size,
-                        endian,
-                        window,
-                        rng,
-                        counts,
-                    )
-            for writer in writers:
-                writer.close()
+        paced = link is not None or any(rates)
+        streams = native_streams(devices, writers, order=order, paced=paced, tls=tls is not None)
+        if streams is not None:  # C threads read and send (send/_threads.py)
+            await send_threaded(
+                devices,
+                streams,
+                writers,
+                packet_size=packet_size,
+                chunk=chunk,
+                limit=limit,
+                endian=endian,
+                status=status,
+                counts=counts,
+                failures=failures,
+            )
+        else:
+            dispatcher = _Dispatcher(writers, order, seed, limit)
+            await _send_trio(
+                dispatcher, devices, failures, counts, packet_size, endian, window, seed
+            )
         if failures:
             raise failures[0]
         # Every byte is sent; success only once the receiver read each channel to its end.
@@ -479,3 +478,38 @@ async def _send_channels(
     return SendReport(
         total, packets, trio.current_time() - start, counts, tuple(w.sent for w in writers)
     )
+
+
+async def _send_trio(
+    dispatcher: _Dispatcher,
+    devices: list[SendDevice],
+    failures: list[SendError],
+    counts: dict[str, tuple[int, int]],
+    packet_size: int,
+    endian: Endian,
+    window: int,
+    seed: int,
+) -> None:
+    """The trio sender: a producer task per device, a writer task per channel."""
+    writers = dispatcher.writers
+    async with trio.open_nursery() as nursery:
+        scope = nursery.cancel_scope
+        for i, writer in enumerate(writers):
+            nursery.start_soon(writer.run, i, failures, scope)
+        async with trio.open_nursery() as producers:
+            for n, device in enumerate(devices):
+                rng = random.Random(seed * 7919 + n)
+                producers.start_soon(
+                    _produce_guarded,
+                    failures,
+                    scope,
+                    device,
+                    dispatcher,
+                    packet_size,
+                    endian,
+                    window,
+                    rng,
+                    counts,
+                )
+        for writer in writers:
+            writer.close()

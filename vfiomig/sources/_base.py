@@ -68,6 +68,15 @@ class Source(abc.ABC):
         how many; fewer than ``len(buf)`` only at the end of the stream (0: nothing left)."""
         raise NotImplementedError(f"{self.description} does not fill buffers")
 
+    def native_stream(self) -> tuple[object, ...] | None:
+        """How the C send path (`vfiomig._core.SendJob`) reads this stream itself:
+        ``("synth", size, seed, base)``, ``("pattern", size, block)`` or
+        ``("fd", fd, poll)`` (see `vfiomig._native.SendJob`); None (the default): it
+        cannot, and the trio sender reads it. A source that says how promises that
+        `start`, `config_blob` and `finish` do not depend on the reading (the sender calls
+        them around the C threads' reads), and that nothing was read from it yet."""
+        return None
+
     def size_hint(self) -> int | None:
         """The bytes the stream still holds, when that is known before reading them (a
         progress line's time left); None (the default) when it is not."""

@@ -112,6 +112,11 @@ class SynthSource(Source):
     async def config_blob(self) -> bytes:
         return wrap_config(synth_config_body(self.seed))
 
+    def native_stream(self) -> tuple[object, ...] | None:
+        if self._offset or not 0 <= self.seed < 2**64:
+            return None
+        return ("synth", self.size, self.seed, _base(self.seed))
+
 
 class FdSource(Source):
     """Reads a descriptor (a file, a pipe) until end of file, in a worker thread."""
@@ -139,6 +144,10 @@ class FdSource(Source):
             await trio.lowlevel.checkpoint()
             return n
         return await trio.to_thread.run_sync(_fill, self.fd, buf)
+
+    def native_stream(self) -> tuple[object, ...] | None:
+        # A pipe or a socket is polled before each read, so that a cancel stops the wait.
+        return None if self._closed else ("fd", self.fd, not self._regular)
 
     def size_hint(self) -> int | None:
         """A regular file's bytes from the current offset; None for a pipe or a socket."""

@@ -1,0 +1,333 @@
+/*
+ * glue_sendjob.c - vfiomig._native.SendJob: the sender's C send path (vfiomig_sendjob.h)
+ * for vfiomig/send/_threads.py.  The constructor takes the channel sockets and each
+ * device's header fields, source and config blob; start() runs the threads, which never
+ * touch a Python object; fileno() is readable once they are all about to exit; cancel()
+ * stops them; join() waits for them without the GIL.  Native core only: the pure core
+ * keeps the trio sender.
+ */
+#include "glue.h"
+
+#include "vfiomig_sendjob.h"
+
+#include <errno.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    struct vfm_sendjob job;
+    int started, joined, ready; /* ready: vfm_sendjob_init succeeded */
+} SendJob;
+
+/* One device: (idstr, instance, endian, source, config); source is ("synth", size, seed,
+ * base), ("pattern", size, block) or ("fd", fd, poll).  0, or -1 with an error. */
+static int parse_device(struct vfm_sj_dev *dev, PyObject *item)
+{
+    const char *idstr, *endian, *kind;
+    Py_ssize_t idlen;
+    unsigned long instance;
+    PyObject *source;
+    Py_buffer config;
+    int rc = -1;
+
+    if (!PyArg_ParseTuple(item, "s#ksOy*:SendJob device", &idstr, &idlen, &instance, &endian,
+                          &source, &config))
+        return -1;
+    if ((size_t)idlen >= VFM_IDSTR_SIZE || instance > UINT32_MAX ||
+        (strcmp(endian, "be") && strcmp(endian, "host"))) {
+        PyErr_SetString(PyExc_ValueError, "bad device header fields");
+        goto out;
+    }
+    vfm_header_prefix(dev->prefix, idstr, (size_t)idlen);
+    dev->instance = (uint32_t)instance;
+    dev->host = strcmp(endian, "host") == 0;
+    dev->config = malloc(config.len ? (size_t)config.len : 1);
+    if (!dev->config) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    memcpy(dev->config, config.buf, (size_t)config.len);
+    dev->config_len = (size_t)config.len;
+    if (!PyTuple_Check(source) || PyTuple_GET_SIZE(source) < 1 ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(source, 0))) {
+        PyErr_SetString(PyExc_TypeError, "a source is a tuple (kind, ...)");
+        goto out;
+    }
+    kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(source, 0));
+    if (!kind)
+        goto out;
+    if (!strcmp(kind, "synth")) {
+        unsigned long long size, seed;
+        Py_buffer base;
+        if (!PyArg_ParseTuple(source, "sKKy*:synth source", &kind, &size, &seed, &base))
+            goto out;
+        if (base.len != VFM_SYNTH_BLOCK) {
+            PyBuffer_Release(&base);
+            PyErr_SetString(PyExc_ValueError, "a synth base is one block");
+            goto out;
+        }
+        dev->base = malloc(VFM_SYNTH_BLOCK);
+        if (dev->base)
+            memcpy(dev->base, base.buf, VFM_SYNTH_BLOCK);
+        PyBuffer_Release(&base);
+        if (!dev->base) {
+            PyErr_NoMemory();
+            goto out;
+        }
+        dev->kind = VFM_SJ_SYNTH;
+        dev->size = size;
+        dev->seed = seed;
+    } else if (!strcmp(kind, "pattern")) {
+        unsigned long long size;
+        Py_buffer block;
+        if (!PyArg_ParseTuple(source, "sKy*:pattern source", &kind, &size, &block))
+            goto out;
+        dev->pattern = block.len ? malloc((size_t)block.len) : NULL;
+        if (dev->pattern)
+            memcpy(dev->pattern, block.buf, (size_t)block.len);
+        dev->pattern_len = (size_t)block.len;
+        PyBuffer_Release(&block);
+        if (!dev->pattern) {
+            PyErr_SetString(PyExc_ValueError, "a pattern is a non-empty block");
+            goto out;
+        }
+        dev->kind = VFM_SJ_PATTERN;
+        dev->size = size;
+    } else if (!strcmp(kind, "fd")) {
+        int fd, poll;
+        if (!PyArg_ParseTuple(source, "sip:fd source", &kind, &fd, &poll))
+            goto out;
+        dev->kind = VFM_SJ_FD;
+        dev->fd = fd;
+        dev->poll = poll;
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown source kind %s", kind);
+        goto out;
+    }
+    rc = 0;
+out:
+    PyBuffer_Release(&config);
+    return rc;
+}
+
+static int SendJob_init(SendJob *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fds", "packet_size", "chunk", "limit", "devices", NULL};
+    PyObject *fds, *devices, *fdseq = NULL, *devseq = NULL;
+    Py_ssize_t packet_size, chunk, limit;
+    int rc = -1, err;
+
+    if (self->ready || self->started) {
+        PyErr_SetString(PyExc_RuntimeError, "SendJob is already set up");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnnO:SendJob", kwlist, &fds, &packet_size,
+                                     &chunk, &limit, &devices))
+        return -1;
+    fdseq = PySequence_Fast(fds, "fds must be a sequence");
+    devseq = fdseq ? PySequence_Fast(devices, "devices must be a sequence") : NULL;
+    if (!devseq)
+        goto out;
+    if (packet_size < 1 || chunk < packet_size || limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad packet size, chunk or limit");
+        goto out;
+    }
+    err = vfm_sendjob_init(&self->job, (unsigned)PySequence_Fast_GET_SIZE(fdseq),
+                           (unsigned)PySequence_Fast_GET_SIZE(devseq), (size_t)packet_size,
+                           (size_t)chunk, (size_t)limit);
+    self->ready = 1; /* what init allocated is freed at dealloc, whatever happened */
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(err == EINVAL ? PyExc_ValueError : PyExc_OSError);
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fdseq); i++) {
+        int fd = PyObject_AsFileDescriptor(PySequence_Fast_GET_ITEM(fdseq, i));
+        if (fd < 0)
+            goto out;
+        self->job.chans[i].fd = fd;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(devseq); i++)
+        if (parse_device(&self->job.devs[i], PySequence_Fast_GET_ITEM(devseq, i)) < 0)
+            goto out;
+    rc = 0;
+out:
+    Py_XDECREF(fdseq);
+    Py_XDECREF(devseq);
+    if (rc < 0 && self->ready) {
+        vfm_sendjob_free(&self->job);
+        self->ready = 0;
+    }
+    return rc;
+}
+
+static int check_ready(SendJob *self)
+{
+    if (!self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "SendJob is not set up");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *SendJob_start(SendJob *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_ready(self) < 0)
+        return NULL;
+    if (self->started) {
+        PyErr_SetString(PyExc_RuntimeError, "SendJob is already started");
+        return NULL;
+    }
+    self->started = 1;
+    vfm_sendjob_start(&self->job);
+    Py_RETURN_NONE;
+}
+
+static PyObject *SendJob_cancel(SendJob *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->ready)
+        vfm_sendjob_cancel(&self->job);
+    Py_RETURN_NONE;
+}
+
+static void join(SendJob *self)
+{
+    if (self->started && !self->joined) {
+        Py_BEGIN_ALLOW_THREADS
+        vfm_sendjob_join(&self->job);
+        Py_END_ALLOW_THREADS
+        self->joined = 1;
+    }
+}
+
+static PyObject *SendJob_join(SendJob *self, PyObject *Py_UNUSED(ignored))
+{
+    join(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *SendJob_fileno(SendJob *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_ready(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->job.done_fd);
+}
+
+static void SendJob_dealloc(SendJob *self)
+{
+    if (self->ready) {
+        if (self->started && !self->joined) {
+            vfm_sendjob_cancel(&self->job);
+            join(self);
+        }
+        vfm_sendjob_free(&self->job);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Read fields under the job's lock (the threads change them). */
+static PyObject *SendJob_get_finished(SendJob *self, void *Py_UNUSED(closure))
+{
+    int finished;
+    if (check_ready(self) < 0)
+        return NULL;
+    pthread_mutex_lock(&self->job.lock);
+    finished = self->started && self->job.threads_left == 0;
+    pthread_mutex_unlock(&self->job.lock);
+    return PyBool_FromLong(finished);
+}
+
+static PyObject *SendJob_get_channel_bytes(SendJob *self, void *Py_UNUSED(closure))
+{
+    PyObject *out;
+    if (check_ready(self) < 0)
+        return NULL;
+    out = PyTuple_New(self->job.nchan);
+    if (!out)
+        return NULL;
+    pthread_mutex_lock(&self->job.lock);
+    for (unsigned c = 0; c < self->job.nchan; c++) {
+        /* PyLong_FromUnsignedLongLong of a small value does not block */
+        PyObject *n = PyLong_FromUnsignedLongLong(self->job.chans[c].sent_bytes);
+        if (!n) {
+            pthread_mutex_unlock(&self->job.lock);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, c, n);
+    }
+    pthread_mutex_unlock(&self->job.lock);
+    return out;
+}
+
+static PyObject *SendJob_get_device_counts(SendJob *self, void *Py_UNUSED(closure))
+{
+    PyObject *out;
+    if (check_ready(self) < 0)
+        return NULL;
+    out = PyTuple_New(self->job.ndev);
+    if (!out)
+        return NULL;
+    pthread_mutex_lock(&self->job.lock);
+    for (unsigned d = 0; d < self->job.ndev; d++) {
+        PyObject *t = Py_BuildValue("(KI)", (unsigned long long)self->job.devs[d].bytes,
+                                    (unsigned)self->job.devs[d].packets);
+        if (!t) {
+            pthread_mutex_unlock(&self->job.lock);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, d, t);
+    }
+    pthread_mutex_unlock(&self->job.lock);
+    return out;
+}
+
+static PyObject *SendJob_get_error(SendJob *self, void *Py_UNUSED(closure))
+{
+    static const char *kinds[] = {"", "channel", "source", "cancelled", "start"};
+    struct vfm_sendjob *job = &self->job;
+    enum vfm_sj_error e;
+    unsigned who;
+    int err;
+    unsigned long long sent;
+
+    if (check_ready(self) < 0)
+        return NULL;
+    pthread_mutex_lock(&job->lock);
+    e = job->error;
+    who = job->error_who;
+    err = job->error_errno;
+    sent = job->error_sent;
+    pthread_mutex_unlock(&job->lock);
+    if (e == VFM_SJ_OK)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(sIiK)", kinds[e], who, err, sent);
+}
+
+static PyMethodDef SendJob_methods[] = {
+    {"start", (PyCFunction)SendJob_start, METH_NOARGS, NULL},
+    {"cancel", (PyCFunction)SendJob_cancel, METH_NOARGS, NULL},
+    {"join", (PyCFunction)SendJob_join, METH_NOARGS, NULL},
+    {"fileno", (PyCFunction)SendJob_fileno, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef SendJob_getset[] = {
+    {"finished", (getter)SendJob_get_finished, NULL, NULL, NULL},
+    {"channel_bytes", (getter)SendJob_get_channel_bytes, NULL, NULL, NULL},
+    {"device_counts", (getter)SendJob_get_device_counts, NULL, NULL, NULL},
+    {"error", (getter)SendJob_get_error, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject vfiomig_SendJobType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vfiomig._native.SendJob",
+    .tp_basicsize = sizeof(SendJob),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SendJob_init,
+    .tp_dealloc = (destructor)SendJob_dealloc,
+    .tp_methods = SendJob_methods,
+    .tp_getset = SendJob_getset,
+};

@@ -1,0 +1,500 @@
+/* vfiomig_sendjob.c - the sender's C send path: reader and channel threads and the job
+ * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c. */
+#define _GNU_SOURCE
+#include "vfiomig_sendjob.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
+/* A blocking send wakes this often (SO_SNDTIMEO) to see whether the job was cancelled. */
+#define VFM_SJ_WAKE_US 100000
+
+/* The first failure wins; every thread is told (lock held). */
+static void fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, int err,
+                 uint64_t sent)
+{
+    uint64_t one = 1;
+
+    if (job->failed)
+        return;
+    __atomic_store_n(&job->failed, 1, __ATOMIC_RELEASE);
+    job->error = what;
+    job->error_who = who;
+    job->error_errno = err;
+    job->error_sent = sent;
+    if (write(job->cancel_fd, &one, sizeof(one)) < 0) {
+        /* an eventfd write fails only at its maximum count: it stays readable */
+    }
+    pthread_cond_broadcast(&job->room);
+    for (unsigned i = 0; i < job->nchan; i++)
+        pthread_cond_broadcast(&job->chans[i].cv);
+}
+
+/* A thread is about to exit (lock held): the last one makes done_fd readable. */
+static void thread_exit(struct vfm_sendjob *job)
+{
+    uint64_t one = 1;
+
+    if (--job->threads_left == 0 && write(job->done_fd, &one, sizeof(one)) < 0) {
+        /* see fail() */
+    }
+}
+
+/* -- channels ------------------------------------------------------------------------ */
+
+/* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
+ * blocking socket (see blocking()) sleeps in the kernel, as cref_send's do, and wakes at
+ * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
+static int send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
+                    size_t cnt, uint64_t *sent)
+{
+    int flags = MSG_NOSIGNAL | (blocking ? 0 : MSG_DONTWAIT);
+
+    while (cnt) {
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = cnt};
+        ssize_t n;
+
+        if (__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE))
+            return ECANCELED;
+        n = sendmsg(fd, &mh, flags);
+        if (n < 0) {
+            int err = errno;
+            if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK)))
+                continue;
+            if (err != EAGAIN && err != EWOULDBLOCK)
+                return err;
+            err = vfm_sj_wait_fd(job, fd, POLLOUT);
+            if (err)
+                return err;
+            continue;
+        }
+        *sent += (uint64_t)n;
+        for (size_t left = (size_t)n; left;) {
+            if (left < iov->iov_len) {
+                iov->iov_base = (unsigned char *)iov->iov_base + left;
+                iov->iov_len -= left;
+                break;
+            }
+            left -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        while (cnt && !iov->iov_len) {
+            iov++;
+            cnt--;
+        }
+    }
+    return 0;
+}
+
+/* What a thread is started with: its job and its channel or device number. */
+/* Make a channel's socket blocking, with SO_SNDTIMEO as the cancel check's period, for
+ * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
+struct sock_mode {
+    int flags;
+    struct timeval timeout;
+};
+
+static int blocking(int fd, struct sock_mode *saved)
+{
+    struct timeval tv = {.tv_sec = 0, .tv_usec = VFM_SJ_WAKE_US};
+    socklen_t len = sizeof(saved->timeout);
+
+    saved->flags = fcntl(fd, F_GETFL);
+    if (saved->flags < 0 || getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, &len) ||
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
+        return 0;
+    if (fcntl(fd, F_SETFL, saved->flags & ~O_NONBLOCK)) {
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+        return 0;
+    }
+    return 1;
+}
+
+static void restore(int fd, const struct sock_mode *saved)
+{
+    fcntl(fd, F_SETFL, saved->flags);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+}
+
+struct thread_arg {
+    struct vfm_sendjob *job;
+    unsigned id;
+};
+
+static void *chan_main(void *arg)
+{
+    struct vfm_sendjob *job = ((struct thread_arg *)arg)->job;
+    unsigned id = ((struct thread_arg *)arg)->id;
+    struct vfm_sj_chan *ch = &job->chans[id];
+    struct vfm_sj_entry batch[VFM_SJ_BATCH];
+    unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE] = malloc(VFM_SJ_BATCH * sizeof(*hdrs));
+    struct iovec iov[2 * VFM_SJ_BATCH];
+    /* synthetic data is made here, right before it is sent: still in this core's cache */
+    unsigned char *scratch = malloc(VFM_SJ_BATCH_BYTES + job->packet_size);
+    struct sock_mode saved;
+    int is_blocking = blocking(ch->fd, &saved);
+    char name[16];
+
+    free(arg);
+    snprintf(name, sizeof(name), "vfm-send-%u", id);
+    pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
+    pthread_mutex_lock(&job->lock);
+    if (!hdrs || !scratch)
+        fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
+    for (;;) {
+        size_t n = 0, cnt = 0, bytes = 0, made = 0;
+        uint64_t sent = 0;
+        int err;
+
+        while (!job->failed && !ch->count && job->readers_left)
+            pthread_cond_wait(&ch->cv, &job->lock);
+        if (job->failed || !ch->count)
+            break;
+        for (size_t k = ch->head; n < ch->count && n < VFM_SJ_BATCH && bytes < VFM_SJ_BATCH_BYTES;
+             n++) {
+            batch[n] = ch->ring[k];
+            bytes += VFM_PACKET_HEADER_SIZE + batch[n].len;
+            k = k + 1 == ch->cap ? 0 : k + 1;
+        }
+        pthread_mutex_unlock(&job->lock);
+        for (size_t i = 0; i < n; i++) {
+            struct vfm_sj_entry *e = &batch[i];
+            vfm_header_build(hdrs[i], e->dev->prefix, e->dev->instance, e->len, e->idx,
+                             e->flags, e->dev->host);
+            iov[cnt].iov_base = hdrs[i];
+            iov[cnt++].iov_len = VFM_PACKET_HEADER_SIZE;
+            if (e->len) {
+                const unsigned char *data = e->data;
+                if (!data) {
+                    vfm_synth_fill(scratch + made, e->dev->base, e->dev->seed, e->src, e->len);
+                    data = scratch + made;
+                    made += e->len;
+                }
+                iov[cnt].iov_base = (void *)data;
+                iov[cnt++].iov_len = e->len;
+            }
+        }
+        err = send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
+        pthread_mutex_lock(&job->lock);
+        if (err) {
+            if (err == ECANCELED)
+                fail(job, VFM_SJ_CANCELLED, id, 0, 0);
+            else
+                fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes + sent);
+            ch->sent_bytes += sent;
+            break;
+        }
+        for (size_t i = 0; i < n; i++) {
+            if (batch[i].buf)
+                batch[i].buf->pins--;
+            ch->queued_bytes -= VFM_PACKET_HEADER_SIZE + batch[i].len;
+        }
+        ch->head = (ch->head + n) % ch->cap;
+        ch->count -= n;
+        ch->sent_bytes += sent;
+        pthread_cond_broadcast(&job->room);
+    }
+    if (is_blocking)
+        restore(ch->fd, &saved); /* before the job is done: trio has it back as it was */
+    thread_exit(job);
+    pthread_mutex_unlock(&job->lock);
+    free(hdrs);
+    free(scratch);
+    return NULL;
+}
+
+/* Queue a packet on the next channel of the round robin (lock held); its channel, or -1
+ * when memory ran out. */
+static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                        struct vfm_sj_buf *buf, const unsigned char *data, uint64_t src,
+                        uint32_t len, uint32_t idx, uint32_t flags)
+{
+    unsigned c = (unsigned)(job->next % job->nchan);
+    struct vfm_sj_chan *ch = &job->chans[c];
+
+    if (ch->count == ch->cap) {
+        size_t cap = ch->cap ? 2 * ch->cap : 64;
+        struct vfm_sj_entry *ring = malloc(cap * sizeof(*ring));
+        if (!ring)
+            return -1;
+        for (size_t i = 0; i < ch->count; i++)
+            ring[i] = ch->ring[(ch->head + i) % ch->cap];
+        free(ch->ring);
+        ch->ring = ring;
+        ch->cap = cap;
+        ch->head = 0;
+    }
+    ch->ring[(ch->head + ch->count) % ch->cap] = (struct vfm_sj_entry){
+        .data = data, .src = src, .buf = buf, .dev = dev, .len = len, .idx = idx,
+        .flags = flags};
+    ch->count++;
+    ch->queued_bytes += VFM_PACKET_HEADER_SIZE + len;
+    if (buf)
+        buf->pins++;
+    job->next++;
+    pthread_cond_signal(&ch->cv);
+    return (int)c;
+}
+
+/* -- readers ------------------------------------------------------------------------- */
+
+/* A free buffer of the device's pool, or NULL once the job failed (lock held; waits). */
+static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                                     unsigned id)
+{
+    for (;;) {
+        if (job->failed)
+            return NULL;
+        for (size_t i = 0; i < dev->nbufs; i++)
+            if (!dev->bufs[i].pins)
+                return &dev->bufs[i];
+        if (dev->nbufs < dev->maxbufs) {
+            struct vfm_sj_buf *b = &dev->bufs[dev->nbufs];
+            if (posix_memalign((void **)&b->data, 4096, job->chunk)) {
+                fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+                return NULL;
+            }
+            b->pins = 0;
+            dev->nbufs++;
+            return b;
+        }
+        pthread_cond_wait(&job->room, &job->lock);
+    }
+}
+
+static void *reader_main(void *arg)
+{
+    struct vfm_sendjob *job = ((struct thread_arg *)arg)->job;
+    unsigned id = ((struct thread_arg *)arg)->id;
+    struct vfm_sj_dev *dev = &job->devs[id];
+    uint32_t idx = 0;
+    unsigned char used[256];
+    char name[16];
+
+    free(arg);
+    snprintf(name, sizeof(name), "vfm-read-%u", id);
+    pthread_setname_np(pthread_self(), name);
+    vfm_sj_map_file(dev);
+    int err = vfm_sj_tile_pattern(job, dev);
+    pthread_mutex_lock(&job->lock);
+    if (err)
+        fail(job, VFM_SJ_SOURCE, id, err, 0);
+    while (!job->failed) {
+        struct vfm_sj_buf *buf = NULL;
+        const unsigned char *data = NULL;
+        uint64_t src = 0;
+        ssize_t n;
+        int more;
+
+        if (dev->kind == VFM_SJ_SYNTH) { /* the channels' threads make it */
+            uint64_t left = dev->size - dev->offset;
+            n = (ssize_t)(left < job->chunk ? left : job->chunk);
+            src = dev->offset;
+            dev->offset += (uint64_t)n;
+        } else if (dev->map) {
+            n = vfm_sj_next_mapped(job, dev, &data);
+        } else if (dev->tiled) {
+            n = vfm_sj_next_tiled(job, dev, &data);
+        } else {
+            buf = get_buffer(job, dev, id);
+            if (!buf)
+                break;
+            buf->pins++; /* ours while we read into it */
+            pthread_mutex_unlock(&job->lock);
+            n = vfm_sj_read(job, dev, buf->data, job->chunk);
+            pthread_mutex_lock(&job->lock);
+            buf->pins--;
+            data = buf->data;
+        }
+        if (n < 0) {
+            if (n == -ECANCELED)
+                fail(job, VFM_SJ_CANCELLED, id, 0, 0);
+            else
+                fail(job, VFM_SJ_SOURCE, id, (int)-n, 0);
+            break;
+        }
+        if (job->failed)
+            break;
+        memset(used, 0, sizeof(used));
+        for (size_t off = 0; off < (size_t)n; off += job->packet_size) {
+            size_t len = (size_t)n - off < job->packet_size ? (size_t)n - off : job->packet_size;
+            int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
+                                 (uint32_t)len, idx++, 0);
+            if (c < 0) {
+                fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+                break;
+            }
+            used[c] = 1;
+        }
+        dev->bytes += (uint64_t)n;
+        more = (size_t)n == job->chunk;
+        for (unsigned c = 0; c < job->nchan && !job->failed; c++)
+            while (used[c] && !job->failed && job->chans[c].queued_bytes > job->limit)
+                pthread_cond_wait(&job->room, &job->lock);
+        if (job->failed || !more)
+            break;
+    }
+    if (!job->failed) {
+        if (queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
+                         VFM_FLAG_CONFIG) < 0)
+            fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+        else
+            dev->packets = idx + 1;
+    }
+    if (--job->readers_left == 0)
+        for (unsigned c = 0; c < job->nchan; c++)
+            pthread_cond_broadcast(&job->chans[c].cv);
+    thread_exit(job);
+    pthread_mutex_unlock(&job->lock);
+    return NULL;
+}
+
+/* -- the job ------------------------------------------------------------------------- */
+
+int vfm_sendjob_init(struct vfm_sendjob *job, unsigned nchan, unsigned ndev,
+                     size_t packet_size, size_t chunk, size_t limit)
+{
+    memset(job, 0, sizeof(*job));
+    job->cancel_fd = job->done_fd = -1;
+    if (!nchan || nchan > 255 || !ndev || !packet_size || chunk < packet_size ||
+        packet_size > UINT32_MAX - 12)
+        return EINVAL;
+    if (pthread_mutex_init(&job->lock, NULL))
+        return ENOMEM;
+    pthread_cond_init(&job->room, NULL);
+    job->nchan = nchan;
+    job->ndev = ndev;
+    job->packet_size = packet_size;
+    job->chunk = chunk;
+    job->limit = limit;
+    job->chans = calloc(nchan, sizeof(*job->chans));
+    if (!job->chans)
+        return ENOMEM;
+    for (unsigned c = 0; c < nchan; c++)
+        pthread_cond_init(&job->chans[c].cv, NULL);
+    job->devs = calloc(ndev, sizeof(*job->devs));
+    if (!job->devs)
+        return ENOMEM;
+    for (unsigned d = 0; d < ndev; d++) {
+        job->devs[d].fd = -1;
+        /* enough to fill every channel to its limit, plus the one being read */
+        job->devs[d].maxbufs = nchan * (limit / chunk + 2) + 2;
+        job->devs[d].bufs = calloc(job->devs[d].maxbufs, sizeof(struct vfm_sj_buf));
+        if (!job->devs[d].bufs)
+            return ENOMEM;
+    }
+    job->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    job->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (job->cancel_fd < 0 || job->done_fd < 0)
+        return errno;
+    return 0;
+}
+
+static int start_thread(struct vfm_sendjob *job, pthread_t *t, void *(*fn)(void *),
+                        unsigned id)
+{
+    struct thread_arg *arg = malloc(sizeof(*arg));
+
+    if (!arg)
+        return ENOMEM;
+    arg->job = job;
+    arg->id = id;
+    int err = pthread_create(t, NULL, fn, arg);
+    if (err)
+        free(arg);
+    return err;
+}
+
+void vfm_sendjob_start(struct vfm_sendjob *job)
+{
+    pthread_mutex_lock(&job->lock);
+    job->threads_left = job->nchan + job->ndev;
+    job->readers_left = job->ndev;
+    for (unsigned c = 0; c < job->nchan; c++) {
+        int err = job->failed ? ECANCELED : start_thread(job, &job->chans[c].thread, chan_main, c);
+        if (err) {
+            fail(job, VFM_SJ_START, c, err, 0);
+            thread_exit(job);
+        } else {
+            job->chans[c].started = 1;
+        }
+    }
+    for (unsigned d = 0; d < job->ndev; d++) {
+        int err = job->failed ? ECANCELED : start_thread(job, &job->devs[d].thread, reader_main, d);
+        if (err) {
+            fail(job, VFM_SJ_START, d, err, 0);
+            job->readers_left--;
+            thread_exit(job);
+        } else {
+            job->devs[d].started = 1;
+        }
+    }
+    pthread_mutex_unlock(&job->lock);
+}
+
+void vfm_sendjob_cancel(struct vfm_sendjob *job)
+{
+    pthread_mutex_lock(&job->lock);
+    fail(job, VFM_SJ_CANCELLED, 0, 0, 0);
+    pthread_mutex_unlock(&job->lock);
+}
+
+void vfm_sendjob_join(struct vfm_sendjob *job)
+{
+    for (unsigned c = 0; c < job->nchan; c++)
+        if (job->chans[c].started) {
+            pthread_join(job->chans[c].thread, NULL);
+            job->chans[c].started = 0;
+        }
+    for (unsigned d = 0; d < job->ndev; d++)
+        if (job->devs[d].started) {
+            pthread_join(job->devs[d].thread, NULL);
+            job->devs[d].started = 0;
+        }
+}
+
+void vfm_sendjob_free(struct vfm_sendjob *job)
+{
+    if (job->chans) {
+        for (unsigned c = 0; c < job->nchan; c++) {
+            free(job->chans[c].ring);
+            pthread_cond_destroy(&job->chans[c].cv);
+        }
+        free(job->chans);
+    }
+    if (job->devs) {
+        for (unsigned d = 0; d < job->ndev; d++) {
+            struct vfm_sj_dev *dev = &job->devs[d];
+            for (size_t i = 0; i < dev->nbufs; i++)
+                free(dev->bufs[i].data);
+            free(dev->bufs);
+            free(dev->base);
+            free(dev->config);
+            free(dev->pattern);
+            free(dev->tiled);
+            if (dev->map)
+                munmap(dev->map, dev->map_len);
+        }
+        free(job->devs);
+    }
+    if (job->cancel_fd >= 0)
+        close(job->cancel_fd);
+    if (job->done_fd >= 0)
+        close(job->done_fd);
+    if (job->nchan) {
+        pthread_cond_destroy(&job->room);
+        pthread_mutex_destroy(&job->lock);
+    }
+    memset(job, 0, sizeof(*job));
+}

@@ -1,0 +1,181 @@
+/* vfiomig_sendsrc.c - the C send path's sources: synthetic state, a descriptor read
+ * (polled with the cancel eventfd), a regular file mapped whole, bench's pattern (see
+ * vfiomig_sendjob.h).  Called by vfiomig_sendjob.c's threads; calls nothing back. */
+#define _GNU_SOURCE
+#include "vfiomig_sendjob.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef uint64_t vfm_v2 __attribute__((vector_size(16))); /* SSE2 on x86-64 */
+
+static uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+void vfm_synth_fill(unsigned char *out, const uint64_t *base, uint64_t seed, uint64_t off,
+                    size_t n)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        uint64_t block = off / VFM_SYNTH_BLOCK, in = off % VFM_SYNTH_BLOCK;
+        size_t k = n - done < VFM_SYNTH_BLOCK - in ? n - done : (size_t)(VFM_SYNTH_BLOCK - in);
+        uint64_t key = splitmix64(seed * 0x100000001B3ull + block);
+        unsigned char *dst = out + done;
+
+        if (in % 8 == 0 && k % 8 == 0) {
+            /* the common case (packets of whole words): 16-byte vectors, four at a time
+             * (2.7x the word loop GCC -O2 makes of it) */
+            const uint64_t *src = base + in / 8;
+            size_t words = k / 8, w = 0;
+            vfm_v2 kv = {key, key};
+            for (; w + 8 <= words; w += 8) {
+                vfm_v2 v[4];
+                memcpy(v, src + w, sizeof(v));
+                v[0] ^= kv;
+                v[1] ^= kv;
+                v[2] ^= kv;
+                v[3] ^= kv;
+                memcpy(dst + 8 * w, v, sizeof(v));
+            }
+            for (; w < words; w++) {
+                uint64_t v = src[w] ^ key;
+                memcpy(dst + 8 * w, &v, 8);
+            }
+        } else {
+            for (size_t i = 0; i < k; i++) {
+                uint64_t pos = in + i, v = base[pos / 8] ^ key;
+                unsigned char word[8];
+                memcpy(word, &v, 8);
+                dst[i] = word[pos % 8];
+            }
+        }
+        done += k;
+        off += k;
+    }
+}
+
+/* Wait until fd has events or the job is cancelled: 0, or ECANCELED, or an errno. */
+int vfm_sj_wait_fd(struct vfm_sendjob *job, int fd, short events)
+{
+    struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = job->cancel_fd, .events = POLLIN}};
+
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (p[1].revents)
+            return ECANCELED;
+        return 0; /* ready, or an error the next call reports */
+    }
+}
+
+/* Fill up to n bytes from the device's source; the bytes, or -errno. */
+ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
+                    size_t n)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        ssize_t r;
+        if (dev->poll) {
+            int err = vfm_sj_wait_fd(job, dev->fd, POLLIN);
+            if (err)
+                return -err;
+        }
+        r = read(dev->fd, out + done, n - done);
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            break;
+        done += (size_t)r;
+    }
+    return (ssize_t)done;
+}
+
+/* A regular file is mapped whole instead of read into buffers: its packets point into
+ * the page cache, which the socket copies from (one copy fewer).  The stream is the file
+ * from the descriptor's offset to its size now; the offset is left at that end, as
+ * reading it would.  Not mapped (read instead): anything else, an empty file, a failure. */
+void vfm_sj_map_file(struct vfm_sj_dev *dev)
+{
+    struct stat st;
+    off_t pos;
+    void *map;
+
+    if (dev->kind != VFM_SJ_FD || fstat(dev->fd, &st) || !S_ISREG(st.st_mode))
+        return;
+    pos = lseek(dev->fd, 0, SEEK_CUR);
+    if (pos < 0 || st.st_size <= pos)
+        return;
+    map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, dev->fd, 0);
+    if (map == MAP_FAILED)
+        return;
+    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
+    dev->map = map;
+    dev->map_len = (size_t)st.st_size;
+    dev->map_pos = (uint64_t)pos;
+}
+
+/* The next chunk of a mapped file (lock not needed: the reader's own fields). */
+ssize_t vfm_sj_next_mapped(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                           const unsigned char **data)
+{
+    uint64_t left = dev->map_len - dev->map_pos;
+    size_t n = left < job->chunk ? (size_t)left : job->chunk;
+
+    *data = dev->map + dev->map_pos;
+#if defined(MADV_POPULATE_READ) && !defined(VFM_NO_POPULATE)
+    if (n) { /* fault the chunk in here, in one call, not page by page in the senders */
+        uintptr_t start = (uintptr_t)*data & ~(uintptr_t)4095;
+        madvise((void *)start, (uintptr_t)*data + n - start, MADV_POPULATE_READ);
+    }
+#endif
+    dev->map_pos += n;
+    if (dev->map_pos == dev->map_len)
+        lseek(dev->fd, (off_t)dev->map_len, SEEK_SET);
+    return (ssize_t)n;
+}
+
+/* A pattern: every chunk is the block repeated from its start (bench's PatternSource),
+ * so one chunk of it is made once and every chunk's packets point into it (no copy at
+ * all, as cref_send).  0, or ENOMEM. */
+int vfm_sj_tile_pattern(struct vfm_sendjob *job, struct vfm_sj_dev *dev)
+{
+    if (dev->kind != VFM_SJ_PATTERN)
+        return 0;
+    dev->tiled = malloc(job->chunk);
+    if (!dev->tiled)
+        return ENOMEM;
+    for (size_t i = 0; i < job->chunk; i += dev->pattern_len) {
+        size_t m = job->chunk - i < dev->pattern_len ? job->chunk - i : dev->pattern_len;
+        memcpy(dev->tiled + i, dev->pattern, m);
+    }
+    return 0;
+}
+
+ssize_t vfm_sj_next_tiled(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                          const unsigned char **data)
+{
+    uint64_t left = dev->size - dev->offset;
+    size_t n = left < job->chunk ? (size_t)left : job->chunk;
+
+    *data = dev->tiled;
+    dev->offset += n;
+    return (ssize_t)n;
+}

@@ -1,0 +1,260 @@
+"""The sender's C send path (`vfiomig.send._threads`, the C core's `SendJob`) on loopback:
+when it is chosen, and that each failure still ends the send with one line naming the
+channel or the device and the cause, that a cancel stops its threads within a bound and
+that no thread outlives the call (their names: ``vfm-send-N``, ``vfm-read-N``). The bytes
+it writes are checked in test_send_wire.py, a whole migration in test_receive.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from vfiomig import _core as core
+from vfiomig._core._wire import HANDSHAKE_SIZE
+from vfiomig.bench._sendproc import PatternSource
+from vfiomig.send import SendDevice, SendError, send_migration
+from vfiomig.send._types import SourceFailed
+from vfiomig.sources import SynthSource
+from vfiomig.sources._simple import FdSource
+
+pytestmark = pytest.mark.skipif(
+    getattr(core, "SendJob", None) is None, reason="the C send path needs the C core"
+)
+
+UUID = bytes(range(16))
+IDSTR = "0000:00:04.0/vfio"
+
+
+def send_threads() -> list[str]:
+    """The C send path's threads alive in this process."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # gone meanwhile
+        if name.startswith(("vfm-send-", "vfm-read-")):
+            names.append(name)
+    return names
+
+
+async def serve(
+    listener: trio.SocketListener,
+    n: int,
+    nursery: trio.Nursery,
+    *,
+    reset_after: int | None = None,
+    read: bool = True,
+    hashes: dict[int, Any] | None = None,
+    endings: dict[int, str] | None = None,
+) -> None:
+    """Accept ``n`` channels; drain each (or not; into ``hashes``, by channel), or reset
+    channel 1 after ``reset_after`` bytes of data; how each drained channel ended (``fin``
+    or ``reset``) goes into ``endings``, by channel."""
+    endings = {} if endings is None else endings
+
+    async def one(stream: trio.SocketStream) -> None:
+        async with stream:
+            hello = b""
+            while len(hello) < HANDSHAKE_SIZE:
+                hello += await stream.receive_some(HANDSHAKE_SIZE - len(hello))
+            if not read:
+                await trio.sleep_forever()
+            got = 0
+            h = hashlib.sha256()
+            if hashes is not None:
+                hashes[hello[24]] = h
+            try:
+                while chunk := await stream.receive_some(1 << 16):
+                    got += len(chunk)
+                    h.update(chunk)
+                    if reset_after is not None and hello[24] == 1 and got >= reset_after:
+                        linger = struct.pack("ii", 1, 0)
+                        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                        endings[hello[24]] = "reset by us"
+                        return  # closed with SO_LINGER 0: a reset
+            except trio.BrokenResourceError:
+                endings[hello[24]] = "reset"  # a failed sender resets its channels
+            else:
+                endings[hello[24]] = "fin"
+
+    for _ in range(n):
+        nursery.start_soon(one, await listener.accept())
+
+
+async def run_send(
+    source: object,
+    channels: int = 2,
+    *,
+    reset_after: int | None = None,
+    read: bool = True,
+    hashes: dict[int, Any] | None = None,
+    endings: dict[int, str] | None = None,
+    packet_size: int = 65536,
+) -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    failure: SendError | None = None
+    with listener.socket:  # closed however this ends
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: serve(
+                    listener,
+                    channels,
+                    nursery,
+                    reset_after=reset_after,
+                    read=read,
+                    hashes=hashes,
+                    endings=endings,
+                )
+            )
+            try:
+                await send_migration(
+                    connect_to=[f"tcp:127.0.0.1:{port}"],
+                    channels=channels,
+                    uuid=UUID,
+                    devices=[SendDevice(IDSTR, 0, source)],  # type: ignore[arg-type]
+                    packet_size=packet_size,
+                    close_timeout=5,
+                )
+            except SendError as exc:
+                failure = exc
+                if endings is not None:  # how the other channels end, seen by their readers
+                    with trio.move_on_after(5):
+                        while len(endings) < channels:  # noqa: ASYNC110 - no event per channel
+                            await trio.sleep(0.01)
+            finally:
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def test_synth_file_and_pipe_sources_take_the_threads(tmp_path: Path) -> None:
+    import vfiomig.send._sender as sender_module
+    from vfiomig.send._threads import native_streams
+
+    chosen: list[bool] = []
+    real = native_streams
+
+    def spy(*args: object, **kwargs: object) -> object:
+        streams = real(*args, **kwargs)  # type: ignore[arg-type]
+        chosen.append(streams is not None)
+        return streams
+
+    path = tmp_path / "state"
+    path.write_bytes(os.urandom(300_000))
+    rfd, wfd = os.pipe()
+    os.write(wfd, os.urandom(50_000))
+    os.close(wfd)
+    sources = [
+        SynthSource(1_000_000, 2),
+        FdSource(os.open(path, os.O_RDONLY), owned=True, description="file"),
+        FdSource(rfd, owned=True, description="pipe"),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sender_module, "native_streams", spy)
+        with trio.fail_after(30):
+            for source in sources:
+                await run_send(source)
+    assert chosen == [True, True, True]
+    assert send_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "block", "packet"),
+    [("pattern", 4096, 4096), ("pattern", 7000, 3000), ("synth", 0, 1001), ("synth", 0, 5)],
+)
+async def test_sources_write_the_trio_senders_bytes(
+    kind: str, block: int, packet: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench's pattern source (packets pointing into one tiled chunk, whatever the block)
+    and synthetic state cut at offsets that are not whole words (made word by word
+    otherwise): the bytes of the trio sender."""
+    got = []
+    for threads in ("1", "0"):
+        monkeypatch.setenv("VFIOMIG_SEND_THREADS", threads)
+        hashes: dict[int, Any] = {}
+        size = (1 << 20) + 123 if packet < 100 else (3 << 20) + 123
+        source = PatternSource(size, block, 5) if kind == "pattern" else SynthSource(size, 9)
+        with trio.fail_after(60):
+            await run_send(source, 3, hashes=hashes, packet_size=packet)
+        got.append([hashes[i].hexdigest() for i in range(3)])
+    assert got[0] == got[1]
+
+
+async def test_a_reset_channel_fails_the_send_naming_it() -> None:
+    endings: dict[int, str] = {}
+    with trio.fail_after(30), pytest.raises(SendError) as info:
+        await run_send(SynthSource(256 << 20, 1), reset_after=200_000, endings=endings)
+    text = str(info.value)
+    assert endings == {0: "reset", 1: "reset by us"}, "channel 0 must be reset, never ended"
+    assert text.startswith("channel 1: ") and "\n" not in text
+    assert "reset" in text or "Broken pipe" in text, text
+    assert send_threads() == []
+
+
+async def test_a_source_read_error_names_the_device_and_the_cause(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # read(2): EISDIR
+    source = FdSource(fd, owned=True, description=f"fd:{fd}")
+    endings: dict[int, str] = {}
+    with trio.fail_after(30), pytest.raises(SourceFailed) as info:
+        await run_send(source, endings=endings)
+    assert endings == {0: "reset", 1: "reset"}, endings
+    text = str(info.value)
+    assert text.startswith(
+        f"{IDSTR}/0: reading source fd:{fd} failed: Is a directory (errno 21)"
+    ), text
+    assert send_threads() == []
+
+
+@pytest.mark.parametrize("blocked", ["receiver", "pipe"])
+async def test_a_cancel_stops_the_threads_promptly(blocked: str) -> None:
+    """Threads blocked in a send (the receiver reads nothing) or in a read (a pipe nobody
+    writes) stop when the task is cancelled; none is left."""
+    rfd = wfd = -1
+    if blocked == "pipe":
+        rfd, wfd = os.pipe()
+        source: object = FdSource(rfd, owned=True, description="pipe")
+    else:
+        source = SynthSource(1 << 30, 1)
+    try:
+        with trio.fail_after(30):
+            with trio.move_on_after(0.5) as scope:
+                await run_send(source, read=blocked == "pipe")
+            start = trio.current_time()
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 5  # the join after the cancel is short
+        assert send_threads() == []
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+
+
+def test_the_trio_sender_stays_for_what_the_threads_do_not_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vfiomig.send._threads import native_streams
+
+    class Plain:
+        sock = object()
+
+    dev = [SendDevice(IDSTR, 0, SynthSource(10, 0))]
+    writers = [Plain()]
+    assert native_streams(dev, writers, order="roundrobin", paced=False, tls=False)  # type: ignore[arg-type]
+    for order, paced, tls in [("random", False, False), ("roundrobin", True, False),
+                              ("roundrobin", False, True), ("idx0-last", False, False)]:  # fmt: skip
+        assert native_streams(dev, writers, order=order, paced=paced, tls=tls) is None  # type: ignore[arg-type]
+
+    class Tls:
+        sock = None
+
+    assert native_streams(dev, [Tls()], order="roundrobin", paced=False, tls=False) is None  # type: ignore[list-item]
+    monkeypatch.setenv("VFIOMIG_SEND_THREADS", "0")
+    assert native_streams(dev, writers, order="roundrobin", paced=False, tls=False) is None  # type: ignore[arg-type]

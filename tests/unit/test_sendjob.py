@@ -1,0 +1,78 @@
+"""The C core's SendJob on its own: what it refuses, and one small job over a socket pair
+(its counters, its done descriptor, its threads joined)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+
+import pytest
+
+from vfiomig import _core as core
+from vfiomig._core._wire import VFIO_FLAG_CONFIG_STATE
+from vfiomig.sources._simple import SYNTH_BLOCK, _base
+
+pytestmark = pytest.mark.skipif(
+    getattr(core, "SendJob", None) is None, reason="SendJob is the C core's"
+)
+
+
+def device(
+    source: tuple[object, ...], config: bytes = b"CFG"
+) -> tuple[str, int, str, tuple[object, ...], bytes]:
+    return ("dev", 3, "be", source, config)
+
+
+def test_bad_arguments_are_refused() -> None:
+    job_type = core.SendJob
+    assert job_type is not None
+    a, b = socket.socketpair()
+    with a, b:
+        fd = a.fileno()
+        with pytest.raises(ValueError, match="unknown source kind"):
+            job_type([fd], 4096, 4096, 0, [device(("tape", 1))])
+        with pytest.raises(ValueError, match="one block"):
+            job_type([fd], 4096, 4096, 0, [device(("synth", 10, 0, b"short"))])
+        with pytest.raises(ValueError, match="non-empty block"):
+            job_type([fd], 4096, 4096, 0, [device(("pattern", 10, b""))])
+        with pytest.raises(ValueError, match="header fields"):
+            job_type([fd], 4096, 4096, 0, [("x" * 256, 0, "be", ("fd", 0, False), b"")])
+        with pytest.raises(ValueError):
+            job_type([fd], 4096, 1024, 0, [device(("fd", 0, False))])  # chunk < packet
+        with pytest.raises(ValueError):
+            job_type([], 4096, 4096, 0, [device(("fd", 0, False))])  # no channel
+        job = job_type([fd], 4096, 4096, 0, [device(("fd", 0, False))])
+        del job  # never started: nothing to join
+
+
+def test_a_small_job_over_a_socket_pair() -> None:
+    """Synthetic state of 10,000 bytes in packets of 4096 on one channel: three data
+    packets and the config packet, then the done descriptor is readable."""
+    assert core.SendJob is not None
+    a, b = socket.socketpair()
+    with a, b:
+        base = _base(4)
+        assert base.nbytes == SYNTH_BLOCK
+        job = core.SendJob([a.fileno()], 4096, 8192, 1 << 20, [device(("synth", 10_000, 4, base))])
+        job.start()
+        with pytest.raises(RuntimeError):
+            job.start()
+        assert select.select([job], [], [], 30)[0] == [job]
+        job.join()
+        assert job.finished and job.error is None
+        assert job.device_counts == ((10_000, 4),)
+        wire = 4 * core.PACKET_HEADER_SIZE + 10_000 + 3
+        assert job.channel_bytes == (wire,)
+        data = b""
+        while len(data) < wire:
+            data += b.recv(wire - len(data))
+        headers = []
+        off = 0
+        for _ in range(4):
+            # next_packet_size (VFIO header + data) at 272; the VFIO header's idx, flags
+            size, _, idx, flags = struct.unpack_from(">IIII", data, off + 272)
+            headers.append((idx, flags, size - 12))
+            off += core.PACKET_HEADER_SIZE + size - 12
+        assert headers == [(0, 0, 4096), (1, 0, 4096), (2, 0, 1808), (3, VFIO_FLAG_CONFIG_STATE, 3)]
+        assert data[-3:] == b"CFG"
