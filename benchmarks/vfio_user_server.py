@@ -211,19 +211,18 @@ def main() -> None:
         work = Path(tmp)
         exe, env = build_c_server(work)
         python = [sys.executable, "-m", "benchmarks.vfio_user_server", "--serve"]
-        procs = {
-            "c": start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True),
-            "python": start([*python, str(work / "python.sock")], work / "python.sock"),
-        }
-        if args.baseline:
-            tree = os.path.abspath(args.baseline)
-            procs["baseline"] = start(
-                [*python, str(work / "baseline.sock")],
-                work / "baseline.sock",
-                {**os.environ, "PYTHONPATH": tree},
-                cwd=tree,
-            )
+        procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
+            procs["c"] = start([str(exe), str(work / "c.sock")], work / "c.sock", env, lvu=True)
+            procs["python"] = start([*python, str(work / "python.sock")], work / "python.sock")
+            if args.baseline:
+                tree = os.path.abspath(args.baseline)
+                procs["baseline"] = start(
+                    [*python, str(work / "baseline.sock")],
+                    work / "baseline.sock",
+                    {**os.environ, "PYTHONPATH": tree},
+                    cwd=tree,
+                )
             clients = {name: Client(str(work / f"{name}.sock")) for name in procs}
             pids = {name: proc.pid for name, proc in procs.items()}
             results = measure(clients, pids, args.reads, args.dma, args.rounds)
