@@ -5,10 +5,13 @@ model, TLS, several devices, refusals, and `send_migration(control=...)`."""
 from __future__ import annotations
 
 import random
+import socket
 import ssl
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 import trio
 import trustme
@@ -24,9 +27,18 @@ from tests.integration.control_helpers import (
     send_channel,
     streams,
 )
-from vfiomig import MigrationFailed, SendDevice, SessionReport, VfioMigError, send_migration
+from vfiomig import (
+    DeviceSetup,
+    MigrationFailed,
+    ReceiverConfig,
+    SendDevice,
+    SessionReport,
+    VfioMigError,
+    send_migration,
+    serve_receiver,
+)
 from vfiomig._core._wire import encode_handshake
-from vfiomig.control import AttachSink, open_control_client
+from vfiomig.control import AttachSink, ControlServer, open_control_client
 from vfiomig.send import SendStatus
 from vfiomig.send._control import ReceiverFailed
 from vfiomig.sources._simple import open_synth_source
@@ -360,3 +372,45 @@ async def test_every_log_line_of_a_control_session_has_an_event(
     unnamed = [r.getMessage() for r in caplog.records if getattr(r, "event", None) is None]
     assert not unnamed
     assert {"control_connected", "control_closed", "control_eof"} <= set(events)
+
+
+async def test_a_connection_accepted_as_the_session_ends_is_ended_at_once(tmp_path: Path) -> None:
+    """trio's accept returns a connection it took even when its task was cancelled
+    meanwhile (the last checkpoint is shielded), so the accept loop may add a connection
+    after the final flush began. That one gets ``done`` and is closed at once: it must not
+    hold the session's end until the flush deadline (15 s here; the receiver's default 5 s
+    was what a SIGTERM during a control-channel flood took, 3 runs in 8)."""
+    path = f"{tmp_path}/ctl.sock"
+    control = ControlServer(f"unix:{path}", flush_timeout=15)
+    accept = control.admission.accept
+    late: list[bool] = []
+
+    async def accepted_as_the_session_ends(listener: Any) -> trio.SocketStream:
+        if late:  # once: then the loop's next accept sees the cancel, as trio's would
+            return await accept(listener)
+        late.append(True)
+        with trio.CancelScope(shield=True):  # what trio's accept does once it has one
+            await control._finishing.wait()
+            stream = await accept(listener)
+        return stream
+
+    control.admission.accept = accepted_as_the_session_ends  # type: ignore[method-assign]
+    config = ReceiverConfig(
+        uuid=UUID,
+        channels=1,
+        devices=[DeviceSetup(IDSTR, 0, MemorySink())],
+        config_target=control.config_target,
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(serve_receiver, config, extra_tasks=[control.serve]))
+            while control.bound is None:  # noqa: ASYNC110 - no event for "listening"
+                await trio.sleep(0.01)
+            client = trio.socket.socket(socket.AF_UNIX)
+            await client.connect(path)  # waits in the backlog until the session ends
+            nursery.cancel_scope.cancel()
+        with client:
+            got = b""
+            while chunk := await client.recv(4096):
+                got += chunk
+    assert msgpack.unpackb(got) == {"type": "done", "ok": False}

@@ -110,6 +110,7 @@ class ControlServer:
         self._established = 0  # connections admitted and not yet closed
         self.configs = ConfigHandover(self._admitted, lambda: self._stall_timeout)
         self._finishing = trio.Event()
+        self._done: Out | None = None  # the final event, once the session ended
         self._stops: list[trio.CancelScope] = []  # the accept and progress loops
         self._session: Session | None = None
 
@@ -184,11 +185,16 @@ class ControlServer:
 
     def _finish(self, session: Session) -> None:
         ok = not session.failed and all(d.loaded_at is not None for d in session.devices.values())
-        done = Out(proto.encode({"type": "done", "ok": ok}))
+        self._done = Out(proto.encode({"type": "done", "ok": ok}))
         for conn in list(self._conns):
-            conn.queue(done)
-            conn.send.close()
-            conn.reader.cancel()
+            self._end_connection(conn, self._done)
+
+    @staticmethod
+    def _end_connection(conn: Connection, done: Out) -> None:
+        """The session ended: ``conn`` gets its queued events and ``done``, then closes."""
+        conn.queue(done)
+        conn.send.close()
+        conn.reader.cancel()
 
     async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
         with trio.CancelScope() as stop:
@@ -225,6 +231,11 @@ class ControlServer:
             )
             self._conns.add(conn)
             nursery.start_soon(self._serve_connection, conn)
+            if self._done is not None:
+                # Accepted as the session ended: trio's accept returns a connection it
+                # took even when cancelled meanwhile, after `_finish` ran, which would
+                # have left this one open until the flush deadline.
+                self._end_connection(conn, self._done)
 
     def _admit(self, conn: Connection) -> bool:
         """``conn`` sent its first valid message: give it a place, if one is free."""
