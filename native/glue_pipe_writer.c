@@ -13,6 +13,7 @@
  * after that.  The pipe's flags, shared with its other holders, are left alone.
  */
 #include "glue.h"
+#include "vfiomig_wait.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -72,14 +73,9 @@ static int write_batch(PipeWriter *w, long long *written)
     while (n) {
         long room = must_poll ? 0 : pipe_room(w);
         if (room < VFM_MIN_LOOP_WRITE) {
-            struct pollfd p[2] = {{w->fd, POLLOUT, 0}, {w->stop_fd, POLLIN, 0}};
-            if (poll(p, 2, -1) < 0) {
-                if (errno == EINTR)
-                    continue;
-                return errno;
-            }
-            if (p[1].revents)
-                return ECANCELED;
+            int err = vfm_wait_fd(w->fd, POLLOUT, w->stop_fd);
+            if (err)
+                return err;
             /* Writable means a free pipe buffer: PIPE_BUF bytes go through at least. */
             room = pipe_room(w);
             if (room < PIPE_BUF)

@@ -2,6 +2,7 @@
  * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c. */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
+#include "vfiomig_wait.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -73,7 +74,7 @@ static int send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec 
                 continue;
             if (err != EAGAIN && err != EWOULDBLOCK)
                 return err;
-            err = vfm_sj_wait_fd(job, fd, POLLOUT);
+            err = vfm_wait_fd(fd, POLLOUT, job->cancel_fd);
             if (err)
                 return err;
             continue;

@@ -112,8 +112,6 @@ void vfm_sendjob_free(struct vfm_sendjob *job);
 
 /* -- vfiomig_sendsrc.c: the sources ------------------------------------------------ */
 
-/* Wait until fd has events or the job is cancelled: 0, ECANCELED, or an errno. */
-int vfm_sj_wait_fd(struct vfm_sendjob *job, int fd, short events);
 /* Read a descriptor source until n bytes or its end: the bytes, or -errno. */
 ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
                     size_t n);

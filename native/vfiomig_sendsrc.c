@@ -3,6 +3,7 @@
  * vfiomig_sendjob.h).  Called by vfiomig_sendjob.c's threads; calls nothing back. */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
+#include "vfiomig_wait.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -65,23 +66,6 @@ void vfm_synth_fill(unsigned char *out, const uint64_t *base, uint64_t seed, uin
     }
 }
 
-/* Wait until fd has events or the job is cancelled: 0, or ECANCELED, or an errno. */
-int vfm_sj_wait_fd(struct vfm_sendjob *job, int fd, short events)
-{
-    struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = job->cancel_fd, .events = POLLIN}};
-
-    for (;;) {
-        if (poll(p, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (p[1].revents)
-            return ECANCELED;
-        return 0; /* ready, or an error the next call reports */
-    }
-}
-
 /* Fill up to n bytes from the device's source; the bytes, or -errno. */
 ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
                     size_t n)
@@ -91,7 +75,7 @@ ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned ch
     while (done < n) {
         ssize_t r;
         if (dev->poll) {
-            int err = vfm_sj_wait_fd(job, dev->fd, POLLIN);
+            int err = vfm_wait_fd(dev->fd, POLLIN, job->cancel_fd);
             if (err)
                 return -err;
         }

@@ -25,6 +25,8 @@ PLAIN_C = (
     "vfiomig_sendjob.c",
     "vfiomig_sendjob.h",
     "vfiomig_sendsrc.c",
+    "vfiomig_wait.c",
+    "vfiomig_wait.h",
 )
 PYTHON_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](Python\.h|structmember\.h|glue\.h)[>"]', re.M)
 # A file-scope line that is neither static nor a type, directive, label or block end.
