@@ -392,9 +392,15 @@ def _unread(ticket: Pending) -> int:
     """Bytes in ``ticket``'s socket that its owner has not read yet (0 when unknown)."""
     if ticket.sock is None:
         return 0
+    # Its owner may have closed it and not released the ticket yet (a stream's aclose
+    # checkpoints after the close): fileno() is then -1, which ioctl refuses with a
+    # ValueError, not an OSError.
+    fd = ticket.sock.fileno()
+    if fd < 0:
+        return 0
     try:
-        raw = fcntl.ioctl(ticket.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except OSError:  # closed already
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:  # closed meanwhile
         return 0
     return int(struct.unpack("i", raw)[0])
 
