@@ -40,7 +40,6 @@ import trio
 from vfiomig import _core as core
 from vfiomig._core._errors import UsageError, VfioMigError
 from vfiomig._core._wire import VFIO_FLAG_CONFIG_STATE, Endian, encode_handshake
-from vfiomig._logs import event
 from vfiomig.send._channel import CHUNK, Link, Progress, Writer
 from vfiomig.send._close import CLOSE_TIMEOUT, channel_error, describe, end_channels
 from vfiomig.send._control import send_with_control
@@ -51,7 +50,6 @@ from vfiomig.send._types import (
     SendError,
     SendReport,
     SendStatus,
-    SourceFailed,
 )
 from vfiomig.sources import Source
 from vfiomig.transport import connect, parse_address, reset_on_close, tune_socket
@@ -76,11 +74,7 @@ async def _produce_guarded(
             failures.append(exc)
         else:
             cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
-            failure = SourceFailed(
-                f"{device.name}: reading source {device.source.description} failed: {cause}"
-            )
-            failure.__cause__ = exc
-            failures.append(failure)
+            failures.append(device.source_failed(cause, exc))
         scope.cancel()
 
 
@@ -178,15 +172,7 @@ async def _produce(
         nbytes, idx = await _produce_packets(source, headers, dispatcher, packet_size, window, rng)
     blob = await source.config_blob()
     await dispatcher.queued(dispatcher.put(headers, blob, idx, VFIO_FLAG_CONFIG_STATE))
-    await source.finish()
-    counts[device.name] = (nbytes, idx + 1)
-    log.info(
-        "%s: queued %d bytes in %d packets",
-        device.name,
-        nbytes,
-        idx + 1,
-        extra=event("send_device_queued", device.name, bytes=nbytes, packets=idx + 1),
-    )
+    await device.queued(counts, nbytes, idx + 1)
 
 
 async def _produce_chunks(

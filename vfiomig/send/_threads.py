@@ -32,10 +32,9 @@ import trio
 from vfiomig import _core as core
 from vfiomig._core._errors import os_error_text
 from vfiomig._core._wire import Endian
-from vfiomig._logs import event
 from vfiomig.send._channel import Writer
 from vfiomig.send._close import channel_error
-from vfiomig.send._types import SendDevice, SendError, SendStatus, SourceFailed
+from vfiomig.send._types import SendDevice, SendError, SendStatus
 
 log = logging.getLogger("vfiomig")
 
@@ -107,15 +106,7 @@ async def send_threaded(
         failures.append(_failure(error, devices))
         return
     for device, (nbytes, packets) in zip(devices, job.device_counts, strict=True):
-        await device.source.finish()
-        counts[device.name] = (nbytes, packets)
-        log.info(
-            "%s: queued %d bytes in %d packets",
-            device.name,
-            nbytes,
-            packets,
-            extra=event("send_device_queued", device.name, bytes=nbytes, packets=packets),
-        )
+        await device.queued(counts, nbytes, packets)
 
 
 def _copy_counters(job: object, writers: Sequence[Writer], status: SendStatus, base: int) -> None:
@@ -131,13 +122,7 @@ def _failure(error: tuple[str, int, int, int], devices: Sequence[SendDevice]) ->
     if kind == "channel":
         return channel_error(who, sent, cause)
     if kind == "source":
-        device = devices[who]
-        failure = SourceFailed(
-            f"{device.name}: reading source {device.source.description} failed:"
-            f" {os_error_text(cause)}"
-        )
-        failure.__cause__ = cause
-        return failure
+        return devices[who].source_failed(os_error_text(cause), cause)
     # "start": a thread could not be made ("cancelled" comes only from our own cancel,
     # which a trio cancellation follows out of this call).
     return SendError(f"cannot start the send threads: {os_error_text(cause)}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import trio
 
 from vfiomig._core._errors import VfioMigError
 from vfiomig._core._wire import device_name
+from vfiomig._logs import event
 from vfiomig.sources import Source
 
 
@@ -22,6 +24,28 @@ class SendDevice:
     @property
     def name(self) -> str:
         return device_name(self.idstr, self.instance)
+
+    async def queued(self, counts: dict[str, tuple[int, int]], nbytes: int, packets: int) -> None:
+        """Every packet of this device is queued (by either sender): the source finishes,
+        ``counts`` gets its bytes and packets, and a line says so."""
+        await self.source.finish()
+        counts[self.name] = (nbytes, packets)
+        logging.getLogger("vfiomig").info(
+            "%s: queued %d bytes in %d packets",
+            self.name,
+            nbytes,
+            packets,
+            extra=event("send_device_queued", self.name, bytes=nbytes, packets=packets),
+        )
+
+    def source_failed(self, cause: str, exc: BaseException) -> SourceFailed:
+        """Its source failed (either sender): one line naming the device, the source and
+        ``cause``."""
+        failure = SourceFailed(
+            f"{self.name}: reading source {self.source.description} failed: {cause}"
+        )
+        failure.__cause__ = exc
+        return failure
 
 
 @dataclass(frozen=True, slots=True)
