@@ -72,11 +72,6 @@ def eventfd_state(fd: int) -> tuple[int, int | None]:
     return count, ident
 
 
-def eventfd_count(fd: int) -> int:
-    """The count of the eventfd ``fd`` (``/proc/self/fdinfo``)."""
-    return eventfd_state(fd)[0]
-
-
 class Signallers:
     """Threads that write 1 to blocking eventfds, at most ``limit`` of them at once.
 
