@@ -4,7 +4,8 @@
  * device's header fields, source and config blob; start() runs the threads, which never
  * touch a Python object; fileno() is readable once they are all about to exit; cancel()
  * stops them; join() waits for them without the GIL.  Native core only: the pure core
- * keeps the trio sender.
+ * keeps the trio sender.  direct=False keeps the reader thread where the job could do
+ * without (vfiomig_senddirect.c): comparisons and the tests of both ways.
  */
 #include "glue.h"
 
@@ -112,17 +113,17 @@ out:
 
 static int SendJob_init(SendJob *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fds", "packet_size", "chunk", "limit", "devices", NULL};
+    static char *kwlist[] = {"fds", "packet_size", "chunk", "limit", "devices", "direct", NULL};
     PyObject *fds, *devices, *fdseq = NULL, *devseq = NULL;
     Py_ssize_t packet_size, chunk, limit;
-    int rc = -1, err;
+    int rc = -1, err, direct = 1;
 
     if (self->ready || self->started) {
         PyErr_SetString(PyExc_RuntimeError, "SendJob is already set up");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnnO:SendJob", kwlist, &fds, &packet_size,
-                                     &chunk, &limit, &devices))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnnO|$p:SendJob", kwlist, &fds, &packet_size,
+                                     &chunk, &limit, &devices, &direct))
         return -1;
     fdseq = PySequence_Fast(fds, "fds must be a sequence");
     devseq = fdseq ? PySequence_Fast(devices, "devices must be a sequence") : NULL;
@@ -150,6 +151,7 @@ static int SendJob_init(SendJob *self, PyObject *args, PyObject *kwds)
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(devseq); i++)
         if (parse_device(&self->job.devs[i], PySequence_Fast_GET_ITEM(devseq, i)) < 0)
             goto out;
+    self->job.direct = direct && vfm_sj_direct_ok(&self->job);
     rc = 0;
 out:
     Py_XDECREF(fdseq);
@@ -305,6 +307,13 @@ static PyObject *SendJob_get_error(SendJob *self, void *Py_UNUSED(closure))
     return Py_BuildValue("(sIiK)", kinds[e], who, err, sent);
 }
 
+static PyObject *SendJob_get_direct(SendJob *self, void *Py_UNUSED(closure))
+{
+    if (check_ready(self) < 0)
+        return NULL;
+    return PyBool_FromLong(self->job.direct);
+}
+
 static PyMethodDef SendJob_methods[] = {
     {"start", (PyCFunction)SendJob_start, METH_NOARGS, NULL},
     {"cancel", (PyCFunction)SendJob_cancel, METH_NOARGS, NULL},
@@ -318,6 +327,7 @@ static PyGetSetDef SendJob_getset[] = {
     {"channel_bytes", (getter)SendJob_get_channel_bytes, NULL, NULL, NULL},
     {"device_counts", (getter)SendJob_get_device_counts, NULL, NULL, NULL},
     {"error", (getter)SendJob_get_error, NULL, NULL, NULL},
+    {"direct", (getter)SendJob_get_direct, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

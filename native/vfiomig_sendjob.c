@@ -1,5 +1,7 @@
 /* vfiomig_sendjob.c - the sender's C send path: reader and channel threads and the job
- * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c. */
+ * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c, what the threads
+ * share in vfiomig_sendthreads.c, the channels that need no reader in
+ * vfiomig_senddirect.c. */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
 #include "vfiomig_wait.h"
@@ -17,134 +19,21 @@
 #include <unistd.h>
 
 #define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
-/* A blocking send wakes this often (SO_SNDTIMEO) to see whether the job was cancelled. */
-#define VFM_SJ_WAKE_US 100000
 
-/* The first failure wins; every thread is told (lock held). */
-static void fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, int err,
-                 uint64_t sent)
-{
-    uint64_t one = 1;
-
-    if (job->failed)
-        return;
-    __atomic_store_n(&job->failed, 1, __ATOMIC_RELEASE);
-    job->error = what;
-    job->error_who = who;
-    job->error_errno = err;
-    job->error_sent = sent;
-    if (write(job->cancel_fd, &one, sizeof(one)) < 0) {
-        /* an eventfd write fails only at its maximum count: it stays readable */
-    }
-    pthread_cond_broadcast(&job->room);
-    for (unsigned i = 0; i < job->nchan; i++)
-        pthread_cond_broadcast(&job->chans[i].cv);
-}
-
-/* A thread is about to exit (lock held): the last one makes done_fd readable. */
-static void thread_exit(struct vfm_sendjob *job)
-{
-    uint64_t one = 1;
-
-    if (--job->threads_left == 0 && write(job->done_fd, &one, sizeof(one)) < 0) {
-        /* see fail() */
-    }
-}
-
-/* -- channels ------------------------------------------------------------------------ */
-
-/* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
- * blocking socket (see blocking()) sleeps in the kernel, as cref_send's do, and wakes at
- * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
-static int send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
-                    size_t cnt, uint64_t *sent)
-{
-    int flags = MSG_NOSIGNAL | (blocking ? 0 : MSG_DONTWAIT);
-
-    while (cnt) {
-        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = cnt};
-        ssize_t n;
-
-        if (__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE))
-            return ECANCELED;
-        n = sendmsg(fd, &mh, flags);
-        if (n < 0) {
-            int err = errno;
-            if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK)))
-                continue;
-            if (err != EAGAIN && err != EWOULDBLOCK)
-                return err;
-            err = vfm_wait_fd(fd, POLLOUT, job->cancel_fd);
-            if (err)
-                return err;
-            continue;
-        }
-        *sent += (uint64_t)n;
-        for (size_t left = (size_t)n; left;) {
-            if (left < iov->iov_len) {
-                iov->iov_base = (unsigned char *)iov->iov_base + left;
-                iov->iov_len -= left;
-                break;
-            }
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        while (cnt && !iov->iov_len) {
-            iov++;
-            cnt--;
-        }
-    }
-    return 0;
-}
-
-/* What a thread is started with: its job and its channel or device number. */
-/* Make a channel's socket blocking, with SO_SNDTIMEO as the cancel check's period, for
- * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
-struct sock_mode {
-    int flags;
-    struct timeval timeout;
-};
-
-static int blocking(int fd, struct sock_mode *saved)
-{
-    struct timeval tv = {.tv_sec = 0, .tv_usec = VFM_SJ_WAKE_US};
-    socklen_t len = sizeof(saved->timeout);
-
-    saved->flags = fcntl(fd, F_GETFL);
-    if (saved->flags < 0 || getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, &len) ||
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
-        return 0;
-    if (fcntl(fd, F_SETFL, saved->flags & ~O_NONBLOCK)) {
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
-        return 0;
-    }
-    return 1;
-}
-
-static void restore(int fd, const struct sock_mode *saved)
-{
-    fcntl(fd, F_SETFL, saved->flags);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
-}
-
-struct thread_arg {
-    struct vfm_sendjob *job;
-    unsigned id;
-};
+/* -- channels fed by a reader ---------------------------------------------------------- */
 
 static void *chan_main(void *arg)
 {
-    struct vfm_sendjob *job = ((struct thread_arg *)arg)->job;
-    unsigned id = ((struct thread_arg *)arg)->id;
+    struct vfm_sendjob *job = ((struct vfm_sj_thread_arg *)arg)->job;
+    unsigned id = ((struct vfm_sj_thread_arg *)arg)->id;
     struct vfm_sj_chan *ch = &job->chans[id];
     struct vfm_sj_entry batch[VFM_SJ_BATCH];
     unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE] = malloc(VFM_SJ_BATCH * sizeof(*hdrs));
     struct iovec iov[2 * VFM_SJ_BATCH];
     /* synthetic data is made here, right before it is sent: still in this core's cache */
     unsigned char *scratch = malloc(VFM_SJ_BATCH_BYTES + job->packet_size);
-    struct sock_mode saved;
-    int is_blocking = blocking(ch->fd, &saved);
+    struct vfm_sj_sock_mode saved;
+    int is_blocking = vfm_sj_blocking(ch->fd, &saved);
     char name[16];
 
     free(arg);
@@ -152,7 +41,7 @@ static void *chan_main(void *arg)
     pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
     pthread_mutex_lock(&job->lock);
     if (!hdrs || !scratch)
-        fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
+        vfm_sj_fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
     for (;;) {
         size_t n = 0, cnt = 0, bytes = 0, made = 0;
         uint64_t sent = 0;
@@ -186,13 +75,13 @@ static void *chan_main(void *arg)
                 iov[cnt++].iov_len = e->len;
             }
         }
-        err = send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
+        err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
         pthread_mutex_lock(&job->lock);
         if (err) {
             if (err == ECANCELED)
-                fail(job, VFM_SJ_CANCELLED, id, 0, 0);
+                vfm_sj_fail(job, VFM_SJ_CANCELLED, id, 0, 0);
             else
-                fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes + sent);
+                vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes + sent);
             ch->sent_bytes += sent;
             break;
         }
@@ -204,11 +93,12 @@ static void *chan_main(void *arg)
         ch->head = (ch->head + n) % ch->cap;
         ch->count -= n;
         ch->sent_bytes += sent;
-        pthread_cond_broadcast(&job->room);
+        if (job->room_waiters) /* no wakeup of a reader that is busy reading */
+            pthread_cond_broadcast(&job->room);
     }
     if (is_blocking)
-        restore(ch->fd, &saved); /* before the job is done: trio has it back as it was */
-    thread_exit(job);
+        vfm_sj_restore(ch->fd, &saved); /* before the job is done: trio has it back as it was */
+    vfm_sj_thread_exit(job);
     pthread_mutex_unlock(&job->lock);
     free(hdrs);
     free(scratch);
@@ -243,12 +133,20 @@ static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
     ch->queued_bytes += VFM_PACKET_HEADER_SIZE + len;
     if (buf)
         buf->pins++;
-    job->next++;
-    pthread_cond_signal(&ch->cv);
+    job->next++; /* its thread is woken once the reader has queued the whole chunk */
     return (int)c;
 }
 
 /* -- readers ------------------------------------------------------------------------- */
+
+/* Wait for a channel to take packets (lock held); the channels broadcast only while a
+ * reader waits. */
+static void room_wait(struct vfm_sendjob *job)
+{
+    job->room_waiters++;
+    pthread_cond_wait(&job->room, &job->lock);
+    job->room_waiters--;
+}
 
 /* A free buffer of the device's pool, or NULL once the job failed (lock held; waits). */
 static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
@@ -263,21 +161,21 @@ static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev 
         if (dev->nbufs < dev->maxbufs) {
             struct vfm_sj_buf *b = &dev->bufs[dev->nbufs];
             if (posix_memalign((void **)&b->data, 4096, job->chunk)) {
-                fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+                vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
                 return NULL;
             }
             b->pins = 0;
             dev->nbufs++;
             return b;
         }
-        pthread_cond_wait(&job->room, &job->lock);
+        room_wait(job);
     }
 }
 
 static void *reader_main(void *arg)
 {
-    struct vfm_sendjob *job = ((struct thread_arg *)arg)->job;
-    unsigned id = ((struct thread_arg *)arg)->id;
+    struct vfm_sendjob *job = ((struct vfm_sj_thread_arg *)arg)->job;
+    unsigned id = ((struct vfm_sj_thread_arg *)arg)->id;
     struct vfm_sj_dev *dev = &job->devs[id];
     uint32_t idx = 0;
     unsigned char used[256];
@@ -290,7 +188,7 @@ static void *reader_main(void *arg)
     int err = vfm_sj_tile_pattern(job, dev);
     pthread_mutex_lock(&job->lock);
     if (err)
-        fail(job, VFM_SJ_SOURCE, id, err, 0);
+        vfm_sj_fail(job, VFM_SJ_SOURCE, id, err, 0);
     while (!job->failed) {
         struct vfm_sj_buf *buf = NULL;
         const unsigned char *data = NULL;
@@ -320,9 +218,9 @@ static void *reader_main(void *arg)
         }
         if (n < 0) {
             if (n == -ECANCELED)
-                fail(job, VFM_SJ_CANCELLED, id, 0, 0);
+                vfm_sj_fail(job, VFM_SJ_CANCELLED, id, 0, 0);
             else
-                fail(job, VFM_SJ_SOURCE, id, (int)-n, 0);
+                vfm_sj_fail(job, VFM_SJ_SOURCE, id, (int)-n, 0);
             break;
         }
         if (job->failed)
@@ -333,30 +231,36 @@ static void *reader_main(void *arg)
             int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
                                  (uint32_t)len, idx++, 0);
             if (c < 0) {
-                fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+                vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
                 break;
             }
             used[c] = 1;
         }
+        for (unsigned c = 0; c < job->nchan; c++)
+            if (used[c]) /* one wakeup per channel and chunk, not per packet */
+                pthread_cond_signal(&job->chans[c].cv);
         dev->bytes += (uint64_t)n;
         more = (size_t)n == job->chunk;
         for (unsigned c = 0; c < job->nchan && !job->failed; c++)
             while (used[c] && !job->failed && job->chans[c].queued_bytes > job->limit)
-                pthread_cond_wait(&job->room, &job->lock);
+                room_wait(job);
         if (job->failed || !more)
             break;
     }
     if (!job->failed) {
-        if (queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
-                         VFM_FLAG_CONFIG) < 0)
-            fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
-        else
+        int c = queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
+                             VFM_FLAG_CONFIG);
+        if (c < 0) {
+            vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+        } else {
             dev->packets = idx + 1;
+            pthread_cond_signal(&job->chans[c].cv);
+        }
     }
     if (--job->readers_left == 0)
         for (unsigned c = 0; c < job->nchan; c++)
             pthread_cond_broadcast(&job->chans[c].cv);
-    thread_exit(job);
+    vfm_sj_thread_exit(job);
     pthread_mutex_unlock(&job->lock);
     return NULL;
 }
@@ -405,7 +309,7 @@ int vfm_sendjob_init(struct vfm_sendjob *job, unsigned nchan, unsigned ndev,
 static int start_thread(struct vfm_sendjob *job, pthread_t *t, void *(*fn)(void *),
                         unsigned id)
 {
-    struct thread_arg *arg = malloc(sizeof(*arg));
+    struct vfm_sj_thread_arg *arg = malloc(sizeof(*arg));
 
     if (!arg)
         return ENOMEM;
@@ -419,24 +323,35 @@ static int start_thread(struct vfm_sendjob *job, pthread_t *t, void *(*fn)(void 
 
 void vfm_sendjob_start(struct vfm_sendjob *job)
 {
+    void *(*sender)(void *) = job->direct ? vfm_sj_direct_main : chan_main;
+    unsigned readers = job->direct ? 0 : job->ndev;
+
     pthread_mutex_lock(&job->lock);
-    job->threads_left = job->nchan + job->ndev;
-    job->readers_left = job->ndev;
+    job->threads_left = job->nchan + readers;
+    job->readers_left = readers;
+    if (job->direct) { /* every packet is as good as queued: the counts are known now */
+        struct vfm_sj_dev *dev = &job->devs[0];
+        int err = vfm_sj_tile_pattern(job, dev);
+        if (err)
+            vfm_sj_fail(job, VFM_SJ_SOURCE, 0, err, 0);
+        dev->bytes = dev->size;
+        dev->packets = (uint32_t)((dev->size + job->packet_size - 1) / job->packet_size + 1);
+    }
     for (unsigned c = 0; c < job->nchan; c++) {
-        int err = job->failed ? ECANCELED : start_thread(job, &job->chans[c].thread, chan_main, c);
+        int err = job->failed ? ECANCELED : start_thread(job, &job->chans[c].thread, sender, c);
         if (err) {
-            fail(job, VFM_SJ_START, c, err, 0);
-            thread_exit(job);
+            vfm_sj_fail(job, VFM_SJ_START, c, err, 0);
+            vfm_sj_thread_exit(job);
         } else {
             job->chans[c].started = 1;
         }
     }
-    for (unsigned d = 0; d < job->ndev; d++) {
+    for (unsigned d = 0; d < readers; d++) {
         int err = job->failed ? ECANCELED : start_thread(job, &job->devs[d].thread, reader_main, d);
         if (err) {
-            fail(job, VFM_SJ_START, d, err, 0);
+            vfm_sj_fail(job, VFM_SJ_START, d, err, 0);
             job->readers_left--;
-            thread_exit(job);
+            vfm_sj_thread_exit(job);
         } else {
             job->devs[d].started = 1;
         }
@@ -447,7 +362,7 @@ void vfm_sendjob_start(struct vfm_sendjob *job)
 void vfm_sendjob_cancel(struct vfm_sendjob *job)
 {
     pthread_mutex_lock(&job->lock);
-    fail(job, VFM_SJ_CANCELLED, 0, 0, 0);
+    vfm_sj_fail(job, VFM_SJ_CANCELLED, 0, 0, 0);
     pthread_mutex_unlock(&job->lock);
 }
 

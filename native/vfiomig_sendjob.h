@@ -9,7 +9,9 @@
  * 288-byte headers and writes its queue with sendmsg of up to VFM_SJ_BATCH packets
  * (header and data iovecs, the data never copied).  A reader waits, after queuing a chunk,
  * until no channel it used holds more than `limit` bytes (the trio sender's backpressure),
- * then queues the config packet after its last data packet.
+ * then queues the config packet after its last data packet.  One device whose bytes are
+ * known by offset (synthetic state, a pattern) needs no reader: each channel's thread
+ * makes and sends its own share of the round robin (vfiomig_senddirect.c), as cref_send.
  *
  * Every wait is a condition variable that a failure or cancel broadcasts, or a poll()
  * that also watches cancel_fd: vfm_sendjob_cancel stops every thread promptly.  The first
@@ -22,7 +24,9 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/time.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "vfiomig_outbox.h"
 
@@ -88,6 +92,8 @@ struct vfm_sendjob {
     unsigned nchan, ndev, readers_left, threads_left;
     size_t packet_size, chunk, limit;
     uint64_t next; /* the round robin: packets queued so far, every device */
+    unsigned room_waiters; /* readers in a wait on room */
+    int direct;            /* no reader: each channel's thread makes its packets (senddirect) */
     int cancel_fd, done_fd;
     int failed;
     enum vfm_sj_error error;
@@ -101,7 +107,9 @@ struct vfm_sendjob {
  * 0, or an errno (the job is then freed with vfm_sendjob_free). */
 int vfm_sendjob_init(struct vfm_sendjob *job, unsigned nchan, unsigned ndev,
                      size_t packet_size, size_t chunk, size_t limit);
-/* Start every thread; a thread that cannot start fails the job (VFM_SJ_START). */
+/* Start every thread (with job->direct, set by the caller when vfm_sj_direct_ok: the
+ * channels' threads alone, no reader); a thread that cannot start fails the job
+ * (VFM_SJ_START). */
 void vfm_sendjob_start(struct vfm_sendjob *job);
 /* Stop every thread soon (VFM_SJ_CANCELLED, unless a failure came first). */
 void vfm_sendjob_cancel(struct vfm_sendjob *job);
@@ -109,6 +117,43 @@ void vfm_sendjob_cancel(struct vfm_sendjob *job);
 void vfm_sendjob_join(struct vfm_sendjob *job);
 /* Free everything (after join; the descriptors given are the caller's). */
 void vfm_sendjob_free(struct vfm_sendjob *job);
+
+/* -- shared by the job's threads (vfiomig_sendthreads.c) ------------------------------ */
+
+/* What a thread is started with: its job and its channel or device number. */
+struct vfm_sj_thread_arg {
+    struct vfm_sendjob *job;
+    unsigned id;
+};
+
+/* A channel socket's mode before its thread made it blocking (vfm_sj_blocking). */
+struct vfm_sj_sock_mode {
+    int flags;
+    struct timeval timeout;
+};
+
+/* Record the first failure and wake every thread (lock held). */
+void vfm_sj_fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, int err,
+                 uint64_t sent);
+/* A thread is about to exit (lock held): the last one makes done_fd readable. */
+void vfm_sj_thread_exit(struct vfm_sendjob *job);
+/* Make a channel's socket blocking, with SO_SNDTIMEO as the cancel check's period, for
+ * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
+int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved);
+void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved);
+/* Send the whole iovec array (it is advanced); *sent counts what the socket took.  0,
+ * ECANCELED once the job failed, or the send's errno. */
+int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
+                    size_t cnt, uint64_t *sent);
+
+/* -- vfiomig_senddirect.c: one device read by offset, no reader thread -------------- */
+
+/* Whether the job can run without a reader: one device whose bytes each channel's thread
+ * can make by offset (synthetic state, a pattern), chunks of whole packets. */
+int vfm_sj_direct_ok(const struct vfm_sendjob *job);
+/* A channel's thread in a direct job: its share of QEMU's round robin (packets k with
+ * k % nchan == its number, the config packet last), made and sent as cref_send does. */
+void *vfm_sj_direct_main(void *arg);
 
 /* -- vfiomig_sendsrc.c: the sources ------------------------------------------------ */
 

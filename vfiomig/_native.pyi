@@ -174,7 +174,9 @@ class SendJob:
     `vfiomig.sources` makes it), ``("pattern", size, block)`` (the block repeated: bench's
     source) or ``("fd", fd, poll)`` (``poll``: wait for input before each read, a pipe). Each source is read ``chunk`` bytes (whole packets) at a time and
     its packets queued on ``fds`` in QEMU's round robin; a reader waits while a channel it
-    used holds more than ``limit`` bytes. `fileno` is readable once every thread is about
+    used holds more than ``limit`` bytes. With ``direct`` (the default), one ``synth`` or
+    ``pattern`` device has no reader: each channel's thread makes its own packets
+    (`direct` says whether the job runs so). `fileno` is readable once every thread is about
     to exit; `cancel` stops them soon, `join` waits for them (the GIL released).
     ``error``: None, or ``(kind, channel or device, errno, bytes sent)``, kind one of
     ``channel``, ``source``, ``cancelled``, ``start``.
@@ -187,11 +189,15 @@ class SendJob:
         chunk: int,
         limit: int,
         devices: Sequence[tuple[str, int, str, tuple[object, ...], bytes]],
+        *,
+        direct: bool = True,
     ) -> None: ...
     def start(self) -> None: ...
     def cancel(self) -> None: ...
     def join(self) -> None: ...
     def fileno(self) -> int: ...
+    @property
+    def direct(self) -> bool: ...
     @property
     def finished(self) -> bool: ...
     @property

@@ -169,27 +169,39 @@ async def test_synth_file_and_pipe_sources_take_the_threads(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("kind", "block", "packet"),
-    [("pattern", 4096, 4096), ("pattern", 7000, 3000), ("synth", 0, 1001), ("synth", 0, 5)],
+    [
+        ("pattern", 4096, 4096),
+        ("pattern", 7000, 3000),
+        ("synth", 0, 1001),
+        ("synth", 0, 5),
+        ("synth", 0, 300_001),  # cut in pieces by a direct channel's 256 KiB scratch
+    ],
 )
 async def test_sources_write_the_trio_senders_bytes(
     kind: str, block: int, packet: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bench's pattern source (packets pointing into one tiled chunk, whatever the block)
     and synthetic state cut at offsets that are not whole words (made word by word
-    otherwise): the bytes of the trio sender."""
+    otherwise): the bytes of the trio sender, from the C path's channel threads making
+    their own packets (direct) and with a reader thread queuing them."""
     got = []
-    for threads in ("1", "0"):
+    for threads, direct in (("1", "1"), ("1", "0"), ("0", "1")):
         monkeypatch.setenv("VFIOMIG_SEND_THREADS", threads)
+        monkeypatch.setenv("VFIOMIG_SEND_DIRECT", direct)
         hashes: dict[int, Any] = {}
         size = (1 << 20) + 123 if packet < 100 else (3 << 20) + 123
         source = PatternSource(size, block, 5) if kind == "pattern" else SynthSource(size, 9)
         with trio.fail_after(60):
             await run_send(source, 3, hashes=hashes, packet_size=packet)
         got.append([hashes[i].hexdigest() for i in range(3)])
-    assert got[0] == got[1]
+    assert got[0] == got[1] == got[2]
 
 
-async def test_a_reset_channel_fails_the_send_naming_it() -> None:
+@pytest.mark.parametrize("direct", ["1", "0"])
+async def test_a_reset_channel_fails_the_send_naming_it(
+    direct: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VFIOMIG_SEND_DIRECT", direct)
     endings: dict[int, str] = {}
     with trio.fail_after(30), pytest.raises(SendError) as info:
         await run_send(SynthSource(256 << 20, 1), reset_after=200_000, endings=endings)
@@ -214,10 +226,14 @@ async def test_a_source_read_error_names_the_device_and_the_cause(tmp_path: Path
     assert send_threads() == []
 
 
-@pytest.mark.parametrize("blocked", ["receiver", "pipe"])
-async def test_a_cancel_stops_the_threads_promptly(blocked: str) -> None:
-    """Threads blocked in a send (the receiver reads nothing) or in a read (a pipe nobody
-    writes) stop when the task is cancelled; none is left."""
+@pytest.mark.parametrize("blocked", ["receiver", "receiver-direct", "pipe"])
+async def test_a_cancel_stops_the_threads_promptly(
+    blocked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads blocked in a send (the receiver reads nothing; channel threads fed by a
+    reader, or making their own packets) or in a read (a pipe nobody writes) stop when
+    the task is cancelled; none is left."""
+    monkeypatch.setenv("VFIOMIG_SEND_DIRECT", "1" if blocked == "receiver-direct" else "0")
     rfd = wfd = -1
     if blocked == "pipe":
         rfd, wfd = os.pipe()

@@ -6,7 +6,8 @@ both header byte orders, paced and unpaced, from each kind of stream source. The
 sender must write exactly the same bytes, with either core, and so must the C send path
 (`vfiomig.send._threads`, chosen for round robin, unpaced, from synth, file and pipe
 sources): each case runs with the pure core, the C core's trio sender
-(``VFIOMIG_SEND_THREADS=0``) and the C core as chosen. A pipe carries the bytes of the
+(``VFIOMIG_SEND_THREADS=0``), the C core as chosen (synth: each channel's thread makes its
+own packets) and the C core with a reader thread (``VFIOMIG_SEND_DIRECT=0``). A pipe carries the bytes of the
 file case of the same size, so it has that case's digests.
 """
 
@@ -222,7 +223,7 @@ GOLDEN["pipe-4ch-64k"] = GOLDEN["file-4ch-64k"]
 GOLDEN["pipe-3ch-1000"] = GOLDEN["file-3ch-1000"]
 
 SENDERS = sorted(core_module.IMPLEMENTATIONS) + (
-    ["native-trio"] if "native" in core_module.IMPLEMENTATIONS else []
+    ["native-trio", "native-reader"] if "native" in core_module.IMPLEMENTATIONS else []
 )
 
 
@@ -233,7 +234,9 @@ def sender_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     name = str(request.param)
     if name == "native-trio":
         monkeypatch.setenv("VFIOMIG_SEND_THREADS", "0")
-    impl = core_module.IMPLEMENTATIONS[name.removesuffix("-trio")]
+    if name == "native-reader":  # synth through the reader thread, not made by the channels
+        monkeypatch.setenv("VFIOMIG_SEND_DIRECT", "0")
+    impl = core_module.IMPLEMENTATIONS[name.split("-")[0]]
     monkeypatch.setattr(sender_module, "core", impl)
     monkeypatch.setattr(channel_module, "core", impl)
     monkeypatch.setattr(threads_module, "core", impl)

@@ -24,7 +24,9 @@ PLAIN_C = (
     "vfiomig_reorder.h",
     "vfiomig_sendjob.c",
     "vfiomig_sendjob.h",
+    "vfiomig_senddirect.c",
     "vfiomig_sendsrc.c",
+    "vfiomig_sendthreads.c",
     "vfiomig_wait.c",
     "vfiomig_wait.h",
 )

@@ -46,15 +46,20 @@ def test_bad_arguments_are_refused() -> None:
         del job  # never started: nothing to join
 
 
-def test_a_small_job_over_a_socket_pair() -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_small_job_over_a_socket_pair(direct: bool) -> None:
     """Synthetic state of 10,000 bytes in packets of 4096 on one channel: three data
-    packets and the config packet, then the done descriptor is readable."""
+    packets and the config packet, then the done descriptor is readable; the same from
+    the channel's thread alone (direct) and fed by a reader thread."""
     assert core.SendJob is not None
     a, b = socket.socketpair()
     with a, b:
         base = _base(4)
         assert base.nbytes == SYNTH_BLOCK
-        job = core.SendJob([a.fileno()], 4096, 8192, 1 << 20, [device(("synth", 10_000, 4, base))])
+        job = core.SendJob(
+            [a.fileno()], 4096, 8192, 1 << 20, [device(("synth", 10_000, 4, base))], direct=direct
+        )
+        assert job.direct is direct
         job.start()
         with pytest.raises(RuntimeError):
             job.start()
@@ -76,3 +81,21 @@ def test_a_small_job_over_a_socket_pair() -> None:
             off += core.PACKET_HEADER_SIZE + size - 12
         assert headers == [(0, 0, 4096), (1, 0, 4096), (2, 0, 1808), (3, VFIO_FLAG_CONFIG_STATE, 3)]
         assert data[-3:] == b"CFG"
+
+
+def test_direct_only_where_no_reader_is_needed() -> None:
+    """Without a reader the channels' threads must know every packet by its offset: one
+    synth or pattern device, chunks of whole packets. A descriptor (read in order), two
+    devices (their packets interleave as their readers go) or chunks that cut packets
+    keep the reader."""
+    assert core.SendJob is not None
+    a, b = socket.socketpair()
+    with a, b:
+        fd = a.fileno()
+        synth = device(("synth", 10_000, 4, _base(4)))
+        pattern = device(("pattern", 10_000, b"x" * 100))
+        assert core.SendJob([fd], 4096, 8192, 0, [synth]).direct
+        assert core.SendJob([fd], 4096, 8192, 0, [pattern]).direct
+        assert not core.SendJob([fd], 4096, 8192, 0, [device(("fd", 0, False))]).direct
+        assert not core.SendJob([fd], 4096, 8192, 0, [synth, synth]).direct
+        assert not core.SendJob([fd], 4096, 10_000, 0, [synth]).direct

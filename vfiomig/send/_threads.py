@@ -5,7 +5,11 @@ When every source can be read by the C core itself (`Source.native_stream`: ``sy
 data goes through `vfiomig._core.SendJob`: a reader thread per device reads its source
 into pooled chunks of whole packets (the trio sender's `CHUNK`) and queues the packets in
 QEMU's round robin; a thread per channel builds their headers and writes them with one
-``sendmsg`` per batch, waiting with ``poll`` when the socket is full. The bytes on every
+``sendmsg`` per batch, waiting with ``poll`` when the socket is full. One device whose
+bytes are known by offset (``synth:``, bench's pattern) needs no reader: each channel's
+thread makes its own share of the round robin and sends it, as ``cref_send`` does (no
+queue, no wakeup between threads; ``VFIOMIG_SEND_DIRECT=0`` keeps the reader, for
+comparisons and tests). The bytes on every
 channel are those of the trio sender (tests/integration/test_send_wire.py), and so is the
 backpressure: a reader waits while a channel it used holds more than the same limit.
 
@@ -88,7 +92,8 @@ async def send_threaded(
         blob = await device.source.config_blob()
         specs.append((device.idstr, device.instance, endian, stream, blob))
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
-    job = core.SendJob(fds, packet_size, chunk, limit, specs)
+    direct = os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
+    job = core.SendJob(fds, packet_size, chunk, limit, specs, direct=direct)
     base = status.sent_bytes
     job.start()
     try:

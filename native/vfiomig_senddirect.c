@@ -1,0 +1,140 @@
+/* vfiomig_senddirect.c - the C send path without a reader thread (see vfiomig_sendjob.h).
+ *
+ * When the job has one device whose bytes are known by their offset (synthetic state,
+ * bench's pattern), nothing has to be read in order: packet k of QEMU's round robin
+ * travels on channel k % nchan, so each channel's thread makes and sends its own packets,
+ * k = its number, then k + nchan, ..., the config packet (k = the data packets) last,
+ * exactly as cref_send's threads do.  No queue, no lock per chunk, no wakeup between
+ * threads: a blocking sendmsg is the only wait (the backpressure: the socket's buffer).
+ * The bytes on each channel are those the reader would have queued on it (chunks are
+ * whole packets, so every data packet is full but the last).
+ *
+ * Synthetic bytes are made VFM_SJ_FILL_BYTES at a time right before the sendmsg that
+ * sends them, so that the kernel copies them while they are in this core's L2 (1 MiB
+ * here, shared with the base block and the kernel's own buffers), and a thread's scratch
+ * stays small whatever the packet size (a larger packet is sent in several pieces, its
+ * header with the first).  256 KiB against 1 MiB made no difference measurable on the
+ * loaded machine of round 4 (benchmarks/README.md).
+ */
+#define _GNU_SOURCE
+#include "vfiomig_sendjob.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
+/* Synthetic bytes made per sendmsg: a quarter of a 1 MiB L2, with the kernel's copy. */
+#define VFM_SJ_FILL_BYTES (256u << 10)
+
+int vfm_sj_direct_ok(const struct vfm_sendjob *job)
+{
+    const struct vfm_sj_dev *dev = &job->devs[0];
+
+    return job->ndev == 1 && job->chunk % job->packet_size == 0 &&
+           (dev->kind == VFM_SJ_SYNTH || dev->kind == VFM_SJ_PATTERN);
+}
+
+/* Where a direct channel is in its share of the stream. */
+struct direct_pos {
+    uint64_t k;   /* the next packet (global = the device's idx: one device) */
+    uint64_t off; /* bytes of packet k's data already sent (a packet cut in fills) */
+};
+
+/* Fill iov with the next pieces of this channel's share: whole packets up to
+ * VFM_SJ_BATCH of them or VFM_SJ_BATCH_BYTES, synthetic data at most VFM_SJ_FILL_BYTES
+ * (a packet may be cut there: its header goes with its first piece).  The iovec count. */
+static size_t next_batch(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned nchan,
+                         uint64_t npackets, struct direct_pos *pos,
+                         unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE], unsigned char *scratch,
+                         struct iovec *iov)
+{
+    size_t cnt = 0, bytes = 0, made = 0, n = 0;
+
+    while (pos->k <= npackets && n < VFM_SJ_BATCH && bytes < VFM_SJ_BATCH_BYTES &&
+           made < VFM_SJ_FILL_BYTES) {
+        uint64_t start = pos->k * job->packet_size;
+        uint32_t len = pos->k == npackets ? (uint32_t)dev->config_len
+                                          : (uint32_t)(dev->size - start < job->packet_size
+                                                           ? dev->size - start
+                                                           : job->packet_size);
+        size_t take = len - pos->off;
+
+        if (!pos->off) {
+            vfm_header_build(hdrs[n], dev->prefix, dev->instance, len, (uint32_t)pos->k,
+                             pos->k == npackets ? VFM_FLAG_CONFIG : 0, dev->host);
+            iov[cnt].iov_base = hdrs[n];
+            iov[cnt++].iov_len = VFM_PACKET_HEADER_SIZE;
+            bytes += VFM_PACKET_HEADER_SIZE;
+        }
+        if (pos->k == npackets) {
+            iov[cnt].iov_base = dev->config;
+        } else if (dev->kind == VFM_SJ_SYNTH) {
+            if (take > VFM_SJ_FILL_BYTES - made)
+                take = VFM_SJ_FILL_BYTES - made;
+            vfm_synth_fill(scratch + made, dev->base, dev->seed, start + pos->off, take);
+            iov[cnt].iov_base = scratch + made;
+            made += take;
+        } else { /* a pattern: every chunk is the same tiled bytes */
+            iov[cnt].iov_base = dev->tiled + start % job->chunk + pos->off;
+        }
+        iov[cnt++].iov_len = take;
+        bytes += take;
+        if (!take)
+            cnt--; /* an empty config blob: the header alone */
+        pos->off += take;
+        if (pos->off < len)
+            break; /* the scratch is full: the rest of this packet in the next batch */
+        pos->off = 0;
+        pos->k += nchan;
+        n++;
+    }
+    return cnt;
+}
+
+void *vfm_sj_direct_main(void *arg)
+{
+    struct vfm_sendjob *job = ((struct vfm_sj_thread_arg *)arg)->job;
+    unsigned id = ((struct vfm_sj_thread_arg *)arg)->id;
+    struct vfm_sj_chan *ch = &job->chans[id];
+    struct vfm_sj_dev *dev = &job->devs[0];
+    uint64_t npackets = (dev->size + job->packet_size - 1) / job->packet_size;
+    struct direct_pos pos = {.k = id, .off = 0};
+    unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE] = malloc(VFM_SJ_BATCH * sizeof(*hdrs));
+    struct iovec *iov = malloc(2 * VFM_SJ_BATCH * sizeof(*iov));
+    unsigned char *scratch = dev->kind == VFM_SJ_SYNTH ? malloc(VFM_SJ_FILL_BYTES) : NULL;
+    struct vfm_sj_sock_mode saved;
+    int is_blocking = vfm_sj_blocking(ch->fd, &saved);
+    char name[16];
+
+    free(arg);
+    snprintf(name, sizeof(name), "vfm-send-%u", id);
+    pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
+    if (!hdrs || !iov || (dev->kind == VFM_SJ_SYNTH && !scratch)) {
+        pthread_mutex_lock(&job->lock);
+        vfm_sj_fail(job, VFM_SJ_CHANNEL, id, ENOMEM, 0);
+        pthread_mutex_unlock(&job->lock);
+    }
+    while (pos.k <= npackets && !__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE)) {
+        size_t cnt = next_batch(job, dev, job->nchan, npackets, &pos, hdrs, scratch, iov);
+        uint64_t sent = 0;
+        int err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
+
+        pthread_mutex_lock(&job->lock);
+        if (err)
+            vfm_sj_fail(job, err == ECANCELED ? VFM_SJ_CANCELLED : VFM_SJ_CHANNEL, id,
+                        err == ECANCELED ? 0 : err, ch->sent_bytes + sent);
+        ch->sent_bytes += sent;
+        pthread_mutex_unlock(&job->lock);
+    }
+    if (is_blocking)
+        vfm_sj_restore(ch->fd, &saved); /* before the job is done: trio has it back */
+    pthread_mutex_lock(&job->lock);
+    vfm_sj_thread_exit(job);
+    pthread_mutex_unlock(&job->lock);
+    free(hdrs);
+    free(iov);
+    free(scratch);
+    return NULL;
+}

@@ -1,0 +1,117 @@
+/* vfiomig_sendthreads.c - what the send job's threads share (see vfiomig_sendjob.h):
+ * recording the first failure, the last thread's exit, and a channel socket's blocking
+ * sends.  Used by the reader-fed channel threads (vfiomig_sendjob.c) and the direct ones
+ * (vfiomig_senddirect.c); calls neither. */
+#define _GNU_SOURCE
+#include "vfiomig_sendjob.h"
+#include "vfiomig_wait.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+/* A blocking send wakes this often (SO_SNDTIMEO) to see whether the job was cancelled. */
+#define VFM_SJ_WAKE_US 100000
+
+/* The first failure wins; every thread is told (lock held). */
+void vfm_sj_fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, int err,
+                 uint64_t sent)
+{
+    uint64_t one = 1;
+
+    if (job->failed)
+        return;
+    __atomic_store_n(&job->failed, 1, __ATOMIC_RELEASE);
+    job->error = what;
+    job->error_who = who;
+    job->error_errno = err;
+    job->error_sent = sent;
+    if (write(job->cancel_fd, &one, sizeof(one)) < 0) {
+        /* an eventfd write fails only at its maximum count: it stays readable */
+    }
+    pthread_cond_broadcast(&job->room);
+    for (unsigned i = 0; i < job->nchan; i++)
+        pthread_cond_broadcast(&job->chans[i].cv);
+}
+
+/* A thread is about to exit (lock held): the last one makes done_fd readable. */
+void vfm_sj_thread_exit(struct vfm_sendjob *job)
+{
+    uint64_t one = 1;
+
+    if (--job->threads_left == 0 && write(job->done_fd, &one, sizeof(one)) < 0) {
+        /* see vfm_sj_fail() */
+    }
+}
+
+/* -- channels ------------------------------------------------------------------------ */
+
+/* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
+ * blocking socket (see vfm_sj_blocking()) sleeps in the kernel, as cref_send's do, and wakes at
+ * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
+int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
+                    size_t cnt, uint64_t *sent)
+{
+    int flags = MSG_NOSIGNAL | (blocking ? 0 : MSG_DONTWAIT);
+
+    while (cnt) {
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = cnt};
+        ssize_t n;
+
+        if (__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE))
+            return ECANCELED;
+        n = sendmsg(fd, &mh, flags);
+        if (n < 0) {
+            int err = errno;
+            if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK)))
+                continue;
+            if (err != EAGAIN && err != EWOULDBLOCK)
+                return err;
+            err = vfm_wait_fd(fd, POLLOUT, job->cancel_fd);
+            if (err)
+                return err;
+            continue;
+        }
+        *sent += (uint64_t)n;
+        for (size_t left = (size_t)n; left;) {
+            if (left < iov->iov_len) {
+                iov->iov_base = (unsigned char *)iov->iov_base + left;
+                iov->iov_len -= left;
+                break;
+            }
+            left -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        while (cnt && !iov->iov_len) {
+            iov++;
+            cnt--;
+        }
+    }
+    return 0;
+}
+
+int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved)
+{
+    struct timeval tv = {.tv_sec = 0, .tv_usec = VFM_SJ_WAKE_US};
+    socklen_t len = sizeof(saved->timeout);
+
+    saved->flags = fcntl(fd, F_GETFL);
+    if (saved->flags < 0 || getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, &len) ||
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
+        return 0;
+    if (fcntl(fd, F_SETFL, saved->flags & ~O_NONBLOCK)) {
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+        return 0;
+    }
+    return 1;
+}
+
+void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved)
+{
+    fcntl(fd, F_SETFL, saved->flags);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+}
