@@ -28,7 +28,11 @@ SIZE bytes). cref_send always sends its one repeated block: into the same receiv
 "receive alone". Sender ``read`` (device sources only) is the source alone: vfiomig's
 `VfioUserSource` reading the device to its end, sending nothing
 (``benchmarks/vfio_user/pyclient.py``); a device case's verdict is ``send`` against the
-slower of ``read`` and ``cref``. Senders: ``cref``, ``send``
+slower of ``read`` and ``cref``. Senders: ``cref``, ``cref-same`` (cref_send making the
+bytes the case's source carries: ``--data synth`` made per packet the way ``synth:`` makes
+them, ``--data file:PATH`` pread from the same file; synth and file cases only: what a
+plain C sender pays for those bytes, the yardstick for the work vfiomig cannot skip),
+``send``
 (native core), ``pure`` (``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another
 checkout, ``VFIOMIG_BASE=DIR`` as in `benchmarks.compare`), ``bench`` (the sender process
 of ``vfiomig bench``, `vfiomig.bench._sendproc`, its pattern source; any SOURCE). With
@@ -157,9 +161,14 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
         try:
             addr = wait_ready(ready, recv, timeout=30)[0]
             t0 = time.perf_counter()
-            if kind == "cref":
+            if kind.startswith("cref"):
                 send = start_sender(
-                    addr, channels=case.channels, size=case.size, packet_size=case.packet, seed=seed
+                    addr,
+                    channels=case.channels,
+                    size=case.size,
+                    packet_size=case.packet,
+                    seed=seed,
+                    data=_cref_data(kind, case, state),
                 )
             elif kind == "bench":
                 job = {
@@ -258,6 +267,19 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                             stream.close()
 
 
+def _cref_data(kind: str, case: Case, state: Path) -> str:
+    """cref_send's ``--data``: ``cref`` sends its one hot block; ``cref-same`` makes the
+    bytes as the case's source has them (``synth``: made per packet the way `synth:` is;
+    ``file``: pread from the same file), a plain C sender's cost for those bytes."""
+    if kind == "cref":
+        return "hot"
+    if case.sink == "synth":
+        return "synth"
+    if case.sink == "file":
+        return f"file:{state}"
+    raise ValueError(f"cref-same has no {case.sink} source (synth and file only)")
+
+
 def _reap(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes, float]:
     """A finished sender's stdout, stderr and whole CPU time (reaped with its rusage)."""
     assert proc.stdout is not None and proc.stderr is not None
@@ -288,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             if case.sink in ("file", "pipe"):  # kept for the cases of its size, then removed
                 state = _state_file(states, case.size)
             kinds = senders + (("read",) if case.sink == "vfio-user" else ())
+            if case.sink not in ("synth", "file"):  # no plain C sender of a pipe or a device
+                kinds = tuple(k for k in kinds if k != "cref-same")
             runs: dict[str, list[SendRun]] = {k: [] for k in kinds}
             for i in range(args.repeat):
                 for kind in kinds:
@@ -325,6 +349,9 @@ def _print_case(case: Case, runs: dict[str, list[SendRun]], senders: tuple[str, 
         part += f" cpu {cpu[k]:.2f}/{rcpu[k]:.2f} s/GiB"
         if "cref" in senders and k not in ("cref", "read"):
             part += f" = {med['cref'] / med[k]:.2f}x cref, cpu {cpu[k] / cpu['cref']:.2f}x"
+        if "cref-same" in runs and k not in ("cref", "cref-same", "read"):
+            same = "cref-same"
+            part += f" = {med[same] / med[k]:.2f}x cref-same, cpu {cpu[k] / cpu[same]:.2f}x"
         parts.append(part)
     print(f"{name:<24} " + " | ".join(parts), flush=True)
     if "read" in runs and "send" in runs and "cref" in runs:

@@ -4,12 +4,18 @@
  *
  * Usage: cref_send ADDR CHANNELS UUID [--idstr S] [--instance I] [--devices D]
  *                  [--size BYTES] [--packet-size BYTES] [--order ORDER] [--seed N]
- *                  [--rate BYTES_PER_S]
+ *                  [--rate BYTES_PER_S] [--data hot|synth|file:PATH]
  *   --size         state bytes per device (default 1G; K/M/G suffixes are binary)
  *   --packet-size  data bytes per packet, after the 12-byte VFIO header (default 1M)
  *   --order        roundrobin (default) | random (seeded permutation) | reverse | idx0-last
  *   --devices      D devices, instances I .. I+D-1, same idstr; their packets interleave
  *   --rate         pacing per channel in bytes/s, 0 = as fast as possible (default)
+ *   --data         hot (default): one block, see below; synth: distinct bytes made per
+ *                  packet right before its send, the way vfiomig's synth: makes them (a
+ *                  1 MiB base XORed with a key per 1 MiB block, 16-byte vectors); file:PATH:
+ *                  the packet's bytes pread from PATH at its offset (the page cache).  What a
+ *                  plain C sender pays to send the bytes vfiomig send's sources carry: the
+ *                  fair yardstick for them (benchmarks/compare_send.py, cref-synth, cref-file).
  *
  * Stream layout: device d's packet sequence is its data idx 0..P-1 in ORDER, then the
  * config packet idx P.  The global sequence takes one packet of each device in turn, and
@@ -24,6 +30,7 @@
  */
 #include "cref_common.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <sys/uio.h>
@@ -45,6 +52,9 @@ struct cref_tx {
     enum { CREF_RR, CREF_RANDOM, CREF_REVERSE, CREF_IDX0_LAST } order;
     uint32_t **perm; /* CREF_RANDOM: per device */
     unsigned char *base;
+    enum { CREF_HOT, CREF_SYNTH, CREF_FILE } data;
+    uint64_t *synth_base; /* CREF_SYNTH: one 1 MiB block */
+    int file_fd;          /* CREF_FILE */
     pthread_mutex_t lock;
     char error[256];
     bool failed;
@@ -59,7 +69,62 @@ struct cref_worker {
     uint64_t bytes, wire_bytes, packets;
     unsigned char (*hdrs)[CREF_PREFIX]; /* per batch slot: multifd hdr, VFIO hdr, tag */
     unsigned char configs[CREF_BATCH_PACKETS][CREF_CONFIG_LEN];
+    unsigned char *scratch; /* --data synth|file: a batch's bytes */
 };
+
+#define CREF_SYNTH_BLOCK (1u << 20)
+typedef uint64_t cref_v2 __attribute__((vector_size(16)));
+
+/* Bytes [off, off + n) of the synthetic stream: each 1 MiB block the base XOR its key
+ * (vfiomig's vfm_synth_fill, whole words; packets here are whole words or the tail). */
+static void cref_synth_fill(unsigned char *out, const uint64_t *base, uint64_t seed,
+                            uint64_t off, size_t n)
+{
+    while (n) {
+        uint64_t block = off / CREF_SYNTH_BLOCK, in = off % CREF_SYNTH_BLOCK;
+        size_t k = n < CREF_SYNTH_BLOCK - in ? n : (size_t)(CREF_SYNTH_BLOCK - in);
+        uint64_t st = seed * 0x100000001B3ull + block, key = cref_splitmix64(&st);
+        const unsigned char *src = (const unsigned char *)base + in;
+        cref_v2 kv = {key, key};
+        size_t i = 0;
+
+        for (; i + 64 <= k; i += 64) {
+            cref_v2 v[4];
+            memcpy(v, src + i, sizeof(v));
+            v[0] ^= kv;
+            v[1] ^= kv;
+            v[2] ^= kv;
+            v[3] ^= kv;
+            memcpy(out + i, v, sizeof(v));
+        }
+        for (; i < k; i++)
+            out[i] = (unsigned char)(src[i] ^ (unsigned char)(key >> (8 * ((in + i) % 8))));
+        out += k;
+        off += k;
+        n -= k;
+    }
+}
+
+/* A data packet's bytes at [off, off + len) into out (--data synth|file); 0 or -1. */
+static int cref_make(struct cref_tx *tx, unsigned char *out, uint64_t off, uint32_t len)
+{
+    if (tx->data == CREF_SYNTH) {
+        cref_synth_fill(out, tx->synth_base, tx->seed, off, len);
+        return 0;
+    }
+    for (uint32_t done = 0; done < len;) {
+        ssize_t n = pread(tx->file_fd, out + done, len - done, (off_t)(off + done));
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n == 0)
+                errno = ENODATA; /* the file is shorter than --size */
+            return -1;
+        }
+        done += (uint32_t)n;
+    }
+    return 0;
+}
 
 static void cref_tx_fail(struct cref_tx *tx, const char *what, unsigned chan)
 {
@@ -118,6 +183,7 @@ static void *cref_worker_main(void *arg)
     while (k < total && !tx->failed) {
         int cnt = 0, np = 0;
         uint64_t batch = 0;
+        size_t made = 0;
 
         for (; k < total && np < CREF_BATCH_PACKETS && batch < CREF_BATCH_BYTES; k += tx->nchan) {
             unsigned d = (unsigned)(k % tx->ndev);
@@ -151,6 +217,15 @@ static void *cref_worker_main(void *arg)
                 cref_put_be64(c + 16, CREF_END_OF_STATE);
                 iov[cnt++] = (struct iovec){h, CREF_HDR_SIZE + CREF_VFIO_HDR_SIZE};
                 iov[cnt++] = (struct iovec){c, CREF_CONFIG_LEN};
+            } else if (tx->data != CREF_HOT) {
+                iov[cnt++] = (struct iovec){h, CREF_HDR_SIZE + CREF_VFIO_HDR_SIZE};
+                if (cref_make(tx, w->scratch + made, (uint64_t)idx * tx->packet_size, len)) {
+                    cref_tx_fail(tx, "reading the file", w->id);
+                    goto out;
+                }
+                iov[cnt++] = (struct iovec){w->scratch + made, len};
+                made += len;
+                w->bytes += len;
             } else {
                 /* The tag goes right after the headers so that they share one iovec. */
                 unsigned char tag[8];
@@ -181,6 +256,7 @@ static void *cref_worker_main(void *arg)
             }
         }
     }
+out:
     /* A FIN after the last byte tells the receiver this channel is complete. */
     shutdown(w->fd, SHUT_WR);
     return NULL;
@@ -227,7 +303,8 @@ static void cref_usage(void)
     fprintf(stderr,
             "usage: cref_send ADDR CHANNELS UUID [--idstr S] [--instance I] [--devices D]\n"
             "                 [--size BYTES] [--packet-size BYTES] [--seed N]\n"
-            "                 [--order roundrobin|random|reverse|idx0-last] [--rate BYTES/S]\n");
+            "                 [--order roundrobin|random|reverse|idx0-last] [--rate BYTES/S]\n"
+            "                 [--data hot|synth|file:PATH]\n");
 }
 
 static int cref_parse_args(struct cref_tx *tx, int argc, char **argv)
@@ -268,6 +345,21 @@ static int cref_parse_args(struct cref_tx *tx, int argc, char **argv)
                 tx->order = CREF_IDX0_LAST;
             else
                 goto out;
+        } else if (strcmp(a, "--data") == 0) {
+            if (strcmp(val, "hot") == 0) {
+                tx->data = CREF_HOT;
+            } else if (strcmp(val, "synth") == 0) {
+                tx->data = CREF_SYNTH;
+            } else if (strncmp(val, "file:", 5) == 0) {
+                tx->data = CREF_FILE;
+                tx->file_fd = open(val + 5, O_RDONLY | O_CLOEXEC);
+                if (tx->file_fd < 0) {
+                    fprintf(stderr, "cref_send: %s: %s\n", val + 5, strerror(errno));
+                    goto out;
+                }
+            } else {
+                goto out;
+            }
         } else if (cref_parse_size(val, &v)) {
             goto out;
         } else if (strcmp(a, "--instance") == 0 && v <= UINT32_MAX) {
@@ -327,6 +419,14 @@ int main(int argc, char **argv)
         goto out;
     }
     cref_fill_base(tx.base, tx.packet_size, tx.seed);
+    if (tx.data == CREF_SYNTH) {
+        tx.synth_base = malloc(CREF_SYNTH_BLOCK);
+        if (!tx.synth_base) {
+            fprintf(stderr, "cref_send: out of memory\n");
+            goto out;
+        }
+        cref_fill_base((unsigned char *)tx.synth_base, CREF_SYNTH_BLOCK, tx.seed);
+    }
     for (unsigned d = 0; tx.order == CREF_RANDOM && d < tx.ndev; d++) {
         /* Fisher-Yates with splitmix64: the same seed gives the same arrival order. */
         uint64_t st = tx.seed ^ (0x5EEDull << 32) ^ d;
@@ -349,7 +449,9 @@ int main(int argc, char **argv)
         ws[i].tx = &tx;
         ws[i].id = i;
         ws[i].hdrs = malloc(CREF_BATCH_PACKETS * sizeof(*ws[i].hdrs));
-        ws[i].fd = ws[i].hdrs ? cref_connect(&tx, i) : -1;
+        if (tx.data != CREF_HOT) /* a batch: up to 1 MiB, then one more packet */
+            ws[i].scratch = malloc(CREF_BATCH_BYTES + tx.packet_size);
+        ws[i].fd = ws[i].hdrs && (tx.data == CREF_HOT || ws[i].scratch) ? cref_connect(&tx, i) : -1;
         if (ws[i].fd < 0) {
             fprintf(stderr, "cref_send: channel %u: cannot connect: %s\n", i, strerror(errno));
             goto out;
@@ -386,11 +488,15 @@ out:
         if (ws[i].fd >= 0)
             close(ws[i].fd);
         free(ws[i].hdrs);
+        free(ws[i].scratch);
     }
     for (unsigned d = 0; tx.perm && d < tx.ndev; d++)
         free(tx.perm[d]);
     free(tx.perm);
     free(ws);
     free(tx.base);
+    free(tx.synth_base);
+    if (tx.file_fd > 0)
+        close(tx.file_fd);
     return rc;
 }
