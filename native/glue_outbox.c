@@ -255,11 +255,26 @@ static PyObject *Outbox_get_head_size(Outbox *self, void *Py_UNUSED(c))
     return PyLong_FromSize_t(vfm_outbox_head_size(&self->ob));
 }
 
+/* fits(max_bytes) -> (packets, bytes): the whole packets from the head within max_bytes
+ * (a paced channel's burst: what its link model lets out now). */
+static PyObject *Outbox_fits(Outbox *self, PyObject *arg)
+{
+    unsigned long long max_bytes = PyLong_AsUnsignedLongLong(arg);
+    uint64_t bytes;
+    size_t n;
+
+    if (max_bytes == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    n = vfm_outbox_fits(&self->ob, (uint64_t)max_bytes, &bytes);
+    return Py_BuildValue("(nK)", (Py_ssize_t)n, (unsigned long long)bytes);
+}
+
 static PyMethodDef Outbox_methods[] = {
     {"views", (PyCFunction)(void (*)(void))Outbox_views, METH_VARARGS | METH_KEYWORDS, NULL},
     {"advance", (PyCFunction)Outbox_advance, METH_O, NULL},
     {"send", (PyCFunction)(void (*)(void))Outbox_send, METH_VARARGS | METH_KEYWORDS, NULL},
     {"take", (PyCFunction)Outbox_take, METH_O, NULL},
+    {"fits", (PyCFunction)Outbox_fits, METH_O, NULL},
     {"clear", (PyCFunction)Outbox_clear, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

@@ -81,6 +81,21 @@ size_t vfm_outbox_head_size(const struct vfm_outbox *ob)
     return VFM_PACKET_HEADER_SIZE + vfm_outbox_at(ob, 0)->len - ob->done;
 }
 
+size_t vfm_outbox_fits(const struct vfm_outbox *ob, uint64_t max_bytes, uint64_t *bytes)
+{
+    uint64_t total = 0;
+    size_t n = 0;
+
+    for (; n < ob->count; n++) {
+        uint64_t size = VFM_PACKET_HEADER_SIZE + vfm_outbox_at(ob, n)->len - (n ? 0 : ob->done);
+        if (total + size > max_bytes)
+            break;
+        total += size;
+    }
+    *bytes = total;
+    return n;
+}
+
 size_t vfm_outbox_iov(const struct vfm_outbox *ob, struct iovec *iov, size_t max_iov,
                       size_t max_packets)
 {

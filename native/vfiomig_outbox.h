@@ -59,6 +59,10 @@ struct vfm_out_packet *vfm_outbox_at(const struct vfm_outbox *ob, size_t i);
 /* Wire bytes of the head packet not yet written (0: empty). */
 size_t vfm_outbox_head_size(const struct vfm_outbox *ob);
 
+/* How many whole packets from the head fit in max_bytes of wire bytes (the head's part
+ * already written not counted); *bytes gets their wire bytes. */
+size_t vfm_outbox_fits(const struct vfm_outbox *ob, uint64_t max_bytes, uint64_t *bytes);
+
 /* Up to max_iov iovecs covering the unwritten bytes of the first max_packets packets
  * (max_packets 0: all); returns how many were filled. */
 size_t vfm_outbox_iov(const struct vfm_outbox *ob, struct iovec *iov, size_t max_iov,

@@ -159,3 +159,23 @@ def test_native_send_writes_until_the_socket_is_full() -> None:
         with pytest.raises(OSError) as info:
             box.send(a.fileno())
         assert info.value.errno is not None
+
+
+def test_fits_counts_the_whole_packets_within_a_budget(core: types.ModuleType) -> None:
+    """A paced channel's burst: the packets from the head that fit in the bytes its link
+    model lets out now; the head's part already written does not count again."""
+    headers = core.PacketHeaders(IDSTR, 3, "be")
+    box = core.Outbox()
+    for idx, size in enumerate((100, 200, 300)):
+        headers.put(box, b"x" * size, idx)
+    sizes = [288 + 100, 288 + 200, 288 + 300]
+    assert box.fits(0) == (0, 0)
+    assert box.fits(sizes[0] - 1) == (0, 0)
+    assert box.fits(sizes[0]) == (1, sizes[0])
+    assert box.fits(sizes[0] + sizes[1] + sizes[2] - 1) == (2, sizes[0] + sizes[1])
+    assert box.fits(10**12) == (3, sum(sizes))
+    box.advance(50)  # the head partly written
+    assert box.fits(sizes[0] - 50) == (1, sizes[0] - 50)
+    assert box.fits(sizes[0] - 51) == (0, 0)
+    box.clear()
+    assert box.fits(10**12) == (0, 0)

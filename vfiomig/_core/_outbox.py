@@ -91,6 +91,20 @@ class Outbox:
         p = self._packets[0]
         return len(p.header) + len(p.data) - self._done
 
+    def fits(self, max_bytes: int) -> tuple[int, int]:
+        """The whole packets from the head within ``max_bytes`` wire bytes (the head's
+        part already written not counted): their count and their bytes."""
+        total = n = 0
+        skip = self._done
+        for p in self._packets:
+            size = len(p.header) + len(p.data) - skip
+            if total + size > max_bytes:
+                break
+            total += size
+            n += 1
+            skip = 0
+        return n, total
+
     def _put(self, header: bytes, data: memoryview, owner: SendBuffer | None) -> None:
         if owner is not None:
             owner.pins += 1
