@@ -5,7 +5,8 @@
  * touch a Python object; fileno() is readable once they are all about to exit; cancel()
  * stops them; join() waits for them without the GIL.  Native core only: the pure core
  * keeps the trio sender.  direct=False keeps the reader thread where the job could do
- * without (vfiomig_senddirect.c): comparisons and the tests of both ways.
+ * without (vfiomig_senddirect.c): comparisons and the tests of both ways.  rates: each
+ * channel's pace in wire bytes a second (0 or absent: unpaced).
  */
 #include "glue.h"
 
@@ -113,8 +114,9 @@ out:
 
 static int SendJob_init(SendJob *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fds", "packet_size", "chunk", "limit", "devices", "direct", NULL};
-    PyObject *fds, *devices, *fdseq = NULL, *devseq = NULL;
+    static char *kwlist[] = {"fds", "packet_size", "chunk", "limit", "devices", "direct",
+                             "rates", NULL};
+    PyObject *fds, *devices, *fdseq = NULL, *devseq = NULL, *rates = Py_None, *rateseq = NULL;
     Py_ssize_t packet_size, chunk, limit;
     int rc = -1, err, direct = 1;
 
@@ -122,8 +124,8 @@ static int SendJob_init(SendJob *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "SendJob is already set up");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnnO|$p:SendJob", kwlist, &fds, &packet_size,
-                                     &chunk, &limit, &devices, &direct))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnnO|$pO:SendJob", kwlist, &fds,
+                                     &packet_size, &chunk, &limit, &devices, &direct, &rates))
         return -1;
     fdseq = PySequence_Fast(fds, "fds must be a sequence");
     devseq = fdseq ? PySequence_Fast(devices, "devices must be a sequence") : NULL;
@@ -152,10 +154,30 @@ static int SendJob_init(SendJob *self, PyObject *args, PyObject *kwds)
         if (parse_device(&self->job.devs[i], PySequence_Fast_GET_ITEM(devseq, i)) < 0)
             goto out;
     self->job.direct = direct && vfm_sj_direct_ok(&self->job);
+    if (rates != Py_None) { /* each channel's pace in wire bytes a second, 0 unpaced */
+        rateseq = PySequence_Fast(rates, "rates must be a sequence");
+        if (!rateseq)
+            goto out;
+        if (PySequence_Fast_GET_SIZE(rateseq) != PySequence_Fast_GET_SIZE(fdseq)) {
+            PyErr_SetString(PyExc_ValueError, "one rate per channel");
+            goto out;
+        }
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(rateseq); i++) {
+            double rate = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(rateseq, i));
+            if (rate == -1.0 && PyErr_Occurred())
+                goto out;
+            if (!(rate >= 0)) { /* NaN too */
+                PyErr_SetString(PyExc_ValueError, "a rate is 0 (unpaced) or more");
+                goto out;
+            }
+            self->job.chans[i].rate = rate;
+        }
+    }
     rc = 0;
 out:
     Py_XDECREF(fdseq);
     Py_XDECREF(devseq);
+    Py_XDECREF(rateseq);
     if (rc < 0 && self->ready) {
         vfm_sendjob_free(&self->job);
         self->ready = 0;

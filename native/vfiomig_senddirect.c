@@ -42,26 +42,40 @@ struct direct_pos {
     uint64_t off; /* bytes of packet k's data already sent (a packet cut in fills) */
 };
 
+/* A packet's data bytes (k == npackets: the config packet). */
+static uint32_t packet_len(const struct vfm_sendjob *job, const struct vfm_sj_dev *dev,
+                           uint64_t npackets, uint64_t k)
+{
+    uint64_t start = k * job->packet_size;
+
+    if (k == npackets)
+        return (uint32_t)dev->config_len;
+    return (uint32_t)(dev->size - start < job->packet_size ? dev->size - start
+                                                            : job->packet_size);
+}
+
 /* Fill iov with the next pieces of this channel's share: whole packets up to
  * VFM_SJ_BATCH of them or VFM_SJ_BATCH_BYTES, synthetic data at most VFM_SJ_FILL_BYTES
- * (a packet may be cut there: its header goes with its first piece).  The iovec count. */
+ * (a packet may be cut there: its header goes with its first piece), and when paced only
+ * the packets due (`budget` wire bytes; *charged gets those begun here).  The iovecs. */
 static size_t next_batch(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned nchan,
                          uint64_t npackets, struct direct_pos *pos,
                          unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE], unsigned char *scratch,
-                         struct iovec *iov)
+                         struct iovec *iov, uint64_t budget, uint64_t *charged)
 {
     size_t cnt = 0, bytes = 0, made = 0, n = 0;
 
+    *charged = 0;
     while (pos->k <= npackets && n < VFM_SJ_BATCH && bytes < VFM_SJ_BATCH_BYTES &&
            made < VFM_SJ_FILL_BYTES) {
         uint64_t start = pos->k * job->packet_size;
-        uint32_t len = pos->k == npackets ? (uint32_t)dev->config_len
-                                          : (uint32_t)(dev->size - start < job->packet_size
-                                                           ? dev->size - start
-                                                           : job->packet_size);
+        uint32_t len = packet_len(job, dev, npackets, pos->k);
         size_t take = len - pos->off;
 
         if (!pos->off) {
+            if (*charged + VFM_PACKET_HEADER_SIZE + len > budget)
+                break; /* paced: not due yet */
+            *charged += VFM_PACKET_HEADER_SIZE + len;
             vfm_header_build(hdrs[n], dev->prefix, dev->instance, len, (uint32_t)pos->k,
                              pos->k == npackets ? VFM_FLAG_CONFIG : 0, dev->host);
             iov[cnt].iov_base = hdrs[n];
@@ -109,6 +123,7 @@ void *vfm_sj_direct_main(void *arg)
     char name[16];
 
     free(arg);
+    vfm_sj_pace_start(ch);
     snprintf(name, sizeof(name), "vfm-send-%u", id);
     pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
     if (!hdrs || !iov || (dev->kind == VFM_SJ_SYNTH && !scratch)) {
@@ -117,10 +132,23 @@ void *vfm_sj_direct_main(void *arg)
         pthread_mutex_unlock(&job->lock);
     }
     while (pos.k <= npackets && !__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE)) {
-        size_t cnt = next_batch(job, dev, job->nchan, npackets, &pos, hdrs, scratch, iov);
-        uint64_t sent = 0;
-        int err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
+        uint64_t sent = 0, charged, budget = vfm_sj_pace_budget(ch);
+        size_t cnt = next_batch(job, dev, job->nchan, npackets, &pos, hdrs, scratch, iov,
+                                budget, &charged);
+        int err;
 
+        if (!cnt) { /* paced, nothing due yet */
+            err = vfm_sj_pace_wait(job, ch,
+                                   VFM_PACKET_HEADER_SIZE + packet_len(job, dev, npackets, pos.k));
+            if (err && err != ECANCELED) {
+                pthread_mutex_lock(&job->lock);
+                vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes);
+                pthread_mutex_unlock(&job->lock);
+            }
+            continue;
+        }
+        ch->paced += charged;
+        err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
         pthread_mutex_lock(&job->lock);
         if (err)
             vfm_sj_fail(job, err == ECANCELED ? VFM_SJ_CANCELLED : VFM_SJ_CHANNEL, id,

@@ -39,24 +39,39 @@ static void *chan_main(void *arg)
     free(arg);
     snprintf(name, sizeof(name), "vfm-send-%u", id);
     pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
+    vfm_sj_pace_start(ch);
     pthread_mutex_lock(&job->lock);
     if (!hdrs || !scratch)
         vfm_sj_fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
     for (;;) {
         size_t n = 0, cnt = 0, bytes = 0, made = 0;
-        uint64_t sent = 0;
+        uint64_t sent = 0, budget;
         int err;
 
         while (!job->failed && !ch->count && job->readers_left)
             pthread_cond_wait(&ch->cv, &job->lock);
         if (job->failed || !ch->count)
             break;
+        budget = vfm_sj_pace_budget(ch); /* paced: only the packets due now */
         for (size_t k = ch->head; n < ch->count && n < VFM_SJ_BATCH && bytes < VFM_SJ_BATCH_BYTES;
              n++) {
+            size_t size = VFM_PACKET_HEADER_SIZE + ch->ring[k].len;
+            if (bytes + size > budget)
+                break;
             batch[n] = ch->ring[k];
-            bytes += VFM_PACKET_HEADER_SIZE + batch[n].len;
+            bytes += size;
             k = k + 1 == ch->cap ? 0 : k + 1;
         }
+        if (!n) { /* nothing due yet */
+            uint64_t head = VFM_PACKET_HEADER_SIZE + ch->ring[ch->head].len;
+            pthread_mutex_unlock(&job->lock);
+            err = vfm_sj_pace_wait(job, ch, head);
+            pthread_mutex_lock(&job->lock);
+            if (err && err != ECANCELED)
+                vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes);
+            continue;
+        }
+        ch->paced += bytes;
         pthread_mutex_unlock(&job->lock);
         for (size_t i = 0; i < n; i++) {
             struct vfm_sj_entry *e = &batch[i];

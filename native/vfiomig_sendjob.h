@@ -33,6 +33,7 @@
 #define VFM_SYNTH_BLOCK (1u << 20) /* bytes per synthetic block (vfiomig.sources) */
 #define VFM_SJ_BATCH 512           /* packets per sendmsg: 2 iovecs each, IOV_MAX */
 #define VFM_SJ_BATCH_BYTES (1u << 20) /* and a packet: synthetic data made per batch */
+#define VFM_SJ_PACE_QUANTUM 0.001     /* seconds: the trio sender's PACE_QUANTUM */
 
 enum vfm_sj_kind { VFM_SJ_SYNTH = 1, VFM_SJ_FD = 2, VFM_SJ_PATTERN = 3 };
 enum vfm_sj_error { VFM_SJ_OK, VFM_SJ_CHANNEL, VFM_SJ_SOURCE, VFM_SJ_CANCELLED, VFM_SJ_START };
@@ -79,6 +80,9 @@ struct vfm_sj_chan {
     struct vfm_sj_entry *ring;
     size_t cap, head, count;
     uint64_t queued_bytes, sent_bytes;
+    double rate;     /* pacing: wire bytes per second, 0 unpaced (vfm_sj_pace_budget) */
+    double start;    /* pacing: CLOCK_MONOTONIC seconds when its thread started */
+    uint64_t paced;  /* pacing: wire bytes of the packets let out so far */
     pthread_cond_t cv; /* its thread, waiting for packets */
     pthread_t thread;
     int started;
@@ -145,6 +149,17 @@ void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved);
  * ECANCELED once the job failed, or the send's errno. */
 int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
                     size_t cnt, uint64_t *sent);
+
+/* Pacing (a channel's rate, the trio sender's channel_rate): a packet leaves once
+ * start + (paced + its wire bytes) / rate is past, those due together in one sendmsg.
+ * The wire bytes the channel may let out now (UINT64_MAX when unpaced). */
+uint64_t vfm_sj_pace_budget(const struct vfm_sj_chan *ch);
+/* The channel's clock starts (its thread's first step). */
+void vfm_sj_pace_start(struct vfm_sj_chan *ch);
+/* Nothing is due: sleep until a packet of `head` wire bytes is, plus VFM_SJ_PACE_QUANTUM
+ * (a burst per wakeup, at most that late, never early).  0, or ECANCELED once the job
+ * is cancelled or failed (the cancel eventfd ends the sleep). */
+int vfm_sj_pace_wait(struct vfm_sendjob *job, const struct vfm_sj_chan *ch, uint64_t head);
 
 /* -- vfiomig_senddirect.c: one device read by offset, no reader thread -------------- */
 

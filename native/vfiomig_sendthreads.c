@@ -10,7 +10,9 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <stdint.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 /* A blocking send wakes this often (SO_SNDTIMEO) to see whether the job was cancelled. */
@@ -114,4 +116,53 @@ void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved)
 {
     fcntl(fd, F_SETFL, saved->flags);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+}
+
+/* -- pacing ---------------------------------------------------------------------------- */
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+void vfm_sj_pace_start(struct vfm_sj_chan *ch)
+{
+    ch->start = now_seconds();
+}
+
+uint64_t vfm_sj_pace_budget(const struct vfm_sj_chan *ch)
+{
+    double allowed;
+
+    if (ch->rate <= 0)
+        return UINT64_MAX;
+    allowed = (now_seconds() - ch->start) * ch->rate - (double)ch->paced;
+    return allowed <= 0 ? 0 : (uint64_t)allowed;
+}
+
+int vfm_sj_pace_wait(struct vfm_sendjob *job, const struct vfm_sj_chan *ch, uint64_t head)
+{
+    double wake = ch->start + (double)(ch->paced + head) / ch->rate + VFM_SJ_PACE_QUANTUM;
+    struct pollfd p = {.fd = job->cancel_fd, .events = POLLIN};
+
+    for (;;) {
+        double left = wake - now_seconds();
+        struct timespec ts;
+        int n;
+
+        if (__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE))
+            return ECANCELED;
+        if (left <= 0)
+            return 0;
+        ts.tv_sec = (time_t)left;
+        ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+        n = ppoll(&p, 1, &ts, NULL);
+        if (n > 0)
+            return ECANCELED;
+        if (n < 0 && errno != EINTR)
+            return errno;
+    }
 }

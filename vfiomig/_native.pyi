@@ -177,7 +177,9 @@ class SendJob:
     its packets queued on ``fds`` in QEMU's round robin; a reader waits while a channel it
     used holds more than ``limit`` bytes. With ``direct`` (the default), one ``synth`` or
     ``pattern`` device has no reader: each channel's thread makes its own packets
-    (`direct` says whether the job runs so). `fileno` is readable once every thread is about
+    (`direct` says whether the job runs so). ``rates``: each channel's pace in wire bytes a
+    second, 0 unpaced (the trio sender's ``channel_rate``: a packet leaves once the channel's
+    link model could have carried it, those due together in one ``sendmsg``). `fileno` is readable once every thread is about
     to exit; `cancel` stops them soon, `join` waits for them (the GIL released).
     ``error``: None, or ``(kind, channel or device, errno, bytes sent)``, kind one of
     ``channel``, ``source``, ``cancelled``, ``start``.
@@ -192,6 +194,7 @@ class SendJob:
         devices: Sequence[tuple[str, int, str, tuple[object, ...], bytes]],
         *,
         direct: bool = True,
+        rates: Sequence[float] | None = None,
     ) -> None: ...
     def start(self) -> None: ...
     def cancel(self) -> None: ...

@@ -4,17 +4,22 @@ the packets due together leave in one write, not one wakeup per packet.
 bench's default matrix paces every channel to 32 MiB/s; at 4 KiB packets that is 8,192
 packets a second per channel, and a wakeup per packet cost the sender more CPU than it
 had (``vfiomig bench --packet-sizes 4K`` on 2 CPUs: the sender "waited 70 % of its
-sending time", 0.11 of the link model's bound). The channels run on loopback sockets
-under trio's mock clock: how many writes and how long the send took are exact.
+sending time", 0.11 of the link model's bound). The trio sender's channels run on
+loopback sockets under trio's mock clock: how many writes and how long the send took
+are exact. The C send path's threads pace per channel too (``channel_rate``), in real
+time: never early is what can be checked there without timing the machine.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 import vfiomig.send._channel as channel_module
+from vfiomig import _core as core
 from vfiomig._core._wire import HANDSHAKE_SIZE
 from vfiomig.send import SendDevice, send_migration
 from vfiomig.sources import SynthSource
@@ -38,7 +43,7 @@ async def _paced_send(channels: int, **pacing: float) -> tuple[float, int]:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     got: list[int] = []
-    async with trio.open_nursery() as nursery:
+    async with listener, trio.open_nursery() as nursery:
 
         async def accept() -> None:
             for _ in range(channels):
@@ -55,7 +60,6 @@ async def _paced_send(channels: int, **pacing: float) -> tuple[float, int]:
             **pacing,  # type: ignore[arg-type]
         )
         elapsed = trio.current_time() - start
-    await listener.aclose()
     return elapsed, sum(got)
 
 
@@ -75,6 +79,7 @@ def test_a_paced_channel_sends_bursts_never_early(
         await real(self, max_packets)
 
     monkeypatch.setattr(channel_module.Writer, "_write", counted)
+    monkeypatch.setenv("VFIOMIG_SEND_THREADS", "0")  # the trio sender's Writer
     clock = trio.testing.MockClock(autojump_threshold=0)
     elapsed, received = trio.run(lambda: _paced_send(channels, **pacing), clock=clock)
     packets = SIZE // PACKET
@@ -86,3 +91,56 @@ def test_a_paced_channel_sends_bursts_never_early(
     assert elapsed <= wire / rate + 0.05
     # Bursts, not a write per packet: at 32 MiB/s a millisecond carries 8 packets.
     assert writes < packets / 4, writes
+
+
+@pytest.mark.skipif(getattr(core, "SendJob", None) is None, reason="the C send path's")
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_the_c_send_path_paces_each_channel_never_early(
+    direct: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channel threads making their own packets (direct) or fed by a reader: each
+    channel's share leaves no sooner than its rate allows (a channel carries 128 packets
+    of 4 KiB and their headers: at 8 MiB/s, 68 ms)."""
+    import vfiomig.send._threads as threads_module
+
+    monkeypatch.setenv("VFIOMIG_SEND_DIRECT", direct)
+    chosen: list[bool] = []
+    real = threads_module.native_streams
+
+    def spy(*args: object, **kwargs: object) -> object:
+        streams = real(*args, **kwargs)  # type: ignore[arg-type]
+        chosen.append(streams is not None)
+        return streams
+
+    import vfiomig.send._sender as sender_module
+
+    monkeypatch.setattr(sender_module, "native_streams", spy)
+    rate = 8 << 20
+    elapsed, received = trio.run(lambda: _paced_send(2, channel_rate=rate))
+    assert chosen == [True]
+    per_channel = (SIZE // PACKET // 2) * (PACKET + 288)
+    assert received > SIZE
+    assert elapsed >= per_channel / rate
+
+
+@pytest.mark.skipif(getattr(core, "SendJob", None) is None, reason="the C send path's")
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_a_cancel_ends_a_paced_threads_sleep(direct: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channel thread sleeping until its next packet is due (1 MiB/s: seconds per
+    packet) stops at once when the send is cancelled; no thread is left."""
+    monkeypatch.setenv("VFIOMIG_SEND_DIRECT", direct)
+
+    async def main() -> float:
+        with trio.move_on_after(0.5) as scope:
+            await _paced_send(2, channel_rate=1 << 20)
+        assert scope.cancelled_caught
+        return trio.current_time() - scope.deadline
+
+    assert trio.run(main) < 5  # the join after the cancel is short
+    left = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            left.append((task / "comm").read_text().strip())
+        except OSError:
+            pass  # gone meanwhile
+    assert not [name for name in left if name.startswith(("vfm-send-", "vfm-read-"))]

@@ -263,14 +263,14 @@ def test_the_trio_sender_stays_for_what_the_threads_do_not_do(
 
     dev = [SendDevice(IDSTR, 0, SynthSource(10, 0))]
     writers = [Plain()]
-    assert native_streams(dev, writers, order="roundrobin", paced=False, tls=False)  # type: ignore[arg-type]
-    for order, paced, tls in [("random", False, False), ("roundrobin", True, False),
-                              ("roundrobin", False, True), ("idx0-last", False, False)]:  # fmt: skip
-        assert native_streams(dev, writers, order=order, paced=paced, tls=tls) is None  # type: ignore[arg-type]
+    assert native_streams(dev, writers, order="roundrobin", linked=False, tls=False)  # type: ignore[arg-type]
+    for order, linked, tls in [("random", False, False), ("roundrobin", True, False),
+                               ("roundrobin", False, True), ("idx0-last", False, False)]:  # fmt: skip
+        assert native_streams(dev, writers, order=order, linked=linked, tls=tls) is None  # type: ignore[arg-type]
 
     class Tls:
         sock = None
 
-    assert native_streams(dev, [Tls()], order="roundrobin", paced=False, tls=False) is None  # type: ignore[list-item]
+    assert native_streams(dev, [Tls()], order="roundrobin", linked=False, tls=False) is None  # type: ignore[list-item]
     monkeypatch.setenv("VFIOMIG_SEND_THREADS", "0")
-    assert native_streams(dev, writers, order="roundrobin", paced=False, tls=False) is None  # type: ignore[arg-type]
+    assert native_streams(dev, writers, order="roundrobin", linked=False, tls=False) is None  # type: ignore[arg-type]

@@ -53,7 +53,8 @@ class Writer:
     On a socket the task writes many packets with one ``sendmsg`` (the C core's
     ``Outbox.send``; the pure core's views with ``writev``) and waits for the socket to
     take more; on any other stream (TLS) it sends whole packets with ``send_all``. A
-    paced channel writes one packet at a time, each once the rate allows it. A writer
+    paced channel writes each packet once the rate allows it, those due together in one
+    write. A writer
     with ``hold`` set sends nothing until the other channels have all finished or made no
     progress for `BLOCKED_AFTER` seconds (blocked by the receiver).
     """

@@ -419,8 +419,9 @@ async def _send_channels(
         limit = max(CHANNEL_QUEUE * (core.PACKET_HEADER_SIZE + packet_size), chunk)
         status.phase = "stop-copy"
         counts: dict[str, tuple[int, int]] = {}
-        paced = link is not None or any(rates)
-        streams = native_streams(devices, writers, order=order, paced=paced, tls=tls is not None)
+        streams = native_streams(
+            devices, writers, order=order, linked=link is not None, tls=tls is not None
+        )
         if streams is not None:  # C threads read and send (send/_threads.py)
             await send_threaded(
                 devices,

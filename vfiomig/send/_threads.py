@@ -19,8 +19,13 @@ failure elsewhere) cancels the job, whose threads wake from any wait at once (fr
 blocking send within its 100 ms ``SO_SNDTIMEO``), and joins them before it returns: no
 thread outlives the call.
 
+Pacing per channel (``channel_rate``, ``channel_rates``) is the threads' too: each paces
+its own channel as the trio sender's `Writer` does (a packet leaves once the channel's
+link model could have carried it, those due together in one ``sendmsg``, a sleep of the
+head's time plus 1 ms otherwise, which the cancel eventfd ends).
+
 The trio sender stays, chosen automatically, for what the threads do not do: the pure
-core, TLS, pacing (``channel_rate``, ``channel_rates``, ``link_rate``), every order but
+core, TLS, a link shared by every channel (``link_rate``), every order but
 ``roundrobin``, device sources, a stream that is not a socket; and when
 ``VFIOMIG_SEND_THREADS=0`` (comparisons, tests).
 """
@@ -51,16 +56,17 @@ def native_streams(
     writers: Sequence[Writer],
     *,
     order: str,
-    paced: bool,
+    linked: bool,
     tls: bool,
 ) -> list[tuple[object, ...]] | None:
-    """Each device's `Source.native_stream` when the C send path can carry this send;
+    """Each device's `Source.native_stream` when the C send path can carry this send
+    (``linked``: the channels share one paced link, which only the trio sender models);
     None when the trio sender must."""
     if (
         getattr(core, "SendJob", None) is None
         or os.environ.get("VFIOMIG_SEND_THREADS") == "0"
         or order != "roundrobin"
-        or paced
+        or linked
         or tls
         or any(w.sock is None for w in writers)
     ):
@@ -93,7 +99,8 @@ async def send_threaded(
         specs.append((device.idstr, device.instance, endian, stream, blob))
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
     direct = os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
-    job = core.SendJob(fds, packet_size, chunk, limit, specs, direct=direct)
+    rates = [w.rate or 0.0 for w in writers]  # channel_rate(s): each thread paces itself
+    job = core.SendJob(fds, packet_size, chunk, limit, specs, direct=direct, rates=rates)
     base = status.sent_bytes
     job.start()
     try:
