@@ -74,6 +74,8 @@ GOAL_CASES = [
     "64K:4:pipe",
     "4K:4:pipe",
 ]
+#: Device sources: a case of one also runs sender ``read`` (the source alone).
+DEVICES = ("vfio-user", "vfio")
 _TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
@@ -309,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             state = Path(os.devnull)
             if case.sink in ("file", "pipe"):  # kept for the cases of its size, then removed
                 state = _state_file(states, case.size)
-            kinds = senders + (("read",) if case.sink == "vfio-user" else ())
+            extra = ("read",) if case.sink in DEVICES and "read" not in senders else ()
+            kinds = senders + extra
             if case.sink not in ("synth", "file"):  # no plain C sender of a pipe or a device
                 kinds = tuple(k for k in kinds if k != "cref-same")
             runs: dict[str, list[SendRun]] = {k: [] for k in kinds}

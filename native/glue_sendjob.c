@@ -3,10 +3,14 @@
  * for vfiomig/send/_threads.py.  The constructor takes the channel sockets and each
  * device's header fields, source and config blob; start() runs the threads, which never
  * touch a Python object; fileno() is readable once they are all about to exit; cancel()
- * stops them; join() waits for them without the GIL.  Native core only: the pure core
- * keeps the trio sender.  direct=False keeps the reader thread where the job could do
- * without (vfiomig_senddirect.c): comparisons and the tests of both ways.  rates: each
- * channel's pace in wire bytes a second (0 or absent: unpaced).
+ * stops them; join() waits for them without the GIL.  A ("push",) device has no reader
+ * thread: the caller reads it and hands each packet's data to push() (held, never
+ * copied, until a channel's thread sent it), waits while room() is False for
+ * room_fileno() to become readable, and ends it with push_end(config)
+ * (vfiomig_sendpush.c).  Native core only: the pure core keeps the trio sender.
+ * direct=False keeps the reader thread where the job could do without
+ * (vfiomig_senddirect.c): comparisons and the tests of both ways.  rates: each channel's
+ * pace in wire bytes a second (0 or absent: unpaced).
  */
 #include "glue.h"
 
@@ -15,10 +19,19 @@
 #include <errno.h>
 #include <string.h>
 
+/* A pushed packet's data: the buffer it lends, pinned (buf.pins) while queued. */
+struct push_slot {
+    struct vfm_sj_buf buf;
+    Py_buffer view;
+    int held; /* view is ours; 2: to release (no queued packet uses it any more) */
+};
+
 typedef struct {
     PyObject_HEAD
     struct vfm_sendjob job;
     int started, joined, ready; /* ready: vfm_sendjob_init succeeded */
+    struct push_slot **slots;   /* never moved: queued packets point into them */
+    size_t nslots;
 } SendJob;
 
 /* One device: (idstr, instance, endian, source, config); source is ("synth", size, seed,
@@ -95,6 +108,17 @@ static int parse_device(struct vfm_sj_dev *dev, PyObject *item)
         }
         dev->kind = VFM_SJ_PATTERN;
         dev->size = size;
+    } else if (!strcmp(kind, "push")) {
+        int err;
+        if (!PyArg_ParseTuple(source, "s:push source", &kind))
+            goto out;
+        dev->kind = VFM_SJ_PUSH;
+        err = vfm_sj_push_init(dev);
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto out;
+        }
     } else if (!strcmp(kind, "fd")) {
         int fd, poll;
         if (!PyArg_ParseTuple(source, "sip:fd source", &kind, &fd, &poll))
@@ -214,6 +238,24 @@ static PyObject *SendJob_cancel(SendJob *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Release the pushed buffers no queued packet uses (every one after the join). */
+static void release_slots(SendJob *self, int all)
+{
+    if (!all) {
+        pthread_mutex_lock(&self->job.lock);
+        for (size_t i = 0; i < self->nslots; i++)
+            if (self->slots[i]->held == 1 && !self->slots[i]->buf.pins)
+                self->slots[i]->held = 2;
+        pthread_mutex_unlock(&self->job.lock);
+    }
+    for (size_t i = 0; i < self->nslots; i++)
+        if (self->slots[i]->held == 2 || (all && self->slots[i]->held)) {
+            self->slots[i]->held = 0;
+            self->slots[i]->buf.pins = 0;
+            PyBuffer_Release(&self->slots[i]->view); /* may run any code: no lock held */
+        }
+}
+
 static void join(SendJob *self)
 {
     if (self->started && !self->joined) {
@@ -221,7 +263,119 @@ static void join(SendJob *self)
         vfm_sendjob_join(&self->job);
         Py_END_ALLOW_THREADS
         self->joined = 1;
+        release_slots(self, 1);
     }
+}
+
+/* A push device's index from the arguments, or -1 with an error. */
+static int push_device(SendJob *self, Py_ssize_t d)
+{
+    if (check_ready(self) < 0)
+        return -1;
+    if (d < 0 || (size_t)d >= self->job.ndev || self->job.devs[d].kind != VFM_SJ_PUSH) {
+        PyErr_SetString(PyExc_ValueError, "not a push device");
+        return -1;
+    }
+    if (!self->started || self->joined) {
+        PyErr_SetString(PyExc_RuntimeError, "SendJob is not running");
+        return -1;
+    }
+    return (int)d;
+}
+
+/* push(d, data) -> bool: queue data (any buffer, held until sent) as device d's next
+ * packets, cut at the packet size (short only at the end of its stream); False: the job
+ * failed or was cancelled (stop reading; its error says why). */
+static PyObject *SendJob_push(SendJob *self, PyObject *args)
+{
+    Py_ssize_t d;
+    Py_buffer view;
+    struct push_slot *slot = NULL;
+    long pinned = 0;
+    int err;
+
+    if (!PyArg_ParseTuple(args, "ny*:push", &d, &view))
+        return NULL;
+    if (push_device(self, d) < 0 || view.len < 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "an empty push");
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    release_slots(self, 0);
+    for (size_t i = 0; i < self->nslots && !slot; i++)
+        if (!self->slots[i]->held)
+            slot = self->slots[i];
+    if (!slot) {
+        struct push_slot **more = PyMem_Realloc(self->slots, (self->nslots + 1) * sizeof(*more));
+        if (more)
+            self->slots = more;
+        slot = more ? PyMem_Calloc(1, sizeof(*slot)) : NULL;
+        if (!slot) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        self->slots[self->nslots++] = slot;
+    }
+    slot->view = view;
+    slot->held = 1;
+    err = vfm_sj_push(&self->job, (unsigned)d, &slot->buf, view.buf, (size_t)view.len);
+    if (err) {
+        pthread_mutex_lock(&self->job.lock);
+        pinned = slot->buf.pins; /* a part queued before the failure: held until sent */
+        pthread_mutex_unlock(&self->job.lock);
+    }
+    if (err && !pinned) {
+        slot->held = 0;
+        PyBuffer_Release(&slot->view);
+    }
+    if (err) {
+        if (err != ECANCELED)
+            return PyErr_NoMemory();
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* room(d) -> bool: whether device d may push its next packet now (True too once the job
+ * failed: the next push says so); False: wait for room_fileno(d) to be readable. */
+static PyObject *SendJob_room(SendJob *self, PyObject *args)
+{
+    Py_ssize_t d;
+
+    if (!PyArg_ParseTuple(args, "n:room", &d) || push_device(self, d) < 0)
+        return NULL;
+    return PyBool_FromLong(vfm_sj_push_room(&self->job, (unsigned)d));
+}
+
+static PyObject *SendJob_room_fileno(SendJob *self, PyObject *args)
+{
+    Py_ssize_t d;
+
+    if (!PyArg_ParseTuple(args, "n:room_fileno", &d) || push_device(self, d) < 0)
+        return NULL;
+    return PyLong_FromLong(self->job.devs[d].room_fd);
+}
+
+/* push_end(d, config) -> bool: device d's data is all pushed; its config packet follows.
+ * False: the job failed or was cancelled. */
+static PyObject *SendJob_push_end(SendJob *self, PyObject *args)
+{
+    Py_ssize_t d;
+    Py_buffer config;
+    int err;
+
+    if (!PyArg_ParseTuple(args, "ny*:push_end", &d, &config))
+        return NULL;
+    if (push_device(self, d) < 0) {
+        PyBuffer_Release(&config);
+        return NULL;
+    }
+    err = vfm_sj_push_end(&self->job, (unsigned)d, config.buf, (size_t)config.len);
+    PyBuffer_Release(&config);
+    if (err && err != ECANCELED)
+        return PyErr_NoMemory();
+    return PyBool_FromLong(!err);
 }
 
 static PyObject *SendJob_join(SendJob *self, PyObject *Py_UNUSED(ignored))
@@ -246,6 +400,12 @@ static void SendJob_dealloc(SendJob *self)
         }
         vfm_sendjob_free(&self->job);
     }
+    for (size_t i = 0; i < self->nslots; i++) {
+        if (self->slots[i]->held)
+            PyBuffer_Release(&self->slots[i]->view);
+        PyMem_Free(self->slots[i]);
+    }
+    PyMem_Free(self->slots);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -341,6 +501,10 @@ static PyMethodDef SendJob_methods[] = {
     {"cancel", (PyCFunction)SendJob_cancel, METH_NOARGS, NULL},
     {"join", (PyCFunction)SendJob_join, METH_NOARGS, NULL},
     {"fileno", (PyCFunction)SendJob_fileno, METH_NOARGS, NULL},
+    {"push", (PyCFunction)SendJob_push, METH_VARARGS, NULL},
+    {"room", (PyCFunction)SendJob_room, METH_VARARGS, NULL},
+    {"room_fileno", (PyCFunction)SendJob_room_fileno, METH_VARARGS, NULL},
+    {"push_end", (PyCFunction)SendJob_push_end, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

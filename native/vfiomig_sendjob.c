@@ -110,6 +110,8 @@ static void *chan_main(void *arg)
         ch->sent_bytes += sent;
         if (job->room_waiters) /* no wakeup of a reader that is busy reading */
             pthread_cond_broadcast(&job->room);
+        if (job->pushers_waiting)
+            vfm_sj_push_wake(job);
     }
     if (is_blocking)
         vfm_sj_restore(ch->fd, &saved); /* before the job is done: trio has it back as it was */
@@ -120,11 +122,10 @@ static void *chan_main(void *arg)
     return NULL;
 }
 
-/* Queue a packet on the next channel of the round robin (lock held); its channel, or -1
- * when memory ran out. */
-static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
-                        struct vfm_sj_buf *buf, const unsigned char *data, uint64_t src,
-                        uint32_t len, uint32_t idx, uint32_t flags)
+/* see vfiomig_sendjob.h */
+int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
+                        const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
+                        uint32_t flags)
 {
     unsigned c = (unsigned)(job->next % job->nchan);
     struct vfm_sj_chan *ch = &job->chans[c];
@@ -235,7 +236,7 @@ static void *reader_main(void *arg)
             if (n == -ECANCELED)
                 vfm_sj_fail(job, VFM_SJ_CANCELLED, id, 0, 0);
             else
-                vfm_sj_fail(job, VFM_SJ_SOURCE, id, (int)-n, 0);
+                vfm_sj_fail(job, VFM_SJ_SOURCE, id, (int)-n, dev->read_bytes); /* where */
             break;
         }
         if (job->failed)
@@ -243,8 +244,8 @@ static void *reader_main(void *arg)
         memset(used, 0, sizeof(used));
         for (size_t off = 0; off < (size_t)n; off += job->packet_size) {
             size_t len = (size_t)n - off < job->packet_size ? (size_t)n - off : job->packet_size;
-            int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
-                                 (uint32_t)len, idx++, 0);
+            int c = vfm_sj_queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
+                                        (uint32_t)len, idx++, 0);
             if (c < 0) {
                 vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
                 break;
@@ -263,8 +264,8 @@ static void *reader_main(void *arg)
             break;
     }
     if (!job->failed) {
-        int c = queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
-                             VFM_FLAG_CONFIG);
+        int c = vfm_sj_queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len,
+                                    idx, VFM_FLAG_CONFIG);
         if (c < 0) {
             vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
         } else {
@@ -272,12 +273,17 @@ static void *reader_main(void *arg)
             pthread_cond_signal(&job->chans[c].cv);
         }
     }
-    if (--job->readers_left == 0)
-        for (unsigned c = 0; c < job->nchan; c++)
-            pthread_cond_broadcast(&job->chans[c].cv);
+    vfm_sj_reader_done(job);
     vfm_sj_thread_exit(job);
     pthread_mutex_unlock(&job->lock);
     return NULL;
+}
+
+void vfm_sj_reader_done(struct vfm_sendjob *job)
+{
+    if (--job->readers_left == 0)
+        for (unsigned c = 0; c < job->nchan; c++)
+            pthread_cond_broadcast(&job->chans[c].cv);
 }
 
 /* -- the job ------------------------------------------------------------------------- */
@@ -307,7 +313,7 @@ int vfm_sendjob_init(struct vfm_sendjob *job, unsigned nchan, unsigned ndev,
     if (!job->devs)
         return ENOMEM;
     for (unsigned d = 0; d < ndev; d++) {
-        job->devs[d].fd = -1;
+        job->devs[d].fd = job->devs[d].room_fd = -1;
         /* enough to fill every channel to its limit, plus the one being read */
         job->devs[d].maxbufs = nchan * (limit / chunk + 2) + 2;
         job->devs[d].bufs = calloc(job->devs[d].maxbufs, sizeof(struct vfm_sj_buf));
@@ -342,8 +348,10 @@ void vfm_sendjob_start(struct vfm_sendjob *job)
     unsigned readers = job->direct ? 0 : job->ndev;
 
     pthread_mutex_lock(&job->lock);
-    job->threads_left = job->nchan + readers;
-    job->readers_left = readers;
+    job->threads_left = job->nchan;
+    job->readers_left = readers; /* a push device's reader is its caller */
+    for (unsigned d = 0; d < readers; d++)
+        job->threads_left += job->devs[d].kind != VFM_SJ_PUSH;
     if (job->direct) { /* every packet is as good as queued: the counts are known now */
         struct vfm_sj_dev *dev = &job->devs[0];
         int err = vfm_sj_tile_pattern(job, dev);
@@ -362,6 +370,8 @@ void vfm_sendjob_start(struct vfm_sendjob *job)
         }
     }
     for (unsigned d = 0; d < readers; d++) {
+        if (job->devs[d].kind == VFM_SJ_PUSH)
+            continue;
         int err = job->failed ? ECANCELED : start_thread(job, &job->devs[d].thread, reader_main, d);
         if (err) {
             vfm_sj_fail(job, VFM_SJ_START, d, err, 0);
@@ -416,6 +426,8 @@ void vfm_sendjob_free(struct vfm_sendjob *job)
             free(dev->tiled);
             if (dev->map)
                 munmap(dev->map, dev->map_len);
+            if (dev->room_fd >= 0)
+                close(dev->room_fd);
         }
         free(job->devs);
     }

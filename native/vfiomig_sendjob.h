@@ -35,7 +35,9 @@
 #define VFM_SJ_BATCH_BYTES (1u << 20) /* and a packet: synthetic data made per batch */
 #define VFM_SJ_PACE_QUANTUM 0.001     /* seconds: the trio sender's PACE_QUANTUM */
 
-enum vfm_sj_kind { VFM_SJ_SYNTH = 1, VFM_SJ_FD = 2, VFM_SJ_PATTERN = 3 };
+/* VFM_SJ_PUSH: no reader thread; the caller queues the packets it read itself
+ * (vfiomig_sendpush.c: a device read by Python, e.g. a vfio-user client's replies). */
+enum vfm_sj_kind { VFM_SJ_SYNTH = 1, VFM_SJ_FD = 2, VFM_SJ_PATTERN = 3, VFM_SJ_PUSH = 4 };
 enum vfm_sj_error { VFM_SJ_OK, VFM_SJ_CHANNEL, VFM_SJ_SOURCE, VFM_SJ_CANCELLED, VFM_SJ_START };
 
 struct vfm_sj_buf {
@@ -61,6 +63,12 @@ struct vfm_sj_dev {
     size_t config_len;
     uint64_t bytes;   /* data bytes queued */
     uint32_t packets; /* packets queued, the config packet included once queued */
+    uint64_t read_bytes; /* VFM_SJ_FD: bytes read from the descriptor (a failure's offset) */
+    /* VFM_SJ_PUSH (vfiomig_sendpush.c): the next idx, the channels the last push used,
+     * whether the pusher waits for room, and the eventfd it waits on */
+    uint32_t push_idx;
+    unsigned char push_used[256];
+    int push_waiting, room_fd;
     struct vfm_sj_buf *bufs;
     size_t nbufs, maxbufs;
     pthread_t thread;
@@ -98,6 +106,7 @@ struct vfm_sendjob {
     uint64_t next; /* the round robin: packets queued so far, every device */
     unsigned room_waiters; /* readers in a wait on room */
     int direct;            /* no reader: each channel's thread makes its packets (senddirect) */
+    unsigned pushers_waiting; /* VFM_SJ_PUSH devices waiting for room */
     int cancel_fd, done_fd;
     int failed;
     enum vfm_sj_error error;
@@ -141,6 +150,9 @@ void vfm_sj_fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, 
                  uint64_t sent);
 /* A thread is about to exit (lock held): the last one makes done_fd readable. */
 void vfm_sj_thread_exit(struct vfm_sendjob *job);
+/* Wake the push devices (vfiomig_sendpush.c) waiting for room, or all of them once the
+ * job failed: their room eventfd becomes readable (lock held). */
+void vfm_sj_push_wake(struct vfm_sendjob *job);
 /* Make a channel's socket blocking, with SO_SNDTIMEO as the cancel check's period, for
  * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
 int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved);
@@ -169,6 +181,32 @@ int vfm_sj_direct_ok(const struct vfm_sendjob *job);
 /* A channel's thread in a direct job: its share of QEMU's round robin (packets k with
  * k % nchan == its number, the config packet last), made and sent as cref_send does. */
 void *vfm_sj_direct_main(void *arg);
+/* Queue a packet on the next channel of the round robin (lock held); its channel, or
+ * -1 when memory ran out.  buf (may be NULL) is pinned until the packet is sent.  The
+ * channel's thread is not woken: the caller signals its cv once it queued a chunk. */
+int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
+                        const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
+                        uint32_t flags);
+/* A reader is done (lock held): the channels' threads end once their queues are empty. */
+void vfm_sj_reader_done(struct vfm_sendjob *job);
+
+/* -- vfiomig_sendpush.c: devices whose packets the caller pushes (VFM_SJ_PUSH) ------ */
+
+/* Set up a push device's room eventfd (at init): 0 or an errno. */
+int vfm_sj_push_init(struct vfm_sj_dev *dev);
+/* Queue the caller's data (len bytes, pinned in buf until sent) as the device's next
+ * packets, cut at the packet size (a short one only at the end of the stream): 0,
+ * ECANCELED once the job failed (stop reading), or ENOMEM. */
+int vfm_sj_push(struct vfm_sendjob *job, unsigned d, struct vfm_sj_buf *buf,
+                const unsigned char *data, size_t len);
+/* Whether the device may push again (no channel its last push used holds more than the
+ * limit, or the job failed); if not, room_fd becomes readable when that may have
+ * changed.  Drains room_fd first. */
+int vfm_sj_push_room(struct vfm_sendjob *job, unsigned d);
+/* The device's last data packet is pushed: queue the config blob (copied) after it.
+ * 0, ECANCELED once the job failed, or ENOMEM. */
+int vfm_sj_push_end(struct vfm_sendjob *job, unsigned d, const unsigned char *config,
+                    size_t config_len);
 
 /* -- vfiomig_sendsrc.c: the sources ------------------------------------------------ */
 

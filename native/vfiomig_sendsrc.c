@@ -74,6 +74,8 @@ ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned ch
 
     while (done < n) {
         ssize_t r;
+        if (__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE))
+            return -ECANCELED; /* between two reads of a descriptor that is not polled */
         if (dev->poll) {
             int err = vfm_wait_fd(dev->fd, POLLIN, job->cancel_fd);
             if (err)
@@ -88,6 +90,7 @@ ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned ch
         if (r == 0)
             break;
         done += (size_t)r;
+        dev->read_bytes += (uint64_t)r;
     }
     return (ssize_t)done;
 }

@@ -1,7 +1,8 @@
 /* vfiomig_sendthreads.c - what the send job's threads share (see vfiomig_sendjob.h):
- * recording the first failure, the last thread's exit, and a channel socket's blocking
- * sends.  Used by the reader-fed channel threads (vfiomig_sendjob.c) and the direct ones
- * (vfiomig_senddirect.c); calls neither. */
+ * recording the first failure, the last thread's exit, the push devices' room wakeups
+ * (vfiomig_sendpush.c), and a channel socket's blocking sends.  Used by the reader-fed
+ * channel threads (vfiomig_sendjob.c) and the direct ones (vfiomig_senddirect.c); calls
+ * none of them. */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
 #include "vfiomig_wait.h"
@@ -37,6 +38,25 @@ void vfm_sj_fail(struct vfm_sendjob *job, enum vfm_sj_error what, unsigned who, 
     pthread_cond_broadcast(&job->room);
     for (unsigned i = 0; i < job->nchan; i++)
         pthread_cond_broadcast(&job->chans[i].cv);
+    vfm_sj_push_wake(job);
+}
+
+void vfm_sj_push_wake(struct vfm_sendjob *job)
+{
+    uint64_t one = 1;
+
+    for (unsigned d = 0; d < job->ndev; d++) {
+        struct vfm_sj_dev *dev = &job->devs[d];
+        if (dev->kind != VFM_SJ_PUSH || dev->room_fd < 0 || !(job->failed || dev->push_waiting))
+            continue;
+        if (dev->push_waiting) {
+            dev->push_waiting = 0;
+            job->pushers_waiting--;
+        }
+        if (write(dev->room_fd, &one, sizeof(one)) < 0) {
+            /* only at the eventfd's maximum count: it stays readable */
+        }
+    }
 }
 
 /* A thread is about to exit (lock held): the last one makes done_fd readable. */

@@ -173,16 +173,20 @@ class SendJob:
     ``devices``: ``(idstr, instance, endian, source, config_blob)`` each, ``source`` being
     ``("synth", size, seed, base)`` (``base``: the seed's 1 MiB block as
     `vfiomig.sources` makes it), ``("pattern", size, block)`` (the block repeated: bench's
-    source) or ``("fd", fd, poll)`` (``poll``: wait for input before each read, a pipe). Each source is read ``chunk`` bytes (whole packets) at a time and
-    its packets queued on ``fds`` in QEMU's round robin; a reader waits while a channel it
-    used holds more than ``limit`` bytes. With ``direct`` (the default), one ``synth`` or
-    ``pattern`` device has no reader: each channel's thread makes its own packets
-    (`direct` says whether the job runs so). ``rates``: each channel's pace in wire bytes a
-    second, 0 unpaced (the trio sender's ``channel_rate``: a packet leaves once the channel's
-    link model could have carried it, those due together in one ``sendmsg``). `fileno` is readable once every thread is about
-    to exit; `cancel` stops them soon, `join` waits for them (the GIL released).
-    ``error``: None, or ``(kind, channel or device, errno, bytes sent)``, kind one of
-    ``channel``, ``source``, ``cancelled``, ``start``.
+    source) or ``("fd", fd, poll)`` (``poll``: wait for input before each read, a pipe),
+    or ``("push",)``: no reader thread, the caller reads the device and pushes its data
+    (`push`, `room`, `room_fileno`, `push_end`; its ``config_blob`` here is replaced by
+    `push_end`'s). Each other source is read ``chunk`` bytes (whole packets) at a time
+    and its packets queued on ``fds`` in QEMU's round robin; a reader waits while a
+    channel it used holds more than ``limit`` bytes. With ``direct`` (the default), one
+    ``synth`` or ``pattern`` device has no reader: each channel's thread makes its own
+    packets (`direct` says whether the job runs so). ``rates``: each channel's pace in
+    wire bytes a second, 0 unpaced (the trio sender's ``channel_rate``: a packet leaves
+    once the channel's link model could have carried it, those due together in one
+    ``sendmsg``). `fileno` is readable once every thread is about to exit; `cancel` stops
+    them soon, `join` waits for them (the GIL released). ``error``: None, or ``(kind,
+    channel or device, errno, bytes)``, kind one of ``channel`` (bytes: sent on it),
+    ``source`` (bytes: read from it), ``cancelled``, ``start``.
     """
 
     def __init__(
@@ -200,6 +204,18 @@ class SendJob:
     def cancel(self) -> None: ...
     def join(self) -> None: ...
     def fileno(self) -> int: ...
+    def push(self, device: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue ``data`` as the push device's next packets, cut at the packet size (short
+        only at the end of its stream); the buffer is held, never copied, until they are
+        sent. False: the job failed or was cancelled (stop reading; `error` says why)."""
+    def room(self, device: int) -> bool:
+        """Whether the push device may push again (no channel its last push used holds
+        more than ``limit``; True too once the job failed). False: wait until
+        `room_fileno` is readable, then ask again."""
+    def room_fileno(self, device: int) -> int: ...
+    def push_end(self, device: int, config_blob: bytes | bytearray | memoryview) -> bool:
+        """The push device's data is all pushed: its config packet follows. False: the job
+        failed or was cancelled."""
     @property
     def direct(self) -> bool: ...
     @property

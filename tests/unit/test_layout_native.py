@@ -27,6 +27,7 @@ PLAIN_C = (
     "vfiomig_senddirect.c",
     "vfiomig_sendsrc.c",
     "vfiomig_sendthreads.c",
+    "vfiomig_sendpush.c",
     "vfiomig_wait.c",
     "vfiomig_wait.h",
 )

@@ -419,13 +419,13 @@ async def _send_channels(
         limit = max(CHANNEL_QUEUE * (core.PACKET_HEADER_SIZE + packet_size), chunk)
         status.phase = "stop-copy"
         counts: dict[str, tuple[int, int]] = {}
-        streams = native_streams(
+        modes = native_streams(
             devices, writers, order=order, linked=link is not None, tls=tls is not None
         )
-        if streams is not None:  # C threads read and send (send/_threads.py)
+        if modes is not None:  # C threads send (send/_threads.py)
             await send_threaded(
                 devices,
-                streams,
+                modes,
                 writers,
                 packet_size=packet_size,
                 chunk=chunk,

@@ -1,23 +1,35 @@
-"""The C send path: stream sources read and sent by threads, no interpreter per chunk.
+"""The C send path: sources read and sent by threads, no interpreter per chunk.
 
-When every source can be read by the C core itself (`Source.native_stream`: ``synth:``,
-``file:``, ``fd:``) and nothing needs the trio sender's per-packet decisions, the multifd
-data goes through `vfiomig._core.SendJob`: a reader thread per device reads its source
-into pooled chunks of whole packets (the trio sender's `CHUNK`) and queues the packets in
-QEMU's round robin; a thread per channel builds their headers and writes them with one
-``sendmsg`` per batch, waiting with ``poll`` when the socket is full. One device whose
-bytes are known by offset (``synth:``, bench's pattern) needs no reader: each channel's
-thread makes its own share of the round robin and sends it, as ``cref_send`` does (no
-queue, no wakeup between threads; ``VFIOMIG_SEND_DIRECT=0`` keeps the reader, for
-comparisons and tests). The bytes on every
-channel are those of the trio sender (tests/integration/test_send_wire.py), and so is the
-backpressure: a reader waits while a channel it used holds more than the same limit.
+When nothing needs the trio sender's per-packet decisions, the multifd data goes through
+`vfiomig._core.SendJob`, a thread per channel building the packets' headers and writing
+them with one ``sendmsg`` per batch, waiting with ``poll`` when the socket is full. Each
+device comes to it in one of two ways:
 
-This task only starts the job, waits for its descriptor (readable once the threads are
-done) and copies its counters into the `SendStatus` now and then. A cancel (SIGTERM, a
-failure elsewhere) cancels the job, whose threads wake from any wait at once (from a
-blocking send within its 100 ms ``SO_SNDTIMEO``), and joins them before it returns: no
-thread outlives the call.
+- a stream the C core reads itself (`Source.native_stream`, asked after ``start``:
+  ``synth:``, ``file:``, ``fd:``, and a kernel VFIO device's STOP_COPY data fd): a reader
+  thread per device reads it into pooled chunks of whole packets (the trio sender's
+  `CHUNK`) and queues the packets in QEMU's round robin;
+- any other source that does not fill buffers (a device whose reads are its packets: a
+  ``vfio-user:`` device, a VFIO device read through an injected function) is pushed: a
+  task here reads it with ``read`` (a chunk of whole packets at a time when its reads
+  fill what they are asked for, `Source.fills_reads`, else a packet; a vfio-user reply's
+  data is a view of the buffer it was received in) and hands each read to the job, which
+  cuts it into packets, queues them in the same round robin and holds the buffer until
+  the channels' threads sent them. After each read the task waits, as a reader thread
+  does, while a channel it used holds more than the limit: on the device's room
+  eventfd, an awaitable wait in the event loop (`SendJob.room`), never a blocking one.
+
+The bytes on every channel are those of the trio sender (tests/integration/
+test_send_wire.py), and so is the backpressure: a reader waits while a channel it used
+holds more than the same limit.
+
+This task starts the job, runs the push tasks, waits for its descriptor (readable once
+the threads are done) and copies its counters into the `SendStatus` now and then. A
+cancel (SIGTERM, a failure elsewhere) cancels the job, whose threads wake from any wait
+at once (from a blocking send within its 100 ms ``SO_SNDTIMEO``; a reader blocked in a
+VFIO device's read ends that read first, see `vfiomig.vfio._source`), and joins them
+before it returns: no thread outlives the call. A source's failure names the device, the
+cause and how far it got; the device is put back (`Source.native_failed`, then `abort`).
 
 Pacing per channel (``channel_rate``, ``channel_rates``) is the threads' too: each paces
 its own channel as the trio sender's `Writer` does (a packet leaves once the channel's
@@ -26,8 +38,8 @@ head's time plus 1 ms otherwise, which the cancel eventfd ends).
 
 The trio sender stays, chosen automatically, for what the threads do not do: the pure
 core, TLS, a link shared by every channel (``link_rate``), every order but
-``roundrobin``, device sources, a stream that is not a socket; and when
-``VFIOMIG_SEND_THREADS=0`` (comparisons, tests).
+``roundrobin``, a stream source the C core cannot read, a stream that is not a socket;
+and when ``VFIOMIG_SEND_THREADS=0`` (comparisons, tests).
 """
 
 from __future__ import annotations
@@ -35,14 +47,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
 from vfiomig import _core as core
-from vfiomig._core._errors import os_error_text
+from vfiomig._core._errors import VfioMigError, os_error_text
 from vfiomig._core._wire import Endian
 from vfiomig.send._channel import Writer
-from vfiomig.send._close import channel_error
+from vfiomig.send._close import channel_error, describe
 from vfiomig.send._types import SendDevice, SendError, SendStatus
 
 log = logging.getLogger("vfiomig")
@@ -58,9 +71,10 @@ def native_streams(
     order: str,
     linked: bool,
     tls: bool,
-) -> list[tuple[object, ...]] | None:
-    """Each device's `Source.native_stream` when the C send path can carry this send
-    (``linked``: the channels share one paced link, which only the trio sender models);
+) -> list[str] | None:
+    """How the C send path takes each device (``"stream"``: `Source.native_stream` once
+    started; ``"push"``: read here and pushed) when it can carry this send (``linked``:
+    the channels share one paced link, which only the trio sender models);
     None when the trio sender must."""
     if (
         getattr(core, "SendJob", None) is None
@@ -69,17 +83,23 @@ def native_streams(
         or linked
         or tls
         or any(w.sock is None for w in writers)
+        or not devices
     ):
         return None
-    streams = [d.source.native_stream() for d in devices]
-    if not devices or any(s is None for s in streams):
-        return None
-    return [s for s in streams if s is not None]
+    modes = []
+    for device in devices:
+        if device.source.streams_natively():
+            modes.append("stream")
+        elif not device.source.fills_buffers:
+            modes.append("push")
+        else:  # its read_into's buffers are the trio sender's chunks
+            return None
+    return modes
 
 
 async def send_threaded(
     devices: Sequence[SendDevice],
-    streams: Sequence[tuple[object, ...]],
+    modes: Sequence[str],
     writers: Sequence[Writer],
     *,
     packet_size: int,
@@ -90,12 +110,18 @@ async def send_threaded(
     counts: dict[str, tuple[int, int]],
     failures: list[SendError],
 ) -> None:
-    """Send every device's stream over the writers' sockets with a `SendJob`; a failure
-    goes to ``failures`` (one, naming the channel or the device and the cause)."""
-    specs = []
-    for device, stream in zip(devices, streams, strict=True):
+    """Send every device over the writers' sockets with a `SendJob`; a failure goes to
+    ``failures`` (one, naming the channel or the device and the cause)."""
+    specs: list[tuple[str, int, str, tuple[object, ...], bytes]] = []
+    for device, mode in zip(devices, modes, strict=True):
         await device.source.start()
-        blob = await device.source.config_blob()
+        stream = device.source.native_stream() if mode == "stream" else ("push",)
+        if stream is None:
+            raise SendError(
+                f"{device.name}: source {device.source.description} cannot be read by"
+                " the C send path after all (it said it could before it started)"
+            )
+        blob = await device.source.config_blob() if mode == "stream" else b""
         specs.append((device.idstr, device.instance, endian, stream, blob))
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
     direct = os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
@@ -104,21 +130,52 @@ async def send_threaded(
     base = status.sent_bytes
     job.start()
     try:
-        while not job.finished:
-            with trio.move_on_after(PROGRESS_EVERY):
-                await trio.lowlevel.wait_readable(job)
-            _copy_counters(job, writers, status, base)
+        async with trio.open_nursery() as nursery:
+            for d, mode in enumerate(modes):
+                if mode == "push":
+                    size = chunk if devices[d].source.fills_reads else packet_size
+                    nursery.start_soon(_push, job, d, devices[d], size, failures)
+            while not job.finished:
+                with trio.move_on_after(PROGRESS_EVERY):
+                    await trio.lowlevel.wait_readable(job)
+                _copy_counters(job, writers, status, base)
     finally:
         if not job.finished:
             job.cancel()  # a thread sees it at once, or within 100 ms in a send: short join
         job.join()
         _copy_counters(job, writers, status, base)
+    if failures:  # a pushed source's failure (the job was cancelled after it)
+        return
     error = job.error
     if error is not None:
-        failures.append(_failure(error, devices))
+        failures.append(await _failure(error, devices))
         return
     for device, (nbytes, packets) in zip(devices, job.device_counts, strict=True):
         await device.queued(counts, nbytes, packets)
+
+
+async def _push(job: Any, d: int, device: SendDevice, size: int, failures: list[SendError]) -> None:
+    """Read device ``d`` ``size`` bytes at a time (a chunk of whole packets when its reads
+    fill what they are asked for, `Source.fills_reads`: the packets of a read per packet;
+    a packet otherwise) and push each read to the job, then its config blob. A source
+    failure is recorded and cancels the job; a job that failed (its own error says why)
+    ends the reading."""
+    source = device.source
+    room_fd = job.room_fileno(d)
+    try:
+        while True:
+            data = await source.read(size)
+            if not data:
+                break
+            if not job.push(d, data):
+                return
+            while not job.room(d):
+                await trio.lowlevel.wait_readable(room_fd)
+        job.push_end(d, await source.config_blob())
+    except (OSError, VfioMigError) as exc:
+        cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
+        failures.append(device.source_failed(cause, exc))
+        job.cancel()
 
 
 def _copy_counters(job: object, writers: Sequence[Writer], status: SendStatus, base: int) -> None:
@@ -128,13 +185,16 @@ def _copy_counters(job: object, writers: Sequence[Writer], status: SendStatus, b
     status.sent_bytes = base + sum(sent)
 
 
-def _failure(error: tuple[str, int, int, int], devices: Sequence[SendDevice]) -> SendError:
+async def _failure(error: tuple[str, int, int, int], devices: Sequence[SendDevice]) -> SendError:
     kind, who, errno, sent = error
     cause = OSError(errno, os.strerror(errno))
     if kind == "channel":
         return channel_error(who, sent, cause)
-    if kind == "source":
-        return devices[who].source_failed(os_error_text(cause), cause)
+    if kind == "source":  # ``sent``: the bytes read before the failure
+        device = devices[who]
+        exc = await device.source.native_failed(cause, sent)
+        text = str(exc) if isinstance(exc, VfioMigError) else os_error_text(cause)
+        return device.source_failed(text, exc)
     # "start": a thread could not be made ("cancelled" comes only from our own cancel,
     # which a trio cancellation follows out of this call).
     return SendError(f"cannot start the send threads: {os_error_text(cause)}")

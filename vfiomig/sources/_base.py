@@ -5,7 +5,9 @@ the data stream) - or, for a source that `fills_buffers` (a stream whose packet 
 are the sender's to choose: synthetic state, a file, a pipe), ``read_into(buf)`` until it
 returns less than the buffer holds - then ``config_blob()`` for the config packet, then ``finish()`` and
 finally ``aclose()`` (always, also after a failure). When the migration failed, here or
-at the receiver, ``abort()`` comes before ``aclose()``.
+at the receiver, ``abort()`` comes before ``aclose()``. With the C send path a source
+that `native_stream` describes is read by C threads between ``start()`` and
+``config_blob()`` instead of ``read``/``read_into``.
 
 A source whose device keeps running while part of its state is sent ahead (a kernel VFIO
 device in PRE_COPY) has a precopy phase before ``start()``: ``start_precopy()`` returns
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import abc
 from typing import NamedTuple
+
+import trio
 
 from vfiomig._core._wire import wrap_config
 
@@ -41,6 +45,10 @@ class Source(abc.ABC):
     #: the packet size wherever the sender likes. False: each `read` is one packet (a
     #: device's reads, as QEMU sends them).
     fills_buffers: bool = False
+    #: Whether `read` returns as many bytes as it is asked for until the stream's last
+    #: ones (a device's reads, filled across short reads): the C send path then reads a
+    #: chunk of whole packets at a time and cuts it, the packets of a read per packet.
+    fills_reads: bool = False
 
     async def start_precopy(self) -> bool:
         """Enter the precopy phase if the device offers one; False (the default): none."""
@@ -69,13 +77,31 @@ class Source(abc.ABC):
         raise NotImplementedError(f"{self.description} does not fill buffers")
 
     def native_stream(self) -> tuple[object, ...] | None:
-        """How the C send path (`vfiomig._core.SendJob`) reads this stream itself:
+        """How the C send path (`vfiomig._core.SendJob`) reads this stream itself, asked
+        after `start` (a VFIO device's data fd exists only then), before any read:
         ``("synth", size, seed, base)``, ``("pattern", size, block)`` or
         ``("fd", fd, poll)`` (see `vfiomig._native.SendJob`); None (the default): it
-        cannot, and the trio sender reads it. A source that says how promises that
-        `start`, `config_blob` and `finish` do not depend on the reading (the sender calls
-        them around the C threads' reads), and that nothing was read from it yet."""
+        cannot. A source that says how promises that `config_blob` and `finish` do not
+        depend on the reading (the sender calls them around the C threads' reads).
+
+        A source that cannot is still sent by the C path when it does not
+        `fills_buffers` (a device's reads, each a packet): the sender reads it with `read`
+        and pushes each packet's data to the C threads (`vfiomig.send._threads`)."""
         return None
+
+    def streams_natively(self) -> bool:
+        """Whether `native_stream` will say how once the source is started: asked before
+        `start`, to choose the sender. The default asks `native_stream` now (a stream
+        that exists before `start`: a file, a pipe, synthetic state)."""
+        return self.native_stream() is not None
+
+    async def native_failed(self, exc: OSError, offset: int) -> BaseException:
+        """The C send path's read of `native_stream` failed with ``exc`` after ``offset``
+        bytes: the error to report (its text is the cause in the device's one line). A
+        device source puts its device back as its own `read` would have on that failure
+        (`abort` still follows). The default: ``exc``."""
+        await trio.lowlevel.checkpoint()
+        return exc
 
     def size_hint(self) -> int | None:
         """The bytes the stream still holds, when that is known before reading them (a

@@ -21,6 +21,15 @@ Reads happen in a worker thread (the kernel's data fd is blocking), filling each
 across short reads; a read is never abandoned on cancel (the fd number could be reused).
 The uAPI calls go through an injectable ``ioctl`` function and the reads through an
 injectable ``read`` function (``os.read``); `vfiomig.testing.FakeVfioDevice` provides both.
+
+With the real ``read`` (``os.read``) the STOP_COPY stream goes to `vfiomig send`'s C send
+path as a descriptor (`native_stream`, once `start` returned the data fd): a C thread
+reads it to its end and the channels' threads send it; a failed read comes back through
+`native_failed`, which recovers the device as `read` would have. Such a thread polls the
+fd with the job's cancel eventfd before each read, but a VFIO migration fd has no poll
+operation (poll says readable at once), so a cancel is seen between two reads: a read
+that blocks inside the driver (producing the device's image) ends first. An injected
+``read`` (a fake) keeps the trio sender's path (`read`, each read a packet).
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ class VfioSource(Source):
     Build it with `open` (a device cdev path: opened and bound in the first step, owned)
     or `from_device_fd` (a fd the VMM already has; borrowed unless ``owned``).
     """
+
+    fills_reads = True  # `_fill` reads until the bytes asked for or the end
 
     def __init__(
         self,
@@ -186,6 +197,27 @@ class VfioSource(Source):
                 "migration (expected RUNNING or STOP)",
             )
         await self._enter(MigState.STOP_COPY, "stop-copy")
+
+    def streams_natively(self) -> bool:
+        """The C send path reads the data fd itself only through read(2): an injected
+        ``read`` (a fake's) is called by `read`."""
+        return self._read is os.read
+
+    def native_stream(self) -> tuple[object, ...] | None:
+        """In STOP_COPY, before any read: the data fd, polled (a cancel is seen before each
+        read; a VFIO fd without a poll operation is always readable). The fd stays this
+        source's: `finish` or `abort` closes it after the C threads are joined."""
+        if self._phase != "stop-copy" or self._data_fd is None or not self.streams_natively():
+            return None
+        return ("fd", self._data_fd, True)
+
+    async def native_failed(self, exc: OSError, offset: int) -> BaseException:
+        """The C send path's read failed after ``offset`` bytes of STOP_COPY data: the
+        device is recovered and the error says where, as `read` would."""
+        self.bytes_read += offset
+        return await self._failed(
+            f"reading the data fd failed in STOP_COPY at byte {self.bytes_read}", exc
+        )
 
     async def read(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of STOP_COPY data; ``b""`` once read() returned 0."""

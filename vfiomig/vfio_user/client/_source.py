@@ -46,6 +46,8 @@ log = logging.getLogger("vfiomig")
 class VfioUserSource(Source):
     """Reads the STOP_COPY stream of a vfio-user device; see the module docstring."""
 
+    fills_reads = True  # `read` joins replies until the bytes asked for or the end
+
     def __init__(
         self,
         path: str | os.PathLike[str],

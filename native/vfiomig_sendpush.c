@@ -1,0 +1,108 @@
+/* vfiomig_sendpush.c - the C send path's push devices (VFM_SJ_PUSH, see vfiomig_sendjob.h).
+ *
+ * A device whose reads only the caller can make (a vfio-user client's MIG_DATA_READ
+ * replies, a source read through Python) has no reader thread: the caller reads a chunk
+ * of whole packets and pushes it (cut into packets queued in the same round robin as the
+ * readers' packets, its data pinned until the channels' threads sent them, never
+ * copied), and before its next read asks whether every channel it used holds no more
+ * than the job's limit, as a reader thread waits.  When not, the caller waits for the device's
+ * room eventfd, which a channel's thread writes once it sent a batch (and a failure or a
+ * cancel at once): an event loop waits on it, never on a lock or a condition variable.
+ * The last push is followed by the config blob (vfm_sj_push_end), which ends the device
+ * as a reader thread's end does.  (The room wakeups are vfiomig_sendthreads.c's,
+ * vfm_sj_push_wake: this file calls the others, never the other way round.)
+ */
+#define _GNU_SOURCE
+#include "vfiomig_sendjob.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
+
+int vfm_sj_push_init(struct vfm_sj_dev *dev)
+{
+    dev->room_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return dev->room_fd < 0 ? errno : 0;
+}
+
+int vfm_sj_push(struct vfm_sendjob *job, unsigned d, struct vfm_sj_buf *buf,
+                const unsigned char *data, size_t len)
+{
+    struct vfm_sj_dev *dev = &job->devs[d];
+    int err = 0;
+
+    pthread_mutex_lock(&job->lock);
+    memset(dev->push_used, 0, sizeof(dev->push_used));
+    for (size_t off = 0; off < len && !err; off += job->packet_size) {
+        size_t n = len - off < job->packet_size ? len - off : job->packet_size;
+        int c;
+        if (job->failed) {
+            err = ECANCELED;
+        } else if ((c = vfm_sj_queue_packet(job, dev, buf, data + off, 0, (uint32_t)n,
+                                            dev->push_idx, 0)) < 0) {
+            err = ENOMEM;
+        } else {
+            dev->push_idx++;
+            dev->push_used[c] = 1;
+            dev->bytes += n;
+        }
+    }
+    for (unsigned c = 0; c < job->nchan; c++)
+        if (dev->push_used[c]) /* one wakeup per channel and push */
+            pthread_cond_signal(&job->chans[c].cv);
+    pthread_mutex_unlock(&job->lock);
+    return err;
+}
+
+int vfm_sj_push_room(struct vfm_sendjob *job, unsigned d)
+{
+    struct vfm_sj_dev *dev = &job->devs[d];
+    uint64_t count;
+    int room = 1;
+
+    pthread_mutex_lock(&job->lock);
+    /* drained under the lock the channels' threads write it under: no wakeup is lost */
+    if (read(dev->room_fd, &count, sizeof(count)) < 0) {
+        /* EAGAIN: nothing written since the last look */
+    }
+    for (unsigned c = 0; c < job->nchan && room && !job->failed; c++)
+        room = !dev->push_used[c] || job->chans[c].queued_bytes <= job->limit;
+    if (!room && !dev->push_waiting) {
+        dev->push_waiting = 1;
+        job->pushers_waiting++;
+    }
+    pthread_mutex_unlock(&job->lock);
+    return room;
+}
+
+int vfm_sj_push_end(struct vfm_sendjob *job, unsigned d, const unsigned char *config,
+                    size_t config_len)
+{
+    struct vfm_sj_dev *dev = &job->devs[d];
+    unsigned char *copy = malloc(config_len ? config_len : 1);
+    int c, err = 0;
+
+    if (!copy)
+        return ENOMEM;
+    memcpy(copy, config, config_len);
+    pthread_mutex_lock(&job->lock);
+    free(dev->config);
+    dev->config = copy;
+    dev->config_len = config_len;
+    if (job->failed) {
+        err = ECANCELED;
+    } else if ((c = vfm_sj_queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)config_len,
+                                        dev->push_idx, VFM_FLAG_CONFIG)) < 0) {
+        err = ENOMEM;
+    } else {
+        dev->packets = dev->push_idx + 1;
+        pthread_cond_signal(&job->chans[c].cv);
+        vfm_sj_reader_done(job);
+    }
+    pthread_mutex_unlock(&job->lock);
+    return err;
+}
