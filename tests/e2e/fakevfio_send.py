@@ -10,11 +10,16 @@ status and stderr are vfiomig's own. ``{device}`` in the arguments is the fake's
 
 On exit it writes RESULT_PREFIX.json (the fake's final state, arcs and resets) and
 RESULT_PREFIX.saved (every byte its data fds handed out).
+
+The source reads through the fake's ``read`` (the trio sender's path, or the C send path's
+push mode), except with a ``fed`` model: its data fd is a real socket a thread feeds, and
+the source reads it with ``os.read``, i.e. the C send path reads the fd itself.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from vfiomig.cli._main import main
@@ -28,7 +33,7 @@ from vfiomig.vfio._uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO
 def run(model_json: str, prefix: str, argv: list[str]) -> int:
     options = json.loads(model_json)
     flags = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P
-    if options.pop("pre_copy", True):
+    if options.pop("pre_copy", not options.get("fed", False)):
         flags |= VFIO_MIGRATION_PRE_COPY
     if "read_errno_at" in options:
         options["read_errno_at"] = tuple(options["read_errno_at"])
@@ -39,7 +44,8 @@ def run(model_json: str, prefix: str, argv: list[str]) -> int:
         def open_fake(arg: str) -> _source.VfioSource:
             path, fd, _ = parse_spec("source", arg)
             assert path == fake.path and fd is None, arg
-            return _source.VfioSource.open(path, ioctl=fake.ioctl, read=fake.read, iommu_path=iommu)
+            read = os.read if fake.saving.fed else fake.read
+            return _source.VfioSource.open(path, ioctl=fake.ioctl, read=read, iommu_path=iommu)
 
         _source.open_vfio_source = open_fake
         code = main([a.replace("{device}", fake.path) for a in argv])

@@ -54,6 +54,7 @@ import trio
 from vfiomig import _core as core
 from vfiomig._core._errors import VfioMigError, os_error_text
 from vfiomig._core._wire import Endian
+from vfiomig._logs import event
 from vfiomig.send._channel import Writer
 from vfiomig.send._close import channel_error, describe
 from vfiomig.send._types import SendDevice, SendError, SendStatus
@@ -114,15 +115,28 @@ async def send_threaded(
     ``failures`` (one, naming the channel or the device and the cause)."""
     specs: list[tuple[str, int, str, tuple[object, ...], bytes]] = []
     for device, mode in zip(devices, modes, strict=True):
-        await device.source.start()
-        stream = device.source.native_stream() if mode == "stream" else ("push",)
-        if stream is None:
-            raise SendError(
-                f"{device.name}: source {device.source.description} cannot be read by"
-                " the C send path after all (it said it could before it started)"
-            )
-        blob = await device.source.config_blob() if mode == "stream" else b""
+        try:
+            await device.source.start()
+            stream = device.source.native_stream() if mode == "stream" else ("push",)
+            if stream is None:
+                raise SendError(
+                    f"{device.name}: source {device.source.description} cannot be read by"
+                    " the C send path after all (it said it could before it started)"
+                )
+            blob = await device.source.config_blob() if mode == "stream" else b""
+        except SendError:
+            raise
+        except (OSError, VfioMigError) as exc:  # as the trio sender's producer says it
+            cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
+            failures.append(device.source_failed(cause, exc))
+            return
         specs.append((device.idstr, device.instance, endian, stream, blob))
+        log.info(
+            "%s: sent from C threads (%s)",
+            device.name,
+            "its reader thread reads the source" if mode == "stream" else "read here, pushed",
+            extra=event("send_threads", device.name, mode=mode),
+        )
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
     direct = os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
     rates = [w.rate or 0.0 for w in writers]  # channel_rate(s): each thread paces itself

@@ -18,6 +18,13 @@ STOP_COPY keep it). What it reads follows a `SavingModel`:
 - faults: ``max_read`` (short reads), ``read_errno_at`` (an errno from the read that would
   reach a byte offset of the session's stream).
 
+A ``fed`` model makes the data fd real: one end of a UNIX socket pair that a thread
+feeds with the STOP_COPY stream (a device without PRE_COPY), so that ``os.read``, poll()
+and the C send path read it as they would a kernel device's fd; ``read_errno_at`` then
+ends the stream at its offset with ECONNRESET (the one read error a socket can give:
+its peer closed with a byte of its own unread), whatever errno it names; and
+``keep=False`` keeps no copy of what it gave (a benchmark's gigabyte).
+
 The bytes are cheap to make at any rate (a bench reads tens of MiB while the device is
 stopped): one seeded pseudo-random block of `PERIOD` bytes (an odd length, so packets of
 power-of-two sizes never line up with it), each piece starting at its own offset in it.
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +84,8 @@ class SavingModel:
     max_read: int | None = None
     read_errno_at: tuple[int, int] | None = None
     precopy_end: PrecopyEnd = "ENOMSG"
+    fed: bool = False
+    keep: bool = True
 
 
 @dataclass
@@ -92,13 +103,24 @@ class SavingSession:
     dirty_left: int = 0
     queries: int = 0
     saved: bytearray = field(default_factory=bytearray)
+    given: int = 0  # bytes handed out (all of `saved` when the model keeps them)
+    _feeder: socket.socket | None = None
+    _thread: threading.Thread | None = None
     _pending: deque[list[int]] = field(default_factory=deque)  # [bytes left, offset]
     _pieces: int = 0
     _block: bytes = b""
 
     def __post_init__(self) -> None:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        os.close(w)
+        if self.model.fed:
+            if self.precopy:
+                raise ValueError("a fed saving model has no PRE_COPY data")
+            ours, self._feeder = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._feeder.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            ours.send(b"\0")  # the feeder leaves it unread to end with ECONNRESET
+            r = ours.detach()
+        else:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
         st = os.fstat(r)
         self.fd, self.pipe = r, (st.st_dev, st.st_ino)
         self._block = _block(self.model.seed)
@@ -116,6 +138,42 @@ class SavingSession:
     def enter_stop_copy(self) -> None:
         self.stop_copy = True
         self._add(self.model.stop_copy)
+        if self._feeder is not None:
+            self._thread = threading.Thread(target=self._feed, name="fake-vfio-feeder")
+            self._thread.start()
+
+    def _feed(self) -> None:
+        """The fed model's thread: the stream into the socket, then its end (EOF, or the
+        reset that ``read_errno_at`` asks for); a reader that went away ends it early."""
+        feeder = self._feeder
+        assert feeder is not None
+        failed = False
+        try:
+            while True:
+                try:
+                    data = self.read(1 << 20)
+                except OSError:
+                    failed = True
+                    break
+                if not data:
+                    break
+                feeder.sendall(data)
+            if not failed:
+                feeder.recv(1)  # nothing of ours left unread: the reader sees EOF
+        except OSError:
+            pass  # the reader closed its end, or `stop` shut ours down
+        finally:
+            feeder.close()
+
+    def stop(self) -> None:
+        """End the feeding thread (the session is over); idempotent."""
+        if self._feeder is not None and self._thread is not None:
+            try:
+                self._feeder.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the thread
+            self._thread.join()
+            self._thread = None
 
     def precopy_info(self) -> tuple[int, int]:
         """``(initial_bytes, dirty_bytes)`` now; the device dirtied more since the last call."""
@@ -137,10 +195,10 @@ class SavingSession:
             n = min(n, self.model.max_read)
         if self.model.read_errno_at is not None:
             offset, code = self.model.read_errno_at
-            if len(self.saved) + n > offset:
-                if len(self.saved) >= offset:
+            if self.given + n > offset:
+                if self.given >= offset:
                     raise _oserror(code)
-                n = offset - len(self.saved)
+                n = offset - self.given
         parts: list[bytes] = []
         got = 0
         while self._pending and got < n:
@@ -156,5 +214,7 @@ class SavingSession:
         from_initial = min(got, self.initial_left)
         self.initial_left -= from_initial
         self.dirty_left = max(0, self.dirty_left - (got - from_initial))
-        self.saved += out
+        self.given += got
+        if self.model.keep:
+            self.saved += out
         return out

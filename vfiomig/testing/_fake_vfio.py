@@ -445,6 +445,7 @@ class FakeVfioDevice:
         if saving is not None and saving.live:
             saving.live = False
             self._dead_pipes.add(saving.pipe)
+            saving.stop()
 
     def _end_session(self) -> None:
         session = self._session
@@ -499,9 +500,9 @@ class FakeVfioDevice:
             if identity in self._dead_pipes:
                 raise _oserror(errno.ENODEV)
             saving = self.saving_session
-            if saving is not None and identity == saving.pipe:
+            if saving is not None and identity == saving.pipe and not saving.model.fed:
                 return saving.read(n)
-        return os.read(fd, n)
+        return os.read(fd, n)  # a fed model's socket too (its thread feeds it)
 
     def _bad_header(self, before: int, after: int, received: bytes) -> bool:
         """The write that took the stream from ``before`` to ``after`` completed a header

@@ -1,0 +1,277 @@
+"""Device sources on the C send path (`vfiomig.send._threads`): a kernel VFIO device's data
+fd read by a C reader thread (a ``fed`` `FakeVfioDevice`: its data fd a real socket a
+thread feeds), and devices read in Python and pushed to the job (vfiomig's own vfio-user
+server, a VFIO device read through the fake's injected ``read``, a source whose reads are
+short). Each writes on every channel the bytes of the trio sender (``VFIOMIG_SEND_THREADS=0``)
+and of the pure core; failures name the device, the cause and how far it got, put the
+device back, and leave no thread behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from tests.integration.test_send_threads import IDSTR, run_send, send_threads
+from tests.vfio_user_raw import serving
+from vfiomig import _core as core
+from vfiomig.send import SendError
+from vfiomig.sources import Source
+from vfiomig.testing import FakeVfioDevice
+from vfiomig.testing._fake_saving import SavingModel
+from vfiomig.vfio import VfioSource
+from vfiomig.vfio._uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY, MigState
+from vfiomig.vfio_user import MigState as UserState
+from vfiomig.vfio_user import VfioUserDevice, VfioUserSource
+
+pytestmark = pytest.mark.skipif(
+    getattr(core, "SendJob", None) is None, reason="the C send path needs the C core"
+)
+
+FLAGS = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P
+
+
+class Stream:
+    """A vfio-user device whose STOP_COPY stream is ``data`` (replies of ``limit`` bytes);
+    with ``fail_at``, a MIG_DATA_READ that would reach that offset gets an ERROR reply."""
+
+    def __init__(self, data: bytes, limit: int, fail_at: int | None = None) -> None:
+        self.data = data
+        self.at = 0
+        self.fail_at = fail_at
+        self.states: list[UserState] = []
+        self.device = VfioUserDevice(migration=self, max_data_xfer_size=limit)
+
+    def transition(self, state: UserState) -> None:
+        self.states.append(state)
+
+    def read_data(self, size: int) -> bytes:
+        if self.fail_at is not None and self.at + size > self.fail_at:
+            raise OSError(errno.EIO, "the device failed")
+        chunk = self.data[self.at : self.at + size]
+        self.at += len(chunk)
+        return chunk
+
+    def write_data(self, data: memoryview) -> int:
+        return 0
+
+
+class ShortReads(Source):
+    """A device source whose reads return fewer bytes than asked, at its own whim: each
+    read is a packet (it does not `fills_reads`), on either path."""
+
+    description = "short-reads"
+
+    def __init__(self, data: bytes, seed: int) -> None:
+        self.data = data
+        self.at = 0
+        self.rng = random.Random(seed)
+
+    async def read(self, max_bytes: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        n = min(max_bytes, self.rng.randrange(1, max_bytes + 1))
+        chunk = self.data[self.at : self.at + n]
+        self.at += len(chunk)
+        return chunk
+
+
+async def hashes_of(
+    make: Callable[[], Any], channels: int, packet: int, threads: str
+) -> tuple[list[str], list[str]]:
+    """Send the source ``make()`` gives with ``VFIOMIG_SEND_THREADS=threads``: the sha256
+    of every channel, and the C send path's modes it chose (none: the trio sender)."""
+    import vfiomig.send._threads as threads_module
+
+    modes: list[str] = []
+    real = threads_module.send_threaded
+
+    async def spy(devices: Any, chosen: list[str], *args: Any, **kwargs: Any) -> None:
+        modes.extend(chosen)
+        await real(devices, chosen, *args, **kwargs)
+
+    hashes: dict[int, Any] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VFIOMIG_SEND_THREADS", threads)
+        mp.setattr("vfiomig.send._sender.send_threaded", spy)
+        async with make() as source:
+            await run_send(source, channels, hashes=hashes, packet_size=packet)
+    assert send_threads() == []
+    return [hashes[i].hexdigest() for i in range(channels)], modes
+
+
+class FakeVfio:
+    """A `VfioSource` over a `FakeVfioDevice` of ``size`` STOP_COPY bytes: ``fed`` (its
+    data fd a real socket, read with os.read) or read through the fake's ``read``."""
+
+    def __init__(self, size: int, *, fed: bool, **model: Any) -> None:
+        self.fake = FakeVfioDevice(
+            flags=FLAGS, saving=SavingModel(stop_copy=size, seed=3, fed=fed, **model)
+        )
+        read = os.read if fed else self.fake.read
+        self.source = VfioSource.from_device_fd(
+            self.fake.open(), owned=True, ioctl=self.fake.ioctl, read=read
+        )
+
+    async def __aenter__(self) -> VfioSource:
+        return self.source
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.source.aclose()
+        self.fake.close()
+
+
+class UserDevice:
+    """A `VfioUserSource` on vfiomig's own server, its device a `Stream`."""
+
+    def __init__(self, stream: Stream, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self._serving: Any = None
+
+    async def __aenter__(self) -> VfioUserSource:
+        self._serving = serving(self.stream.device)
+        path = await self._serving.__aenter__()
+        return VfioUserSource(path, reply_timeout=5, max_data_xfer_size=self.limit)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._serving.__aexit__(*exc)
+
+
+class Plain:
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    async def __aenter__(self) -> Source:
+        return self.source
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.source.aclose()
+
+
+DATA = random.Random(5).randbytes((3 << 20) + 4321)
+
+#: name -> (the source's context, channels, packet size, the C path's mode)
+CASES: dict[str, tuple[Callable[[], Any], int, int, str]] = {
+    "vfio-fed-3ch-64k": (lambda: FakeVfio((2 << 20) + 99, fed=True), 3, 65536, "stream"),
+    "vfio-fed-4ch-1000": (lambda: FakeVfio(300_007, fed=True), 4, 1000, "stream"),
+    "vfio-fed-empty": (lambda: FakeVfio(0, fed=True), 2, 4096, "stream"),
+    "vfio-read-3ch-64k": (lambda: FakeVfio((1 << 20) + 5, fed=False), 3, 65536, "push"),
+    "vfio-read-2ch-short": (
+        lambda: FakeVfio(500_000, fed=False, max_read=7000),
+        2,
+        4096,
+        "push",
+    ),
+    "vfio-user-4ch-1m": (lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 4, 1 << 20, "push"),
+    "vfio-user-3ch-64k": (lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 3, 65536, "push"),
+    "vfio-user-3ch-3000": (
+        lambda: UserDevice(Stream(DATA[:400_000], 5000), 5000),
+        3,
+        3000,
+        "push",
+    ),
+    "short-reads-3ch-4k": (lambda: Plain(ShortReads(DATA[:300_000], 1)), 3, 4096, "push"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+async def test_device_sources_write_the_trio_senders_bytes(name: str) -> None:
+    make, channels, packet, mode = CASES[name]
+    with trio.fail_after(60):
+        threaded, modes = await hashes_of(make, channels, packet, "1")
+        trio_sent, none = await hashes_of(make, channels, packet, "0")
+    assert modes == [mode] and none == []
+    assert threaded == trio_sent
+
+
+async def test_a_fed_device_read_error_names_the_byte_and_recovers_it() -> None:
+    ctx = FakeVfio(3 << 20, fed=True, read_errno_at=(1_500_000, errno.EIO))
+    endings: dict[int, str] = {}
+    with trio.fail_after(30), pytest.raises(SendError) as info:
+        async with ctx as source:
+            await run_send(source, 2, endings=endings, packet_size=65536)
+    text = str(info.value)
+    assert text.startswith(f"{IDSTR}/0: reading source vfio:fd "), text
+    assert "reading the data fd failed in STOP_COPY at byte 1500000" in text, text
+    assert "Connection reset by peer" in text and "device back in RUNNING from STOP_COPY" in text
+    assert "\n" not in text
+    assert ctx.fake.state is MigState.RUNNING and ctx.fake.resets == 0
+    assert endings == {0: "reset", 1: "reset"}, endings
+    assert send_threads() == []
+
+
+async def test_a_vfio_user_device_error_is_the_trio_senders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A MIG_DATA_READ that fails mid-stream: the same one line as the trio sender's
+    (device, source, the read's offset, the server's errno), the device left as it
+    leaves it, every channel reset."""
+    seen = []
+    for threads in ("1", "0"):
+        monkeypatch.setenv("VFIOMIG_SEND_THREADS", threads)
+        stream = Stream(DATA, 1 << 16, fail_at=1 << 20)
+        endings: dict[int, str] = {}
+        with trio.fail_after(30):
+            async with UserDevice(stream, 1 << 16) as source:
+                with pytest.raises(SendError) as info:
+                    await run_send(source, 3, endings=endings, packet_size=65536)
+                text = str(info.value).replace(source.path, "SOCK")
+        assert endings == {0: "reset", 1: "reset", 2: "reset"}, endings
+        assert send_threads() == []
+        seen.append((text, stream.states))
+    text = seen[0][0]
+    assert text == (
+        f"{IDSTR}/0: reading source vfio-user:SOCK failed: vfio-user SOCK: MIG_DATA_READ"
+        " (65536 bytes at stream offset 1048576) failed with errno 5 (Input/output error)"
+    ), text
+    assert seen[1] == seen[0]
+
+
+@pytest.mark.parametrize("kind", ["fed", "vfio-user"])
+async def test_a_reset_channel_during_a_device_send_names_it(kind: str) -> None:
+    ctx: Any = (
+        FakeVfio(64 << 20, fed=True)
+        if kind == "fed"
+        else UserDevice(Stream(bytes(64 << 20), 1 << 20), 1 << 20)
+    )
+    endings: dict[int, str] = {}
+    with trio.fail_after(60):
+        async with ctx as source:
+            with pytest.raises(SendError) as info:
+                await run_send(source, 2, reset_after=300_000, endings=endings, packet_size=65536)
+    text = str(info.value)
+    assert text.startswith("channel 1: ") and "\n" not in text, text
+    assert endings[0] == "reset", endings
+    if kind == "fed":
+        assert ctx.fake.state is MigState.RUNNING
+    else:
+        assert ctx.stream.states[-1] == UserState.RUNNING
+    assert send_threads() == []
+
+
+@pytest.mark.parametrize("kind", ["fed", "vfio-user"])
+async def test_a_cancel_during_a_device_send_joins_every_thread(kind: str) -> None:
+    """The receiver reads nothing: the channels' threads block in sendmsg, the reader (or
+    the pushing task) waits for room; a cancel ends it all within a bound."""
+    ctx: Any = (
+        FakeVfio(256 << 20, fed=True)
+        if kind == "fed"
+        else UserDevice(Stream(bytes(64 << 20), 1 << 20), 1 << 20)
+    )
+    with trio.fail_after(60):
+        async with ctx as source:
+            with trio.move_on_after(0.5) as scope:
+                await run_send(source, 2, read=False, packet_size=65536)
+            start = trio.current_time()
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 10
+    assert send_threads() == []
+    if kind == "fed":
+        assert ctx.fake.state is MigState.RUNNING
+    else:
+        assert ctx.stream.states[-1] == UserState.RUNNING
