@@ -1,6 +1,8 @@
 """``vfiomig send``: its options and the command (the sending side, for tests and benches).
 
-The summary (``--json``) goes to stdout; logs and the failure line to stderr.
+The summary (``--json``) goes to stdout; logs and the failure line to stderr. SIGTERM,
+SIGINT and SIGHUP abort the send (every device aborted, a VFIO device back to RUNNING;
+the channels reset): one line, exit 1.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -174,6 +178,17 @@ def _wire_total(devices: list[Any], packet_size: int) -> int | None:
     return total
 
 
+#: The signals that abort a send (as a receive session, `vfiomig.cli._lifecycle`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _watch(signals: AsyncIterator[int], scope: trio.CancelScope, stopped: list[str]) -> None:
+    async for signum in signals:
+        stopped.append(signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
 def run_send(args: argparse.Namespace) -> int:
     from vfiomig.send import PrecopyOptions, SendDevice, SendReport, SendStatus, send_migration
 
@@ -198,7 +213,7 @@ def run_send(args: argparse.Namespace) -> int:
         status = SendStatus()
         statuses.append(status)
         if not progress and not events:
-            return await _send(status)
+            return await _stoppable(status)
         view = SendProgress(status, _wire_total(devices, args.packet_size))
         # The send runs beside the line, outside the nursery's error group: its errors
         # reach the handlers below as themselves.
@@ -209,9 +224,30 @@ def run_send(args: argparse.Namespace) -> int:
             else:
                 nursery.start_soon(emit_events, status.done, view.event)
             try:
-                report = await _send(status)
+                report = await _stoppable(status)
             except Exception as exc:
                 failure = exc
+        if failure is not None:
+            raise failure
+        return report
+
+    async def _stoppable(status: SendStatus) -> SendReport:
+        """The send, which SIGTERM, SIGINT or SIGHUP cancel: every device is aborted (a
+        VFIO device back to RUNNING), the channels reset, then one line and exit 1."""
+        from vfiomig.send import SendError
+
+        stopped: list[str] = []
+        failure: Exception | None = None
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch, signals, nursery.cancel_scope, stopped)
+                try:
+                    report = await _send(status)
+                except Exception as exc:  # outside the nursery's error group
+                    failure = exc
+                nursery.cancel_scope.cancel()
+        if stopped:
+            raise SendError(f"migration aborted: received {stopped[0]}")
         if failure is not None:
             raise failure
         return report
