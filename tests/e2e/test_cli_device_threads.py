@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def send_argv(tmp: Path, connect: str, spec: str, model: dict[str, object] | None) -> list[str]:
+def send_argv(tmp: Path, connect: str, spec: str, model: Mapping[str, object] | None) -> list[str]:
     head = [sys.executable, "-m", "vfiomig"]
     if model is not None:
         head = [sys.executable, "-m", "tests.e2e.fakevfio_send", json.dumps(model), str(tmp / "fake")]  # fmt: skip
