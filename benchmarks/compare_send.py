@@ -22,18 +22,21 @@ Usage::
 A case is ``PACKET:CHANNELS:SOURCE``; SOURCE is what `vfiomig send` reads: ``synth``
 (``synth:SIZE:1``), ``file`` (a file in /dev/shm, in the page cache, written before the
 runs), ``pipe`` (``fd:N``, a pipe enlarged to 1 MiB fed by ``cat`` of that file in its
-own process) or ``vfio-user`` (vfiomig's own vfio-user server with a null device,
+own process), ``vfio-user`` (vfiomig's own vfio-user server with a null device,
 ``benchmarks.vfio_user.null_device``, a fresh process per run, whose STOP_COPY stream is
-SIZE bytes). cref_send always sends its one repeated block: into the same receiver it is
-"receive alone". Sender ``read`` (device sources only) is the source alone: vfiomig's
-`VfioUserSource` reading the device to its end, sending nothing
-(``benchmarks/vfio_user/pyclient.py``); a device case's verdict is ``send`` against the
-slower of ``read`` and ``cref``. Senders: ``cref``, ``cref-same`` (cref_send making the
-bytes the case's source carries: ``--data synth`` made per packet the way ``synth:`` makes
-them, ``--data file:PATH`` pread from the same file; synth and file cases only: what a
-plain C sender pays for those bytes, the yardstick for the work vfiomig cannot skip),
-``send``
-(native core), ``pure`` (``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another
+SIZE bytes) or ``vfio`` (the fast fake kernel VFIO device: `FakeVfioDevice` with a
+``fed`` saving model, its STOP_COPY data fd a UNIX socket a thread feeds with SIZE bytes,
+in the sender's process through ``tests.e2e.fakevfio_send``). cref_send always sends its
+one repeated block: into the same receiver it is "receive alone". Sender ``read``
+(device sources only) is the source alone: vfiomig's `VfioUserSource` reading the device
+to its end, sending nothing (``benchmarks/vfio_user/pyclient.py``), or the fake VFIO
+device's data fd read to its end (``benchmarks.fake_vfio_read``); a device case's verdict
+is ``send`` against the slower of ``read`` and ``cref``. Senders: ``cref``, ``cref-same``
+(cref_send making the bytes the case's source carries: ``--data synth`` made per packet
+the way ``synth:`` makes them, ``--data file:PATH`` pread from the same file; synth and
+file cases only: what a plain C sender pays for those bytes, the yardstick for the work
+vfiomig cannot skip), ``send`` (native core), ``trio`` (the native core's trio sender,
+``VFIOMIG_SEND_THREADS=0``), ``pure`` (``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another
 checkout, ``VFIOMIG_BASE=DIR`` as in `benchmarks.compare`), ``bench`` (the sender process
 of ``vfiomig bench``, `vfiomig.bench._sendproc`, its pattern source; any SOURCE). With
 ``--receiver cref`` (the C reference receiver, faster than vfiomig's) a sender's figure is
@@ -104,10 +107,13 @@ def _sender_env(kind: str) -> tuple[dict[str, str], str | None]:
     env = dict(os.environ)
     env.pop("VFIOMIG_PUREPYTHON", None)
     env.pop("VFIOMIG_REQUIRE_NATIVE", None)
+    env.pop("VFIOMIG_SEND_THREADS", None)
     if kind.endswith("pure"):
         env["VFIOMIG_PUREPYTHON"] = "1"
     else:
         env["VFIOMIG_REQUIRE_NATIVE"] = "1"
+    if kind == "trio":
+        env["VFIOMIG_SEND_THREADS"] = "0"
     cwd = os.environ["VFIOMIG_BASE"] if kind.startswith("base") else None
     return env, cwd
 
@@ -124,8 +130,20 @@ def _device_server(tmp: str, size: int) -> tuple[subprocess.Popen[bytes], str]:
     return server, sock
 
 
-def read_alone(case: Case) -> SendRun:
-    """The device source alone: `VfioUserSource` reads the device's stream to its end."""
+def read_alone(case: Case, seed: int) -> SendRun:
+    """The device source alone: `VfioUserSource` reads the device's stream to its end, or
+    the fake VFIO device's data fd is read to its end."""
+    if case.sink == "vfio":
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.fake_vfio_read", str(case.size), str(seed)],
+            capture_output=True,
+            timeout=300,
+            check=True,
+        )
+        result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        if result["bytes"] != case.size:
+            raise RuntimeError(f"read {case}: {result['bytes']} bytes of {case.size}")
+        return SendRun(float(result["seconds"]), float(result["seconds"]), result["cpu_s"], 0.0)
     with tempfile.TemporaryDirectory(prefix="vfiomig-send-bench-", dir=_TMPFS) as tmp:
         server, sock = _device_server(tmp, case.size)
         try:
@@ -150,7 +168,7 @@ def read_alone(case: Case) -> SendRun:
 def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -> SendRun:
     """One transfer of ``case`` from sender ``kind`` into a fresh ``receiver``."""
     if kind == "read":
-        return read_alone(case)
+        return read_alone(case, seed)
     renv = dict(os.environ)
     renv.pop("VFIOMIG_PUREPYTHON", None)
     renv["VFIOMIG_REQUIRE_NATIVE"] = "1"
@@ -194,6 +212,7 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
             else:
                 env, cwd = _sender_env(kind)
                 pass_fds: tuple[int, ...] = ()
+                head = ["-m", "vfiomig"]
                 if case.sink == "synth":
                     spec = f"synth:{case.size}:{seed}"
                 elif case.sink == "file":
@@ -201,6 +220,10 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                 elif case.sink == "vfio-user":
                     device, sock = _device_server(tmp, case.size)
                     spec = f"vfio-user:{sock}"
+                elif case.sink == "vfio":
+                    model = {"stop_copy": case.size, "seed": seed, "fed": True, "keep": False}
+                    head = ["-m", "tests.e2e.fakevfio_send", json.dumps(model), f"{tmp}/fake"]
+                    spec = "vfio:{device}"
                 else:
                     rfd, wfd = os.pipe()
                     fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -210,8 +233,7 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                 send = subprocess.Popen(
                     [
                         sys.executable,
-                        "-m",
-                        "vfiomig",
+                        *head,
                         "send",
                         "--connect",
                         addr,
