@@ -153,6 +153,9 @@ async def send_threaded(
                 with trio.move_on_after(PROGRESS_EVERY):
                     await trio.lowlevel.wait_readable(job)
                 _copy_counters(job, writers, status, base)
+            # Done: a push task still reading (the job failed under it) stops now, not
+            # when its device answers; after a success every one has returned already.
+            nursery.cancel_scope.cancel()
     finally:
         if not job.finished:
             job.cancel()  # a thread sees it at once, or within 100 ms in a send: short join

@@ -26,9 +26,10 @@ With the real ``read`` (``os.read``) the STOP_COPY stream goes to `vfiomig send`
 path as a descriptor (`native_stream`, once `start` returned the data fd): a C thread
 reads it to its end and the channels' threads send it; a failed read comes back through
 `native_failed`, which recovers the device as `read` would have. Such a thread polls the
-fd with the job's cancel eventfd before each read, but a VFIO migration fd has no poll
-operation (poll says readable at once), so a cancel is seen between two reads: a read
-that blocks inside the driver (producing the device's image) ends first. An injected
+fd with the job's cancel eventfd before each read, but a VFIO migration fd usually has no
+poll operation (mtty's has none: poll says readable at once), so a cancel is seen
+between two reads: a read that blocks inside the driver (producing the device's image)
+ends first, as a worker thread's read does on the trio path. An injected
 ``read`` (a fake) keeps the trio sender's path (`read`, each read a packet).
 """
 
