@@ -179,6 +179,57 @@ CASES: dict[str, tuple[Callable[[], Any], int, int, str]] = {
 }
 
 
+#: The sha256 of every channel as the trio sender writes each case (main's per-read path,
+#: pure core and C core alike, `VFIOMIG_SEND_THREADS=0`): the C send path must match it.
+GOLDEN: dict[str, list[str]] = {
+    "vfio-fed-3ch-64k": [
+        "7443a8dac6562462887817e9922eaee5ad6c9db5a4cb666e232642ec31c89682",
+        "8470b31b365c61669eb49d67647af72114aae1069662d1dffac5dc83174287fa",
+        "c33a77d63c02782cda889003ce40b81c45a8264dc40a2814b90488df140aeadc",
+    ],
+    "vfio-fed-4ch-1000": [
+        "9c24d967568ee20c3c4f375c7ad16aa17d381f054c4c45e8a70eeb5827957454",
+        "b8bdf1ab2680e9c6e6c7078b6b551853e280684780a52f3f29a4c7ff7ca6ac4f",
+        "1a07e16d83c4332ad56a264e402956345e1321e4e4cb9e233f60285d6972ba91",
+        "211609740242bbfb06f11c70f6960d51d5a63e5d86208d4d470ca5f643c6f345",
+    ],
+    "vfio-fed-empty": [
+        "f5f8f2745ba4838861d02a1f1e5e2fdaebedce1aae462b442867435c4eafa364",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    ],
+    "vfio-read-3ch-64k": [
+        "6754fe1a095ca991cda85ef5ddb812f6d501599cae7d190fae9cf6c0156f6636",
+        "c9973c88006b474c33239e0472cd40dc92d84197f9ad2b39e78c190cdb0155a4",
+        "9066509c3076453ef4b25d7c1f180bf03ae4b2cf585cb12c3588c96d9ea5cfc6",
+    ],
+    "vfio-read-2ch-short": [
+        "2b308885594b00d7d84c0665c51c67187f1528a8e62fc83012b0fd9585467a1d",
+        "dec8495a363ac60a44aaaec473494d6ddf1f2df1c5722e7825f08d7681aabb2d",
+    ],
+    "vfio-user-4ch-1m": [
+        "72babb1e57c9985c4bd17ae7e21b15202a506a2972f9fff08ff0707602bb2336",
+        "d31b5f7f3e3b0e5454b69b7f3416d6f63e688b21240d979d61be85350bd633a8",
+        "9a557520957365ee80d5bc80e68bc330c6f20afcf34b7f1c02f4831297b81649",
+        "0147e86e15b6f66660cd72910b3da40fdb2e768ab9d8a31baf6762bb2cb67234",
+    ],
+    "vfio-user-3ch-64k": [
+        "bbd07b3b28852a19976aed8751078b842ac6a95b0e0e17f0ec47c190b172ff4a",
+        "e7604da184c0e32359c7ee8f755f54268f598996beebe99cf4f94ef45b417d2b",
+        "fa853d408aed0a70c884b8d55f940a7be4fdac04c5cdd1935a1b928b7515817e",
+    ],
+    "vfio-user-3ch-3000": [
+        "f9cbc6ae83a7be94dd1506459e77c088e61b753fe8b18c3b3b0e0cc5e1aa11d3",
+        "e661c30685e0f037c491b509b7ad996821bf682cd96875a6be5bd23d9d4c6cca",
+        "eefe2e5c01aaba2f7268f237a4b317acc20eb04058fccd332ee4411cf319a85f",
+    ],
+    "short-reads-3ch-4k": [
+        "142fc6e224a3caa958c7c030b76654084aa0a564c3337ee76fb0d5cfac582ba6",
+        "0794a0aa715bc9a65166ce8c265c4aafc8358284d024250c7c99acb20c25d651",
+        "7da8a32073400c34579bfe62281bddfe4c1ec0b02e58248adb695473a087ae39",
+    ],
+}
+
+
 @pytest.mark.parametrize("name", CASES)
 async def test_device_sources_write_the_trio_senders_bytes(name: str) -> None:
     make, channels, packet, mode = CASES[name]
@@ -186,6 +237,7 @@ async def test_device_sources_write_the_trio_senders_bytes(name: str) -> None:
         threaded, modes = await hashes_of(make, channels, packet, "1")
         trio_sent, none = await hashes_of(make, channels, packet, "0")
     assert modes == [mode] and none == []
+    assert trio_sent == GOLDEN[name]
     assert threaded == trio_sent
 
 
