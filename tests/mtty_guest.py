@@ -427,6 +427,11 @@ def migrations() -> Any:
 
 def main(outdir: str) -> int:
     report: Report = {"kernel": os.uname().release}
+    # Whether the senders started here can take the C send path (their interpreter and
+    # environment are this one's): a ``vfio:`` device's data fd is then read by a C thread.
+    from vfiomig import _core
+
+    report["c_send_path"] = getattr(_core, "SendJob", None) is not None
     start = time.monotonic()
     for module in ("vfio", "vfio_iommu_type1", "mdev"):
         sh("modprobe", module)

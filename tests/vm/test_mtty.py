@@ -43,9 +43,13 @@ def test_four_devices_between_processes_with_and_without_precopy(mtty_run: Guest
     """Devices 0 and 1 were RUNNING: PRE_COPY gives their header (then a 0-byte read,
     where the uAPI documents ENOMSG), STOP_COPY the rest on the same data fd, and the
     receiver writes the header first. Devices 2 and 3 were stopped: all of their state in
-    STOP_COPY. Device 3's source went as ``vfio:fd:N``, every other device by its group."""
+    STOP_COPY. Device 3's source went as ``vfio:fd:N``, every other device by its group.
+    The sender's C send path read each STOP_COPY data fd (mtty's has no poll operation)."""
     run = part(mtty_run, "migrations")["several"]
     assert (run["send"]["rc"], run["receive"]["rc"]) == (0, 0), run
+    # Round robin, unpaced, over UNIX sockets, with the C core: the C send path, each
+    # device's data fd read by a C thread (vfiomig.send._threads).
+    assert mtty_run.report["c_send_path"] is True
     # Nothing on stderr but the sender's machine-readable progress (`--json`).
     progress = [json.loads(line) for line in run["send"]["stderr"].splitlines()]
     assert all(event["event"] == "send_progress" for event in progress), progress
