@@ -151,13 +151,17 @@ class SavingSession:
         try:
             while True:
                 try:
-                    data = self.read(1 << 20)
+                    if self.model.keep:
+                        parts = [memoryview(self.read(1 << 20))]
+                    else:  # sent from the block itself
+                        parts = self.take(1 << 20)
                 except OSError:
                     failed = True
                     break
-                if not data:
+                if not parts or not parts[0]:
                     break
-                feeder.sendall(data)
+                for part in parts:
+                    feeder.sendall(part)
             if not failed:
                 feeder.recv(1)  # nothing of ours left unread: the reader sees EOF
         except OSError:
@@ -187,9 +191,18 @@ class SavingSession:
         return self.initial_left, dirty
 
     def read(self, n: int) -> bytes:
+        parts = self.take(n)
+        out = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        if self.model.keep:
+            self.saved += out
+        return out
+
+    def take(self, n: int) -> list[memoryview]:
+        """`read`'s bytes as views of the block (`_feed` sends them without a copy); what
+        the session gave goes into `saved` only through `read`."""
         if not self._pending:
             if self.stop_copy or self.model.precopy_end == "EOF":
-                return b""
+                return []
             raise _oserror(errno.ENOMSG)
         if self.model.max_read is not None:
             n = min(n, self.model.max_read)
@@ -199,22 +212,20 @@ class SavingSession:
                 if self.given >= offset:
                     raise _oserror(code)
                 n = offset - self.given
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         got = 0
+        block = memoryview(self._block)
         while self._pending and got < n:
             head = self._pending[0]
             take = min(n - got, head[0], PERIOD)
-            parts.append(self._block[head[1] : head[1] + take])
+            parts.append(block[head[1] : head[1] + take])
             got += take
             head[0] -= take
             head[1] = (head[1] + take) % PERIOD
             if not head[0]:
                 self._pending.popleft()
-        out = b"".join(parts)
         from_initial = min(got, self.initial_left)
         self.initial_left -= from_initial
         self.dirty_left = max(0, self.dirty_left - (got - from_initial))
         self.given += got
-        if self.model.keep:
-            self.saved += out
-        return out
+        return parts
