@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.integration.test_send_threads import IDSTR, run_send, send_threads
+from tests.integration.send_helpers import IDSTR, run_send, send_threads
 from tests.vfio_user_raw import serving
 from vfiomig import _core as core
 from vfiomig.send import SendError
