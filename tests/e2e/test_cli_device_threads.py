@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -206,3 +207,56 @@ def test_the_vfio_user_device_going_away_mid_send_exits_1(tmp_path: Path) -> Non
     (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
     assert line.startswith(f"send failed: {DEV}/0: reading source vfio-user:{sock} failed: "), line
     assert "\n" not in line
+
+
+@pytest.mark.parametrize("kind", ["vfio", "vfio-user"])
+def test_a_channel_reset_during_a_device_send_exits_1(tmp_path: Path, kind: str) -> None:
+    """A receiver that resets channel 1 after a few hundred KiB: one line naming the
+    channel, exit 1, the device back in RUNNING."""
+    listener, addr = stalled_receiver()
+    server = None
+    model: dict[str, object] | None = {"stop_copy": 256 << 20, "fed": True, "keep": False}
+    spec = "vfio:{device}"
+    if kind == "vfio-user":
+        server, sock = vfio_user_server(tmp_path, "256M")
+        model, spec = None, f"vfio-user:{sock}"
+    proc = subprocess.Popen(
+        send_argv(tmp_path, addr, spec, model),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    conns: list[socket.socket] = []
+    try:
+        conns = [listener.accept()[0] for _ in range(3)]
+        got = 0
+        while got < 300_000:  # the handshake and some packets of channel 1
+            chunk = conns[1].recv(1 << 16)
+            assert chunk
+            got += len(chunk)
+        conns[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conns[1].close()  # a reset
+        for c in (conns[0], conns[2]):
+            c.setblocking(False)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            for c in (conns[0], conns[2]):
+                try:
+                    c.recv(1 << 20)
+                except OSError:
+                    pass
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        for c in conns:
+            c.close()
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
+    assert line.startswith("send failed: channel 1: ") and "\n" not in line, line
+    if server is None:
+        assert fake_state(tmp_path)["state"] == "RUNNING"
+    else:
+        assert server.wait(30) == 0  # SET RUNNING, then the client hung up
+        assert server.stderr is not None
+        server.stderr.close()
