@@ -1,9 +1,9 @@
 """Device sources through `vfiomig send`'s C send path, as real processes: a kernel VFIO
 device whose data fd a C thread reads (a ``fed`` fake, see `tests.e2e.fakevfio_send`) and
 vfiomig's own vfio-user server (a process) whose replies are pushed, into `vfiomig
-receive` over TCP; a device read error mid-stream, SIGTERM during the send, and the
-device's server going away each end the send with one line and exit 1, the device put
-back where it can be."""
+receive` over TCP; a device read error mid-stream, a channel reset, SIGTERM during the
+send, and the device's server going away each end the send with one line and exit 1, the
+device put back where it can be."""
 
 from __future__ import annotations
 
