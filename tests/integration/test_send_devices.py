@@ -261,8 +261,8 @@ async def test_a_vfio_user_device_error_is_the_trio_senders(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A MIG_DATA_READ that fails mid-stream: the same one line as the trio sender's
-    (device, source, the read's offset, the server's errno), the device left as it
-    leaves it, every channel reset."""
+    (device, source, the read's offset, the server's errno), every channel reset, and the
+    device back in RUNNING (the replies still owed drained, the client kept in step)."""
     seen = []
     for threads in ("1", "0"):
         monkeypatch.setenv("VFIOMIG_SEND_THREADS", threads)
@@ -282,6 +282,7 @@ async def test_a_vfio_user_device_error_is_the_trio_senders(
         " (65536 bytes at stream offset 1048576) failed with errno 5 (Input/output error)"
     ), text
     assert seen[1] == seen[0]
+    assert seen[0][1][-1] == UserState.RUNNING, seen[0][1]
 
 
 @pytest.mark.parametrize("kind", ["fed", "vfio-user"])

@@ -168,7 +168,11 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
         `WriteFailed` (again on every call), unless ``raise_errors`` is false."""
         if self._reader is not None:
             reader, self._reader = self._reader, None
-            await reader.drain()
+            try:
+                await reader.drain()
+            except BaseException as exc:  # replies still owed: out of step for good
+                self._channel.fail(exc)
+                raise
         if self._writer is not None:
             try:
                 await self._writer.flush()

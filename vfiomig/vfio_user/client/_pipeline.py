@@ -14,7 +14,10 @@ data came from) and errno. While a large write is blocked on a full socket the r
 are still read, so a refusal is seen at once, not after the send timeout.
 
 Reads: MIG_DATA_READs of ``size`` bytes each; the data comes back in request order and
-ends at the first reply carrying 0 bytes; data after that end is a protocol error.
+ends at the first reply carrying 0 bytes; data after that end is a protocol error. An
+ERROR reply fails the read: nothing more is asked, the replies still owed are dropped
+(`drain`), and the connection stays in step for the client's next command (a source's
+abort: SET RUNNING).
 
 Every wait is bounded by ``timeout``; a timeout or a broken socket raises `SinkError`,
 bytes that break the protocol raise `ProtocolError`. Cancellation: a cancel between

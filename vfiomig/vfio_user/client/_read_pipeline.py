@@ -55,6 +55,10 @@ class ReadPipeline(SocketPipeline):
         self._retired: list[bytearray] = []  # full arenas, views into them maybe alive
         self.arenas = 1  # allocated so far
         self.ended = False  # a reply carried 0 bytes
+        #: An ERROR reply came: nothing more is asked, and the replies still owed are
+        #: collected and dropped (`drain`), so the connection stays in step and the client
+        #: can still set the device's state (a source's abort: back to RUNNING).
+        self.failed = False
         self._order: dict[int, int] = {}  # msg_id -> request sequence, in flight
         self._sent = 0
         self._next = 0  # the sequence whose data comes next
@@ -105,7 +109,7 @@ class ReadPipeline(SocketPipeline):
     def _ask(self) -> bool:
         """Send as many requests as the window and the socket take; False if none."""
         asked = False
-        while not self.ended and len(self._order) < self.window:
+        while not self.ended and not self.failed and len(self._order) < self.window:
             msg_id = self._new_id()
             request = bytearray(self._request)
             struct.pack_into("=H", request, 0, msg_id)
@@ -133,8 +137,10 @@ class ReadPipeline(SocketPipeline):
                 return
             msg_id, errno, payload = reply
             seq = self._outstanding(self._order, msg_id, READ)
+            if self.failed:
+                continue  # owed behind the failed read: dropped, whatever it says
             if errno >= 0:
-                self.broken = True
+                self.failed = True
                 raise VfioUserCommandError(
                     f"{self.where}: MIG_DATA_READ ({self.size} bytes at stream offset "
                     f"{self.offset}) failed with {describe_errno(errno)}",
@@ -174,6 +180,12 @@ class ReadPipeline(SocketPipeline):
         """At least one piece of the stream (at most ``max_bytes`` in all), or ``[]`` at
         its end; data beyond ``max_bytes`` stays for the next call. The pieces are
         read-only views that stay valid as long as the caller keeps them."""
+        if self.failed:
+            raise VfioUserCommandError(
+                f"{self.where}: MIG_DATA_READ failed earlier (at stream offset {self.offset})",
+                command=READ,
+                errno=None,
+            )
         while not self._ready and not (self.ended and not self._order):
             if not self._ask() and not self._order:
                 await self._wait("sending MIG_DATA_READ", trio.lowlevel.wait_writable)
@@ -198,7 +210,9 @@ class ReadPipeline(SocketPipeline):
         return out
 
     async def drain(self) -> None:
-        """Collect the replies of the reads still in flight (after the end: 0 bytes)."""
+        """Collect the replies of the reads still in flight (after the end: 0 bytes;
+        after a failed read: whatever they say), those received already first."""
+        self._collect()
         while self._order:
             if not self._receive_nowait():
                 await self._wait_readable()
