@@ -10,7 +10,8 @@ sends ``--size`` bytes, and ``perf record -g`` samples it for ``--seconds`` from
 the sender has connected its channels, plus 0.3 s (start-up left out). Samples are grouped by where they
 land: the kernel's copy into socket buffers (``_copy_from_iter``), the rest of the kernel's
 send path, other kernel work (epoll, page faults, softirq), reading the source (numpy's
-XOR for ``synth``, the read copy for ``file``/``pipe``), the C core, the interpreter
+XOR for ``synth``, the read copy for ``file``/``pipe``), sendfile's and splice's taking of
+the source's pages (the zero-copy sends, vfiomig_sendzc.c), the C core, the interpreter
 (trio's scheduling and vfiomig's Python), and the rest (libc, ...). perf must be on PATH.
 """
 
@@ -34,6 +35,16 @@ GROUPS = (
     (
         "kernel: reading the source",
         lambda dso, sym, stack: "ksys_read" in stack or "readv" in stack,
+    ),
+    (
+        # sendfile's and splice's other half (vfiomig_sendzc.c): page references taken
+        # from the page cache or a pipe, no copy
+        "kernel: sendfile/splice taking the source's pages",
+        lambda dso, sym, stack: (
+            "kernel" in dso
+            and "sendmsg" not in stack
+            and ("splice" in stack or "sendfile" in stack)
+        ),
     ),
     ("kernel: rest of sendmsg", lambda dso, sym, stack: "sendmsg" in stack and "kernel" in dso),
     ("kernel: other (epoll, faults, irq)", lambda dso, sym, stack: "kernel" in dso),

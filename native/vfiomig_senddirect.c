@@ -148,7 +148,7 @@ void *vfm_sj_direct_main(void *arg)
             continue;
         }
         ch->paced += charged;
-        err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
+        err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, 0, &sent);
         pthread_mutex_lock(&job->lock);
         if (err)
             vfm_sj_fail(job, err == ECANCELED ? VFM_SJ_CANCELLED : VFM_SJ_CHANNEL, id,

@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -45,7 +44,8 @@ static void *chan_main(void *arg)
         vfm_sj_fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
     for (;;) {
         size_t n = 0, cnt = 0, bytes = 0, made = 0;
-        uint64_t sent = 0, budget;
+        uint64_t sent = 0, budget, ended = 0;
+        unsigned ended_dev = 0;
         int err;
 
         while (!job->failed && !ch->count && job->readers_left)
@@ -73,13 +73,23 @@ static void *chan_main(void *arg)
         }
         ch->paced += bytes;
         pthread_mutex_unlock(&job->lock);
-        for (size_t i = 0; i < n; i++) {
+        err = 0;
+        for (size_t i = 0; i < n && !err; i++) {
             struct vfm_sj_entry *e = &batch[i];
             vfm_header_build(hdrs[i], e->dev->prefix, e->dev->instance, e->len, e->idx,
                              e->flags, e->dev->host);
             iov[cnt].iov_base = hdrs[i];
             iov[cnt++].iov_len = VFM_PACKET_HEADER_SIZE;
-            if (e->len) {
+            if (e->len && e->how != VFM_SJ_MEM) {
+                /* the header and what precedes it, then the data from the file or the
+                 * channel's pipe (vfiomig_sendzc.c) */
+                err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, MSG_MORE, &sent);
+                if (!err)
+                    err = vfm_zc_send(job, ch, is_blocking, e, scratch, &sent, &ended);
+                if (err == VFM_ZC_SHORT)
+                    ended_dev = (unsigned)(e->dev - job->devs);
+                cnt = made = 0;
+            } else if (e->len) {
                 const unsigned char *data = e->data;
                 if (!data) {
                     vfm_synth_fill(scratch + made, e->dev->base, e->dev->seed, e->src, e->len);
@@ -90,10 +100,13 @@ static void *chan_main(void *arg)
                 iov[cnt++].iov_len = e->len;
             }
         }
-        err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, &sent);
+        if (!err && cnt)
+            err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, 0, &sent);
         pthread_mutex_lock(&job->lock);
         if (err) {
-            if (err == ECANCELED)
+            if (err == VFM_ZC_SHORT) /* the file ended early: the device's failure */
+                vfm_sj_fail(job, VFM_SJ_SHORT, ended_dev, 0, ended);
+            else if (err == ECANCELED)
                 vfm_sj_fail(job, VFM_SJ_CANCELLED, id, 0, 0);
             else
                 vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes + sent);
@@ -122,12 +135,12 @@ static void *chan_main(void *arg)
     return NULL;
 }
 
-/* see vfiomig_sendjob.h */
-int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
-                        const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
-                        uint32_t flags)
+/* Queue a packet on channel c, its place in the round robin taken (lock held): 0, or -1
+ * when memory ran out. */
+static int queue_on(struct vfm_sendjob *job, unsigned c, struct vfm_sj_dev *dev,
+                    struct vfm_sj_buf *buf, const unsigned char *data, uint64_t src,
+                    uint32_t len, uint32_t idx, uint32_t flags, enum vfm_sj_how how)
 {
-    unsigned c = (unsigned)(job->next % job->nchan);
     struct vfm_sj_chan *ch = &job->chans[c];
 
     if (ch->count == ch->cap) {
@@ -144,13 +157,34 @@ int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct 
     }
     ch->ring[(ch->head + ch->count) % ch->cap] = (struct vfm_sj_entry){
         .data = data, .src = src, .buf = buf, .dev = dev, .len = len, .idx = idx,
-        .flags = flags};
+        .flags = flags, .how = how};
     ch->count++;
     ch->queued_bytes += VFM_PACKET_HEADER_SIZE + len;
     if (buf)
         buf->pins++;
+    return 0;
+}
+
+/* Queue a packet on the next channel of the round robin (lock held); its channel, or -1
+ * when memory ran out. */
+static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                        struct vfm_sj_buf *buf, const unsigned char *data, uint64_t src,
+                        uint32_t len, uint32_t idx, uint32_t flags, enum vfm_sj_how how)
+{
+    unsigned c = (unsigned)(job->next % job->nchan);
+
+    if (queue_on(job, c, dev, buf, data, src, len, idx, flags, how) < 0)
+        return -1;
     job->next++; /* its thread is woken once the reader has queued the whole chunk */
     return (int)c;
+}
+
+/* see vfiomig_sendjob.h */
+int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
+                        const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
+                        uint32_t flags)
+{
+    return queue_packet(job, dev, buf, data, src, len, idx, flags, VFM_SJ_MEM);
 }
 
 /* -- readers ------------------------------------------------------------------------- */
@@ -188,6 +222,73 @@ static struct vfm_sj_buf *get_buffer(struct vfm_sendjob *job, struct vfm_sj_dev 
     }
 }
 
+/* Splice the next chunk of a splice device (vfiomig_sendzc.c) into its packets'
+ * channels' pipes and queue each packet once whole (lock held, released while
+ * splicing); used[c] set for each channel used, *eof once the source ended.  The bytes,
+ * or -errno; 0 and dev->zc_splice cleared: read it from now on. */
+static ssize_t splice_chunk(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned id,
+                            uint32_t *idx, unsigned char *used, int *eof)
+{
+    size_t total = 0;
+
+    if (!job->zpipes && vfm_zc_pipes(job)) {
+        dev->zc_splice = 0;
+        return 0;
+    }
+    while (total < job->chunk && !*eof && dev->zc_splice) {
+        size_t want = job->chunk - total < job->packet_size ? job->chunk - total
+                                                            : job->packet_size;
+        uint64_t place = job->next++; /* its place in the round robin */
+        unsigned c = (unsigned)(place % job->nchan);
+        struct vfm_sj_chan *ch = &job->chans[c];
+        struct vfm_sj_buf *buf = NULL;
+        size_t done = 0;
+        ssize_t n;
+
+        while (ch->zbusy && !job->failed) /* another device's packet going in */
+            room_wait(job);
+        if (job->failed)
+            return -ECANCELED;
+        ch->zbusy = 1;
+        pthread_mutex_unlock(&job->lock);
+        n = vfm_zc_fill(job, dev, ch, want, &done);
+        pthread_mutex_lock(&job->lock);
+        if (n == VFM_ZC_REFUSED)
+            dev->zc_splice = 0; /* this packet and the rest: read */
+        if (n == VFM_ZC_NOFIT || n == VFM_ZC_REFUSED) { /* this one from memory */
+            buf = get_buffer(job, dev, id);
+            if (!buf) {
+                n = -ECANCELED;
+            } else {
+                buf->pins++; /* ours while we fill it */
+                pthread_mutex_unlock(&job->lock);
+                n = vfm_zc_readback(job, dev, ch, buf->data, want, done);
+                pthread_mutex_lock(&job->lock);
+                buf->pins--;
+            }
+        }
+        ch->zbusy = 0;
+        pthread_cond_broadcast(&job->room);
+        if (n < 0)
+            return n;
+        *eof = (size_t)n < want;
+        if (!n) { /* the end, after whole packets: its place in the round robin unused */
+            if (job->next == place + 1)
+                job->next--; /* (no other device took one meanwhile) */
+            break;
+        }
+        if (queue_on(job, c, dev, buf, buf ? buf->data : NULL, 0, (uint32_t)n, (*idx)++, 0,
+                     buf ? VFM_SJ_MEM : VFM_SJ_SPLICE) < 0)
+            return -ENOMEM;
+        if (!buf)
+            __atomic_add_fetch(&ch->zqueued, 1, __ATOMIC_RELEASE);
+        pthread_cond_signal(&ch->cv); /* at once: its pipe must drain for the next ones */
+        used[c] = 1;
+        total += (size_t)n;
+    }
+    return (ssize_t)total;
+}
+
 static void *reader_main(void *arg)
 {
     struct vfm_sendjob *job = ((struct vfm_sj_thread_arg *)arg)->job;
@@ -200,7 +301,7 @@ static void *reader_main(void *arg)
     free(arg);
     snprintf(name, sizeof(name), "vfm-read-%u", id);
     pthread_setname_np(pthread_self(), name);
-    vfm_sj_map_file(dev);
+    vfm_zc_setup(job, dev); /* sendfile or splice (vfiomig_sendzc.c), or read */
     int err = vfm_sj_tile_pattern(job, dev);
     pthread_mutex_lock(&job->lock);
     if (err)
@@ -210,15 +311,23 @@ static void *reader_main(void *arg)
         const unsigned char *data = NULL;
         uint64_t src = 0;
         ssize_t n;
-        int more;
+        int more, eof = 0, queued = 0;
+        enum vfm_sj_how how = VFM_SJ_MEM;
 
-        if (dev->kind == VFM_SJ_SYNTH) { /* the channels' threads make it */
+        memset(used, 0, sizeof(used));
+        if (dev->zc_splice) { /* spliced into the channels' pipes, and queued */
+            n = splice_chunk(job, dev, id, &idx, used, &eof);
+            queued = 1;
+            if (n == 0 && !eof && !dev->zc_splice)
+                continue; /* refused before a byte: read from now on */
+        } else if (dev->kind == VFM_SJ_SYNTH) { /* the channels' threads make it */
             uint64_t left = dev->size - dev->offset;
             n = (ssize_t)(left < job->chunk ? left : job->chunk);
             src = dev->offset;
             dev->offset += (uint64_t)n;
-        } else if (dev->map) {
-            n = vfm_sj_next_mapped(job, dev, &data);
+        } else if (dev->zc_file) { /* the channels' threads sendfile it */
+            n = vfm_zc_next_file(job, dev, &src);
+            how = VFM_SJ_SENDFILE;
         } else if (dev->tiled) {
             n = vfm_sj_next_tiled(job, dev, &data);
         } else {
@@ -227,10 +336,15 @@ static void *reader_main(void *arg)
                 break;
             buf->pins++; /* ours while we read into it */
             pthread_mutex_unlock(&job->lock);
-            n = vfm_sj_read(job, dev, buf->data, job->chunk);
+            n = dev->zc_sized ? vfm_zc_read_file(job, dev, buf->data, &src)
+                              : vfm_sj_read(job, dev, buf->data, job->chunk);
             pthread_mutex_lock(&job->lock);
             buf->pins--;
             data = buf->data;
+        }
+        if (n == VFM_ZC_SHORT) { /* the file shrank: src is where it ended */
+            vfm_sj_fail(job, VFM_SJ_SHORT, id, 0, src);
+            break;
         }
         if (n < 0) {
             if (n == -ECANCELED)
@@ -241,11 +355,10 @@ static void *reader_main(void *arg)
         }
         if (job->failed)
             break;
-        memset(used, 0, sizeof(used));
-        for (size_t off = 0; off < (size_t)n; off += job->packet_size) {
+        for (size_t off = 0; !queued && off < (size_t)n; off += job->packet_size) {
             size_t len = (size_t)n - off < job->packet_size ? (size_t)n - off : job->packet_size;
-            int c = vfm_sj_queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
-                                        (uint32_t)len, idx++, 0);
+            int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
+                                 (uint32_t)len, idx++, 0, how);
             if (c < 0) {
                 vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
                 break;
@@ -256,7 +369,7 @@ static void *reader_main(void *arg)
             if (used[c]) /* one wakeup per channel and chunk, not per packet */
                 pthread_cond_signal(&job->chans[c].cv);
         dev->bytes += (uint64_t)n;
-        more = (size_t)n == job->chunk;
+        more = queued ? !eof : (size_t)n == job->chunk;
         for (unsigned c = 0; c < job->nchan && !job->failed; c++)
             while (used[c] && !job->failed && job->chans[c].queued_bytes > job->limit)
                 room_wait(job);
@@ -264,8 +377,8 @@ static void *reader_main(void *arg)
             break;
     }
     if (!job->failed) {
-        int c = vfm_sj_queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len,
-                                    idx, VFM_FLAG_CONFIG);
+        int c = queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
+                             VFM_FLAG_CONFIG, VFM_SJ_MEM);
         if (c < 0) {
             vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
         } else {
@@ -307,8 +420,11 @@ int vfm_sendjob_init(struct vfm_sendjob *job, unsigned nchan, unsigned ndev,
     job->chans = calloc(nchan, sizeof(*job->chans));
     if (!job->chans)
         return ENOMEM;
-    for (unsigned c = 0; c < nchan; c++)
+    for (unsigned c = 0; c < nchan; c++) {
         pthread_cond_init(&job->chans[c].cv, NULL);
+        job->chans[c].zpipe[0] = job->chans[c].zpipe[1] = -1;
+    }
+    job->zerocopy = VFM_ZC_AUTO;
     job->devs = calloc(ndev, sizeof(*job->devs));
     if (!job->devs)
         return ENOMEM;
@@ -403,11 +519,13 @@ void vfm_sendjob_join(struct vfm_sendjob *job)
             pthread_join(job->devs[d].thread, NULL);
             job->devs[d].started = 0;
         }
+    vfm_zc_free(job); /* no thread uses the channels' pipes now: not kept open with it */
 }
 
 void vfm_sendjob_free(struct vfm_sendjob *job)
 {
     if (job->chans) {
+        vfm_zc_free(job);
         for (unsigned c = 0; c < job->nchan; c++) {
             free(job->chans[c].ring);
             pthread_cond_destroy(&job->chans[c].cv);
@@ -424,8 +542,6 @@ void vfm_sendjob_free(struct vfm_sendjob *job)
             free(dev->config);
             free(dev->pattern);
             free(dev->tiled);
-            if (dev->map)
-                munmap(dev->map, dev->map_len);
             if (dev->room_fd >= 0)
                 close(dev->room_fd);
         }

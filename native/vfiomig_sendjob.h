@@ -3,11 +3,13 @@
  * no interpreter in the per-chunk loop (vfiomig/send/_threads.py drives it).
  *
  * One reader thread per device reads its source (synthetic state made here, a block
- * repeated (bench's pattern), or a descriptor: a file, a pipe) into pooled chunk buffers of whole packets, exactly as the
- * trio sender's _produce_chunks does, and queues each packet on its channel in QEMU's
- * round robin (one counter shared by every device); one thread per channel builds the
- * 288-byte headers and writes its queue with sendmsg of up to VFM_SJ_BATCH packets
- * (header and data iovecs, the data never copied).  A reader waits, after queuing a chunk,
+ * repeated (bench's pattern), or a descriptor: a file, a pipe) into pooled chunk buffers
+ * of whole packets, exactly as the trio sender's _produce_chunks does, and queues each
+ * packet on its channel in QEMU's round robin (one counter shared by every device); one
+ * thread per channel builds the 288-byte headers and writes its queue with sendmsg of up
+ * to VFM_SJ_BATCH packets (header and data iovecs, the data never copied).  Where it
+ * pays, a file's or a pipe's bytes never reach user space: sendfile, and splice through a
+ * pipe per channel (vfiomig_sendzc.c).  A reader waits, after queuing a chunk,
  * until no channel it used holds more than `limit` bytes (the trio sender's backpressure),
  * then queues the config packet after its last data packet.  One device whose bytes are
  * known by offset (synthetic state, a pattern) needs no reader: each channel's thread
@@ -38,7 +40,19 @@
 /* VFM_SJ_PUSH: no reader thread; the caller queues the packets it read itself
  * (vfiomig_sendpush.c: a device read by Python, e.g. a vfio-user client's replies). */
 enum vfm_sj_kind { VFM_SJ_SYNTH = 1, VFM_SJ_FD = 2, VFM_SJ_PATTERN = 3, VFM_SJ_PUSH = 4 };
-enum vfm_sj_error { VFM_SJ_OK, VFM_SJ_CHANNEL, VFM_SJ_SOURCE, VFM_SJ_CANCELLED, VFM_SJ_START };
+enum vfm_sj_error {
+    VFM_SJ_OK,
+    VFM_SJ_CHANNEL,
+    VFM_SJ_SOURCE,
+    VFM_SJ_CANCELLED,
+    VFM_SJ_START,
+    VFM_SJ_SHORT, /* a file ended before its size at the start: error_sent is where */
+};
+/* How an entry's data is sent (vfiomig_sendzc.c): from memory (data, or synthetic), with
+ * sendfile from its device's file at src, or spliced from its channel's pipe. */
+enum vfm_sj_how { VFM_SJ_MEM, VFM_SJ_SENDFILE, VFM_SJ_SPLICE };
+/* SendJob's zerocopy: never, where it pays (packets of at least VFM_ZC_*_MIN), always. */
+enum vfm_zc_mode { VFM_ZC_NEVER, VFM_ZC_AUTO, VFM_ZC_ALWAYS };
 
 struct vfm_sj_buf {
     unsigned char *data;
@@ -56,9 +70,11 @@ struct vfm_sj_dev {
     unsigned char *pattern;      /* VFM_SJ_PATTERN: the block the stream repeats */
     size_t pattern_len;
     unsigned char *tiled; /* VFM_SJ_PATTERN: one chunk of it (every chunk's bytes) */
-    unsigned char *map;   /* VFM_SJ_FD, a regular file: mapped whole (map_file) */
-    size_t map_len;
-    uint64_t map_pos;
+    int zc_file;     /* VFM_SJ_FD, a regular file sent with sendfile */
+    int zc_sized;    /* VFM_SJ_FD, a regular file read (packets below VFM_ZC_FILE_MIN) */
+    uint64_t zc_pos, zc_end; /* either: the next byte to queue, its size at the start */
+    int zc_splice;   /* VFM_SJ_FD, not a regular file: spliced into the channels' pipes
+                      * (1 a pipe, 2 a socket or else: polled before each splice) */
     unsigned char *config;
     size_t config_len;
     uint64_t bytes;   /* data bytes queued */
@@ -81,6 +97,7 @@ struct vfm_sj_entry {
     struct vfm_sj_buf *buf; /* NULL: the config blob */
     struct vfm_sj_dev *dev;
     uint32_t len, idx, flags;
+    enum vfm_sj_how how;
 };
 
 struct vfm_sj_chan {
@@ -91,6 +108,10 @@ struct vfm_sj_chan {
     double rate;     /* pacing: wire bytes per second, 0 unpaced (vfm_sj_pace_budget) */
     double start;    /* pacing: CLOCK_MONOTONIC seconds when its thread started */
     uint64_t paced;  /* pacing: wire bytes of the packets let out so far */
+    int zpipe[2];    /* VFM_SJ_SPLICE entries' bytes, in queue order (-1: none yet) */
+    int zbusy;       /* a reader is splicing a packet into zpipe */
+    size_t zqueued;  /* VFM_SJ_SPLICE entries queued, not yet spliced out */
+    int zrefused;    /* the socket refused splice or sendfile: copied from now on */
     pthread_cond_t cv; /* its thread, waiting for packets */
     pthread_t thread;
     int started;
@@ -103,6 +124,9 @@ struct vfm_sendjob {
     struct vfm_sj_dev *devs;
     unsigned nchan, ndev, readers_left, threads_left;
     size_t packet_size, chunk, limit;
+    enum vfm_zc_mode zerocopy;
+    uint64_t zc_bytes; /* data bytes sent with sendfile or splice (atomic) */
+    int zpipes; /* every channel's zpipe is made */
     uint64_t next; /* the round robin: packets queued so far, every device */
     unsigned room_waiters; /* readers in a wait on room */
     int direct;            /* no reader: each channel's thread makes its packets (senddirect) */
@@ -126,7 +150,8 @@ int vfm_sendjob_init(struct vfm_sendjob *job, unsigned nchan, unsigned ndev,
 void vfm_sendjob_start(struct vfm_sendjob *job);
 /* Stop every thread soon (VFM_SJ_CANCELLED, unless a failure came first). */
 void vfm_sendjob_cancel(struct vfm_sendjob *job);
-/* Wait for every started thread (call without any lock; blocks). */
+/* Wait for every started thread (call without any lock; blocks); then close the
+ * channels' pipes. */
 void vfm_sendjob_join(struct vfm_sendjob *job);
 /* Free everything (after join; the descriptors given are the caller's). */
 void vfm_sendjob_free(struct vfm_sendjob *job);
@@ -157,10 +182,10 @@ void vfm_sj_push_wake(struct vfm_sendjob *job);
  * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
 int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved);
 void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved);
-/* Send the whole iovec array (it is advanced); *sent counts what the socket took.  0,
- * ECANCELED once the job failed, or the send's errno. */
+/* Send the whole iovec array (it is advanced; more: MSG_MORE or 0); *sent counts what
+ * the socket took.  0, ECANCELED once the job failed, or the send's errno. */
 int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
-                    size_t cnt, uint64_t *sent);
+                    size_t cnt, int more, uint64_t *sent);
 
 /* Pacing (a channel's rate, the trio sender's channel_rate): a packet leaves once
  * start + (paced + its wire bytes) / rate is past, those due together in one sendmsg.
@@ -208,18 +233,57 @@ int vfm_sj_push_room(struct vfm_sendjob *job, unsigned d);
 int vfm_sj_push_end(struct vfm_sendjob *job, unsigned d, const unsigned char *config,
                     size_t config_len);
 
+/* -- vfiomig_sendzc.c: zero-copy sends (lock not held unless said) ------------------- */
+
+/* Zero-copy sends: packets at least this long are sent with sendfile from a regular
+ * file, and spliced from a pipe or a socket (VFM_ZC_AUTO; measured in
+ * benchmarks/README.md, round 4). */
+#define VFM_ZC_FILE_MIN (64u << 10)
+#define VFM_ZC_PIPE_MIN (128u << 10)
+#define VFM_ZC_NOFIT (-100000)   /* vfm_zc_fill: the pipe is full of this packet alone */
+#define VFM_ZC_REFUSED (-100001) /* vfm_zc_fill: the source cannot splice; nothing moved */
+#define VFM_ZC_SHORT (-100002)   /* vfm_zc_send: the file ended before its size */
+
+/* Decide how a device's source is read (before its first chunk): a regular file for
+ * sendfile (dev->zc_file), a pipe or a socket for splice (dev->zc_splice), or neither
+ * (read as before). */
+void vfm_zc_setup(struct vfm_sendjob *job, struct vfm_sj_dev *dev);
+/* The next chunk of a sendfile device: its offset in *src and its bytes. */
+ssize_t vfm_zc_next_file(struct vfm_sendjob *job, struct vfm_sj_dev *dev, uint64_t *src);
+/* Read the next chunk of a zc_sized file into out (lock not held): its bytes (0 at the
+ * size it had at the start), -errno, or VFM_ZC_SHORT (*ended: where the file ended). */
+ssize_t vfm_zc_read_file(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
+                         uint64_t *ended);
+/* Every channel's pipe (lock held): 0, or an errno (then nothing is spliced). */
+int vfm_zc_pipes(struct vfm_sendjob *job);
+/* Splice up to want bytes of the source into the channel's pipe (the caller holds the
+ * pipe: zbusy); *done counts what moved.  The bytes (short at the source's end), or
+ * -errno, VFM_ZC_NOFIT, VFM_ZC_REFUSED. */
+ssize_t vfm_zc_fill(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_chan *ch,
+                    size_t want, size_t *done);
+/* After VFM_ZC_NOFIT or VFM_ZC_REFUSED: the packet's done bytes read back from the pipe
+ * into out and the rest read from the source.  Its bytes, or -errno. */
+ssize_t vfm_zc_readback(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
+                        struct vfm_sj_chan *ch, unsigned char *out, size_t want, size_t done);
+/* Send one entry's data that is not in memory (after its header, sent with MSG_MORE):
+ * sendfile or splice, or copied through scratch (packet_size bytes) once the socket
+ * refused them; never with MSG_MORE (a send waiting for room would not push what it
+ * held back).  0, an errno, or VFM_ZC_SHORT (*ended: the file's end).  *sent counts
+ * what the socket took. */
+int vfm_zc_send(struct vfm_sendjob *job, struct vfm_sj_chan *ch, int blocking,
+                const struct vfm_sj_entry *e, unsigned char *scratch, uint64_t *sent,
+                uint64_t *ended);
+/* Close the channels' pipes (vfm_sendjob_join, vfm_sendjob_free). */
+void vfm_zc_free(struct vfm_sendjob *job);
+
 /* -- vfiomig_sendsrc.c: the sources ------------------------------------------------ */
 
 /* Read a descriptor source until n bytes or its end: the bytes, or -errno. */
 ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
                     size_t n);
-/* Map a regular file source whole (dev->map stays NULL otherwise: it is read). */
-void vfm_sj_map_file(struct vfm_sj_dev *dev);
 /* A pattern source's one chunk: 0, or ENOMEM. */
 int vfm_sj_tile_pattern(struct vfm_sendjob *job, struct vfm_sj_dev *dev);
-/* The next chunk of a mapped file or of a pattern: *data and its bytes. */
-ssize_t vfm_sj_next_mapped(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
-                           const unsigned char **data);
+/* The next chunk of a pattern: *data and its bytes. */
 ssize_t vfm_sj_next_tiled(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
                           const unsigned char **data);
 

@@ -1,6 +1,6 @@
 /* vfiomig_sendsrc.c - the C send path's sources: synthetic state, a descriptor read
- * (polled with the cancel eventfd), a regular file mapped whole, bench's pattern (see
- * vfiomig_sendjob.h).  Called by vfiomig_sendjob.c's threads; calls nothing back. */
+ * (polled with the cancel eventfd), bench's pattern (see vfiomig_sendjob.h); a regular
+ * file's bounds are vfiomig_sendzc.c's.  Called by vfiomig_sendjob.c's threads; calls nothing back. */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
 #include "vfiomig_wait.h"
@@ -9,7 +9,6 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -93,50 +92,6 @@ ssize_t vfm_sj_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned ch
         dev->read_bytes += (uint64_t)r;
     }
     return (ssize_t)done;
-}
-
-/* A regular file is mapped whole instead of read into buffers: its packets point into
- * the page cache, which the socket copies from (one copy fewer).  The stream is the file
- * from the descriptor's offset to its size now; the offset is left at that end, as
- * reading it would.  Not mapped (read instead): anything else, an empty file, a failure. */
-void vfm_sj_map_file(struct vfm_sj_dev *dev)
-{
-    struct stat st;
-    off_t pos;
-    void *map;
-
-    if (dev->kind != VFM_SJ_FD || fstat(dev->fd, &st) || !S_ISREG(st.st_mode))
-        return;
-    pos = lseek(dev->fd, 0, SEEK_CUR);
-    if (pos < 0 || st.st_size <= pos)
-        return;
-    map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, dev->fd, 0);
-    if (map == MAP_FAILED)
-        return;
-    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
-    dev->map = map;
-    dev->map_len = (size_t)st.st_size;
-    dev->map_pos = (uint64_t)pos;
-}
-
-/* The next chunk of a mapped file (lock not needed: the reader's own fields). */
-ssize_t vfm_sj_next_mapped(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
-                           const unsigned char **data)
-{
-    uint64_t left = dev->map_len - dev->map_pos;
-    size_t n = left < job->chunk ? (size_t)left : job->chunk;
-
-    *data = dev->map + dev->map_pos;
-#if defined(MADV_POPULATE_READ) && !defined(VFM_NO_POPULATE)
-    if (n) { /* fault the chunk in here, in one call, not page by page in the senders */
-        uintptr_t start = (uintptr_t)*data & ~(uintptr_t)4095;
-        madvise((void *)start, (uintptr_t)*data + n - start, MADV_POPULATE_READ);
-    }
-#endif
-    dev->map_pos += n;
-    if (dev->map_pos == dev->map_len)
-        lseek(dev->fd, (off_t)dev->map_len, SEEK_SET);
-    return (ssize_t)n;
 }
 
 /* A pattern: every chunk is the block repeated from its start (bench's PatternSource),

@@ -75,9 +75,9 @@ void vfm_sj_thread_exit(struct vfm_sendjob *job)
  * blocking socket (see vfm_sj_blocking()) sleeps in the kernel, as cref_send's do, and wakes at
  * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
 int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
-                    size_t cnt, uint64_t *sent)
+                    size_t cnt, int more, uint64_t *sent)
 {
-    int flags = MSG_NOSIGNAL | (blocking ? 0 : MSG_DONTWAIT);
+    int flags = MSG_NOSIGNAL | more | (blocking ? 0 : MSG_DONTWAIT);
 
     while (cnt) {
         struct msghdr mh = {.msg_iov = iov, .msg_iovlen = cnt};

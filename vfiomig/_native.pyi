@@ -186,7 +186,11 @@ class SendJob:
     ``sendmsg``). `fileno` is readable once every thread is about to exit; `cancel` stops
     them soon, `join` waits for them (the GIL released). ``error``: None, or ``(kind,
     channel or device, errno, bytes)``, kind one of ``channel`` (bytes: sent on it),
-    ``source`` (bytes: read from it), ``cancelled``, ``start``.
+    ``source`` (bytes: read from it), ``cancelled``, ``start``, ``short`` (a file ended
+    before its size at the start: bytes is the offset where it ended). ``zerocopy``: 0
+    never, 1 where it pays, 2 always: a regular file's packets sent with sendfile, a
+    pipe's or a socket's spliced through a pipe per channel (native/vfiomig_sendzc.c);
+    `zerocopy_bytes` counts the data bytes sent so.
     """
 
     def __init__(
@@ -199,6 +203,7 @@ class SendJob:
         *,
         direct: bool = True,
         rates: Sequence[float] | None = None,
+        zerocopy: int = 1,
     ) -> None: ...
     def start(self) -> None: ...
     def cancel(self) -> None: ...
@@ -222,6 +227,8 @@ class SendJob:
     def finished(self) -> bool: ...
     @property
     def channel_bytes(self) -> tuple[int, ...]: ...
+    @property
+    def zerocopy_bytes(self) -> int: ...
     @property
     def device_counts(self) -> tuple[tuple[int, int], ...]: ...
     @property

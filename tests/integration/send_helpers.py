@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,12 @@ async def serve(
     read: bool = True,
     hashes: dict[int, Any] | None = None,
     endings: dict[int, str] | None = None,
+    after: tuple[int, Callable[[], None]] | None = None,
 ) -> None:
     """Accept ``n`` channels; drain each (or not; into ``hashes``, by channel), or reset
     channel 1 after ``reset_after`` bytes of data; how each drained channel ended (``fin``
-    or ``reset``) goes into ``endings``, by channel."""
+    or ``reset``) goes into ``endings``, by channel; ``after`` (bytes, fn): fn() called
+    once channel 0 got that many."""
     endings = {} if endings is None else endings
 
     async def one(stream: trio.SocketStream) -> None:
@@ -62,6 +65,8 @@ async def serve(
                 while chunk := await stream.receive_some(1 << 16):
                     got += len(chunk)
                     h.update(chunk)
+                    if after is not None and hello[24] == 0 and got >= after[0] > got - len(chunk):
+                        after[1]()
                     if reset_after is not None and hello[24] == 1 and got >= reset_after:
                         linger = struct.pack("ii", 1, 0)
                         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
@@ -85,6 +90,7 @@ async def run_send(
     hashes: dict[int, Any] | None = None,
     endings: dict[int, str] | None = None,
     packet_size: int = 65536,
+    after: tuple[int, Callable[[], None]] | None = None,
 ) -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
@@ -100,6 +106,7 @@ async def run_send(
                     read=read,
                     hashes=hashes,
                     endings=endings,
+                    after=after,
                 )
             )
             try:

@@ -21,7 +21,11 @@ device comes to it in one of two ways:
 
 The bytes on every channel are those of the trio sender (tests/integration/
 test_send_wire.py), and so is the backpressure: a reader waits while a channel it used
-holds more than the same limit.
+holds more than the same limit. Zero-copy where it pays (native/vfiomig_sendzc.c,
+`zerocopy_mode`): a regular file's packets go with ``sendfile`` after their header, a
+pipe's or a socket's are spliced into a pipe per channel by the reader and from there
+into the socket; a file that shrinks while it is sent fails its device (kind
+``short``), not garbage.
 
 This task starts the job, runs the push tasks, waits for its descriptor (readable once
 the threads are done) and copies its counters into the `SendStatus` now and then. A
@@ -44,6 +48,7 @@ and when ``VFIOMIG_SEND_THREADS=0`` (comparisons, tests).
 
 from __future__ import annotations
 
+import errno as errno_module
 import logging
 import os
 from collections.abc import Sequence
@@ -140,7 +145,16 @@ async def send_threaded(
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
     direct = os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
     rates = [w.rate or 0.0 for w in writers]  # channel_rate(s): each thread paces itself
-    job = core.SendJob(fds, packet_size, chunk, limit, specs, direct=direct, rates=rates)
+    job = core.SendJob(
+        fds,
+        packet_size,
+        chunk,
+        limit,
+        specs,
+        direct=direct,
+        rates=rates,
+        zerocopy=zerocopy_mode(),
+    )
     base = status.sent_bytes
     job.start()
     try:
@@ -195,6 +209,15 @@ async def _push(job: Any, d: int, device: SendDevice, size: int, failures: list[
         job.cancel()
 
 
+def zerocopy_mode() -> int:
+    """`SendJob`'s zerocopy: ``VFIOMIG_SEND_ZEROCOPY`` 0 (never: copied as before), 2
+    (always, whatever the packet size: for tests and measurements), else 1 (sendfile and
+    splice for packets of at least 64 KiB from a file, 128 KiB from a pipe or a socket:
+    where they pay, measured)."""
+    value = os.environ.get("VFIOMIG_SEND_ZEROCOPY", "1")
+    return {"0": 0, "2": 2}.get(value, 1)
+
+
 def _copy_counters(job: object, writers: Sequence[Writer], status: SendStatus, base: int) -> None:
     sent = job.channel_bytes  # type: ignore[attr-defined]
     for writer, n in zip(writers, sent, strict=True):
@@ -212,6 +235,10 @@ async def _failure(error: tuple[str, int, int, int], devices: Sequence[SendDevic
         exc = await device.source.native_failed(cause, sent)
         text = str(exc) if isinstance(exc, VfioMigError) else os_error_text(cause)
         return device.source_failed(text, exc)
+    if kind == "short":  # sendfile or a read met the file's end: it shrank while sent
+        cause = OSError(errno_module.ENODATA, "the file is shorter than when the send began")
+        text = f"the file ended at byte {sent}, shorter than when the send began"
+        return devices[who].source_failed(text, cause)
     # "start": a thread could not be made ("cancelled" comes only from our own cancel,
     # which a trio cancellation follows out of this call).
     return SendError(f"cannot start the send threads: {os_error_text(cause)}")
