@@ -236,7 +236,7 @@ int vfm_sj_push_end(struct vfm_sendjob *job, unsigned d, const unsigned char *co
 /* -- vfiomig_sendzc.c: zero-copy sends (lock not held unless said) ------------------- */
 
 /* Zero-copy sends: packets at least this long are sent with sendfile from a regular
- * file, and spliced from a pipe or a socket (VFM_ZC_AUTO; measured in
+ * file, and spliced from a pipe (VFM_ZC_AUTO; a socket only with VFM_ZC_ALWAYS; measured in
  * benchmarks/README.md, round 4). */
 #define VFM_ZC_FILE_MIN (64u << 10)
 #define VFM_ZC_PIPE_MIN (128u << 10)

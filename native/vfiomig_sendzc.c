@@ -8,8 +8,8 @@
  * before that size fails the job with VFM_SJ_SHORT (the device and where it ended),
  * never sends garbage.
  *
- * A pipe or a socket (fd:): the reader splices each packet's bytes, in the round robin's
- * order, from the source into its channel's pipe (page references move, nothing is
+ * A pipe (fd:; a socket only when forced, see vfm_zc_setup): the reader splices each
+ * packet's bytes, in the round robin's order, from the source into its channel's pipe (page references move, nothing is
  * copied) and queues the packet once it is whole (a source that ends mid-packet makes the
  * last packet short, as read does); the channel's thread sends the header, then splices
  * the bytes from its pipe into the socket.  A reader holds a channel's pipe (zbusy) while
@@ -73,9 +73,14 @@ void vfm_zc_setup(struct vfm_sendjob *job, struct vfm_sj_dev *dev)
         return;
     }
     if (job->zerocopy == VFM_ZC_NEVER ||
-        (job->zerocopy == VFM_ZC_AUTO && job->packet_size < VFM_ZC_PIPE_MIN))
+        (job->zerocopy == VFM_ZC_AUTO && (job->packet_size < VFM_ZC_PIPE_MIN ||
+                                          !S_ISFIFO(st.st_mode))))
         return;
-    /* SPLICE_F_NONBLOCK makes a pipe's side non-blocking, not a TCP socket's (its file's
+    /* A socket source is read, unless zero-copy is forced (VFM_ZC_ALWAYS): spliced from a
+     * socket, 1 MiB packets took ~50 ms each (64 MiB from a socket pair in 3.1 s, read
+     * 0.04 s; benchmarks/README.md, round 4): a socket's pages come in small pieces that
+     * fill a channel pipe's slots, and the reader waits out VFM_ZC_RECHECK_MS for room.
+     * SPLICE_F_NONBLOCK makes a pipe's side non-blocking, not a TCP socket's (its file's
      * O_NONBLOCK does): anything but a pipe is polled before each splice, as before
      * each read */
     dev->zc_splice = S_ISFIFO(st.st_mode) ? 1 : 2;

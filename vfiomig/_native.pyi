@@ -189,7 +189,7 @@ class SendJob:
     ``source`` (bytes: read from it), ``cancelled``, ``start``, ``short`` (a file ended
     before its size at the start: bytes is the offset where it ended). ``zerocopy``: 0
     never, 1 where it pays, 2 always: a regular file's packets sent with sendfile, a
-    pipe's or a socket's spliced through a pipe per channel (native/vfiomig_sendzc.c);
+    pipe's (a socket's only when forced) spliced through a pipe per channel (native/vfiomig_sendzc.c);
     `zerocopy_bytes` counts the data bytes sent so.
     """
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
+from typing import Any
 
 import pytest
 
@@ -99,3 +101,47 @@ def test_direct_only_where_no_reader_is_needed() -> None:
         assert not core.SendJob([fd], 4096, 8192, 0, [device(("fd", 0, False))]).direct
         assert not core.SendJob([fd], 4096, 8192, 0, [synth, synth]).direct
         assert not core.SendJob([fd], 4096, 10_000, 0, [synth]).direct
+
+
+def test_a_socket_source_is_read_a_pipe_spliced() -> None:
+    """1 MiB packets from a pipe go through the channel pipes without a copy; from a
+    socket they are read (spliced, a socket's small pieces filled the channel's pipe and
+    1 MiB packets took ~50 ms each), unless zero-copy is forced (2)."""
+    import threading
+
+    assert core.SendJob is not None
+    size = 4 << 20
+    for kind, mode, spliced in (("pipe", 1, True), ("socket", 1, False), ("socket", 2, True)):
+        writer: Any
+        if kind == "pipe":
+            rfd, wfd = os.pipe()
+            writer = os.fdopen(wfd, "wb", buffering=0)
+        else:
+            ra, wa = socket.socketpair()
+            rfd = ra.detach()
+            writer = wa.makefile("wb", buffering=0)
+            wa.close()
+
+        def feed(w: Any = writer) -> None:
+            with w:
+                for _ in range(size >> 20):
+                    w.write(b"\x5a" * (1 << 20))
+
+        a, b = socket.socketpair()
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        with a, b:
+            job = core.SendJob(
+                [a.fileno()], 1 << 20, 1 << 20, 4 << 20,
+                [device(("fd", rfd, True))], zerocopy=mode,
+            )  # fmt: skip
+            job.start()
+            got = 0
+            while not job.finished or got < job.channel_bytes[0]:
+                if select.select([b], [], [], 30)[0]:
+                    got += len(b.recv(1 << 20))
+            job.join()
+            assert job.error is None, (kind, job.error)
+            assert (job.zerocopy_bytes > 0) is spliced, (kind, mode, job.zerocopy_bytes)
+        feeder.join()
+        os.close(rfd)

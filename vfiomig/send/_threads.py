@@ -23,7 +23,7 @@ The bytes on every channel are those of the trio sender (tests/integration/
 test_send_wire.py), and so is the backpressure: a reader waits while a channel it used
 holds more than the same limit. Zero-copy where it pays (native/vfiomig_sendzc.c,
 `zerocopy_mode`): a regular file's packets go with ``sendfile`` after their header, a
-pipe's or a socket's are spliced into a pipe per channel by the reader and from there
+pipe's (a socket's only when forced) are spliced into a pipe per channel by the reader and from there
 into the socket; a file that shrinks while it is sent fails its device (kind
 ``short``), not garbage.
 
@@ -211,9 +211,9 @@ async def _push(job: Any, d: int, device: SendDevice, size: int, failures: list[
 
 def zerocopy_mode() -> int:
     """`SendJob`'s zerocopy: ``VFIOMIG_SEND_ZEROCOPY`` 0 (never: copied as before), 2
-    (always, whatever the packet size: for tests and measurements), else 1 (sendfile and
-    splice for packets of at least 64 KiB from a file, 128 KiB from a pipe or a socket:
-    where they pay, measured)."""
+    (always, whatever the packet size and a socket source too: for tests and
+    measurements), else 1 (sendfile and splice for packets of at least 64 KiB from a file,
+    128 KiB from a pipe: where they pay, measured)."""
     value = os.environ.get("VFIOMIG_SEND_ZEROCOPY", "1")
     return {"0": 0, "2": 2}.get(value, 1)
 
