@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -136,9 +137,9 @@ def test_a_socket_source_is_read_a_pipe_spliced() -> None:
                 [device(("fd", rfd, True))], zerocopy=mode,
             )  # fmt: skip
             job.start()
-            got = 0
-            while not job.finished or got < job.channel_bytes[0]:
-                if select.select([b], [], [], 30)[0]:
+            got, deadline = 0, time.monotonic() + 60
+            while (not job.finished or got < job.channel_bytes[0]) and time.monotonic() < deadline:
+                if select.select([b], [], [], 0.05)[0]:  # short: the job may finish meanwhile
                     got += len(b.recv(1 << 20))
             job.join()
             assert job.error is None, (kind, job.error)
