@@ -141,15 +141,21 @@ def vfio_user_server(tmp: Path, size: str) -> tuple[subprocess.Popen[bytes], str
     return server, sock
 
 
+def device_source(
+    tmp: Path, kind: str, size: int
+) -> tuple[subprocess.Popen[bytes] | None, str, dict[str, object] | None]:
+    """A device of ``size`` STOP_COPY bytes to send: the fed fake VFIO device (its model,
+    for `send_argv`), or vfiomig's vfio-user server (its process): (server, spec, model)."""
+    if kind == "vfio-user":
+        server, sock = vfio_user_server(tmp, str(size))
+        return server, f"vfio-user:{sock}", None
+    return None, "vfio:{device}", {"stop_copy": size, "fed": True, "keep": False}
+
+
 @pytest.mark.parametrize("kind", ["vfio", "vfio-user"])
 def test_sigterm_during_a_device_send_aborts_it(tmp_path: Path, kind: str) -> None:
     listener, addr = stalled_receiver()
-    server = None
-    model: dict[str, object] | None = {"stop_copy": 1 << 30, "fed": True, "keep": False}
-    spec = "vfio:{device}"
-    if kind == "vfio-user":
-        server, sock = vfio_user_server(tmp_path, "1G")
-        model, spec = None, f"vfio-user:{sock}"
+    server, spec, model = device_source(tmp_path, kind, 1 << 30)
     argv = send_argv(tmp_path, addr, spec, model)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -214,12 +220,7 @@ def test_a_channel_reset_during_a_device_send_exits_1(tmp_path: Path, kind: str)
     """A receiver that resets channel 1 after a few hundred KiB: one line naming the
     channel, exit 1, the device back in RUNNING."""
     listener, addr = stalled_receiver()
-    server = None
-    model: dict[str, object] | None = {"stop_copy": 256 << 20, "fed": True, "keep": False}
-    spec = "vfio:{device}"
-    if kind == "vfio-user":
-        server, sock = vfio_user_server(tmp_path, "256M")
-        model, spec = None, f"vfio-user:{sock}"
+    server, spec, model = device_source(tmp_path, kind, 256 << 20)
     proc = subprocess.Popen(
         send_argv(tmp_path, addr, spec, model),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
