@@ -8,7 +8,10 @@ device comes to it in one of two ways:
 - a stream the C core reads itself (`Source.native_stream`, asked after ``start``:
   ``synth:``, ``file:``, ``fd:``, and a kernel VFIO device's STOP_COPY data fd): a reader
   thread per device reads it into pooled chunks of whole packets (the trio sender's
-  `CHUNK`) and queues the packets in QEMU's round robin;
+  `CHUNK`) and queues the packets in QEMU's round robin (one ``synth:`` or pattern device
+  in packets from `DIRECT_MIN_PACKET` up needs no reader: each channel's thread makes its
+  own share of the round robin, as ``cref_send``'s do; ``VFIOMIG_SEND_DIRECT=1`` at any
+  packet size, ``0`` never);
 - any other source that does not fill buffers (a device whose reads are its packets: a
   ``vfio-user:`` device, a VFIO device read through an injected function) is pushed: a
   task here reads it with ``read`` (a chunk of whole packets at a time when its reads
@@ -143,7 +146,7 @@ async def send_threaded(
             extra=event("send_threads", device.name, mode=mode),
         )
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
-    direct = os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
+    direct = _direct(packet_size)
     rates = [w.rate or 0.0 for w in writers]  # channel_rate(s): each thread paces itself
     job = core.SendJob(
         fds,
@@ -207,6 +210,23 @@ async def _push(job: Any, d: int, device: SendDevice, size: int, failures: list[
         cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
         failures.append(device.source_failed(cause, exc))
         job.cancel()
+
+
+#: Packets from this size up are made by the channels' threads themselves when they can
+#: (`SendJob`'s direct mode); smaller ones are cut by a reader thread. Quiet A/B runs
+#: (benchmarks/README.md, round 4): at 4 KiB and 64 KiB the reader-fed channels moved more
+#: GB/s (4 KiB: 0.80-0.93x cref against 0.65-0.77x direct) though direct spent less CPU;
+#: at 1 MiB x 4 direct was the fastest (1.10x).
+DIRECT_MIN_PACKET = 1 << 20
+
+
+def _direct(packet_size: int) -> bool:
+    """Whether to let `SendJob` run without a reader: ``VFIOMIG_SEND_DIRECT`` 1 (when
+    the job can), 0 (never), else from `DIRECT_MIN_PACKET` up."""
+    value = os.environ.get("VFIOMIG_SEND_DIRECT")
+    if value in ("0", "1"):
+        return value == "1"
+    return packet_size >= DIRECT_MIN_PACKET
 
 
 def zerocopy_mode() -> int:
