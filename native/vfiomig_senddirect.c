@@ -24,7 +24,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
 /* Synthetic bytes made per sendmsg: a quarter of a 1 MiB L2, with the kernel's copy. */
 #define VFM_SJ_FILL_BYTES (256u << 10)
 

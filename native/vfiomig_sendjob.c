@@ -17,8 +17,6 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-#define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
-
 /* -- channels fed by a reader ---------------------------------------------------------- */
 
 static void *chan_main(void *arg)
@@ -185,6 +183,38 @@ int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct 
                         uint32_t flags)
 {
     return queue_packet(job, dev, buf, data, src, len, idx, flags, VFM_SJ_MEM);
+}
+
+int vfm_sj_queue_chunk(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
+                       const unsigned char *data, uint64_t src, size_t n, uint32_t *idx,
+                       enum vfm_sj_how how, unsigned char *used)
+{
+    for (size_t off = 0; off < n; off += job->packet_size) {
+        size_t len = n - off < job->packet_size ? n - off : job->packet_size;
+        int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off, (uint32_t)len,
+                             *idx, 0, how);
+        if (c < 0)
+            return ENOMEM;
+        (*idx)++;
+        used[c] = 1;
+        dev->bytes += len;
+    }
+    return 0;
+}
+
+void vfm_sj_wake_used(struct vfm_sendjob *job, const unsigned char *used)
+{
+    for (unsigned c = 0; c < job->nchan; c++)
+        if (used[c]) /* one wakeup per channel and chunk, not per packet */
+            pthread_cond_signal(&job->chans[c].cv);
+}
+
+int vfm_sj_room(const struct vfm_sendjob *job, const unsigned char *used)
+{
+    for (unsigned c = 0; c < job->nchan; c++)
+        if (used[c] && job->chans[c].queued_bytes > job->limit)
+            return 0;
+    return 1;
 }
 
 /* -- readers ------------------------------------------------------------------------- */
@@ -355,24 +385,14 @@ static void *reader_main(void *arg)
         }
         if (job->failed)
             break;
-        for (size_t off = 0; !queued && off < (size_t)n; off += job->packet_size) {
-            size_t len = (size_t)n - off < job->packet_size ? (size_t)n - off : job->packet_size;
-            int c = queue_packet(job, dev, buf, data ? data + off : NULL, src + off,
-                                 (uint32_t)len, idx++, 0, how);
-            if (c < 0) {
-                vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
-                break;
-            }
-            used[c] = 1;
-        }
-        for (unsigned c = 0; c < job->nchan; c++)
-            if (used[c]) /* one wakeup per channel and chunk, not per packet */
-                pthread_cond_signal(&job->chans[c].cv);
-        dev->bytes += (uint64_t)n;
+        if (queued)
+            dev->bytes += (uint64_t)n; /* splice_chunk queued them */
+        else if (vfm_sj_queue_chunk(job, dev, buf, data, src, (size_t)n, &idx, how, used))
+            vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
+        vfm_sj_wake_used(job, used);
         more = queued ? !eof : (size_t)n == job->chunk;
-        for (unsigned c = 0; c < job->nchan && !job->failed; c++)
-            while (used[c] && !job->failed && job->chans[c].queued_bytes > job->limit)
-                room_wait(job);
+        while (!job->failed && !vfm_sj_room(job, used))
+            room_wait(job);
         if (job->failed || !more)
             break;
     }

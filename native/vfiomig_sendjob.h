@@ -36,6 +36,7 @@
 #define VFM_SJ_BATCH 512           /* packets per sendmsg: 2 iovecs each, IOV_MAX */
 #define VFM_SJ_BATCH_BYTES (1u << 20) /* and a packet: synthetic data made per batch */
 #define VFM_SJ_PACE_QUANTUM 0.001     /* seconds: the trio sender's PACE_QUANTUM */
+#define VFM_FLAG_CONFIG 1u             /* VFIO_DEVICE_STATE_CONFIG_STATE: the config packet */
 
 /* VFM_SJ_PUSH: no reader thread; the caller queues the packets it read itself
  * (vfiomig_sendpush.c: a device read by Python, e.g. a vfio-user client's replies). */
@@ -212,6 +213,18 @@ void *vfm_sj_direct_main(void *arg);
 int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
                         const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
                         uint32_t flags);
+/* Queue n bytes of a device's stream (data, or NULL: synthetic or sendfile'd from src)
+ * as its next packets, idx counting from *idx, cut at the packet size, in the round robin
+ * (lock held); used[c] set for each channel given one, dev->bytes counted; no channel is
+ * woken (vfm_sj_wake_used).  0, or ENOMEM.  A reader's chunks and a push alike. */
+int vfm_sj_queue_chunk(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
+                       const unsigned char *data, uint64_t src, size_t n, uint32_t *idx,
+                       enum vfm_sj_how how, unsigned char *used);
+/* Wake each channel with used[c] set, once (lock held). */
+void vfm_sj_wake_used(struct vfm_sendjob *job, const unsigned char *used);
+/* Whether no channel with used[c] set holds more than the job's limit (lock held): the
+ * backpressure a reader waits on before its next chunk, a pusher before its next read. */
+int vfm_sj_room(const struct vfm_sendjob *job, const unsigned char *used);
 /* A reader is done (lock held): the channels' threads end once their queues are empty. */
 void vfm_sj_reader_done(struct vfm_sendjob *job);
 

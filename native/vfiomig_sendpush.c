@@ -21,8 +21,6 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#define VFM_FLAG_CONFIG 1u /* VFIO_DEVICE_STATE_CONFIG_STATE */
-
 int vfm_sj_push_init(struct vfm_sj_dev *dev)
 {
     dev->room_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -33,27 +31,14 @@ int vfm_sj_push(struct vfm_sendjob *job, unsigned d, struct vfm_sj_buf *buf,
                 const unsigned char *data, size_t len)
 {
     struct vfm_sj_dev *dev = &job->devs[d];
-    int err = 0;
+    int err = ECANCELED;
 
     pthread_mutex_lock(&job->lock);
     memset(dev->push_used, 0, sizeof(dev->push_used));
-    for (size_t off = 0; off < len && !err; off += job->packet_size) {
-        size_t n = len - off < job->packet_size ? len - off : job->packet_size;
-        int c;
-        if (job->failed) {
-            err = ECANCELED;
-        } else if ((c = vfm_sj_queue_packet(job, dev, buf, data + off, 0, (uint32_t)n,
-                                            dev->push_idx, 0)) < 0) {
-            err = ENOMEM;
-        } else {
-            dev->push_idx++;
-            dev->push_used[c] = 1;
-            dev->bytes += n;
-        }
-    }
-    for (unsigned c = 0; c < job->nchan; c++)
-        if (dev->push_used[c]) /* one wakeup per channel and push */
-            pthread_cond_signal(&job->chans[c].cv);
+    if (!job->failed) /* (it changes only under the lock) */
+        err = vfm_sj_queue_chunk(job, dev, buf, data, 0, len, &dev->push_idx, VFM_SJ_MEM,
+                                 dev->push_used);
+    vfm_sj_wake_used(job, dev->push_used);
     pthread_mutex_unlock(&job->lock);
     return err;
 }
@@ -69,8 +54,8 @@ int vfm_sj_push_room(struct vfm_sendjob *job, unsigned d)
     if (read(dev->room_fd, &count, sizeof(count)) < 0) {
         /* EAGAIN: nothing written since the last look */
     }
-    for (unsigned c = 0; c < job->nchan && room && !job->failed; c++)
-        room = !dev->push_used[c] || job->chans[c].queued_bytes <= job->limit;
+    if (!job->failed)
+        room = vfm_sj_room(job, dev->push_used);
     if (!room && !dev->push_waiting) {
         dev->push_waiting = 1;
         job->pushers_waiting++;
