@@ -73,8 +73,7 @@ async def _produce_guarded(
         if isinstance(exc, SendError):
             failures.append(exc)
         else:
-            cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
-            failures.append(device.source_failed(cause, exc))
+            failures.append(device.read_failed(exc))
         scope.cancel()
 
 

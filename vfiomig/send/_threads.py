@@ -64,7 +64,7 @@ from vfiomig._core._errors import VfioMigError, os_error_text
 from vfiomig._core._wire import Endian
 from vfiomig._logs import event
 from vfiomig.send._channel import Writer
-from vfiomig.send._close import channel_error, describe
+from vfiomig.send._close import channel_error
 from vfiomig.send._types import SendDevice, SendError, SendStatus
 
 log = logging.getLogger("vfiomig")
@@ -135,8 +135,7 @@ async def send_threaded(
         except SendError:
             raise
         except (OSError, VfioMigError) as exc:  # as the trio sender's producer says it
-            cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
-            failures.append(device.source_failed(cause, exc))
+            failures.append(device.read_failed(exc))
             return
         specs.append((device.idstr, device.instance, endian, stream, blob))
         log.info(
@@ -207,8 +206,7 @@ async def _push(job: Any, d: int, device: SendDevice, size: int, failures: list[
                 await trio.lowlevel.wait_readable(room_fd)
         job.push_end(d, await source.config_blob())
     except (OSError, VfioMigError) as exc:
-        cause = str(exc) if isinstance(exc, VfioMigError) else describe(exc)
-        failures.append(device.source_failed(cause, exc))
+        failures.append(device.read_failed(exc))
         job.cancel()
 
 
@@ -252,9 +250,7 @@ async def _failure(error: tuple[str, int, int, int], devices: Sequence[SendDevic
         return channel_error(who, sent, cause)
     if kind == "source":  # ``sent``: the bytes read before the failure
         device = devices[who]
-        exc = await device.source.native_failed(cause, sent)
-        text = str(exc) if isinstance(exc, VfioMigError) else os_error_text(cause)
-        return device.source_failed(text, exc)
+        return device.read_failed(await device.source.native_failed(cause, sent))
     if kind == "short":  # sendfile or a read met the file's end: it shrank while sent
         cause = OSError(errno_module.ENODATA, "the file is shorter than when the send began")
         text = f"the file ended at byte {sent}, shorter than when the send began"

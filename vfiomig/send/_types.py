@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vfiomig._core._errors import VfioMigError
+from vfiomig._core._errors import VfioMigError, os_error_text
 from vfiomig._core._wire import device_name
 from vfiomig._logs import event
 from vfiomig.sources import Source
@@ -46,6 +46,12 @@ class SendDevice:
         )
         failure.__cause__ = exc
         return failure
+
+    def read_failed(self, exc: BaseException) -> SourceFailed:
+        """`source_failed` for what reading the source raised (either sender): a
+        vfiomig error's own text, an ``OSError``'s strerror and errno."""
+        cause = str(exc) if isinstance(exc, VfioMigError) else os_error_text(exc)
+        return self.source_failed(cause, exc)
 
 
 @dataclass(frozen=True, slots=True)
