@@ -20,7 +20,6 @@
 #include "vfiomig_sendjob.h"
 
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -118,13 +117,9 @@ void *vfm_sj_direct_main(void *arg)
     struct iovec *iov = malloc(2 * VFM_SJ_BATCH * sizeof(*iov));
     unsigned char *scratch = dev->kind == VFM_SJ_SYNTH ? malloc(VFM_SJ_FILL_BYTES) : NULL;
     struct vfm_sj_sock_mode saved;
-    int is_blocking = vfm_sj_blocking(ch->fd, &saved);
-    char name[16];
+    int is_blocking = vfm_sj_chan_begin(job, id, &saved);
 
     free(arg);
-    vfm_sj_pace_start(ch);
-    snprintf(name, sizeof(name), "vfm-send-%u", id);
-    pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
     if (!hdrs || !iov || (dev->kind == VFM_SJ_SYNTH && !scratch)) {
         pthread_mutex_lock(&job->lock);
         vfm_sj_fail(job, VFM_SJ_CHANNEL, id, ENOMEM, 0);
@@ -139,9 +134,9 @@ void *vfm_sj_direct_main(void *arg)
         if (!cnt) { /* paced, nothing due yet */
             err = vfm_sj_pace_wait(job, ch,
                                    VFM_PACKET_HEADER_SIZE + packet_len(job, dev, npackets, pos.k));
-            if (err && err != ECANCELED) {
+            if (err) {
                 pthread_mutex_lock(&job->lock);
-                vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes);
+                vfm_sj_send_failed(job, id, err, ch->sent_bytes);
                 pthread_mutex_unlock(&job->lock);
             }
             continue;
@@ -150,15 +145,12 @@ void *vfm_sj_direct_main(void *arg)
         err = vfm_sj_send_all(job, ch->fd, is_blocking, iov, cnt, 0, &sent);
         pthread_mutex_lock(&job->lock);
         if (err)
-            vfm_sj_fail(job, err == ECANCELED ? VFM_SJ_CANCELLED : VFM_SJ_CHANNEL, id,
-                        err == ECANCELED ? 0 : err, ch->sent_bytes + sent);
+            vfm_sj_send_failed(job, id, err, ch->sent_bytes + sent);
         ch->sent_bytes += sent;
         pthread_mutex_unlock(&job->lock);
     }
-    if (is_blocking)
-        vfm_sj_restore(ch->fd, &saved); /* before the job is done: trio has it back */
     pthread_mutex_lock(&job->lock);
-    vfm_sj_thread_exit(job);
+    vfm_sj_chan_end(job, id, is_blocking, &saved);
     pthread_mutex_unlock(&job->lock);
     free(hdrs);
     free(iov);

@@ -30,13 +30,9 @@ static void *chan_main(void *arg)
     /* synthetic data is made here, right before it is sent: still in this core's cache */
     unsigned char *scratch = malloc(VFM_SJ_BATCH_BYTES + job->packet_size);
     struct vfm_sj_sock_mode saved;
-    int is_blocking = vfm_sj_blocking(ch->fd, &saved);
-    char name[16];
+    int is_blocking = vfm_sj_chan_begin(job, id, &saved);
 
     free(arg);
-    snprintf(name, sizeof(name), "vfm-send-%u", id);
-    pthread_setname_np(pthread_self(), name); /* top -H, and the tests' leak check */
-    vfm_sj_pace_start(ch);
     pthread_mutex_lock(&job->lock);
     if (!hdrs || !scratch)
         vfm_sj_fail(job, VFM_SJ_CHANNEL, id, ENOMEM, ch->sent_bytes);
@@ -65,8 +61,8 @@ static void *chan_main(void *arg)
             pthread_mutex_unlock(&job->lock);
             err = vfm_sj_pace_wait(job, ch, head);
             pthread_mutex_lock(&job->lock);
-            if (err && err != ECANCELED)
-                vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes);
+            if (err)
+                vfm_sj_send_failed(job, id, err, ch->sent_bytes);
             continue;
         }
         ch->paced += bytes;
@@ -104,10 +100,8 @@ static void *chan_main(void *arg)
         if (err) {
             if (err == VFM_ZC_SHORT) /* the file ended early: the device's failure */
                 vfm_sj_fail(job, VFM_SJ_SHORT, ended_dev, 0, ended);
-            else if (err == ECANCELED)
-                vfm_sj_fail(job, VFM_SJ_CANCELLED, id, 0, 0);
             else
-                vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, ch->sent_bytes + sent);
+                vfm_sj_send_failed(job, id, err, ch->sent_bytes + sent);
             ch->sent_bytes += sent;
             break;
         }
@@ -124,9 +118,7 @@ static void *chan_main(void *arg)
         if (job->pushers_waiting)
             vfm_sj_push_wake(job);
     }
-    if (is_blocking)
-        vfm_sj_restore(ch->fd, &saved); /* before the job is done: trio has it back as it was */
-    vfm_sj_thread_exit(job);
+    vfm_sj_chan_end(job, id, is_blocking, &saved);
     pthread_mutex_unlock(&job->lock);
     free(hdrs);
     free(scratch);

@@ -165,7 +165,7 @@ struct vfm_sj_thread_arg {
     unsigned id;
 };
 
-/* A channel socket's mode before its thread made it blocking (vfm_sj_blocking). */
+/* A channel socket's mode before its thread made it blocking (vfm_sj_chan_begin). */
 struct vfm_sj_sock_mode {
     int flags;
     struct timeval timeout;
@@ -179,10 +179,18 @@ void vfm_sj_thread_exit(struct vfm_sendjob *job);
 /* Wake the push devices (vfiomig_sendpush.c) waiting for room, or all of them once the
  * job failed: their room eventfd becomes readable (lock held). */
 void vfm_sj_push_wake(struct vfm_sendjob *job);
-/* Make a channel's socket blocking, with SO_SNDTIMEO as the cancel check's period, for
- * the thread's life; *saved keeps what to restore.  1 done, 0 left non-blocking. */
-int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved);
-void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved);
+/* A channel thread's first step, for both kinds (vfiomig_sendjob.c's reader-fed ones,
+ * vfiomig_senddirect.c's): its name (top -H, the tests' leak check), its pacing clock,
+ * and its socket made blocking with SO_SNDTIMEO as the cancel check's period, for the
+ * thread's life (*saved keeps what to restore).  1 blocking, 0 left non-blocking. */
+int vfm_sj_chan_begin(struct vfm_sendjob *job, unsigned id, struct vfm_sj_sock_mode *saved);
+/* Its last (lock held): the socket as it was before the job is done (trio has it back),
+ * then vfm_sj_thread_exit. */
+void vfm_sj_chan_end(struct vfm_sendjob *job, unsigned id, int blocking,
+                     const struct vfm_sj_sock_mode *saved);
+/* A channel's send failed with err (lock held; `sent`: the channel's bytes so far): our
+ * own cancel (ECANCELED) is the job's, anything else the channel's failure. */
+void vfm_sj_send_failed(struct vfm_sendjob *job, unsigned id, int err, uint64_t sent);
 /* Send the whole iovec array (it is advanced; more: MSG_MORE or 0); *sent counts what
  * the socket took.  0, ECANCELED once the job failed, or the send's errno. */
 int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <sys/socket.h>
 #include <stdint.h>
 #include <sys/time.h>
@@ -72,7 +73,7 @@ void vfm_sj_thread_exit(struct vfm_sendjob *job)
 /* -- channels ------------------------------------------------------------------------ */
 
 /* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
- * blocking socket (see vfm_sj_blocking()) sleeps in the kernel, as cref_send's do, and wakes at
+ * blocking socket (see vfm_sj_chan_begin()) sleeps in the kernel, as cref_send's do, and wakes at
  * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
 int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,
                     size_t cnt, int more, uint64_t *sent)
@@ -116,7 +117,7 @@ int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec 
     return 0;
 }
 
-int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved)
+static int make_blocking(int fd, struct vfm_sj_sock_mode *saved)
 {
     struct timeval tv = {.tv_sec = 0, .tv_usec = VFM_SJ_WAKE_US};
     socklen_t len = sizeof(saved->timeout);
@@ -132,10 +133,35 @@ int vfm_sj_blocking(int fd, struct vfm_sj_sock_mode *saved)
     return 1;
 }
 
-void vfm_sj_restore(int fd, const struct vfm_sj_sock_mode *saved)
+int vfm_sj_chan_begin(struct vfm_sendjob *job, unsigned id, struct vfm_sj_sock_mode *saved)
 {
-    fcntl(fd, F_SETFL, saved->flags);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+    struct vfm_sj_chan *ch = &job->chans[id];
+    char name[16];
+
+    snprintf(name, sizeof(name), "vfm-send-%u", id);
+    pthread_setname_np(pthread_self(), name);
+    vfm_sj_pace_start(ch);
+    return make_blocking(ch->fd, saved);
+}
+
+void vfm_sj_chan_end(struct vfm_sendjob *job, unsigned id, int blocking,
+                     const struct vfm_sj_sock_mode *saved)
+{
+    int fd = job->chans[id].fd;
+
+    if (blocking) {
+        fcntl(fd, F_SETFL, saved->flags);
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &saved->timeout, sizeof(saved->timeout));
+    }
+    vfm_sj_thread_exit(job);
+}
+
+void vfm_sj_send_failed(struct vfm_sendjob *job, unsigned id, int err, uint64_t sent)
+{
+    if (err == ECANCELED)
+        vfm_sj_fail(job, VFM_SJ_CANCELLED, id, 0, 0);
+    else
+        vfm_sj_fail(job, VFM_SJ_CHANNEL, id, err, sent);
 }
 
 /* -- pacing ---------------------------------------------------------------------------- */
