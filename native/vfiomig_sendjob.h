@@ -191,6 +191,11 @@ void vfm_sj_chan_end(struct vfm_sendjob *job, unsigned id, int blocking,
 /* A channel's send failed with err (lock held; `sent`: the channel's bytes so far): our
  * own cancel (ECANCELED) is the job's, anything else the channel's failure. */
 void vfm_sj_send_failed(struct vfm_sendjob *job, unsigned id, int err, uint64_t sent);
+/* A send to a channel's socket (sendmsg, sendfile, splice) failed with err: 0 to try
+ * again (interrupted; a blocking socket's SO_SNDTIMEO; a non-blocking one that can take
+ * more now, after a poll that the cancel eventfd ends), else the errno to fail with
+ * (ECANCELED once the job is cancelled). */
+int vfm_sj_send_again(struct vfm_sendjob *job, int fd, int blocking, int err);
 /* Send the whole iovec array (it is advanced; more: MSG_MORE or 0); *sent counts what
  * the socket took.  0, ECANCELED once the job failed, or the send's errno. */
 int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec *iov,

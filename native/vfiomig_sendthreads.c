@@ -72,6 +72,16 @@ void vfm_sj_thread_exit(struct vfm_sendjob *job)
 
 /* -- channels ------------------------------------------------------------------------ */
 
+int vfm_sj_send_again(struct vfm_sendjob *job, int fd, int blocking, int err)
+{
+    if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK)))
+        return 0; /* interrupted, or a blocking socket's SO_SNDTIMEO: the caller looks at
+                   * the failed flag and tries again */
+    if (err != EAGAIN && err != EWOULDBLOCK)
+        return err;
+    return vfm_wait_fd(fd, POLLOUT, job->cancel_fd);
+}
+
 /* Send the whole iovec array; *sent counts what the socket took.  0 or an errno.  A
  * blocking socket (see vfm_sj_chan_begin()) sleeps in the kernel, as cref_send's do, and wakes at
  * least every VFM_SJ_WAKE_US to look at the cancel flag; a non-blocking one polls. */
@@ -88,12 +98,7 @@ int vfm_sj_send_all(struct vfm_sendjob *job, int fd, int blocking, struct iovec 
             return ECANCELED;
         n = sendmsg(fd, &mh, flags);
         if (n < 0) {
-            int err = errno;
-            if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK)))
-                continue;
-            if (err != EAGAIN && err != EWOULDBLOCK)
-                return err;
-            err = vfm_wait_fd(fd, POLLOUT, job->cancel_fd);
+            int err = vfm_sj_send_again(job, fd, blocking, errno);
             if (err)
                 return err;
             continue;

@@ -203,13 +203,6 @@ ssize_t vfm_zc_readback(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
     return n < 0 ? n : (ssize_t)done + n;
 }
 
-/* Wait for the socket to take more (a non-blocking one; a blocking one slept in the
- * call): 0, or an errno. */
-static int wait_out(struct vfm_sendjob *job, int fd, int blocking)
-{
-    return blocking ? 0 : vfm_wait_fd(fd, POLLOUT, job->cancel_fd);
-}
-
 /* An entry's data copied through scratch: read back from the channel's pipe, or pread
  * from the file (lock not held).  0, an errno, or VFM_ZC_SHORT (*ended: where). */
 static int send_copy(struct vfm_sendjob *job, struct vfm_sj_chan *ch, int blocking,
@@ -280,18 +273,12 @@ int vfm_zc_send(struct vfm_sendjob *job, struct vfm_sj_chan *ch, int blocking,
             break;
         }
         err = errno;
-        if (err == EINTR || (blocking && (err == EAGAIN || err == EWOULDBLOCK))) {
-            err = 0;
-            continue;
-        }
         if (refused(err) && left == e->len) { /* decided once: copied from now on */
             ch->zrefused = 1;
             err = send_copy(job, ch, blocking, e, scratch, sent, ended);
             break;
         }
-        if (err != EAGAIN && err != EWOULDBLOCK)
-            break;
-        err = wait_out(job, ch->fd, blocking);
+        err = vfm_sj_send_again(job, ch->fd, blocking, err);
         if (err)
             break;
     }
