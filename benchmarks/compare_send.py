@@ -33,9 +33,9 @@ to its end, sending nothing (``benchmarks/vfio_user/pyclient.py``), or the fake 
 device's data fd read to its end (``benchmarks.fake_vfio_read``); a device case's verdict
 is ``send`` against the slower of ``read`` and ``cref``. Senders: ``cref``, ``cref-same``
 (cref_send making the bytes the case's source carries: ``--data synth`` made per packet
-the way ``synth:`` makes them, ``--data file:PATH`` pread from the same file; synth and
-file cases only: what a plain C sender pays for those bytes, the yardstick for the work
-vfiomig cannot skip), ``send`` (native core), ``trio`` (the native core's trio sender,
+the way ``synth:`` makes them, ``--data file:PATH`` pread from the same file, ``--data
+fd:N`` read in order from a pipe fed as the ``pipe`` case's is; not for devices: what a
+plain C sender pays for those bytes, the yardstick for the work vfiomig cannot skip), ``send`` (native core), ``trio`` (the native core's trio sender,
 ``VFIOMIG_SEND_THREADS=0``), ``pure`` (``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another
 checkout, ``VFIOMIG_BASE=DIR`` as in `benchmarks.compare`), ``bench`` (the sender process
 of ``vfiomig bench``, `vfiomig.bench._sendproc`, its pattern source; any SOURCE). With
@@ -181,6 +181,9 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
         try:
             addr = wait_ready(ready, recv, timeout=30)[0]
             t0 = time.perf_counter()
+            pipe = None
+            if case.sink == "pipe" and kind not in ("cref", "bench"):  # their own bytes
+                cat, pipe = _feed_pipe(state)
             if kind.startswith("cref"):
                 send = start_sender(
                     addr,
@@ -188,7 +191,8 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                     size=case.size,
                     packet_size=case.packet,
                     seed=seed,
-                    data=_cref_data(kind, case, state),
+                    data=_cref_data(kind, case, state, pipe),
+                    pass_fds=() if pipe is None else (pipe,),
                 )
             elif kind == "bench":
                 job = {
@@ -224,12 +228,8 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                     model = {"stop_copy": case.size, "seed": seed, "fed": True, "keep": False}
                     head = ["-m", "tests.e2e.fakevfio_send", json.dumps(model), f"{tmp}/fake"]
                     spec = "vfio:{device}"
-                else:
-                    rfd, wfd = os.pipe()
-                    fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
-                    cat = subprocess.Popen(["cat", str(state)], stdout=wfd)
-                    os.close(wfd)
-                    spec, pass_fds = f"fd:{rfd}", (rfd,)
+                elif pipe is not None:
+                    spec, pass_fds = f"fd:{pipe}", (pipe,)
                 send = subprocess.Popen(
                     [
                         sys.executable,
@@ -253,8 +253,8 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                 )
-                for fd in pass_fds:
-                    os.close(fd)
+            if pipe is not None:
+                os.close(pipe)  # the sender's now
             assert recv.stdout is not None
             rout = recv.stdout.read()
             _, rusage = _wait4(recv)
@@ -291,17 +291,30 @@ def run_once(kind: str, receiver: str, case: Case, state: Path, seed: int = 1) -
                             stream.close()
 
 
-def _cref_data(kind: str, case: Case, state: Path) -> str:
-    """cref_send's ``--data``: ``cref`` sends its one hot block; ``cref-same`` makes the
+def _feed_pipe(state: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A pipe enlarged to 1 MiB that ``cat`` of ``state`` fills, in its own process:
+    (``cat``, the read end, for the sender to inherit)."""
+    rfd, wfd = os.pipe()
+    fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    cat = subprocess.Popen(["cat", str(state)], stdout=wfd)
+    os.close(wfd)
+    return cat, rfd
+
+
+def _cref_data(kind: str, case: Case, state: Path, pipe: int | None) -> str:
+    """cref_send's ``--data``: ``cref`` sends its one hot block; ``cref-same`` gets the
     bytes as the case's source has them (``synth``: made per packet the way `synth:` is;
-    ``file``: pread from the same file), a plain C sender's cost for those bytes."""
+    ``file``: pread from the same file; ``pipe``: read in order from the same kind of
+    pipe, fed the same way), a plain C sender's cost for those bytes."""
     if kind == "cref":
         return "hot"
     if case.sink == "synth":
         return "synth"
     if case.sink == "file":
         return f"file:{state}"
-    raise ValueError(f"cref-same has no {case.sink} source (synth and file only)")
+    if case.sink == "pipe" and pipe is not None:
+        return f"fd:{pipe}"
+    raise ValueError(f"cref-same has no {case.sink} source (synth, file and pipe only)")
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes, float]:
@@ -335,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = _state_file(states, case.size)
             extra = ("read",) if case.sink in DEVICES and "read" not in senders else ()
             kinds = senders + extra
-            if case.sink not in ("synth", "file"):  # no plain C sender of a pipe or a device
+            if case.sink in DEVICES:  # no plain C sender of a device
                 kinds = tuple(k for k in kinds if k != "cref-same")
             runs: dict[str, list[SendRun]] = {k: [] for k in kinds}
             for i in range(args.repeat):

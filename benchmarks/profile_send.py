@@ -10,7 +10,9 @@ sends ``--size`` bytes, and ``perf record -g`` samples it for ``--seconds`` from
 the sender has connected its channels, plus 0.3 s (start-up left out). Samples are grouped by where they
 land: the kernel's copy into socket buffers (``_copy_from_iter``), the rest of the kernel's
 send path, other kernel work (epoll, page faults, softirq), reading the source (numpy's
-XOR for ``synth``, the read copy for ``file``/``pipe``), sendfile's and splice's taking of
+XOR for ``synth``, the read copy for ``file``/``pipe``; a ``pipe`` is fed by ``cat`` of a
+file of at most 1 GiB, as often as ``--size`` needs, into a pipe of 1 MiB as in
+`benchmarks.compare_send`), sendfile's and splice's taking of
 the source's pages (the zero-copy sends, vfiomig_sendzc.c), the C core, the interpreter
 (trio's scheduling and vfiomig's Python), and the rest (libc, ...). perf must be on PATH.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
 import os
 import subprocess
 import sys
@@ -87,7 +90,7 @@ def profile(case: Case, seconds: float, cref: bool) -> collections.Counter[str]:
         ready = Path(tmp) / "ready.json"
         argv = _receiver_argv("native", "tcp:127.0.0.1:0", case, ready, "null:", [])
         recv = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        send = None
+        send = feeder = None
         try:
             addr = wait_ready(ready, recv, timeout=30)[0]
             if cref:
@@ -95,15 +98,27 @@ def profile(case: Case, seconds: float, cref: bool) -> collections.Counter[str]:
                     addr, channels=case.channels, size=case.size, packet_size=case.packet
                 )
             else:
+                pass_fds: tuple[int, ...] = ()
                 spec = f"synth:{case.size}:1"
                 if case.sink == "file":
                     spec = f"file:{_state(Path(tmp), case.size)}"  # removed with tmp
+                elif case.sink == "pipe":  # as compare_send's: cat of a file, a 1 MiB pipe
+                    rfd, wfd = os.pipe()
+                    fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
+                    part = _state(Path(tmp), min(case.size, 1 << 30))
+                    copies = -(-case.size // (1 << 30))
+                    feeder = subprocess.Popen(["cat"] + [str(part)] * copies, stdout=wfd)
+                    os.close(wfd)
+                    spec, pass_fds = f"fd:{rfd}", (rfd,)
                 send = subprocess.Popen(
                     [sys.executable, "-m", "vfiomig", "send", "--connect", addr,
                      "--channels", str(case.channels), "--uuid", DEFAULT_UUID,
                      "--device", f"{DEFAULT_IDSTR}/0={spec}", "--packet-size", str(case.packet)],
                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    pass_fds=pass_fds,
                 )  # fmt: skip
+                if pass_fds:
+                    os.close(pass_fds[0])
             _wait_started(send.pid, case.channels)
             data = Path(tmp) / "perf.data"
             subprocess.run(
@@ -113,7 +128,7 @@ def profile(case: Case, seconds: float, cref: bool) -> collections.Counter[str]:
             )  # fmt: skip
             return _samples(data)
         finally:
-            for proc in (send, recv):
+            for proc in (send, recv, feeder):
                 if proc is not None:
                     proc.kill()
                     proc.wait()
@@ -153,7 +168,7 @@ def _wait_started(pid: int, channels: int, timeout: float = 30.0) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("case", help="PACKET:CHANNELS:SOURCE, SOURCE synth or file")
+    ap.add_argument("case", help="PACKET:CHANNELS:SOURCE, SOURCE synth, file or pipe")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--size", default="8G")
     ap.add_argument("--cref", action="store_true", help="profile cref_send instead")

@@ -141,15 +141,17 @@ def start_sender(
     idstr: str = DEFAULT_IDSTR,
     instance: int = 0,
     data: str = "hot",
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start cref_send against ``address`` (any receiver: cref_recv or vfiomig);
-    ``data``: ``hot`` (one block), ``synth`` or ``file:PATH`` (see cref_send.c)."""
+    ``data``: ``hot`` (one block), ``synth``, ``file:PATH`` or ``fd:N`` (a descriptor
+    in ``pass_fds``; see cref_send.c)."""
     binary = build()["cref_send"]
     argv = [str(binary), address, str(channels), uuid, "--size", str(size)]
     argv += ["--packet-size", str(packet_size), "--order", order, "--seed", str(seed)]
     argv += ["--rate", str(rate), "--devices", str(devices), "--idstr", idstr]
     argv += ["--instance", str(instance), "--data", data]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)
 
 
 @dataclasses.dataclass

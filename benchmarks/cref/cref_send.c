@@ -4,7 +4,7 @@
  *
  * Usage: cref_send ADDR CHANNELS UUID [--idstr S] [--instance I] [--devices D]
  *                  [--size BYTES] [--packet-size BYTES] [--order ORDER] [--seed N]
- *                  [--rate BYTES_PER_S] [--data hot|synth|file:PATH]
+ *                  [--rate BYTES_PER_S] [--data hot|synth|file:PATH|fd:N]
  *   --size         state bytes per device (default 1G; K/M/G suffixes are binary)
  *   --packet-size  data bytes per packet, after the 12-byte VFIO header (default 1M)
  *   --order        roundrobin (default) | random (seeded permutation) | reverse | idx0-last
@@ -13,9 +13,12 @@
  *   --data         hot (default): one block, see below; synth: distinct bytes made per
  *                  packet right before its send, the way vfiomig's synth: makes them (a
  *                  1 MiB base XORed with a key per 1 MiB block, 16-byte vectors); file:PATH:
- *                  the packet's bytes pread from PATH at its offset (the page cache).  What a
- *                  plain C sender pays to send the bytes vfiomig send's sources carry: the
- *                  fair yardstick for them (benchmarks/compare_send.py, cref-synth, cref-file).
+ *                  the packet's bytes pread from PATH at its offset (the page cache); fd:N:
+ *                  a stream read in order from descriptor N (a pipe: one device, round
+ *                  robin; each thread takes the next packet and reads its bytes under one
+ *                  lock, so a channel carries the packets it took, not k % CHANNELS).  What
+ *                  a plain C sender pays to send the bytes vfiomig send's sources carry:
+ *                  the fair yardstick for them (benchmarks/compare_send.py, cref-same).
  *
  * Stream layout: device d's packet sequence is its data idx 0..P-1 in ORDER, then the
  * config packet idx P.  The global sequence takes one packet of each device in turn, and
@@ -52,9 +55,10 @@ struct cref_tx {
     enum { CREF_RR, CREF_RANDOM, CREF_REVERSE, CREF_IDX0_LAST } order;
     uint32_t **perm; /* CREF_RANDOM: per device */
     unsigned char *base;
-    enum { CREF_HOT, CREF_SYNTH, CREF_FILE } data;
+    enum { CREF_HOT, CREF_SYNTH, CREF_FILE, CREF_STREAM } data;
     uint64_t *synth_base; /* CREF_SYNTH: one 1 MiB block */
-    int file_fd;          /* CREF_FILE */
+    int file_fd;          /* CREF_FILE, CREF_STREAM */
+    uint64_t next;        /* CREF_STREAM: the next packet to take (under lock) */
     pthread_mutex_t lock;
     char error[256];
     bool failed;
@@ -105,7 +109,8 @@ static void cref_synth_fill(unsigned char *out, const uint64_t *base, uint64_t s
     }
 }
 
-/* A data packet's bytes at [off, off + len) into out (--data synth|file); 0 or -1. */
+/* A data packet's bytes at [off, off + len) into out (--data synth|file|fd, the last
+ * read in order: the caller holds the lock); 0 or -1. */
 static int cref_make(struct cref_tx *tx, unsigned char *out, uint64_t off, uint32_t len)
 {
     if (tx->data == CREF_SYNTH) {
@@ -113,12 +118,14 @@ static int cref_make(struct cref_tx *tx, unsigned char *out, uint64_t off, uint3
         return 0;
     }
     for (uint32_t done = 0; done < len;) {
-        ssize_t n = pread(tx->file_fd, out + done, len - done, (off_t)(off + done));
+        ssize_t n = tx->data == CREF_STREAM
+                        ? read(tx->file_fd, out + done, len - done)
+                        : pread(tx->file_fd, out + done, len - done, (off_t)(off + done));
         if (n <= 0) {
             if (n < 0 && errno == EINTR)
                 continue;
             if (n == 0)
-                errno = ENODATA; /* the file is shorter than --size */
+                errno = ENODATA; /* the file or stream is shorter than --size */
             return -1;
         }
         done += (uint32_t)n;
@@ -180,12 +187,33 @@ static void *cref_worker_main(void *arg)
     uint64_t k = w->id, paced = 0;
     double t0 = cref_now();
 
-    while (k < total && !tx->failed) {
+    while ((tx->data == CREF_STREAM || k < total) && !tx->failed) {
         int cnt = 0, np = 0;
         uint64_t batch = 0;
         size_t made = 0;
+        bool read_ahead = false; /* CREF_STREAM: this packet's bytes are in scratch */
 
-        for (; k < total && np < CREF_BATCH_PACKETS && batch < CREF_BATCH_BYTES; k += tx->nchan) {
+        for (; np < CREF_BATCH_PACKETS && batch < CREF_BATCH_BYTES; k += tx->nchan) {
+            if (tx->data == CREF_STREAM) {
+                /* the next packet of the stream, and its bytes, taken in order */
+                int bad = 0;
+                pthread_mutex_lock(&tx->lock);
+                k = tx->next < total ? tx->next++ : total;
+                if (k < tx->npackets) {
+                    uint64_t off = k * tx->packet_size;
+                    uint32_t n = (uint32_t)(tx->size - off < tx->packet_size
+                                                ? tx->size - off : tx->packet_size);
+                    bad = cref_make(tx, w->scratch + made, off, n);
+                }
+                pthread_mutex_unlock(&tx->lock);
+                if (bad) {
+                    cref_tx_fail(tx, "reading the stream", w->id);
+                    goto out;
+                }
+                read_ahead = true;
+            }
+            if (k >= total)
+                break;
             unsigned d = (unsigned)(k % tx->ndev);
             uint32_t j = (uint32_t)(k / tx->ndev), idx = cref_seq_idx(tx, d, j);
             unsigned char *h = w->hdrs[np];
@@ -219,7 +247,8 @@ static void *cref_worker_main(void *arg)
                 iov[cnt++] = (struct iovec){c, CREF_CONFIG_LEN};
             } else if (tx->data != CREF_HOT) {
                 iov[cnt++] = (struct iovec){h, CREF_HDR_SIZE + CREF_VFIO_HDR_SIZE};
-                if (cref_make(tx, w->scratch + made, (uint64_t)idx * tx->packet_size, len)) {
+                if (!read_ahead &&
+                    cref_make(tx, w->scratch + made, (uint64_t)idx * tx->packet_size, len)) {
                     cref_tx_fail(tx, "reading the file", w->id);
                     goto out;
                 }
@@ -240,6 +269,8 @@ static void *cref_worker_main(void *arg)
             batch += CREF_HDR_SIZE + CREF_VFIO_HDR_SIZE + len;
             np++;
         }
+        if (!cnt)
+            break; /* CREF_STREAM: nothing left to take */
         if (cref_send_all(w->fd, iov, cnt)) {
             cref_tx_fail(tx, "send", w->id);
             break;
@@ -304,7 +335,7 @@ static void cref_usage(void)
             "usage: cref_send ADDR CHANNELS UUID [--idstr S] [--instance I] [--devices D]\n"
             "                 [--size BYTES] [--packet-size BYTES] [--seed N]\n"
             "                 [--order roundrobin|random|reverse|idx0-last] [--rate BYTES/S]\n"
-            "                 [--data hot|synth|file:PATH]\n");
+            "                 [--data hot|synth|file:PATH|fd:N]\n");
 }
 
 static int cref_parse_args(struct cref_tx *tx, int argc, char **argv)
@@ -357,6 +388,10 @@ static int cref_parse_args(struct cref_tx *tx, int argc, char **argv)
                     fprintf(stderr, "cref_send: %s: %s\n", val + 5, strerror(errno));
                     goto out;
                 }
+            } else if (strncmp(val, "fd:", 3) == 0 && cref_parse_size(val + 3, &v) == 0 &&
+                       v <= INT32_MAX) {
+                tx->data = CREF_STREAM;
+                tx->file_fd = (int)v;
             } else {
                 goto out;
             }
@@ -381,6 +416,8 @@ static int cref_parse_args(struct cref_tx *tx, int argc, char **argv)
     }
     if (npos != 3 || cref_parse_size(pos[1], &v) || v < 1 || v > 256)
         goto out;
+    if (tx->data == CREF_STREAM && (tx->ndev != 1 || tx->order != CREF_RR))
+        goto out; /* one stream is one device's, taken in order */
     tx->nchan = (unsigned)v;
     if (cref_parse_uuid(pos[2], tx->uuid))
         goto out;

@@ -8,6 +8,7 @@ Python, and the config blob against what the sender put in its config packet.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import struct
 import subprocess
@@ -180,3 +181,64 @@ def test_bad_streams_fail_with_a_message(tmp_path: Path, stream: bytes, message:
 def test_good_raw_stream(tmp_path: Path) -> None:
     code, err = _run_raw(tmp_path, _packet(1, b"b") + _packet(2, CONFIG, flags=1) + _packet(0, b""))
     assert code == 0, err
+
+
+@pytest.mark.parametrize("data", ["file", "fd"])
+def test_sender_carries_a_files_or_a_pipes_bytes(tmp_path: Path, data: str) -> None:
+    """``--data file:PATH`` and ``--data fd:N`` (compare_send's cref-same): the bytes
+    received are the source's, in order, whatever channel took each packet."""
+    state = tmp_path / "state"
+    size = (1 << 20) + 4097  # a short last packet
+    state.write_bytes(bytes(range(256)) * (size // 256) + b"\x07" * (size % 256))
+    out = tmp_path / "out.bin"
+    ready = tmp_path / "ready.json"
+    argv = [str(build()["cref_recv"]), "tcp:127.0.0.1:0", "3", DEFAULT_UUID, str(out)]
+    recv = subprocess.Popen(
+        [*argv, "--ready-file", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    feeder = None
+    try:
+        address = wait_ready(ready, recv)[0]
+        if data == "file":
+            send = start_sender(
+                address, channels=3, size=size, packet_size=4096, data=f"file:{state}"
+            )
+        else:
+            rfd, wfd = os.pipe()
+            feeder = subprocess.Popen(["cat", str(state)], stdout=wfd)
+            os.close(wfd)
+            send = start_sender(
+                address, channels=3, size=size, packet_size=4096, data=f"fd:{rfd}",
+                pass_fds=(rfd,),
+            )  # fmt: skip
+            os.close(rfd)
+        sout, serr = send.communicate(timeout=30)
+        _, rerr = recv.communicate(timeout=30)
+    finally:
+        for proc in (recv, feeder):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    assert send.returncode == 0, serr
+    assert recv.returncode == 0, rerr
+    assert b'"bytes": %d' % size in sout
+    assert out.read_bytes() == state.read_bytes()
+
+
+def test_sender_fails_when_the_pipe_ends_early(tmp_path: Path) -> None:
+    recv, address = _start_receiver(tmp_path, channels=2)
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"x" * 10000)
+    os.close(wfd)
+    try:
+        send = start_sender(
+            address, channels=2, size=1 << 20, packet_size=4096, data=f"fd:{rfd}",
+            pass_fds=(rfd,),
+        )  # fmt: skip
+        os.close(rfd)
+        _, err = send.communicate(timeout=30)
+    finally:
+        recv.kill()
+        recv.communicate()
+    assert send.returncode == 1
+    assert b"reading the stream" in err
