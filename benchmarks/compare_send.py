@@ -37,7 +37,9 @@ the way ``synth:`` makes them, ``--data file:PATH`` pread from the same file, ``
 fd:N`` read in order from a pipe fed as the ``pipe`` case's is; not for devices: what a
 plain C sender pays for those bytes, the yardstick for the work vfiomig cannot skip), ``send`` (native core), ``trio`` (the native core's trio sender,
 ``VFIOMIG_SEND_THREADS=0``), ``pure`` (``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another
-checkout, ``VFIOMIG_BASE=DIR`` as in `benchmarks.compare`), ``bench`` (the sender process
+checkout, ``VFIOMIG_BASE=DIR`` as in `benchmarks.compare`), ``send-direct`` / ``send-fed``
+(and ``base-direct`` / ``base-fed``: the C path's channel threads forced to make their own
+packets, or to be fed by a reader, ``VFIOMIG_SEND_DIRECT=1/0``), ``bench`` (the sender process
 of ``vfiomig bench``, `vfiomig.bench._sendproc`, its pattern source; any SOURCE). With
 ``--receiver cref`` (the C reference receiver, faster than vfiomig's) a sender's figure is
 what it sustains, so ``--receiver cref --senders cref,bench`` next to a default run says
@@ -114,6 +116,9 @@ def _sender_env(kind: str) -> tuple[dict[str, str], str | None]:
         env["VFIOMIG_REQUIRE_NATIVE"] = "1"
     if kind == "trio":
         env["VFIOMIG_SEND_THREADS"] = "0"
+    env.pop("VFIOMIG_SEND_DIRECT", None)
+    if kind.endswith(("-direct", "-fed")):  # channel threads without a reader, or fed by one
+        env["VFIOMIG_SEND_DIRECT"] = "1" if kind.endswith("-direct") else "0"
     cwd = os.environ["VFIOMIG_BASE"] if kind.startswith("base") else None
     return env, cwd
 

@@ -9,6 +9,14 @@
  * The bytes on each channel are those the reader would have queued on it (chunks are
  * whole packets, so every data packet is full but the last).
  *
+ * The channels are kept in step, as the reader keeps them (it waits while a channel
+ * holds more than the limit): a channel does not begin a packet more than direct_window()
+ * packets past the first one some channel has not sent.  Left to themselves on a loaded
+ * machine they drifted apart, and the receiver held every packet above its first missing
+ * idx: 64 KiB x 4, 2 GiB of synth:, its peak_queued_bytes 215 MB against 5.6 MB fed by a
+ * reader, which is why direct mode moved fewer GB/s with less CPU (benchmarks/README.md,
+ * round 5).
+ *
  * Synthetic bytes are made VFM_SJ_FILL_BYTES at a time right before the sendmsg that
  * sends them, so that the kernel copies them while they are in this core's L2 (1 MiB
  * here, shared with the base block and the kernel's own buffers), and a thread's scratch
@@ -32,6 +40,40 @@ int vfm_sj_direct_ok(const struct vfm_sendjob *job)
 
     return job->ndev == 1 && job->chunk % job->packet_size == 0 &&
            (dev->kind == VFM_SJ_SYNTH || dev->kind == VFM_SJ_PATTERN);
+}
+
+/* How far past the slowest channel's first unsent packet a channel may begin one: the
+ * packets the channels' limits hold between them, as a reader lets them hold (each at
+ * most `limit` bytes queued, at least a packet). */
+static uint64_t direct_window(const struct vfm_sendjob *job)
+{
+    uint64_t per_channel = (job->limit + job->packet_size - 1) / job->packet_size;
+
+    return (uint64_t)job->nchan * (per_channel ? per_channel : 1);
+}
+
+/* Channel id has sent every packet of its share before k (UINT64_MAX: all of it): say
+ * so (waking a channel waiting for it), then wait while k is direct_window() or more
+ * past the slowest channel's first unsent packet (never the slowest itself: no
+ * deadlock).  A failure ends the wait (vfm_sj_fail broadcasts room).  Lock held. */
+static void keep_in_step(struct vfm_sendjob *job, unsigned id, uint64_t k)
+{
+    uint64_t window = direct_window(job);
+
+    job->chans[id].direct_k = k;
+    if (job->room_waiters)
+        pthread_cond_broadcast(&job->room);
+    while (!job->failed && k != UINT64_MAX) {
+        uint64_t slowest = UINT64_MAX;
+        for (unsigned c = 0; c < job->nchan; c++)
+            if (job->chans[c].direct_k < slowest)
+                slowest = job->chans[c].direct_k;
+        if (k - slowest < window)
+            break;
+        job->room_waiters++;
+        pthread_cond_wait(&job->room, &job->lock);
+        job->room_waiters--;
+    }
 }
 
 /* Where a direct channel is in its share of the stream. */
@@ -147,9 +189,11 @@ void *vfm_sj_direct_main(void *arg)
         if (err)
             vfm_sj_send_failed(job, id, err, ch->sent_bytes + sent);
         ch->sent_bytes += sent;
+        keep_in_step(job, id, pos.k);
         pthread_mutex_unlock(&job->lock);
     }
     pthread_mutex_lock(&job->lock);
+    keep_in_step(job, id, UINT64_MAX); /* done: holds nobody back */
     vfm_sj_chan_end(job, id, is_blocking, &saved);
     pthread_mutex_unlock(&job->lock);
     free(hdrs);

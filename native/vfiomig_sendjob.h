@@ -113,6 +113,8 @@ struct vfm_sj_chan {
     int zbusy;       /* a reader is splicing a packet into zpipe */
     size_t zqueued;  /* VFM_SJ_SPLICE entries queued, not yet spliced out */
     int zrefused;    /* the socket refused splice or sendfile: copied from now on */
+    uint64_t direct_k; /* direct (vfiomig_senddirect.c): its first packet not yet sent,
+                        * UINT64_MAX once its thread is done (lock held) */
     pthread_cond_t cv; /* its thread, waiting for packets */
     pthread_t thread;
     int started;
@@ -129,7 +131,7 @@ struct vfm_sendjob {
     uint64_t zc_bytes; /* data bytes sent with sendfile or splice (atomic) */
     int zpipes; /* every channel's zpipe is made */
     uint64_t next; /* the round robin: packets queued so far, every device */
-    unsigned room_waiters; /* readers in a wait on room */
+    unsigned room_waiters; /* readers (direct: channels ahead) in a wait on room */
     int direct;            /* no reader: each channel's thread makes its packets (senddirect) */
     unsigned pushers_waiting; /* VFM_SJ_PUSH devices waiting for room */
     int cancel_fd, done_fd;

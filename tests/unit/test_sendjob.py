@@ -146,3 +146,45 @@ def test_a_socket_source_is_read_a_pipe_spliced() -> None:
             assert (job.zerocopy_bytes > 0) is spliced, (kind, mode, job.zerocopy_bytes)
         feeder.join()
         os.close(rfd)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_stalled_channel_holds_the_others_back(direct: bool) -> None:
+    """Channel 0's peer reads nothing: channel 1 must stop within the job's window of it
+    (a receiver holds every packet above its first missing idx), not send its whole
+    share; once channel 0 is read, both finish. Direct channel threads used to drift
+    apart: 64 KiB x 4 left a receiver holding 215 MB."""
+    assert core.SendJob is not None
+    packet, size, limit = 65536, 64 << 20, 1 << 20
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        job = core.SendJob(
+            [a.fileno() for a, _ in pairs],
+            packet,
+            1 << 20,
+            limit,
+            [device(("synth", size, 4, _base(4)))],
+            direct=direct,
+        )
+        assert job.direct is direct
+        job.start()
+        peer0, peer1 = pairs[0][1], pairs[1][1]
+        got1 = 0
+        while select.select([peer1], [], [], 0.5)[0]:  # until channel 1 is quiet for 0.5 s
+            got1 += len(peer1.recv(1 << 20))
+            assert got1 < 8 << 20, "channel 1 ran ahead of a stalled channel 0"
+        assert not job.finished
+        got = {peer0: 0, peer1: got1}
+        deadline = time.monotonic() + 60
+        while not job.finished or any(select.select(list(got), [], [], 0)[0]):
+            assert time.monotonic() < deadline
+            for peer in select.select(list(got), [], [], 0.1)[0]:
+                got[peer] += len(peer.recv(1 << 20))
+        job.join()
+        assert job.error is None
+        assert sum(got.values()) == sum(job.channel_bytes)
+        assert job.device_counts == ((size, size // packet + 1),)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
