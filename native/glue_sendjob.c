@@ -7,7 +7,8 @@
  * thread: the caller reads it and hands each packet's data to push() (held, never
  * copied, until a channel's thread sent it), waits while room() is False for
  * room_fileno() to become readable, and ends it with push_end(config)
- * (vfiomig_sendpush.c).  Native core only: the pure core keeps the trio sender.
+ * (vfiomig_sendpush.c).  A ("vfio-user", ...) device's reader thread owns the client's
+ * socket until join; source_detail(d) then says how its reads ended.  Native core only: the pure core keeps the trio sender.
  * direct=False keeps the reader thread where the job could do without
  * (vfiomig_senddirect.c): comparisons and the tests of both ways.  rates: each channel's
  * pace in wire bytes a second (0 or absent: unpaced).  zerocopy: 0 never, 1 where it
@@ -37,7 +38,9 @@ typedef struct {
 } SendJob;
 
 /* One device: (idstr, instance, endian, source, config); source is ("synth", size, seed,
- * base), ("pattern", size, block) or ("fd", fd, poll).  0, or -1 with an error. */
+ * base), ("pattern", size, block), ("fd", fd, poll), ("push",) or ("vfio-user", fd,
+ * size, window, timeout_ms): a vfio-user client's socket in STOP_COPY, MIG_DATA_READs
+ * of size bytes, window in flight (vfiomig_sendvu.c).  0, or -1 with an error. */
 static int parse_device(struct vfm_sj_dev *dev, PyObject *item)
 {
     const char *idstr, *endian, *kind;
@@ -119,6 +122,22 @@ static int parse_device(struct vfm_sj_dev *dev, PyObject *item)
         if (err) {
             errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
+            goto out;
+        }
+    } else if (!strcmp(kind, "vfio-user")) {
+        int fd, err, timeout_ms;
+        unsigned long size, window;
+        if (!PyArg_ParseTuple(source, "sikki:vfio-user source", &kind, &fd, &size, &window,
+                              &timeout_ms))
+            goto out;
+        if (fd < 0 || !size || size > UINT32_MAX - 8 || !window || window > 0x8000 ||
+            timeout_ms < 1) {
+            PyErr_SetString(PyExc_ValueError, "bad vfio-user source");
+            goto out;
+        }
+        err = vfm_sj_vu_init(dev, fd, (uint32_t)size, (unsigned)window, timeout_ms);
+        if (err) {
+            PyErr_NoMemory();
             goto out;
         }
     } else if (!strcmp(kind, "fd")) {
@@ -505,6 +524,34 @@ static PyObject *SendJob_get_error(SendJob *self, void *Py_UNUSED(closure))
     return Py_BuildValue("(sIiK)", kinds[e], who, err, sent);
 }
 
+/* source_detail(d) -> None, or for a ("vfio-user", ...) device (after join): (failure,
+ * errno, pending, a, b, c, in_step, offset): vfiomig_sendjob.h's enum vfm_vu_failure and
+ * its numbers, whether its socket is in step (nothing owed, no broken protocol), and the
+ * stream bytes received in order. */
+static PyObject *SendJob_source_detail(SendJob *self, PyObject *args)
+{
+    Py_ssize_t d;
+    const struct vfm_sj_vu *vu;
+
+    if (!PyArg_ParseTuple(args, "n:source_detail", &d) || check_ready(self) < 0)
+        return NULL;
+    if (d < 0 || (size_t)d >= self->job.ndev) {
+        PyErr_SetString(PyExc_ValueError, "no such device");
+        return NULL;
+    }
+    if (self->started && !self->joined) {
+        PyErr_SetString(PyExc_RuntimeError, "SendJob is running");
+        return NULL;
+    }
+    vu = self->job.devs[d].vu;
+    if (!vu)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iiIkkkOK)", (int)vu->failure, vu->err, vu->failed_pending,
+                         (unsigned long)vu->a, (unsigned long)vu->b, (unsigned long)vu->c,
+                         vfm_sj_vu_in_step(&self->job.devs[d]) ? Py_True : Py_False,
+                         (unsigned long long)self->job.devs[d].read_bytes);
+}
+
 static PyObject *SendJob_get_direct(SendJob *self, void *Py_UNUSED(closure))
 {
     if (check_ready(self) < 0)
@@ -521,6 +568,7 @@ static PyMethodDef SendJob_methods[] = {
     {"room", (PyCFunction)SendJob_room, METH_VARARGS, NULL},
     {"room_fileno", (PyCFunction)SendJob_room_fileno, METH_VARARGS, NULL},
     {"push_end", (PyCFunction)SendJob_push_end, METH_VARARGS, NULL},
+    {"source_detail", (PyCFunction)SendJob_source_detail, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

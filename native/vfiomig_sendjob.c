@@ -1,5 +1,6 @@
 /* vfiomig_sendjob.c - the sender's C send path: reader and channel threads and the job
- * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c, what the threads
+ * (see vfiomig_sendjob.h); the sources' reads are in vfiomig_sendsrc.c (a vfio-user
+ * device's replies in vfiomig_sendvu.c), what the threads
  * share in vfiomig_sendthreads.c, the channels that need no reader in
  * vfiomig_senddirect.c. */
 #define _GNU_SOURCE
@@ -358,8 +359,12 @@ static void *reader_main(void *arg)
                 break;
             buf->pins++; /* ours while we read into it */
             pthread_mutex_unlock(&job->lock);
-            n = dev->zc_sized ? vfm_zc_read_file(job, dev, buf->data, &src)
-                              : vfm_sj_read(job, dev, buf->data, job->chunk);
+            if (dev->zc_sized)
+                n = vfm_zc_read_file(job, dev, buf->data, &src);
+            else if (dev->kind == VFM_SJ_VFIO_USER) /* replies received into the chunk */
+                n = vfm_sj_vu_read(job, dev, buf->data, job->chunk);
+            else
+                n = vfm_sj_read(job, dev, buf->data, job->chunk);
             pthread_mutex_lock(&job->lock);
             buf->pins--;
             data = buf->data;
@@ -397,6 +402,12 @@ static void *reader_main(void *arg)
             dev->packets = idx + 1;
             pthread_cond_signal(&job->chans[c].cv);
         }
+    }
+    if (dev->kind == VFM_SJ_VFIO_USER && job->failed) {
+        /* its client's socket is handed back in step: the replies still owed collected */
+        pthread_mutex_unlock(&job->lock);
+        vfm_sj_vu_settle(job, dev);
+        pthread_mutex_lock(&job->lock);
     }
     vfm_sj_reader_done(job);
     vfm_sj_thread_exit(job);
@@ -554,6 +565,7 @@ void vfm_sendjob_free(struct vfm_sendjob *job)
             free(dev->config);
             free(dev->pattern);
             free(dev->tiled);
+            vfm_sj_vu_free(dev);
             if (dev->room_fd >= 0)
                 close(dev->room_fd);
         }

@@ -39,8 +39,16 @@
 #define VFM_FLAG_CONFIG 1u             /* VFIO_DEVICE_STATE_CONFIG_STATE: the config packet */
 
 /* VFM_SJ_PUSH: no reader thread; the caller queues the packets it read itself
- * (vfiomig_sendpush.c: a device read by Python, e.g. a vfio-user client's replies). */
-enum vfm_sj_kind { VFM_SJ_SYNTH = 1, VFM_SJ_FD = 2, VFM_SJ_PATTERN = 3, VFM_SJ_PUSH = 4 };
+ * (vfiomig_sendpush.c: a device read by Python, e.g. a VFIO device through a fake's read).
+ * VFM_SJ_VFIO_USER: a vfio-user client's socket in STOP_COPY, its MIG_DATA_READ replies
+ * received by the reader thread straight into its chunks (vfiomig_sendvu.c). */
+enum vfm_sj_kind {
+    VFM_SJ_SYNTH = 1,
+    VFM_SJ_FD = 2,
+    VFM_SJ_PATTERN = 3,
+    VFM_SJ_PUSH = 4,
+    VFM_SJ_VFIO_USER = 5,
+};
 enum vfm_sj_error {
     VFM_SJ_OK,
     VFM_SJ_CHANNEL,
@@ -54,6 +62,8 @@ enum vfm_sj_error {
 enum vfm_sj_how { VFM_SJ_MEM, VFM_SJ_SENDFILE, VFM_SJ_SPLICE };
 /* SendJob's zerocopy: never, where it pays (packets of at least VFM_ZC_*_MIN), always. */
 enum vfm_zc_mode { VFM_ZC_NEVER, VFM_ZC_AUTO, VFM_ZC_ALWAYS };
+
+struct vfm_sj_vu; /* vfiomig_sendvu.c's, below */
 
 struct vfm_sj_buf {
     unsigned char *data;
@@ -86,6 +96,7 @@ struct vfm_sj_dev {
     uint32_t push_idx;
     unsigned char push_used[256];
     int push_waiting, room_fd;
+    struct vfm_sj_vu *vu; /* VFM_SJ_VFIO_USER: the client's side (vfiomig_sendvu.c) */
     struct vfm_sj_buf *bufs;
     size_t nbufs, maxbufs;
     pthread_t thread;
@@ -303,6 +314,68 @@ int vfm_zc_send(struct vfm_sendjob *job, struct vfm_sj_chan *ch, int blocking,
                 uint64_t *ended);
 /* Close the channels' pipes (vfm_sendjob_join, vfm_sendjob_free). */
 void vfm_zc_free(struct vfm_sendjob *job);
+
+/* -- vfiomig_sendvu.c: a vfio-user device's MIG_DATA_READ replies (VFM_SJ_VFIO_USER) --- */
+
+/* Why a vfio-user read failed (vfm_sj_vu.failure); the numbers a, b, c say what the
+ * Python side needs to word it as the Python client would (_native_read.py). */
+enum vfm_vu_failure {
+    VFM_VU_OK,
+    VFM_VU_REPLY,    /* an ERROR reply: err is the server's errno */
+    VFM_VU_TIMEOUT,  /* a wait took longer than the reply timeout: a = 1 sending, 0 a reply */
+    VFM_VU_CLOSED,   /* the server closed the connection */
+    VFM_VU_IO,       /* recv or send failed with err: a = 1 sending, 0 receiving */
+    VFM_VU_SMALL,    /* a message size a below the header size */
+    VFM_VU_UNEXPECTED, /* not a MIG_DATA_READ reply: command a, msg_id b, flags c */
+    VFM_VU_STRAY,    /* a reply to msg_id a, which is not outstanding */
+    VFM_VU_ORDER,    /* a reply to msg_id a before the one to msg_id b (out of order) */
+    VFM_VU_SHORT,    /* a reply payload of a bytes, below the 8 of its sizes */
+    VFM_VU_TOO_MUCH, /* a reply says a bytes: asked b, carried c */
+    VFM_VU_AFTER_END, /* a reply of a bytes after the 0-byte one */
+};
+
+struct vfm_sj_vu {
+    int fd;              /* the client's socket (non-blocking), the client's during the job */
+    uint32_t size;       /* data bytes each MIG_DATA_READ asks (the client's data_limit) */
+    unsigned window;     /* requests in flight */
+    int timeout_ms;      /* each wait's bound (the client's reply timeout) */
+    uint16_t first_id;   /* the oldest request whose reply is not taken yet */
+    unsigned pending;    /* requests whose reply header is not received yet */
+    unsigned char req[24]; /* the request being sent */
+    size_t req_off;      /* of it sent so far (0: none in part) */
+    unsigned char hdr[16]; /* the header being received */
+    uint64_t hdr_left;   /* of it still to come (0: none in part) */
+    uint64_t sizes_left; /* of the reply's argsz and size still to come (skipped if failed) */
+    uint64_t left;       /* data bytes of the reply being received still to come */
+    uint64_t extra;      /* then its payload bytes past the data (skipped) */
+    int ended;           /* a reply carried 0 bytes: the stream's end */
+    uint64_t drain_by;   /* CLOCK_MONOTONIC ms: the bound of the collection after a failure */
+    unsigned char *scratch; /* skipped bytes land here (VFM_VU_SCRATCH) */
+    /* the failure: the first one, and what was outstanding then */
+    enum vfm_vu_failure failure;
+    int broken; /* a failure after which the stream is out of step (all but VFM_VU_REPLY) */
+    int err;
+    unsigned failed_pending;
+    uint32_t a, b, c;
+};
+
+/* A vfio-user device's state for the job (owned by dev->vu, freed by vfm_sendjob_free):
+ * 0 or ENOMEM.  Its msg_ids start at VFM_VU_FIRST_ID. */
+int vfm_sj_vu_init(struct vfm_sj_dev *dev, int fd, uint32_t size, unsigned window,
+                   int timeout_ms);
+void vfm_sj_vu_free(struct vfm_sj_dev *dev);
+/* Fill up to n bytes with the device's STOP_COPY data (window MIG_DATA_READs in flight):
+ * n, fewer only at its end (the 0-byte reply, every reply owed collected), or -errno:
+ * -ECANCELED, or a failure in dev->vu (after an ERROR reply or a cancel the replies owed
+ * are collected first, within one reply timeout, so the client stays in step). */
+ssize_t vfm_sj_vu_read(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned char *out,
+                       size_t n);
+/* The reader is done (the job failed while it waited for room or a buffer, say): what
+ * is still owed is collected, as after a cancel (lock not held). */
+void vfm_sj_vu_settle(struct vfm_sendjob *job, struct vfm_sj_dev *dev);
+/* Whether the client's socket is in step after the job: nothing owed, no failure that
+ * breaks the protocol. */
+int vfm_sj_vu_in_step(const struct vfm_sj_dev *dev);
 
 /* -- vfiomig_sendsrc.c: the sources ------------------------------------------------ */
 

@@ -176,7 +176,10 @@ class SendJob:
     source) or ``("fd", fd, poll)`` (``poll``: wait for input before each read, a pipe),
     or ``("push",)``: no reader thread, the caller reads the device and pushes its data
     (`push`, `room`, `room_fileno`, `push_end`; its ``config_blob`` here is replaced by
-    `push_end`'s). Each other source is read ``chunk`` bytes (whole packets) at a time
+    `push_end`'s), or ``("vfio-user", fd, size, window, timeout_ms)``: a vfio-user
+    client's socket in STOP_COPY, read by the reader thread with ``window``
+    MIG_DATA_READs of ``size`` bytes in flight until the device returns 0 bytes, each
+    wait bounded by ``timeout_ms`` (native/vfiomig_sendvu.c; `source_detail`). Each other source is read ``chunk`` bytes (whole packets) at a time
     and its packets queued on ``fds`` in QEMU's round robin; a reader waits while a
     channel it used holds more than ``limit`` bytes. With ``direct`` (the default), one
     ``synth`` or ``pattern`` device has no reader: each channel's thread makes its own
@@ -221,6 +224,10 @@ class SendJob:
     def push_end(self, device: int, config_blob: bytes | bytearray | memoryview) -> bool:
         """The push device's data is all pushed: its config packet follows. False: the job
         failed or was cancelled."""
+    def source_detail(self, device: int) -> tuple[object, ...] | None:
+        """Once joined: how a ``vfio-user`` device's reads ended, ``(failure, errno,
+        pending, a, b, c, in_step, offset)`` (`vfiomig.vfio_user.client._native_read`);
+        None for the other kinds."""
     @property
     def direct(self) -> bool: ...
     @property

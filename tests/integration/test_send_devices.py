@@ -167,13 +167,13 @@ CASES: dict[str, tuple[Callable[[], Any], int, int, str]] = {
         4096,
         "push",
     ),
-    "vfio-user-4ch-1m": (lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 4, 1 << 20, "push"),
-    "vfio-user-3ch-64k": (lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 3, 65536, "push"),
+    "vfio-user-4ch-1m": (lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 4, 1 << 20, "stream"),
+    "vfio-user-3ch-64k": (lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 3, 65536, "stream"),
     "vfio-user-3ch-3000": (
         lambda: UserDevice(Stream(DATA[:400_000], 5000), 5000),
         3,
         3000,
-        "push",
+        "stream",
     ),
     "short-reads-3ch-4k": (lambda: Plain(ShortReads(DATA[:300_000], 1)), 3, 4096, "push"),
 }

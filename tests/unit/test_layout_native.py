@@ -28,6 +28,7 @@ PLAIN_C = (
     "vfiomig_sendsrc.c",
     "vfiomig_sendthreads.c",
     "vfiomig_sendpush.c",
+    "vfiomig_sendvu.c",
     "vfiomig_sendzc.c",
     "vfiomig_wait.c",
     "vfiomig_wait.h",

@@ -122,10 +122,17 @@ async def send_threaded(
     """Send every device over the writers' sockets with a `SendJob`; a failure goes to
     ``failures`` (one, naming the channel or the device and the cause)."""
     specs: list[tuple[str, int, str, tuple[object, ...], bytes]] = []
-    for device, mode in zip(devices, modes, strict=True):
+    modes = list(modes)
+    for d, device in enumerate(devices):
+        mode = modes[d]
         try:
             await device.source.start()
             stream = device.source.native_stream() if mode == "stream" else ("push",)
+            if stream is None and not device.source.fills_buffers:
+                # a device whose reads are its packets (a vfio-user client that is not
+                # idle once started): read here and pushed, as before
+                stream, mode = ("push",), "push"
+                modes[d] = mode
             if stream is None:
                 raise SendError(
                     f"{device.name}: source {device.source.description} cannot be read by"
@@ -174,8 +181,17 @@ async def send_threaded(
             nursery.cancel_scope.cancel()
     finally:
         if not job.finished:
-            job.cancel()  # a thread sees it at once, or within 100 ms in a send: short join
+            job.cancel()  # a thread sees it at once, or within 100 ms in a send
+            # ... but a vfio-user reader first collects the replies its device still owes
+            # (within its reply timeout), maybe from a server this very event loop runs:
+            # waited for here, not in the blocking join.
+            with trio.CancelScope(shield=True):
+                while not job.finished:
+                    await trio.lowlevel.wait_readable(job)
         job.join()
+        for d, mode in enumerate(modes):
+            if mode == "stream":  # a source sharing its stream's connection takes it back
+                devices[d].source.native_joined(job.source_detail(d))
         _copy_counters(job, writers, status, base)
     if failures:  # a pushed source's failure (the job was cancelled after it)
         return

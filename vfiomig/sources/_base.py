@@ -79,9 +79,9 @@ class Source(abc.ABC):
     def native_stream(self) -> tuple[object, ...] | None:
         """How the C send path (`vfiomig._core.SendJob`) reads this stream itself, asked
         after `start` (a VFIO device's data fd exists only then), before any read:
-        ``("synth", size, seed, base)``, ``("pattern", size, block)`` or
-        ``("fd", fd, poll)`` (see `vfiomig._native.SendJob`); None (the default): it
-        cannot. A source that says how promises that `config_blob` and `finish` do not
+        ``("synth", size, seed, base)``, ``("pattern", size, block)``,
+        ``("fd", fd, poll)`` or ``("vfio-user", fd, size, window, timeout_ms)`` (see
+        `vfiomig._native.SendJob`); None (the default): it cannot. A source that says how promises that `config_blob` and `finish` do not
         depend on the reading (the sender calls them around the C threads' reads).
 
         A source that cannot is still sent by the C path when it does not
@@ -102,6 +102,13 @@ class Source(abc.ABC):
         (`abort` still follows). The default: ``exc``."""
         await trio.lowlevel.checkpoint()
         return exc
+
+    def native_joined(self, detail: tuple[object, ...] | None) -> None:  # noqa: B027 - hook
+        """The C send path's threads are joined (success, failure or cancel alike):
+        ``detail`` says how its reader's reads of `native_stream` ended
+        (`vfiomig._native.SendJob.source_detail`: a vfio-user device's, None for the
+        other kinds). A source whose stream was a connection it shares takes it back here
+        (a vfio-user client). The default: nothing."""
 
     def size_hint(self) -> int | None:
         """The bytes the stream still holds, when that is known before reading them (a

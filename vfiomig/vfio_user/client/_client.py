@@ -14,6 +14,7 @@ closed: replies may be out of step with requests.
 from __future__ import annotations
 
 import errno as _errno
+import math
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ from vfiomig.vfio_user._version import DEFAULT_MAX_DATA_XFER_SIZE, Capabilities,
 from vfiomig.vfio_user.client._channel import Channel
 from vfiomig.vfio_user.client._device_calls import DeviceCalls
 from vfiomig.vfio_user.client._guest_memory import GuestMemory
+from vfiomig.vfio_user.client._native_read import native_read_error
 from vfiomig.vfio_user.client._pipeline import (
     Tag,
     VfioUserCommandError,
@@ -354,6 +356,35 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
                 size=self.data_limit,
             )  # fmt: skip
         return await reader.read(max_bytes)
+
+    def native_read(self) -> tuple[object, ...] | None:
+        """The STOP_COPY stream for the C send path's reader (see `_native_read`):
+        ``("vfio-user", fd, size, window, timeout_ms)`` (`vfiomig._native.SendJob`), or
+        None when the socket cannot be handed over now: the client is broken, has
+        requests outstanding or bytes buffered, or a MIG_DATA pipeline of its own."""
+        if (
+            self.broken
+            or not self._channel.idle
+            or self._reader is not None
+            or (self._writer is not None and self._writer.pending)
+        ):
+            return None
+        window = self.window or default_window(self.data_limit)
+        timeout_ms = max(1, min(math.ceil(self.timeout * 1000), 2**31 - 1))
+        return ("vfio-user", self._sock.fileno(), self.data_limit, window, timeout_ms)
+
+    def native_read_ended(self, detail: tuple[object, ...]) -> BaseException | None:
+        """The C reader handed the socket back (``detail``: `SendJob.source_detail`, see
+        `_native_read`): the error its failure is, worded as `read_stream`'s would be
+        (None: it did not fail); the client is broken unless the reader left it in step."""
+        error = native_read_error(self._where(), self.data_limit, self.timeout, detail)
+        if not detail[6]:
+            self._channel.fail(
+                error
+                if error is not None
+                else SinkError(f"{self._where()}: replies left owed", errno=_errno.EPIPE)
+            )
+        return error
 
     async def read_data(self, size: int) -> bytes:
         """One MIG_DATA_READ of up to ``min(size, data_limit)`` bytes; ``b""`` = end."""

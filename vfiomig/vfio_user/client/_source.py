@@ -10,6 +10,12 @@ runs: SET PRE_COPY first, and MIG_DATA_READs while it runs until the device retu
 (vfio-user has no precopy-info message: each round reads to that temporary end); then SET
 STOP_COPY as above. A failed migration sets RUNNING again (`abort`).
 
+With the C send path (`vfiomig.send._threads`) the STOP_COPY data is read by a C reader
+thread instead (`native_stream`, see `_native_read`): the same requests, checks and
+errors, the replies' data received straight into the chunks the channels send, no
+Python per reply. The precopy phase, the pure core and a client that is not idle once
+started keep the reads here.
+
 The config blob: the device's PCI config space (region 7, read before STOP_COPY; see
 `_config_space`) between QEMU's markers, which a ``vfio-user:`` sink writes back into the
 destination device: a standalone migration (no VMM attached: a vfio-user server serves
@@ -66,6 +72,9 @@ class VfioUserSource(Source):
         self._client: VfioUserClient | None = None
         self._ended = False
         self._space: bytes | None = None  # PCI config space, read in `start`
+        # The C reader's (`native_stream`): None not used, () reading, then its detail.
+        self._native: tuple[object, ...] | None = None
+        self._native_error: BaseException | None = None
 
     @property
     def client(self) -> VfioUserClient:
@@ -124,6 +133,38 @@ class VfioUserSource(Source):
                     exc,
                     extra=event("source_abort_failed", self.description, reason=str(exc)),
                 )
+
+    def streams_natively(self) -> bool:
+        """The C send path's reader reads the STOP_COPY stream (`_native_read`) when the
+        client is idle once started (else the stream is read here and pushed)."""
+        return True
+
+    def native_stream(self) -> tuple[object, ...] | None:
+        """After `start`, before any read: the client's socket for the C reader, when the
+        client is idle (`VfioUserClient.native_read`); the reader hands it back with
+        nothing outstanding (`native_joined`)."""
+        if self._client is None or self._ended or self._native is not None:
+            return None
+        stream = self._client.native_read()
+        if stream is not None:
+            self._native = ()
+        return stream
+
+    def native_joined(self, detail: tuple[object, ...] | None) -> None:
+        """The C reader is done: the client takes its socket back (broken unless in
+        step); its failure, if any, is kept for `native_failed`."""
+        if detail is None or self._client is None or self._native != ():
+            return
+        self._native = detail
+        self._native_error = self._client.native_read_ended(detail)
+        self._ended = True
+
+    async def native_failed(self, exc: OSError, offset: int) -> BaseException:
+        """The C reader's failure, as `read` raises it (the client already collected the
+        replies owed after an ERROR reply; it is broken after a protocol violation, a
+        timeout or a closed connection)."""
+        await trio.lowlevel.checkpoint()
+        return exc if self._native_error is None else self._native_error
 
     async def read(self, max_bytes: int) -> bytes | bytearray | memoryview:
         """Up to ``max_bytes``, in MIG_DATA_READs; ``b""`` once the device returned 0 bytes.
