@@ -57,7 +57,7 @@ class Resumes(Stream):
 
 def _is_read_reply(message: bytes) -> bool:
     _, command, _, flags, _ = HEADER.unpack_from(message)
-    return command == READ and flags & 0xF == REPLY
+    return bool(command == READ and flags & 0xF == REPLY)
 
 
 async def _proxy(
