@@ -1,7 +1,7 @@
 """Device sources through `vfiomig send`'s C send path, as real processes: a kernel VFIO
 device whose data fd a C thread reads (a ``fed`` fake, see `tests.e2e.fakevfio_send`) and
-vfiomig's own vfio-user server (a process) whose replies are pushed, into `vfiomig
-receive` over TCP; a device read error mid-stream, a channel reset, SIGTERM during the
+vfiomig's own vfio-user server (a process) whose replies a C thread receives, into
+`vfiomig receive` over TCP; a device read error mid-stream, a channel reset, SIGTERM during the
 send, and the device's server going away each end the send with one line and exit 1, the
 device put back where it can be."""
 
@@ -98,6 +98,32 @@ def test_a_kernel_vfio_read_error_mid_stream_exits_1_device_running(tmp_path: Pa
     assert state["state"] == "RUNNING" and state["resets"] == 0
 
 
+def test_a_vfio_user_device_is_read_by_a_c_thread(tmp_path: Path) -> None:
+    """vfiomig's own vfio-user server (a process): its STOP_COPY stream read by the C
+    reader thread (native/vfiomig_sendvu.c), every byte where the receiver wrote it, the
+    device stopped after."""
+    server, sock = vfio_user_server(tmp_path, "5000003")
+    rx = Receiver(tmp_path, receive_args(tmp_path, [(DEV, 0)], 3))
+    try:
+        result = subprocess.run(
+            send_argv(tmp_path, rx.data, f"vfio-user:{sock}", None),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        code, _, err = rx.wait()
+        assert code == 0, err
+        assert server.wait(30) == 0  # the client hung up after SET STOP
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if server.stderr:
+            server.stderr.close()
+    assert out_file(tmp_path, DEV, 0) == b"\xa5" * 5_000_003
+    assert send_threads_mode(result.stderr) == ["stream"]  # the C reader, not pushed
+    assert json.loads(result.stdout.splitlines()[-1])["bytes"] == 5_000_003
+
+
 def stalled_receiver() -> tuple[socket.socket, str]:
     """A listener nobody accepts from: the sender connects, then blocks once the socket
     buffers are full."""
@@ -172,6 +198,7 @@ def test_sigterm_during_a_device_send_aborts_it(tmp_path: Path, kind: str) -> No
     (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
     assert line == "send failed: migration aborted: received SIGTERM", line
     assert json.loads(out.splitlines()[-1])["ok"] is False
+    assert send_threads_mode(err) == ["stream"]  # a C reader thread, either device
     if server is None:
         assert fake_state(tmp_path)["state"] == "RUNNING"
     else:

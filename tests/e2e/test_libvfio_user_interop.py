@@ -20,12 +20,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from tests.e2e.specsender import Receiver
+from tests.integration.send_helpers import run_send
 from tests.libvfio_user import LibVfioUser
+from vfiomig import _core as core
 from vfiomig.vfio_user import (
     MigState,
     VfioUserCommandError,
@@ -118,6 +121,43 @@ def test_source_to_sink_between_two_sample_servers(
     assert b.states(log_b) == [0, 4, 0, 1]  # STOP, RESUME, STOP, RUNNING
 
 
+@pytest.mark.skipif(getattr(core, "SendJob", None) is None, reason="needs the C send path")
+def test_the_c_reader_sends_a_sample_servers_stream_as_the_trio_sender(
+    libvfio_user: LibVfioUser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded sample device's stream, read by the C reader thread (replies of libvfio-user
+    itself), is on every channel byte for byte what the trio sender writes; then SET STOP."""
+    import vfiomig.send._threads as threads_module
+
+    real = threads_module.send_threaded
+    modes: list[str] = []
+
+    async def spy(devices: Any, chosen: list[str], *args: Any, **kwargs: Any) -> None:
+        modes.extend(chosen)
+        await real(devices, chosen, *args, **kwargs)
+
+    native: list[bool] = []
+
+    async def send(path: str) -> list[str]:
+        hashes: dict[int, Any] = {}
+        source = SeededSource(path)
+        await run_send(source, 3, hashes=hashes, packet_size=1000)
+        native.append(source.read_natively)
+        return [hashes[i].hexdigest() for i in range(3)]
+
+    monkeypatch.setattr("vfiomig.send._sender.send_threaded", spy)
+    with sample_servers(libvfio_user, tmp_path, 2) as (a, b):
+        monkeypatch.setenv("VFIOMIG_SEND_THREADS", "1")
+        threaded = trio.run(send, a.path)
+        monkeypatch.setenv("VFIOMIG_SEND_THREADS", "0")
+        trio_sent = trio.run(send, b.path)
+        (code_a, log_a), (code_b, log_b) = a.wait(), b.wait()
+    assert modes == ["stream"] and native == [True, False]  # the C reader, then trio
+    assert threaded == trio_sent
+    assert code_a == 0 and code_b == 0, log_a + log_b
+    assert a.states(log_a) == b.states(log_b) == [0, 2, 0]  # STOP, STOP_AND_COPY, STOP
+
+
 def _send(source: str, connect: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -141,10 +181,12 @@ def test_cli_send_from_one_sample_server_receive_into_another(
 ) -> None:
     with sample_servers(libvfio_user, tmp_path, 2) as (a, b):
         rx = _receive(tmp_path, f"vfio-user:{b.path}")
-        send = _send(f"vfio-user:{a.path}", rx.data)
+        send = _send(f"vfio-user:{a.path}", rx.data, "-v")
         code, out, err = rx.wait()
         (code_a, log_a), (code_b, log_b) = a.wait(), b.wait()
     assert send.returncode == 0, send.stderr
+    # read by the C send path's reader thread (native/vfiomig_sendvu.c), not in Python
+    assert "sent from C threads (its reader thread reads the source)" in send.stderr
     assert code == 0, err
     row = json.loads(out)["devices"][0]
     assert row["loaded"] and row["bytes"] == STREAM

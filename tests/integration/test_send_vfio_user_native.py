@@ -165,7 +165,7 @@ CASES: dict[str, tuple[Callable[[], Stream], Mangle, float]] = {
 
 async def failed_send(
     name: str, threads: str, monkeypatch: pytest.MonkeyPatch
-) -> tuple[str, list[MigState], dict[int, str], list[str]]:
+) -> tuple[str, list[MigState], dict[int, str], list[str], bool]:
     """Send case ``name`` with ``VFIOMIG_SEND_THREADS=threads``: the error's text (the
     socket path as SOCK), the device's states, how the channels ended, the C path's modes."""
     make, mangle, timeout = CASES[name]
@@ -186,7 +186,8 @@ async def failed_send(
             await run_send(source, 3, endings=endings, packet_size=65536)
         await source.aclose()
     assert send_threads() == []
-    return str(info.value).replace(path, "SOCK"), stream.states, endings, modes
+    text = str(info.value).replace(path, "SOCK")
+    return text, stream.states, endings, modes, source.read_natively
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -194,9 +195,10 @@ async def test_a_failing_server_gives_the_python_clients_error(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with trio.fail_after(60):
-        text, states, endings, modes = await failed_send(name, "1", monkeypatch)
-        trio_text, trio_states, trio_endings, none = await failed_send(name, "0", monkeypatch)
-    assert modes == ["stream"] and none == []  # the C reader read it, then the trio sender
+        text, states, endings, modes, native = await failed_send(name, "1", monkeypatch)
+        trio_text, trio_states, trio_endings, none, _ = await failed_send(name, "0", monkeypatch)
+    assert modes == ["stream"] and none == []  # the C path, then the trio sender
+    assert native  # the C reader thread read it
     if name == "server-closes":  # which call sees the reset first is a race, either path
         lost = re.compile(
             r": vfio-user SOCK: (server closed the connection with \d+ replies outstanding"
@@ -248,7 +250,7 @@ async def test_a_cancel_with_replies_owed_leaves_the_device_running() -> None:
                 await run_send(source, 2, read=False, packet_size=65536)
             assert scope.cancelled_caught
             await source.aclose()
-    assert modes == ["stream"]
+    assert modes == ["stream"] and source.read_natively
     assert 0 < stream.at < len(stream.data)  # stopped mid-stream
     assert stream.states[-1] == MigState.RUNNING, stream.states
     assert send_threads() == []

@@ -134,6 +134,12 @@ class VfioUserSource(Source):
                     extra=event("source_abort_failed", self.description, reason=str(exc)),
                 )
 
+    @property
+    def read_natively(self) -> bool:
+        """Whether the C send path's reader thread read the STOP_COPY stream (to its end,
+        a failure or a cancel): it handed the socket back."""
+        return self._native not in (None, ())
+
     def streams_natively(self) -> bool:
         """The C send path's reader reads the STOP_COPY stream (`_native_read`) when the
         client is idle once started (else the stream is read here and pushed)."""
