@@ -6,14 +6,18 @@ them with one ``sendmsg`` per batch, waiting with ``poll`` when the socket is fu
 device comes to it in one of two ways:
 
 - a stream the C core reads itself (`Source.native_stream`, asked after ``start``:
-  ``synth:``, ``file:``, ``fd:``, and a kernel VFIO device's STOP_COPY data fd): a reader
+  ``synth:``, ``file:``, ``fd:``, a kernel VFIO device's STOP_COPY data fd, and a
+  ``vfio-user:`` client's socket in STOP_COPY, whose MIG_DATA_READ replies the reader
+  receives straight into its chunks, native/vfiomig_sendvu.c and
+  `vfiomig.vfio_user.client._native_read`): a reader
   thread per device reads it into pooled chunks of whole packets (the trio sender's
   `CHUNK`) and queues the packets in QEMU's round robin (one ``synth:`` or pattern device
   in packets from `DIRECT_MIN_PACKET` up needs no reader: each channel's thread makes its
   own share of the round robin, as ``cref_send``'s do; ``VFIOMIG_SEND_DIRECT=1`` at any
   packet size, ``0`` never);
 - any other source that does not fill buffers (a device whose reads are its packets: a
-  ``vfio-user:`` device, a VFIO device read through an injected function) is pushed: a
+  VFIO device read through an injected function, a ``vfio-user:`` client that is not
+  idle once started) is pushed: a
   task here reads it with ``read`` (a chunk of whole packets at a time when its reads
   fill what they are asked for, `Source.fills_reads`, else a packet; a vfio-user reply's
   data is a view of the buffer it was received in) and hands each read to the job, which
@@ -34,8 +38,12 @@ This task starts the job, runs the push tasks, waits for its descriptor (readabl
 the threads are done) and copies its counters into the `SendStatus` now and then. A
 cancel (SIGTERM, a failure elsewhere) cancels the job, whose threads wake from any wait
 at once (from a blocking send within its 100 ms ``SO_SNDTIMEO``; a reader blocked in a
-VFIO device's read ends that read first, see `vfiomig.vfio._source`), and joins them
-before it returns: no thread outlives the call. A source's failure names the device, the
+VFIO device's read ends that read first, see `vfiomig.vfio._source`; a vfio-user reader
+first collects the replies its device owes, within one reply timeout, so that the
+client can still SET RUNNING), waits for the job's descriptor (shielded: that server
+may be served by this event loop) and joins them before it returns: no thread outlives
+the call. Each source read by a reader then takes its stream back
+(`Source.native_joined`: a vfio-user client, broken unless the reader left it in step). A source's failure names the device, the
 cause and how far it got; the device is put back (`Source.native_failed`, then `abort`).
 
 Pacing per channel (``channel_rate``, ``channel_rates``) is the threads' too: each paces
