@@ -1,9 +1,12 @@
-"""What the C send path's tests share (test_send_threads.py, test_send_devices.py): a
-loopback receiver that drains, hashes, stalls or resets the channels, a `send_migration`
-of one device into it, and the send threads alive in this process."""
+"""What the C send path's tests share (test_send_threads.py, test_send_devices.py,
+test_send_vfio_user_native.py): a loopback receiver that drains, hashes, stalls or resets
+the channels, a `send_migration` of one device into it, the send threads alive in this
+process, a vfio-user device on vfiomig's own server whose stream is given bytes, and the
+channels' hashes of a send with or without the C send path."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
 import struct
@@ -11,10 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from tests.vfio_user_raw import serving
 from vfiomig._core._wire import HANDSHAKE_SIZE
 from vfiomig.send import SendDevice, SendError, send_migration
+from vfiomig.vfio_user import MigState as UserState
+from vfiomig.vfio_user import VfioUserDevice, VfioUserSource
 
 UUID = bytes(range(16))
 IDSTR = "0000:00:04.0/vfio"
@@ -128,3 +135,69 @@ async def run_send(
                 nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+class Stream:
+    """A vfio-user device whose STOP_COPY stream is ``data`` (replies of ``limit`` bytes);
+    with ``fail_at``, a MIG_DATA_READ that would reach that offset gets an ERROR reply."""
+
+    def __init__(self, data: bytes, limit: int, fail_at: int | None = None) -> None:
+        self.data = data
+        self.at = 0
+        self.fail_at = fail_at
+        self.states: list[UserState] = []
+        self.device = VfioUserDevice(migration=self, max_data_xfer_size=limit)
+
+    def transition(self, state: UserState) -> None:
+        self.states.append(state)
+
+    def read_data(self, size: int) -> bytes:
+        if self.fail_at is not None and self.at + size > self.fail_at:
+            raise OSError(errno.EIO, "the device failed")
+        chunk = self.data[self.at : self.at + size]
+        self.at += len(chunk)
+        return chunk
+
+    def write_data(self, data: memoryview) -> int:
+        return 0
+
+
+class UserDevice:
+    """A `VfioUserSource` on vfiomig's own server, its device a `Stream`."""
+
+    def __init__(self, stream: Stream, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self._serving: Any = None
+
+    async def __aenter__(self) -> VfioUserSource:
+        self._serving = serving(self.stream.device)
+        path = await self._serving.__aenter__()
+        return VfioUserSource(path, reply_timeout=5, max_data_xfer_size=self.limit)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._serving.__aexit__(*exc)
+
+
+async def hashes_of(
+    make: Callable[[], Any], channels: int, packet: int, threads: str
+) -> tuple[list[str], list[str]]:
+    """Send the source ``make()`` gives with ``VFIOMIG_SEND_THREADS=threads``: the sha256
+    of every channel, and the C send path's modes it chose (none: the trio sender)."""
+    import vfiomig.send._threads as threads_module
+
+    modes: list[str] = []
+    real = threads_module.send_threaded
+
+    async def spy(devices: Any, chosen: list[str], *args: Any, **kwargs: Any) -> None:
+        modes.extend(chosen)
+        await real(devices, chosen, *args, **kwargs)
+
+    hashes: dict[int, Any] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VFIOMIG_SEND_THREADS", threads)
+        mp.setattr("vfiomig.send._sender.send_threaded", spy)
+        async with make() as source:
+            await run_send(source, channels, hashes=hashes, packet_size=packet)
+    assert send_threads() == []
+    return [hashes[i].hexdigest() for i in range(channels)], modes

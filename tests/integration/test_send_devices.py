@@ -10,6 +10,7 @@ device back, and leave no thread behind."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -18,8 +19,14 @@ from typing import Any
 import pytest
 import trio
 
-from tests.integration.send_helpers import IDSTR, run_send, send_threads
-from tests.vfio_user_raw import serving
+from tests.integration.send_helpers import (
+    IDSTR,
+    Stream,
+    UserDevice,
+    hashes_of,
+    run_send,
+    send_threads,
+)
 from vfiomig import _core as core
 from vfiomig.send import SendError
 from vfiomig.sources import Source
@@ -28,38 +35,12 @@ from vfiomig.testing._fake_saving import SavingModel
 from vfiomig.vfio import VfioSource
 from vfiomig.vfio._uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY, MigState
 from vfiomig.vfio_user import MigState as UserState
-from vfiomig.vfio_user import VfioUserDevice, VfioUserSource
 
 pytestmark = pytest.mark.skipif(
     getattr(core, "SendJob", None) is None, reason="the C send path needs the C core"
 )
 
 FLAGS = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P
-
-
-class Stream:
-    """A vfio-user device whose STOP_COPY stream is ``data`` (replies of ``limit`` bytes);
-    with ``fail_at``, a MIG_DATA_READ that would reach that offset gets an ERROR reply."""
-
-    def __init__(self, data: bytes, limit: int, fail_at: int | None = None) -> None:
-        self.data = data
-        self.at = 0
-        self.fail_at = fail_at
-        self.states: list[UserState] = []
-        self.device = VfioUserDevice(migration=self, max_data_xfer_size=limit)
-
-    def transition(self, state: UserState) -> None:
-        self.states.append(state)
-
-    def read_data(self, size: int) -> bytes:
-        if self.fail_at is not None and self.at + size > self.fail_at:
-            raise OSError(errno.EIO, "the device failed")
-        chunk = self.data[self.at : self.at + size]
-        self.at += len(chunk)
-        return chunk
-
-    def write_data(self, data: memoryview) -> int:
-        return 0
 
 
 class ShortReads(Source):
@@ -81,30 +62,6 @@ class ShortReads(Source):
         return chunk
 
 
-async def hashes_of(
-    make: Callable[[], Any], channels: int, packet: int, threads: str
-) -> tuple[list[str], list[str]]:
-    """Send the source ``make()`` gives with ``VFIOMIG_SEND_THREADS=threads``: the sha256
-    of every channel, and the C send path's modes it chose (none: the trio sender)."""
-    import vfiomig.send._threads as threads_module
-
-    modes: list[str] = []
-    real = threads_module.send_threaded
-
-    async def spy(devices: Any, chosen: list[str], *args: Any, **kwargs: Any) -> None:
-        modes.extend(chosen)
-        await real(devices, chosen, *args, **kwargs)
-
-    hashes: dict[int, Any] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VFIOMIG_SEND_THREADS", threads)
-        mp.setattr("vfiomig.send._sender.send_threaded", spy)
-        async with make() as source:
-            await run_send(source, channels, hashes=hashes, packet_size=packet)
-    assert send_threads() == []
-    return [hashes[i].hexdigest() for i in range(channels)], modes
-
-
 class FakeVfio:
     """A `VfioSource` over a `FakeVfioDevice` of ``size`` STOP_COPY bytes: ``fed`` (its
     data fd a real socket, read with os.read) or read through the fake's ``read``."""
@@ -124,23 +81,6 @@ class FakeVfio:
     async def __aexit__(self, *exc: object) -> None:
         await self.source.aclose()
         self.fake.close()
-
-
-class UserDevice:
-    """A `VfioUserSource` on vfiomig's own server, its device a `Stream`."""
-
-    def __init__(self, stream: Stream, limit: int) -> None:
-        self.stream = stream
-        self.limit = limit
-        self._serving: Any = None
-
-    async def __aenter__(self) -> VfioUserSource:
-        self._serving = serving(self.stream.device)
-        path = await self._serving.__aenter__()
-        return VfioUserSource(path, reply_timeout=5, max_data_xfer_size=self.limit)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._serving.__aexit__(*exc)
 
 
 class Plain:
@@ -329,3 +269,19 @@ async def test_a_cancel_during_a_device_send_joins_every_thread(kind: str) -> No
         assert ctx.fake.state is MigState.RUNNING
     else:
         assert ctx.stream.states[-1] == UserState.RUNNING
+
+
+async def test_a_client_that_is_not_idle_is_read_and_pushed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that cannot hand its socket over once started keeps the Python reads
+    (pushed to the job): the same bytes."""
+    monkeypatch.setattr("vfiomig.vfio_user.VfioUserClient.native_read", lambda self: None)
+    caplog.set_level(logging.INFO, logger="vfiomig")
+    with trio.fail_after(60):
+        hashes, modes = await hashes_of(
+            lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 3, 65536, "1"
+        )
+    assert modes == ["stream"]  # chosen before start; the device was pushed after all
+    assert "sent from C threads (read here, pushed)" in caplog.text
+    assert hashes == GOLDEN["vfio-user-3ch-64k"]

@@ -6,8 +6,8 @@ thread left behind. A proxy in front of vfiomig's own server rewrites the server
 
 from __future__ import annotations
 
-import logging
 import os
+import random
 import re
 import socket
 import struct
@@ -19,8 +19,7 @@ import pytest
 import trio
 
 import vfiomig.send._threads as threads_module
-from tests.integration.send_helpers import run_send, send_threads
-from tests.integration.test_send_devices import DATA, GOLDEN, Stream, UserDevice, hashes_of
+from tests.integration.send_helpers import Stream, run_send, send_threads
 from tests.vfio_user_raw import serving
 from vfiomig import _core as core
 from vfiomig.send import SendError
@@ -31,6 +30,7 @@ pytestmark = pytest.mark.skipif(
     getattr(core, "SendJob", None) is None, reason="the C send path needs the C core"
 )
 
+DATA = random.Random(5).randbytes((3 << 20) + 4321)
 LIMIT = 1 << 16  # the server's max_data_xfer_size: 64 KiB replies, a window of 128
 REPLY = 0x1
 READ = int(Command.MIG_DATA_READ)
@@ -254,19 +254,3 @@ async def test_a_cancel_with_replies_owed_leaves_the_device_running() -> None:
     assert 0 < stream.at < len(stream.data)  # stopped mid-stream
     assert stream.states[-1] == MigState.RUNNING, stream.states
     assert send_threads() == []
-
-
-async def test_a_client_that_is_not_idle_is_read_and_pushed(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A client that cannot hand its socket over once started keeps the Python reads
-    (pushed to the job): the same bytes."""
-    monkeypatch.setattr("vfiomig.vfio_user.VfioUserClient.native_read", lambda self: None)
-    caplog.set_level(logging.INFO, logger="vfiomig")
-    with trio.fail_after(60):
-        hashes, modes = await hashes_of(
-            lambda: UserDevice(Stream(DATA, 1 << 20), 1 << 20), 3, 65536, "1"
-        )
-    assert modes == ["stream"]  # chosen before start; the device was pushed after all
-    assert "sent from C threads (read here, pushed)" in caplog.text
-    assert hashes == GOLDEN["vfio-user-3ch-64k"]
