@@ -185,8 +185,9 @@ def test_cli_send_from_one_sample_server_receive_into_another(
         code, out, err = rx.wait()
         (code_a, log_a), (code_b, log_b) = a.wait(), b.wait()
     assert send.returncode == 0, send.stderr
-    # read by the C send path's reader thread (native/vfiomig_sendvu.c), not in Python
-    assert "sent from C threads (its reader thread reads the source)" in send.stderr
+    if getattr(core, "SendJob", None) is not None:  # the pure core keeps the trio sender
+        # read by the C send path's reader thread (native/vfiomig_sendvu.c), not in Python
+        assert "sent from C threads (its reader thread reads the source)" in send.stderr
     assert code == 0, err
     row = json.loads(out)["devices"][0]
     assert row["loaded"] and row["bytes"] == STREAM
