@@ -140,6 +140,36 @@ def request(message: bytes, reads: int) -> bytes:
     return message
 
 
+def too_much(message: bytes, reads: int) -> bytes:
+    """The fourth read reply says one byte more than it carries."""
+    if reads == 3 and _is_read_reply(message):
+        carried = len(message) - 24
+        return message[:20] + struct.pack("=I", carried + 1) + message[24:]
+    return message
+
+
+def short(message: bytes, reads: int) -> bytes:
+    """The fourth read reply's payload is 4 bytes: not even its sizes."""
+    if reads == 3 and _is_read_reply(message):
+        return struct.pack("=HHI", *struct.unpack_from("=HH", message), 20) + message[8:20]
+    return message
+
+
+def swapped() -> Mangle:
+    """The fourth and fifth read replies come in each other's place."""
+    held: list[bytes] = []
+
+    def mangle(message: bytes, reads: int) -> bytes:
+        if reads == 3 and _is_read_reply(message):
+            held.append(message)
+            return b""
+        if reads == 4 and held:
+            return message + held.pop()
+        return message
+
+    return mangle
+
+
 def close(message: bytes, reads: int) -> bytes | None:
     return CLOSE if reads == 3 and _is_read_reply(message) else message
 
@@ -158,6 +188,8 @@ CASES: dict[str, tuple[Callable[[], Stream], Mangle, float]] = {
     "after-end": (lambda: Resumes(DATA[:300_000], LIMIT), keep, 5),
     "stray-msg-id": (lambda: Stream(DATA, LIMIT), stray, 5),
     "server-request": (lambda: Stream(DATA, LIMIT), request, 5),
+    "too-much": (lambda: Stream(DATA, LIMIT), too_much, 5),
+    "short-payload": (lambda: Stream(DATA, LIMIT), short, 5),
     "server-closes": (lambda: Stream(DATA, LIMIT), close, 5),
     "server-hangs": (lambda: Stream(DATA, LIMIT), hang, 1),
 }
@@ -219,6 +251,8 @@ async def test_a_failing_server_gives_the_python_clients_error(
         "after-end": "mig data read returned 3 bytes after the end",
         "stray-msg-id": "MIG_DATA_READ reply to msg_id",
         "server-request": "server sent DMA_READ msg_id 77 with flags 0x0 while MIG_DATA_READ",
+        "too-much": "mig data read returned 65537 bytes (asked 65536, carried 65536)",
+        "short-payload": "MIG_DATA_READ reply payload of 4 bytes is too short (min 8)",
         "server-closes": "vfio-user SOCK: ",
         "server-hangs": "waiting for a reply took longer than 1 s",
     }[name]
@@ -229,6 +263,29 @@ async def test_a_failing_server_gives_the_python_clients_error(
         assert states[-1] == MigState.RUNNING, states
     else:
         assert states[-1] == MigState.STOP_COPY, states
+
+
+async def test_replies_out_of_request_order_break_the_protocol() -> None:
+    """The Python pipeline keeps a reply that comes before its turn aside; the C reader
+    receives each reply's data into its place in the stream and takes replies in request
+    order only (servers process requests in the order received): a protocol error."""
+    stream = Stream(DATA, LIMIT)
+    with trio.fail_after(60):
+        async with serving(stream.device) as server_path, proxied(server_path, swapped()) as path:
+            source = VfioUserSource(path, reply_timeout=5, max_data_xfer_size=LIMIT)
+            with pytest.raises(SendError) as info:
+                await run_send(source, 3, packet_size=65536)
+            await source.aclose()
+    text = str(info.value).replace(path, "SOCK")
+    assert source.read_natively
+    assert re.fullmatch(
+        r"0000:00:04\.0/vfio/0: reading source vfio-user:SOCK failed: vfio-user SOCK: server"
+        r" answered MIG_DATA_READ msg_id (\d+) before msg_id (\d+) \(replies out of request"
+        r" order\)",
+        text,
+    ), text
+    assert stream.states[-1] == MigState.STOP_COPY  # broken: left as it was
+    assert send_threads() == []
 
 
 async def test_a_cancel_with_replies_owed_leaves_the_device_running() -> None:
