@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Final
+from typing import Final, Literal, TypeAlias, get_args
 
 from vfiomig._core._errors import SinkError
 from vfiomig.vfio_user._header import ProtocolError, command_name
 from vfiomig.vfio_user._migration_bodies import MIG_DATA_HEADER_SIZE, READ
 from vfiomig.vfio_user.client._pipeline import VfioUserCommandError, describe_errno
 
-#: native/vfiomig_sendjob.h's enum vfm_vu_failure, in order.
-FAILURES: Final = (
+#: Why the C reader failed: native/vfiomig_sendjob.h's enum vfm_vu_failure.
+Failure: TypeAlias = Literal[
     "ok",
     "reply",
     "timeout",
@@ -41,7 +41,9 @@ FAILURES: Final = (
     "short",
     "too-much",
     "after-end",
-)
+]
+#: The enum's values, in order.
+FAILURES: Final[tuple[Failure, ...]] = get_args(Failure)
 
 
 def _read_error(where: str, size: int, server_errno: int, offset: int) -> VfioUserCommandError:
@@ -53,7 +55,7 @@ def _read_error(where: str, size: int, server_errno: int, offset: int) -> VfioUs
     )
 
 
-def _protocol_text(failure: str, a: int, b: int, c: int) -> str:
+def _protocol_text(failure: Failure, a: int, b: int, c: int) -> str:
     """The Python pipeline's words for a protocol violation (`_pipeline`, `_read_pipeline`)."""
     if failure == "small":
         return f"message size {a} is below the header size 16"
