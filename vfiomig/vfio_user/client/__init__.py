@@ -7,7 +7,9 @@ DMA_READ / DMA_WRITE from the `GuestMemory` the client provides; the device call
 `MappedRegion`), their ioeventfds (`RegionIoFd`), REGION_WRITE_MULTI, interrupts on
 eventfds (`Interrupt`) and their masks, DMA_MAP of memfds (`GuestRegion`), dirty logging); migration state changes; its MIG_DATA_WRITE / MIG_DATA_READ pipelines
 (`_pipeline`, `_read_pipeline`) keep a window of messages in flight straight on the socket,
-read data handed out as views of receive arenas. On it: the ``vfio-user:SOCKPATH`` sink
+read data handed out as views of receive arenas; in STOP_COPY the socket may instead go to
+the C send path's reader thread, which reads the same way in C (`_native_read`,
+`VfioUserClient.native_read`). On it: the ``vfio-user:SOCKPATH`` sink
 (`open_vfio_user_sink`) that loads a device's state, and the source (`open_vfio_user_source`)
 that reads it, PCI config space included (`_config_space`). A refused request raises
 `VfioUserCommandError` (`WriteFailed` for a MIG_DATA_WRITE, with its stream offset and idx

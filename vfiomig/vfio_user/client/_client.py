@@ -77,7 +77,8 @@ class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
     Create with `open_vfio_user_client`. Several tasks may have requests outstanding at
     once (see `_channel`); the MIG_DATA pipelines (`write_data`, `read_stream`) want the
     socket to themselves and go one message at a time while `serve_requests` runs or
-    other requests are outstanding. The device side of the protocol (`device_info`,
+    other requests are outstanding. An idle client may lend its socket to the C send
+    path's reader for the STOP_COPY stream (`native_read`, `native_read_ended`). The device side of the protocol (`device_info`,
     `region`, `map_region`, `irq_info`, `set_irq_eventfds`, `map_dma`, the DMA logging
     calls) comes from `_device_calls.DeviceCalls`.
 
