@@ -14,6 +14,7 @@ import trio
 from tests.integration.control_helpers import IDSTR, UUID, running_receiver
 from tests.libvfio_user import LibVfioUser
 from vfiomig import SendDevice, send_migration
+from vfiomig import _core as core
 from vfiomig.send import PrecopyOptions
 from vfiomig.testing import MemorySink
 from vfiomig.vfio_user import VfioUserClient, VfioUserSource
@@ -46,7 +47,7 @@ async def test_libvfio_user_server_as_a_pre_copy_source(
                     connect_to=[rx.data_address],
                     channels=2,
                     uuid=UUID,
-                    devices=[SendDevice(IDSTR, 0, _PatternedSource(sock))],
+                    devices=[SendDevice(IDSTR, 0, source := _PatternedSource(sock))],
                     packet_size=4096,
                     control=rx.control_address,
                     precopy_options=PrecopyOptions(threshold=0, rounds=4),
@@ -66,6 +67,8 @@ async def test_libvfio_user_server_as_a_pre_copy_source(
         "converged",
     )
     assert report.bytes == BAR1 + BAR0
+    # The precopy phase read in Python; STOP_COPY by the C send path's reader, if any.
+    assert source.read_natively == (getattr(core, "SendJob", None) is not None)
     # Precopy: BAR1; STOP_COPY: BAR1 again, then BAR0.
     assert bytes(sink.data) == PATTERN + PATTERN + bytes(BAR0) and "finish" in sink.calls
     # The server walked RUNNING -> PRE_COPY -> STOP_AND_COPY -> STOP (its own numbering:
