@@ -14,8 +14,8 @@
  * packets past the first one some channel has not sent.  Left to themselves on a loaded
  * machine they drifted apart, and the receiver held every packet above its first missing
  * idx: 64 KiB x 4, 2 GiB of synth:, its peak_queued_bytes 215 MB against 5.6 MB fed by a
- * reader, which is why direct mode moved fewer GB/s with less CPU (benchmarks/README.md,
- * round 5).
+ * reader, which is why direct mode moved fewer GB/s with less CPU below 1 MiB packets
+ * (benchmarks/README.md, rounds 4 and 5).
  *
  * Synthetic bytes are made VFM_SJ_FILL_BYTES at a time right before the sendmsg that
  * sends them, so that the kernel copies them while they are in this core's L2 (1 MiB
@@ -42,34 +42,43 @@ int vfm_sj_direct_ok(const struct vfm_sendjob *job)
            (dev->kind == VFM_SJ_SYNTH || dev->kind == VFM_SJ_PATTERN);
 }
 
-/* How far past the slowest channel's first unsent packet a channel may begin one: the
- * packets the channels' limits hold between them, as a reader lets them hold (each at
- * most `limit` bytes queued, at least a packet). */
+/* How far past the slowest channel's first unsent packet a channel may begin one: twice
+ * the packets the channels' limits hold between them as a reader lets them hold (each at
+ * most `limit` bytes queued, at least a packet).  Once the window (4 KiB x 4: a wait per
+ * batch or so) cost 13 % more CPU than no window; twice it, none measurable (quiet A/B,
+ * benchmarks/README.md round 5). */
 static uint64_t direct_window(const struct vfm_sendjob *job)
 {
     uint64_t per_channel = (job->limit + job->packet_size - 1) / job->packet_size;
 
-    return (uint64_t)job->nchan * (per_channel ? per_channel : 1);
+    return 2 * (uint64_t)job->nchan * (per_channel ? per_channel : 1);
+}
+
+/* The first packet some channel has not sent (lock held). */
+static uint64_t slowest(const struct vfm_sendjob *job)
+{
+    uint64_t k = UINT64_MAX;
+
+    for (unsigned c = 0; c < job->nchan; c++)
+        if (job->chans[c].direct_k < k)
+            k = job->chans[c].direct_k;
+    return k;
 }
 
 /* Channel id has sent every packet of its share before k (UINT64_MAX: all of it): say
- * so (waking a channel waiting for it), then wait while k is direct_window() or more
- * past the slowest channel's first unsent packet (never the slowest itself: no
- * deadlock).  A failure ends the wait (vfm_sj_fail broadcasts room).  Lock held. */
+ * so (waking the channels waiting, but only when it was the slowest: nobody else's wait
+ * can end), then wait while k is direct_window() or more past the slowest channel's
+ * first unsent packet (never the slowest itself: no deadlock).  A failure ends the wait
+ * (vfm_sj_fail broadcasts room).  Lock held. */
 static void keep_in_step(struct vfm_sendjob *job, unsigned id, uint64_t k)
 {
     uint64_t window = direct_window(job);
+    int was_slowest = job->chans[id].direct_k == slowest(job);
 
     job->chans[id].direct_k = k;
-    if (job->room_waiters)
+    if (job->room_waiters && was_slowest)
         pthread_cond_broadcast(&job->room);
-    while (!job->failed && k != UINT64_MAX) {
-        uint64_t slowest = UINT64_MAX;
-        for (unsigned c = 0; c < job->nchan; c++)
-            if (job->chans[c].direct_k < slowest)
-                slowest = job->chans[c].direct_k;
-        if (k - slowest < window)
-            break;
+    while (!job->failed && k != UINT64_MAX && k - slowest(job) >= window) {
         job->room_waiters++;
         pthread_cond_wait(&job->room, &job->lock);
         job->room_waiters--;

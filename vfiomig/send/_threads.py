@@ -12,9 +12,9 @@ device comes to it in one of two ways:
   `vfiomig.vfio_user.client._native_read`): a reader
   thread per device reads it into pooled chunks of whole packets (the trio sender's
   `CHUNK`) and queues the packets in QEMU's round robin (one ``synth:`` or pattern device
-  in packets from `DIRECT_MIN_PACKET` up needs no reader: each channel's thread makes its
-  own share of the round robin, as ``cref_send``'s do; ``VFIOMIG_SEND_DIRECT=1`` at any
-  packet size, ``0`` never);
+  needs no reader: each channel's thread makes its own share of the round robin, as
+  ``cref_send``'s do, kept within the channels' limits of each other;
+  ``VFIOMIG_SEND_DIRECT=0``: fed by a reader all the same);
 - any other source that does not fill buffers (a device whose reads are its packets: a
   VFIO device read through an injected function, a ``vfio-user:`` client that is not
   idle once started) is pushed: a
@@ -160,7 +160,7 @@ async def send_threaded(
             extra=event("send_threads", device.name, mode=mode),
         )
     fds = [w.sock.fileno() for w in writers if w.sock is not None]
-    direct = _direct(packet_size)
+    direct = _direct()
     rates = [w.rate or 0.0 for w in writers]  # channel_rate(s): each thread paces itself
     job = core.SendJob(
         fds,
@@ -234,21 +234,14 @@ async def _push(job: Any, d: int, device: SendDevice, size: int, failures: list[
         job.cancel()
 
 
-#: Packets from this size up are made by the channels' threads themselves when they can
-#: (`SendJob`'s direct mode); smaller ones are cut by a reader thread. Quiet A/B runs
-#: (benchmarks/README.md, round 4): at 4 KiB and 64 KiB the reader-fed channels moved more
-#: GB/s (4 KiB: 0.80-0.93x cref against 0.65-0.77x direct) though direct spent less CPU;
-#: at 1 MiB x 4 direct was the fastest (1.10x).
-DIRECT_MIN_PACKET = 1 << 20
-
-
-def _direct(packet_size: int) -> bool:
-    """Whether to let `SendJob` run without a reader: ``VFIOMIG_SEND_DIRECT`` 1 (when
-    the job can), 0 (never), else from `DIRECT_MIN_PACKET` up."""
-    value = os.environ.get("VFIOMIG_SEND_DIRECT")
-    if value in ("0", "1"):
-        return value == "1"
-    return packet_size >= DIRECT_MIN_PACKET
+def _direct() -> bool:
+    """Whether to let `SendJob` run without a reader when it can (one ``synth:`` or
+    pattern device): yes, unless ``VFIOMIG_SEND_DIRECT=0``. Quiet A/B runs
+    (benchmarks/README.md, round 5), once the direct channels were kept in step: as fast
+    as the reader-fed ones at 4 KiB, 64 KiB and 1 MiB x 4 and cheaper (4 KiB: 0.63
+    against 0.78 CPU s/GiB). Before that they drifted apart, and lost by rate below
+    1 MiB (round 4), which is why they were used only from 1 MiB packets up then."""
+    return os.environ.get("VFIOMIG_SEND_DIRECT") != "0"
 
 
 def zerocopy_mode() -> int:
