@@ -145,3 +145,16 @@ async def serving(device: VfioUserDevice) -> AsyncIterator[str]:
             yield path
             nursery.cancel_scope.cancel()
         assert not await trio.Path(path).exists()
+
+
+def take_messages(pending: bytes) -> tuple[list[bytes], bytes]:
+    """The whole vfio-user messages at the start of ``pending`` (each as long as its
+    header's size says), and what is left of it (a message in part)."""
+    messages = []
+    while len(pending) >= 16:
+        size = int.from_bytes(pending[4:8], "little")
+        if len(pending) < size:
+            break
+        messages.append(pending[:size])
+        pending = pending[size:]
+    return messages, pending

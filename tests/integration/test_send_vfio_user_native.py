@@ -20,7 +20,7 @@ import trio
 
 import vfiomig.send._threads as threads_module
 from tests.integration.send_helpers import Stream, run_send, send_threads
-from tests.vfio_user_raw import serving
+from tests.vfio_user_raw import serving, take_messages
 from vfiomig import _core as core
 from vfiomig.send import SendError
 from vfiomig.vfio_user import MigState, VfioUserSource
@@ -81,12 +81,8 @@ async def _proxy(
         pending = b""
         reads = 0
         while data := await up.receive_some(1 << 20):
-            pending += data
-            while len(pending) >= 16:
-                size = int.from_bytes(pending[4:8], "little")
-                if len(pending) < size:
-                    break
-                message, pending = pending[:size], pending[size:]
+            messages, pending = take_messages(pending + data)
+            for message in messages:
                 out = mangle(message, reads)
                 reads += _is_read_reply(message)
                 if out is None:

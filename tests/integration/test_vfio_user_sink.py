@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from tests.integration.sink_helpers import failed_migration
+from tests.vfio_user_raw import take_messages
 from vfiomig._core._errors import SinkError, UsageError
 from vfiomig._core._wire import wrap_config
 from vfiomig.cli._specs import open_sink, open_source
@@ -524,12 +525,8 @@ async def stop_reading_after_an_error(
     async def downstream() -> None:
         pending = b""
         while data := await server.receive_some(1 << 16):
-            pending += data
-            while len(pending) >= 16:
-                size = int.from_bytes(pending[4:8], "little")
-                if len(pending) < size:
-                    break
-                message, pending = pending[:size], pending[size:]
+            messages, pending = take_messages(pending + data)
+            for message in messages:
                 await client.send_all(message)
                 if int.from_bytes(message[8:12], "little") == 0x21:  # reply | error
                     refused.set()
