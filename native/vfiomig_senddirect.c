@@ -17,12 +17,11 @@
  * reader, which is why direct mode moved fewer GB/s with less CPU below 1 MiB packets
  * (benchmarks/README.md, rounds 4 and 5).
  *
- * Synthetic bytes are made VFM_SJ_FILL_BYTES at a time right before the sendmsg that
- * sends them, so that the kernel copies them while they are in this core's L2 (1 MiB
- * here, shared with the base block and the kernel's own buffers), and a thread's scratch
- * stays small whatever the packet size (a larger packet is sent in several pieces, its
- * header with the first).  256 KiB against 1 MiB made no difference measurable on the
- * loaded machine of round 4 (benchmarks/README.md).
+ * Synthetic bytes are made fill_bytes() at a time right before the sendmsg that sends
+ * them, so that the kernel copies them while they are in this core's L2 (1 MiB here,
+ * shared with the base block and the kernel's own buffers), and a thread's scratch stays
+ * small whatever the packet size (a larger packet is sent in several pieces, its header
+ * with the first).
  */
 #define _GNU_SOURCE
 #include "vfiomig_sendjob.h"
@@ -31,8 +30,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Synthetic bytes made per sendmsg: a quarter of a 1 MiB L2, with the kernel's copy. */
-#define VFM_SJ_FILL_BYTES (256u << 10)
+/* Synthetic bytes made per sendmsg: a packet, at least VFM_SJ_FILL_MIN (a quarter of a
+ * 1 MiB L2, with the kernel's copy), at most VFM_SJ_FILL_MAX.  Quiet A/B (benchmarks/
+ * README.md, round 5): a whole 1 MiB packet per sendmsg against 256 KiB pieces, 1 MiB x 1
+ * 1.03-1.04x against 0.84-0.91x cref-same and 8-15 % less CPU, x 4 ~9 % less CPU; 1 MiB
+ * fills at 64 KiB packets lost (0.81x against 0.89x, 14 % more CPU): smaller packets
+ * keep 256 KiB. */
+#define VFM_SJ_FILL_MIN (256u << 10)
+#define VFM_SJ_FILL_MAX (1u << 20)
+
+static size_t fill_bytes(const struct vfm_sendjob *job)
+{
+    if (job->packet_size <= VFM_SJ_FILL_MIN)
+        return VFM_SJ_FILL_MIN;
+    return job->packet_size < VFM_SJ_FILL_MAX ? job->packet_size : VFM_SJ_FILL_MAX;
+}
 
 int vfm_sj_direct_ok(const struct vfm_sendjob *job)
 {
@@ -104,7 +116,7 @@ static uint32_t packet_len(const struct vfm_sendjob *job, const struct vfm_sj_de
 }
 
 /* Fill iov with the next pieces of this channel's share: whole packets up to
- * VFM_SJ_BATCH of them or VFM_SJ_BATCH_BYTES, synthetic data at most VFM_SJ_FILL_BYTES
+ * VFM_SJ_BATCH of them or VFM_SJ_BATCH_BYTES, synthetic data at most `fill` bytes
  * (a packet may be cut there: its header goes with its first piece), and when paced only
  * the packets due (`budget` wire bytes; *charged gets those begun here).  The iovecs. */
 static size_t next_batch(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsigned nchan,
@@ -112,11 +124,11 @@ static size_t next_batch(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsign
                          unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE], unsigned char *scratch,
                          struct iovec *iov, uint64_t budget, uint64_t *charged)
 {
-    size_t cnt = 0, bytes = 0, made = 0, n = 0;
+    size_t cnt = 0, bytes = 0, made = 0, n = 0, fill = fill_bytes(job);
 
     *charged = 0;
     while (pos->k <= npackets && n < VFM_SJ_BATCH && bytes < VFM_SJ_BATCH_BYTES &&
-           made < VFM_SJ_FILL_BYTES) {
+           made < fill) {
         uint64_t start = pos->k * job->packet_size;
         uint32_t len = packet_len(job, dev, npackets, pos->k);
         size_t take = len - pos->off;
@@ -134,8 +146,8 @@ static size_t next_batch(struct vfm_sendjob *job, struct vfm_sj_dev *dev, unsign
         if (pos->k == npackets) {
             iov[cnt].iov_base = dev->config;
         } else if (dev->kind == VFM_SJ_SYNTH) {
-            if (take > VFM_SJ_FILL_BYTES - made)
-                take = VFM_SJ_FILL_BYTES - made;
+            if (take > fill - made)
+                take = fill - made;
             vfm_synth_fill(scratch + made, dev->base, dev->seed, start + pos->off, take);
             iov[cnt].iov_base = scratch + made;
             made += take;
@@ -166,7 +178,7 @@ void *vfm_sj_direct_main(void *arg)
     struct direct_pos pos = {.k = id, .off = 0};
     unsigned char (*hdrs)[VFM_PACKET_HEADER_SIZE] = malloc(VFM_SJ_BATCH * sizeof(*hdrs));
     struct iovec *iov = malloc(2 * VFM_SJ_BATCH * sizeof(*iov));
-    unsigned char *scratch = dev->kind == VFM_SJ_SYNTH ? malloc(VFM_SJ_FILL_BYTES) : NULL;
+    unsigned char *scratch = dev->kind == VFM_SJ_SYNTH ? malloc(fill_bytes(job)) : NULL;
     struct vfm_sj_sock_mode saved;
     int is_blocking = vfm_sj_chan_begin(job, id, &saved);
 
