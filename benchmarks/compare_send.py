@@ -21,29 +21,30 @@ Usage::
 
 A case is ``PACKET:CHANNELS:SOURCE``; SOURCE is what `vfiomig send` reads: ``synth``
 (``synth:SIZE:1``), ``file`` (a file in /dev/shm, in the page cache, written before the
-runs), ``pipe`` (``fd:N``, a pipe enlarged to 1 MiB fed by ``cat`` of that file in its
-own process), ``vfio-user`` (vfiomig's own vfio-user server with a null device,
+runs), ``pipe`` (``fd:N``, a pipe enlarged to 1 MiB fed by ``cat`` of that file in its own
+process), ``vfio-user`` (vfiomig's own vfio-user server with a null device,
 ``benchmarks.vfio_user.null_device``, a fresh process per run, whose STOP_COPY stream is
-SIZE bytes) or ``vfio`` (the fast fake kernel VFIO device: `FakeVfioDevice` with a
-``fed`` saving model, its STOP_COPY data fd a UNIX socket a thread feeds with SIZE bytes,
-in the sender's process through ``tests.e2e.fakevfio_send``). cref_send always sends its
-one repeated block: into the same receiver it is "receive alone". Sender ``read``
-(device sources only) is the source alone: vfiomig's `VfioUserSource` reading the device
-to its end, sending nothing (``benchmarks/vfio_user/pyclient.py``), or the fake VFIO
-device's data fd read to its end (``benchmarks.fake_vfio_read``); a device case's verdict
-is ``send`` against the slower of ``read`` and ``cref``. Senders: ``cref``, ``cref-same``
-(cref_send making the bytes the case's source carries: ``--data synth`` made per packet
-the way ``synth:`` makes them, ``--data file:PATH`` pread from the same file, ``--data
-fd:N`` read in order from a pipe fed as the ``pipe`` case's is; not for devices: what a
-plain C sender pays for those bytes, the yardstick for the work vfiomig cannot skip), ``send`` (native core), ``trio`` (the native core's trio sender,
-``VFIOMIG_SEND_THREADS=0``), ``pure`` (``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another
-checkout, ``VFIOMIG_BASE=DIR`` as in `benchmarks.compare`), ``send-direct`` / ``send-fed``
-(and ``base-direct`` / ``base-fed``: the C path's channel threads forced to make their own
-packets, or to be fed by a reader, ``VFIOMIG_SEND_DIRECT=1/0``), ``bench`` (the sender process
-of ``vfiomig bench``, `vfiomig.bench._sendproc`, its pattern source; any SOURCE). With
-``--receiver cref`` (the C reference receiver, faster than vfiomig's) a sender's figure is
-what it sustains, so ``--receiver cref --senders cref,bench`` next to a default run says
-how far ahead of vfiomig's receiver bench's sender is.
+SIZE bytes) or ``vfio`` (the fast fake kernel VFIO device: `FakeVfioDevice` with a ``fed``
+saving model, its STOP_COPY data fd a UNIX socket a thread feeds with SIZE bytes, in the
+sender's process through ``tests.e2e.fakevfio_send``). cref_send always sends its one
+repeated block: into the same receiver it is "receive alone". Sender ``read`` (device
+sources only) is the source alone: vfiomig's `VfioUserSource` reading the device to its end,
+sending nothing (``benchmarks/vfio_user/pyclient.py``), or the fake VFIO device's data fd
+read to its end (``benchmarks.fake_vfio_read``); a device case's verdict is ``send`` against
+the slower of ``read`` and ``cref``. Senders: ``cref``, ``cref-same`` (cref_send making the
+bytes the case's source carries: ``--data synth`` made per packet the way ``synth:`` makes
+them, ``--data file:PATH`` pread from the same file, ``--data fd:N`` read in order from a
+pipe fed as the ``pipe`` case's is; not for devices: what a plain C sender pays for those
+bytes, the yardstick for the work vfiomig cannot skip), ``send`` (native core), ``trio``
+(the native core's trio sender, ``VFIOMIG_SEND_THREADS=0``), ``pure``
+(``VFIOMIG_PUREPYTHON=1``), ``base`` / ``base-pure`` (another checkout, ``VFIOMIG_BASE=DIR``
+as in `benchmarks.compare`), ``send-direct`` / ``send-fed`` (and ``base-direct`` /
+``base-fed``: the C path's channel threads forced to make their own packets, or to be fed by
+a reader, ``VFIOMIG_SEND_DIRECT=1/0``), ``bench`` (the sender process of ``vfiomig bench``,
+`vfiomig.bench._sendproc`, its pattern source; any SOURCE). With ``--receiver cref`` (the C
+reference receiver, faster than vfiomig's) a sender's figure is what it sustains, so
+``--receiver cref --senders cref,bench`` next to a default run says how far ahead of
+vfiomig's receiver bench's sender is.
 """
 
 from __future__ import annotations

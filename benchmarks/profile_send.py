@@ -7,14 +7,14 @@ Usage::
 The receiver is ``vfiomig receive`` (native core, null sink), as in
 `benchmarks.compare_send`; the sender (``vfiomig send``, or ``cref_send`` with ``--cref``)
 sends ``--size`` bytes, and ``perf record -g`` samples it for ``--seconds`` from the moment
-the sender has connected its channels, plus 0.3 s (start-up left out). Samples are grouped by where they
-land: the kernel's copy into socket buffers (``_copy_from_iter``), the rest of the kernel's
-send path, other kernel work (epoll, page faults, softirq), reading the source (numpy's
-XOR for ``synth``, the read copy for ``file``/``pipe``; a ``pipe`` is fed by ``cat`` of a
-file of at most 1 GiB, as often as ``--size`` needs, into a pipe of 1 MiB as in
-`benchmarks.compare_send`), sendfile's and splice's taking of
-the source's pages (the zero-copy sends, vfiomig_sendzc.c), the C core, the interpreter
-(trio's scheduling and vfiomig's Python), and the rest (libc, ...). perf must be on PATH.
+the sender has connected its channels, plus 0.3 s (start-up left out). Samples are grouped
+by where they land: the kernel's copy into socket buffers (``_copy_from_iter``), the rest of
+the kernel's send path, other kernel work (epoll, page faults, softirq), reading the source
+(numpy's XOR for ``synth``, the read copy for ``file``/``pipe``; a ``pipe`` is fed by
+``cat`` of a file of at most 1 GiB, as often as ``--size`` needs, into a pipe of 1 MiB as in
+`benchmarks.compare_send`), sendfile's and splice's taking of the source's pages (the
+zero-copy sends, vfiomig_sendzc.c), the C core, the interpreter (trio's scheduling and
+vfiomig's Python), and the rest (libc, ...). perf must be on PATH.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Device sources on the C send path (`vfiomig.send._threads`): a kernel VFIO device's data
-fd read by a C reader thread (a ``fed`` `FakeVfioDevice`: its data fd a real socket a
-thread feeds), vfiomig's own vfio-user server whose replies a C reader thread receives
+fd read by a C reader thread (a ``fed`` `FakeVfioDevice`: its data fd a real socket a thread
+feeds), vfiomig's own vfio-user server whose replies a C reader thread receives
 (native/vfiomig_sendvu.c; its failures in test_send_vfio_user_native.py), and devices read
 in Python and pushed to the job (a VFIO device read through the fake's injected ``read``, a
-source whose reads are short). Each writes on every channel the bytes of the trio sender (``VFIOMIG_SEND_THREADS=0``)
-and of the pure core; failures name the device, the cause and how far it got, put the
-device back, and leave no thread behind."""
+source whose reads are short). Each writes on every channel the bytes of the trio sender
+(``VFIOMIG_SEND_THREADS=0``) and of the pure core; failures name the device, the cause and
+how far it got, put the device back, and leave no thread behind."""
 
 from __future__ import annotations
 

@@ -27,24 +27,24 @@ device comes to it in one of two ways:
   eventfd, an awaitable wait in the event loop (`SendJob.room`), never a blocking one.
 
 The bytes on every channel are those of the trio sender (tests/integration/
-test_send_wire.py), and so is the backpressure: a reader waits while a channel it used
-holds more than the same limit. Zero-copy where it pays (native/vfiomig_sendzc.c,
-`zerocopy_mode`): a regular file's packets go with ``sendfile`` after their header, a
-pipe's (a socket's only when forced) are spliced into a pipe per channel by the reader and from there
-into the socket; a file that shrinks while it is sent fails its device (kind
+test_send_wire.py), and so is the backpressure: a reader waits while a channel it used holds
+more than the same limit. Zero-copy where it pays (native/vfiomig_sendzc.c,
+`zerocopy_mode`): a regular file's packets go with ``sendfile`` after their header, a pipe's
+(a socket's only when forced) are spliced into a pipe per channel by the reader and from
+there into the socket; a file that shrinks while it is sent fails its device (kind
 ``short``), not garbage.
 
-This task starts the job, runs the push tasks, waits for its descriptor (readable once
-the threads are done) and copies its counters into the `SendStatus` now and then. A
-cancel (SIGTERM, a failure elsewhere) cancels the job, whose threads wake from any wait
-at once (from a blocking send within its 100 ms ``SO_SNDTIMEO``; a reader blocked in a
-VFIO device's read ends that read first, see `vfiomig.vfio._source`; a vfio-user reader
-first collects the replies its device owes, within one reply timeout, so that the
-client can still SET RUNNING), waits for the job's descriptor (shielded: that server
-may be served by this event loop) and joins them before it returns: no thread outlives
-the call. Each source read by a reader then takes its stream back
-(`Source.native_joined`: a vfio-user client, broken unless the reader left it in step). A source's failure names the device, the
-cause and how far it got; the device is put back (`Source.native_failed`, then `abort`).
+This task starts the job, runs the push tasks, waits for its descriptor (readable once the
+threads are done) and copies its counters into the `SendStatus` now and then. A cancel
+(SIGTERM, a failure elsewhere) cancels the job, whose threads wake from any wait at once
+(from a blocking send within its 100 ms ``SO_SNDTIMEO``; a reader blocked in a VFIO device's
+read ends that read first, see `vfiomig.vfio._source`; a vfio-user reader first collects the
+replies its device owes, within one reply timeout, so that the client can still SET
+RUNNING), waits for the job's descriptor (shielded: that server may be served by this event
+loop) and joins them before it returns: no thread outlives the call. Each source read by a
+reader then takes its stream back (`Source.native_joined`: a vfio-user client, broken unless
+the reader left it in step). A source's failure names the device, the cause and how far it
+got; the device is put back (`Source.native_failed`, then `abort`).
 
 Pacing per channel (``channel_rate``, ``channel_rates``) is the threads' too: each paces
 its own channel as the trio sender's `Writer` does (a packet leaves once the channel's

@@ -1,12 +1,12 @@
 """The source interface: where `vfiomig send` reads one device's state from.
 
-The sender calls ``start()``, then ``read(n)`` until it returns an empty buffer (end of
-the data stream) - or, for a source that `fills_buffers` (a stream whose packet boundaries
-are the sender's to choose: synthetic state, a file, a pipe), ``read_into(buf)`` until it
-returns less than the buffer holds - then ``config_blob()`` for the config packet, then ``finish()`` and
-finally ``aclose()`` (always, also after a failure). When the migration failed, here or
-at the receiver, ``abort()`` comes before ``aclose()``. With the C send path a source
-that `native_stream` describes is read by C threads between ``start()`` and
+The sender calls ``start()``, then ``read(n)`` until it returns an empty buffer (end of the
+data stream) - or, for a source that `fills_buffers` (a stream whose packet boundaries are
+the sender's to choose: synthetic state, a file, a pipe), ``read_into(buf)`` until it
+returns less than the buffer holds - then ``config_blob()`` for the config packet, then
+``finish()`` and finally ``aclose()`` (always, also after a failure). When the migration
+failed, here or at the receiver, ``abort()`` comes before ``aclose()``. With the C send path
+a source that `native_stream` describes is read by C threads between ``start()`` and
 ``config_blob()`` instead of ``read``/``read_into``.
 
 A source whose device keeps running while part of its state is sent ahead (a kernel VFIO
@@ -79,10 +79,11 @@ class Source(abc.ABC):
     def native_stream(self) -> tuple[object, ...] | None:
         """How the C send path (`vfiomig._core.SendJob`) reads this stream itself, asked
         after `start` (a VFIO device's data fd exists only then), before any read:
-        ``("synth", size, seed, base)``, ``("pattern", size, block)``,
-        ``("fd", fd, poll)`` or ``("vfio-user", fd, size, window, timeout_ms)`` (see
-        `vfiomig._native.SendJob`); None (the default): it cannot. A source that says how promises that `config_blob` and `finish` do not
-        depend on the reading (the sender calls them around the C threads' reads).
+        ``("synth", size, seed, base)``, ``("pattern", size, block)``, ``("fd", fd, poll)``
+        or ``("vfio-user", fd, size, window, timeout_ms)`` (see `vfiomig._native.SendJob`);
+        None (the default): it cannot. A source that says how promises that `config_blob`
+        and `finish` do not depend on the reading (the sender calls them around the C
+        threads' reads).
 
         A source that cannot is still sent by the C path when it does not
         `fills_buffers` (a device's reads, each a packet): the sender reads it with `read`

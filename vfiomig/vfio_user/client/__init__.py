@@ -3,17 +3,17 @@
 `open_vfio_user_client` / `VfioUserClient`: VERSION, requests through the codec's
 `ClientConnection` on a `_channel` that carries fds both ways and answers the server's
 DMA_READ / DMA_WRITE from the `GuestMemory` the client provides; the device calls
-(`_device_calls`: info, regions and their mmappable areas (`DeviceRegion`,
-`MappedRegion`), their ioeventfds (`RegionIoFd`), REGION_WRITE_MULTI, interrupts on
-eventfds (`Interrupt`) and their masks, DMA_MAP of memfds (`GuestRegion`), dirty logging); migration state changes; its MIG_DATA_WRITE / MIG_DATA_READ pipelines
-(`_pipeline`, `_read_pipeline`) keep a window of messages in flight straight on the socket,
-read data handed out as views of receive arenas; in STOP_COPY the socket may instead go to
-the C send path's reader thread, which reads the same way in C (`_native_read`,
-`VfioUserClient.native_read`). On it: the ``vfio-user:SOCKPATH`` sink
-(`open_vfio_user_sink`) that loads a device's state, and the source (`open_vfio_user_source`)
-that reads it, PCI config space included (`_config_space`). A refused request raises
-`VfioUserCommandError` (`WriteFailed` for a MIG_DATA_WRITE, with its stream offset and idx
-range). Test fixtures on it: `vfiomig.testing.vfio_user`.
+(`_device_calls`: info, regions and their mmappable areas (`DeviceRegion`, `MappedRegion`),
+their ioeventfds (`RegionIoFd`), REGION_WRITE_MULTI, interrupts on eventfds (`Interrupt`)
+and their masks, DMA_MAP of memfds (`GuestRegion`), dirty logging); migration state changes;
+its MIG_DATA_WRITE / MIG_DATA_READ pipelines (`_pipeline`, `_read_pipeline`) keep a window
+of messages in flight straight on the socket, read data handed out as views of receive
+arenas; in STOP_COPY the socket may instead go to the C send path's reader thread, which
+reads the same way in C (`_native_read`, `VfioUserClient.native_read`). On it: the
+``vfio-user:SOCKPATH`` sink (`open_vfio_user_sink`) that loads a device's state, and the
+source (`open_vfio_user_source`) that reads it, PCI config space included (`_config_space`).
+A refused request raises `VfioUserCommandError` (`WriteFailed` for a MIG_DATA_WRITE, with
+its stream offset and idx range). Test fixtures on it: `vfiomig.testing.vfio_user`.
 
 May import: the codec (``vfiomig.vfio_user._*``), `sinks`, `sources`, `transport`, `_core`,
 `_logs`, `_units`; never the server library (``vfiomig.vfio_user.server``).

@@ -74,13 +74,13 @@ def default_window(message_size: int) -> int:
 class VfioUserClient(DeviceCalls, trio.abc.AsyncResource):
     """One connection to a vfio-user server, after VERSION negotiation.
 
-    Create with `open_vfio_user_client`. Several tasks may have requests outstanding at
-    once (see `_channel`); the MIG_DATA pipelines (`write_data`, `read_stream`) want the
-    socket to themselves and go one message at a time while `serve_requests` runs or
-    other requests are outstanding. An idle client may lend its socket to the C send
-    path's reader for the STOP_COPY stream (`native_read`, `native_read_ended`). The device side of the protocol (`device_info`,
-    `region`, `map_region`, `irq_info`, `set_irq_eventfds`, `map_dma`, the DMA logging
-    calls) comes from `_device_calls.DeviceCalls`.
+    Create with `open_vfio_user_client`. Several tasks may have requests outstanding at once
+    (see `_channel`); the MIG_DATA pipelines (`write_data`, `read_stream`) want the socket
+    to themselves and go one message at a time while `serve_requests` runs or other requests
+    are outstanding. An idle client may lend its socket to the C send path's reader for the
+    STOP_COPY stream (`native_read`, `native_read_ended`). The device side of the protocol
+    (`device_info`, `region`, `map_region`, `irq_info`, `set_irq_eventfds`, `map_dma`, the
+    DMA logging calls) comes from `_device_calls.DeviceCalls`.
 
     Attributes:
         server_capabilities: what the server's VERSION reply said.
@@ -491,10 +491,10 @@ async def open_vfio_user_client(
 ) -> VfioUserClient:
     """Connect to the vfio-user server at ``path`` and negotiate VERSION.
 
-    ``reply_timeout`` bounds every single wait of the client's life: the connect, each
-    send and each reply. ``max_data_xfer_size`` is what we advertise (libvfio-user bounds MIG_DATA_* by it) and
-    the most we send in one message. ``max_msg_fds``: the most fds we take in one reply
-    (advertised; GET_REGION_IO_FDS needs one per distinct ioeventfd).
+    ``reply_timeout`` bounds every single wait of the client's life: the connect, each send
+    and each reply. ``max_data_xfer_size`` is what we advertise (libvfio-user bounds
+    MIG_DATA_* by it) and the most we send in one message. ``max_msg_fds``: the most fds we
+    take in one reply (advertised; GET_REGION_IO_FDS needs one per distinct ioeventfd).
 
     Cancellation: safe; a half-open connection is closed.
     """
