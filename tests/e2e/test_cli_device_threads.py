@@ -178,6 +178,31 @@ def device_source(
     return None, "vfio:{device}", {"stop_copy": size, "fed": True, "keep": False}
 
 
+def drain_until_exit(proc: subprocess.Popen[str], conns: list[socket.socket]) -> None:
+    """Read whatever the channels ``conns`` carry until the sender exits (30 s at most),
+    so that it reaches its next read or send."""
+    for c in conns:
+        c.setblocking(False)
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        for c in conns:
+            try:
+                c.recv(1 << 20)
+            except OSError:
+                pass
+
+
+def assert_device_running(tmp: Path, server: subprocess.Popen[bytes] | None) -> None:
+    """The aborted device is back in RUNNING: the fake's final state, or the vfio-user
+    server's clean exit (its client hung up after SET RUNNING)."""
+    if server is None:
+        assert fake_state(tmp)["state"] == "RUNNING"
+    else:
+        assert server.wait(30) == 0
+        assert server.stderr is not None
+        server.stderr.close()
+
+
 @pytest.mark.parametrize("kind", ["vfio", "vfio-user"])
 def test_sigterm_during_a_device_send_aborts_it(tmp_path: Path, kind: str) -> None:
     listener, addr = stalled_receiver()
@@ -199,12 +224,7 @@ def test_sigterm_during_a_device_send_aborts_it(tmp_path: Path, kind: str) -> No
     assert line == "send failed: migration aborted: received SIGTERM", line
     assert json.loads(out.splitlines()[-1])["ok"] is False
     assert send_threads_mode(err) == ["stream"]  # a C reader thread, either device
-    if server is None:
-        assert fake_state(tmp_path)["state"] == "RUNNING"
-    else:
-        assert server.wait(30) == 0  # the client hung up after SET RUNNING
-        assert server.stderr is not None
-        server.stderr.close()
+    assert_device_running(tmp_path, server)
 
 
 def test_the_vfio_user_device_going_away_mid_send_exits_1(tmp_path: Path) -> None:
@@ -218,14 +238,7 @@ def test_the_vfio_user_device_going_away_mid_send_exits_1(tmp_path: Path) -> Non
         server.wait()
         # The sender sees it at its next read: let the channels drain so that it reads.
         conns = [listener.accept()[0] for _ in range(3)]
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            for c in conns:
-                c.setblocking(False)
-                try:
-                    c.recv(1 << 20)
-                except OSError:
-                    pass
+        drain_until_exit(proc, conns)
         _out, err = proc.communicate(timeout=30)
         for c in conns:
             c.close()
@@ -262,15 +275,7 @@ def test_a_channel_reset_during_a_device_send_exits_1(tmp_path: Path, kind: str)
             got += len(chunk)
         conns[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conns[1].close()  # a reset
-        for c in (conns[0], conns[2]):
-            c.setblocking(False)
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            for c in (conns[0], conns[2]):
-                try:
-                    c.recv(1 << 20)
-                except OSError:
-                    pass
+        drain_until_exit(proc, [conns[0], conns[2]])
         _out, err = proc.communicate(timeout=30)
     finally:
         for c in conns:
@@ -282,9 +287,4 @@ def test_a_channel_reset_during_a_device_send_exits_1(tmp_path: Path, kind: str)
     assert proc.returncode == 1, err
     (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
     assert line.startswith("send failed: channel 1: ") and "\n" not in line, line
-    if server is None:
-        assert fake_state(tmp_path)["state"] == "RUNNING"
-    else:
-        assert server.wait(30) == 0  # SET RUNNING, then the client hung up
-        assert server.stderr is not None
-        server.stderr.close()
+    assert_device_running(tmp_path, server)
