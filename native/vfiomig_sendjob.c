@@ -171,11 +171,16 @@ static int queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev,
 }
 
 /* see vfiomig_sendjob.h */
-int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
-                        const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
-                        uint32_t flags)
+int vfm_sj_queue_config(struct vfm_sendjob *job, struct vfm_sj_dev *dev, uint32_t idx)
 {
-    return queue_packet(job, dev, buf, data, src, len, idx, flags, VFM_SJ_MEM);
+    int c = queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
+                         VFM_FLAG_CONFIG, VFM_SJ_MEM);
+
+    if (c < 0)
+        return ENOMEM;
+    dev->packets = idx + 1;
+    pthread_cond_signal(&job->chans[c].cv);
+    return 0;
 }
 
 int vfm_sj_queue_chunk(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
@@ -393,16 +398,8 @@ static void *reader_main(void *arg)
         if (job->failed || !more)
             break;
     }
-    if (!job->failed) {
-        int c = queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)dev->config_len, idx,
-                             VFM_FLAG_CONFIG, VFM_SJ_MEM);
-        if (c < 0) {
-            vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
-        } else {
-            dev->packets = idx + 1;
-            pthread_cond_signal(&job->chans[c].cv);
-        }
-    }
+    if (!job->failed && vfm_sj_queue_config(job, dev, idx))
+        vfm_sj_fail(job, VFM_SJ_SOURCE, id, ENOMEM, 0);
     if (dev->kind == VFM_SJ_VFIO_USER && job->failed) {
         /* its client's socket is handed back in step: the replies still owed collected */
         pthread_mutex_unlock(&job->lock);

@@ -233,12 +233,10 @@ int vfm_sj_direct_ok(const struct vfm_sendjob *job);
 /* A channel's thread in a direct job: its share of QEMU's round robin (packets k with
  * k % nchan == its number, the config packet last), made and sent as cref_send does. */
 void *vfm_sj_direct_main(void *arg);
-/* Queue a packet on the next channel of the round robin (lock held); its channel, or
- * -1 when memory ran out.  buf (may be NULL) is pinned until the packet is sent.  The
- * channel's thread is not woken: the caller signals its cv once it queued a chunk. */
-int vfm_sj_queue_packet(struct vfm_sendjob *job, struct vfm_sj_dev *dev, struct vfm_sj_buf *buf,
-                        const unsigned char *data, uint64_t src, uint32_t len, uint32_t idx,
-                        uint32_t flags);
+/* Queue the device's config packet (dev->config) after its last data packet, idx, on
+ * the next channel of the round robin, count it in dev->packets and wake that channel
+ * (lock held): a reader's end and a push device's alike.  0, or ENOMEM. */
+int vfm_sj_queue_config(struct vfm_sendjob *job, struct vfm_sj_dev *dev, uint32_t idx);
 /* Queue n bytes of a device's stream (data, or NULL: synthetic or sendfile'd from src)
  * as its next packets, idx counting from *idx, cut at the packet size, in the round robin
  * (lock held); used[c] set for each channel given one, dev->bytes counted; no channel is

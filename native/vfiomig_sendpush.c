@@ -69,7 +69,7 @@ int vfm_sj_push_end(struct vfm_sendjob *job, unsigned d, const unsigned char *co
 {
     struct vfm_sj_dev *dev = &job->devs[d];
     unsigned char *copy = malloc(config_len ? config_len : 1);
-    int c, err = 0;
+    int err = 0;
 
     if (!copy)
         return ENOMEM;
@@ -78,16 +78,10 @@ int vfm_sj_push_end(struct vfm_sendjob *job, unsigned d, const unsigned char *co
     free(dev->config);
     dev->config = copy;
     dev->config_len = config_len;
-    if (job->failed) {
+    if (job->failed)
         err = ECANCELED;
-    } else if ((c = vfm_sj_queue_packet(job, dev, NULL, dev->config, 0, (uint32_t)config_len,
-                                        dev->push_idx, VFM_FLAG_CONFIG)) < 0) {
-        err = ENOMEM;
-    } else {
-        dev->packets = dev->push_idx + 1;
-        pthread_cond_signal(&job->chans[c].cv);
+    else if (!(err = vfm_sj_queue_config(job, dev, dev->push_idx)))
         vfm_sj_reader_done(job);
-    }
     pthread_mutex_unlock(&job->lock);
     return err;
 }
