@@ -57,6 +57,14 @@ def send_threads_mode(stderr: str) -> list[str]:
     return [e["fields"]["mode"] for e in events(stderr) if e.get("event") == "send_threads"]
 
 
+def failure_line(returncode: int | None, stderr: str) -> str:
+    """The one ``send_failed`` line of a send that exited 1."""
+    assert returncode == 1, stderr
+    (line,) = [e["message"] for e in events(stderr) if e.get("event") == "send_failed"]
+    assert isinstance(line, str)
+    return line
+
+
 def fake_state(tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads((tmp / "fake.json").read_text())
     return result
@@ -86,8 +94,7 @@ def test_a_kernel_vfio_read_error_mid_stream_exits_1_device_running(tmp_path: Pa
         send_argv(tmp_path, rx.data, "vfio:{device}", model),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.returncode == 1, result.stderr
-    (line,) = [e["message"] for e in events(result.stderr) if e.get("event") == "send_failed"]
+    line = failure_line(result.returncode, result.stderr)
     assert line.startswith(f"send failed: {DEV}/0: reading source vfio:"), line
     assert "reading the data fd failed in STOP_COPY at byte 3000000" in line, line
     assert "Connection reset by peer" in line and "device back in RUNNING from STOP_COPY" in line
@@ -219,8 +226,7 @@ def test_sigterm_during_a_device_send_aborts_it(tmp_path: Path, kind: str) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 1, err
-    (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
+    line = failure_line(proc.returncode, err)
     assert line == "send failed: migration aborted: received SIGTERM", line
     assert json.loads(out.splitlines()[-1])["ok"] is False
     assert send_threads_mode(err) == ["stream"]  # a C reader thread, either device
@@ -249,8 +255,7 @@ def test_the_vfio_user_device_going_away_mid_send_exits_1(tmp_path: Path) -> Non
             proc.wait()
         if server.stderr:
             server.stderr.close()
-    assert proc.returncode == 1, err
-    (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
+    line = failure_line(proc.returncode, err)
     assert line.startswith(f"send failed: {DEV}/0: reading source vfio-user:{sock} failed: "), line
     assert "\n" not in line
 
@@ -284,7 +289,6 @@ def test_a_channel_reset_during_a_device_send_exits_1(tmp_path: Path, kind: str)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 1, err
-    (line,) = [e["message"] for e in events(err) if e.get("event") == "send_failed"]
+    line = failure_line(proc.returncode, err)
     assert line.startswith("send failed: channel 1: ") and "\n" not in line, line
     assert_device_running(tmp_path, server)
